@@ -1,0 +1,29 @@
+# The two commands of the README:  `make run` (main job)  and  `make test` (test suite).
+# Each creates .venv and installs what it needs on a fresh machine (Python 3.11).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench install install-test
+
+$(VENV)/.runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.test: requirements-test.txt $(VENV)/.runtime
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
+
+run: $(VENV)/.runtime
+	$(PY) scripts/generate.py $(ARGS)
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: $(VENV)/.test
+	$(PY) bench/forward_generate.py $(ARGS)

@@ -1,0 +1,19 @@
+"""Pure Equinox ports of transformer language models, checked against transformers.
+
+    import models
+    model, tokenizer = models.load("smollm2-135m-instruct")
+    logits = model(tokens)              # int32 [seq] -> float32 [seq, vocab]
+    logits = jax.vmap(model)(batch)     # batches are vmap
+"""
+
+from models.config import ModelConfig
+from models.convert import CheckpointError
+from models.interventions import Activations, Capture, Edits
+from models.kv_cache import KVCache
+from models.load import load
+from models.transformer import ForwardOutput, Transformer
+
+__all__ = [
+    "load", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
+    "ForwardOutput", "CheckpointError",
+]

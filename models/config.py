@@ -1,0 +1,169 @@
+"""The one frozen config every family converts into.
+
+Families differ only through these typed fields; the forward never branches on an
+architecture name (STYLE.md: variants are flags, not `if arch == ...`).
+
+Axis vocabulary used in annotations and einsum strings throughout `models/` and `lens/`:
+  seq (positions of one sequence), d_model, heads (query heads), kv_heads, d_head,
+  d_mlp, vocab, layers, K (a sweep of interventions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+NormKind = Literal["rms", "layer"]
+Activation = Literal["silu", "gelu_new", "gelu", "gelu_pytorch_tanh", "relu"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in `transformers.modeling_rope_utils`.
+
+    kind "linear": inv_freq / factor.  kind "llama3": the Llama-3 band-wise rescaling.
+    """
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the pure forward needs to know, for every supported family."""
+
+    architecture: str  # informational: the family that produced this config
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_mlp: int
+    max_seq_len: int
+    norm_kind: NormKind
+    norm_eps: float
+    activation: Activation
+    gated_mlp: bool  # SwiGLU/GeGLU (gate * up) vs a plain two-layer MLP
+    positional: Literal["rope", "learned"]
+    rope_theta: float = 10000.0
+    rotary_dim: int | None = None  # partial rotary (NeoX); None = the whole head
+    rope_scaling: RopeScaling | None = None
+    # Gemma 3: local (sliding-window) layers use their own theta; `local_layers[l]`
+    # says which layers are local.  None = every layer is global.
+    rope_local_theta: float | None = None
+    sliding_window: int | None = None
+    local_layers: tuple[bool, ...] | None = None
+    parallel_residual: bool = False  # NeoX: x + attn(ln1 x) + mlp(ln2 x)
+    qk_norm: bool = False  # Gemma 3: RMSNorm on each query/key head
+    sandwich_norms: bool = False  # Gemma 3: extra norms on each sub-block's output
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(d_model)
+    query_scale: float | None = None  # softmax scale; None = d_head ** -0.5
+    attn_bias: bool = False  # biases on q/k/v
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = False  # LayerNorm beta
+    tie_embeddings: bool = False
+    final_logit_softcap: float | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.local_layers is not None and len(self.local_layers) != self.n_layers:
+            raise ValueError(
+                f"local_layers has {len(self.local_layers)} entries for {self.n_layers} layers"
+            )
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and <= d_head={self.d_head}")
+
+    @property
+    def scale(self) -> float:
+        return self.query_scale if self.query_scale is not None else self.d_head**-0.5
+
+    @property
+    def has_local_layers(self) -> bool:
+        return self.local_layers is not None and any(self.local_layers)
+
+
+def refuse_unknown(hf_config: dict, understood: set[str], family: str) -> None:
+    """Raise if an HF config carries a field this converter does not handle.
+
+    A silently different model is the worst bug an interpretability tool can have, so an
+    unrecognised field is an error naming the field, not a warning.
+    """
+    unknown = sorted(set(hf_config) - understood)
+    if unknown:
+        raise ValueError(
+            f"{family} converter does not understand config field(s) {unknown}; refusing to "
+            "load a possibly different model. Remove the field(s) if they are irrelevant, or "
+            "extend models/" + family + ".py."
+        )
+
+
+# Fields of every transformers config that do not change the forward of a decoder-only
+# model in inference (dropout, training-only, bookkeeping).  Each family adds its own.
+GENERIC_HF_FIELDS = {
+    "transformers_version", "architectures", "output_hidden_states", "return_dict",
+    "dtype", "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label",
+    "label2id", "problem_type", "initializer_range", "use_cache", "_name_or_path",
+    "output_attentions", "attention_dropout", "pad_token_id", "bos_token_id",
+    "eos_token_id", "tie_word_embeddings", "model_type", "is_decoder",
+    "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "finetuning_task",
+    "tf_legacy_loss", "use_bfloat16", "pruned_heads", "cross_attention_hidden_size",
+    "_attn_implementation_autoset", "_attn_implementation", "quantization_config",
+}
+
+
+def eos_ids(hf_config: dict) -> tuple[int, ...]:
+    eos = hf_config.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def rope_from_hf(hf_config: dict, family: str) -> tuple[float, RopeScaling | None, float | None]:
+    """(theta, scaling, partial_rotary_factor) from either config style.
+
+    transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` and
+    `rope_scaling`.  Unknown rope types are refused.
+    """
+    params = dict(hf_config.get("rope_parameters") or {})
+    if not params:
+        params = dict(hf_config.get("rope_scaling") or {})
+        if "rope_theta" in hf_config:
+            params["rope_theta"] = hf_config["rope_theta"]
+        if "partial_rotary_factor" in hf_config:
+            params["partial_rotary_factor"] = hf_config["partial_rotary_factor"]
+        if "rotary_pct" in hf_config:
+            params["partial_rotary_factor"] = hf_config["rotary_pct"]
+        if "rotary_emb_base" in hf_config:
+            params["rope_theta"] = hf_config["rotary_emb_base"]
+    theta = float(params.pop("rope_theta", 10000.0))
+    partial = params.pop("partial_rotary_factor", None)
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind == "default":
+        scaling = None
+    elif kind == "linear":
+        scaling = RopeScaling("linear", float(params.pop("factor")))
+    elif kind == "llama3":
+        scaling = RopeScaling(
+            "llama3",
+            float(params.pop("factor")),
+            float(params.pop("low_freq_factor")),
+            float(params.pop("high_freq_factor")),
+            int(params.pop("original_max_position_embeddings")),
+        )
+    else:
+        raise ValueError(f"{family}: rope type {kind!r} is not supported")
+    if params:
+        raise ValueError(f"{family}: rope parameter(s) {sorted(params)} are not understood")
+    return theta, scaling, partial

@@ -1,0 +1,30 @@
+"""The registry of supported families: HF `model_type` -> its converter module."""
+
+from __future__ import annotations
+
+import importlib
+
+# model_type (as in config.json) -> module under models/ with config_from_hf + convert.
+FAMILIES = {
+    "llama": "models.llama",
+    "qwen2": "models.llama",
+    "gpt2": "models.gpt2",
+    "gpt_neox": "models.neox",
+    "gemma3_text": "models.gemma3",
+}
+
+
+def family_module(hf_config: dict):
+    model_type = hf_config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"unknown architecture model_type={model_type!r}; supported: {sorted(FAMILIES)}"
+        )
+    return importlib.import_module(FAMILIES[model_type])
+
+
+def convert_hf(hf_config: dict, tensors, dtype):
+    """One entry point for both readers: HF config + HF-named tensors -> Transformer."""
+    module = family_module(hf_config)
+    config = module.config_from_hf(hf_config)
+    return module.convert(config, tensors, dtype)

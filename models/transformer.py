@@ -1,0 +1,228 @@
+"""The pure transformer: embed -> lax.scan over stacked blocks -> final norm -> unembed.
+
+`Transformer` is an `eqx.Module` holding its config and weights; calling it runs ONE
+sequence.  Batches, padding and sweeps are `jax.vmap` over calls (see README, "Batches
+and padding").  Everything a researcher reads or edits goes through `forward`:
+
+    out = model.forward(tokens, attention_mask=mask, edits=Edits(...),
+                        capture=Capture(resid=True), kv_cache=cache)
+    out.logits, out.activations, out.kv_cache
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from models import layers
+from models.block import Block, Rotary, block_forward
+from models.config import ModelConfig
+from models.interventions import Activations, Capture, Edits
+from models.kv_cache import KVCache
+
+
+class ForwardOutput(eqx.Module):
+    logits: Float[Array, "seq vocab"]
+    activations: Activations
+    kv_cache: KVCache | None
+
+
+class Transformer(eqx.Module):
+    config: ModelConfig = eqx.field(static=True)
+    embed: Float[Array, "vocab d_model"]
+    pos_embed: Float[Array, "ctx d_model"] | None
+    blocks: Block  # every leaf stacked on a leading [layers] axis
+    final_norm_w: Float[Array, "d_model"]
+    final_norm_b: Float[Array, "d_model"] | None
+    unembed: Float[Array, "vocab d_model"] | None  # None: tied to `embed`
+
+    # ----------------------------------------------------------------- public API
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        attention_mask: Bool[Array, " seq"] | None = None,
+        positions: Int[Array, " seq"] | None = None,
+        edits: Edits | None = None,
+    ) -> Float[Array, "seq vocab"]:
+        """Logits for one sequence (float32).  `attention_mask` False marks padding."""
+        return self.forward(tokens, attention_mask, positions, edits).logits
+
+    def forward(
+        self,
+        tokens: Int[Array, " seq"],
+        attention_mask: Bool[Array, " seq"] | None = None,
+        positions: Int[Array, " seq"] | None = None,
+        edits: Edits | None = None,
+        capture: Capture = Capture(),
+        kv_cache: KVCache | None = None,
+    ) -> ForwardOutput:
+        """The full forward with edits, captures and an optional KV cache.
+
+        positions default to `cumsum(attention_mask) - 1` (or, with a cache, continue from
+        the cache's last position), so left- and right-padded sequences get the same
+        positions as unpadded ones.  Padding tokens are never attended to.
+        """
+        tokens = self.check_tokens(tokens)
+        query_pos, key_valid = self.default_positions(tokens, attention_mask, positions, kv_cache)
+        x = self.embed_tokens(tokens, query_pos)
+        x, kv_cache, acts = self.run_blocks(
+            x, query_pos, key_valid, edits=edits, capture=capture, kv_cache=kv_cache
+        )
+        logits, final = self.unembed_resid(x, capture)
+        acts = eqx.tree_at(
+            lambda a: (a.final_norm_in, a.final_norm_out, a.final_scale),
+            acts,
+            final,
+            is_leaf=lambda v: v is None,
+        )
+        return ForwardOutput(logits, acts, kv_cache)
+
+    # ------------------------------------------------------------- the pieces
+    def check_tokens(self, tokens) -> Int[Array, " seq"]:
+        """Shape/dtype checks (static, so they run even under jit) and an id-range check.
+
+        JAX clamps out-of-range gathers silently; here an id < 0 or >= vocab is a
+        ValueError when the ids are concrete and an `eqx.error_if` runtime error under jit.
+        """
+        if not hasattr(tokens, "dtype") or not hasattr(tokens, "ndim"):
+            tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(
+                f"tokens must be one sequence of shape [seq]; got shape {tuple(tokens.shape)} "
+                "(batch with jax.vmap)"
+            )
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be integer ids; got dtype {tokens.dtype}")
+        if tokens.shape[0] == 0:
+            raise ValueError("tokens is empty")
+        if tokens.shape[0] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {tokens.shape[0]} tokens exceeds the model's context of "
+                f"{self.config.max_seq_len}"
+            )
+        vocab = self.config.vocab_size
+        if not isinstance(tokens, jax.core.Tracer):
+            t = np.asarray(tokens)
+            if t.min() < 0 or t.max() >= vocab:
+                raise ValueError(
+                    f"token id out of range [0, {vocab}): min {t.min()}, max {t.max()}"
+                )
+        tokens = jnp.asarray(tokens, jnp.int32)
+        return eqx.error_if(
+            tokens, (tokens < 0) | (tokens >= vocab), f"token id out of range [0, {vocab})"
+        )
+
+    def default_positions(self, tokens, attention_mask, positions, kv_cache):
+        """(query positions, key validity) with padding marked by position -1 for keys."""
+        seq = tokens.shape[0]
+        if attention_mask is None:
+            valid = jnp.ones((seq,), bool)
+        else:
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(
+                    f"attention_mask shape {attention_mask.shape} != tokens shape {tokens.shape}"
+                )
+            valid = jnp.asarray(attention_mask, bool)
+        if positions is None:
+            start = 0 if kv_cache is None else kv_cache.next_position()
+            positions = start + jnp.cumsum(valid.astype(jnp.int32)) - 1
+            positions = jnp.maximum(positions, 0)
+        else:
+            if positions.shape != tokens.shape:
+                raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
+            positions = jnp.asarray(positions, jnp.int32)
+        positions = eqx.error_if(
+            positions,
+            (positions < 0) | (positions >= self.config.max_seq_len),
+            f"position out of range [0, {self.config.max_seq_len})",
+        )
+        return positions, valid
+
+    def embed_tokens(self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]):
+        """Residual stream entering block 0 (embedding, scaled / plus learned positions)."""
+        x = self.embed[tokens]
+        if self.config.embed_scale != 1.0:
+            # Gemma rounds the sqrt(d_model) factor to the weight dtype before multiplying.
+            x = x * jnp.asarray(self.config.embed_scale, x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[positions]
+        return x
+
+    def rotary(self, positions: Int[Array, " seq"]) -> Rotary:
+        if self.config.positional != "rope":
+            return Rotary(None, None)
+        global_f, local_f = layers.inv_freqs_for(self.config)
+        cos, sin = layers.rope_tables(positions, global_f)
+        if local_f is None:
+            return Rotary(cos, sin)
+        lcos, lsin = layers.rope_tables(positions, local_f)
+        return Rotary(cos, sin, lcos, lsin)
+
+    def run_blocks(
+        self,
+        x: Float[Array, "seq d_model"],
+        query_pos: Int[Array, " seq"],
+        key_valid: Bool[Array, " seq"],
+        start: int = 0,
+        stop: int | None = None,
+        edits: Edits | None = None,
+        capture: Capture = Capture(),
+        kv_cache: KVCache | None = None,
+    ) -> tuple[Float[Array, "seq d_model"], KVCache | None, Activations]:
+        """Scan blocks [start, stop) over the residual stream `x`.
+
+        Splitting at a layer lets a sweep run the shared prefix once and vmap only the
+        rest.  `edits` and the captures cover the blocks run (layer axis = stop - start).
+        """
+        n = self.config.n_layers
+        stop = n if stop is None else stop
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"block range [{start}, {stop}) is not inside [0, {n})")
+        blocks = jax.tree.map(lambda w: w[start:stop], self.blocks)
+        local = self.config.local_layers
+        is_local = None if local is None else jnp.asarray(local[start:stop])
+        rot = self.rotary(query_pos)
+
+        if kv_cache is None:
+            key_pos = jnp.where(key_valid, query_pos, -1)
+            kv_layers, write_index = None, None
+        else:
+            if (start, stop) != (0, n):
+                raise ValueError("a KV cache needs every block run: start=0, stop=n_layers")
+            kv_cache = kv_cache.with_positions(query_pos, key_valid)
+            key_pos, write_index = kv_cache.positions, kv_cache.length
+            kv_layers = (kv_cache.k, kv_cache.v)
+
+        def step(h, xs):
+            block, local_l, edits_l, kv_l = xs
+            h, kv_l, acts = block_forward(
+                self.config, block, h, query_pos, key_pos, rot, local_l, edits_l, capture,
+                kv_l, write_index,
+            )
+            return h, (kv_l, acts)
+
+        x, (kv_layers, acts) = jax.lax.scan(step, x, (blocks, is_local, edits, kv_layers))
+        if kv_cache is not None:
+            kv_cache = kv_cache.advanced(kv_layers, x.shape[0])
+        return x, kv_cache, acts
+
+    def unembed_resid(
+        self, x: Float[Array, "seq d_model"], capture: Capture = Capture()
+    ) -> tuple[Float[Array, "seq vocab"], tuple]:
+        """Final norm and unembedding; logits in float32."""
+        c = self.config
+        y, scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, self.final_norm_w, self.final_norm_b)
+        w_u = self.embed if self.unembed is None else self.unembed
+        logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
+        if c.final_logit_softcap is not None:
+            logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)
+        final = (x, y, scale) if capture.norms else (None, None, None)
+        return logits, final
+
+    @property
+    def W_U(self) -> Float[Array, "vocab d_model"]:
+        """The unembedding matrix (the embedding when tied)."""
+        return self.embed if self.unembed is None else self.unembed

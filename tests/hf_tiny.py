@@ -1,0 +1,45 @@
+"""Tiny random-initialised transformers models, saved as safetensors folders by the tests.
+
+Shared by the parity tests of every family.  Weights are random but deterministic
+(torch.manual_seed), and the norms get random gains/biases so that a port which ignores
+a gain or bias cannot pass by accident.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name or "layernorm" in name.lower():
+                p.copy_(p + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def save_tiny(config, folder: Path, seed: int = 0) -> torch.nn.Module:
+    """Build a random HF causal LM for `config`, save it to `folder`, return it (eval, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = model.float().eval()
+    randomise_norms(model, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def hf_forward(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None):
+    """(logits [seq, vocab], hidden_states [layers+1, seq, d]) for one sequence."""
+    ids = torch.as_tensor(np.asarray(tokens)[None], dtype=torch.long)
+    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)[None])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    hidden = torch.stack(out.hidden_states)[:, 0]
+    return out.logits[0].float().numpy(), hidden.float().numpy()
