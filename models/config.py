@@ -67,6 +67,7 @@ class ModelConfig:
     mlp_bias: bool = False
     norm_bias: bool = False  # LayerNorm beta
     tie_embeddings: bool = False
+    unembed_bias: bool = False  # a per-token logit bias (also what folding a final LayerNorm bias creates)
     final_logit_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

@@ -36,11 +36,21 @@ class TensorTaker:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def take(self, name: str) -> np.ndarray:
+    def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor `name`, checked against `shape` (in the checkpoint's own layout) if given.
+
+        Checking here, before any reshape into the per-head layout, makes a mis-shaped
+        tensor an error that names the checkpoint tensor rather than a numpy reshape error.
+        """
         if name not in self.tensors:
             raise CheckpointError(f"missing tensor {name!r} in checkpoint")
         self.used.add(name)
-        return np.asarray(self.tensors[name])
+        arr = np.asarray(self.tensors[name])
+        if shape is not None and tuple(arr.shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(shape)}"
+            )
+        return arr
 
     def finish(self) -> None:
         extra = sorted(k for k in self.tensors if k not in self.used and not self.ignore(k))
@@ -64,6 +74,7 @@ def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, 
         "ln2_w": (d,), "ln2_b": maybe(c.norm_bias, (d,)),
         "W_in": (d, m), "b_in": maybe(c.mlp_bias, (m,)),
         "W_gate": maybe(c.gated_mlp, (d, m)),
+        "b_gate": maybe(c.gated_mlp and c.mlp_bias, (m,)),
         "W_out": (m, d), "b_out": maybe(c.mlp_bias, (d,)),
         "post_mlp_w": maybe(c.sandwich_norms, (d,)),
     }
@@ -73,6 +84,7 @@ def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, 
         "final_norm_w": (d,),
         "final_norm_b": maybe(c.norm_bias, (d,)),
         "unembed": maybe(not c.tie_embeddings, (c.vocab_size, d)),
+        "unembed_b": maybe(c.unembed_bias, (c.vocab_size,)),
     }
     return top, block
 
@@ -120,6 +132,7 @@ def assemble(
         final_norm_w=_checked("final_norm_w", top.get("final_norm_w"), top_shapes["final_norm_w"], dtype),
         final_norm_b=_checked("final_norm_b", top.get("final_norm_b"), top_shapes["final_norm_b"], dtype),
         unembed=_checked("unembed", top.get("unembed"), top_shapes["unembed"], dtype),
+        unembed_b=_checked("unembed_b", top.get("unembed_b"), top_shapes["unembed_b"], dtype),
     )
 
 

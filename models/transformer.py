@@ -38,6 +38,7 @@ class Transformer(eqx.Module):
     final_norm_w: Float[Array, "d_model"]
     final_norm_b: Float[Array, "d_model"] | None
     unembed: Float[Array, "vocab d_model"] | None  # None: tied to `embed`
+    unembed_b: Float[Array, " vocab"] | None = None
 
     # ----------------------------------------------------------------- public API
     def __call__(
@@ -217,6 +218,8 @@ class Transformer(eqx.Module):
         y, scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, self.final_norm_w, self.final_norm_b)
         w_u = self.embed if self.unembed is None else self.unembed
         logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
+        if self.unembed_b is not None:
+            logits = logits + self.unembed_b.astype(jnp.float32)
         if c.final_logit_softcap is not None:
             logits = c.final_logit_softcap * jnp.tanh(logits / c.final_logit_softcap)
         final = (x, y, scale) if capture.norms else (None, None, None)

@@ -1,0 +1,55 @@
+"""Load a model (the embedded default unless --model) and generate replies to prompts.
+
+    python scripts/generate.py                       # SmolLM2-135M-Instruct, chat prompts
+    python scripts/generate.py --model gemma3-270m --raw --prompt "The capital of France is"
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+from models.generate import chat_prompt, generate  # noqa: E402
+
+DEFAULT_PROMPTS = [
+    "Write a Python function that checks whether a number is prime.",
+    "What is the capital of France?",
+    "Give me three tips for staying focused.",
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--prompt", action="append", help="repeatable; default: three chat prompts")
+    p.add_argument("--raw", action="store_true", help="no chat template (for base models)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    t0 = time.perf_counter()
+    model, tok = models.load(args.model)
+    print(f"loaded {args.model} ({model.config.architecture}, {model.config.n_layers} layers) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    texts = args.prompt or DEFAULT_PROMPTS
+    prompts = [tok.encode(t) if args.raw else chat_prompt(tok, t) for t in texts]
+    t0 = time.perf_counter()
+    out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_token_ids=tok.eos_token_ids,
+                   pad_token_id=tok.pad_token_id)
+    dt = time.perf_counter() - t0
+    n_new = sum(len(t) for t in out.tokens)
+    for text, new in zip(texts, out.tokens):
+        print(f"\n### {text}\n{tok.decode(new, skip_special_tokens=True).strip()}")
+    print(f"\n{n_new} new tokens in {dt:.1f} s (including compilation)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
