@@ -15,8 +15,7 @@ one constant and leaves the softmax unchanged.
 Not folded (documented, not silently skipped): Gemma's q/k norms (RoPE acts after them,
 and a per-channel gain does not commute with a rotation) and the sandwich norms on
 sub-block outputs (their output is written to the residual stream, not read by a
-matrix).  A LayerNorm bias in front of a gated MLP would need a gate bias, which no
-supported family has; it is refused.
+matrix).
 """
 
 from __future__ import annotations
@@ -46,18 +45,18 @@ def fold_norms(model: Transformer) -> Transformer:
     """
     c = model.config
     blk = model.blocks
-    if c.gated_mlp and blk.ln2_b is not None:
-        raise NotImplementedError("folding a LayerNorm bias into a gated MLP needs a gate bias")
     W_Q, b_Q = _fold_into(blk.ln1_w, blk.ln1_b, blk.W_Q, blk.b_Q, "ld,lhdk->lhdk", "ld,lhdk->lhk")
     W_K, b_K = _fold_into(blk.ln1_w, blk.ln1_b, blk.W_K, blk.b_K, "ld,lhdk->lhdk", "ld,lhdk->lhk")
     W_V, b_V = _fold_into(blk.ln1_w, blk.ln1_b, blk.W_V, blk.b_V, "ld,lhdk->lhdk", "ld,lhdk->lhk")
     W_in, b_in = _fold_into(blk.ln2_w, blk.ln2_b, blk.W_in, blk.b_in, "ld,ldm->ldm", "ld,ldm->lm")
-    W_gate = None if blk.W_gate is None else jnp.einsum("ld,ldm->ldm", blk.ln2_w, blk.W_gate)
+    W_gate, b_gate = blk.W_gate, blk.b_gate
+    if W_gate is not None:
+        W_gate, b_gate = _fold_into(blk.ln2_w, blk.ln2_b, W_gate, b_gate, "ld,ldm->ldm", "ld,ldm->lm")
     ones = jnp.ones_like(blk.ln1_w)
     blocks = dataclasses.replace(
         blk, ln1_w=ones, ln1_b=None, ln2_w=ones, ln2_b=None,
         W_Q=W_Q, b_Q=b_Q, W_K=W_K, b_K=b_K, W_V=W_V, b_V=b_V,
-        W_in=W_in, b_in=b_in, W_gate=W_gate,
+        W_in=W_in, b_in=b_in, W_gate=W_gate, b_gate=b_gate,
     )
     W_U = model.W_U * model.final_norm_w[None, :]
     b_U = model.unembed_b
@@ -68,14 +67,19 @@ def fold_norms(model: Transformer) -> Transformer:
         c,
         norm_bias=False,
         attn_bias=b_Q is not None,
-        mlp_bias=b_in is not None or blk.b_out is not None,
+        mlp_bias=b_in is not None or b_gate is not None or blk.b_out is not None,
         tie_embeddings=False,
         unembed_bias=b_U is not None,
     )
-    if config.mlp_bias and blocks.b_out is None:
-        blocks = dataclasses.replace(blocks, b_out=jnp.zeros_like(blocks.W_out[:, 0, :]))
-    if config.mlp_bias and blocks.b_in is None:
-        blocks = dataclasses.replace(blocks, b_in=jnp.zeros_like(blocks.W_in[:, 0, :]))
+    # One mlp_bias flag covers b_in, b_gate and b_out: fill whichever is missing with zeros.
+    if config.mlp_bias:
+        zeros_mlp = jnp.zeros_like(blocks.W_in[:, 0, :])
+        blocks = dataclasses.replace(
+            blocks,
+            b_in=zeros_mlp if blocks.b_in is None else blocks.b_in,
+            b_gate=(zeros_mlp if blocks.b_gate is None else blocks.b_gate) if config.gated_mlp else None,
+            b_out=jnp.zeros_like(blocks.W_out[:, 0, :]) if blocks.b_out is None else blocks.b_out,
+        )
     return dataclasses.replace(
         model, config=config, blocks=blocks, final_norm_w=jnp.ones_like(model.final_norm_w),
         final_norm_b=None, unembed=W_U, unembed_b=b_U,

@@ -39,6 +39,7 @@ class Block(eqx.Module):
     W_in: Float[Array, "d_model d_mlp"]
     b_in: Float[Array, "d_mlp"] | None
     W_gate: Float[Array, "d_model d_mlp"] | None
+    b_gate: Float[Array, "d_mlp"] | None  # Llama with mlp_bias
     W_out: Float[Array, "d_mlp d_model"]
     b_out: Float[Array, "d_model"] | None
     post_mlp_w: Float[Array, "d_model"] | None  # sandwich norm on the MLP output
@@ -153,7 +154,7 @@ def block_forward(
     act = layers.activation_fn(c.activation)
     pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
     if c.gated_mlp:
-        neurons = act(jnp.einsum("sd,dm->sm", h2, block.W_gate)) * pre
+        neurons = act(_linear(h2, block.W_gate, block.b_gate, "sd,dm->sm")) * pre
     else:
         neurons = act(pre)
     if edits is not None:

@@ -9,6 +9,7 @@ explicit head_dim.  HF key map (per layer i, prefix `model.layers.{i}.`):
     self_attn.o_proj.weight (+ bias)  -> W_O [heads, d_head, d_model] (b_O)
     post_attention_layernorm.weight   -> ln2_w
     mlp.up_proj / gate_proj / down_proj (+ biases if mlp_bias) -> W_in / W_gate / W_out
+                                         (b_in / b_gate / b_out)
 top level: model.embed_tokens.weight -> embed, model.norm.weight -> final_norm_w,
            lm_head.weight -> unembed (absent when tied).
 """
@@ -77,37 +78,39 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
     """HF-named tensors -> Transformer, walking the key map above."""
     t = TensorTaker(tensors, ignore=lambda k: k.endswith("rotary_emb.inv_freq"))
     c = config
+    d, h, kv, dh, m = c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp
     layers = []
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
         layer = {
-            "ln1_w": t.take(p + "input_layernorm.weight"),
-            "W_Q": heads_in(t.take(a + "q_proj.weight"), c.n_heads),
-            "W_K": heads_in(t.take(a + "k_proj.weight"), c.n_kv_heads),
-            "W_V": heads_in(t.take(a + "v_proj.weight"), c.n_kv_heads),
-            "W_O": heads_out(t.take(a + "o_proj.weight"), c.n_heads),
-            "ln2_w": t.take(p + "post_attention_layernorm.weight"),
-            "W_in": t.take(p + "mlp.up_proj.weight").T,
-            "W_gate": t.take(p + "mlp.gate_proj.weight").T,
-            "W_out": t.take(p + "mlp.down_proj.weight").T,
+            "ln1_w": t.take(p + "input_layernorm.weight", (d,)),
+            "W_Q": heads_in(t.take(a + "q_proj.weight", (h * dh, d)), h),
+            "W_K": heads_in(t.take(a + "k_proj.weight", (kv * dh, d)), kv),
+            "W_V": heads_in(t.take(a + "v_proj.weight", (kv * dh, d)), kv),
+            "W_O": heads_out(t.take(a + "o_proj.weight", (d, h * dh)), h),
+            "ln2_w": t.take(p + "post_attention_layernorm.weight", (d,)),
+            "W_in": t.take(p + "mlp.up_proj.weight", (m, d)).T,
+            "W_gate": t.take(p + "mlp.gate_proj.weight", (m, d)).T,
+            "W_out": t.take(p + "mlp.down_proj.weight", (d, m)).T,
         }
         if c.attn_bias:
-            layer["b_Q"] = heads_bias(t.take(a + "q_proj.bias"), c.n_heads)
-            layer["b_K"] = heads_bias(t.take(a + "k_proj.bias"), c.n_kv_heads)
-            layer["b_V"] = heads_bias(t.take(a + "v_proj.bias"), c.n_kv_heads)
+            layer["b_Q"] = heads_bias(t.take(a + "q_proj.bias", (h * dh,)), h)
+            layer["b_K"] = heads_bias(t.take(a + "k_proj.bias", (kv * dh,)), kv)
+            layer["b_V"] = heads_bias(t.take(a + "v_proj.bias", (kv * dh,)), kv)
         if c.attn_out_bias:
-            layer["b_O"] = t.take(a + "o_proj.bias")
+            layer["b_O"] = t.take(a + "o_proj.bias", (d,))
         if c.mlp_bias:
-            layer["b_in"] = t.take(p + "mlp.up_proj.bias")
-            layer["b_out"] = t.take(p + "mlp.down_proj.bias")
-            # SwiGLU's gate bias would need a field of its own; refuse rather than drop it.
-            if p + "mlp.gate_proj.bias" in t:
-                raise ValueError("llama: mlp.gate_proj.bias is not supported")
+            layer["b_in"] = t.take(p + "mlp.up_proj.bias", (m,))
+            layer["b_gate"] = t.take(p + "mlp.gate_proj.bias", (m,))
+            layer["b_out"] = t.take(p + "mlp.down_proj.bias", (d,))
         layers.append(layer)
-    top = {"embed": t.take("model.embed_tokens.weight"), "final_norm_w": t.take("model.norm.weight")}
+    top = {
+        "embed": t.take("model.embed_tokens.weight", (c.vocab_size, d)),
+        "final_norm_w": t.take("model.norm.weight", (d,)),
+    }
     if not c.tie_embeddings:
-        top["unembed"] = t.take("lm_head.weight")
+        top["unembed"] = t.take("lm_head.weight", (c.vocab_size, d))
     elif "lm_head.weight" in t:
         # Tied checkpoints sometimes still store lm_head; it must equal the embedding.
         if not np.array_equal(t.take("lm_head.weight"), top["embed"]):

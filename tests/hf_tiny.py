@@ -35,11 +35,21 @@ def save_tiny(config, folder: Path, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def hf_forward(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None):
-    """(logits [seq, vocab], hidden_states [layers+1, seq, d]) for one sequence."""
+def hf_forward(
+    model,
+    tokens: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    position_ids: np.ndarray | None = None,
+):
+    """(logits [seq, vocab], hidden_states [layers+1, seq, d]) for one sequence.
+
+    transformers numbers positions 0..seq-1 whatever the mask says; pass `position_ids`
+    (e.g. cumsum(mask) - 1) to give left-padded tokens the positions our forward uses.
+    """
     ids = torch.as_tensor(np.asarray(tokens)[None], dtype=torch.long)
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask)[None])
+    pos = None if position_ids is None else torch.as_tensor(np.asarray(position_ids)[None], dtype=torch.long)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     hidden = torch.stack(out.hidden_states)[:, 0]
     return out.logits[0].float().numpy(), hidden.float().numpy()
