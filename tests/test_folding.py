@@ -31,7 +31,7 @@ def _configs():
         "qwen2": tf.Qwen2Config(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, **TINY),
         "gpt2": tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, vocab_size=97, n_positions=32),
-        "neox": tf.GPTNeoXConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        "neox": tf.GPTNeoXConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, **TINY),
         "gemma3": tf.Gemma3TextConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=1, head_dim=16,
