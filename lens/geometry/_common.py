@@ -7,9 +7,12 @@ analysed with float32 arithmetic, exactly like the model's norms.
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Real
 
 KINDS = ("layer", "rms")
+
+# A scalar argument: a Python number, or a 0-d array (what it becomes under jit/vmap).
+Scalar = float | int | Real[Array, ""]
 
 # Geometry results must be exact to float32 rounding on every backend, so matmuls here
 # never drop to TF32/bf16 passes (the GPU default for float32 dots on recent hardware).
@@ -57,3 +60,9 @@ def safe_norm(x: Float[Array, "*batch d"], axis: int = -1) -> Float[Array, "*bat
 def centre_last(x: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
     """x - mean(x) along the last axis (P x with P = I - 11^T/d), in x's dtype."""
     return x - jnp.mean(x, axis=-1, keepdims=True)
+
+
+def scaled_rows(x: Float[Array, "K D"]) -> Float[Array, "K D"]:
+    """Each row divided by its largest |entry| (zero rows stay 0): scale-free quantities
+    (cosines, participation ratios) then never under- or overflow in the squares."""
+    return x * safe_inverse(jnp.max(jnp.abs(x), axis=-1))[:, None]

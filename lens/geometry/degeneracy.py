@@ -12,18 +12,25 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from lens.geometry._common import HIGHEST, compute_dtype, safe_inverse, safe_norm
+from lens.geometry._common import (
+    HIGHEST,
+    Scalar,
+    compute_dtype,
+    safe_inverse,
+    safe_norm,
+    scaled_rows,
+)
 
 
 def _gram(effects: Float[Array, "K D"], normalize: bool) -> Float[Array, "K K"]:
     e = effects.astype(compute_dtype(effects))
-    norms = safe_norm(e)
     if normalize:
-        e = e * safe_inverse(norms)[:, None]
+        e = scaled_rows(e)
+        e = e * safe_inverse(safe_norm(e))[:, None]
     else:
-        # The ratio is scale-invariant; dividing by the largest norm avoids overflow in
-        # the fourth powers that ||G||_F^2 contains.
-        e = e * safe_inverse(jnp.max(norms))
+        # The ratio is scale-invariant; dividing by the largest |entry| keeps the squares
+        # and the fourth powers in ||G||_F^2 from under- or overflowing.
+        e = e * safe_inverse(jnp.max(jnp.abs(e)))
     return jnp.einsum("kD,jD->kj", e, e, precision=HIGHEST)
 
 
@@ -54,7 +61,7 @@ def degeneracy_factor(effects: Float[Array, "K D"], normalize: bool = False) -> 
 
 def threshold_clusters(
     cos_matrix: Float[Array, "K K"],
-    threshold: float | Float[Array, ""],
+    threshold: Scalar,
     absolute: bool = False,
 ) -> tuple[Int[Array, ""], Int[Array, " K"]]:
     """Groups of near-identical effect: connected components of a threshold graph.
@@ -72,7 +79,7 @@ def threshold_clusters(
     c = cos_matrix.astype(compute_dtype(cos_matrix))
     link: Bool[Array, "K K"] = (jnp.abs(c) if absolute else c) >= threshold
     link = link | link.T | jnp.eye(k, dtype=bool)
-    n_iter = max(int(k - 1).bit_length(), 0)  # 2**n_iter >= k - 1 = the longest path
+    n_iter = (k - 1).bit_length() if k > 1 else 0  # 2**n_iter >= k - 1, the longest path
 
     def square(_, reach):
         # 0/1 entries and counts <= K are exact in float32 at any matmul precision.

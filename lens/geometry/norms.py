@@ -27,12 +27,10 @@ Edge cases (all tested):
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lens.geometry._common import check_kind, compute_dtype, out_dtype, centre_last
-
-_Eps = float | Float[Array, ""]
+from lens.geometry._common import Scalar, centre_last, check_kind, compute_dtype, out_dtype
 
 
-def _sphere_parts(x: Float[Array, "*batch d"], kind: str, eps: _Eps):
+def _sphere_parts(x: Float[Array, "*batch d"], kind: str, eps: Scalar):
     """(y, 1/sigma, sigma) in the compute dtype; y = P x / sigma (or x / rms).
 
     Mirrors `models.layers.apply_norm` operation for operation (mean of squares, then
@@ -64,7 +62,9 @@ def center(x: Float[Array, "*batch d"]) -> Float[Array, "*batch d"]:
     return centre_last(xf).astype(out_dtype(x))
 
 
-def norm_divisor(x: Float[Array, "*batch d"], kind: str, eps: _Eps = 0.0) -> Float[Array, "*batch"]:
+def norm_divisor(
+    x: Float[Array, "*batch d"], kind: str, eps: Scalar = 0.0
+) -> Float[Array, "*batch"]:
     """What the norm divides by: `sigma(x) = sqrt(|P x|^2/d + eps)` ("layer") or
     `rms(x) = sqrt(|x|^2/d + eps)` ("rms").  Always in the compute dtype (float32 for
     float32/bf16 inputs), since it is a diagnostic, not an activation."""
@@ -72,7 +72,9 @@ def norm_divisor(x: Float[Array, "*batch d"], kind: str, eps: _Eps = 0.0) -> Flo
     return sigma[..., 0]
 
 
-def to_sphere(x: Float[Array, "*batch d"], kind: str, eps: _Eps = 0.0) -> Float[Array, "*batch d"]:
+def to_sphere(
+    x: Float[Array, "*batch d"], kind: str, eps: Scalar = 0.0
+) -> Float[Array, "*batch d"]:
     """The normalised vector before the gain.
 
     kind="layer": `P x / sigma(x)`, `sigma = sqrt(|P x|^2/d + eps)`, `P = I - 11^T/d`.
@@ -89,9 +91,9 @@ def to_sphere(x: Float[Array, "*batch d"], kind: str, eps: _Eps = 0.0) -> Float[
 def apply_norm(
     x: Float[Array, "*batch d"],
     kind: str,
-    gamma: Float[Array, "d"] | None = None,
-    beta: Float[Array, "d"] | None = None,
-    eps: _Eps = 0.0,
+    gamma: Float[Array, " d"] | None = None,
+    beta: Float[Array, " d"] | None = None,
+    eps: Scalar = 0.0,
 ) -> Float[Array, "*batch d"]:
     """The norm exactly as the model computes it: `gamma * to_sphere(x) + beta`.
 
@@ -110,10 +112,10 @@ def apply_norm(
 
 
 def norm_jacobian(
-    x: Float[Array, "d"],
+    x: Float[Array, " d"],
     kind: str,
-    eps: _Eps = 0.0,
-    gamma: Float[Array, "d"] | None = None,
+    eps: Scalar = 0.0,
+    gamma: Float[Array, " d"] | None = None,
 ) -> Float[Array, "d d"]:
     """Analytic Jacobian of `to_sphere` at x (times diag(gamma) on the left if given).
 
@@ -140,8 +142,8 @@ def norm_jvp(
     x: Float[Array, "*#batch d"],
     v: Float[Array, "*#batch d"],
     kind: str,
-    eps: _Eps = 0.0,
-    gamma: Float[Array, "d"] | None = None,
+    eps: Scalar = 0.0,
+    gamma: Float[Array, " d"] | None = None,
 ) -> Float[Array, "*batch d"]:
     """`J(x) v` without forming the [d, d] matrix.
 
@@ -163,8 +165,8 @@ def effective_displacement(
     x: Float[Array, "*#batch d"],
     v: Float[Array, "*#batch d"],
     kind: str,
-    eps: _Eps = 0.0,
-    gamma: Float[Array, "d"] | None = None,
+    eps: Scalar = 0.0,
+    gamma: Float[Array, " d"] | None = None,
 ) -> Float[Array, "*batch d"]:
     """Exactly `to_sphere(x + v) - to_sphere(x)` (times gamma if given): the change in
     what the next layer sees when steering vector v is added to activation x.
@@ -172,13 +174,18 @@ def effective_displacement(
     `x + v` is formed in the promoted input dtype (as the model adds to its residual
     stream; cast v to the residual dtype first to reproduce its rounding); both sphere
     points and their difference are computed in float32 and the difference is cast back
-    once, so bf16 inputs do not suffer bf16 cancellation in the subtraction.
+    once, so bf16 inputs do not suffer bf16 cancellation in the subtraction.  Where
+    `x + v == x` exactly the result is exactly 0.
     """
     cdt = compute_dtype(x, v)
-    steered = (x + v).astype(cdt)
-    y1, _, _ = _sphere_parts(steered, kind, eps)
+    steered = x + v
+    y1, _, _ = _sphere_parts(steered.astype(cdt), kind, eps)
     y0, _, _ = _sphere_parts(x.astype(cdt), kind, eps)
-    out = y1 - y0
+    # Where x + v == x (v = 0, or v below x's ulp) the effect is exactly 0.  Rounding alone
+    # would not guarantee it (XLA may fuse the two reductions differently), and noise
+    # would get a random direction in effective cosines.
+    unchanged = jnp.all(steered == x, axis=-1, keepdims=True)
+    out = jnp.where(unchanged, 0.0, y1 - y0)
     if gamma is not None:
         out = out * gamma.astype(cdt)
     return out.astype(out_dtype(x, v))
@@ -188,8 +195,8 @@ def first_order_displacement(
     x: Float[Array, "*#batch d"],
     v: Float[Array, "*#batch d"],
     kind: str,
-    eps: _Eps = 0.0,
-    gamma: Float[Array, "d"] | None = None,
+    eps: Scalar = 0.0,
+    gamma: Float[Array, " d"] | None = None,
 ) -> Float[Array, "*batch d"]:
     """The linearised displacement `J(x) v` (see `norm_jvp`).
 

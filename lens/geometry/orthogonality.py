@@ -14,7 +14,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from lens.geometry._common import HIGHEST, compute_dtype, safe_inverse, safe_norm
+from lens.geometry._common import (
+    HIGHEST,
+    Scalar,
+    compute_dtype,
+    safe_inverse,
+    safe_norm,
+    scaled_rows,
+)
 from lens.geometry.norms import effective_displacement, first_order_displacement
 
 _ORDERS = ("exact", "first")
@@ -25,19 +32,19 @@ def cosine_matrix(effects: Float[Array, "K D"]) -> Float[Array, "K K"]:
 
     A zero row has no direction: its row and column (diagonal included) are 0.
     """
-    e = effects.astype(compute_dtype(effects))
+    e = scaled_rows(effects.astype(compute_dtype(effects)))  # no under/overflow in |e|^2
     unit = e * safe_inverse(safe_norm(e))[:, None]
     cos = jnp.einsum("kD,jD->kj", unit, unit, precision=HIGHEST)
     return jnp.clip(cos, -1.0, 1.0)
 
 
 def effective_cosine_matrix(
-    x: Float[Array, "d"] | Float[Array, "B d"],
+    x: Float[Array, " d"] | Float[Array, "B d"],
     vectors: Float[Array, "K d"],
     kind: str,
-    eps: float | Float[Array, ""] = 0.0,
+    eps: Scalar = 0.0,
     order: str = "exact",
-    gamma: Float[Array, "d"] | None = None,
+    gamma: Float[Array, " d"] | None = None,
 ) -> Float[Array, "K K"]:
     """K x K cosines between the steering vectors' effective displacements.
 
@@ -55,14 +62,16 @@ def effective_cosine_matrix(
     displacement = effective_displacement if order == "exact" else first_order_displacement
     xb = x[None, :] if x.ndim == 1 else x
 
-    def effect(v: Float[Array, "d"]) -> Float[Array, " Bd"]:
+    def effect(v: Float[Array, " d"]) -> Float[Array, " Bd"]:
         return displacement(xb, v[None, :], kind, eps, gamma).astype(jnp.float32).reshape(-1)
 
     effects = jax.vmap(effect)(vectors)  # [K, B*d]
     return cosine_matrix(effects)
 
 
-def orthogonal_pair_cosine_closed_form(rho: Float[Array, "*batch"] | float) -> Float[Array, "*batch"]:
+def orthogonal_pair_cosine_closed_form(
+    rho: Float[Array, "*batch"] | float,
+) -> Float[Array, "*batch"]:
     """Cosine between the effects of two orthogonal steering vectors, idealised case.
 
     Formula (x, v1, v2 mutually orthogonal, |v1| = |v2| = r, |x| = s, rho = r/s, eps = 0):
