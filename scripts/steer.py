@@ -1,0 +1,100 @@
+"""Build a steering vector from contrastive prompts and show steered generations.
+
+    .venv/bin/python scripts/steer.py                       # default model and prompts
+    .venv/bin/python scripts/steer.py --coeffs 0 4 8 --layer 12 --out runs/love
+
+Thin: parse arguments -> lens.steering (CAA mean difference, or ActAdd) -> lens sweep of
+the coefficients (KL to the unsteered run) -> models.generate with the vector as Edits
+(applied to the prompt and to every generated token unless told otherwise) -> a side by
+side listing, also written to --out DIR (generations.json, vector.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+import lens  # noqa: E402
+import models  # noqa: E402
+from lens import edits as E, steering  # noqa: E402
+from models.generate import chat_prompt, generate  # noqa: E402
+
+POSITIVE = ["I love you", "You are wonderful", "What a beautiful day", "I adore this"]
+NEGATIVE = ["I hate you", "You are terrible", "What an awful day", "I despise this"]
+PROMPTS = ["Tell me about your neighbour.", "Write one sentence about the weather."]
+
+
+def encode_padded(tokenizer, texts):
+    """Right-padded [N, seq] ids and mask from texts (or lists of ids)."""
+    ids = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
+    n = max(map(len, ids))
+    tokens = np.zeros((len(ids), n), np.int32)
+    mask = np.zeros((len(ids), n), bool)
+    for i, row in enumerate(ids):  # right padding: the last real token is found by the mask
+        tokens[i, : len(row)], mask[i, : len(row)] = row, True
+    return tokens, mask
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--positive", nargs="+", default=POSITIVE)
+    p.add_argument("--negative", nargs="+", default=NEGATIVE)
+    p.add_argument("--prompts", nargs="+", default=PROMPTS)
+    p.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    p.add_argument("--method", choices=["caa", "actadd"], default="caa")
+    p.add_argument("--reduce", choices=["last", "mean"], default="mean")
+    p.add_argument("--coeffs", type=float, nargs="+", default=[0.0, 1.0, 2.0])
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-steer-prompt", action="store_true")
+    p.add_argument("--no-steer-generated", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+
+    model, tok = models.load(args.model)
+    layer = model.config.n_layers // 2 if args.layer is None else args.layer
+    pos, pos_mask = encode_padded(tok, args.positive)
+    neg, neg_mask = encode_padded(tok, args.negative)
+    if args.method == "caa":
+        vector = steering.mean_difference(model, pos, neg, layer, pos_mask, neg_mask, args.reduce)
+    else:
+        vector = steering.actadd(model, pos[0][pos_mask[0]], neg[0][neg_mask[0]], layer)
+    print(f"{args.method} vector at layer {layer}: norm {float(np.linalg.norm(vector)):.2f}")
+
+    chats = [chat_prompt(tok, text) for text in args.prompts]
+    ptoks, pmask = encode_padded(tok, chats)
+    res = lens.sweep_vectors(model, ptoks, np.asarray(vector)[None], args.coeffs, [layer],
+                             attention_mask=pmask, progress=False)
+    rows = []
+    for ci, coeff in enumerate(args.coeffs):
+        kl = np.asarray(res.kl[0, ci, 0])
+        out = generate(model, chats, args.max_new_tokens, temperature=args.temperature,
+                       edits=E.add(model, vector, layer, coeff),
+                       steer_prompt=not args.no_steer_prompt,
+                       steer_generated=not args.no_steer_generated)
+        for i, text in enumerate(args.prompts):
+            rows.append({"prompt": text, "coeff": coeff, "kl_last_token": float(kl[i]),
+                         "generation": tok.decode(out.tokens[i], skip_special_tokens=True)})
+    for text in args.prompts:
+        print(f"\n=== {text}")
+        for r in rows:
+            if r["prompt"] == text:
+                print(f"  coeff {r['coeff']:>5}: (KL {r['kl_last_token']:.3f}) {r['generation']!r}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "generations.json").write_text(json.dumps(rows, indent=1))
+        steering.save_vectors(args.out / "vector.safetensors", vector, {
+            "model": args.model, "layer": layer, "site": "resid_pre", "method": args.method,
+            "positive": args.positive, "negative": args.negative})
+        print(f"\nwrote {args.out}/generations.json and vector.safetensors")
+
+
+if __name__ == "__main__":
+    main()

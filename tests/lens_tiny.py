@@ -1,0 +1,43 @@
+"""Tiny random transformers models shared by the lens tests, each built once per process."""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import transformers as tf
+
+from hf_tiny import save_tiny
+from models.families import convert_hf
+from models.safetensors_reader import read_safetensors_folder
+
+VOCAB = 61
+CONFIGS = {
+    # GQA (6 query heads on 2 kv heads), untied, 3 layers: every edit site is exercised.
+    "llama": lambda: tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=4, max_position_embeddings=32,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=24, n_layer=2,
+                                  n_head=4, initializer_range=0.1),
+    "neox": lambda: tf.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=24, num_attention_heads=2,
+                                     intermediate_size=40, num_hidden_layers=2,
+                                     max_position_embeddings=32, rotary_pct=0.5,
+                                     initializer_range=0.1),
+    "gemma3": lambda: tf.Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+        initializer_range=0.1),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str = "llama"):
+    """(hf torch model, our Transformer, folder with the safetensors checkpoint)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"lens_{name}_"))
+    hf = save_tiny(CONFIGS[name](), folder)
+    config, tensors = read_safetensors_folder(folder)
+    return hf, convert_hf(config, tensors, jnp.float32), folder
