@@ -121,6 +121,7 @@ GENERIC_HF_FIELDS = {
     "decoder_start_token_id", "task_specific_params", "finetuning_task",
     "tf_legacy_loss", "use_bfloat16", "pruned_heads", "cross_attention_hidden_size",
     "_attn_implementation_autoset", "_attn_implementation", "quantization_config",
+    "unk_token_id", "_model_name_or_path",
 }
 
 
