@@ -23,7 +23,7 @@ run: $(VENV)/.runtime
 	$(PY) scripts/generate.py $(ARGS)
 
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(ARGS)
 
 bench: $(VENV)/.test
 	$(PY) bench/forward_generate.py $(ARGS)
