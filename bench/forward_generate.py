@@ -27,21 +27,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# SmolLM2-135M's shape, for --random-weights.
-SMOLLM2_SHAPE = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
-)
+from bench_common import load_pair  # noqa: E402
 
 
 def parse_args():
@@ -86,36 +78,8 @@ def timed(fn, repeats: int, reduce=statistics.median) -> float:
 
 # ----------------------------------------------------------------------------- models
 def load_models(args):
-    """(our model, the transformers model) holding the same weights, both float32."""
-    import jax.numpy as jnp
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from models.families import convert_hf
-    from models.safetensors_reader import read_safetensors_folder
-
-    if args.random_weights:
-        torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE)).float().eval()
-        with tempfile.TemporaryDirectory() as d:
-            hf.save_pretrained(d, safe_serialization=True)
-            ours = convert_hf(*read_safetensors_folder(Path(d)), jnp.float32)
-        return ours, hf, "random weights, SmolLM2-135M shape"
-
-    from models import embedded
-
-    path = embedded.fetch(args.model)
-    try:
-        import models
-
-        ours, _ = models.load(args.model)
-    except ImportError as e:  # a piece of models.load (e.g. the tokenizer) is missing
-        from models import gguf_reader
-
-        print(f"note: models.load failed ({e}); reading the GGUF directly", file=sys.stderr)
-        ours = convert_hf(*gguf_reader.read_gguf(path), jnp.float32)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return ours, hf.eval(), f"{args.model} ({path.name}, dequantised to float32)"
+    """(our model, the transformers model, description): the same float32 weights."""
+    return load_pair(args.random_weights, args.model)
 
 
 def forward_flops(config, tokens_per_seq: int, batch: int, matmul_params: int) -> float:

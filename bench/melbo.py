@@ -17,75 +17,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def smollm2_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0,
-    )
+from bench_common import load_pair  # noqa: E402
 
 
 def build(random_weights: bool):
-    """(our model, the transformers model, token ids of one chat prompt)."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from models.families import convert_hf
-    from models.safetensors_reader import read_safetensors_folder
-
+    """(our model, the transformers model, token ids of one prompt), the same weights."""
+    ours, hf, _ = load_pair(random_weights)
     if random_weights:
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(smollm2_config()).float().eval()
-        folder = Path(tempfile.mkdtemp())
-        hf.save_pretrained(folder, safe_serialization=True)
-        ours = convert_hf(*read_safetensors_folder(folder), jnp.float32)
-        tokens = list(np.random.RandomState(0).randint(0, 49152, 24))
-        return ours, hf, tokens
+        return ours, hf, list(np.random.RandomState(0).randint(0, 49152, 24))
     import models
     from models.generate import chat_prompt
 
-    ours, tok = models.load("smollm2-135m-instruct")
-    tokens = chat_prompt(tok, "Tell me a short story about a lighthouse keeper.")
-    hf = LlamaForCausalLM(smollm2_config()).float().eval()
-    missing, unexpected = hf.load_state_dict(hf_state_dict(ours), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return ours, hf, tokens
-
-
-def hf_state_dict(ours) -> dict:
-    """Our (dequantised) Llama weights under transformers' names, so both sides run the
-    same numbers (the inverse of the Llama key map, per-head layout flattened back)."""
-    import torch
-
-    b, n = ours.blocks, ours.config.n_layers
-    t = lambda a: torch.as_tensor(np.asarray(a, np.float32))  # noqa: E731
-    flat_in = lambda w: t(np.asarray(w).transpose(0, 2, 1).reshape(-1, w.shape[1]))  # noqa: E731
-    sd = {"model.embed_tokens.weight": t(ours.embed), "model.norm.weight": t(ours.final_norm_w)}
-    for i in range(n):
-        p = f"model.layers.{i}."
-        sd[p + "input_layernorm.weight"] = t(b.ln1_w[i])
-        sd[p + "post_attention_layernorm.weight"] = t(b.ln2_w[i])
-        sd[p + "self_attn.q_proj.weight"] = flat_in(b.W_Q[i])
-        sd[p + "self_attn.k_proj.weight"] = flat_in(b.W_K[i])
-        sd[p + "self_attn.v_proj.weight"] = flat_in(b.W_V[i])
-        sd[p + "self_attn.o_proj.weight"] = t(np.asarray(b.W_O[i]).reshape(-1, b.W_O.shape[-1]).T)
-        sd[p + "mlp.gate_proj.weight"] = t(np.asarray(b.W_gate[i]).T)
-        sd[p + "mlp.up_proj.weight"] = t(np.asarray(b.W_in[i]).T)
-        sd[p + "mlp.down_proj.weight"] = t(np.asarray(b.W_out[i]).T)
-    return sd
+    _, tok = models.load("smollm2-135m-instruct")
+    return ours, hf, chat_prompt(tok, "Tell me a short story about a lighthouse keeper.")
 
 
 def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, seed):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,56 +29,7 @@ import lens  # noqa: E402
 from models import Capture  # noqa: E402
 
 
-def smollm2_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=100000.0,
-    )
-
-
-def load_both(random_weights: bool):
-    """(our model, the transformers model with the same weights)."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
-
-    from models.families import convert_hf
-    from models.safetensors_reader import read_safetensors_folder
-
-    if random_weights:
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(smollm2_config()).float().eval()
-        folder = Path(tempfile.mkdtemp())
-        hf.save_pretrained(folder)
-        config, tensors = read_safetensors_folder(folder)
-        return convert_hf(config, tensors, jnp.float32), hf
-    import models
-
-    model, _ = models.load("smollm2-135m-instruct")
-    # the same weights in transformers: write our converted GGUF tensors back as HF names
-    from models import embedded, gguf_reader
-
-    config, tensors = gguf_reader.read_gguf(embedded.fetch("smollm2-135m-instruct"))
-    from transformers import LlamaConfig
-
-    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
-    hf = AutoModelForCausalLM.from_config(LlamaConfig(**fields)).float().eval()
-    state = {k: torch.as_tensor(np.asarray(v, np.float32)) for k, v in tensors.items()}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
-    hf.tie_weights()
-    return model, hf
-
-
-def timed(fn, repeats):
-    fn()  # warm up / compile
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from bench_common import best_time as timed, load_pair  # noqa: E402
 
 
 def main():
@@ -95,7 +44,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    model, hf = load_both(args.random_weights)
+    model, hf, _ = load_pair(args.random_weights)
     c = model.config
     layer = c.n_layers // 2
     rng = np.random.RandomState(0)

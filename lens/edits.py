@@ -26,7 +26,7 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float
 
 from models.interventions import Activations, Edits
 from models.transformer import Transformer

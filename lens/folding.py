@@ -24,7 +24,6 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from models.block import Block
 from models.transformer import Transformer
 
 

@@ -1,6 +1,5 @@
 """run_with_cache: the typed cache against transformers' hidden states, every family."""
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -1,0 +1,65 @@
+"""What every benchmark shares: our model and transformers' holding the same weights.
+
+`load_pair(random_weights)` gives (ours, hf, description):
+  * real weights: the embedded SmolLM2-135M-Instruct GGUF, loaded by `models.load` for
+    ours and by transformers' own GGUF loader for the reference (both float32);
+  * random weights: a random transformers Llama of SmolLM2-135M's shape, saved as
+    safetensors and loaded into ours (no download needed).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# SmolLM2-135M's shape, for --random-weights.
+SMOLLM2_SHAPE = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+
+
+def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
+    """(our model, the transformers model, a description), the same float32 weights."""
+    import jax.numpy as jnp
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from models.families import convert_hf
+    from models.safetensors_reader import read_safetensors_folder
+
+    if random_weights:
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE)).float().eval()
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_pretrained(d, safe_serialization=True)
+            ours = convert_hf(*read_safetensors_folder(Path(d)), jnp.float32)
+        return ours, hf, "random weights, SmolLM2-135M shape"
+
+    import models
+    from models import embedded
+
+    path = embedded.fetch(name)
+    ours, _ = models.load(name)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return ours, hf.eval(), f"{name} ({path.name}, dequantised to float32)"
+
+
+def best_time(fn, repeats: int) -> float:
+    """Fastest wall time of `fn()` over `repeats` calls, after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
