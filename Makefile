@@ -20,7 +20,7 @@ install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
 run: $(VENV)/.runtime
-	$(PY) scripts/generate.py $(ARGS)
+	$(PY) scripts/orthogonal_steering.py $(ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(ARGS)

@@ -65,13 +65,15 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     names = []
-    stages = ("raw", "effective_exact", "target", "last", "logits")
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), sharey=False)
+    stages = ("raw", "effective_exact", "effective_first_order", "target", "last", "logits")
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharey=False)
+    axes = axes.ravel()
     for ax, st in zip(axes, stages):
         for label, a in analyses.items():
             c = a["cos_matrices"][st]
             off = c[~np.eye(len(c), dtype=bool)]
-            ax.hist(off, bins=30, range=(-1, 1), alpha=0.5, label=label)
+            ax.hist(off, bins=40, range=(-1, 1), alpha=0.5, label=label)
+        ax.set_yscale("log")  # the parallel control piles every pair into one bin
         ax.set_title(st)
         ax.set_xlabel("pairwise cosine")
     axes[0].legend(fontsize=7)
@@ -105,6 +107,7 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     ax.bar(range(len(labels)), [scores[k] for k in labels])
     ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
     ax.set_ylabel("code score")
+    ax.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(out / "code_scores.png", dpi=90)
     names.append("code_scores.png")
@@ -112,14 +115,45 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     return names
 
 
-def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict]) -> None:
-    """report.md: settings, the key numbers per set and stage, plots, a few generations."""
+def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict],
+                   calib: dict | None = None) -> None:
+    """report.md: settings, base-vector calibration, the key numbers per set and stage, the
+    batched vs sequential comparison, timings, plots, a few generations."""
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
     L += ["## Settings", "", "```", json.dumps(settings, indent=1), "```", ""]
     L += ["## Key numbers", ""]
-    for k in ("source_layer", "target_layer", "k_vectors", "raw_cosine_max_abs", "norms",
-              "effective_cosine_mean", "downstream_cosine_mean", "code_score"):
-        L.append(f"- **{k}**: `{json.dumps(summary[k])}`")
+    for k in ("source_layer", "target_layer", "layer_choice", "k_vectors", "raw_cosine_max_abs", "norms",
+              "effective_cosine_mean", "downstream_cosine_mean", "first_token_effect_share",
+              "degeneracy_factor", "code_score",
+              "timing_s"):
+        val = summary[k]
+        if k == "code_score":
+            val = {a: b for a, b in val.items() if a != "per_vector"}
+        L.append(f"- **{k}**: `{json.dumps(val)}`")
+    if calib is not None:
+        L += ["", "## Base vector theta0: calibration", ""]
+        if calib.get("calibrated"):
+            verdict = ("the model wrote code" if calib.get("wrote_code") else
+                       "NO design / rho made the model write code on these prompts; theta0 falls back to "
+                       "'caa' at the smallest rho (the least destructive); its code score is therefore 0 and "
+                       "the code scores below can only show that nothing writes code")
+            L += [f"Chosen: **{calib['design']}** at rho {calib['rho']} ({verdict}). "
+                  f"cos(caa, pairs) = {calib.get('cos_caa_pairs', float('nan')):.3f}.", "",
+                  "| design | rho | norm | code score |", "|---|---|---|---|"]
+            L += [f"| {r['design']} | {r['rho']} | {r['norm']:.1f} | {r['code_score']:.2f} |" for r in calib["table"]]
+            L += ["", "One reply per setting (first calibration prompt):", ""]
+            for key, text in calib.get("examples", {}).items():
+                L.append(f"- *{key}*: {text.replace(chr(10), ' ⏎ ')[:200]}")
+        else:
+            L.append(f"Not calibrated: {calib['design']} at --base-rho {calib['rho']}.")
+    mc = summary.get("mode_comparison")
+    if mc:
+        L += ["", "## Batched vs sequential MELBO-ortho", "", mc["note"], "",
+              "| quantity | sequential mean | sequential spread | batched mean | batched spread | diff | within seq. spread | within pooled spread |",
+              "|---|---|---|---|---|---|---|---|"]
+        for key, r in mc["summary"].items():
+            L.append(f"| {key} | {r['sequential_mean']:.4g} | {r['sequential_spread']:.3g} | {r['batched_mean']:.4g} | "
+                     f"{r['batched_spread']:.3g} | {r['difference']:.3g} | {r['within_spread']} | {r['within_pooled_spread']} |")
     L += ["", "## Per set and stage", "",
           "| set | stage | mean cos | mean abs cos | PR | degeneracy K/PR | clusters (0.5 / 0.9) |",
           "|---|---|---|---|---|---|---|"]

@@ -6,17 +6,20 @@
         --model path/to/qwen_folder --source 8 --target 16              # full scale
 
 1. theta0, a "write code" vector by CAA: mean difference of the residual after block s at
-   the last prompt token (the assistant's first position) between code requests and
-   matched prose requests, scaled to --base-rho * median|x_s|.  CAA is deterministic, needs
-   no training and no code detector in the loop (picking a MELBO vector that writes code
-   needs generations per candidate); the code score below checks that it works.
+   the last prompt token (the assistant's first position) between code requests and prose
+   requests ("caa"), or between same-topic "Write Python code for X" / "Write a poem about
+   X" pairs ("pairs").  CAA is deterministic and needs no training (picking a MELBO vector
+   that writes code needs generations per candidate).  Its norm is CALIBRATED: the
+   smallest rho = |theta0| / median|x_s| of --base-rho-grid whose steered greedy replies
+   to non-coding instructions get the best "is this code?" score (table in the report).
 2. K vectors by MELBO-ortho (batched blocks, checkpointed after every block).
 3. Analysis of the found vectors and two controls (random vectors orthogonal to theta0
    with the found norms; theta0 rescaled to the found norms): raw, effective (exact and
    first order, next to the closed form), target- and last-layer, logit-level similarity;
    participation ratio, degeneracy factor, clusters.  4. The rho sweep.  5. Generations
    and the "is this code?" score.  Output: --out DIR (report.md, report.json, PNGs,
-   vectors.safetensors, generations.jsonl).
+   vectors.safetensors, generations.jsonl).  Also: batched vs sequential MELBO-ortho
+   (losses, norms, statistics next to the sequential run-to-run spread), per-phase timings.
 """
 
 from __future__ import annotations
@@ -58,12 +61,18 @@ PROSE = [
     "Write a few sentences about your favourite holiday.",
     "Describe a sunrise over the mountains.",
 ]
+# Instructions that do NOT ask for code but where code is a natural way to answer: the
+# "write code" vector should tip them into Python.  The first is MELBO-ortho's training
+# prompt (the original used one prompt); all of them are the analysis / generation set.
 NEUTRAL = [
-    "Tell me about your weekend plans.",
-    "What is a good way to spend a rainy afternoon?",
-    "Give me some advice for a job interview.",
-    "What should I cook for dinner tonight?",
+    "Sort these numbers from smallest to largest: 5, 2, 9, 1.",
+    "How many vowels are in the word banana?",
+    "What is the sum of the numbers from 1 to 10?",
+    "Convert 100 degrees Fahrenheit to Celsius.",
 ]
+# Paired contrast (same topic, code vs poem): the fallback design when plain CAA never writes code.
+TOPICS = ["reversing a string", "prime numbers", "sorting a list", "reading a file",
+          "counting words", "a stack", "factorials", "the fibonacci sequence"]
 
 
 def parse_args(argv=None):
@@ -77,12 +86,19 @@ def parse_args(argv=None):
     ap.add_argument("--mode", choices=("batched", "sequential"), default="batched")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--base-rho", type=float, default=0.3, help="|theta0| = base_rho * median|x_s|")
-    ap.add_argument("--train-prompts", type=int, default=1, help="neutral prompts in the objective (original: 1)")
+    ap.add_argument("--base-rho-grid", default="0.25,0.5,0.75,1.0",
+                    help="calibration grid for |theta0| / median|x_s|: the smallest rho with the best code score wins")
+    ap.add_argument("--base-rho", type=float, default=None, help="skip calibration: CAA at this rho")
+    ap.add_argument("--calib-prompts", type=int, default=3)
+    ap.add_argument("--train-prompts", type=int, default=1, help="prompts in the objective (original: 1)")
+    ap.add_argument("--analysis-prompts", type=int, default=2, help="prompts of the analysis / rho sweep")
     ap.add_argument("--rho-grid", default="0.1,0.3,1,3")
-    ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-tokens", type=int, default=40)
     ap.add_argument("--gen-vectors", type=int, default=4, help="found / control vectors generated from")
     ap.add_argument("--gen-prompts", type=int, default=2)
+    ap.add_argument("--gen-batch", type=int, default=30, help="rows per generate call (one compiled shape)")
+    ap.add_argument("--compare-k", type=int, default=4, help="mode comparison: vectors per run (0: skip)")
+    ap.add_argument("--compare-seeds", type=int, default=3, help="mode comparison: sequential runs (seeds)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=8, help="vectors per compiled analysis call")
     ap.add_argument("--out", default=None)
@@ -91,18 +107,28 @@ def parse_args(argv=None):
 
 
 def load(args):
-    """(model, tokenizer or None, prompt maker)."""
+    """(model, tokenizer or None, prompt maker).  Without a tokenizer (a bare HF folder, or
+    --random-weights) a prompt is 8-20 random ids seeded by the text's crc32: deterministic."""
+    import zlib
+
+    def random_prompt(vocab):
+        def make(text):
+            rs = np.random.RandomState(zlib.crc32(text.encode()))
+            return [int(i) for i in rs.randint(0, vocab, 8 + zlib.crc32(text.encode()) % 13)]
+        return make
+
     if args.random_weights:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
         from melbo import build  # bench/melbo.py
 
         model, _, _ = build(True)
-        rs = np.random.RandomState(0)
-        return model, None, lambda text: list(rs.randint(0, model.config.vocab_size, 12 + len(text) % 9))
+        return model, None, random_prompt(model.config.vocab_size)
     import models
     from models.generate import chat_prompt
 
     model, tok = models.load(args.model)
+    if tok is None:
+        return model, None, random_prompt(model.config.vocab_size)
     return model, tok, lambda text: chat_prompt(tok, text)
 
 
@@ -116,9 +142,127 @@ def caa_vector(model, prompts_a, prompts_b, source):
     return last_resid(prompts_a).mean(0) - last_resid(prompts_b).mean(0)
 
 
-def main(argv=None):
+def steered_generate(args, model, tok, s, rows, vecs):
+    """Greedy generations of `rows` (prompt ids), row i steered by vecs[i] after block s on
+    every prompt and generated token.  Calls are padded to --gen-batch rows, so every call
+    of a run reuses ONE compiled prefill/decode."""
+    from models import Edits
+    from models.generate import generate
+
+    n, d, gb = model.config.n_layers, model.config.d_model, args.gen_batch
+    texts = []
+    for i in range(0, len(rows), gb):
+        r, v = list(rows[i: i + gb]), list(vecs[i: i + gb])
+        used = len(r)
+        r += [r[0]] * (gb - used)
+        v += [np.zeros(d, np.float32)] * (gb - used)
+        add = np.zeros((gb, n, 1, d), np.float32)
+        add[:, s + 1, 0] = np.stack(v)  # "after block s" = entering block s+1
+        res = generate(model, r, args.gen_tokens, edits=Edits(resid_add=jnp.asarray(add)), edits_batched=True)
+        texts += [tok.decode(t) if tok is not None else " ".join(map(str, t)) for t in res.tokens[:used]]
+    return texts
+
+
+def calibrate_base(args, model, tok, make, s, x_norm, prompts):
+    """theta0: CAA direction at the smallest rho (|theta0| / median|x_s|) of the grid with
+    the highest mean code score on non-coding prompts.  Two designs are tried in ONE
+    generate pass: "caa" (code requests vs unrelated prose requests) and "pairs" (same topic,
+    "Write Python code for X" vs "Write a poem about X"); caa wins ties.  If nothing writes
+    code, theta0 is "caa" at the smallest rho (the least destructive) and the table says so."""
+    designs = {
+        "caa": caa_vector(model, [make(p) for p in CODE], [make(p) for p in PROSE], s),
+        "pairs": caa_vector(model, [make(f"Write Python code for {x}.") for x in TOPICS],
+                            [make(f"Write a poem about {x}.") for x in TOPICS], s),
+    }
+    if args.base_rho is not None:
+        v = designs["caa"]
+        return v / np.linalg.norm(v) * args.base_rho * x_norm, {"design": "caa", "rho": args.base_rho,
+                                                                "calibrated": False, "table": []}
+    grid = [float(r) for r in args.base_rho_grid.split(",")]
+    rows, vecs, keys = [], [], []
+    for name, v in designs.items():
+        for rho in grid:
+            for p in prompts:
+                rows.append(p)
+                vecs.append(v / np.linalg.norm(v) * rho * x_norm)
+                keys.append((name, rho))
+    texts = steered_generate(args, model, tok, s, rows, vecs)
+    table, examples = [], {}
+    for name in designs:
+        for rho in grid:
+            sc = [code_score(t) for k, t in zip(keys, texts) if k == (name, rho)]
+            table.append({"design": name, "rho": rho, "norm": rho * x_norm, "code_score": float(np.mean(sc))})
+            examples[f"{name}@{rho}"] = next(t for k, t in zip(keys, texts) if k == (name, rho))
+    best = max(table, key=lambda r: (r["code_score"], -r["rho"], r["design"] == "caa"))
+    found_code = best["code_score"] > 0
+    if not found_code:
+        best = next(r for r in table if r["design"] == "caa")
+    v = designs[best["design"]]
+    cos = float(designs["caa"] @ designs["pairs"] / np.linalg.norm(designs["caa"]) / np.linalg.norm(designs["pairs"]))
+    return v / np.linalg.norm(v) * best["rho"] * x_norm, {
+        "design": best["design"], "rho": best["rho"], "calibrated": True, "wrote_code": found_code,
+        "table": table, "examples": examples, "cos_caa_pairs": cos}
+
+
+def mode_comparison(args, problem, analysis_problem, theta0, found, found_effects):
+    """Sequential MELBO-ortho runs of --compare-k vectors at --compare-seeds seeds (the
+    run-to-run spread of the original algorithm) next to the batched run's consecutive groups
+    of --compare-k vectors (same count per group): losses, norms and the analysis statistics."""
+    kk = args.compare_k
+    cfg = melbo.OrthoConfig(steps=args.steps, lr=args.lr)
+    stats = ("effective_exact", "target", "last", "logits")
+
+    def row(vectors, losses, analysis):
+        r = {"loss_first": float(losses[:, 0].mean()), "loss_last": float(losses[:, -1].mean()),
+             "norm_mean": float(np.linalg.norm(vectors, axis=1).mean())}
+        for st in stats:
+            r[f"{st}_cos_mean"] = analysis[st]["cos_mean"]
+            r[f"{st}_degeneracy"] = analysis[st]["degeneracy_factor"]
+        return r
+
+    runs = {"sequential": [], "batched": []}
+    for i in range(args.compare_seeds):
+        res = melbo.melbo_ortho(problem, jnp.asarray(theta0), kk, cfg, mode="sequential", seed=args.seed + 1000 + i,
+                                progress=True)
+        a = melbo.analyse_vectors(analysis_problem, res.vectors, chunk=args.chunk)
+        runs["sequential"].append(row(res.vectors, res.losses, a) | {"seed": args.seed + 1000 + i})
+    for g in range(len(found.vectors) // kk):
+        sl = slice(g * kk, (g + 1) * kk)
+        e = found_effects
+        eff = melbo.SteeredEffects(e.target[sl], e.last[sl], e.logits[sl], e.base_logits,
+                                   e.first_share_target[sl], e.first_share_last[sl])
+        a = melbo.analyse_vectors(analysis_problem, found.vectors[sl], effects=eff)
+        runs["batched"].append(row(found.vectors[sl], found.losses[sl], a) | {"vectors": f"{sl.start}-{sl.stop - 1}"})
+    summary = {}
+    for key in runs["sequential"][0]:
+        if key in ("seed",):
+            continue
+        seq = np.array([r[key] for r in runs["sequential"]])
+        bat = np.array([r[key] for r in runs["batched"]]) if runs["batched"] else np.array([np.nan])
+        spread = float(seq.max() - seq.min()) if len(seq) > 1 else float("nan")
+        summary[key] = {"sequential_mean": float(seq.mean()), "sequential_spread": spread,
+                        "batched_mean": float(bat.mean()), "batched_spread": float(bat.max() - bat.min()),
+                        "difference": float(bat.mean() - seq.mean()),
+                        "within_spread": bool(abs(bat.mean() - seq.mean()) <= max(spread, 1e-12)),
+                        "within_pooled_spread": bool(abs(bat.mean() - seq.mean())
+                                                     <= max(spread, float(bat.max() - bat.min()), 1e-12))}
+    return {"k_per_run": kk, "runs": runs, "summary": summary,
+            "note": "sequential: independent runs of k vectors (different seeds); batched: consecutive "
+                    "groups of k vectors of the main batched run (block %d). 'within_spread': |batched "
+                    "mean - sequential mean| <= the sequential max-min spread (a strict test with few seeds); "
+                    "'within_pooled_spread': <= the larger of the two modes' spreads." % args.block}
+
+
+def main(argv=None, on_checkpoint=None):
+    """The whole job.  `on_checkpoint(n_done)` (a test hook) runs after every checkpoint."""
     args = parse_args(argv)
     t_start = time.time()
+    timing = {}
+
+    def lap(name, t0):
+        timing[name] = round(time.time() - t0, 2)
+        return time.time()
+
     out = Path(args.out or f"runs/orthogonal_{time.strftime('%Y%m%d_%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     model, tok, make = load(args)
@@ -126,42 +270,50 @@ def main(argv=None):
     s = args.source if args.source is not None else max(0, round(n / 4) - 1)
     t = args.target if args.target is not None else max(s + 1, round(n / 2))
     print(f"model {args.model} ({n} layers, d={model.config.d_model}); source {s}, target {t}")
+    t0 = lap("load", t_start)
 
-    # 1. base vector theta0 by CAA, scaled to base_rho * median |x_s| on the neutral prompts.
+    # 1. base vector theta0 (CAA), |theta0| calibrated on the code score.
     neutral = [make(p) for p in NEUTRAL]
-    train = neutral[: args.train_prompts]
-    toks, mask = melbo.pad_prompts(train)
+    toks, mask = melbo.pad_prompts(neutral[: args.train_prompts])
     problem = melbo.make_problem(model, toks, mask, s, t)
-    toks_a, mask_a = melbo.pad_prompts(neutral)
+    toks_a, mask_a = melbo.pad_prompts(neutral[: args.analysis_prompts])
     analysis_problem = melbo.make_problem(model, toks_a, mask_a, s, t)
     x_norm = melbo.median_source_norm(analysis_problem)
-    caa = caa_vector(model, [make(p) for p in CODE], [make(p) for p in PROSE], s)
-    theta0 = caa / np.linalg.norm(caa) * args.base_rho * x_norm
+    ckpt, base_file, calib_file = out / "checkpoint.safetensors", out / "base.safetensors", out / "calibration.json"
+    if args.resume and calib_file.exists() and base_file.exists():
+        calib = json.loads(calib_file.read_text())
+        theta0 = load_vectors(base_file)[0]["theta0"]
+    else:
+        theta0, calib = calibrate_base(args, model, tok, make, s, x_norm, neutral[: args.calib_prompts])
+        calib_file.write_text(json.dumps(calib, indent=1))
+        save_vectors(base_file, {"theta0": theta0}, {"model": args.model, "layer": s, "site": "resid_post[source]",
+                                                     "method": calib["design"], "rho": calib["rho"]})
+    print(f"theta0: {calib['design']} at rho {calib['rho']} (|theta0| {np.linalg.norm(theta0):.2f}), "
+          f"wrote code: {calib.get('wrote_code')}")
+    t0 = lap("calibration", t0)
 
     # 2. MELBO-ortho, checkpointed after every block.
-    ckpt = out / "checkpoint.safetensors"
     meta = {"model": args.model, "source_layer": s, "target_layer": t, "site": "resid_post[source]",
             "method": "melbo-ortho", "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "block": args.block, "mode": args.mode}
     resume = None
     if args.resume and ckpt.exists():
         saved, _ = load_vectors(ckpt)
-        if not np.allclose(saved["theta0"], theta0, atol=1e-5):
-            raise SystemExit("checkpoint's theta0 differs from this run's: different model/settings")
         resume = melbo.TrainResult(saved["vectors"], saved["losses"])
         print(f"resuming from {len(resume.vectors)} vectors")
 
     def checkpoint(result):
         save_vectors(ckpt, {"theta0": theta0, "vectors": result.vectors, "losses": result.losses},
                      meta | {"n_done": len(result.vectors)})
+        if on_checkpoint is not None:
+            on_checkpoint(len(result.vectors))
 
-    t_train = time.time()
     found = melbo.melbo_ortho(
         problem, jnp.asarray(theta0), args.k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
         mode=args.mode, block_size=args.block, seed=args.seed, resume=resume,
         on_block=checkpoint, progress=True,
     )
-    train_s = time.time() - t_train
+    t0 = lap("train", t0)
     V = found.vectors
     norms = np.linalg.norm(V, axis=1)
 
@@ -171,21 +323,32 @@ def main(argv=None):
         "random_control": np.asarray(melbo.random_orthogonal_controls(jax.random.PRNGKey(args.seed + 1), theta0, norms)),
         "base_rescaled": np.asarray(melbo.rescale(np.tile(theta0[None], (len(V), 1)), norms)),
     }
+    found_effects = melbo.steered_effects(analysis_problem, V, args.chunk)
     analyses = {}
     for name, vecs in sets.items():
         print(f"analysing {name}")
-        analyses[name] = melbo.analyse_vectors(analysis_problem, vecs, chunk=args.chunk)
+        analyses[name] = melbo.analyse_vectors(analysis_problem, vecs, chunk=args.chunk,
+                                               effects=found_effects if name == "found" else None)
     all_raw = np.concatenate([theta0[None], V]).astype(np.float64)
     u = all_raw / np.linalg.norm(all_raw, axis=1, keepdims=True)
     raw_max = float(np.abs(u @ u.T - np.eye(len(u))).max())
+    t0 = lap("analysis", t0)
 
     # 4. rho sweep (the base set is parallel at every rho: skipped).
     grid = [float(r) for r in args.rho_grid.split(",")]
     sweeps = {name: melbo.rho_sweep(analysis_problem, sets[name], grid, chunk=args.chunk, progress=True)
               for name in ("found", "random_control")}
+    t0 = lap("rho_sweep", t0)
+
+    # Batched vs sequential (the issue's agreement check).
+    comparison = None
+    if args.compare_k and args.compare_seeds and args.mode == "batched" and len(V) >= args.compare_k:
+        comparison = mode_comparison(args, problem, analysis_problem, theta0, found, found_effects)
+    t0 = lap("mode_comparison", t0)
 
     # 5. behaviour: steered greedy generations and the code score.
     samples, scores = generations(args, model, tok, neutral, theta0, sets, norms, s)
+    t0 = lap("generation", t0)
 
     def mean_score(prefix):
         vals = [v for k, v in scores.items() if k.startswith(prefix)]
@@ -196,18 +359,31 @@ def main(argv=None):
                   "target": "target", "last": "last", "logits": "logits"}
     summary = {
         "model": args.model, "source_layer": s, "target_layer": t, "k_vectors": int(len(V)),
+        "layer_choice": (f"source = residual after block {s} of {n} (~1/4 depth), target = after block {t} "
+                         "(~1/2 depth), as the original's 8 and 16 of Qwen1.5-1.8B's 24 (1/3, 2/3): early "
+                         "enough that the steered change passes through many blocks before the target, "
+                         "late enough that the residual already carries formed features; --source/--target "
+                         "override"),
         "raw_cosine_max_abs": raw_max,
         "norms": {"base": float(np.linalg.norm(theta0)), "found_mean": float(norms.mean()),
                   "found_min": float(norms.min()), "found_max": float(norms.max()),
+                  "found_over_base": float(norms.mean() / np.linalg.norm(theta0)),
                   "median_source_resid": x_norm},
+        "base_vector": {k: v for k, v in calib.items() if k != "examples"},
         "effective_cosine_mean": {"exact": f["effective_exact"]["cos_mean"],
                                   "first_order": f["effective_first_order"]["cos_mean"],
-                                  "closed_form_at_mean_rho": f["closed_form_cosine"]},
+                                  "closed_form_at_mean_rho": f["closed_form_cosine"],
+                                  "rho_mean": f["rho_mean"]},
         "downstream_cosine_mean": {"target": f["target"]["cos_mean"], "last": f["last"]["cos_mean"],
                                    "logits": f["logits"]["cos_mean"]},
+        # Effects leave out position 0 (the attention-sink token); this is the share of the
+        # found vectors' |effect|^2 that sits there, and what the training objective weighs.
+        "first_token_effect_share": f["first_token_share"],
         "participation_ratio": {k: f[v]["participation_ratio"] for k, v in stage_keys.items()},
         "degeneracy_factor": {k: f[v]["degeneracy_factor"] for k, v in stage_keys.items()},
         "clusters": {k: f[v]["clusters"] for k, v in stage_keys.items()},
+        "logit_similarity": {"kl_pairwise_mean": f["logit_kl_pairwise_mean"],
+                             "topk_overlap_mean": f["logit_topk_overlap_mean"]},
         "rho_grid": grid,
         "effective_cosine_vs_rho": sweeps["found"]["effective_cosine_vs_rho"],
         "degeneracy_vs_rho": sweeps["found"]["degeneracy_vs_rho"],
@@ -222,30 +398,31 @@ def main(argv=None):
                        "random_control": mean_score("random_"), "base_rescaled_to_found": scores.get("base_at_found_norm"),
                        "unsteered": scores.get("unsteered"), "per_vector": scores},
         "loss": {"first_step_mean": float(found.losses[:, 0].mean()), "last_step_mean": float(found.losses[:, -1].mean())},
-        "timing_s": {"train": train_s, "total": time.time() - t_start},
+        "mode_comparison": comparison,
+        "timing_s": timing,
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
-                             "prompts_analysis": len(NEUTRAL), "caa_pairs": len(CODE)}
+                             "prompts_analysis": args.analysis_prompts, "caa_pairs": len(CODE)}
     save_vectors(out / "vectors.safetensors", {"theta0": theta0, "found": V, "random_control": sets["random_control"],
                                                "losses": found.losses}, meta | {"norm_base": float(np.linalg.norm(theta0))})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
-    summary["timing_s"]["total"] = time.time() - t_start
-    (out / "report.json").write_text(json.dumps(summary, indent=1))
-    write_markdown(out, summary, analyses, settings, samples)
     with open(out / "generations.jsonl", "w") as fh:
         for smp in samples:
             fh.write(json.dumps(smp) + "\n")
+    lap("report", t0)
+    timing["total"] = round(time.time() - t_start, 2)
+    (out / "report.json").write_text(json.dumps(summary, indent=1))
+    write_markdown(out, summary, analyses, settings, samples, calib)
     print(json.dumps({k: summary[k] for k in ("raw_cosine_max_abs", "norms", "effective_cosine_mean",
-                                              "downstream_cosine_mean", "degeneracy_factor", "code_score")}, indent=1))
+                                              "downstream_cosine_mean", "degeneracy_factor", "code_score",
+                                              "timing_s")}, indent=1))
     print(f"wrote {out} in {time.time() - t_start:.0f} s")
+    return summary
 
 
 def generations(args, model, tok, neutral, theta0, sets, norms, s):
     """Greedy generations steered by: found vectors, random controls, found rescaled to
     |theta0|, theta0, theta0 at the found mean norm, nothing; the code score of each."""
-    from models import Edits
-    from models.generate import generate
-
     g = args.gen_vectors
     V = sets["found"]
     steer = {f"found_{i}": V[i] for i in range(min(g, len(V)))}
@@ -254,22 +431,16 @@ def generations(args, model, tok, neutral, theta0, sets, norms, s):
     steer |= {"base": theta0, "base_at_found_norm": theta0 / np.linalg.norm(theta0) * norms.mean(),
               "unsteered": np.zeros_like(theta0)}
     prompts = neutral[: args.gen_prompts]
-    labels = list(steer)
-    rows, row_vecs = [], []
-    for lab in labels:
+    rows, vecs, labels = [], [], []
+    for lab, v in steer.items():
         for p in prompts:
             rows.append(p)
-            row_vecs.append(steer[lab])
-    n, d = model.config.n_layers, model.config.d_model
-    add = np.zeros((len(rows), n, 1, d), np.float32)
-    add[:, s + 1, 0] = np.stack(row_vecs)  # "after block s" = entering block s+1
+            vecs.append(v)
+            labels.append(lab)
     print(f"generating {len(rows)} rows x {args.gen_tokens} tokens")
-    res = generate(model, rows, args.gen_tokens, edits=Edits(resid_add=jnp.asarray(add)),
-                   edits_batched=True, progress=True)
-    samples, per = [], {lab: [] for lab in labels}
-    for i, new in enumerate(res.tokens):
-        lab, p = labels[i // len(prompts)], rows[i]
-        text = tok.decode(new) if tok is not None else " ".join(map(str, new))
+    texts = steered_generate(args, model, tok, s, rows, vecs)
+    samples, per = [], {lab: [] for lab in steer}
+    for lab, p, text in zip(labels, rows, texts):
         sc = code_score(text)
         per[lab].append(sc)
         samples.append({"label": lab, "prompt": tok.decode(p) if tok is not None else str(p[:8]),
