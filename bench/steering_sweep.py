@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -110,9 +111,10 @@ def main():
     print(f"max |logit diff| ours vs hook loop {err_loop:.2e}, vs stacked {err_stack:.2e}")
 
     # run_with_cache overhead vs a plain forward (same batch, jitted both)
-    plain = jax.jit(jax.vmap(lambda t: model(t)))
+    # the model is an argument (as in run_with_cache), not a closed-over constant
+    plain = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))
     tok = jnp.asarray(prompts)
-    t_plain = timed(lambda: plain(tok).block_until_ready(), args.repeats + 1)
+    t_plain = timed(lambda: plain(model, tok).block_until_ready(), args.repeats + 1)
     t_cache = timed(lambda: jax.block_until_ready(lens.run_with_cache(model, tok)), args.repeats + 1)
     t_all = timed(lambda: jax.block_until_ready(
         lens.run_with_cache(model, tok, capture=Capture.all(attn_pattern=True))), args.repeats + 1)
