@@ -59,6 +59,16 @@ class TensorTaker:
             raise CheckpointError(f"{len(extra)} unexpected tensor(s) in checkpoint: {shown}")
 
 
+def take_unembedding(t: "TensorTaker", c: ModelConfig, embed: np.ndarray, name: str = "lm_head.weight"):
+    """The untied unembedding, or None when tied (then a stored copy must equal `embed`)."""
+    if not c.tie_embeddings:
+        return t.take(name, (c.vocab_size, c.d_model))
+    # Tied checkpoints sometimes still store lm_head; it must equal the embedding.
+    if name in t and not np.array_equal(t.take(name), embed):
+        raise CheckpointError(f"tie_word_embeddings is true but {name} differs from the embedding")
+    return None
+
+
 def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, tuple | None]]:
     """(top-level field shapes, per-layer Block field shapes); None = field absent."""
     d, h, kv, dh, m = c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp

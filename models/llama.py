@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from models.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown, rope_from_hf
-from models.convert import TensorTaker, assemble, heads_bias, heads_in, heads_out
+from models.convert import TensorTaker, assemble, take_unembedding, heads_bias, heads_in, heads_out
 
 LLAMA_FIELDS = GENERIC_HF_FIELDS | {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -109,12 +109,7 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
         "embed": t.take("model.embed_tokens.weight", (c.vocab_size, d)),
         "final_norm_w": t.take("model.norm.weight", (d,)),
     }
-    if not c.tie_embeddings:
-        top["unembed"] = t.take("lm_head.weight", (c.vocab_size, d))
-    elif "lm_head.weight" in t:
-        # Tied checkpoints sometimes still store lm_head; it must equal the embedding.
-        if not np.array_equal(t.take("lm_head.weight"), top["embed"]):
-            raise ValueError("tie_word_embeddings is true but lm_head.weight differs from the embedding")
+    top["unembed"] = take_unembedding(t, c, top["embed"])
     t.finish()
     return assemble(c, top, layers, dtype)
 
