@@ -228,16 +228,9 @@ def ablate_heads(
     input's z (a random batch element per layer when a batch is given, with `key`).
     positions None = every position.
     """
-    c = model.config
-    mask = _mask_from(heads, c.n_layers, c.n_heads, "head")
-    src_acts = None if cache is None else _checked_field(model, cache, "head_z")
-    pos = check_positions(positions, seq_len)
-    pmask = _position_mask(pos, seq_len)
-    mix = mask[:, None, :] * pmask[None, :, None]  # [layers, S, heads]
-    source = _source(kind, src_acts, "head_z", key, seq_len if kind == "resample" else None)
-    dt = _dtype(model)
-    return Edits(head_mix=jnp.asarray(mix, dt),
-                 head_source=None if source is None else source.astype(dt))
+    mix, source = _unit_ablation(model, heads, model.config.n_heads, "head", "head_z",
+                                 kind, cache, key, positions, seq_len)
+    return Edits(head_mix=mix, head_source=source)
 
 
 def ablate_neurons(
@@ -251,15 +244,20 @@ def ablate_neurons(
 ) -> Edits:
     """Zero / mean / resample ablation of MLP neurons (activations after the nonlinearity
     and gate, before W_out); sources as in `ablate_heads`, from `cache.neurons`."""
-    c = model.config
-    mask = _mask_from(neurons, c.n_layers, c.d_mlp, "neuron")
-    src_acts = None if cache is None else _checked_field(model, cache, "neurons")
+    mix, source = _unit_ablation(model, neurons, model.config.d_mlp, "neuron", "neurons",
+                                 kind, cache, key, positions, seq_len)
+    return Edits(neuron_mix=mix, neuron_source=source)
+
+
+def _unit_ablation(model, spec, width, what, field, kind, cache, key, positions, seq_len):
+    """(mix [layers, S, width], source or None) shared by head and neuron ablation."""
+    mask = _mask_from(spec, model.config.n_layers, width, what)
+    src_acts = None if cache is None else _checked_field(model, cache, field)
     pos = check_positions(positions, seq_len)
     mix = mask[:, None, :] * _position_mask(pos, seq_len)[None, :, None]
-    source = _source(kind, src_acts, "neurons", key, seq_len if kind == "resample" else None)
+    source = _source(kind, src_acts, field, key, seq_len if kind == "resample" else None)
     dt = _dtype(model)
-    return Edits(neuron_mix=jnp.asarray(mix, dt),
-                 neuron_source=None if source is None else source.astype(dt))
+    return jnp.asarray(mix, dt), None if source is None else source.astype(dt)
 
 
 def _checked_field(model: Transformer, cache: Activations, field: str) -> Array:
