@@ -126,6 +126,7 @@ GENERIC_HF_FIELDS = {
 
 
 def eos_ids(hf_config: dict) -> tuple[int, ...]:
+    """The config's eos_token_id (an int or a list) as a tuple; () when absent."""
     eos = hf_config.get("eos_token_id")
     if eos is None:
         return ()

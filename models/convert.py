@@ -160,4 +160,5 @@ def heads_out(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def heads_bias(b: np.ndarray, heads: int) -> np.ndarray:
+    """Bias [heads*d_head] -> [heads, d_head]."""
     return b.reshape(heads, -1)

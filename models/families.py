@@ -15,6 +15,7 @@ FAMILIES = {
 
 
 def family_module(hf_config: dict):
+    """The converter module for the config's model_type; ValueError naming unknown ones."""
     model_type = hf_config.get("model_type")
     if model_type not in FAMILIES:
         raise ValueError(

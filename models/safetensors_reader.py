@@ -21,6 +21,7 @@ class UnsafeCheckpointError(ValueError):
 
 
 def refuse_pickle(path: Path) -> None:
+    """Raise UnsafeCheckpointError for pickle-based checkpoint files (never opened)."""
     if path.suffix in PICKLE_SUFFIXES:
         raise UnsafeCheckpointError(
             f"{path.name}: pickle-based checkpoints are refused (loading one runs code from "
@@ -30,6 +31,7 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_config(folder: Path) -> dict:
+    """The folder's config.json as a dict (clear errors if missing or not JSON)."""
     cfg = folder / "config.json"
     if not cfg.exists():
         raise FileNotFoundError(f"{folder}: no config.json")
