@@ -63,3 +63,24 @@ def best_time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
+    """This CPU's float32 matmul peak, GFLOP/s: the fastest of `repeats` n x n @ n x n runs
+    with `jit(jnp.matmul)` and with `torch.matmul` (after a warm-up each); the better one
+    is `peak_gflops`.  Same measurement as bench/forward_generate.py's peak row."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    a = np.random.RandomState(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.RandomState(1).standard_normal((n, n)).astype(np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    mm = jax.jit(jnp.matmul)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    t_jax = best_time(lambda: mm(ja, jb).block_until_ready(), repeats)
+    t_torch = best_time(lambda: torch.matmul(ta, tb), repeats)
+    flops = 2 * n**3
+    return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9,
+            "peak_gflops": max(flops / t_jax, flops / t_torch) / 1e9}

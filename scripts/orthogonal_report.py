@@ -9,35 +9,42 @@ from pathlib import Path
 
 import numpy as np
 
-FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|$)", re.S)
-CODE_HINTS = ("def ", "import ", "print(", "return ", "class ", "for ", " = ")
+FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(```|$)", re.S)
+# Statements / expressions that make a parse "real code" rather than prose that happens to
+# parse (a lone name, a number, `x = 3`).  A call with arguments (`print(x)`) also counts.
+PYTHON_FENCES = ("", "python", "py", "python3")
+CODE_NODES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom,
+              ast.For, ast.While, ast.With, ast.If, ast.Lambda)
 
 
 def code_score(text: str) -> float:
-    """1.0 if the reply holds Python that `ast.parse` accepts: a fenced block (```python or
-    a bare ```), or the whole reply / its longest run of lines that looks like code (one of
-    def/import/print(/return/class/for/assignment).  0.0 otherwise."""
-    for lang, body in FENCE.findall(text):
-        if lang.lower() not in ("", "python", "py", "python3"):
-            continue
-        if body.strip() and _parses(body):
-            return 1.0
-    if any(h in text for h in CODE_HINTS):
-        lines = text.strip().splitlines()
-        for start in range(len(lines)):
-            chunk = "\n".join(lines[start:])
-            if any(h in chunk for h in CODE_HINTS) and len(chunk.strip()) > 8 and _parses(chunk):
+    """1.0 if the reply holds real Python, else 0.0.  Python = source that `compile` accepts
+    (so `return` outside a function, bad indentation and prose are rejected) AND that holds
+    a def / class / import / loop / with / if / lambda or a call with arguments.  Searched:
+    fenced blocks (```python, ```py or bare ```), then every run of lines of the reply
+    outside other languages' fences.  A reply cut off by the token limit counts if a prefix
+    of its lines is such code (an unclosed fence whose first lines are complete, say)."""
+    for lang, body, close in FENCE.findall(text):
+        if lang.lower() in PYTHON_FENCES:
+            if _real_code(body) or (not close and _some_prefix_is_code(body.rstrip().splitlines())):
                 return 1.0
-    return 0.0
+    other = FENCE.sub(lambda m: "" if m.group(1).lower() not in PYTHON_FENCES else m.group(0), text)
+    lines = other.strip().splitlines()
+    return float(any(_some_prefix_is_code(lines[i:]) for i in range(len(lines))))
 
 
-def _parses(src: str) -> bool:
+def _some_prefix_is_code(lines: list[str]) -> bool:
+    return any(_real_code("\n".join(lines[:end])) for end in range(len(lines), 0, -1))
+
+
+def _real_code(src: str) -> bool:
     try:
         tree = ast.parse(src)
+        compile(tree, "<reply>", "exec")
     except (SyntaxError, ValueError):
         return False
-    # A lone name or string is prose that happens to parse.
-    return any(not isinstance(n, ast.Expr) or isinstance(n.value, ast.Call) for n in tree.body)
+    return any(isinstance(n, CODE_NODES) or (isinstance(n, ast.Call) and (n.args or n.keywords))
+               for n in ast.walk(tree))
 
 
 def save_vectors(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
@@ -135,13 +142,15 @@ def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, sam
         if calib.get("calibrated"):
             verdict = ("the model wrote code" if calib.get("wrote_code") else
                        "NO design / rho made the model write code on these prompts; theta0 falls back to "
-                       "'caa' at the smallest rho (the least destructive); its code score is therefore 0 and "
+                       "'reply' at the smallest rho (the least destructive); its code score is therefore 0 and "
                        "the code scores below can only show that nothing writes code")
             L += [f"Chosen: **{calib['design']}** at rho {calib['rho']} ({verdict}). "
-                  f"cos(caa, pairs) = {calib.get('cos_caa_pairs', float('nan')):.3f}.", "",
+                  "Designs: 'reply' = CAA over the first reply positions of the model's own replies to "
+                  "code vs prose requests; 'last' = CAA at the last prompt token. "
+                  f"cos(reply, last) = {calib.get('cos_reply_last', float('nan')):.3f}.", "",
                   "| design | rho | norm | code score |", "|---|---|---|---|"]
             L += [f"| {r['design']} | {r['rho']} | {r['norm']:.1f} | {r['code_score']:.2f} |" for r in calib["table"]]
-            L += ["", "One reply per setting (first calibration prompt):", ""]
+            L += ["", "One reply per setting (a code reply where there is one):", ""]
             for key, text in calib.get("examples", {}).items():
                 L.append(f"- *{key}*: {text.replace(chr(10), ' ⏎ ')[:200]}")
         else:

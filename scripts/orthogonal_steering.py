@@ -2,16 +2,18 @@
 
     .venv/bin/python scripts/orthogonal_steering.py                 # defaults, < 10 min on 2 CPUs
     .venv/bin/python scripts/orthogonal_steering.py --out runs/x --resume   # continue a killed run
-    .venv/bin/python scripts/orthogonal_steering.py --k 800 --steps 1000 --block 32 \\
+    .venv/bin/python scripts/orthogonal_steering.py --k 800 --steps 1000 --lr 0.01 --block 32 \\
         --model path/to/qwen_folder --source 8 --target 16              # full scale
 
-1. theta0, a "write code" vector by CAA: mean difference of the residual after block s at
-   the last prompt token (the assistant's first position) between code requests and prose
-   requests ("caa"), or between same-topic "Write Python code for X" / "Write a poem about
-   X" pairs ("pairs").  CAA is deterministic and needs no training (picking a MELBO vector
-   that writes code needs generations per candidate).  Its norm is CALIBRATED: the
-   smallest rho = |theta0| / median|x_s| of --base-rho-grid whose steered greedy replies
-   to non-coding instructions get the best "is this code?" score (table in the report).
+1. theta0, a "write code" vector by CAA (contrastive activation addition): the mean
+   residual after block s over the first --reply-tokens positions of the model's OWN
+   greedy replies to code requests minus the same for prose requests ("reply": the state
+   of starting to write code), next to the classic CAA at the last prompt token ("last").
+   CAA needs no training and no search over candidates (picking a MELBO vector that
+   writes code needs generations per candidate).  Its norm is CALIBRATED: the design and
+   the smallest rho = |theta0| / median|x_s| of --base-rho-grid whose steered greedy
+   replies to non-coding instructions get the best "is this code?" score (table in the
+   report).
 2. K vectors by MELBO-ortho (batched blocks, checkpointed after every block).
 3. Analysis of the found vectors and two controls (random vectors orthogonal to theta0
    with the found norms; theta0 rescaled to the found norms): raw, effective (exact and
@@ -70,9 +72,6 @@ NEUTRAL = [
     "What is the sum of the numbers from 1 to 10?",
     "Convert 100 degrees Fahrenheit to Celsius.",
 ]
-# Paired contrast (same topic, code vs poem): the fallback design when plain CAA never writes code.
-TOPICS = ["reversing a string", "prime numbers", "sorting a list", "reading a file",
-          "counting words", "a stack", "factorials", "the fibonacci sequence"]
 
 
 def parse_args(argv=None):
@@ -85,18 +84,21 @@ def parse_args(argv=None):
     ap.add_argument("--block", type=int, default=8, help="vectors per batched block")
     ap.add_argument("--mode", choices=("batched", "sequential"), default="batched")
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--base-rho-grid", default="0.25,0.5,0.75,1.0",
+    ap.add_argument("--lr", type=float, default=0.3,
+                    help="Adam lr (original: 0.01 over 1000 steps; over 60 steps 0.01 leaves the vectors at "
+                         "cos 0.99 with their random init, 0.3 cuts the loss 71 -> 23 on the default model)")
+    ap.add_argument("--base-rho-grid", default="0.25,0.35,0.5,0.75",
                     help="calibration grid for |theta0| / median|x_s|: the smallest rho with the best code score wins")
     ap.add_argument("--base-rho", type=float, default=None, help="skip calibration: CAA at this rho")
-    ap.add_argument("--calib-prompts", type=int, default=3)
+    ap.add_argument("--calib-prompts", type=int, default=4)
+    ap.add_argument("--reply-tokens", type=int, default=8, help="reply positions averaged by the 'reply' CAA design")
     ap.add_argument("--train-prompts", type=int, default=1, help="prompts in the objective (original: 1)")
     ap.add_argument("--analysis-prompts", type=int, default=2, help="prompts of the analysis / rho sweep")
     ap.add_argument("--rho-grid", default="0.1,0.3,1,3")
-    ap.add_argument("--gen-tokens", type=int, default=40)
+    ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--gen-vectors", type=int, default=4, help="found / control vectors generated from")
     ap.add_argument("--gen-prompts", type=int, default=2)
-    ap.add_argument("--gen-batch", type=int, default=30, help="rows per generate call (one compiled shape)")
+    ap.add_argument("--gen-batch", type=int, default=32, help="rows per generate call (one compiled shape)")
     ap.add_argument("--compare-k", type=int, default=4, help="mode comparison: vectors per run (0: skip)")
     ap.add_argument("--compare-seeds", type=int, default=3, help="mode comparison: sequential runs (seeds)")
     ap.add_argument("--seed", type=int, default=0)
@@ -133,13 +135,30 @@ def load(args):
 
 
 def caa_vector(model, prompts_a, prompts_b, source):
-    """mean_a x_s[last] - mean_b x_s[last]: residual after block s at the last token."""
+    """CAA at the last prompt token: mean_a x_s[last] - mean_b x_s[last] (x_s = residual after block s)."""
     def last_resid(prompts):
         toks, mask = melbo.pad_prompts(prompts)
         x = np.asarray(melbo.make_problem(model, toks, mask, source, source + 1).x_src)
         return np.stack([x[i, mask[i].sum() - 1] for i in range(len(prompts))])
 
     return last_resid(prompts_a).mean(0) - last_resid(prompts_b).mean(0)
+
+
+def reply_caa_vector(model, prompts_a, prompts_b, source, n_tokens):
+    """CAA over the model's own replies: each prompt's greedy reply (n_tokens) is appended and
+    x_s averaged over the positions that PREDICT the reply (the last prompt token and the
+    first n_tokens - 1 reply tokens); mean over prompts a minus mean over prompts b.  With
+    code requests vs prose requests this is the "I am starting to write code" state, which
+    steers far better than the last prompt token alone (calibration table)."""
+    from models.generate import generate
+
+    def reply_resid(prompts):
+        replies = generate(model, prompts, n_tokens, eos_token_ids=[]).tokens
+        toks, mask = melbo.pad_prompts([list(p) + list(r) for p, r in zip(prompts, replies)])
+        x = np.asarray(melbo.make_problem(model, toks, mask, source, source + 1).x_src)
+        return np.stack([x[i, len(p) - 1: len(p) - 1 + n_tokens].mean(0) for i, p in enumerate(prompts)])
+
+    return reply_resid(prompts_a).mean(0) - reply_resid(prompts_b).mean(0)
 
 
 def steered_generate(args, model, tok, s, rows, vecs):
@@ -164,20 +183,19 @@ def steered_generate(args, model, tok, s, rows, vecs):
 
 
 def calibrate_base(args, model, tok, make, s, x_norm, prompts):
-    """theta0: CAA direction at the smallest rho (|theta0| / median|x_s|) of the grid with
-    the highest mean code score on non-coding prompts.  Two designs are tried in ONE
-    generate pass: "caa" (code requests vs unrelated prose requests) and "pairs" (same topic,
-    "Write Python code for X" vs "Write a poem about X"); caa wins ties.  If nothing writes
-    code, theta0 is "caa" at the smallest rho (the least destructive) and the table says so."""
-    designs = {
-        "caa": caa_vector(model, [make(p) for p in CODE], [make(p) for p in PROSE], s),
-        "pairs": caa_vector(model, [make(f"Write Python code for {x}.") for x in TOPICS],
-                            [make(f"Write a poem about {x}.") for x in TOPICS], s),
-    }
+    """theta0: the CAA design and the smallest rho (|theta0| / median|x_s|) of the grid with
+    the highest mean code score on non-coding prompts; "reply" wins ties.  Both designs
+    (code requests vs prose requests; "reply" = the first reply tokens, "last" = the last
+    prompt token) are tried in ONE generate pass.  If nothing writes code, theta0 is "reply"
+    at the smallest rho (the least destructive) and the table says so."""
+    code, prose = [make(p) for p in CODE], [make(p) for p in PROSE]
+    designs = {"reply": reply_caa_vector(model, code, prose, s, args.reply_tokens),
+               "last": caa_vector(model, code, prose, s)}
+    cos = float(designs["reply"] @ designs["last"] / np.linalg.norm(designs["reply"]) / np.linalg.norm(designs["last"]))
     if args.base_rho is not None:
-        v = designs["caa"]
-        return v / np.linalg.norm(v) * args.base_rho * x_norm, {"design": "caa", "rho": args.base_rho,
-                                                                "calibrated": False, "table": []}
+        v = designs["reply"]
+        return v / np.linalg.norm(v) * args.base_rho * x_norm, {
+            "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
     grid = [float(r) for r in args.base_rho_grid.split(",")]
     rows, vecs, keys = [], [], []
     for name, v in designs.items():
@@ -190,18 +208,18 @@ def calibrate_base(args, model, tok, make, s, x_norm, prompts):
     table, examples = [], {}
     for name in designs:
         for rho in grid:
-            sc = [code_score(t) for k, t in zip(keys, texts) if k == (name, rho)]
+            got = [t for k, t in zip(keys, texts) if k == (name, rho)]
+            sc = [code_score(t) for t in got]
             table.append({"design": name, "rho": rho, "norm": rho * x_norm, "code_score": float(np.mean(sc))})
-            examples[f"{name}@{rho}"] = next(t for k, t in zip(keys, texts) if k == (name, rho))
-    best = max(table, key=lambda r: (r["code_score"], -r["rho"], r["design"] == "caa"))
+            examples[f"{name}@{rho}"] = got[int(np.argmax(sc))]  # a code reply if there is one
+    best = max(table, key=lambda r: (r["code_score"], -r["rho"], r["design"] == "reply"))
     found_code = best["code_score"] > 0
     if not found_code:
-        best = next(r for r in table if r["design"] == "caa")
+        best = next(r for r in table if r["design"] == "reply")
     v = designs[best["design"]]
-    cos = float(designs["caa"] @ designs["pairs"] / np.linalg.norm(designs["caa"]) / np.linalg.norm(designs["pairs"]))
     return v / np.linalg.norm(v) * best["rho"] * x_norm, {
         "design": best["design"], "rho": best["rho"], "calibrated": True, "wrote_code": found_code,
-        "table": table, "examples": examples, "cos_caa_pairs": cos}
+        "table": table, "examples": examples, "cos_reply_last": cos}
 
 
 def mode_comparison(args, problem, analysis_problem, theta0, found, found_effects):
@@ -402,7 +420,7 @@ def main(argv=None, on_checkpoint=None):
         "timing_s": timing,
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
-                             "prompts_analysis": args.analysis_prompts, "caa_pairs": len(CODE)}
+                             "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
     save_vectors(out / "vectors.safetensors", {"theta0": theta0, "found": V, "random_control": sets["random_control"],
                                                "losses": found.losses}, meta | {"norm_base": float(np.linalg.norm(theta0))})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)

@@ -1,9 +1,16 @@
-"""scripts/orthogonal_steering.py end to end on a tiny random Llama folder (no tokenizer:
+"""scripts/orthogonal_steering.py end to end on tiny random HF folders (no tokenizer:
 prompts are seeded random ids): a run killed after its first checkpoint and resumed gives
-the same vectors as an uninterrupted run, and report.json holds every key the issue lists."""
+the same vectors as an uninterrupted run, and report.json holds every key the issue lists.
+The kill is simulated in-process (an exception from the checkpoint hook, Llama) and done
+for real (SIGKILL to the script's process in the middle of training, Qwen2)."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,21 @@ STAGES = ("raw", "effective", "target", "logits")
 
 class Killed(Exception):
     pass
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    """Qwen2 (Llama plus q/k/v biases): the architecture of the full-scale run."""
+    from transformers import Qwen2Config
+
+    from hf_tiny import save_tiny
+
+    cfg = Qwen2Config(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny_qwen2_script")
+    save_tiny(cfg, folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +106,87 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     for png in report["plots"]:
         assert (tmp_path / "killed" / png).stat().st_size > 0
     assert "Batched vs sequential" in (tmp_path / "killed" / "report.md").read_text()
+
+
+# A fast pipeline around a training phase long enough to kill in the middle of: 4 blocks of
+# 2 vectors, each block STEPS steps (~0.5-1.5 s on a tiny model); no calibration
+# generations (--base-rho), no mode comparison, one rho.
+STEPS = "300"
+FAST = ("--k", "8", "--steps", STEPS, "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
+        "--gen-tokens", "1", "--gen-vectors", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
+
+
+def run_script(args, log, cache):
+    """The script in its own process (same float settings as this one: conftest.py), with
+    a persistent compilation cache `cache` shared by this test's three processes."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_path):
+    """A real kill (SIGKILL in the middle of training) on a tiny Qwen2 folder, which is also
+    the Qwen2 smoke test of the whole script (report.json's keys)."""
+    from orthogonal_report import load_vectors
+
+    out, cache = tmp_path / "killed", tmp_path / "jax_cache"
+    ckpt = out / "checkpoint.safetensors"
+
+    def log_tail(name):
+        return (tmp_path / f"{name}.log").read_text()[-3000:]
+
+    def run_to_end(name, args):
+        with open(tmp_path / f"{name}.log", "w") as log:
+            rc = run_script(args, log, cache).wait(timeout=300)
+        assert rc == 0, log_tail(name)
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = run_script(argv(qwen2_folder, out, *FAST), log, cache)
+        n_done, deadline = 0, time.time() + 120
+        try:
+            while n_done < 2:
+                if proc.poll() is not None:
+                    pytest.fail(f"the script exited (rc {proc.returncode}) before it could be killed "
+                                f"after its first checkpoint: raise STEPS\n{log_tail('killed')}")
+                if time.time() > deadline:
+                    pytest.fail(f"no checkpoint with n_done >= 2 after 120 s\n{log_tail('killed')}")
+                if ckpt.exists():
+                    try:
+                        n_done = int(load_vectors(ckpt)[1]["n_done"])
+                    except Exception:  # noqa: BLE001 (a file being replaced: read again)
+                        pass
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _, meta = load_vectors(ckpt)
+    assert 2 <= int(meta["n_done"]) < 8, f"killed after training (n_done {meta['n_done']}): raise STEPS"
+    assert not (out / "report.json").exists()
+
+    run_to_end("resumed", argv(qwen2_folder, out, *FAST, "--resume"))
+    assert f"resuming from {meta['n_done']}" in log_tail("resumed")
+    report = json.loads((out / "report.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert report["k_vectors"] == 8 and report["raw_cosine_max_abs"] <= 1e-5
+
+    # The uninterrupted run, given the killed run's theta0 files so that it skips the
+    # calibration (theta0's determinism is the in-process test's business): a --resume
+    # with no checkpoint trains all 8 vectors in one go.
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("base.safetensors", "calibration.json"):
+        shutil.copy(out / name, full / name)
+    run_to_end("full", argv(qwen2_folder, full, *FAST, "--resume"))
+    assert "resuming from" not in log_tail("full")
+    a, _ = load_vectors(full / "vectors.safetensors")
+    b, _ = load_vectors(out / "vectors.safetensors")
+    np.testing.assert_array_equal(b["theta0"], a["theta0"])
+    np.testing.assert_array_equal(b["found"], a["found"])
+    np.testing.assert_array_equal(b["losses"], a["losses"])

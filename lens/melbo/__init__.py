@@ -5,6 +5,7 @@
     found = melbo.melbo(problem, 16, melbo.MelboConfig(radius=8.0))
     ortho = melbo.melbo_ortho(problem, theta0, 32, melbo.OrthoConfig(steps=1000),
                               mode="batched", block_size=8, on_block=save)
+    # several devices: each block is sharded over them (mesh= to choose, see train.py)
 
 Modules: `problem` (the split forward and the objectives), `train` (jitted optax loops,
 sequential and batched, checkpoint/resume), `analysis` (raw / effective / downstream /
@@ -25,6 +26,7 @@ from lens.melbo.train import (
     MelboConfig,
     OrthoConfig,
     TrainResult,
+    block_mesh,
     extend_basis,
     gram_schmidt,
     melbo,
@@ -36,6 +38,7 @@ from lens.melbo.train import (
 from lens.melbo.analysis import (
     SteeredEffects,
     analyse_vectors,
+    analysis_mesh,
     cosine_stats,
     median_source_norm,
     random_orthogonal_controls,

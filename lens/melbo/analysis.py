@@ -24,9 +24,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
-from lens import geometry
+from lens import geometry, sharding
 from lens.melbo.problem import MelboProblem
 from models.interventions import Capture
 
@@ -84,21 +85,43 @@ def _effects_chunk(problem: MelboProblem, vectors, base, skip_first: bool):
     return jax.vmap(one)(vectors)
 
 
+def analysis_mesh(mesh: Mesh | None) -> Mesh | None:
+    """`mesh`, or (None) a "vectors" mesh over every device when there is more than one."""
+    if mesh is None and jax.device_count() > 1:
+        return sharding.make_mesh()
+    return mesh
+
+
 def steered_effects(
-    problem: MelboProblem, vectors: Float[Array, "K d_model"], chunk: int = 8, skip_first: bool = True
+    problem: MelboProblem, vectors: Float[Array, "K d_model"], chunk: int = 8, skip_first: bool = True,
+    mesh: Mesh | None = None,
 ) -> SteeredEffects:
     """Run every vector through blocks s+1..n (chunks of `chunk` vectors per compiled call);
-    `skip_first`: leave position 0 out of the target / last effects (see SteeredEffects)."""
+    `skip_first`: leave position 0 out of the target / last effects (see SteeredEffects).
+
+    `mesh`: each chunk is split over its "vectors" axis (the chunk rounded up to a multiple
+    of that axis' devices, `lens.sharding.round_chunk`), the problem replicated; None =
+    every device when there are several (`analysis_mesh`), nothing on one device.  A
+    one-device mesh (`make_mesh(vectors=1)`) turns the automatic sharding off."""
     vectors = jnp.asarray(vectors, jnp.float32)
+    mesh = analysis_mesh(mesh)
+    place = lambda a: a  # noqa: E731
+    to_host = np.asarray
+    if mesh is not None:
+        chunk = sharding.round_chunk(chunk, mesh)
+        problem = sharding.replicate(problem, mesh)
+        place = lambda a: sharding.place("vectors", a, mesh)  # noqa: E731
+        to_host = sharding.to_host
     base = _base_run(problem, jnp.zeros(vectors.shape[1:], jnp.float32))
     parts = []
     for i in range(0, vectors.shape[0], chunk):
         v = vectors[i : i + chunk]
         pad = chunk - v.shape[0]  # pad the last chunk: one compilation for all
-        out = _effects_chunk(problem, jnp.pad(v, ((0, pad), (0, 0))), base, skip_first)
-        parts.append(jax.tree.map(lambda a: np.asarray(a[: v.shape[0]]), out))
+        out = _effects_chunk(problem, place(jnp.pad(v, ((0, pad), (0, 0)))), base, skip_first)
+        parts.append(jax.tree.map(lambda a: to_host(a)[: v.shape[0]], out))
     tgt, last, logits, st, sl = (jnp.asarray(np.concatenate([p[j] for p in parts])) for j in range(5))
-    return SteeredEffects(tgt, last, logits, base[2], st, sl)
+    base_logits = base[2] if mesh is None else jnp.asarray(to_host(base[2]))
+    return SteeredEffects(tgt, last, logits, base_logits, st, sl)
 
 
 _threshold_clusters = jax.jit(geometry.threshold_clusters, static_argnames=("absolute",))
@@ -138,17 +161,18 @@ def median_source_norm(problem: MelboProblem) -> float:
 
 def analyse_vectors(
     problem: MelboProblem, vectors: Float[Array, "K d_model"], top_k: int = 10, chunk: int = 8,
-    effects: SteeredEffects | None = None,
+    effects: SteeredEffects | None = None, mesh: Mesh | None = None,
 ) -> dict:
     """Every stage's cosine statistics for one set of vectors (see the module docstring),
     plus norms, rho = |v| / median|x_s|, the closed-form cosine at the mean rho, and the
-    logit-level mean pairwise KL, top-k overlap and KL from the unsteered distribution."""
+    logit-level mean pairwise KL, top-k overlap and KL from the unsteered distribution.
+    `mesh`: as `steered_effects` (the K x K statistics run on one device)."""
     v = jnp.asarray(vectors, jnp.float32)
     model, s = problem.model, problem.source
     x = source_activations(problem)
     norms = np.linalg.norm(np.asarray(v), axis=1)
     rho = norms / median_source_norm(problem)
-    eff = effects if effects is not None else steered_effects(problem, v, chunk)
+    eff = effects if effects is not None else steered_effects(problem, v, chunk, mesh=mesh)
     stages, sim = _stage_matrices(
         x, v, model.blocks.ln1_w[s + 1], eff, model.config.norm_kind, model.config.norm_eps, top_k
     )
@@ -205,12 +229,13 @@ def random_orthogonal_controls(
 
 def rho_sweep(
     problem: MelboProblem, vectors: Float[Array, "K d_model"], rho_grid, chunk: int = 8,
-    progress: bool = False,
+    progress: bool = False, mesh: Mesh | None = None,
 ) -> dict:
     """Rescale every vector to |v| = rho * median|x_s| for each rho and redo the effective
     (exact, first order) and downstream (target, last, logits) statistics.  Returns lists
     over the grid: `effective_cosine_vs_rho` {exact, first_order}, `degeneracy_vs_rho`
-    per stage, `downstream_cosine_vs_rho` {target, last}, and the closed form."""
+    per stage, `downstream_cosine_vs_rho` {target, last}, and the closed form.  `mesh`:
+    as `steered_effects`."""
     x_norm = median_source_norm(problem)
     stages = ("raw", "effective_exact", "effective_first_order", "target", "last", "logits")
     res = {"rho_grid": [float(r) for r in rho_grid], "effective_cosine_vs_rho": {"exact": [], "first_order": []},
@@ -222,7 +247,7 @@ def rho_sweep(
 
         grid = tqdm(grid, desc="rho sweep")
     for rho in grid:
-        a = analyse_vectors(problem, rescale(vectors, rho * x_norm), chunk=chunk)
+        a = analyse_vectors(problem, rescale(vectors, rho * x_norm), chunk=chunk, mesh=mesh)
         res["effective_cosine_vs_rho"]["exact"].append(a["effective_exact"]["cos_mean"])
         res["effective_cosine_vs_rho"]["first_order"].append(a["effective_first_order"]["cos_mean"])
         for st in ("target", "last", "logits"):

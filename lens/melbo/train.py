@@ -17,6 +17,15 @@ depends only on (seed, i, the vectors before it).  After every finished block `o
 gets everything so far; `resume=` continues from such a checkpoint and reproduces the
 uninterrupted run exactly (blocks are re-formed from the resumed count, so resume from a
 count that is a multiple of the block size, which is what `on_block` checkpoints are).
+
+Devices: batched mode shards each block over a `jax.sharding.Mesh` ("vectors" axis,
+`lens.sharding.make_mesh`): the block's thetas, hence their optimiser state, are split on
+the block axis and the problem is replicated, so jit (GSPMD) gives every device its share
+of the vmapped forward/backward; only the joint QR gathers the (small, [B, d]) block.
+`mesh=None` on a multi-device host shards automatically (see `block_mesh`); on one
+device nothing is placed and the computation is the single-device one, bit for bit.
+The block partition never depends on the device count, so results, checkpoints and
+resume are the same on any machine (up to float32 rounding between layouts).
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
+from lens import sharding
 from lens.melbo.problem import (
     HIGHEST,
     MelboProblem,
@@ -163,16 +174,25 @@ def _train_one(obj: Objective, problem: MelboProblem, aux, theta, basis):
 
 
 @eqx.filter_jit
-def _train_block(obj: Objective, problem: MelboProblem, aux, thetas, basis):
+def _train_block(obj: Objective, problem: MelboProblem, aux, thetas, basis,
+                 split: NamedSharding | None = None):
+    # `split` (static): pin the carry's layout to the block axis instead of leaving it to
+    # propagation, which could keep it replicated after the QR's gather (every device
+    # would then train the whole block).
     opt = obj.optimizer()
     step = jax.vmap(lambda th, st: obj.step(problem, aux, opt, th, st, basis))
+
+    def keep(tree):
+        if split is None:
+            return tree
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, split), tree)
 
     def body(carry, _):
         thetas, state = carry
         thetas, state, loss = step(thetas, state)
-        return (obj.fix_block(thetas), state), loss
+        return keep((obj.fix_block(thetas), state)), loss
 
-    state = jax.vmap(opt.init)(thetas)
+    state = keep(jax.vmap(opt.init)(thetas))
     (thetas, _), losses = jax.lax.scan(body, (thetas, state), None, length=obj.steps)
     return thetas, losses.T
 
@@ -202,6 +222,25 @@ def vector_key(seed: int, index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
+def block_mesh(mesh: Mesh | None, block_size: int) -> Mesh | None:
+    """The mesh a batched block of `block_size` vectors is sharded over, or None (one device).
+
+    An explicit `mesh` must split `block_size` evenly over its "vectors" axis (ValueError
+    otherwise).  `mesh=None` on a host with n > 1 devices: a 1-D "vectors" mesh over the
+    largest m <= n devices with `block_size % m == 0` (all of them when n divides the
+    block, e.g. block 32 on 8 GPUs); the block is NOT rounded up, so the vectors found
+    do not depend on the device count.  None when that m is 1."""
+    if mesh is not None:
+        n = mesh.shape[sharding.VECTORS]
+        if block_size % n:
+            raise ValueError(f"block_size={block_size} is not a multiple of the {n} devices on the "
+                             f"mesh's {sharding.VECTORS!r} axis; use a block of a multiple of {n}")
+        return mesh
+    n = jax.device_count()
+    m = max(i for i in range(1, min(n, block_size) + 1) if block_size % i == 0)
+    return None if m == 1 else sharding.make_mesh(vectors=m)
+
+
 def train_vectors(
     problem: MelboProblem,
     objective: Objective,
@@ -216,6 +255,7 @@ def train_vectors(
     resume: TrainResult | None = None,
     on_block: Callable[[TrainResult], None] | None = None,
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train `n_vectors` mutually orthogonal vectors (also orthogonal to `fixed` rows).
 
@@ -223,9 +263,15 @@ def train_vectors(
     of `block_size` vectors vmapped and jointly orthogonalised.  `aux` is the objective's
     data (h_t(0) for MELBO, the theta0 reference for MELBO-ortho).  `on_block(result)` is
     called after every finished block (every vector in sequential mode) with everything
-    trained so far, for checkpointing; `resume` continues from such a result."""
+    trained so far, for checkpointing; `resume` continues from such a result.
+
+    `mesh` (batched mode only; sequential mode runs on the default device): shard every
+    block over the mesh's "vectors" axis, which must divide `block_size`; None = automatic
+    (`block_mesh`: all devices that divide the block, nothing on one device).  A last
+    block smaller than the rest that does not split evenly runs replicated on the mesh."""
     if mode not in ("sequential", "batched"):
         raise ValueError(f"mode must be 'sequential' or 'batched', got {mode!r}")
+    mesh = block_mesh(mesh, block_size) if mode == "batched" else None
     d = problem.x_src.shape[-1]
     n_fixed = 0 if fixed is None else int(np.asarray(fixed).shape[0])
     if n_fixed + n_vectors > d:
@@ -245,19 +291,29 @@ def train_vectors(
 
         bar = tqdm(total=n_vectors, initial=len(vectors), desc=f"{type(objective).__name__} {mode}")
     ref_norm = jnp.asarray(ref_norm, jnp.float32)
+    put = lambda tree: tree  # noqa: E731
+    to_host = np.asarray
+    if mesh is not None:
+        put = lambda tree: sharding.replicate(tree, mesh)  # noqa: E731
+        problem, aux, ref_norm = put((problem, jnp.asarray(aux), ref_norm))
+        to_host = sharding.to_host
     while len(vectors) < n_vectors:
         start = len(vectors)
         b = min(size, n_vectors - start)
-        basis32 = jnp.asarray(basis, jnp.float32)
+        basis32 = put(jnp.asarray(basis, jnp.float32))
         if mode == "sequential":
             theta = _init_one(objective, vector_key(seed, start), basis32, ref_norm)
             theta, loss = _train_one(objective, problem, aux, theta, basis32)
             new, new_loss = np.asarray(theta)[None], np.asarray(loss)[None]
         else:
             keys = jnp.stack([vector_key(seed, start + i) for i in range(b)])
-            thetas = _init_block(objective, keys, basis32, ref_norm)
-            thetas, loss = _train_block(objective, problem, aux, thetas, basis32)
-            new, new_loss = np.asarray(thetas), np.asarray(loss)
+            thetas = _init_block(objective, put(keys), basis32, ref_norm)
+            split = None
+            if mesh is not None and b % mesh.shape[sharding.VECTORS] == 0:
+                split = NamedSharding(mesh, PartitionSpec(sharding.VECTORS))
+                thetas = jax.device_put(thetas, split)  # the optimiser state follows
+            thetas, loss = _train_block(objective, problem, aux, thetas, basis32, split)
+            new, new_loss = to_host(thetas), to_host(loss)
         vectors = np.concatenate([vectors, new])
         losses = np.concatenate([losses, new_loss])
         n_basis = extend_basis(basis, n_basis, new)
