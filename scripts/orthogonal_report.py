@@ -122,11 +122,41 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     return names
 
 
+def _summary_lines(summary: dict) -> list[str]:
+    """The answer first: how many of the K vectors are distinct at each stage (K / degeneracy
+    factor), next to the random control (orthogonal to theta0, same norms), and the code
+    scores."""
+    k, deg = summary["k_vectors"], summary["degeneracy_factor"]
+    ctrl = summary["controls"].get("random_control", {})
+    n = summary["norms"]
+    L = ["## Summary", "",
+         f"{k} MELBO-ortho vectors, orthogonal to theta0 and to each other in storage (max |cos| "
+         f"{summary['raw_cosine_max_abs']:.1e}), |theta| {n['found_mean']:.1f} = {n['found_over_base']:.2f} x "
+         f"|theta0| (rho = |theta| / median |x_s| = {summary['effective_cosine_mean']['rho_mean']:.2f}).", "",
+         "| stage | degeneracy K/PR (found) | distinct vectors K/degeneracy | random control degeneracy | mean cos (found) |",
+         "|---|---|---|---|---|"]
+    cos = {"raw": 0.0, "effective": summary["effective_cosine_mean"]["exact"],
+           "effective_first_order": summary["effective_cosine_mean"]["first_order"],
+           **summary["downstream_cosine_mean"]}
+    for st in ("raw", "effective", "effective_first_order", "target", "last", "logits"):
+        c = ctrl.get(st)
+        L.append(f"| {st} | {deg[st]:.2f} | {k / deg[st]:.1f} of {k} | {'' if c is None else f'{c:.2f}'} | "
+                 f"{cos.get(st, float('nan')):.3f} |")
+    cs = summary["code_score"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    L += ["", f"Code score (share of greedy replies to non-coding prompts that hold real Python): theta0 "
+          f"{fmt(cs['base'])}, found vectors {fmt(cs['ortho_mean'])} (rescaled to |theta0|: "
+          f"{fmt(cs['ortho_rescaled_to_base_mean'])}), random control {fmt(cs['random_control'])}, theta0 at the "
+          f"found norm {fmt(cs['base_rescaled_to_found'])}, unsteered {fmt(cs['unsteered'])}.", ""]
+    return L
+
+
 def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict],
                    calib: dict | None = None) -> None:
     """report.md: settings, base-vector calibration, the key numbers per set and stage, the
     batched vs sequential comparison, timings, plots, a few generations."""
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
+    L += _summary_lines(summary)
     L += ["## Settings", "", "```", json.dumps(settings, indent=1), "```", ""]
     L += ["## Key numbers", ""]
     for k in ("source_layer", "target_layer", "layer_choice", "k_vectors", "raw_cosine_max_abs", "norms",
@@ -163,6 +193,12 @@ def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, sam
         for key, r in mc["summary"].items():
             L.append(f"| {key} | {r['sequential_mean']:.4g} | {r['sequential_spread']:.3g} | {r['batched_mean']:.4g} | "
                      f"{r['batched_spread']:.3g} | {r['difference']:.3g} | {r['within_spread']} | {r['within_pooled_spread']} |")
+        L += ["", "Per run:", "", "| mode | seed | loss first / last | norm mean | degeneracy target / last / logits |",
+              "|---|---|---|---|---|"]
+        for mode, rows in mc["runs"].items():
+            L += [f"| {mode} | {r['seed']} | {r['loss_first']:.2f} / {r['loss_last']:.2f} | {r['norm_mean']:.2f} | "
+                  f"{r['target_degeneracy']:.2f} / {r['last_degeneracy']:.2f} / {r['logits_degeneracy']:.2f} |"
+                  for r in rows]
     L += ["", "## Per set and stage", "",
           "| set | stage | mean cos | mean abs cos | PR | degeneracy K/PR | clusters (0.5 / 0.9) |",
           "|---|---|---|---|---|---|---|"]
