@@ -82,9 +82,11 @@ def step_flops(c, n_tok: int, source: int, target: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- torch
-def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, seed, full):
+def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, seed, full, init=None):
     """The original loop: hook + Adam + projection, one vector at a time.
     full=True: the whole CausalLM every step, as the original; False: cut after layer t.
+    init: optional [n_vectors, d] raw normal draws used instead of torch.randn (the parity
+    test passes lens.melbo's draws, so both sides start from the same vectors).
     Returns (training seconds, the vectors [n_vectors, d])."""
     import torch
 
@@ -119,8 +121,8 @@ def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, se
         found = [theta0 / theta0.norm()]
         vectors = []
         t0 = time.perf_counter()
-        for _ in range(n_vectors):
-            v = torch.randn_like(theta0)
+        for i in range(n_vectors):
+            v = torch.randn_like(theta0) if init is None else torch.as_tensor(np.array(init[i], np.float32))
             for q in found:
                 v = v - (v @ q) * q
             v = (v / v.norm() * theta0.norm()).requires_grad_(True)
