@@ -23,6 +23,18 @@ def randomise_norms(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
+def tiny_llama_config(n_layers: int, max_positions: int = 32):
+    """The small GQA Llama (d 24, 4 heads / 2 KV heads of 6, vocab 61, tied) of the MELBO and
+    main-job tests."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+    )
+
+
 def save_tiny(config, folder: Path, seed: int = 0) -> torch.nn.Module:
     """Build a random HF causal LM for `config`, save it to `folder`, return it (eval, fp32)."""
     from transformers import AutoModelForCausalLM

@@ -19,17 +19,11 @@ def prompt_tokens():
 
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    from hf_tiny import save_tiny
+    from hf_tiny import save_tiny, tiny_llama_config
     from models.families import convert_hf
     from models.safetensors_reader import read_safetensors_folder
 
-    cfg = LlamaConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama_config(3)
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_tiny(cfg, folder)
     model = convert_hf(*read_safetensors_folder(folder), jnp.float32)

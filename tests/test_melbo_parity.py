@@ -19,17 +19,11 @@ S, T, STEPS, K = 1, 2, 25, 3
 
 @pytest.fixture(scope="module")
 def models_pair(tmp_path_factory):
-    from transformers import LlamaConfig
-
-    from hf_tiny import save_tiny
+    from hf_tiny import save_tiny, tiny_llama_config
     from models.families import convert_hf
     from models.safetensors_reader import read_safetensors_folder
 
-    cfg = LlamaConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=32,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama_config(4)
     folder = tmp_path_factory.mktemp("tiny_llama_parity")
     hf = save_tiny(cfg, folder)
     ours = convert_hf(*read_safetensors_folder(folder), jnp.float32)

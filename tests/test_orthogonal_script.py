@@ -46,15 +46,9 @@ def qwen2_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    from transformers import LlamaConfig
+    from hf_tiny import save_tiny, tiny_llama_config
 
-    from hf_tiny import save_tiny
-
-    cfg = LlamaConfig(
-        vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=6, max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
+    cfg = tiny_llama_config(4, max_positions=64)
     folder = tmp_path_factory.mktemp("tiny_llama_script")
     save_tiny(cfg, folder)
     return folder
