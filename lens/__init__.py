@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib
 
 from lens import edits
-from lens.capture import head_output, head_outputs, resid_at, run_with_cache
+from lens.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
 from lens import sweep
 from lens.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
 
 __all__ = [
-    "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "sweep", "sweep_vectors",
+    "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep", "sweep_vectors",
     "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry",
 ]
 

@@ -24,6 +24,21 @@ from models.transformer import Transformer
 DEFAULT_CAPTURE = Capture(resid=True, sublayers=True, head_z=True, neurons=True, norms=True)
 
 
+def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token lists into `(tokens [P, T] int32, mask [P, T] bool)`: the batch form
+    every batched reader here takes (padding is never attended to, and positions count real
+    tokens only, so a padded prompt reads exactly as it would alone)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("need at least one prompt, each with at least one token")
+    T = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), T), pad_id, np.int32)
+    mask = np.zeros((len(prompts), T), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+        mask[i, : len(p)] = True
+    return tokens, mask
+
+
 @eqx.filter_jit
 def _forward(model, tokens, mask, edits, capture):
     def one(t, m):

@@ -28,6 +28,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 import lens.geometry as geo
+from lens.capture import pad_prompts
 import models
 from models import layers
 from models.transformer import Transformer
@@ -52,16 +53,8 @@ class Batch(eqx.Module):
 
 
 def make_batch(token_lists: list[list[int]], pad_id: int = 0) -> Batch:
-    """Right-pad a list of token id lists into a `Batch` (positions are unaffected:
-    the forward numbers them cumsum(mask) - 1, and padding is never attended to)."""
-    if not token_lists or min(len(t) for t in token_lists) == 0:
-        raise ValueError("need at least one non-empty prompt")
-    seq = max(len(t) for t in token_lists)
-    tokens = np.full((len(token_lists), seq), pad_id, np.int32)
-    mask = np.zeros((len(token_lists), seq), bool)
-    for i, t in enumerate(token_lists):
-        tokens[i, : len(t)] = t
-        mask[i, : len(t)] = True
+    """Right-pad a list of token id lists into a `Batch` (`lens.capture.pad_prompts`)."""
+    tokens, mask = pad_prompts(token_lists, pad_id)
     return Batch(jnp.asarray(tokens), jnp.asarray(mask))
 
 

@@ -25,10 +25,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
+from figures import save_figure  # noqa: E402  (scripts/)
 from lens import geometry_report as gr  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -68,10 +70,7 @@ def plot(out: Path, slug: str, r: dict) -> list[str]:
     ax.set_ylabel("cosine of effective displacements")
     ax.set_title(f"{slug}: layer {e['layer']} ln1, {e['n_activations']} activations")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    names.append(f"{slug}_effective_cosine.png")
-    fig.savefig(out / names[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, f"{slug}_effective_cosine.png", names)
 
     t = r["norm_table"]
     rows = np.arange(len(t["median"]))
@@ -83,10 +82,7 @@ def plot(out: Path, slug: str, r: dict) -> list[str]:
     ax.set_ylabel("|x|" if r["config"]["norm_kind"] == "rms" else "|P x|")
     ax.set_title(f"{slug}: residual norm per layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    names.append(f"{slug}_resid_norm.png")
-    fig.savefig(out / names[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, f"{slug}_resid_norm.png", names)
 
     k = r["rankings"]
     scores = k["scores"]
@@ -101,10 +97,7 @@ def plot(out: Path, slug: str, r: dict) -> list[str]:
     ax.set_ylabel("agreement with the model's ranking")
     ax.set_title(f"{slug}: ranking agreement (last token, mean over prompts)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    names.append(f"{slug}_ranking.png")
-    fig.savefig(out / names[-1], dpi=90)
-    plt.close(fig)
+    save_figure(fig, out, f"{slug}_ranking.png", names)
     return names
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from figures import save_figure
+
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(```|$)", re.S)
 # Statements / expressions that make a parse "real code" rather than prose that happens to
 # parse (a lone name, a number, `x = 3`).  A call with arguments (`print(x)`) also counts.
@@ -84,10 +86,7 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
         ax.set_title(st)
         ax.set_xlabel("pairwise cosine")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "cosine_histograms.png", dpi=90)
-    names.append("cosine_histograms.png")
-    plt.close(fig)
+    save_figure(fig, out, "cosine_histograms.png", names)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
     for label, sw in sweeps.items():
@@ -104,10 +103,7 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
         ax.set_xlabel("rho = |theta| / median |x_s|")
         ax.set_ylabel(yl)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "degeneracy_vs_rho.png", dpi=90)
-    names.append("degeneracy_vs_rho.png")
-    plt.close(fig)
+    save_figure(fig, out, "degeneracy_vs_rho.png", names)
 
     fig, ax = plt.subplots(figsize=(8, 3))
     labels = list(scores)
@@ -115,10 +111,7 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
     ax.set_ylabel("code score")
     ax.set_ylim(0, 1.05)
-    fig.tight_layout()
-    fig.savefig(out / "code_scores.png", dpi=90)
-    names.append("code_scores.png")
-    plt.close(fig)
+    save_figure(fig, out, "code_scores.png", names)
     return names
 
 

@@ -135,13 +135,12 @@ def load(args):
 
 
 def caa_vector(model, prompts_a, prompts_b, source):
-    """CAA at the last prompt token: mean_a x_s[last] - mean_b x_s[last] (x_s = residual after block s)."""
-    def last_resid(prompts):
-        toks, mask = melbo.pad_prompts(prompts)
-        x = np.asarray(melbo.make_problem(model, toks, mask, source, source + 1).x_src)
-        return np.stack([x[i, mask[i].sum() - 1] for i in range(len(prompts))])
+    """CAA at the last prompt token: mean over pairs of x_s[last](a) - x_s[last](b), with
+    x_s = the residual after block s (`lens.steering.mean_difference` at resid_pre[s+1])."""
+    from lens.steering import mean_difference
 
-    return last_resid(prompts_a).mean(0) - last_resid(prompts_b).mean(0)
+    (ta, ma), (tb, mb) = melbo.pad_prompts(prompts_a), melbo.pad_prompts(prompts_b)
+    return np.asarray(mean_difference(model, ta, tb, source + 1, ma, mb, reduce="last"))
 
 
 def reply_caa_vector(model, prompts_a, prompts_b, source, n_tokens):
@@ -150,12 +149,13 @@ def reply_caa_vector(model, prompts_a, prompts_b, source, n_tokens):
     first n_tokens - 1 reply tokens); mean over prompts a minus mean over prompts b.  With
     code requests vs prose requests this is the "I am starting to write code" state, which
     steers far better than the last prompt token alone (calibration table)."""
+    from lens.capture import resid_at
     from models.generate import generate
 
     def reply_resid(prompts):
         replies = generate(model, prompts, n_tokens, eos_token_ids=[]).tokens
         toks, mask = melbo.pad_prompts([list(p) + list(r) for p, r in zip(prompts, replies)])
-        x = np.asarray(melbo.make_problem(model, toks, mask, source, source + 1).x_src)
+        x = np.asarray(resid_at(model, toks, source + 1, mask))
         return np.stack([x[i, len(p) - 1: len(p) - 1 + n_tokens].mean(0) for i, p in enumerate(prompts)])
 
     return reply_resid(prompts_a).mean(0) - reply_resid(prompts_b).mean(0)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from lens.capture import pad_prompts  # noqa: F401  (re-exported as melbo.pad_prompts)
+
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -34,19 +36,6 @@ class MelboProblem(eqx.Module):
     mask: Bool[Array, "P T"]  # real tokens (= key_valid); the positions that count
     source: int = eqx.field(static=True)
     target: int = eqx.field(static=True)
-
-
-def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad token lists into `(tokens [P, T] int32, mask [P, T] bool)`."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need at least one prompt, each with at least one token")
-    T = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), T), pad_id, np.int32)
-    mask = np.zeros((len(prompts), T), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        mask[i, : len(p)] = True
-    return tokens, mask
 
 
 def make_problem(
