@@ -331,7 +331,13 @@ def main(argv=None, on_checkpoint=None):
             "block": args.block, "mode": args.mode}
     resume = None
     if args.resume and ckpt.exists():
-        saved, _ = load_vectors(ckpt)
+        saved, saved_meta = load_vectors(ckpt)
+        # Vectors trained under other settings must not be mixed into this run.
+        changed = {k: (saved_meta.get(k), str(v)) for k, v in meta.items() if saved_meta.get(k) != str(v)}
+        if changed or not np.array_equal(saved["theta0"], theta0):
+            what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items()) or "theta0 differs"
+            raise SystemExit(f"--resume: {ckpt} was trained with other settings ({what}); "
+                             "resume with the same flags, or use a new --out")
         resume = melbo.TrainResult(saved["vectors"], saved["losses"])
         print(f"resuming from {len(resume.vectors)} vectors")
 

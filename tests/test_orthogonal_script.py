@@ -76,6 +76,12 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     assert meta["n_done"] == "2" and saved["vectors"].shape == (2, 24)
     assert not (tmp_path / "killed" / "report.json").exists()
 
+    # resuming with other training settings is refused, and the checkpoint is left as it was
+    before = (tmp_path / "killed" / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="steps: checkpoint 5 vs now 6"):
+        script.main(argv(tiny_folder, tmp_path / "killed", "--resume", "--steps", "6"))
+    assert (tmp_path / "killed" / "checkpoint.safetensors").read_bytes() == before
+
     resumed = script.main(argv(tiny_folder, tmp_path / "killed", "--resume"))
     a, _ = load_vectors(tmp_path / "full" / "vectors.safetensors")
     b, _ = load_vectors(tmp_path / "killed" / "vectors.safetensors")
