@@ -12,8 +12,10 @@ Richer API: `lens.edits` (interventions as data: add / ablate / patch / stack),
 
 from __future__ import annotations
 
-import importlib
+# First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions.
+import models.xla_guard  # noqa: F401  (isort: skip)
 
+import importlib
 from lens import edits
 from lens.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
 from lens import sweep

@@ -6,6 +6,8 @@
     logits = jax.vmap(model)(batch)     # batches are vmap
 """
 
+# First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).
+from models import xla_guard  # noqa: F401  (isort: skip)
 from models.config import ModelConfig
 from models.convert import CheckpointError
 from models.interventions import Activations, Capture, Edits
@@ -15,5 +17,5 @@ from models.transformer import ForwardOutput, Transformer
 
 __all__ = [
     "load", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
-    "ForwardOutput", "CheckpointError",
+    "ForwardOutput", "CheckpointError", "xla_guard",
 ]

@@ -50,7 +50,7 @@ class ModelConfig:
     gated_mlp: bool  # SwiGLU/GeGLU (gate * up) vs a plain two-layer MLP
     positional: Literal["rope", "learned"]
     rope_theta: float = 10000.0
-    rotary_dim: int | None = None  # partial rotary (NeoX); None = the whole head
+    rotary_dim: int | None = None  # partial rotary (NeoX), as transformers' `dim`; None = whole head
     rope_scaling: RopeScaling | None = None
     # Gemma 3: local (sliding-window) layers use their own theta; `local_layers[l]`
     # says which layers are local.  None = every layer is global.
@@ -82,8 +82,19 @@ class ModelConfig:
             raise ValueError(
                 f"local_layers has {len(self.local_layers)} entries for {self.n_layers} layers"
             )
-        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.d_head):
-            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and <= d_head={self.d_head}")
+        if self.rotary_dim is not None and not 0 <= self.rotated_channels <= self.d_head:
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim} rotates {self.rotated_channels} channels, more than "
+                f"d_head={self.d_head}")
+
+    @property
+    def rotated_channels(self) -> int:
+        """How many channels of each head RoPE turns.  transformers takes the frequencies
+        `arange(0, rotary_dim, 2) / rotary_dim`, ceil(rotary_dim / 2) of them, and rotates
+        twice that many channels: an odd rotary_dim (NeoX d_head 12 x rotary_pct 0.25 = 3)
+        rotates rotary_dim + 1 channels, with exponents over rotary_dim, not rotary_dim + 1."""
+        dim = self.d_head if self.rotary_dim is None else self.rotary_dim
+        return 2 * ((dim + 1) // 2)
 
     @property
     def scale(self) -> float:

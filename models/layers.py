@@ -55,8 +55,11 @@ def apply_norm(
 
 
 def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Inverse frequencies for `dim` rotated channels, as transformers computes them."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+    """Inverse frequencies as transformers computes them for its rotary `dim`:
+    `theta ** -(arange(0, dim, 2) / dim)`, ceil(dim / 2) of them, turning twice as many
+    channels (dim + 1 for an odd dim; none for dim = 0)."""
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / max(dim, 1)
+    inv_freq = 1.0 / (theta ** exponents)
     if scaling is None:
         return inv_freq
     if scaling.kind == "linear":
@@ -158,7 +161,9 @@ def activation_fn(name: str):
 
 def inv_freqs_for(config: ModelConfig) -> tuple[np.ndarray, np.ndarray | None]:
     """(global inv_freq, local inv_freq or None) for the config's rotary settings."""
-    rot = config.rotary_dim or config.d_head
+    # `rotary_dim` is transformers' frequency `dim` (0 = no rotation, odd = one more channel
+    # than dim is turned: see ModelConfig.rotated_channels); None = the whole head.
+    rot = config.d_head if config.rotary_dim is None else config.rotary_dim
     global_f = rope_inv_freq(rot, config.rope_theta, config.rope_scaling)
     local_f = None
     if config.rope_local_theta is not None:

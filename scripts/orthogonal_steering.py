@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -119,9 +119,9 @@ SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
 
 
 def run_script(args, log, cache):
-    """The script in its own process (same float settings as this one: conftest.py), with
-    a persistent compilation cache `cache` shared by this test's three processes."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+    """The script in its own process (the product's default float settings, as in this
+    one), with a persistent compilation cache `cache` shared by this test's three processes."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,

@@ -97,6 +97,10 @@ VARIANTS = {
         rotary_pct=0.25, use_parallel_residual=False, attention_bias=False,
         tie_word_embeddings=True,
     ),
+    # d_head 12 x 0.25 = 3: transformers takes 2 frequencies (arange(0, 3, 2) / 3) and so
+    # rotates 4 channels; a port that rounds down to 2, or refuses, fails here.
+    "neox_odd_rotary_dim": lambda: _neox(hidden_size=36, num_attention_heads=3, rotary_pct=0.25),
+    "neox_zero_rotary_dim": lambda: _neox(hidden_size=36, num_attention_heads=3, rotary_pct=0.05),
     "gemma3_local_global_softcap": lambda: _gemma3(final_logit_softcapping=2.0),
     "gemma3_untied_bias": lambda: _gemma3(tie_word_embeddings=False, attention_bias=True,
                                           layer_types=["full_attention", "sliding_attention",

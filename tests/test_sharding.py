@@ -13,10 +13,9 @@ from lens_tiny import tiny
 
 CHILD = r"""
 import sys
+import lens  # first: its compiler guard must see XLA_FLAGS before JAX starts
 import jax, jax.numpy as jnp, numpy as np
-jax.config.update("jax_default_matmul_precision", "highest")
 assert jax.device_count() == 4, jax.devices()
-import lens
 from lens import sharding
 from models.families import convert_hf
 from models.safetensors_reader import read_safetensors_folder

@@ -220,7 +220,7 @@ def random_orthogonal_controls(
     after projecting theta0 off), row k scaled to `norms[k]`: the null model for
     "orthogonal vectors with the found vectors' norms"."""
     theta0 = jnp.asarray(theta0, jnp.float32)
-    k = len(np.asarray(norms))
+    k = jnp.shape(norms)[0]  # static, so the draw jits and vmaps (over keys) too
     u0 = theta0 / jnp.linalg.norm(theta0)
     g = jax.random.normal(key, (theta0.shape[0], k + 1)).at[:, 0].set(u0)
     q, _ = jnp.linalg.qr(g)
