@@ -379,18 +379,22 @@ def _(case, x, v, gamma, beta):
     kind = case[2]
     p = R.sphere(x, kind, 0.0).astype(np.float32)
     qs = np.stack([R.sphere(R.f64(x) + vk, kind, 0.0) for vk in v]).astype(np.float32)
-    for t in (0.3, 1.7):
-        ours = jv(lambda q: G.geodesic_interpolate(p, q, t), qs)
-        close(ours, np.stack([R.slerp(p, q, t) for q in qs]), 2e-5, (case, t))
+    ts = np.array([0.3, 1.7], np.float32)  # t traced, vmapped too: one compile per shape
+    ours = np.asarray(jax.jit(jax.vmap(jax.vmap(lambda q, t: G.geodesic_interpolate(p, q, t), (0, None)),
+                                       (None, 0)))(qs, ts))
+    for j, t in enumerate(ts):
+        close(ours[j], np.stack([R.slerp(p, q, float(t)) for q in qs]), 2e-5, (case, t))
 
 
 @row("lens.geometry.rotate_towards")
 @each_case
 def _(case, x, v, gamma, beta):
     kind = case[2]
-    for a in (0.05, 1.2):
-        ours = jv(lambda vk: G.rotate_towards(x, vk[None], a, kind), v)
-        close(ours, np.stack([R.rotate(x, vk[None], a, kind) for vk in v]), 1e-5, (case, a))
+    angles = np.array([0.05, 1.2], np.float32)
+    ours = np.asarray(jax.jit(jax.vmap(jax.vmap(lambda vk, a: G.rotate_towards(x, vk[None], a, kind), (0, None)),
+                                       (None, 0)))(v, angles))
+    for j, a in enumerate(angles):
+        close(ours[j], np.stack([R.rotate(x, vk[None], float(a), kind) for vk in v]), 1e-5, (case, a))
 
 
 @row("lens.geometry.add_steering")
@@ -488,7 +492,8 @@ def real(a, i):
 
 @row("models.Transformer.__call__", "models.Transformer.forward")
 def _(name):
-    for fam in ("llama", "gpt2", "neox", "gemma3"):
+    # every family through __call__; forward (the same code path plus outputs) on two
+    for fam in ("llama", "gpt2", "neox", "gemma3") if name.endswith("__call__") else ("llama", "gemma3"):
         hf, ours = hf64(fam)
         if name.endswith("__call__"):
             logits = np.asarray(jax.jit(jax.vmap(lambda m, t, k: m(t, k), in_axes=(None, 0, 0)))(ours, TOK, MASK))
@@ -554,8 +559,9 @@ def _(name):
                 close(got[: len(p)], ref, TOL_MODEL, layer)
             else:
                 one = jax.tree.map(lambda a: a[i], cache)
-                for h in (0, 5):
-                    close(np.asarray(head_output(ours, one, layer, h))[: len(p)], ref[:, h], TOL_MODEL, (layer, h))
+                h = (layer + i) % ours.config.n_heads  # a different head each time
+                got = jax.jit(head_output, static_argnums=(2, 3))(ours, one, layer, h)
+                close(np.asarray(got)[: len(p)], ref[:, h], TOL_MODEL, (layer, h))
 
 
 def _kl_last(steered, base):
