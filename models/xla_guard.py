@@ -17,8 +17,12 @@ by `lens`, the scripts and the benchmarks), appends
 `--xla_cpu_experimental_ynn_fusion_type=` (the empty list: no YNNPACK fusion) to
 `XLA_FLAGS` if no backend has started yet.  Import order cannot bypass it: if a backend
 already started without the flag, `install()` compiles a probe, finds the YNNPACK fusion
-in the optimised HLO, and raises instead of letting any number be computed.  Setting the
-flag did not slow the main job down (measured: `README.md`, "Correctness guard").
+in the optimised HLO, and raises instead of letting any number be computed.
+
+Cost (SmolLM2 forward, 4 x 64 tokens, jitted, 2 loaded cores, min of 3, three alternations):
+no YNNPACK fusion 1.44-1.67 s, jaxlib's default 1.33-1.50 s, dot fusions only
+(`dot,individual_dot`, which also passes the canary) 1.19-1.40 s.  We turn them all off:
+the failing class of fusion is not understood well enough to trust the others.
 
 Subprocesses inherit the flag through the environment.  The flag is only added when the
 installed jaxlib knows it (XLA aborts on an unknown flag); a jaxlib without YNNPACK
