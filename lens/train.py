@@ -77,18 +77,22 @@ def next_token_loss(model, rows: Int[Array, "batch seq"]) -> Float[Array, ""]:
     return -target.mean()
 
 
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)  # a short run still gets a decay phase
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
+                                              cfg.lr * cfg.min_lr_ratio)
+
+
 def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW (decaying matrices only) on warmup + cosine."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.lr * cfg.min_lr_ratio)
-
     def decayed(path, leaf):
         return getattr(path[-1], "name", None) in _DECAYED
 
     mask = jax.tree_util.tree_map_with_path(decayed, params)
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
-        optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask),
+        optax.adamw(lr_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask),
     )
 
 
@@ -199,8 +203,7 @@ def train(
     if resume and ckpt.exists():
         params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
     step_fn = make_step(static, opt, cfg.bf16)
-    schedule_lr = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, min(cfg.warmup_steps, cfg.steps), cfg.steps, cfg.lr * cfg.min_lr_ratio)
+    schedule_lr = lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     timed_tokens, timed_s, loss, gnorm = 0, 0.0, math.nan, math.nan
