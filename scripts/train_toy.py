@@ -109,13 +109,15 @@ def main(argv=None, on_checkpoint=None) -> dict:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=None, help="override the preset's step count")
     ap.add_argument("--seed", type=int, default=0, help="init and data order")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     p = PRESETS[args.preset]
     tcfg = dataclasses.replace(p.train, seed=args.seed, bf16=args.bf16,
-                               **({"steps": args.steps} if args.steps else {}))
+                               **({"steps": args.steps} if args.steps else {}),
+                               **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}))
     tok = load_tokenizer()
     cfg = model_config(p, tok)
     train_rows = interleave(rows_for(p, tok, "train"), args.seed)
