@@ -4,18 +4,22 @@
     model, tokenizer = models.load("smollm2-135m-instruct")
     logits = model(tokens)              # int32 [seq] -> float32 [seq, vocab]
     logits = jax.vmap(model)(batch)     # batches are vmap
+    model = models.init(config, jax.random.key(0))   # random, transformers' conventions
+    models.save(model, "folder")        # models.load / transformers read it back
 """
 
 # First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).
 from models import xla_guard  # noqa: F401  (isort: skip)
 from models.config import ModelConfig
 from models.convert import CheckpointError
+from models.init import init
 from models.interventions import Activations, Capture, Edits
 from models.kv_cache import KVCache
 from models.load import load
+from models.save import save
 from models.transformer import ForwardOutput, Transformer
 
 __all__ = [
-    "load", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
+    "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
     "ForwardOutput", "CheckpointError", "xla_guard",
 ]

@@ -34,13 +34,13 @@ class Block(eqx.Module):
     q_norm_w: Float[Array, "d_head"] | None
     k_norm_w: Float[Array, "d_head"] | None
     post_attn_w: Float[Array, "d_model"] | None  # sandwich norm on the attention output
-    ln2_w: Float[Array, "d_model"]
+    ln2_w: Float[Array, "d_model"] | None  # None in attn_only models
     ln2_b: Float[Array, "d_model"] | None
-    W_in: Float[Array, "d_model d_mlp"]
+    W_in: Float[Array, "d_model d_mlp"] | None
     b_in: Float[Array, "d_mlp"] | None
     W_gate: Float[Array, "d_model d_mlp"] | None
     b_gate: Float[Array, "d_mlp"] | None  # Llama with mlp_bias
-    W_out: Float[Array, "d_mlp d_model"]
+    W_out: Float[Array, "d_mlp d_model"] | None
     b_out: Float[Array, "d_model"] | None
     post_mlp_w: Float[Array, "d_model"] | None  # sandwich norm on the MLP output
 
@@ -149,21 +149,25 @@ def block_forward(
         attn_out = _ablate(attn_out, edits.writer_ablate)
 
     resid_mid = x + attn_out
-    mlp_in = x if c.parallel_residual else resid_mid
-    h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, c.norm_eps, block.ln2_w, block.ln2_b)
-    act = layers.activation_fn(c.activation)
-    pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
-    if c.gated_mlp:
-        neurons = act(_linear(h2, block.W_gate, block.b_gate, "sd,dm->sm")) * pre
+    if c.attn_only:  # no MLP sub-block at all (TransformerLens attn_only)
+        neurons = ln2_scale = None
+        mlp_out = jnp.zeros_like(resid_mid)
     else:
-        neurons = act(pre)
-    if edits is not None:
-        neurons = _mix(neurons, edits.neuron_mix, edits.neuron_source)
-    mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
-    if c.sandwich_norms:
-        mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, c.norm_eps, block.post_mlp_w)
-    if edits is not None:
-        mlp_out = _ablate(mlp_out, edits.writer_ablate)
+        mlp_in = x if c.parallel_residual else resid_mid
+        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, c.norm_eps, block.ln2_w, block.ln2_b)
+        act = layers.activation_fn(c.activation)
+        pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
+        if c.gated_mlp:
+            neurons = act(_linear(h2, block.W_gate, block.b_gate, "sd,dm->sm")) * pre
+        else:
+            neurons = act(pre)
+        if edits is not None:
+            neurons = _mix(neurons, edits.neuron_mix, edits.neuron_source)
+        mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
+        if c.sandwich_norms:
+            mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, c.norm_eps, block.post_mlp_w)
+        if edits is not None:
+            mlp_out = _ablate(mlp_out, edits.writer_ablate)
     resid_post = resid_mid + mlp_out
 
     acts = Activations(

@@ -69,6 +69,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     unembed_bias: bool = False  # a per-token logit bias (also what folding a final LayerNorm bias creates)
     final_logit_softcap: float | None = None
+    # TransformerLens's attn_only models: blocks without MLP (and without ln2); d_mlp unused.
+    attn_only: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

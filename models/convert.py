@@ -73,6 +73,7 @@ def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, 
     """(top-level field shapes, per-layer Block field shapes); None = field absent."""
     d, h, kv, dh, m = c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp
     maybe = lambda flag, shape: shape if flag else None  # noqa: E731
+    mlp = not c.attn_only
     block = {
         "ln1_w": (d,), "ln1_b": maybe(c.norm_bias, (d,)),
         "W_Q": (h, d, dh), "b_Q": maybe(c.attn_bias, (h, dh)),
@@ -81,12 +82,12 @@ def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, 
         "W_O": (h, dh, d), "b_O": maybe(c.attn_out_bias, (d,)),
         "q_norm_w": maybe(c.qk_norm, (dh,)), "k_norm_w": maybe(c.qk_norm, (dh,)),
         "post_attn_w": maybe(c.sandwich_norms, (d,)),
-        "ln2_w": (d,), "ln2_b": maybe(c.norm_bias, (d,)),
-        "W_in": (d, m), "b_in": maybe(c.mlp_bias, (m,)),
-        "W_gate": maybe(c.gated_mlp, (d, m)),
-        "b_gate": maybe(c.gated_mlp and c.mlp_bias, (m,)),
-        "W_out": (m, d), "b_out": maybe(c.mlp_bias, (d,)),
-        "post_mlp_w": maybe(c.sandwich_norms, (d,)),
+        "ln2_w": maybe(mlp, (d,)), "ln2_b": maybe(mlp and c.norm_bias, (d,)),
+        "W_in": maybe(mlp, (d, m)), "b_in": maybe(mlp and c.mlp_bias, (m,)),
+        "W_gate": maybe(mlp and c.gated_mlp, (d, m)),
+        "b_gate": maybe(mlp and c.gated_mlp and c.mlp_bias, (m,)),
+        "W_out": maybe(mlp, (m, d)), "b_out": maybe(mlp and c.mlp_bias, (d,)),
+        "post_mlp_w": maybe(mlp and c.sandwich_norms, (d,)),
     }
     top = {
         "embed": (c.vocab_size, d),

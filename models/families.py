@@ -11,6 +11,7 @@ FAMILIES = {
     "gpt2": "models.gpt2",
     "gpt_neox": "models.neox",
     "gemma3_text": "models.gemma3",
+    "lens": "models.native",  # our own format, for configs no HF family expresses
 }
 
 

@@ -1,0 +1,161 @@
+"""Train a small model from scratch on real text (CPU-sized, deterministic by seed).
+
+    .venv/bin/python scripts/train_toy.py --preset gpt2-small-ln --out runs/gpt2_ln
+    .venv/bin/python scripts/train_toy.py --preset attn-only-2l --out runs/attn2 --steps 300
+    .venv/bin/python scripts/train_toy.py --preset smoke --out /tmp/smoke
+
+Presets (all GPT-2 architecture: LayerNorm with bias, learned positions, tied embeddings):
+  gpt2-small-ln  4 layers, d 256, 4 heads, MLP 1024, context 64; shakespeare + python-docs
+                 + python-code; 300 steps of 8 x 64 tokens
+  attn-only-2l   2 layers, d 256, 8 heads, no MLPs; the same text and steps; induction measured
+  smoke          1 layer, d 32; shakespeare; a few steps (tests)
+Tokenizer: SmolLM2's (49,152 ids, the embedded default model's), so the trained models
+share a vocabulary with the project's pretrained one; its EOS separates documents.
+
+Writes to --out: model/ (models.save: transformers-readable for the MLP presets, native
+for attention-only; with the tokenizer), report.json, log.json, checkpoint.safetensors.
+Running again with the same arguments resumes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+import models  # noqa: E402
+from lens import data, train  # noqa: E402
+from lens.induction import measure_induction  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+
+TOKENIZER = "smollm2-135m-instruct"
+SAMPLE_PROMPTS = ["ROMEO.\n", "def read_file(path):\n", "The module"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    attn_only: bool
+    seq_len: int  # model context; rows hold seq_len + 1 tokens (inputs + shifted targets)
+    corpora: tuple[str, ...]
+    train: train.TrainConfig
+    measure_induction: bool = False
+
+
+# CPU-sized for a shared 2-core machine (~3 s/step there): the 49k-id unembedding is ~80%
+# of the FLOPs, so the context is kept at 64 and the batch at 8 rows.
+_TRAIN = train.TrainConfig(steps=300, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=50,
+                           eval_batches=8, checkpoint_every=25)
+PRESETS = {
+    "gpt2-small-ln": Preset(4, 256, 4, 1024, False, 64, ("shakespeare", "python-docs", "python-code"), _TRAIN),
+    "attn-only-2l": Preset(2, 256, 8, 0, True, 64, ("shakespeare", "python-docs", "python-code"), _TRAIN,
+                           measure_induction=True),
+    "smoke": Preset(1, 32, 2, 64, False, 32, ("shakespeare",),
+                    train.TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=6,
+                                      eval_batches=2, checkpoint_every=3)),
+}
+
+
+def model_config(p: Preset, tokenizer) -> ModelConfig:
+    return ModelConfig(
+        architecture="gpt2", vocab_size=tokenizer.vocab_size, d_model=p.d_model, n_layers=p.n_layers,
+        n_heads=p.n_heads, n_kv_heads=p.n_heads, d_head=p.d_model // p.n_heads, d_mlp=p.d_mlp,
+        max_seq_len=p.seq_len, norm_kind="layer", norm_eps=1e-5, activation="gelu_new", gated_mlp=False,
+        positional="learned", attn_bias=True, attn_out_bias=True, mlp_bias=not p.attn_only,
+        norm_bias=True, tie_embeddings=True, attn_only=p.attn_only, bos_token_id=tokenizer.bos_token_id,
+        eos_token_ids=tuple(tokenizer.eos_token_ids), pad_token_id=tokenizer.pad_token_id)
+
+
+def load_tokenizer():
+    from models.embedded import fetch
+    from models.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(fetch(TOKENIZER))  # the tokenizer only, not the 135M weights
+
+
+def rows_for(p: Preset, tokenizer, split: str) -> dict[str, np.ndarray]:
+    return {name: data.load_tokens(name, tokenizer, p.seq_len + 1, split) for name in p.corpora}
+
+
+def interleave(parts: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """One training array from several corpora (batches are drawn at random anyway)."""
+    rows = np.concatenate([parts[k] for k in sorted(parts)])
+    return rows[np.random.default_rng(seed).permutation(len(rows))]
+
+
+def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
+    from models.generate import generate
+
+    prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
+    n_tokens = min(n_tokens, model.config.max_seq_len - max(map(len, prompts)))
+    out = generate(model, prompts, max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=0)
+    return {s: tokenizer.decode(t) for s, t in zip(SAMPLE_PROMPTS, out.tokens)}
+
+
+def main(argv=None, on_checkpoint=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=None, help="override the preset's step count")
+    ap.add_argument("--seed", type=int, default=0, help="init and data order")
+    ap.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    p = PRESETS[args.preset]
+    tcfg = dataclasses.replace(p.train, seed=args.seed, bf16=args.bf16,
+                               **({"steps": args.steps} if args.steps else {}),
+                               **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}))
+    tok = load_tokenizer()
+    cfg = model_config(p, tok)
+    train_rows = interleave(rows_for(p, tok, "train"), args.seed)
+    val_parts = rows_for(p, tok, "validation")
+    val_rows = interleave(val_parts, args.seed)
+    model = models.init(cfg, jax.random.key(args.seed))
+    start = time.perf_counter()
+    result = train.train(model, train_rows, val_rows, tcfg, args.out, progress=not args.no_progress,
+                         on_checkpoint=on_checkpoint,
+                         run_info={"preset": args.preset, "seed": args.seed, "tokenizer": data.tokenizer_fingerprint(tok)})
+    seconds = time.perf_counter() - start
+    models.save(result.model, args.out / "model", tokenizer=tok)
+
+    n_eval = 16 * tcfg.batch_size
+    report = {
+        "preset": args.preset, "seed": args.seed, "steps": tcfg.steps, "train_seconds_this_process": seconds,
+        "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+        "params": int(sum(x.size for x in jax.tree.leaves(result.model))),
+        "train_tokens_seen": tcfg.steps * tcfg.batch_size * p.seq_len,
+        "val_loss": train.evaluate(result.model, val_rows[:n_eval], tcfg.batch_size, tcfg.bf16),
+        "val_loss_by_corpus": {k: train.evaluate(result.model, v[:n_eval], tcfg.batch_size, tcfg.bf16)
+                               for k, v in val_parts.items()},
+        "val_rows_evaluated": n_eval,
+        "log": result.log,
+        "samples": samples(result.model, tok),
+        "model_folder": str(args.out / "model"),
+    }
+    if p.measure_induction:
+        ind = measure_induction(result.model, jax.random.key(args.seed + 1), first_token=tok.eos_token_ids[0],
+                                n=32, block_len=min(50, (p.seq_len - 1) // 2), low=256)
+        report["induction"] = ind.to_json() | {
+            "induction_heads": ind.heads_above("induction", 0.3),
+            "previous_token_heads": ind.heads_above("previous_token", 0.3),
+            "threshold": 0.3, "probe": "EOS + r + r, r = distinct random ids >= 256, 32 probes"}
+    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"val loss {report['val_loss']:.4f} ({report['val_loss_by_corpus']}); report at {args.out / 'report.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
