@@ -66,6 +66,8 @@ def test_small_angles_are_accurate():
     t = _rand(3, (D,))
     t = t - x * jnp.dot(x, t) / jnp.dot(x, x)
     y = x + 1e-5 * jnp.linalg.norm(x) * t / jnp.linalg.norm(t)
+    # measured: 5.8e-4 from arctan(1e-5), 3.6e-4 from the float64 angle of these float32 x, y
+    # (y - x is only known to ~eps|x| / 1e-5|x| relatively): 1e-3 is float32's limit here.
     np.testing.assert_allclose(_angle(x, y, "rms"), np.arctan(1e-5), rtol=1e-3)
 
 
@@ -87,6 +89,14 @@ def test_tangent_project(kind):
     np.testing.assert_allclose(_tangent(p, t, kind), t, atol=tol)  # idempotent
     if kind == "layer":
         np.testing.assert_allclose(jnp.sum(t, -1), 0.0, atol=tol)
+    # The properties above hold for t = 0 too: the value itself against the float64 formula
+    # `Pv - p (p.Pv) / |p|^2` (P = centring for "layer", identity for "rms").
+    p64, v64 = np.asarray(p, np.float64), np.asarray(v, np.float64)
+    if kind == "layer":
+        v64 = v64 - v64.mean(-1, keepdims=True)
+    want = v64 - p64 * (p64 * v64).sum(-1, keepdims=True) / (p64 * p64).sum(-1, keepdims=True)
+    np.testing.assert_allclose(t, want, atol=tol)
+    assert np.abs(want).max() > 1.0  # a nonzero tangent component to find
 
 
 def _sphere_pair(seed, kind):

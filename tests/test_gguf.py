@@ -180,7 +180,6 @@ def test_tiny_llama_gguf_equals_safetensors(tmp_path, tie):
 
 
 def test_tiny_gemma3_gguf_equals_safetensors(tmp_path):
-    pytest.importorskip("models.gemma3")
     folder, path = tmp_path / "hf", tmp_path / "tiny.gguf"
     hf = tiny_gemma3(folder, path)
     back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)

@@ -106,6 +106,21 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     for png in report["plots"]:
         assert (tmp_path / "killed" / png).stat().st_size > 0
     assert "Batched vs sequential" in (tmp_path / "killed" / "report.md").read_text()
+    # Values, not only keys: the raw-stage numbers and norms recomputed in float64 numpy
+    # from the saved vectors (the downstream stages are checked against transformers +
+    # PyTorch hooks in test_analysis_reference.py).
+    found, theta0 = b["found"].astype(np.float64), b["theta0"].astype(np.float64)
+    u = found / np.linalg.norm(found, axis=1, keepdims=True)
+    cos = u @ u.T
+    both = np.concatenate([theta0[None], found])
+    ub = both / np.linalg.norm(both, axis=1, keepdims=True)
+    assert report["raw_cosine_max_abs"] == pytest.approx(np.abs(ub @ ub.T - np.eye(5)).max(), abs=1e-6)
+    norms = np.linalg.norm(found, axis=1)
+    assert report["norms"]["base"] == pytest.approx(np.linalg.norm(theta0), rel=1e-6)
+    assert report["norms"]["found_mean"] == pytest.approx(norms.mean(), rel=1e-6)
+    pr = 16 / np.sum(cos ** 2)  # K^2 / ||C||_F^2, K = 4; measured agreement ~1e-7
+    assert report["participation_ratio"]["raw"] == pytest.approx(pr, rel=1e-5)
+    assert report["degeneracy_factor"]["raw"] == pytest.approx(4 / pr, rel=1e-5)
 
 
 # A fast pipeline around a training phase long enough to kill in the middle of: 4 blocks of
