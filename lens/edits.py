@@ -404,19 +404,32 @@ def freeze_norm_scale(model: Transformer, cache: Activations, norms: Sequence[st
 
 # ------------------------------------------------------------------ combining, stacking
 def stack_edits(edits: Iterable[Edits]) -> Edits:
-    """K edits with the same fields and shapes -> one Edits with a leading [K] axis, ready
-    for `jax.vmap(lambda e: model(tokens, edits=e))(stacked)`."""
+    """K edits -> one Edits with a leading [K] axis, ready for
+    `jax.vmap(lambda e: model(tokens, edits=e))(stacked)` or `lens.sweep.sweep_edits`.
+
+    A field set by only some of the edits is filled with its neutral value in the others
+    (zeros: nothing added, no direction removed, mix 0), so different kinds of edit (an
+    ablation, a patch, a vector) stack into one sweep.  A field set by several edits must
+    have the same shape in each."""
     edits = list(edits)
     if not edits:
         raise ValueError("stack_edits needs at least one Edits")
-    structs = {jax.tree.structure(e) for e in edits}
-    if len(structs) != 1:
-        raise ValueError("stack_edits: the edits set different fields (make them alike, "
-                         "e.g. build each with the same constructor)")
-    shapes = {tuple(np.shape(x) for x in jax.tree.leaves(e)) for e in edits}
-    if len(shapes) != 1:
-        raise ValueError(f"stack_edits: field shapes differ across edits: {sorted(shapes)}")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *edits)
+    fields = {}
+    for e in edits:
+        for site in fields_set(e):
+            fields.setdefault(site.name, set()).add(tuple(np.shape(getattr(e, site.name))))
+    differ = {name: sorted(shapes) for name, shapes in fields.items() if len(shapes) > 1}
+    if differ:
+        raise ValueError(f"stack_edits: field shapes differ across edits: {differ}")
+
+    def filled(e: Edits, name: str):
+        a = getattr(e, name)
+        if a is not None:
+            return a
+        like = next(getattr(o, name) for o in edits if getattr(o, name) is not None)
+        return jnp.zeros(np.shape(like), like.dtype)
+
+    return Edits(**{name: jnp.stack([filled(e, name) for e in edits]) for name in fields})
 
 
 def combine(*edits: Edits) -> Edits:
