@@ -39,6 +39,13 @@ def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, 
     return tokens, mask
 
 
+def last_real_index(mask: Bool[Array, "*batch seq"]) -> Int[Array, "*batch"]:
+    """Index of each sequence's last real (unpadded) token, for left or right padding:
+    THE "last token" of every reader here (sweeps, CAA, MELBO analysis)."""
+    m = jnp.asarray(mask, bool)
+    return jnp.max(jnp.where(m, jnp.arange(m.shape[-1]), -1), axis=-1)
+
+
 @eqx.filter_jit
 def _forward(model, tokens, mask, edits, capture):
     def one(t, m):
@@ -60,8 +67,10 @@ def run_with_cache(
     """Logits and the captured activations of one sequence (or a batch, vmapped).
 
     capture: which activations to keep (default: residual streams, sub-layer outputs,
-    per-head z, neurons and norm scales; the attention pattern is left out unless
-    `Capture(attn_pattern=True)`).  edits: optional interventions (validated first), so
+    per-head z, neurons and norm scales; the attention pattern and q/k/v are left out
+    unless `Capture(attn_pattern=True)` / `Capture(qkv=True)`).  `Capture(...,
+    layers=[...])` returns only those layers, in the order given (the others are never
+    materialised).  edits: optional interventions (validated first), so
     a cache can be taken from an edited run.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -73,6 +82,11 @@ def run_with_cache(
         raise ValueError(f"attention_mask {mask.shape} != tokens {tokens.shape}")
     if not np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < model.config.vocab_size)):
         raise ValueError(f"token id out of range [0, {model.config.vocab_size})")
+    if capture.layers is not None:
+        n = model.config.n_layers
+        bad = [layer for layer in capture.layers if not 0 <= layer < n]
+        if bad:
+            raise ValueError(f"Capture(layers=...) holds {bad}, outside [0, {n})")
     return _forward(model, tokens, mask, edits, capture)
 
 
@@ -109,12 +123,7 @@ def head_output(
 @eqx.filter_jit
 def _resid_at(model, tokens, mask, layer):
     def one(t, m):
-        t = model.check_tokens(t)
-        qpos, valid = model.default_positions(t, m, None, None)
-        x = model.embed_tokens(t, qpos)
-        if layer > 0:
-            x, _, _ = model.run_blocks(x, qpos, valid, stop=layer)
-        return x
+        return model.prefix(t, m, layer)[0]
 
     return jax.vmap(one)(tokens, mask)
 

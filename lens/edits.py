@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from models.interventions import Activations, Edits
+from models.interventions import SITES, Activations, Edits, combine_two, fields_set, site_widths
+from models.interventions import check_edits as _check
+from models.interventions import first_edited_layer as _first
 from models.transformer import Transformer
 
 LayerSpec = int | Sequence[int] | None
@@ -260,151 +262,197 @@ def _unit_ablation(model, spec, width, what, field, kind, cache, key, positions,
     return jnp.asarray(mix, dt), None if source is None else source.astype(dt)
 
 
+# cache field -> its axes after [layers, seq] (a cache of one sequence, or a batch of them)
+_CACHE_TAILS = {"resid_pre": ("d_model",), "head_z": ("heads", "d_head"), "neurons": ("d_mlp",),
+                "attn_out": ("d_model",), "mlp_out": ("d_model",), "ln1_scale": (),
+                "ln2_scale": (), "final_scale": ()}
+
+
 def _checked_field(model: Transformer, cache: Activations, field: str) -> Array:
     """cache.<field>, checked against the model's shapes (a cache from another model fails)."""
-    c = model.config
     a = getattr(cache, field, None)
     if a is None:
         raise ValueError(f"the cache holds no {field}: capture it (Capture flag) in the source run")
-    tail = {
-        "resid_pre": (c.d_model,),
-        "head_z": (c.n_heads, c.d_head),
-        "neurons": (c.d_mlp,),
-    }[field]
-    shape = tuple(a.shape)
-    ok = len(shape) in (2 + len(tail), 3 + len(tail)) and shape[-len(tail):] == tail
-    ok = ok and shape[-2 - len(tail)] == c.n_layers
+    return _checked_shape(model, a, field, f"cache.{field}")
+
+
+def _checked_shape(model: Transformer, a, field: str, what: str) -> Array:
+    c = model.config
+    widths = site_widths(c)
+    tail = tuple(widths[t] for t in _CACHE_TAILS[field])
+    layered = field != "final_scale"
+    shape = tuple(np.shape(a))
+    lead = 1 + int(layered)  # [layers,] seq
+    ok = len(shape) in (lead + len(tail), lead + 1 + len(tail))
+    ok = ok and shape[len(shape) - len(tail):] == tail
+    ok = ok and (not layered or shape[-2 - len(tail)] == c.n_layers)
     if not ok:
         raise ValueError(
-            f"cache.{field} has shape {shape}, which does not fit this model "
-            f"([batch,] layers={c.n_layers}, seq, {', '.join(map(str, tail))}): "
-            "a cache from a different model?"
+            f"{what} has shape {shape}, which does not fit this model "
+            f"([batch,] {'layers=%d, ' % c.n_layers if layered else ''}seq"
+            f"{''.join(', %d' % t for t in tail)}): a cache from a different model?"
         )
     return a
 
 
+# patch site -> (cache field read by default, Edits field base, axis of the unit chosen by heads=)
+PATCH_SITES = {
+    "resid": ("resid_pre", "resid", None),
+    "heads": ("head_z", "head", "heads"),
+    "neurons": ("neurons", "neuron", None),
+    "attn_out": ("attn_out", "attn_out", None),
+    "mlp_out": ("mlp_out", "mlp_out", None),
+    "q_input": ("resid_pre", "q_input", "heads"),
+    "k_input": ("resid_pre", "k_input", "kv_heads"),
+    "v_input": ("resid_pre", "v_input", "kv_heads"),
+    "ln1_scale": ("ln1_scale", "ln1_scale", None),
+    "ln2_scale": ("ln2_scale", "ln2_scale", None),
+    "final_scale": ("final_scale", "final_scale", None),
+}
+
+
 def patch(
     model: Transformer,
-    cache: Activations,
+    cache: Activations | None,
     site: str = "resid",
     layers: LayerSpec = None,
     positions: int | Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
+    source: Float[Array, "layers seq ..."] | None = None,
     seq_len: int | None = None,
 ) -> Edits:
     """Activation patching: replace activations with another run's (`cache`), per layer,
-    position and (site="heads") head.
+    position and (for the per-head sites) head.
 
-    site "resid": resid_pre of the chosen layers; "heads": head z before W_O; "neurons":
-    MLP activations.  The cache is one sequence's ([layers, seq, ...]) and must come from
-    this model with the same sequence length as the patched run (`seq_len`, defaulting to
-    the cache's).  Positions None = all; heads None = all.
+    site:
+      "resid"     resid_pre of the chosen layers (what enters the block);
+      "heads"     head z before W_O;            "neurons"  MLP activations;
+      "attn_out" / "mlp_out"  what the attention / MLP sub-block writes;
+      "q_input" / "k_input" / "v_input"  the residual that head h's query / key / value
+                  reads (before ln1; path patching, Wang et al. 2022, Goldowsky-Dill et al.
+                  2023).  The source defaults to the cache's resid_pre at that layer (what
+                  the head would have read in that run).  With grouped-query attention,
+                  keys and values are per KV HEAD: heads= then indexes kv heads;
+      "ln1_scale" / "ln2_scale" / "final_scale"  the norm's divisor taken from the source
+                  run ("freezing the norm scale"; final_scale has no layers).
+    source: an explicit array of the cache field's shape ([layers, seq, ...], [seq] for
+    final_scale) instead of `cache` (path patching builds its own).  The cache is one
+    sequence's and must come from this model with the same sequence length as the patched
+    run (`seq_len`, defaulting to the cache's).  Positions None = all; heads None = all.
     """
-    field = {"resid": "resid_pre", "heads": "head_z", "neurons": "neurons"}.get(site)
-    if field is None:
-        raise ValueError(f"site must be 'resid', 'heads' or 'neurons'; got {site!r}")
-    src = _checked_field(model, cache, field)
+    if site not in PATCH_SITES:
+        raise ValueError(f"site must be one of {sorted(PATCH_SITES)}; got {site!r}")
+    field, base, unit = PATCH_SITES[site]
+    if source is not None:
+        src = _checked_shape(model, source, field, "source")
+    elif cache is None:
+        raise ValueError("patch needs a cache or an explicit source=")
+    else:
+        src = _checked_field(model, cache, field)
     c = model.config
-    if src.ndim != {"resid_pre": 3, "head_z": 4, "neurons": 3}[field]:
-        raise ValueError(f"patch takes one sequence's cache; cache.{field} is {src.shape}")
-    cache_seq = src.shape[1]
+    layered = site != "final_scale"
+    if np.ndim(src) != len(_CACHE_TAILS[field]) + 1 + int(layered):
+        raise ValueError(f"patch takes one sequence's activations; {field} is {np.shape(src)}")
+    cache_seq = np.shape(src)[1 if layered else 0]
     if seq_len is not None and seq_len != cache_seq:
         raise ValueError(
             f"cache sequence length {cache_seq} != patched sequence length {seq_len}"
         )
     if not isinstance(src, jax.core.Tracer) and not np.isfinite(np.asarray(src)).all():
-        raise ValueError(f"cache.{field} contains NaN/inf")
-    layer_sel = np.zeros((c.n_layers,), np.float32)
-    layer_sel[check_layers(model, layers)] = 1.0
+        raise ValueError(f"{field} contains NaN/inf")
+    if heads is not None and unit is None:
+        raise ValueError(f"heads= applies to the per-head sites only (heads, q_input, "
+                         f"k_input, v_input); not to {site!r}")
     pos_sel = np.zeros((cache_seq,), np.float32)
     pos = check_positions(positions, cache_seq)
     pos_sel[slice(None) if pos is None else pos] = 1.0
-    mix = layer_sel[:, None] * pos_sel[None, :]  # [layers, seq]
-    dt = _dtype(model)
-    if site == "resid":
+    if layered:
+        layer_sel = np.zeros((c.n_layers,), np.float32)
+        layer_sel[check_layers(model, layers)] = 1.0
+        mix = layer_sel[:, None] * pos_sel[None, :]  # [layers, seq]
+    elif layers is not None:
+        raise ValueError("site 'final_scale' has no layers (it is the final norm's)")
+    else:
+        mix = pos_sel
+    mix_axes = SITES[f"{base}_mix"].axes
+    if len(mix_axes) == 2:  # a unit axis: heads, kv heads or neurons
+        width = site_widths(c)[mix_axes[1]]
+        unit_sel = np.ones((width,), np.float32)
         if heads is not None:
-            raise ValueError("heads= applies to site='heads' only")
-        return Edits(resid_mix=jnp.asarray(mix, dt), resid_source=jnp.asarray(src, dt))
-    if site == "heads":
-        head_sel = np.zeros((c.n_heads,), np.float32)
-        if heads is None:
-            head_sel[:] = 1.0
-        else:
             h = np.atleast_1d(np.asarray(heads))
-            if h.min() < 0 or h.max() >= c.n_heads:
-                raise ValueError(f"head index out of range [0, {c.n_heads}): {h}")
-            head_sel[h] = 1.0
-        return Edits(head_mix=jnp.asarray(mix[:, :, None] * head_sel, dt),
-                     head_source=jnp.asarray(src, dt))
-    if heads is not None:
-        raise ValueError("heads= applies to site='heads' only")
-    return Edits(neuron_mix=jnp.asarray(np.broadcast_to(mix[:, :, None], mix.shape + (c.d_mlp,)), dt),
-                 neuron_source=jnp.asarray(src, dt))
+            if h.size == 0 or h.min() < 0 or h.max() >= width:
+                raise ValueError(f"head index out of range [0, {width}) for site {site!r}: {h}")
+            unit_sel[:] = 0.0
+            unit_sel[h] = 1.0
+        mix = mix[..., None] * unit_sel
+    dt = _dtype(model)
+    return Edits(**{f"{base}_mix": jnp.asarray(mix, dt), f"{base}_source": jnp.asarray(src, dt)})
+
+
+def freeze_norm_scale(model: Transformer, cache: Activations, norms: Sequence[str] = ("ln1", "ln2", "final"),
+                      layers: LayerSpec = None, positions: int | Sequence[int] | None = None) -> Edits:
+    """Every chosen norm's divisor taken from `cache` (TransformerLens' frozen hook_scale):
+    the model then acts linearly on the residual stream through those norms."""
+    parts = []
+    for norm in norms:
+        if norm not in ("ln1", "ln2", "final"):
+            raise ValueError(f"norms must be among 'ln1', 'ln2', 'final'; got {norm!r}")
+        parts.append(patch(model, cache, f"{norm}_scale", None if norm == "final" else layers,
+                           positions))
+    return combine(*parts)
 
 
 # ------------------------------------------------------------------ combining, stacking
 def stack_edits(edits: Iterable[Edits]) -> Edits:
-    """K edits with the same fields and shapes -> one Edits with a leading [K] axis, ready
-    for `jax.vmap(lambda e: model(tokens, edits=e))(stacked)`."""
+    """K edits -> one Edits with a leading [K] axis, ready for
+    `jax.vmap(lambda e: model(tokens, edits=e))(stacked)` or `lens.sweep.sweep_edits`.
+
+    A field set by only some of the edits is filled with its neutral value in the others
+    (zeros: nothing added, no direction removed, mix 0), so different kinds of edit (an
+    ablation, a patch, a vector) stack into one sweep.  A field set by several edits must
+    have the same shape in each."""
     edits = list(edits)
     if not edits:
         raise ValueError("stack_edits needs at least one Edits")
-    structs = {jax.tree.structure(e) for e in edits}
-    if len(structs) != 1:
-        raise ValueError("stack_edits: the edits set different fields (make them alike, "
-                         "e.g. build each with the same constructor)")
-    shapes = {tuple(np.shape(x) for x in jax.tree.leaves(e)) for e in edits}
-    if len(shapes) != 1:
-        raise ValueError(f"stack_edits: field shapes differ across edits: {sorted(shapes)}")
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *edits)
+    fields = {}
+    for e in edits:
+        for site in fields_set(e):
+            fields.setdefault(site.name, set()).add(tuple(np.shape(getattr(e, site.name))))
+    differ = {name: sorted(shapes) for name, shapes in fields.items() if len(shapes) > 1}
+    if differ:
+        raise ValueError(f"stack_edits: field shapes differ across edits: {differ}")
+
+    def filled(e: Edits, name: str):
+        a = getattr(e, name)
+        if a is not None:
+            return a
+        like = next(getattr(o, name) for o in edits if getattr(o, name) is not None)
+        return jnp.zeros(np.shape(like), like.dtype)
+
+    return Edits(**{name: jnp.stack([filled(e, name) for e in edits]) for name in fields})
 
 
 def combine(*edits: Edits) -> Edits:
     """Merge edits into one forward: vectors are summed, ablation directions concatenated;
-    any other field (mix/source) may be set by one of them only."""
+    any other field (mix/source) may be set by one of them only (`models.interventions`
+    declares which field is which)."""
     out = {}
     for e in edits:
-        for name in Edits.__dataclass_fields__:
-            v = getattr(e, name)
-            if v is None:
-                continue
-            if name not in out:
-                out[name] = v
-            elif name == "resid_add":
-                out[name] = out[name] + v
-            elif name in ("resid_ablate", "writer_ablate"):
-                out[name] = jnp.concatenate([out[name], v], axis=-2)
-            else:
-                raise ValueError(f"combine: {name} is set by more than one edit")
+        for site in fields_set(e):
+            v = getattr(e, site.name)
+            out[site.name] = v if site.name not in out else combine_two(site.name, out[site.name], v)
     return Edits(**out)
 
 
 def check_edits(model: Transformer, edits: Edits | None, seq_len: int, batch_dims: int = 0) -> None:
     """Raise a clear ValueError if `edits` does not fit this model and a `seq_len`-token
-    sequence (after `batch_dims` leading stacked axes), or holds NaN/inf."""
-    if edits is None:
-        return
-    c = model.config
-    expect = {
-        "resid_add": ("S", c.d_model), "resid_ablate": (None, c.d_model),
-        "resid_mix": ("S",), "resid_source": ("S", c.d_model),
-        "head_mix": ("S", c.n_heads), "head_source": ("S", c.n_heads, c.d_head),
-        "neuron_mix": ("S", c.d_mlp), "neuron_source": ("S", c.d_mlp),
-        "writer_ablate": (None, c.d_model),
-    }
-    for name, tail in expect.items():
-        a = getattr(edits, name)
-        if a is None:
-            continue
-        shape = tuple(a.shape)[batch_dims:]
-        if len(shape) != 1 + len(tail) or shape[0] != c.n_layers:
-            raise ValueError(f"edits.{name} has shape {shape}; expected (layers={c.n_layers}, "
-                             f"{', '.join(str(t) for t in tail)})")
-        for got, want in zip(shape[1:], tail):
-            if want == "S" and got not in (1, seq_len):
-                raise ValueError(f"edits.{name}: position axis {got} is neither 1 nor the "
-                                 f"sequence length {seq_len}")
-            if isinstance(want, int) and got != want:
-                raise ValueError(f"edits.{name} has shape {shape}; expected width {want}")
-        if not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a, np.float32)).all():
-            raise ValueError(f"edits.{name} contains NaN/inf")
+    sequence (after `batch_dims` leading stacked axes), or holds NaN/inf (the rules are
+    derived from the site declarations in `models.interventions`)."""
+    if edits is not None:
+        _check(edits, model.config, seq_len, batch_dims)
+
+
+def first_edited_layer(model: Transformer, edits: Edits, batch_dims: int = 1) -> int:
+    """The first layer at which the (K-stacked) edits do anything; n_layers if they only
+    edit the final norm, -1 if nothing is set (`models.interventions.first_edited_layer`)."""
+    return _first(edits, model.config.n_layers, batch_dims)

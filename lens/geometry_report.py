@@ -28,12 +28,12 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 import lens.geometry as geo
+from lens.geometry._common import HIGHEST
 from lens.capture import pad_prompts
 import models
 from models import layers
 from models.transformer import Transformer
 
-HIGHEST = jax.lax.Precision.HIGHEST
 
 # Rankings compared against the model's own (the actual logits).
 SCORES = ("dot", "cosine", "token_norm", "euclidean", "cosine_unfolded")

@@ -27,11 +27,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from lens.capture import resid_at
+from lens.capture import last_real_index, resid_at
 from models.transformer import Transformer
 
 REQUIRED_METADATA = ("model", "layer", "site", "method")
@@ -48,8 +49,7 @@ def _batch(tokens, mask):
 
 def _reduce(x: Float[Array, "N seq d"], mask: np.ndarray, reduce: str) -> Float[Array, "N d"]:
     if reduce == "last":
-        last = np.max(np.where(mask, np.arange(mask.shape[1]), -1), axis=1)
-        return x[jnp.arange(x.shape[0]), last]
+        return x[jnp.arange(x.shape[0]), last_real_index(mask)]
     if reduce == "mean":
         w = jnp.asarray(mask, x.dtype)[..., None]
         return (x * w).sum(1) / w.sum(1)
@@ -189,3 +189,73 @@ def load_vectors(path: str | Path) -> tuple[Float[np.ndarray, "*n d_model"], dic
     if missing:
         raise ValueError(f"{path.name}: metadata lacks {missing}")
     return v, meta
+
+
+# ------------------------------------------------------------------ steered generation
+def generate_with_vectors(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    vectors: Float[Array, "K d_model"],
+    layer: int,
+    max_new_tokens: int,
+    coeff: float = 1.0,
+    **sampling,
+) -> Int[np.ndarray, "K P max_new_tokens"]:
+    """Generate from every prompt under each of K steering vectors at once.
+
+    Vector k times `coeff` is added to the residual stream entering block `layer` at every
+    prompt and generated position (`edits.add`); the K x P rows (vector-major) run as ONE
+    `models.generate.generate` call with per-row (vmapped) edits, so one compiled prefill
+    and decode serve them all.  Row (k, p) equals a separate `generate(model, prompts[p],
+    edits=edits.add(model, vectors[k], layer, coeff))` (tested).  `sampling`: generate's
+    keyword arguments (temperature, top_k, top_p, seed, eos_token_ids, ...).  Returns int32
+    [K, P, max_new_tokens]: each row's new tokens, -1 after its EOS (kept) or where
+    decoding stopped early."""
+    from lens import edits as E
+    from models.generate import generate
+
+    vectors = E.check_vectors(model, np.atleast_2d(np.asarray(vectors, np.float32)))
+    if vectors.ndim != 2:
+        raise ValueError(f"vectors must be [K, d_model]; got {vectors.shape}")
+    E.check_layers(model, layer)
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    K, P = vectors.shape[0], len(prompts)
+    stacked = E.stack_edits([E.add(model, v, layer, coeff) for v in vectors])  # [K, ...]
+    per_row = jax.tree.map(lambda a: jnp.repeat(a, P, axis=0), stacked)  # [K * P, ...]
+    rows = [p for _ in range(K) for p in prompts]
+    res = generate(model, rows, max_new_tokens, edits=per_row, edits_batched=True, **sampling)
+    out = np.full((K * P, max_new_tokens), -1, np.int32)
+    for i, toks in enumerate(res.tokens):
+        out[i, : len(toks)] = toks
+    return out.reshape(K, P, max_new_tokens)
+
+
+def reply_mean_difference(
+    model: Transformer,
+    prompts_a: Sequence[Sequence[int]],
+    prompts_b: Sequence[Sequence[int]],
+    layer: int,
+    n_tokens: int,
+) -> Float[np.ndarray, "d_model"]:
+    """CAA over the model's OWN replies ("reply CAA"): each prompt's greedy reply of
+    `n_tokens` is appended and resid_pre[layer] averaged over the positions that PREDICT
+    the reply (the last prompt token and the first n_tokens - 1 reply tokens); the mean
+    over prompts a minus the mean over prompts b.  With code requests vs prose requests
+    this is the "I am starting to write code" state, which steers far better than CAA at
+    the last prompt token alone (the main job's calibration table)."""
+    from lens.capture import pad_prompts
+    from models.generate import generate
+
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1; got {n_tokens}")
+
+    def reply_resid(prompts):
+        prompts = [list(p) for p in prompts]
+        replies = generate(model, prompts, n_tokens, eos_token_ids=[]).tokens
+        toks, mask = pad_prompts([p + list(r) for p, r in zip(prompts, replies)])
+        x = np.asarray(resid_at(model, toks, layer, mask))
+        return np.stack([x[i, len(p) - 1: len(p) - 1 + n_tokens].mean(0) for i, p in enumerate(prompts)])
+
+    return reply_resid(prompts_a).mean(0) - reply_resid(prompts_b).mean(0)

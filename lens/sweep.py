@@ -15,8 +15,11 @@ The K axis is processed in chunks sized from a memory budget (a tqdm bar counts 
 the last chunk is zero-padded so every chunk reuses one compilation.  `mesh=` shards the
 vector axis (and optionally the prompts) over devices: see lens/sharding.py.
 
-`run_edits` / `add_vectors` do the same for any K-stacked `Edits` whose layers before
-some layer are all zero.
+Every steered run goes through `Edits` (the vectors become `edits.add` edits inside the
+vmap) and the one split of the forward (`Transformer.prefix` / `run_blocks`).
+`sweep_edits` sweeps any K-stacked `Edits` (ablations, patches, additions) the same way,
+the prefix before their first edited layer computed once; `run_edits` / `add_vectors`
+return the logits of such K edited runs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from jaxtyping import Array, Bool, Float, Int
 from tqdm.auto import tqdm
 
 from lens import edits as E
-from models.interventions import Edits
+from lens.capture import last_real_index, resid_at
+from models.interventions import Edits, fields_set, final_part
 from models.transformer import Transformer
 
 
@@ -68,24 +72,29 @@ def _prepare(model, tokens, attention_mask):
     return t, m
 
 
-def _last_index(mask: Bool[Array, " seq"]) -> Int[Array, ""]:
-    return jnp.max(jnp.where(mask, jnp.arange(mask.shape[0]), -1))
-
-
-def _unembed(model, x, mask, last_only):
+def _unembed(model, x, mask, last_only, edits=None):
     if last_only:
-        x = x[_last_index(mask)][None]
-    logits, _ = model.unembed_resid(x)
+        x = x[last_real_index(mask)][None]
+        edits = _final_at(edits, last_real_index(mask))
+    logits, _ = model.unembed_resid(x, edits=edits)
     return logits[0] if last_only else logits
+
+
+def _final_at(edits, index):
+    """The final norm's edits at one position (those with S = seq are indexed)."""
+    if edits is None or final_part(edits) is None:
+        return edits
+    f = final_part(edits)
+    pick = lambda a: a if a is None or a.shape[0] == 1 else a[index][None]  # noqa: E731
+    return Edits(final_scale_mix=pick(f.final_scale_mix), final_scale_source=pick(f.final_scale_source))
 
 
 @eqx.filter_jit
 def _prefix(model, tokens, mask, layers, last_only):
-    """Entry streams of each steered layer [L, P, seq, d] and the unsteered log-probs."""
+    """Entry streams of each steered layer [L, P, seq, d] and the unsteered logits."""
 
     def one(t, m):
-        qpos, valid = model.default_positions(t, m, None, None)
-        x = model.embed_tokens(t, qpos)
+        x, qpos, valid = model.prefix(t, m)
         entries, at = [], 0
         for layer in layers:
             if layer > at:
@@ -100,35 +109,45 @@ def _prefix(model, tokens, mask, layers, last_only):
     return jnp.swapaxes(entries, 0, 1), logits
 
 
-@eqx.filter_jit
-def _tail(model, entries, tokens, mask, vectors, coeffs, pos_mask, base_logits, targets,
-          layers, last_only, keep_logits, capture_layer):
-    """Steered tails for one chunk of vectors: every output [k, C, L, P, ...]."""
+def _steered(model, start, x, t, m, e, blp, targets, last_only, keep_logits, capture_layer):
+    """One edited run of one prompt from the stream `x` entering block `start` (e does
+    nothing before it): KL to the unsteered log-probs `blp`, target deltas, logits, and the
+    stream leaving block `capture_layer`."""
     n = model.config.n_layers
-    base_logp = jax.nn.log_softmax(base_logits, axis=-1)
+    qpos, valid = model.default_positions(t, m, None, None)
+    act = None
+    if start == n:  # edits of the final norm only
+        pass
+    elif capture_layer is not None and capture_layer >= start:
+        x, _, _ = model.run_blocks(x, qpos, valid, start=start, stop=capture_layer + 1, edits=e)
+        act = x
+        if capture_layer + 1 < n:
+            x, _, _ = model.run_blocks(x, qpos, valid, start=capture_layer + 1, edits=e)
+    else:
+        x, _, _ = model.run_blocks(x, qpos, valid, start=start, edits=e)
+    logits = _unembed(model, x, m, last_only, e)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    kl = jnp.sum(jnp.exp(logp) * (logp - blp), axis=-1)
+    delta = None if targets is None else (logp - blp)[..., targets]
+    return kl, delta, logits if keep_logits else None, act
 
-    def one(layer, x, t, m, v, c, blp):
-        qpos, valid = model.default_positions(t, m, None, None)
-        # identical to Edits(resid_add=...) at `layer` (block step 3: x + resid_add)
-        x = x + (c * v[None, :] * pos_mask[:, None]).astype(x.dtype)
-        act = None
-        if capture_layer is not None and capture_layer >= layer:
-            x, _, _ = model.run_blocks(x, qpos, valid, start=layer, stop=capture_layer + 1)
-            act = x
-            if capture_layer + 1 < n:
-                x, _, _ = model.run_blocks(x, qpos, valid, start=capture_layer + 1)
-        else:
-            x, _, _ = model.run_blocks(x, qpos, valid, start=layer)
-        logits = _unembed(model, x, m, last_only)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        kl = jnp.sum(jnp.exp(logp) * (logp - blp), axis=-1)
-        delta = None if targets is None else (logp - blp)[..., targets]
-        return kl, delta, logits if keep_logits else None, act
+
+@eqx.filter_jit
+def _tail(model, entries, tokens, mask, vectors, coeffs, positions, base_logits, targets,
+          layers, last_only, keep_logits, capture_layer):
+    """Steered tails for one chunk of vectors: every output [k, C, L, P, ...].  Each
+    (vector, coefficient) becomes an `edits.add` edit inside the vmap."""
+    base_logp = jax.nn.log_softmax(base_logits, axis=-1)
+    seq = tokens.shape[1]
 
     outs = []
     for li, layer in enumerate(layers):
-        f = lambda x, t, m, v, c, blp: one(layer, x, t, m, v, c, blp)  # noqa: E731
-        f = jax.vmap(f, in_axes=(0, 0, 0, None, None, 0))  # prompts
+        def one(x, t, m, v, c, blp, layer=layer):
+            e = E.add(model, v, layer, coeff=c, positions=positions, seq_len=seq)
+            return _steered(model, layer, x, t, m, e, blp, targets, last_only, keep_logits,
+                            capture_layer)
+
+        f = jax.vmap(one, in_axes=(0, 0, 0, None, None, 0))  # prompts
         f = jax.vmap(f, in_axes=(None, None, None, None, 0, None))  # coefficients
         f = jax.vmap(f, in_axes=(None, None, None, 0, None, None))  # vectors
         kl, delta, logits, act = f(entries[li], tokens, mask, vectors, coeffs, base_logp)
@@ -190,15 +209,11 @@ def sweep_vectors(
         raise ValueError(f"vectors must be [K, d_model]; got {vectors.shape}")
     layer_list = tuple(sorted(E.check_layers(model, layers)))
     pos = E.check_positions(positions, seq)
-    pos_mask = jnp.asarray(E._position_mask(pos, seq))
+    pos = None if pos is None else tuple(pos)
     coeffs = jnp.atleast_1d(jnp.asarray(coeffs, jnp.float32))
     if not np.isfinite(np.asarray(coeffs)).all():
         raise ValueError("coeffs contain NaN/inf")
-    tgt = None
-    if targets is not None:
-        tgt = jnp.atleast_1d(jnp.asarray(targets, jnp.int32))
-        if np.asarray(tgt).min() < 0 or np.asarray(tgt).max() >= model.config.vocab_size:
-            raise ValueError("target token id out of range")
+    tgt = _targets(model, targets)
     if capture_layer is not None:
         capture_layer = E.check_layers(model, capture_layer)[0]
 
@@ -227,7 +242,7 @@ def sweep_vectors(
         v = vectors[i * chunk:(i + 1) * chunk]
         if v.shape[0] < chunk:
             v = jnp.concatenate([v, jnp.zeros((chunk - v.shape[0], v.shape[1]), v.dtype)])
-        res = _tail(model, *args, place("vectors", v), coeffs, pos_mask,
+        res = _tail(model, *args, place("vectors", v), coeffs, pos,
                     place("prompts", base_logits), tgt, layer_list, last_only, keep_logits,
                     capture_layer)
         outs.append(tuple(None if a is None else to_host(a) for a in res))
@@ -244,46 +259,85 @@ def sweep_vectors(
 
 
 def _unsteered_stream(model, tokens, mask, layer):
-    from lens.capture import resid_at
-
     return resid_at(model, tokens, layer + 1, mask)
 
 
 # ------------------------------------------------------------------ general stacked edits
-def first_edited_layer(edits: Edits) -> int:
-    """The first layer at which a K-stacked Edits does anything (n_layers if none).
+class EditsSweep(eqx.Module):
+    """`sweep_edits` output, arrays indexed [K edits, P prompts, (seq,) ...] as in
+    `SweepResult` without the coefficient and layer axes; `start` is the first edited
+    layer (the prefix before it ran once)."""
 
-    Needs concrete arrays.  A layer counts as edited when it adds a nonzero vector,
-    ablates a nonzero direction, or mixes with a nonzero weight.
-    """
-    firsts = []
-    for name in ("resid_add", "resid_ablate", "resid_mix", "head_mix", "neuron_mix",
-                 "writer_ablate"):
-        a = getattr(edits, name)
-        if a is None:
-            continue
-        a = np.asarray(a)
-        nz = np.nonzero(np.moveaxis(a, 1, 0).reshape(a.shape[1], -1).any(axis=1))[0]
-        firsts.append(nz[0] if nz.size else a.shape[1])
-    return int(min(firsts)) if firsts else -1
+    kl: Float[Array, "K P *seq"]
+    logprob_delta: Float[Array, "K P *seq T"] | None
+    logits: Float[Array, "K P *seq vocab"] | None
+    base_logits: Float[Array, "P *seq vocab"]
+    start: int = eqx.field(static=True)
 
 
 @eqx.filter_jit
-def _run_stacked(model, tokens, mask, edits, start):
-    def one(t, m):
-        qpos, valid = model.default_positions(t, m, None, None)
-        x = model.embed_tokens(t, qpos)
-        if start > 0:
-            x, _, _ = model.run_blocks(x, qpos, valid, stop=start)
-        tail = jax.tree.map(lambda a: a[:, start:], edits)
+def _edits_tail(model, entry, tokens, mask, edits, base_logits, targets, start, last_only,
+                keep_logits):
+    base_logp = jax.nn.log_softmax(base_logits, axis=-1)
 
-        def steered(e):
-            y, _, _ = model.run_blocks(x, qpos, valid, start=start, edits=e)
-            return model.unembed_resid(y)[0]
+    def one(x, t, m, e, blp):
+        return _steered(model, start, x, t, m, e, blp, targets, last_only, keep_logits, None)[:3]
 
-        return jax.vmap(steered)(tail)
+    f = jax.vmap(one, in_axes=(0, 0, 0, None, 0))  # prompts
+    return jax.vmap(f, in_axes=(None, None, None, 0, None))(entry, tokens, mask, edits, base_logp)
 
-    return jnp.swapaxes(jax.vmap(one)(tokens, mask), 0, 1)
+
+def sweep_edits(
+    model: Transformer,
+    prompts: Int[Array, "P seq"],
+    edits: Edits,
+    attention_mask: Bool[Array, "P seq"] | None = None,
+    last_only: bool = True,
+    targets: Sequence[int] | Int[Array, " T"] | None = None,
+    keep_logits: bool = False,
+    chunk_size: int | None = None,
+    memory_budget: float = 2**30,
+    progress: bool = True,
+) -> EditsSweep:
+    """Run every prompt under each of K stacked edits (`edits.stack_edits`: additions,
+    ablations, patches, norm freezing, any mix) and measure the effect as `sweep_vectors`
+    does: KL to the unedited run, log-prob changes of `targets`, optionally the logits.
+    The blocks before the first edited layer run once per prompt; K is chunked (the last
+    chunk padded with copies of edit 0, one compilation).  Position axes of the edits must
+    be 1 or the prompts' (padded) length."""
+    tokens, mask = _prepare(model, prompts, attention_mask)
+    P, seq = tokens.shape
+    E.check_edits(model, edits, seq, batch_dims=1)
+    start = E.first_edited_layer(model, edits)
+    if start < 0:
+        raise ValueError("sweep_edits needs stacked edits with at least one field set")
+    tgt = _targets(model, targets)
+    K = jax.tree.leaves(edits)[0].shape[0]
+    if chunk_size is None:
+        chunk_size = chunk_size_for(model, 1, 1, P, seq, last_only, keep_logits, False, memory_budget)
+    chunk = min(chunk_size, K)
+    entry, base_logits = _prefix(model, tokens, mask, (start,), last_only)
+    entry = entry[0]
+    outs = []
+    for i in tqdm(range(math.ceil(K / chunk)), desc="sweep", unit="chunk", disable=not progress):
+        e = jax.tree.map(lambda a: a[i * chunk:(i + 1) * chunk], edits)
+        used = jax.tree.leaves(e)[0].shape[0]
+        if used < chunk:
+            e = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], chunk - used, 0)]), e)
+        res = _edits_tail(model, entry, tokens, mask, e, base_logits, tgt, start, last_only,
+                          keep_logits)
+        outs.append(tuple(None if a is None else np.asarray(a)[:used] for a in res))
+    cat = lambda i: None if outs[0][i] is None else jnp.asarray(np.concatenate([o[i] for o in outs]))  # noqa: E731
+    return EditsSweep(cat(0), cat(1), cat(2), base_logits, start)
+
+
+def _targets(model, targets):
+    if targets is None:
+        return None
+    tgt = jnp.atleast_1d(jnp.asarray(targets, jnp.int32))
+    if np.asarray(tgt).min() < 0 or np.asarray(tgt).max() >= model.config.vocab_size:
+        raise ValueError("target token id out of range")
+    return tgt
 
 
 def run_edits(
@@ -293,16 +347,11 @@ def run_edits(
     attention_mask: Bool[Array, "*P seq"] | None = None,
 ) -> Float[Array, "K *P seq vocab"]:
     """Logits of K edited forwards (edits stacked with a leading [K] axis, `stack_edits`),
-    computing the layers before the first edited one once for all K."""
-    t, m = _prepare(model, tokens, attention_mask)
-    E.check_edits(model, edits, t.shape[1], batch_dims=1)
-    start = first_edited_layer(edits)
-    if start < 0:
-        raise ValueError("run_edits needs stacked edits with at least one field set")
-    n = model.config.n_layers
-    start = min(start, n - 1)
-    logits = _run_stacked(model, t, m, edits, start)  # [K, P, seq, vocab]
-    return logits[:, 0] if np.ndim(tokens) == 1 else logits
+    computing the layers before the first edited one once for all K (`sweep_edits`)."""
+    res = sweep_edits(model, tokens, edits, attention_mask, last_only=False, keep_logits=True,
+                      chunk_size=jax.tree.leaves(edits)[0].shape[0] if fields_set(edits) else 1,
+                      progress=False)
+    return res.logits[:, 0] if np.ndim(tokens) == 1 else res.logits
 
 
 def add_vectors(

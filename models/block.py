@@ -58,13 +58,6 @@ class Rotary:
     local_sin: Array | None = None
 
 
-def _mix(x: Array, mix: Array | None, source: Array | None) -> Array:
-    if mix is None:
-        return x
-    source = jnp.zeros_like(x) if source is None else source.astype(x.dtype)
-    return x + mix.astype(x.dtype) * (source - x)
-
-
 def _ablate(x: Float[Array, "seq d"], dirs: Float[Array, "n d"] | None) -> Float[Array, "seq d"]:
     if dirs is None:
         return x
@@ -76,12 +69,18 @@ def edit_resid(x: Float[Array, "seq d_model"], edits: Edits | None) -> Float[Arr
     """Steps 1-3 of the edit order (see models/interventions.py) for one layer."""
     if edits is None:
         return x
-    mix = None if edits.resid_mix is None else edits.resid_mix[:, None]
-    x = _mix(x, mix, edits.resid_source)
+    x = edits.mixed(x, "resid")
     x = _ablate(x, edits.resid_ablate)
     if edits.resid_add is not None:
         x = x + edits.resid_add.astype(x.dtype)
     return x
+
+
+def _scale_edit(edits: Edits | None, norm: str):
+    """(mix, source) of a norm-divisor edit for `apply_norm`, or None."""
+    if edits is None or getattr(edits, f"{norm}_scale_mix") is None:
+        return None
+    return getattr(edits, f"{norm}_scale_mix"), getattr(edits, f"{norm}_scale_source")
 
 
 def _linear(x, w, b, spec):
@@ -112,13 +111,28 @@ def block_forward(
     x = edit_resid(x, edits)
     resid_pre = x
 
-    h, ln1_scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, block.ln1_w, block.ln1_b)
-    q = _linear(h, block.W_Q, block.b_Q, "sd,hdk->shk")
-    k = _linear(h, block.W_K, block.b_K, "sd,hdk->shk")
-    v = _linear(h, block.W_V, block.b_V, "sd,hdk->shk")
+    def norm1(y, scale_edit=None):
+        return layers.apply_norm(y, c.norm_kind, c.norm_eps, block.ln1_w, block.ln1_b, scale_edit)
+
+    h, ln1_scale = norm1(x, _scale_edit(edits, "ln1"))
+    qkv = []
+    for site, w, b in (("q", block.W_Q, block.b_Q), ("k", block.W_K, block.b_K),
+                       ("v", block.W_V, block.b_V)):
+        mix = None if edits is None else getattr(edits, f"{site}_input_mix")
+        if mix is None:
+            qkv.append(_linear(h, w, b, "sd,hdk->shk"))
+        else:
+            # Path patching: head j reads norm(x + mix_j * (source - x)) (its own divisor).
+            source = getattr(edits, f"{site}_input_source")
+            xs = x[:, None, :]
+            source = jnp.zeros_like(xs) if source is None else source[:, None, :].astype(x.dtype)
+            inputs, _ = norm1(xs + mix[..., None].astype(x.dtype) * (source - xs))
+            qkv.append(_linear(inputs, w, b, "shd,hdk->shk"))
+    q, k, v = qkv
     if c.qk_norm:
         q, _ = layers.apply_norm(q, "rms", c.norm_eps, block.q_norm_w)
         k, _ = layers.apply_norm(k, "rms", c.norm_eps, block.k_norm_w)
+    q_cap, k_cap, v_cap = (q, k, v) if capture.qkv else (None, None, None)
     if rotary.cos is not None:
         cos, sin = rotary.cos, rotary.sin
         if rotary.local_cos is not None:
@@ -140,13 +154,12 @@ def block_forward(
     pattern = layers.attention_weights(q, k, allowed, c.scale)
     z = layers.attend(pattern, v)
     if edits is not None:
-        z = _mix(z, edits.head_mix if edits.head_mix is None else edits.head_mix[..., None],
-                 edits.head_source)
+        z = edits.mixed(z, "head")
     attn_out = _linear(z, block.W_O, block.b_O, "shk,hkd->sd")
     if c.sandwich_norms:
         attn_out, _ = layers.apply_norm(attn_out, c.norm_kind, c.norm_eps, block.post_attn_w)
     if edits is not None:
-        attn_out = _ablate(attn_out, edits.writer_ablate)
+        attn_out = _ablate(edits.mixed(attn_out, "attn_out"), edits.writer_ablate)
 
     resid_mid = x + attn_out
     if c.attn_only:  # no MLP sub-block at all (TransformerLens attn_only)
@@ -154,7 +167,8 @@ def block_forward(
         mlp_out = jnp.zeros_like(resid_mid)
     else:
         mlp_in = x if c.parallel_residual else resid_mid
-        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, c.norm_eps, block.ln2_w, block.ln2_b)
+        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, c.norm_eps, block.ln2_w, block.ln2_b,
+                                          _scale_edit(edits, "ln2"))
         act = layers.activation_fn(c.activation)
         pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
         if c.gated_mlp:
@@ -162,12 +176,12 @@ def block_forward(
         else:
             neurons = act(pre)
         if edits is not None:
-            neurons = _mix(neurons, edits.neuron_mix, edits.neuron_source)
+            neurons = edits.mixed(neurons, "neuron")
         mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
         if c.sandwich_norms:
             mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, c.norm_eps, block.post_mlp_w)
         if edits is not None:
-            mlp_out = _ablate(mlp_out, edits.writer_ablate)
+            mlp_out = _ablate(edits.mixed(mlp_out, "mlp_out"), edits.writer_ablate)
     resid_post = resid_mid + mlp_out
 
     acts = Activations(
@@ -181,6 +195,7 @@ def block_forward(
         attn_pattern=pattern if capture.attn_pattern else None,
         ln1_scale=ln1_scale if capture.norms else None,
         ln2_scale=ln2_scale if capture.norms else None,
+        q=q_cap, k=k_cap, v=v_cap,
     )
     return resid_post, kv, acts
 

@@ -45,18 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models.interventions import Edits
+from models.interventions import Edits, check_edits
 from models.kv_cache import KVCache
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
 _PAD_MULTIPLE = 8
-
-# Edits fields with a position axis S (after the layer axis); it must be 1 here.
-_POSITIONAL_EDITS = (
-    "resid_add", "resid_mix", "resid_source", "head_mix", "head_source", "neuron_mix",
-    "neuron_source",
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
@@ -135,7 +128,9 @@ def generate(
     rows = _as_prompts(prompts, config.vocab_size)
     _check_args(config, rows, max_new_tokens, temperature, top_k, top_p, progress_chunk)
     if edits is not None:
-        _check_edits(edits, config, len(rows) if edits_batched else None)
+        # every position axis must be 1 here: the edit applies at every position
+        check_edits(edits, config, seq_len=None, batch_dims=int(edits_batched),
+                    batch=len(rows) if edits_batched else None)
     eos = _eos_ids(eos_token_ids, config)
     pad = _pad_id(pad_token_id, config, eos)
 
@@ -267,33 +262,6 @@ def _check_args(config, rows, max_new_tokens, temperature, top_k, top_p, progres
         raise ValueError(f"progress_chunk must be an int >= 1; got {progress_chunk!r}")
 
 
-def _check_edits(edits: Edits, config, batch: int | None) -> None:
-    """Edits must cover every layer and have S == 1 (applied at every position)."""
-    if not isinstance(edits, Edits):
-        raise TypeError(f"edits must be a models.Edits; got {type(edits).__name__}")
-    lead = 0 if batch is None else 1
-    for f in dataclasses.fields(edits):
-        value = getattr(edits, f.name)
-        if value is None:
-            continue
-        shape = tuple(value.shape)
-        if batch is not None and (len(shape) < 1 or shape[0] != batch):
-            raise ValueError(
-                f"edits_batched=True: edits.{f.name} needs a leading axis of {batch} (one per "
-                f"prompt); got shape {shape}"
-            )
-        if len(shape) <= lead or shape[lead] != config.n_layers:
-            raise ValueError(
-                f"edits.{f.name} needs a layer axis of {config.n_layers}; got shape {shape}"
-                + ("" if batch is not None else " (a leading batch axis needs edits_batched=True)")
-            )
-        if f.name in _POSITIONAL_EDITS and (len(shape) <= lead + 1 or shape[lead + 1] != 1):
-            raise ValueError(
-                f"edits.{f.name} must have position axis S = 1 for generation (applied at every "
-                f"position); got shape {shape}"
-            )
-
-
 def _eos_ids(eos_token_ids, config) -> list[int]:
     if eos_token_ids is None:
         return list(config.eos_token_ids)
@@ -373,7 +341,7 @@ def _prefill(model, tokens, mask, edits, edits_axis, slots: int):
         x = model.embed_tokens(tokens, pos)
         x, cache, _ = model.run_blocks(x, pos, valid, edits=edits, kv_cache=cache)
         # Left padding puts every prompt's last real token at the end: only it is unembedded.
-        logits, _ = model.unembed_resid(x[-1:])
+        logits, _ = model.unembed_resid(x[-1:], edits=edits)
         return logits[0], cache
 
     return jax.vmap(one, in_axes=(0, 0, edits_axis))(tokens, mask, edits)

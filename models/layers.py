@@ -20,32 +20,31 @@ from models.config import ModelConfig, NormKind, RopeScaling
 MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
-def norm_scale(x: Float[Array, "*batch d"], kind: NormKind, eps: float) -> Float[Array, "*batch"]:
-    """What the norm divides by: sigma(x) = sqrt(|P x|^2/d + eps) (LayerNorm, P centres)
-    or rms(x) = sqrt(|x|^2/d + eps) (RMSNorm).  Always float32."""
-    x = x.astype(jnp.float32)
-    if kind == "layer":
-        x = x - x.mean(-1, keepdims=True)
-    return jnp.sqrt(jnp.mean(x * x, axis=-1) + eps)
-
-
 def apply_norm(
     x: Float[Array, "*batch d"],
     kind: NormKind,
     eps: float,
     weight: Float[Array, "d"] | None,
     bias: Float[Array, "d"] | None = None,
+    scale_edit: tuple[Array, Array | None] | None = None,
 ) -> tuple[Float[Array, "*batch d"], Float[Array, "*batch"]]:
     """LayerNorm `w * (Px)/sigma + b` or RMSNorm `w * x/rms`; returns (output, divisor).
 
     Gemma's `(1 + w)` gain is folded into `weight` at load time, so one formula serves
     every family and the geometry code sees exactly the gain the model applies.
+    scale_edit = (mix [S], source [S] or None): the divisor becomes
+    `s + mix * (source - s)` ("freeze the norm scale" from another run when mix = 1; what
+    TransformerLens calls hook_scale), and the returned divisor is the one used.
     """
     dtype = x.dtype
     xf = x.astype(jnp.float32)
     if kind == "layer":
         xf = xf - xf.mean(-1, keepdims=True)
     scale = jnp.sqrt(jnp.mean(xf * xf, axis=-1) + eps)
+    if scale_edit is not None:
+        mix, source = scale_edit
+        source = jnp.zeros_like(scale) if source is None else source.astype(jnp.float32)
+        scale = scale + mix.astype(jnp.float32) * (source - scale)
     y = xf / scale[..., None]
     if weight is not None:
         y = y * weight.astype(jnp.float32)

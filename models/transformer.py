@@ -20,7 +20,7 @@ from jaxtyping import Array, Bool, Float, Int
 from models import layers
 from models.block import Block, Rotary, block_forward
 from models.config import ModelConfig
-from models.interventions import Activations, Capture, Edits
+from models.interventions import Activations, Capture, Edits, final_part, layer_slice
 from models.kv_cache import KVCache
 
 
@@ -72,7 +72,7 @@ class Transformer(eqx.Module):
         x, kv_cache, acts = self.run_blocks(
             x, query_pos, key_valid, edits=edits, capture=capture, kv_cache=kv_cache
         )
-        logits, final = self.unembed_resid(x, capture)
+        logits, final = self.unembed_resid(x, capture, edits)
         acts = eqx.tree_at(
             lambda a: (a.final_norm_in, a.final_norm_out, a.final_scale),
             acts,
@@ -162,6 +162,28 @@ class Transformer(eqx.Module):
         lcos, lsin = layers.rope_tables(positions, local_f)
         return Rotary(cos, sin, lcos, lsin)
 
+    def prefix(
+        self,
+        tokens: Int[Array, " seq"],
+        attention_mask: Bool[Array, " seq"] | None = None,
+        stop: int = 0,
+    ) -> tuple[Float[Array, "seq d_model"], Int[Array, " seq"], Bool[Array, " seq"]]:
+        """The unedited residual entering block `stop` (resid_pre[stop]; stop = n_layers:
+        before the final norm), with the query positions and key validity that the rest of
+        the forward needs: `x, qpos, valid = model.prefix(t, m, l)` then
+        `model.run_blocks(x, qpos, valid, start=l, edits=e)` equals `model.forward(t, m,
+        edits=e)` whenever e does nothing before layer l.  THE split of the forward used by
+        sweeps, MELBO, steering and `lens.resid_at`: the prefix runs once, the suffix K times."""
+        n = self.config.n_layers
+        if not 0 <= stop <= n:
+            raise ValueError(f"prefix stop {stop} out of range [0, {n}]")
+        tokens = self.check_tokens(tokens)
+        query_pos, key_valid = self.default_positions(tokens, attention_mask, None, None)
+        x = self.embed_tokens(tokens, query_pos)
+        if stop > 0:
+            x, _, _ = self.run_blocks(x, query_pos, key_valid, stop=stop)
+        return x, query_pos, key_valid
+
     def run_blocks(
         self,
         x: Float[Array, "seq d_model"],
@@ -176,12 +198,16 @@ class Transformer(eqx.Module):
         """Scan blocks [start, stop) over the residual stream `x`.
 
         Splitting at a layer lets a sweep run the shared prefix once and vmap only the
-        rest.  `edits` and the captures cover the blocks run (layer axis = stop - start).
+        rest.  `edits` are given for EVERY layer (as for `forward`) and sliced here to the
+        blocks run; the final norm's edits are left to `unembed_resid`.  Captures cover
+        the blocks run (layer axis = stop - start), or exactly `capture.layers` (absolute
+        indices, in that order; each must be inside [start, stop)).
         """
         n = self.config.n_layers
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise ValueError(f"block range [{start}, {stop}) is not inside [0, {n})")
+        edits = layer_slice(edits, start, stop)
         blocks = jax.tree.map(lambda w: w[start:stop], self.blocks)
         local = self.config.local_layers
         is_local = None if local is None else jnp.asarray(local[start:stop])
@@ -197,25 +223,64 @@ class Transformer(eqx.Module):
             key_pos, write_index = kv_cache.positions, kv_cache.length
             kv_layers = (kv_cache.k, kv_cache.v)
 
-        def step(h, xs):
-            block, local_l, edits_l, kv_l = xs
-            h, kv_l, acts = block_forward(
+        def block(h, xs):
+            block, local_l, edits_l, kv_l, _ = xs
+            return block_forward(
                 self.config, block, h, query_pos, key_pos, rot, local_l, edits_l, capture,
                 kv_l, write_index,
             )
-            return h, (kv_l, acts)
 
-        x, (kv_layers, acts) = jax.lax.scan(step, x, (blocks, is_local, edits, kv_layers))
+        xs = (blocks, is_local, edits, kv_layers, jnp.arange(stop - start))
+        if capture.layers is None:
+            def step(h, xs):
+                h, kv_l, acts = block(h, xs)
+                return h, (kv_l, acts)
+
+            x, (kv_layers, acts) = jax.lax.scan(step, x, xs)
+        else:
+            x, kv_layers, acts = self._scan_chosen_layers(block, x, xs, capture.layers, start, stop)
         if kv_cache is not None:
             kv_cache = kv_cache.advanced(kv_layers, x.shape[0])
         return x, kv_cache, acts
 
+    def _scan_chosen_layers(self, block, x, xs, chosen, start, stop):
+        """The scan, keeping only the `chosen` layers' captures: each block writes its
+        captures into slot `chosen.index(layer)` of a carried buffer (a spare last slot
+        for the others), so only len(chosen) layers are ever held."""
+        outside = [layer for layer in chosen if not start <= layer < stop]
+        if outside:
+            raise ValueError(f"Capture(layers=...) holds layers {outside} outside the blocks "
+                             f"run [{start}, {stop})")
+        slot = np.full((stop - start,), len(chosen), np.int32)
+        for i, layer in enumerate(chosen):
+            slot[layer - start] = i
+        slot = jnp.asarray(slot)
+        first = jax.tree.map(lambda a: a[0], xs)
+        shapes = jax.eval_shape(lambda h: block(h, first)[2], x)
+        buffers = jax.tree.map(lambda a: jnp.zeros((len(chosen) + 1,) + a.shape, a.dtype), shapes)
+
+        def step(carry, xs):
+            h, buffers = carry
+            h, kv_l, acts = block(h, xs)
+            i = slot[xs[-1]]
+            buffers = jax.tree.map(
+                lambda b, a: jax.lax.dynamic_update_index_in_dim(b, a, i, 0), buffers, acts)
+            return (h, buffers), kv_l
+
+        (x, buffers), kv_layers = jax.lax.scan(step, (x, buffers), xs)
+        return x, kv_layers, jax.tree.map(lambda b: b[: len(chosen)], buffers)
+
     def unembed_resid(
-        self, x: Float[Array, "seq d_model"], capture: Capture = Capture()
+        self, x: Float[Array, "seq d_model"], capture: Capture = Capture(),
+        edits: Edits | None = None,
     ) -> tuple[Float[Array, "seq vocab"], tuple]:
-        """Final norm and unembedding; logits in float32."""
+        """Final norm and unembedding; logits in float32.  `edits`: only the final norm's
+        fields are read (final_scale_mix / _source)."""
         c = self.config
-        y, scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, self.final_norm_w, self.final_norm_b)
+        final = final_part(edits)
+        scale_edit = None if final is None else (final.final_scale_mix, final.final_scale_source)
+        y, scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, self.final_norm_w,
+                                     self.final_norm_b, scale_edit)
         w_u = self.embed if self.unembed is None else self.unembed
         logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
         if self.unembed_b is not None:

@@ -42,7 +42,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lens import melbo  # noqa: E402
-from orthogonal_report import code_score, load_vectors, plots, save_vectors, write_markdown  # noqa: E402
+from lens.metrics import code_score  # noqa: E402
+from orthogonal_report import load_vectors, plots, save_vectors, write_markdown  # noqa: E402
 
 CODE = [
     "Write a Python function that reverses a string.",
@@ -135,77 +136,59 @@ def load(args):
     return model, tok, lambda text: chat_prompt(tok, text)
 
 
-def caa_vector(model, prompts_a, prompts_b, source):
-    """CAA at the last prompt token: mean over pairs of x_s[last](a) - x_s[last](b), with
-    x_s = the residual after block s (`lens.steering.mean_difference` at resid_pre[s+1])."""
+def caa_vector(model, prompts_a, prompts_b, layer):
+    """CAA at the last prompt token: mean over pairs of resid_pre[layer](a) - (b) at each
+    prompt's last token (`lens.steering.mean_difference`)."""
     from lens.steering import mean_difference
 
     (ta, ma), (tb, mb) = melbo.pad_prompts(prompts_a), melbo.pad_prompts(prompts_b)
-    return np.asarray(mean_difference(model, ta, tb, source + 1, ma, mb, reduce="last"))
+    return np.asarray(mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
 
 
-def reply_caa_vector(model, prompts_a, prompts_b, source, n_tokens):
-    """CAA over the model's own replies: each prompt's greedy reply (n_tokens) is appended and
-    x_s averaged over the positions that PREDICT the reply (the last prompt token and the
-    first n_tokens - 1 reply tokens); mean over prompts a minus mean over prompts b.  With
-    code requests vs prose requests this is the "I am starting to write code" state, which
-    steers far better than the last prompt token alone (calibration table)."""
-    from lens.capture import resid_at
-    from models.generate import generate
+def steered_generate(args, model, tok, layer, prompts, vecs):
+    """Greedy generations of every prompt under every vector (added at `layer` on every
+    prompt and generated token), vector-major as `lens.steering.generate_with_vectors`
+    returns them.  Calls hold --gen-batch // len(prompts) vectors (the last padded with
+    zero vectors), so every call of a run reuses ONE compiled prefill/decode."""
+    from lens.steering import generate_with_vectors
 
-    def reply_resid(prompts):
-        replies = generate(model, prompts, n_tokens, eos_token_ids=[]).tokens
-        toks, mask = melbo.pad_prompts([list(p) + list(r) for p, r in zip(prompts, replies)])
-        x = np.asarray(resid_at(model, toks, source + 1, mask))
-        return np.stack([x[i, len(p) - 1: len(p) - 1 + n_tokens].mean(0) for i, p in enumerate(prompts)])
-
-    return reply_resid(prompts_a).mean(0) - reply_resid(prompts_b).mean(0)
-
-
-def steered_generate(args, model, tok, s, rows, vecs):
-    """Greedy generations of `rows` (prompt ids), row i steered by vecs[i] after block s on
-    every prompt and generated token.  Calls are padded to --gen-batch rows, so every call
-    of a run reuses ONE compiled prefill/decode."""
-    from models import Edits
-    from models.generate import generate
-
-    n, d, gb = model.config.n_layers, model.config.d_model, args.gen_batch
+    per_call = max(1, args.gen_batch // len(prompts))
+    vecs = np.asarray(vecs, np.float32)
     texts = []
-    for i in range(0, len(rows), gb):
-        r, v = list(rows[i: i + gb]), list(vecs[i: i + gb])
-        used = len(r)
-        r += [r[0]] * (gb - used)
-        v += [np.zeros(d, np.float32)] * (gb - used)
-        add = np.zeros((gb, n, 1, d), np.float32)
-        add[:, s + 1, 0] = np.stack(v)  # "after block s" = entering block s+1
-        res = generate(model, r, args.gen_tokens, edits=Edits(resid_add=jnp.asarray(add)), edits_batched=True)
-        texts += [tok.decode(t) if tok is not None else " ".join(map(str, t)) for t in res.tokens[:used]]
+    for i in range(0, len(vecs), per_call):
+        v = vecs[i: i + per_call]
+        used = len(v)
+        v = np.concatenate([v, np.zeros((per_call - used, v.shape[1]), np.float32)])
+        out = generate_with_vectors(model, prompts, v, layer, args.gen_tokens)[:used]
+        for row in out.reshape(-1, out.shape[-1]):
+            ids = [int(t) for t in row if t >= 0]
+            texts.append(tok.decode(ids) if tok is not None else " ".join(map(str, ids)))
     return texts
 
 
-def calibrate_base(args, model, tok, make, s, x_norm, prompts):
+def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
     """theta0: the CAA design and the smallest rho (|theta0| / median|x_s|) of the grid with
     the highest mean code score on non-coding prompts; "reply" wins ties.  Both designs
     (code requests vs prose requests; "reply" = the first reply tokens, "last" = the last
     prompt token) are tried in ONE generate pass.  If nothing writes code, theta0 is "reply"
     at the smallest rho (the least destructive) and the table says so."""
     code, prose = [make(p) for p in CODE], [make(p) for p in PROSE]
-    designs = {"reply": reply_caa_vector(model, code, prose, s, args.reply_tokens),
-               "last": caa_vector(model, code, prose, s)}
+    from lens.steering import reply_mean_difference
+
+    designs = {"reply": reply_mean_difference(model, code, prose, layer, args.reply_tokens),
+               "last": caa_vector(model, code, prose, layer)}
     cos = float(designs["reply"] @ designs["last"] / np.linalg.norm(designs["reply"]) / np.linalg.norm(designs["last"]))
     if args.base_rho is not None:
         v = designs["reply"]
         return v / np.linalg.norm(v) * args.base_rho * x_norm, {
             "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
     grid = [float(r) for r in args.base_rho_grid.split(",")]
-    rows, vecs, keys = [], [], []
+    vecs, keys = [], []
     for name, v in designs.items():
         for rho in grid:
-            for p in prompts:
-                rows.append(p)
-                vecs.append(v / np.linalg.norm(v) * rho * x_norm)
-                keys.append((name, rho))
-    texts = steered_generate(args, model, tok, s, rows, vecs)
+            vecs.append(v / np.linalg.norm(v) * rho * x_norm)
+            keys += [(name, rho)] * len(prompts)
+    texts = steered_generate(args, model, tok, layer, prompts, vecs)
     table, examples = [], {}
     for name in designs:
         for rho in grid:
@@ -303,6 +286,8 @@ def main(argv=None, on_checkpoint=None):
     n = model.config.n_layers
     s = args.source if args.source is not None else max(0, round(n / 4) - 1)
     t = args.target if args.target is not None else max(s + 1, round(n / 2))
+    # The CLI speaks MELBO's "after block s"; the library's layer is the one it enters.
+    layer = melbo.layer_after(s)
     print(f"model {args.model} ({n} layers, d={model.config.d_model}); source {s}, target {t}")
     t0 = lap("load", t_start)
 
@@ -318,7 +303,7 @@ def main(argv=None, on_checkpoint=None):
         calib = json.loads(calib_file.read_text())
         theta0 = load_vectors(base_file)[0]["theta0"]
     else:
-        theta0, calib = calibrate_base(args, model, tok, make, s, x_norm, neutral[: args.calib_prompts])
+        theta0, calib = calibrate_base(args, model, tok, make, layer, x_norm, neutral[: args.calib_prompts])
         calib_file.write_text(json.dumps(calib, indent=1))
         save_vectors(base_file, {"theta0": theta0}, {"model": args.model, "layer": s, "site": "resid_post[source]",
                                                      "method": calib["design"], "rho": calib["rho"]})
@@ -387,7 +372,7 @@ def main(argv=None, on_checkpoint=None):
     t0 = lap("mode_comparison", t0)
 
     # 5. behaviour: steered greedy generations and the code score.
-    samples, scores = generations(args, model, tok, neutral, theta0, sets, norms, s)
+    samples, scores = generations(args, model, tok, neutral, theta0, sets, norms, layer)
     t0 = lap("generation", t0)
 
     def mean_score(prefix):
@@ -460,7 +445,7 @@ def main(argv=None, on_checkpoint=None):
     return summary
 
 
-def generations(args, model, tok, neutral, theta0, sets, norms, s):
+def generations(args, model, tok, neutral, theta0, sets, norms, layer):
     """Greedy generations steered by: found vectors, random controls, found rescaled to
     |theta0|, theta0, theta0 at the found mean norm, nothing; the code score of each."""
     g = args.gen_vectors
@@ -471,14 +456,10 @@ def generations(args, model, tok, neutral, theta0, sets, norms, s):
     steer |= {"base": theta0, "base_at_found_norm": theta0 / np.linalg.norm(theta0) * norms.mean(),
               "unsteered": np.zeros_like(theta0)}
     prompts = neutral[: args.gen_prompts]
-    rows, vecs, labels = [], [], []
-    for lab, v in steer.items():
-        for p in prompts:
-            rows.append(p)
-            vecs.append(v)
-            labels.append(lab)
+    rows = [p for _ in steer for p in prompts]
+    labels = [lab for lab in steer for _ in prompts]
     print(f"generating {len(rows)} rows x {args.gen_tokens} tokens")
-    texts = steered_generate(args, model, tok, s, rows, vecs)
+    texts = steered_generate(args, model, tok, layer, prompts, list(steer.values()))
     samples, per = [], {lab: [] for lab in steer}
     for lab, p, text in zip(labels, rows, texts):
         sc = code_score(text)

@@ -20,6 +20,8 @@ from lens.melbo.problem import (
     ortho_loss,
     ortho_reference,
     pad_prompts,
+    layer_after,
+    steered_run,
     steered_target,
 )
 from lens.melbo.train import (

@@ -3,7 +3,8 @@
 For K vectors added after block s, each stage gives one "effect" per vector and the K x K
 cosine matrix of those effects:
   raw         the vectors themselves (what is stored);
-  effective   `to_sphere(x + v) - to_sphere(x)` times the gain of block s+1's first norm,
+  effective   `to_sphere(x + v) - to_sphere(x)` times the gain of the first norm of block
+              `problem.layer` (= s + 1, where v enters),
               pooled over the prompt tokens (exact and first order; `lens.geometry`);
   target      h_t(v) - h_t(0), the residual after block t, pooled over real tokens except
               position 0 (the attention sink, whose huge change would dominate; like
@@ -15,7 +16,7 @@ Per stage: mean off-diagonal cosine (and mean |cos|), the participation ratio of
 normalised effects `PR = K^2 / ||C||_F^2` (K for orthogonal effects, 1 for identical ones;
 equal to `lens.geometry.participation_ratio(effects, normalize=True)`), the degeneracy
 factor K / PR, and threshold clusters.  Steered runs go through the same split forward as
-training (`lens.melbo.problem`), equal to `model.forward` with `Edits(resid_add)` at s+1.
+training (`lens.melbo.problem.steered_run`: `edits.add` at `problem.layer` = s + 1).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from lens import geometry, sharding
-from lens.melbo.problem import MelboProblem
+from lens.capture import last_real_index
+from lens.melbo.problem import MelboProblem, steered_run
 from models.interventions import Capture
 
 
@@ -50,16 +52,12 @@ class SteeredEffects(eqx.Module):
 
 
 def _run_from_source(problem: MelboProblem, theta):
-    model, s, t = problem.model, problem.source, problem.target
-    n = model.config.n_layers
-    last_idx = jnp.sum(problem.mask, axis=1) - 1
-
-    def one(x, qpos, kvalid, li):
-        h, _, acts = model.run_blocks(x + theta, qpos, kvalid, s + 1, n, capture=Capture(resid=True))
-        logits, _ = model.unembed_resid(h[li][None])
-        return acts.resid_post[t - s - 1], h, logits[0]
-
-    return jax.vmap(one)(problem.x_src, problem.query_pos, problem.key_valid, last_idx)
+    # Only the target block's output is captured (Capture(layers=...)), not every layer's.
+    h, acts = steered_run(problem, theta, capture=Capture(resid=True, layers=(problem.target,)))
+    last = last_real_index(problem.mask)
+    h_last = h[jnp.arange(h.shape[0]), last]  # [P, d]
+    logits = jax.vmap(lambda x: problem.model.unembed_resid(x[None])[0][0])(h_last)
+    return acts.resid_post[:, 0], h, logits
 
 
 _base_run = eqx.filter_jit(_run_from_source)
@@ -168,13 +166,13 @@ def analyse_vectors(
     logit-level mean pairwise KL, top-k overlap and KL from the unsteered distribution.
     `mesh`: as `steered_effects` (the K x K statistics run on one device)."""
     v = jnp.asarray(vectors, jnp.float32)
-    model, s = problem.model, problem.source
+    model = problem.model
     x = source_activations(problem)
     norms = np.linalg.norm(np.asarray(v), axis=1)
     rho = norms / median_source_norm(problem)
     eff = effects if effects is not None else steered_effects(problem, v, chunk, mesh=mesh)
     stages, sim = _stage_matrices(
-        x, v, model.blocks.ln1_w[s + 1], eff, model.config.norm_kind, model.config.norm_eps, top_k
+        x, v, model.blocks.ln1_w[problem.layer], eff, model.config.norm_kind, model.config.norm_eps, top_k
     )
     k = v.shape[0]
     off = ~np.eye(k, dtype=bool)

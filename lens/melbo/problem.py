@@ -1,13 +1,15 @@
 """The MELBO problem: a fixed batch of prompts, split at the source layer.
 
 Everything before the steering site is the same for every steering vector, so it runs
-ONCE: `make_problem` stores `x_src`, the residual stream after block s (= what enters
-block s+1, `resid_pre[s+1]`), and every objective then runs only blocks s+1..t of
-`x_src + theta` (`Transformer.run_blocks`).  This is exactly `model.forward` with
-`Edits(resid_add=theta at layer s+1, S=1)` (tested), minus the shared prefix.
+ONCE: `make_problem` stores `x_src = model.prefix(...)`, the residual stream entering
+block `problem.layer`, and every objective then runs only the blocks up to the target,
+with theta added as `edits.add(model, theta, problem.layer)` (the one path by which a
+vector enters the model): `model.forward` with that edit, minus the shared prefix (tested).
 
-Layer convention (as in the MELBO papers): "source layer s" means the residual AFTER block
-s, "target layer t" the residual AFTER block t, 0 <= s < t < n_layers.
+Layer convention: the library's "layer l" is the residual ENTERING block l
+(`resid_pre[l]`).  The MELBO papers (and `make_problem`'s arguments) say "source layer s"
+for the residual AFTER block s and "target layer t" for the residual after block t,
+0 <= s < t < n_layers; `make_problem` converts ONCE: layer = s + 1, target_layer = t + 1.
 
 Prompts of different lengths are right-padded; `mask` marks the real tokens, padding is
 never attended to, and every sum/mean over positions below runs over real tokens only.
@@ -21,21 +23,38 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from lens import edits as E
 from lens.capture import pad_prompts  # noqa: F401  (re-exported as melbo.pad_prompts)
+from lens.geometry._common import HIGHEST
+from models.interventions import Activations, Capture
 
-HIGHEST = jax.lax.Precision.HIGHEST
+
+def layer_after(block: int) -> int:
+    """MELBO's "after block s" in the library's convention: the layer s + 1 it enters.
+    The one place where lens.melbo converts (the main job's CLI keeps MELBO's wording)."""
+    return block + 1
 
 
 class MelboProblem(eqx.Module):
     """A model, a padded prompt batch and its cached source-layer residual."""
 
     model: eqx.Module
-    x_src: Float[Array, "P T d_model"]  # residual after block `source` (unsteered)
+    x_src: Float[Array, "P T d_model"]  # resid_pre[layer] (= after block `source`), unsteered
     query_pos: Int[Array, "P T"]
     key_valid: Bool[Array, "P T"]
     mask: Bool[Array, "P T"]  # real tokens (= key_valid); the positions that count
-    source: int = eqx.field(static=True)
-    target: int = eqx.field(static=True)
+    source: int = eqx.field(static=True)  # MELBO wording: after block `source`
+    target: int = eqx.field(static=True)  # after block `target`
+
+    @property
+    def layer(self) -> int:
+        """The steering layer in the library's convention: theta enters block `layer`."""
+        return layer_after(self.source)
+
+    @property
+    def target_layer(self) -> int:
+        """The target read as resid_pre[target_layer] (= after block `target`)."""
+        return layer_after(self.target)
 
 
 def make_problem(
@@ -45,7 +64,8 @@ def make_problem(
     source: int,
     target: int,
 ) -> MelboProblem:
-    """Run blocks 0..source once per prompt and keep `x_src` = the residual after block s."""
+    """Run blocks 0..source once per prompt and keep `x_src` = the residual after block s
+    (MELBO's "source layer s" = the library's layer s + 1, `MelboProblem.layer`)."""
     n = model.config.n_layers
     if not 0 <= source < target < n:
         raise ValueError(f"need 0 <= source < target < n_layers={n}; got {source}, {target}")
@@ -54,34 +74,38 @@ def make_problem(
         model.check_tokens(row)  # range checks before any compute
     mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
 
-    x_src, qpos, kvalid = _prefix(model, tokens, mask, source)
+    x_src, qpos, kvalid = _prefix(model, tokens, mask, layer_after(source))
     return MelboProblem(model, x_src, qpos, kvalid, mask, source, target)
 
 
 @eqx.filter_jit
-def _prefix(model, tokens, mask, source: int):
+def _prefix(model, tokens, mask, layer: int):
     # The model is an ARGUMENT (a closure would bake the weights in as constants).
-    def one(tok, m):
-        qpos, kvalid = model.default_positions(tok, m, None, None)
-        x = model.embed_tokens(tok, qpos)
-        x, _, _ = model.run_blocks(x, qpos, kvalid, 0, source + 1)
-        return x, qpos, kvalid
+    return jax.vmap(lambda tok, m: model.prefix(tok, m, layer))(tokens, mask)
 
-    return jax.vmap(one)(tokens, mask)
+
+def steered_run(
+    problem: MelboProblem, theta: Float[Array, " d_model"], stop: int | None = None,
+    capture: Capture = Capture(),
+) -> tuple[Float[Array, "P T d_model"], Activations]:
+    """(resid_pre[stop] per prompt, captures) with theta added at `problem.layer` at every
+    position (`edits.add`), from the cached prefix; stop None = every block."""
+    model = problem.model
+    edits = E.add(model, theta, problem.layer)
+
+    def one(x, qpos, kvalid):
+        h, _, acts = model.run_blocks(x, qpos, kvalid, problem.layer, stop, edits=edits,
+                                      capture=capture)
+        return h, acts
+
+    return jax.vmap(one)(problem.x_src, problem.query_pos, problem.key_valid)
 
 
 def steered_target(
     problem: MelboProblem, theta: Float[Array, " d_model"]
 ) -> Float[Array, "P T d_model"]:
     """h_t(theta): the residual after block t when theta is added after block s (every position)."""
-
-    def one(x, qpos, kvalid):
-        h, _, _ = problem.model.run_blocks(
-            x + theta.astype(x.dtype), qpos, kvalid, problem.source + 1, problem.target + 1
-        )
-        return h
-
-    return jax.vmap(one)(problem.x_src, problem.query_pos, problem.key_valid)
+    return steered_run(problem, theta, problem.target_layer)[0]
 
 
 def masked_mean_positions(
