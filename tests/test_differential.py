@@ -630,16 +630,49 @@ def _(name):
             close(real(got[k, i], i), hf_run(hf, p, hooks=hooks)[0], TOL_MODEL, (k, i))
 
 
-@row("lens.sweep.first_edited_layer")
+@row("lens.sweep.sweep_edits")
 def _(name):
-    _, ours = hf64("llama")
+    """K = 3 stacked edits of different kinds (head ablation, a vector, both) vs hooks."""
+    hf, ours = hf64("llama")
     from lens import edits as E
 
     v = steer_vectors(ours.config.d_model)
-    for layer in range(ours.config.n_layers):
-        stacked = E.stack_edits([E.add(ours, v[0], [layer]), E.add(ours, v[1], [ours.config.n_layers - 1])])
-        assert lens.sweep.first_edited_layer(stacked) == layer
-        assert lens.sweep.first_edited_layer(E.stack_edits([E.ablate_heads(ours, {layer: [1]})] * 2)) == layer
+    stacked = E.stack_edits([E.ablate_heads(ours, {1: [2]}), E.add(ours, v[0], [2]),
+                             E.combine(E.ablate_heads(ours, {1: [4]}), E.add(ours, v[1], [1]))])
+    res = lens.sweep.sweep_edits(ours, TOK, stacked, attention_mask=MASK, targets=[3, 17],
+                                 keep_logits=True, chunk_size=2, progress=False)
+    dh = hf.config.head_dim
+
+    def zero_head(h):
+        def fn(m, a):
+            z = a[0].clone()
+            z[..., h * dh:(h + 1) * dh] = 0
+            return (z,) + a[1:]
+        return fn
+
+    o_proj = layers_of(hf)[1].self_attn.o_proj
+    hooks = [[(o_proj, "pre_", zero_head(2))], [add_hook(hf, 2, v[0])],
+             [(o_proj, "pre_", zero_head(4)), add_hook(hf, 1, v[1])]]
+    for i, p in enumerate(PROMPTS):
+        base = hf_run(hf, p)[0][-1]
+        for k in range(3):
+            ref = hf_run(hf, p, hooks=hooks[k])[0][-1]
+            close(np.asarray(res.logits[k, i]).reshape(-1, ref.shape[-1])[-1], ref, TOL_MODEL, (k, i))
+            assert abs(float(res.kl[k, i]) - _kl_last(ref, base)) < 1e-5
+            dlp = R.log_softmax(ref)[[3, 17]] - R.log_softmax(base)[[3, 17]]
+            assert np.abs(np.asarray(res.logprob_delta[k, i]) - dlp).max() < 1e-5
+
+
+@row("lens.capture.last_real_index")
+def _(name):
+    rs = np.random.RandomState(12)
+    masks = rs.rand(5, 7, 13) > 0.4  # arbitrary holes, left and right padding alike
+    masks[0, 0] = False  # an all-padding row
+    got = np.asarray(jax.jit(jax.vmap(lens.capture.last_real_index))(masks))
+    for b in range(5):
+        for r in range(7):
+            real_idx = [t for t in range(13) if masks[b, r, t]]
+            assert got[b, r] == (real_idx[-1] if real_idx else -1)
 
 
 # ------------------------------------------------------------------------------- folding rows
