@@ -1,0 +1,71 @@
+"""Per-token stage effects (lens.melbo.stages) against transformers in float64."""
+
+import numpy as np
+
+import np_reference as R
+from lens.melbo import decompose, stages
+from lens.melbo.problem import make_problem
+from test_differential import MASK, PROMPTS, TOK, add_hook, hf64, hf_run
+
+S, T = 0, 1
+
+
+def _setup(k=5):
+    hf, ours = hf64("llama")
+    problem = make_problem(ours, TOK[:2], MASK[:2], S, T)
+    q, _ = np.linalg.qr(np.random.RandomState(4).randn(ours.config.d_model, k))
+    return hf, ours, problem, (q.T * 5.0).astype(np.float32)
+
+
+def test_token_effects_match_transformers_hooks():
+    hf, ours, problem, v = _setup()
+    eff = stages.token_effects(problem, v, chunk=2)  # padded last chunk
+    for i, p in enumerate(PROMPTS[:2]):
+        n = len(p)
+        _, h0, f0 = hf_run(hf, p)
+        lp0 = R.log_softmax(hf_run(hf, p)[0])
+        for k in range(len(v)):
+            logits, h, f = hf_run(hf, p, hooks=[add_hook(hf, S + 1, v[k])])
+            R_close = lambda a, b: np.abs(a - b).max() / np.abs(b).max()  # noqa: E731
+            assert R_close(eff["target"][k, i, :n], h[T + 1] - h0[T + 1]) < 1e-5
+            assert R_close(eff["last"][k, i, :n], f - f0) < 1e-5
+            assert R_close(eff["last_normed"][k, i, :n], h[-1] - h0[-1]) < 1e-5  # HF's last entry is normed
+            if n < TOK.shape[1]:
+                assert np.abs(eff["target"][k, i, n:]).max() == 0  # padding zeroed
+            # the logit metric: Gram of S-mapped effects == Gram of centred log-prob changes
+            d = R.log_softmax(logits) - lp0
+            d = d - d.mean(-1, keepdims=True)
+            mapped = R.f64(eff["logits"][k, i, :n])
+            assert abs((mapped * mapped).sum() - (d * d).sum()) < 1e-4 * (d * d).sum()
+
+
+def test_logit_gram_cross_terms_match_explicit_logits():
+    hf, ours, problem, v = _setup(3)
+    eff = stages.token_effects(problem, v, chunk=3)
+    p = PROMPTS[0]
+    lp0 = R.log_softmax(hf_run(hf, p)[0])
+    d = []
+    for k in range(3):
+        x = R.log_softmax(hf_run(hf, p, hooks=[add_hook(hf, S + 1, v[k])])[0]) - lp0
+        d.append((x - x.mean(-1, keepdims=True)).ravel())
+    d = np.stack(d)
+    mapped = R.f64(eff["logits"][:, 0, : len(p)]).reshape(3, -1)
+    np.testing.assert_allclose(mapped @ mapped.T, d @ d.T, rtol=1e-4, atol=1e-6 * np.abs(d @ d.T).max())
+
+
+def test_stage_readings_shapes_choices_and_reference():
+    _, ours, problem, v = _setup(6)
+    out = stages.stage_readings(problem, v, reference=v.sum(0) / 3, n_boot=50)
+    names = {"effective", "effective_first_order", "target", "target_with_first", "last", "last_with_first",
+             "last_normed", "last_normed_with_first", "logits", "logits_with_first"}
+    assert set(out) == names
+    n_real = int(np.asarray(MASK[:2]).sum())
+    assert out["target"]["units"] == n_real - 2 and out["target_with_first"]["units"] == n_real
+    for name, r in out.items():
+        for key in ("participation_ratio", "specific_participation_ratio", "shared_share"):
+            assert r[key]["lo"] <= r[key]["point"] <= r[key]["hi"], (name, key)
+        assert -1 <= r["shared_cos_reference"] <= 1
+    # the readings are those of decompose on the same effects
+    eff = stages.token_effects(problem, v)
+    tgt = eff["target"][:, :, 1:][:, np.asarray(MASK[:2])[:, 1:]]
+    assert abs(out["target"]["shared_share"]["point"] - decompose.shared_specific(tgt)["shared_share"]) < 1e-6
