@@ -69,3 +69,22 @@ def test_stage_readings_shapes_choices_and_reference():
     eff = stages.token_effects(problem, v)
     tgt = eff["target"][:, :, 1:][:, np.asarray(MASK[:2])[:, 1:]]
     assert abs(out["target"]["shared_share"]["point"] - decompose.shared_specific(tgt)["shared_share"]) < 1e-6
+
+
+def test_answer_contract_and_spreads():
+    _, ours, problem, v = _setup(6)
+    theta0 = np.random.RandomState(1).randn(ours.config.d_model).astype(np.float32) * 5
+    # found = vectors orthogonal to theta0, so the control is the same kind of draw
+    v = v - np.outer(v @ theta0, theta0) / (theta0 @ theta0)
+    ans = stages.answer(problem, v, theta0, control_seeds=(0, 1, 2), n_boot=30)
+    for key in ("shared_share", "specific_participation_ratio", "participation_ratio", "control_spread",
+                "closed_form_per_token", "shared_cos_theta0"):
+        assert key in ans
+    for stage, spread in ans["control_spread"].items():
+        for reading, s in spread.items():
+            assert s["min"] <= s["mean"] <= s["max"] and s["n"] == 3
+            assert ans[reading][stage]["control_mean"] == s["mean"]
+        assert 0 <= ans["shared_share"][stage]["found"] <= 1
+    assert ans["choices"]["n_tokens"] == int(np.asarray(MASK[:2]).sum())
+    cf = ans["closed_form_per_token"]
+    assert 0 < cf["pooled_per_token"] < 0.5 and 0 < cf["at_mean_rho"] < 0.5

@@ -134,3 +134,64 @@ def stage_readings(
         res["units"] = int(e.shape[1])
         out[name] = res
     return out
+
+
+def _spread(values: list[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "n": int(a.size)}
+
+
+def answer(
+    problem: MelboProblem, found, theta0, control_seeds=(0, 1, 2), n_boot: int = 200, chunk: int = 8,
+    progress: bool = False,
+) -> dict:
+    """The main job's question, both readings, with spreads: for the found vectors and for
+    random orthogonal controls (orthogonal to theta0 and each other, the found norms; one
+    draw per seed), at every stage.  Keys (report.json contract): `shared_share`,
+    `specific_participation_ratio`, `participation_ratio` ({stage: {"found", "found_lo",
+    "found_hi", "control_mean", "control_min", "control_max"}}), `control_spread` ({stage:
+    {reading: {mean, min, max, n}}}), `shared_cos_theta0` ({stage: {"found", "control_mean"}}),
+    `closed_form_per_token`, `stages_detail` (every bootstrap), and `choices` (what decides
+    the numbers)."""
+    from lens.melbo.analysis import random_orthogonal_controls, source_activations
+
+    found = np.asarray(found, np.float32)
+    theta0 = np.asarray(theta0, np.float32)
+    norms = np.linalg.norm(found, axis=1)
+    f = stage_readings(problem, found, theta0, chunk, n_boot, progress=progress)
+    controls = []
+    for seed in control_seeds:
+        ctrl = np.asarray(random_orthogonal_controls(jax.random.key(1000 + seed), theta0, norms))
+        controls.append(stage_readings(problem, ctrl, theta0, chunk, n_boot, seed=seed, progress=progress))
+    out: dict = {"shared_share": {}, "specific_participation_ratio": {}, "participation_ratio": {},
+                 "control_spread": {}, "shared_cos_theta0": {}, "stages_detail": {"found": f, "controls": controls}}
+    readings = ("shared_share", "specific_participation_ratio", "participation_ratio")
+    for stage in f:
+        out["control_spread"][stage] = {r: _spread([c[stage][r]["point"] for c in controls]) for r in readings}
+        for r in readings:
+            sp = out["control_spread"][stage][r]
+            out[r][stage] = {"found": f[stage][r]["point"], "found_lo": f[stage][r]["lo"],
+                             "found_hi": f[stage][r]["hi"], "control_mean": sp["mean"],
+                             "control_min": sp["min"], "control_max": sp["max"]}
+        out["shared_cos_theta0"][stage] = {
+            "found": f[stage]["shared_cos_reference"],
+            "control_mean": float(np.mean([c[stage]["shared_cos_reference"] for c in controls]))}
+    x_norms = np.linalg.norm(np.asarray(source_activations(problem)), axis=1)
+    out["closed_form_per_token"] = decompose.closed_form_per_token(x_norms, norms)
+    out["choices"] = {
+        "k": int(found.shape[0]), "control_seeds": list(control_seeds), "bootstrap": f"{n_boot} draws over tokens, "
+        "90% interval re-centred on the point estimate (lens.melbo.decompose.bootstrap_readings)",
+        "units": "every real token of every analysis prompt; position 0 (attention sink) left out "
+                 "in '<stage>' and kept in '<stage>_with_first'",
+        "last": "'last' = residual after the last block BEFORE the final norm; 'last_normed' = after it "
+                "(transformers' hidden_states[-1])",
+        "logits": "centred logit change (= centred log-prob change) at every real token",
+        "effective": "gain * (to_sphere(x + v) - to_sphere(x)) at the steering layer's first norm, "
+                     "source tokens without position 0",
+        "specific": "PR of the normalised specific parts e_k - mean_k e_k (ceiling K - 1)",
+        "shared_share": "K |mean_k e_k|^2 / sum_k |e_k|^2 (1/K for orthogonal equal-norm effects)",
+        "closed_form_per_token": "the idealised orthogonal-pair cosine pooled over tokens at each token's "
+                                 "own rho (no gain), beside the formula at the mean rho",
+        "n_prompts": int(np.asarray(problem.mask).shape[0]), "n_tokens": int(np.asarray(problem.mask).sum()),
+    }
+    return out

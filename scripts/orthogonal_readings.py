@@ -1,0 +1,136 @@
+"""Both readings of a finished main-job run: shared component vs few distinct effects.
+
+    python scripts/orthogonal_readings.py --run runs/orthogonal_<time> [--controls 5]
+
+Reads the run's vectors (theta0 and the found MELBO-ortho vectors) and settings, rebuilds
+the model and the analysis prompts, and reports per stage (`lens.melbo.stages.answer`):
+raw PR, the shared share of effect energy and the specific (centred) PR, with bootstrap
+intervals over tokens, the same for random orthogonal controls drawn with several seeds
+(mean, min, max), the cosine of the shared part with theta0's own effect, and the closed
+form pooled per token.  Writes readings.json, readings.md and readings.png into the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+
+import numpy as np  # noqa: E402
+
+from lens import melbo  # noqa: E402
+from lens.melbo import stages  # noqa: E402
+
+PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
+STAGES = ("effective", "effective_first_order", "target", "last", "last_normed", "logits")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="a main-job output folder (report.json, vectors.safetensors)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--random-weights", action="store_true", help="the run used --random-weights")
+    p.add_argument("--controls", type=int, help="random-control seeds (default: preset)")
+    p.add_argument("--n-boot", type=int, help="bootstrap draws (default: preset)")
+    p.add_argument("--prompts", type=int, help="analysis prompts, every real token counts (default: preset)")
+    args = p.parse_args(argv)
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    run = Path(args.run)
+    for need in ("report.json", "vectors.safetensors"):
+        if not (run / need).is_file():
+            p.error(f"--run {run}: no {need} (is it a finished scripts/orthogonal_steering.py run?)")
+    if args.controls < 1 or args.n_boot < 10 or args.prompts < 1:
+        p.error("need --controls >= 1, --n-boot >= 10 and --prompts >= 1")
+    return args
+
+
+def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    from safetensors import safe_open
+
+    report = json.loads((run / "report.json").read_text())
+    with safe_open(str(run / "vectors.safetensors"), "np") as f:
+        theta0, found = f.get_tensor("theta0"), f.get_tensor("found")
+    return report, np.asarray(theta0, np.float32).reshape(-1), np.asarray(found, np.float32)
+
+
+def write_markdown(path: Path, ans: dict, settings: dict) -> None:
+    rows = ["| stage | raw PR found (90% CI) | control | shared share found | control | specific PR found "
+            "(ceiling K-1) | control | cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
+    for st in [s for s in STAGES if s in ans["participation_ratio"]] + [
+            s for s in ans["participation_ratio"] if s.endswith("_with_first")]:
+        pr, sh, sp = (ans[k][st] for k in ("participation_ratio", "shared_share", "specific_participation_ratio"))
+        rows.append(
+            f"| {st} | {pr['found']:.1f} ({pr['found_lo']:.1f}-{pr['found_hi']:.1f}) | {pr['control_mean']:.1f} "
+            f"({pr['control_min']:.1f}-{pr['control_max']:.1f}) | {sh['found']:.2f} ({sh['found_lo']:.2f}-"
+            f"{sh['found_hi']:.2f}) | {sh['control_mean']:.2f} ({sh['control_min']:.2f}-{sh['control_max']:.2f}) "
+            f"| {sp['found']:.1f} ({sp['found_lo']:.1f}-{sp['found_hi']:.1f}) | {sp['control_mean']:.1f} "
+            f"({sp['control_min']:.1f}-{sp['control_max']:.1f}) | {ans['shared_cos_theta0'][st]['found']:.2f} |")
+    cf = ans["closed_form_per_token"]
+    text = [f"# Both readings ({settings.get('model')}, K = {ans['choices']['k']})", "",
+            "Control = random vectors orthogonal to theta0 and each other with the found norms; "
+            f"{len(ans['choices']['control_seeds'])} seeds (mean, min-max).", "", *rows, "",
+            f"Closed form: {cf['pooled_per_token']:.4f} pooled per token vs {cf['at_mean_rho']:.4f} at the mean "
+            f"rho {cf['mean_rho']:.3f}.", "", "Choices: ```" + json.dumps(ans["choices"], indent=1) + "```"]
+    path.write_text("\n".join(text) + "\n")
+
+
+def plot(path: Path, ans: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    st = [s for s in STAGES if s in ans["shared_share"]]
+    x = np.arange(len(st))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, title in (("shared_share", axes[0], "shared share of effect energy"),
+                           ("specific_participation_ratio", axes[1], "specific (centred) PR")):
+        f = [ans[key][s]["found"] for s in st]
+        err = [[f[i] - ans[key][s]["found_lo"] for i, s in enumerate(st)],
+               [ans[key][s]["found_hi"] - f[i] for i, s in enumerate(st)]]
+        ax.errorbar(x - 0.08, f, yerr=err, fmt="o-", label="found (90% bootstrap CI)")
+        c = [ans[key][s]["control_mean"] for s in st]
+        cerr = [[c[i] - ans[key][s]["control_min"] for i, s in enumerate(st)],
+                [ans[key][s]["control_max"] - c[i] for i, s in enumerate(st)]]
+        ax.errorbar(x + 0.08, c, yerr=cerr, fmt="s--", label="random control (seed range)")
+        ax.set_xticks(x, st, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    save_figure(fig, path.parent, path.name, [])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from orthogonal_steering import NEUTRAL, load
+
+    run = Path(args.run)
+    t0 = time.time()
+    report, theta0, found = read_run(run)
+    settings = {"model": report["model"], "random_weights": args.random_weights}
+    model, _, make = load(argparse.Namespace(model=report["model"], random_weights=args.random_weights))
+    s, t = report["source_layer"], report["target_layer"]
+    toks, mask = melbo.pad_prompts([make(p) for p in NEUTRAL[: args.prompts]])
+    problem = melbo.make_problem(model, toks, mask, s, t)
+    ans = stages.answer(problem, found, theta0, control_seeds=tuple(range(args.controls)), n_boot=args.n_boot,
+                        progress=True)
+    ans["timing_s"] = round(time.time() - t0, 1)
+    (run / "readings.json").write_text(json.dumps(ans, indent=1))
+    write_markdown(run / "readings.md", ans, settings)
+    plot(run / "readings.png", ans)
+    print((run / "readings.md").read_text())
+    print(f"wrote {run}/readings.* in {ans['timing_s']} s")
+    return ans
+
+
+if __name__ == "__main__":
+    main()
