@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="a main-job output folder (report.json, vectors.safetensors)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--random-weights", action="store_true", help="the run used --random-weights")
+    p.add_argument("--k-curve", type=_ks, help="also PR vs K for these K (first K found vs one control draw)")
     p.add_argument("--controls", type=int, help="random-control seeds (default: preset)")
     p.add_argument("--n-boot", type=int, help="bootstrap draws (default: preset)")
     p.add_argument("--prompts", type=int, help="analysis prompts, every real token counts (default: preset)")
@@ -44,21 +45,35 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     run = Path(args.run)
-    for need in ("report.json", "vectors.safetensors"):
-        if not (run / need).is_file():
-            p.error(f"--run {run}: no {need} (is it a finished scripts/orthogonal_steering.py run?)")
+    if not ((run / "vectors.safetensors").is_file() or (run / "checkpoint.safetensors").is_file()):
+        p.error(f"--run {run}: neither vectors.safetensors nor checkpoint.safetensors "
+                "(is it a scripts/orthogonal_steering.py run?)")
     if args.controls < 1 or args.n_boot < 10 or args.prompts < 1:
         p.error("need --controls >= 1, --n-boot >= 10 and --prompts >= 1")
+    if args.k_curve is not None and (len(args.k_curve) == 0 or min(args.k_curve) < 2):
+        p.error("--k-curve needs sizes >= 2, e.g. --k-curve 2,4,8,16,32,64")
     return args
 
 
+def _ks(text: str) -> list[int]:
+    return sorted({int(k) for k in text.split(",") if k.strip()})
+
+
 def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(model and layers, theta0, found vectors): from a finished run's vectors file, or
+    from the checkpoint of a run still training (its first n_done vectors)."""
     from safetensors import safe_open
 
-    report = json.loads((run / "report.json").read_text())
-    with safe_open(str(run / "vectors.safetensors"), "np") as f:
-        theta0, found = f.get_tensor("theta0"), f.get_tensor("found")
-    return report, np.asarray(theta0, np.float32).reshape(-1), np.asarray(found, np.float32)
+    if (run / "vectors.safetensors").is_file():
+        with safe_open(str(run / "vectors.safetensors"), "np") as f:
+            theta0, found, meta = f.get_tensor("theta0"), f.get_tensor("found"), dict(f.metadata() or {})
+    else:
+        with safe_open(str(run / "checkpoint.safetensors"), "np") as f:
+            meta = dict(f.metadata() or {})
+            theta0, found = f.get_tensor("theta0"), f.get_tensor("vectors")[: int(meta["n_done"])]
+    info = {"model": meta["model"], "source_layer": int(meta["source_layer"]),
+            "target_layer": int(meta["target_layer"])}
+    return info, np.asarray(theta0, np.float32).reshape(-1), np.asarray(found, np.float32)
 
 
 def write_markdown(path: Path, ans: dict, settings: dict) -> None:
@@ -109,6 +124,29 @@ def plot(path: Path, ans: dict) -> None:
     save_figure(fig, path.parent, path.name, [])
 
 
+def plot_k_curve(path: Path, curve: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from figures import save_figure
+
+    st = ("target", "last", "logits")
+    fig, axes = plt.subplots(1, len(st), figsize=(13, 4))
+    for ax, name in zip(axes, st):
+        for who, style in (("found", "o-"), ("control", "s--")):
+            c = curve[name][who]
+            ax.plot(c["k"], c["participation_ratio"], style, label=f"{who}: raw PR")
+            ax.plot(c["k"], c["specific_participation_ratio"], style, alpha=0.5, label=f"{who}: specific PR")
+        ks = curve[name]["found"]["k"]
+        ax.plot(ks, [k - 1 for k in ks], ":", c="grey", label="ceiling K - 1")
+        ax.set_xlabel("K (first K vectors)")
+        ax.set_title(f"distinct effects at {name}")
+        ax.legend(fontsize=7)
+    save_figure(fig, path.parent, path.name, [])
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from orthogonal_steering import NEUTRAL, load
@@ -116,13 +154,17 @@ def main(argv=None) -> dict:
     run = Path(args.run)
     t0 = time.time()
     report, theta0, found = read_run(run)
-    settings = {"model": report["model"], "random_weights": args.random_weights}
+    settings = {"model": report["model"], "random_weights": args.random_weights, "k_found": len(found)}
     model, _, make = load(argparse.Namespace(model=report["model"], random_weights=args.random_weights))
     s, t = report["source_layer"], report["target_layer"]
     toks, mask = melbo.pad_prompts([make(p) for p in NEUTRAL[: args.prompts]])
     problem = melbo.make_problem(model, toks, mask, s, t)
     ans = stages.answer(problem, found, theta0, control_seeds=tuple(range(args.controls)), n_boot=args.n_boot,
                         progress=True)
+    if args.k_curve:
+        ks = [k for k in args.k_curve if k <= len(found)]
+        ans["pr_vs_k"] = stages.k_curve(problem, found, theta0, ks, progress=True)
+        plot_k_curve(run / "pr_vs_k.png", ans["pr_vs_k"])
     ans["timing_s"] = round(time.time() - t0, 1)
     (run / "readings.json").write_text(json.dumps(ans, indent=1))
     write_markdown(run / "readings.md", ans, settings)

@@ -88,3 +88,16 @@ def test_answer_contract_and_spreads():
     assert ans["choices"]["n_tokens"] == int(np.asarray(MASK[:2]).sum())
     cf = ans["closed_form_per_token"]
     assert 0 < cf["pooled_per_token"] < 0.5 and 0 < cf["at_mean_rho"] < 0.5
+
+
+def test_k_curve_matches_readings_of_the_first_k():
+    _, ours, problem, v = _setup(8)
+    theta0 = np.random.RandomState(2).randn(ours.config.d_model).astype(np.float32)
+    curve = stages.k_curve(problem, v, theta0, [2, 5, 8])
+    eff = stages.unit_effects(problem, v[:5])
+    assert curve["target"]["found"]["k"] == [2, 5, 8]
+    want = decompose.shared_specific(eff["target"])
+    assert abs(curve["target"]["found"]["specific_participation_ratio"][1] - want["specific_participation_ratio"]) < 1e-4
+    assert abs(curve["logits"]["found"]["participation_ratio"][1]
+               - decompose.shared_specific(eff["logits"])["participation_ratio"]) < 1e-4
+    assert set(curve) == {"effective", "effective_first_order", "target", "last", "last_normed", "logits"}

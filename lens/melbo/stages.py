@@ -106,6 +106,37 @@ def effective_effects(problem: MelboProblem, vectors, order: str = "exact") -> n
     return np.asarray(f(jnp.asarray(vectors, jnp.float32)))
 
 
+def unit_effects(problem: MelboProblem, vectors, chunk: int = 8, progress: bool = False) -> dict:
+    """{stage: [K, units, d]} for every stage (token stages with and without position 0)."""
+    v = np.asarray(vectors, np.float32)
+    token = token_effects(problem, v, chunk, progress)
+    mask = np.asarray(problem.mask)
+    per_stage = {}
+    for order, name in (("exact", "effective"), ("first", "effective_first_order")):
+        per_stage[name] = effective_effects(problem, v, order)
+    for name in TOKEN_STAGES:
+        per_stage[name] = _units(token[name], mask, with_first=False)
+        per_stage[f"{name}_with_first"] = _units(token[name], mask, with_first=True)
+    return per_stage
+
+
+def k_curve(problem: MelboProblem, found, theta0, ks, control_seed: int = 0, chunk: int = 8,
+            progress: bool = False) -> dict:
+    """Raw PR, specific PR and shared share of the FIRST k found vectors for each k in ks,
+    beside one draw of K random orthogonal controls with the found norms: does the number
+    of distinct effects keep growing with K, or saturate?  {stage: {"found": curve,
+    "control": curve}} with curves as `decompose.pr_vs_k`."""
+    from lens.melbo.analysis import random_orthogonal_controls
+
+    found = np.asarray(found, np.float32)
+    ctrl = np.asarray(random_orthogonal_controls(jax.random.key(2000 + control_seed), np.asarray(theta0, np.float32),
+                                                 np.linalg.norm(found, axis=1)))
+    f_eff = unit_effects(problem, found, chunk, progress)
+    c_eff = unit_effects(problem, ctrl, chunk, progress)
+    return {st: {"found": decompose.pr_vs_k(f_eff[st], list(ks)), "control": decompose.pr_vs_k(c_eff[st], list(ks))}
+            for st in f_eff if not st.endswith("_with_first")}
+
+
 def stage_readings(
     problem: MelboProblem, vectors, reference=None, chunk: int = 8, n_boot: int = 200, seed: int = 0,
     progress: bool = False,
@@ -117,14 +148,7 @@ def stage_readings(
     v = np.asarray(vectors, np.float32)
     k = v.shape[0]
     all_v = v if reference is None else np.concatenate([v, np.asarray(reference, np.float32)[None]])
-    token = token_effects(problem, all_v, chunk, progress)
-    mask = np.asarray(problem.mask)
-    per_stage = {}
-    for order, name in (("exact", "effective"), ("first", "effective_first_order")):
-        per_stage[name] = effective_effects(problem, all_v, order)
-    for name in TOKEN_STAGES:
-        per_stage[name] = _units(token[name], mask, with_first=False)
-        per_stage[f"{name}_with_first"] = _units(token[name], mask, with_first=True)
+    per_stage = unit_effects(problem, all_v, chunk, progress)
     out = {}
     for name, e in per_stage.items():
         found = e[:k]
