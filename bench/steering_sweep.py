@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402

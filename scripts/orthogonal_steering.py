@@ -29,21 +29,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import melbo  # noqa: E402
+from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
-from orthogonal_report import load_vectors, plots, save_vectors, write_markdown  # noqa: E402
+from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [
     "Write a Python function that reverses a string.",
@@ -122,10 +119,11 @@ def load(args):
         return make
 
     if args.random_weights:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-        from melbo import build  # bench/melbo.py
+        import models
+        from models.embedded import SMOLLM2_135M_HF_CONFIG
+        from models.llama import config_from_hf
 
-        model, _, _ = build(True)
+        model = models.init(config_from_hf(SMOLLM2_135M_HF_CONFIG), jax.random.key(0))
         return model, None, random_prompt(model.config.vocab_size)
     import models
     from models.generate import chat_prompt
@@ -139,71 +137,47 @@ def load(args):
 def caa_vector(model, prompts_a, prompts_b, layer):
     """CAA at the last prompt token: mean over pairs of resid_pre[layer](a) - (b) at each
     prompt's last token (`lens.steering.mean_difference`)."""
-    from lens.steering import mean_difference
-
     (ta, ma), (tb, mb) = melbo.pad_prompts(prompts_a), melbo.pad_prompts(prompts_b)
-    return np.asarray(mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
+    return np.asarray(steering.mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
+
+
+def decoder(tok):
+    """Token ids -> text: the tokenizer's, or the ids themselves without one."""
+    return (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: " ".join(map(str, ids)))
 
 
 def steered_generate(args, model, tok, layer, prompts, vecs):
     """Greedy generations of every prompt under every vector (added at `layer` on every
-    prompt and generated token), vector-major as `lens.steering.generate_with_vectors`
-    returns them.  Calls hold --gen-batch // len(prompts) vectors (the last padded with
-    zero vectors), so every call of a run reuses ONE compiled prefill/decode."""
-    from lens.steering import generate_with_vectors
-
+    prompt and generated token), vector-major; calls of --gen-batch // len(prompts)
+    vectors, so every call of a run reuses ONE compiled prefill/decode."""
     per_call = max(1, args.gen_batch // len(prompts))
-    vecs = np.asarray(vecs, np.float32)
-    texts = []
-    for i in range(0, len(vecs), per_call):
-        v = vecs[i: i + per_call]
-        used = len(v)
-        v = np.concatenate([v, np.zeros((per_call - used, v.shape[1]), np.float32)])
-        out = generate_with_vectors(model, prompts, v, layer, args.gen_tokens)[:used]
-        for row in out.reshape(-1, out.shape[-1]):
-            ids = [int(t) for t in row if t >= 0]
-            texts.append(tok.decode(ids) if tok is not None else " ".join(map(str, ids)))
-    return texts
+    out = steering.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
+                                         vectors_per_call=per_call)
+    dec = decoder(tok)
+    return [dec([int(t) for t in row if t >= 0]) for row in out.reshape(-1, out.shape[-1])]
 
 
 def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
-    """theta0: the CAA design and the smallest rho (|theta0| / median|x_s|) of the grid with
-    the highest mean code score on non-coding prompts; "reply" wins ties.  Both designs
-    (code requests vs prose requests; "reply" = the first reply tokens, "last" = the last
-    prompt token) are tried in ONE generate pass.  If nothing writes code, theta0 is "reply"
-    at the smallest rho (the least destructive) and the table says so."""
+    """theta0: the CAA design (code requests vs prose requests; "reply" = the first reply
+    tokens, `lens.steering.reply_mean_difference`; "last" = the last prompt token) and
+    rho = |theta0| / median|x_s| chosen by `lens.steering.calibrate_norm` on the code score
+    of greedy replies to non-coding prompts ("reply" wins ties; if nothing writes code,
+    "reply" at the smallest rho, and the table says so).  Returns (theta0, the report's
+    calibration record)."""
     code, prose = [make(p) for p in CODE], [make(p) for p in PROSE]
-    from lens.steering import reply_mean_difference
-
-    designs = {"reply": reply_mean_difference(model, code, prose, layer, args.reply_tokens),
+    designs = {"reply": steering.reply_mean_difference(model, code, prose, layer, args.reply_tokens),
                "last": caa_vector(model, code, prose, layer)}
     cos = float(designs["reply"] @ designs["last"] / np.linalg.norm(designs["reply"]) / np.linalg.norm(designs["last"]))
     if args.base_rho is not None:
         v = designs["reply"]
         return v / np.linalg.norm(v) * args.base_rho * x_norm, {
             "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
-    grid = [float(r) for r in args.base_rho_grid.split(",")]
-    vecs, keys = [], []
-    for name, v in designs.items():
-        for rho in grid:
-            vecs.append(v / np.linalg.norm(v) * rho * x_norm)
-            keys += [(name, rho)] * len(prompts)
-    texts = steered_generate(args, model, tok, layer, prompts, vecs)
-    table, examples = [], {}
-    for name in designs:
-        for rho in grid:
-            got = [t for k, t in zip(keys, texts) if k == (name, rho)]
-            sc = [code_score(t) for t in got]
-            table.append({"design": name, "rho": rho, "norm": rho * x_norm, "code_score": float(np.mean(sc))})
-            examples[f"{name}@{rho}"] = got[int(np.argmax(sc))]  # a code reply if there is one
-    best = max(table, key=lambda r: (r["code_score"], -r["rho"], r["design"] == "reply"))
-    found_code = best["code_score"] > 0
-    if not found_code:
-        best = next(r for r in table if r["design"] == "reply")
-    v = designs[best["design"]]
-    return v / np.linalg.norm(v) * best["rho"] * x_norm, {
-        "design": best["design"], "rho": best["rho"], "calibrated": True, "wrote_code": found_code,
-        "table": table, "examples": examples, "cos_reply_last": cos}
+    theta0, info = steering.calibrate_norm(
+        model, designs, prompts, layer, x_norm, parse_floats(args.base_rho_grid), args.gen_tokens,
+        score=code_score, decode=decoder(tok), vectors_per_call=max(1, args.gen_batch // len(prompts)))
+    table = [{"design": r["design"], "rho": r["rho"], "norm": r["norm"], "code_score": r["score"]} for r in info["table"]]
+    return theta0, {"design": info["design"], "rho": info["rho"], "calibrated": True, "wrote_code": info["scored"],
+                    "table": table, "examples": info["examples"], "cos_reply_last": cos}
 
 
 def mode_comparison(args, problem, analysis_problem, theta0, found, found_effects):
@@ -301,35 +275,37 @@ def main(argv=None, on_checkpoint=None):
     ckpt, base_file, calib_file = out / "checkpoint.safetensors", out / "base.safetensors", out / "calibration.json"
     if args.resume and calib_file.exists() and base_file.exists():
         calib = json.loads(calib_file.read_text())
-        theta0 = load_vectors(base_file)[0]["theta0"]
+        theta0 = steering.load_vectors(base_file)[0]
     else:
         theta0, calib = calibrate_base(args, model, tok, make, layer, x_norm, neutral[: args.calib_prompts])
         calib_file.write_text(json.dumps(calib, indent=1))
-        save_vectors(base_file, {"theta0": theta0}, {"model": args.model, "layer": s, "site": "resid_post[source]",
-                                                     "method": calib["design"], "rho": calib["rho"]})
+        steering.save_vectors(base_file, theta0, {"model": args.model, "layer": layer, "site": "resid_pre",
+                                                  "source_layer": s, "method": f"caa-{calib['design']}",
+                                                  "rho": calib["rho"]})
     print(f"theta0: {calib['design']} at rho {calib['rho']} (|theta0| {np.linalg.norm(theta0):.2f}), "
           f"wrote code: {calib.get('wrote_code')}")
     t0 = lap("calibration", t0)
 
     # 2. MELBO-ortho, checkpointed after every block.
-    meta = {"model": args.model, "source_layer": s, "target_layer": t, "site": "resid_post[source]",
+    meta = {"model": args.model, "layer": layer, "site": "resid_pre", "source_layer": s, "target_layer": t,
             "method": "melbo-ortho", "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "block": args.block, "mode": args.mode}
     resume = None
     if args.resume and ckpt.exists():
-        saved, saved_meta = load_vectors(ckpt)
+        saved_vectors, saved_meta = steering.load_vectors(ckpt)
+        saved = steering.load_extras(ckpt)
         # Vectors trained under other settings must not be mixed into this run.
-        changed = {k: (saved_meta.get(k), str(v)) for k, v in meta.items() if saved_meta.get(k) != str(v)}
+        changed = {k: (saved_meta.get(k), v) for k, v in meta.items() if saved_meta.get(k) != v}
         if changed or not np.array_equal(saved["theta0"], theta0):
             what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items()) or "theta0 differs"
             raise SystemExit(f"--resume: {ckpt} was trained with other settings ({what}); "
                              "resume with the same flags, or use a new --out")
-        resume = melbo.TrainResult(saved["vectors"], saved["losses"])
+        resume = melbo.TrainResult(saved_vectors, saved["losses"])
         print(f"resuming from {len(resume.vectors)} vectors")
 
     def checkpoint(result):
-        save_vectors(ckpt, {"theta0": theta0, "vectors": result.vectors, "losses": result.losses},
-                     meta | {"n_done": len(result.vectors)})
+        steering.save_vectors(ckpt, result.vectors, meta | {"n_done": len(result.vectors)},
+                              extras={"theta0": theta0, "losses": result.losses})
         if on_checkpoint is not None:
             on_checkpoint(len(result.vectors))
 
@@ -428,8 +404,8 @@ def main(argv=None, on_checkpoint=None):
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
                              "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
-    save_vectors(out / "vectors.safetensors", {"theta0": theta0, "found": V, "random_control": sets["random_control"],
-                                               "losses": found.losses}, meta | {"norm_base": float(np.linalg.norm(theta0))})
+    steering.save_vectors(out / "vectors.safetensors", V, meta | {"norm_base": float(np.linalg.norm(theta0))},
+                          extras={"theta0": theta0, "random_control": sets["random_control"], "losses": found.losses})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
     with open(out / "generations.jsonl", "w") as fh:
         for smp in samples:
