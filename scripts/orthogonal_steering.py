@@ -20,7 +20,9 @@
    first order, next to the closed form), target- and last-layer, logit-level similarity;
    participation ratio, degeneracy factor, clusters.  4. The rho sweep.  5. Generations
    and the "is this code?" score.  Output: --out DIR (report.md, report.json, PNGs,
-   vectors.safetensors, generations.jsonl).  Also: batched vs sequential MELBO-ortho
+   generations.jsonl, and vectors.safetensors / base.safetensors / checkpoint.safetensors,
+   each read by `lens.steering.load_vectors`: the vectors at resid_pre[s + 1], = after
+   block s, with theta0, losses and controls as `lens.steering.load_extras`).  Also: batched vs sequential MELBO-ortho
    (losses, norms, statistics next to the sequential run-to-run spread), per-phase timings.
 """
 
@@ -40,6 +42,7 @@ import numpy as np  # noqa: E402
 
 from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
+from cli import int_at_least, positive_float, positive_floats  # noqa: E402  (scripts/)
 from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [
@@ -74,37 +77,63 @@ NEUTRAL = [
 
 
 def parse_args(argv=None):
+    """The command line, every value checked before anything is loaded (argparse's message
+    and exit status 2 on a bad one).  The source / target blocks are checked against the
+    model's depth once it is loaded (`layers`)."""
+    n_prompts = len(NEUTRAL)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
-    ap.add_argument("--source", type=int, default=None, help="residual after block s (default ~n/4)")
-    ap.add_argument("--target", type=int, default=None, help="residual after block t (default ~n/2)")
-    ap.add_argument("--k", type=int, default=16, help="MELBO-ortho vectors")
-    ap.add_argument("--block", type=int, default=8, help="vectors per batched block")
+    ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
+    ap.add_argument("--target", type=int_at_least(1), default=None, help="residual after block t (default ~n/2)")
+    ap.add_argument("--k", type=int_at_least(1), default=16, help="MELBO-ortho vectors")
+    ap.add_argument("--block", type=int_at_least(1), default=8, help="vectors per batched block")
     ap.add_argument("--mode", choices=("batched", "sequential"), default="batched")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=0.3,
+    ap.add_argument("--steps", type=int_at_least(1), default=60)
+    ap.add_argument("--lr", type=positive_float, default=0.3,
                     help="Adam lr (original: 0.01 over 1000 steps; over 60 steps 0.01 leaves the vectors at "
                          "cos 0.99 with their random init, 0.3 cuts the loss 71 -> 23 on the default model)")
-    ap.add_argument("--base-rho-grid", default="0.25,0.35,0.5,0.75",
+    ap.add_argument("--base-rho-grid", type=positive_floats, default="0.25,0.35,0.5,0.75",
                     help="calibration grid for |theta0| / median|x_s|: the smallest rho with the best code score wins")
-    ap.add_argument("--base-rho", type=float, default=None, help="skip calibration: CAA at this rho")
-    ap.add_argument("--calib-prompts", type=int, default=4)
-    ap.add_argument("--reply-tokens", type=int, default=8, help="reply positions averaged by the 'reply' CAA design")
-    ap.add_argument("--train-prompts", type=int, default=1, help="prompts in the objective (original: 1)")
-    ap.add_argument("--analysis-prompts", type=int, default=2, help="prompts of the analysis / rho sweep")
-    ap.add_argument("--rho-grid", default="0.1,0.3,1,3")
-    ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--gen-vectors", type=int, default=4, help="found / control vectors generated from")
-    ap.add_argument("--gen-prompts", type=int, default=2)
-    ap.add_argument("--gen-batch", type=int, default=32, help="rows per generate call (one compiled shape)")
-    ap.add_argument("--compare-k", type=int, default=4, help="mode comparison: vectors per run (0: skip)")
-    ap.add_argument("--compare-seeds", type=int, default=3, help="mode comparison: runs (seeds) per mode")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=8, help="vectors per compiled analysis call")
+    ap.add_argument("--base-rho", type=positive_float, default=None, help="skip calibration: CAA at this rho")
+    ap.add_argument("--calib-prompts", type=int_at_least(1), default=4, help=f"at most {n_prompts}")
+    ap.add_argument("--reply-tokens", type=int_at_least(1), default=8,
+                    help="reply positions averaged by the 'reply' CAA design")
+    ap.add_argument("--train-prompts", type=int_at_least(1), default=1,
+                    help=f"prompts in the objective (original: 1; at most {n_prompts})")
+    ap.add_argument("--analysis-prompts", type=int_at_least(1), default=2,
+                    help=f"prompts of the analysis / rho sweep (at most {n_prompts})")
+    ap.add_argument("--rho-grid", type=positive_floats, default="0.1,0.3,1,3")
+    ap.add_argument("--gen-tokens", type=int_at_least(1), default=64)
+    ap.add_argument("--gen-vectors", type=int_at_least(0), default=4, help="found / control vectors generated from")
+    ap.add_argument("--gen-prompts", type=int_at_least(1), default=2, help=f"at most {n_prompts}")
+    ap.add_argument("--gen-batch", type=int_at_least(1), default=32, help="rows per generate call (one compiled shape)")
+    ap.add_argument("--compare-k", type=int_at_least(0), default=4, help="mode comparison: vectors per run (0: skip)")
+    ap.add_argument("--compare-seeds", type=int_at_least(0), default=3, help="mode comparison: runs (seeds) per mode")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--chunk", type=int_at_least(1), default=8, help="vectors per compiled analysis call")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts"):
+        if getattr(args, flag) > n_prompts:
+            ap.error(f"argument --{flag.replace('_', '-')}: at most {n_prompts} (the prompts in NEUTRAL); "
+                     f"got {getattr(args, flag)}")
+    if args.source is not None and args.target is not None and args.target <= args.source:
+        ap.error(f"--target {args.target} must be a later block than --source {args.source}")
+    if args.resume and args.out is None:
+        ap.error("--resume continues the run in --out: give --out")
+    return args
+
+
+def layers(args, n: int) -> tuple[int, int]:
+    """(source, target) blocks: the flags or the defaults (~n/4, ~n/2), checked against n."""
+    s = args.source if args.source is not None else max(0, round(n / 4) - 1)
+    t = args.target if args.target is not None else max(s + 1, round(n / 2))
+    if not 0 <= s < t <= n - 1:
+        raise SystemExit(f"--source {s} / --target {t}: this model has blocks 0..{n - 1}; "
+                         "need 0 <= source < target <= " + str(n - 1))
+    return s, t
 
 
 def load(args):
@@ -173,7 +202,7 @@ def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
         return v / np.linalg.norm(v) * args.base_rho * x_norm, {
             "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
     theta0, info = steering.calibrate_norm(
-        model, designs, prompts, layer, x_norm, parse_floats(args.base_rho_grid), args.gen_tokens,
+        model, designs, prompts, layer, x_norm, args.base_rho_grid, args.gen_tokens,
         score=code_score, decode=decoder(tok), vectors_per_call=max(1, args.gen_batch // len(prompts)))
     table = [{"design": r["design"], "rho": r["rho"], "norm": r["norm"], "code_score": r["score"]} for r in info["table"]]
     return theta0, {"design": info["design"], "rho": info["rho"], "calibrated": True, "wrote_code": info["scored"],
@@ -258,8 +287,7 @@ def main(argv=None, on_checkpoint=None):
     out.mkdir(parents=True, exist_ok=True)
     model, tok, make = load(args)
     n = model.config.n_layers
-    s = args.source if args.source is not None else max(0, round(n / 4) - 1)
-    t = args.target if args.target is not None else max(s + 1, round(n / 2))
+    s, t = layers(args, n)
     # The CLI speaks MELBO's "after block s"; the library's layer is the one it enters.
     layer = melbo.layer_after(s)
     print(f"model {args.model} ({n} layers, d={model.config.d_model}); source {s}, target {t}")
@@ -336,7 +364,7 @@ def main(argv=None, on_checkpoint=None):
     t0 = lap("analysis", t0)
 
     # 4. rho sweep (the base set is parallel at every rho: skipped).
-    grid = [float(r) for r in args.rho_grid.split(",")]
+    grid = args.rho_grid
     sweeps = {name: melbo.rho_sweep(analysis_problem, sets[name], grid, chunk=args.chunk, progress=True)
               for name in ("found", "random_control")}
     t0 = lap("rho_sweep", t0)
