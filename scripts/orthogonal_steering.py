@@ -20,10 +20,11 @@
    first order, next to the closed form), target- and last-layer, logit-level similarity;
    participation ratio, degeneracy factor, clusters.  4. The rho sweep.  5. Generations
    and the "is this code?" score.  Output: --out DIR (report.md, report.json, PNGs,
-   generations.jsonl, and vectors.safetensors / base.safetensors / checkpoint.safetensors,
-   each read by `lens.steering.load_vectors`: the vectors at resid_pre[s + 1], = after
-   block s, with theta0, losses and controls as `lens.steering.load_extras`).  Also: batched vs sequential MELBO-ortho
-   (losses, norms, statistics next to the sequential run-to-run spread), per-phase timings.
+   generations.jsonl; vectors.safetensors, base.safetensors and checkpoint.safetensors,
+   each read by `lens.steering.load_vectors`: vectors at resid_pre[s + 1] (= after block
+   s), theta0 / losses / controls by `lens.steering.load_extras`).  Also: batched vs
+   sequential MELBO-ortho (losses, norms, statistics next to the sequential run-to-run
+   spread), per-phase timings.
 """
 
 from __future__ import annotations

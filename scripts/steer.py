@@ -31,14 +31,8 @@ PROMPTS = ["Tell me about your neighbour.", "Write one sentence about the weathe
 
 
 def encode_padded(tokenizer, texts):
-    """Right-padded [N, seq] ids and mask from texts (or lists of ids)."""
-    ids = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
-    n = max(map(len, ids))
-    tokens = np.zeros((len(ids), n), np.int32)
-    mask = np.zeros((len(ids), n), bool)
-    for i, row in enumerate(ids):  # right padding: the last real token is found by the mask
-        tokens[i, : len(row)], mask[i, : len(row)] = row, True
-    return tokens, mask
+    """Right-padded [N, seq] ids and mask (`lens.pad_prompts`) from texts (or lists of ids)."""
+    return lens.pad_prompts([tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts])
 
 
 def parse_args(argv=None):
