@@ -29,7 +29,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 import lens.geometry as geo
 from lens.geometry._common import HIGHEST
-from lens.capture import pad_prompts
+from lens.capture import last_real_index, pad_prompts
 import models
 from models import layers
 from models.transformer import Transformer
@@ -48,8 +48,8 @@ class Batch(eqx.Module):
 
     @property
     def last(self) -> Int[Array, " B"]:
-        """Index of each prompt's last real token."""
-        return jnp.sum(self.mask, axis=-1) - 1
+        """Index of each prompt's last real token (`lens.capture.last_real_index`)."""
+        return last_real_index(self.mask)
 
 
 def make_batch(token_lists: list[list[int]], pad_id: int = 0) -> Batch:

@@ -257,7 +257,7 @@ def test_spearman_and_topk_overlap_jitted_against_scipy_and_sets():
         for j in range(2):
             assert float(rho[i, j]) == pytest.approx(spearmanr(a[i], b[j]).statistic, abs=1e-6)
             top_a, top_b = set(np.argsort(-a[i])[:5]), set(np.argsort(-b[j])[:5])
-            assert float(over[i, j]) == len(top_a & top_b) / 5
+            assert float(over[i, j]) == pytest.approx(len(top_a & top_b) / 5, rel=1e-6)  # float32 k-ths
     np.testing.assert_allclose(np.diag(g.spearman(a, a)), 1.0, atol=1e-6)
     members = g.topk_members(jnp.asarray(a).reshape(3, 1, 37), 4)
     assert members.shape == (3, 1, 37) and float(members.sum()) == 12.0
