@@ -13,7 +13,7 @@ import time
 import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import models  # noqa: E402
-from cli import int_at_least, nonnegative_float, probability  # noqa: E402  (scripts/)
+from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
 from models.generate import chat_prompt, generate  # noqa: E402
 
 DEFAULT_PROMPTS = [

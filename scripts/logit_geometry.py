@@ -28,7 +28,7 @@ import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (s
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from cli import int_at_least, positive_float  # noqa: E402  (scripts/)
+from lens.cli import int_at_least, positive_float  # noqa: E402
 from figures import save_figure  # noqa: E402  (scripts/)
 from lens import geometry_report as gr  # noqa: E402
 

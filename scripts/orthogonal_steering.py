@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
-from cli import int_at_least, positive_float, positive_floats  # noqa: E402  (scripts/)
+from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
 from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [

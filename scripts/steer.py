@@ -20,7 +20,7 @@ import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (s
 import numpy as np  # noqa: E402
 
 import lens  # noqa: E402
-from cli import finite_float, int_at_least, nonnegative_float  # noqa: E402  (scripts/)
+from lens.cli import finite_float, int_at_least, nonnegative_float  # noqa: E402
 import models  # noqa: E402
 from lens import edits as E, steering  # noqa: E402
 from models.generate import chat_prompt, generate  # noqa: E402

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens import data, train  # noqa: E402
-from cli import int_at_least  # noqa: E402  (scripts/)
+from lens.cli import int_at_least  # noqa: E402
 from lens.induction import measure_induction  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 

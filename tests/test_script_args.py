@@ -1,6 +1,6 @@
-"""Every script refuses a bad command-line value up front, with argparse's message naming
-the flag (exit status 2), before loading any model; good values parse.  Only the parsers
-run here (no model, no data)."""
+"""Every script (scripts/ and the benchmarks in bench/) refuses a bad command-line value up
+front, with argparse's message naming the flag (exit status 2), before loading any model;
+good values parse.  Only the parsers run here (no model, no data)."""
 
 import importlib
 
@@ -12,6 +12,9 @@ GOOD = {
     "generate": [],
     "logit_geometry": [],
     "train_toy": ["--preset", "smoke", "--out", "x"],
+    "forward_generate": [],
+    "melbo": [],
+    "steering_sweep": [],
 }
 BAD = [
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
@@ -51,6 +54,15 @@ BAD = [
     ("train_toy", ["--preset", "smoke", "--out", "x", "--steps", "0"], "argument --steps"),
     ("train_toy", ["--preset", "smoke", "--out", "x", "--checkpoint-every", "0"], "argument --checkpoint-every"),
     ("train_toy", ["--preset", "nope", "--out", "x"], "argument --preset: invalid choice"),
+    ("forward_generate", ["--batch", "0"], "argument --batch"),
+    ("forward_generate", ["--threads", "0"], "argument --threads"),
+    ("forward_generate", ["--seq", "8", "--prompt-len", "9"], "--prompt-len 9 is longer than --seq 8"),
+    ("melbo", ["--blocks", "8,0"], "argument --blocks: must be an integer >= 1; got 0"),
+    ("melbo", ["--blocks", "8,,2"], "argument --blocks: must be comma-separated"),
+    ("melbo", ["--source", "9", "--target", "3"], "--target 3 must be a later block than --source 9"),
+    ("melbo", ["--steps", "0"], "argument --steps"),
+    ("steering_sweep", ["--vectors", "0"], "argument --vectors"),
+    ("steering_sweep", ["--norm", "-8"], "argument --norm: must be > 0"),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Argument types shared by the scripts: a bad value is refused while the command line is
-parsed, before any model is loaded, with argparse's message naming the flag:
+"""argparse types for command-line entry points (scripts/, bench/, your own): a bad value
+is refused while the command line is parsed, before any model is loaded, with argparse's
+message naming the flag:
 
     orthogonal_steering.py: error: argument --k: must be an integer >= 1; got 0
 """
@@ -69,3 +70,11 @@ def positive_floats(text: str) -> list[float]:
     if not text.strip() or any(not p for p in parts):
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers > 0; got {text!r}")
     return [positive_float(p) for p in parts]
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma-separated, non-empty list of integers >= 1 ("8,32")."""
+    parts = [p.strip() for p in text.split(",")]
+    if not text.strip() or any(not p for p in parts):
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1; got {text!r}")
+    return [int_at_least(1)(p) for p in parts]
