@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test bench install install-test
 
-$(VENV)/.runtime: requirements.txt
+# The pinned requirements first, then this checkout as an editable package (`import lens,
+# models` from any directory) with --no-deps: pip resolves nothing a second time.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	cd /tmp && $(abspath $(PY)) -c "import lens, models"
 	touch $@
 
 $(VENV)/.test: requirements-test.txt $(VENV)/.runtime

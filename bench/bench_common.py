@@ -9,24 +9,12 @@
 
 from __future__ import annotations
 
-import sys
+import copy
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-# SmolLM2-135M's shape, for --random-weights.
-SMOLLM2_SHAPE = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-    rms_norm_eps=1e-5, tie_word_embeddings=True,
-    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
-    bos_token_id=1, eos_token_id=2, pad_token_id=2,
-)
-
+from models.embedded import SMOLLM2_135M_HF_CONFIG as SMOLLM2_SHAPE  # the default model's shape
 
 def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     """(our model, the transformers model, a description), the same float32 weights."""
@@ -39,7 +27,7 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
 
     if random_weights:
         torch.manual_seed(0)
-        hf = AutoModelForCausalLM.from_config(LlamaConfig(**SMOLLM2_SHAPE)).float().eval()
+        hf = AutoModelForCausalLM.from_config(LlamaConfig(**copy.deepcopy(SMOLLM2_SHAPE))).float().eval()
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d, safe_serialization=True)
             ours = convert_hf(*read_safetensors_folder(Path(d)), jnp.float32)

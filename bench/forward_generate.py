@@ -26,34 +26,35 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import load_pair  # noqa: E402
+from lens.cli import int_at_least  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model name")
     p.add_argument("--random-weights", action="store_true",
                    help="random HF Llama with SmolLM2-135M's shape instead of the real weights")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="threads for both frameworks (default: the CPUs this process may use)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    p.add_argument("--matmul-n", type=int, default=2048)
+    p.add_argument("--batch", type=int_at_least(1), default=8)
+    p.add_argument("--seq", type=int_at_least(1), default=128)
+    p.add_argument("--new-tokens", type=int_at_least(1), default=64)
+    p.add_argument("--prompt-len", type=int_at_least(1), default=16)
+    p.add_argument("--repeats", type=int_at_least(1), default=5, help="timed runs per measurement (median)")
+    p.add_argument("--matmul-n", type=int_at_least(1), default=2048)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
-    return p.parse_args()
+    args = p.parse_args(argv)
+    if args.prompt_len > args.seq:
+        p.error(f"--prompt-len {args.prompt_len} is longer than --seq {args.seq}")
+    return args
 
 
 def set_threads(n: int | None) -> int:

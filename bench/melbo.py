@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_common import load_pair, matmul_peak  # noqa: E402
+from lens.cli import int_at_least, positive_ints as int_list  # noqa: E402
 
 
 def build(random_weights: bool):
@@ -150,19 +148,27 @@ def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, se
 
 
 # ----------------------------------------------------------------------------- main
-def main():
+def parse_args(argv=None):
+    """The command line, every value checked before any model is built."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--random-weights", action="store_true", help="HF Llama with SmolLM2's shape, random")
-    ap.add_argument("--source", type=int, default=7)
-    ap.add_argument("--target", type=int, default=15)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--blocks", default="8,32",
+    ap.add_argument("--source", type=int_at_least(0), default=7)
+    ap.add_argument("--target", type=int_at_least(1), default=15)
+    ap.add_argument("--steps", type=int_at_least(1), default=30)
+    ap.add_argument("--blocks", type=int_list, default="8,32",
                     help="comma-separated block sizes for ours batched (one block of B vectors each)")
-    ap.add_argument("--seq-vectors", type=int, default=2, help="vectors for ours sequential / each torch")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--matmul-n", type=int, default=2048, help="size of the matmul-peak measurement")
-    args = ap.parse_args()
-    blocks = [int(b) for b in args.blocks.split(",") if b.strip()]
+    ap.add_argument("--seq-vectors", type=int_at_least(1), default=2, help="vectors for ours sequential / each torch")
+    ap.add_argument("--threads", type=int_at_least(1), default=2)
+    ap.add_argument("--matmul-n", type=int_at_least(1), default=2048, help="size of the matmul-peak measurement")
+    args = ap.parse_args(argv)
+    if args.target <= args.source:
+        ap.error(f"--target {args.target} must be a later block than --source {args.source}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    blocks = args.blocks
 
     import torch
 

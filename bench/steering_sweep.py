@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -32,18 +29,24 @@ from models import Capture  # noqa: E402
 
 
 from bench_common import best_time as timed, load_pair  # noqa: E402
+from lens.cli import int_at_least, positive_float  # noqa: E402
 
 
-def main():
+def parse_args(argv=None):
+    """The command line, every value checked before any model is built."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--random-weights", action="store_true")
-    p.add_argument("--vectors", type=int, default=64)
-    p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--seq", type=int, default=32)
-    p.add_argument("--norm", type=float, default=8.0)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--batch-chunk", type=int, default=64, help="sequences per HF stacked forward")
-    args = p.parse_args()
+    p.add_argument("--vectors", type=int_at_least(1), default=64)
+    p.add_argument("--prompts", type=int_at_least(1), default=4)
+    p.add_argument("--seq", type=int_at_least(1), default=32)
+    p.add_argument("--norm", type=positive_float, default=8.0)
+    p.add_argument("--repeats", type=int_at_least(1), default=2)
+    p.add_argument("--batch-chunk", type=int_at_least(1), default=64, help="sequences per HF stacked forward")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     model, hf, _ = load_pair(args.random_weights)

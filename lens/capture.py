@@ -19,7 +19,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lens.edits import check_edits
 from models.interventions import Activations, Capture, Edits
-from models.transformer import Transformer
+from models.transformer import Transformer, pad_batch
 
 DEFAULT_CAPTURE = Capture(resid=True, sublayers=True, head_z=True, neurons=True, norms=True)
 
@@ -27,16 +27,9 @@ DEFAULT_CAPTURE = Capture(resid=True, sublayers=True, head_z=True, neurons=True,
 def pad_prompts(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad token lists into `(tokens [P, T] int32, mask [P, T] bool)`: the batch form
     every batched reader here takes (padding is never attended to, and positions count real
-    tokens only, so a padded prompt reads exactly as it would alone)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("need at least one prompt, each with at least one token")
-    T = max(len(p) for p in prompts)
-    tokens = np.full((len(prompts), T), pad_id, np.int32)
-    mask = np.zeros((len(prompts), T), bool)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-        mask[i, : len(p)] = True
-    return tokens, mask
+    tokens only, so a padded prompt reads exactly as it would alone).  `models.pad_batch`
+    with side="right"."""
+    return pad_batch(prompts, pad_id, side="right")
 
 
 def last_real_index(mask: Bool[Array, "*batch seq"]) -> Int[Array, "*batch"]:

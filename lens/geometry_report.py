@@ -29,7 +29,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 import lens.geometry as geo
 from lens.geometry._common import HIGHEST
-from lens.capture import pad_prompts
+from lens.capture import last_real_index, pad_prompts
 import models
 from models import layers
 from models.transformer import Transformer
@@ -48,8 +48,8 @@ class Batch(eqx.Module):
 
     @property
     def last(self) -> Int[Array, " B"]:
-        """Index of each prompt's last real token."""
-        return jnp.sum(self.mask, axis=-1) - 1
+        """Index of each prompt's last real token (`lens.capture.last_real_index`)."""
+        return last_real_index(self.mask)
 
 
 def make_batch(token_lists: list[list[int]], pad_id: int = 0) -> Batch:
@@ -69,24 +69,6 @@ def capture_batch(model: Transformer, batch: Batch) -> models.ForwardOutput:
 
 
 # ----------------------------------------------------------------- (a) logit rankings
-def _spearman(scores: Float[Array, "M vocab"], ref: Float[Array, " vocab"]) -> Float[Array, " M"]:
-    """Spearman correlation of each row of `scores` with `ref` (ordinal ranks, ties by id)."""
-    def ranks(s):
-        return jnp.argsort(jnp.argsort(s, stable=True), stable=True).astype(jnp.float32)
-
-    n = ref.shape[0]
-    r_ref = ranks(ref) - (n - 1) / 2.0
-    r = jax.vmap(ranks)(scores) - (n - 1) / 2.0
-    return jnp.einsum("mv,v->m", r, r_ref, precision=HIGHEST) / (n * (n * n - 1) / 12.0)
-
-
-def _topk_overlap(scores: Float[Array, "M vocab"], ref: Float[Array, " vocab"], k: int):
-    """|top_k(score_m) & top_k(ref)| / k for each row m."""
-    _, top_ref = jax.lax.top_k(ref, k)
-    _, top = jax.lax.top_k(scores, k)  # [M, k]
-    return jnp.mean(jnp.any(top[:, :, None] == top_ref[None, None, :], axis=-1), axis=-1)
-
-
 def ranking_scores(
     model: Transformer, x: Float[Array, " d_model"]
 ) -> tuple[Float[Array, " vocab"], Float[Array, "5 vocab"]]:
@@ -131,8 +113,8 @@ def logit_rankings(
     def one(xi):
         logits, scores = ranking_scores(model, xi)
         ref_logits, _ = model.unembed_resid(xi[None, :])
-        overlap = jnp.stack([_topk_overlap(scores, logits, k) for k in ks])
-        return overlap, _spearman(scores, logits), jnp.max(jnp.abs(logits - ref_logits[0]))
+        overlap = jnp.stack([geo.topk_overlap(scores, logits[None], k)[:, 0] for k in ks])
+        return overlap, geo.spearman(scores, logits[None])[:, 0], jnp.max(jnp.abs(logits - ref_logits[0]))
 
     overlap, spearman, err = jax.lax.map(one, x)  # map: one vocab-sized sort at a time
     return {
@@ -200,24 +182,6 @@ def _norm_stats(
 
 
 # ------------------------------------------------------- (c) effective cosine vs rho
-def orthogonal_pair_cosine_eps(rho: Float[Array, "*b"], t: Float[Array, "*b"]) -> Float[Array, "*b"]:
-    """The idealised orthogonal-pair cosine with the norm's eps kept.
-
-    With c = P x (or x), |c| = s, v_k orthogonal to c and each other, |P v_k| = rho s and
-    t = eps d / s^2, each effect is `(A - 1) c / sigma0 + A u_k / sigma0` with
-    `A = sigma(x) / sigma(x + v) = sqrt((1 + t) / (1 + rho^2 + t))`, so
-      `cos = (A - 1)^2 / ((A - 1)^2 + A^2 rho^2)`.
-    t = 0 gives `lens.geometry.orthogonal_pair_cosine_closed_form`.  `1 - A` is evaluated
-    cancellation-free as `(1 - A^2) / (1 + A)` with `1 - A^2 = rho^2 / (1 + rho^2 + t)`.
-    """
-    rho2 = jnp.square(rho)
-    denom = 1.0 + rho2 + t
-    a = jnp.sqrt((1.0 + t) / denom)
-    one_minus_a = (rho2 / denom) / (1.0 + a)
-    num = jnp.square(one_minus_a)
-    return num / (num + jnp.square(a) * rho2)
-
-
 def _orthonormal_pair(
     g: Float[Array, "2 d"], c: Float[Array, " d"], kind: str, orthogonal: bool
 ) -> Float[Array, "2 d"]:
@@ -262,7 +226,7 @@ def effective_cosine_curve(
       first_order cos(J v1, J v2), J the sphere map's Jacobian at x (0 for orthogonal
                   pairs: J is a projector that fixes them, so it cannot see the shared
                   shrinkage along -x that makes the exact effects correlate).
-      closed      `orthogonal_pair_cosine_eps(rho, eps d / |P x|^2)` for that x.
+      closed      `lens.geometry.orthogonal_pair_cosine_eps(rho, eps d / |P x|^2)` for that x.
       storage     cos(v1, v2) (0 for orthogonal pairs, ~N(0, 1/d) for random ones).
     `n_pairs` and `orthogonal` are static; `layer` may be traced.
     """
@@ -291,7 +255,7 @@ def _curve(
     d = xs.shape[-1]
 
     def norm(z):
-        return layers.apply_norm(z, kind, eps, w, b)[0].astype(jnp.float32)
+        return layers.apply_norm(z, kind, w, b, eps)[0].astype(jnp.float32)
 
     def cos(a, b_):
         return jnp.sum(a * b_, -1) / jnp.sqrt(jnp.sum(a * a, -1) * jnp.sum(b_ * b_, -1))
@@ -310,7 +274,7 @@ def _curve(
             "sphere": cos(sphere[0], sphere[1]),
             "with_gain": cos(diff[0], diff[1]),
             "first_order": cos(lin[0], lin[1]),
-            "closed": orthogonal_pair_cosine_eps(rho, t),
+            "closed": geo.orthogonal_pair_cosine_eps(rho, t),
             "storage": cos(v[0], v[1]),
         }
 

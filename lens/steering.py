@@ -19,13 +19,16 @@ Vectors are saved with safetensors (never pickle) plus metadata:
     save_vectors("love.safetensors", v, {"model": "smollm2-135m-instruct", "layer": 15,
                  "site": "resid_pre", "method": "caa"})
     v, meta = load_vectors("love.safetensors")   # meta["norm"]: the vectors' L2 norms
+
+Other named arrays of a run (losses, a base vector) can travel in the same file:
+`save_vectors(..., extras={"losses": L})`, read back with `load_extras`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -153,10 +156,16 @@ def save_vectors(
     path: str | Path,
     vectors: Float[Array, "*n d_model"],
     metadata: dict,
+    extras: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write vectors to a .safetensors file (tensor "vectors") with metadata: model, layer,
     site, method are required; "norm" (the L2 norm of each vector) is added; any other
-    JSON-serialisable keys are kept."""
+    JSON-serialisable keys are kept (stored as JSON, read back as the same values).
+
+    extras: other named float arrays kept in the same file (a run's losses, the base vector
+    its vectors were made orthogonal to, controls), read back by `load_extras`.  The file
+    is written to a temporary name and renamed, so a killed writer never leaves half a
+    file (checkpoints are written this way)."""
     v = np.asarray(vectors, np.float32)
     if v.ndim not in (1, 2):
         raise ValueError(f"vectors must be [d_model] or [n, d_model]; got {v.shape}")
@@ -165,15 +174,23 @@ def save_vectors(
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
     if missing:
         raise ValueError(f"metadata lacks {missing} (required: {list(REQUIRED_METADATA)})")
+    extras = dict(extras or {})
+    if "vectors" in extras:
+        raise ValueError("an extra tensor cannot be named 'vectors' (that name holds the vectors)")
     from safetensors.numpy import save_file
 
     meta = {k: json.dumps(val) for k, val in metadata.items()}
     meta["norm"] = json.dumps(np.linalg.norm(v, axis=-1).tolist())
-    save_file({"vectors": np.ascontiguousarray(v)}, str(path), metadata=meta)
+    tensors = {"vectors": np.ascontiguousarray(v)}
+    tensors |= {k: np.ascontiguousarray(a, np.float32) for k, a in extras.items()}
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
 
 
-def load_vectors(path: str | Path) -> tuple[Float[np.ndarray, "*n d_model"], dict]:
-    """(vectors, metadata) from a file written by `save_vectors` (safetensors only)."""
+def _read(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every tensor and the raw metadata of a vector file, after checking it is one."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -181,14 +198,27 @@ def load_vectors(path: str | Path) -> tuple[Float[np.ndarray, "*n d_model"], dic
         raise ValueError(f"{path.name}: steering vectors are stored as .safetensors only")
     with safe_open(str(path), framework="numpy") as f:
         if "vectors" not in f.keys():
-            raise ValueError(f"{path.name} holds no 'vectors' tensor")
-        v = f.get_tensor("vectors")
-        raw = f.metadata() or {}
-    meta = {k: json.loads(val) for k, val in raw.items()}
+            raise ValueError(f"{path.name} holds no 'vectors' tensor (not written by lens.steering.save_vectors)")
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def load_vectors(path: str | Path) -> tuple[Float[np.ndarray, "*n d_model"], dict]:
+    """(vectors, metadata) from a file written by `save_vectors` (safetensors only)."""
+    tensors, raw = _read(path)
+    try:
+        meta = {k: json.loads(val) for k, val in raw.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{Path(path).name}: metadata is not JSON ({e}); not written by save_vectors") from e
     missing = [k for k in REQUIRED_METADATA if k not in meta]
     if missing:
-        raise ValueError(f"{path.name}: metadata lacks {missing}")
-    return v, meta
+        raise ValueError(f"{Path(path).name}: metadata lacks {missing}")
+    return tensors["vectors"], meta
+
+
+def load_extras(path: str | Path) -> dict[str, np.ndarray]:
+    """The extra tensors `save_vectors(..., extras=...)` stored next to the vectors."""
+    tensors, _ = _read(path)
+    return {k: v for k, v in tensors.items() if k != "vectors"}
 
 
 # ------------------------------------------------------------------ steered generation
@@ -199,6 +229,7 @@ def generate_with_vectors(
     layer: int,
     max_new_tokens: int,
     coeff: float = 1.0,
+    vectors_per_call: int | None = None,
     **sampling,
 ) -> Int[np.ndarray, "K P max_new_tokens"]:
     """Generate from every prompt under each of K steering vectors at once.
@@ -210,7 +241,12 @@ def generate_with_vectors(
     edits=edits.add(model, vectors[k], layer, coeff))` (tested).  `sampling`: generate's
     keyword arguments (temperature, top_k, top_p, seed, eos_token_ids, ...).  Returns int32
     [K, P, max_new_tokens]: each row's new tokens, -1 after its EOS (kept) or where
-    decoding stopped early."""
+    decoding stopped early.
+
+    vectors_per_call: run the vectors in calls of exactly vectors_per_call x P rows (the
+    last call, or a single one when K is smaller, padded with zero vectors): bounded memory,
+    and every call of a program reuses one compiled prefill/decode.  Greedy rows are the same either way; a sampled row draws
+    with its row index WITHIN its call, so sampled tokens depend on the chunking."""
     from lens import edits as E
     from models.generate import generate
 
@@ -222,6 +258,15 @@ def generate_with_vectors(
     if not prompts:
         raise ValueError("no prompts given")
     K, P = vectors.shape[0], len(prompts)
+    if vectors_per_call is not None and vectors_per_call < 1:
+        raise ValueError(f"vectors_per_call must be >= 1; got {vectors_per_call}")
+    if vectors_per_call is not None and vectors_per_call != K:
+        n = vectors_per_call
+        pad = -K % n
+        padded = np.concatenate([vectors, np.zeros((pad, vectors.shape[1]), np.float32)])
+        parts = [generate_with_vectors(model, prompts, padded[i: i + n], layer, max_new_tokens, coeff, **sampling)
+                 for i in range(0, K + pad, n)]
+        return np.concatenate(parts)[:K]
     stacked = E.stack_edits([E.add(model, v, layer, coeff) for v in vectors])  # [K, ...]
     per_row = jax.tree.map(lambda a: jnp.repeat(a, P, axis=0), stacked)  # [K * P, ...]
     rows = [p for _ in range(K) for p in prompts]
@@ -230,6 +275,63 @@ def generate_with_vectors(
     for i, toks in enumerate(res.tokens):
         out[i, : len(toks)] = toks
     return out.reshape(K, P, max_new_tokens)
+
+
+def calibrate_norm(
+    model: Transformer,
+    designs: dict[str, Float[np.ndarray, "d_model"]],
+    prompts: Sequence[Sequence[int]],
+    layer: int,
+    reference_norm: float,
+    rho_grid: Sequence[float],
+    max_new_tokens: int,
+    score: Callable[[str], float],
+    decode: Callable[[list[int]], str],
+    vectors_per_call: int | None = None,
+) -> tuple[Float[np.ndarray, "d_model"], dict]:
+    """Pick a steering vector's direction and norm by what its greedy generations do.
+
+    Every design (a named direction, e.g. two CAA variants) at every rho of the grid, as
+    the vector `unit(design) * rho * reference_norm` added at resid_pre[layer], generates
+    greedily from every prompt (one `generate_with_vectors` pass for all of them); each
+    decoded reply is scored by `score(text)` (e.g. `lens.metrics.code_score`).  The winner
+    is the highest mean score, then the smallest rho (the least destructive), then the
+    earlier design.  If no setting scores above 0, the first design at the smallest rho is
+    returned and `info["scored"]` is False.
+
+    Returns (vector, info): info has "design", "rho", "scored", "table" (one row per
+    design and rho: design, rho, norm, score) and "examples" (per "design@rho", its best
+    scoring reply)."""
+    grid = [float(r) for r in rho_grid]
+    if not grid or min(grid) <= 0:
+        raise ValueError(f"rho_grid must hold positive values; got {list(rho_grid)}")
+    if not designs:
+        raise ValueError("no designs given")
+    if not reference_norm > 0:
+        raise ValueError(f"reference_norm must be > 0; got {reference_norm}")
+    units = {}
+    for name, v in designs.items():
+        v = np.asarray(v)
+        if not np.linalg.norm(v) > 0:
+            raise ValueError(f"design {name!r} is the zero vector")
+        units[name] = v / np.linalg.norm(v)  # in the design's own dtype (the main job: float32)
+    settings = [(name, rho) for name in units for rho in grid]
+    vecs = np.stack([units[name] * rho * reference_norm for name, rho in settings]).astype(np.float32)
+    tokens = generate_with_vectors(model, prompts, vecs, layer, max_new_tokens, vectors_per_call=vectors_per_call)
+    table, examples = [], {}
+    for (name, rho), rows in zip(settings, tokens):
+        texts = [decode([int(t) for t in row if t >= 0]) for row in rows]
+        sc = [float(score(t)) for t in texts]
+        table.append({"design": name, "rho": rho, "norm": rho * reference_norm, "score": float(np.mean(sc))})
+        examples[f"{name}@{rho}"] = texts[int(np.argmax(sc))]
+    order = list(units)
+    best = max(table, key=lambda r: (r["score"], -r["rho"], -order.index(r["design"])))
+    scored = best["score"] > 0
+    if not scored:
+        best = next(r for r in table if r["design"] == order[0] and r["rho"] == min(grid))
+    vector = units[best["design"]] * best["rho"] * reference_norm
+    return vector, {"design": best["design"], "rho": best["rho"], "scored": scored, "table": table,
+                    "examples": examples}
 
 
 def reply_mean_difference(

@@ -17,12 +17,12 @@ from models.interventions import Activations, Capture, Edits
 from models.kv_cache import KVCache
 from models.load import load
 from models.save import save
-from models.transformer import ForwardOutput, Transformer
+from models.transformer import ForwardOutput, Transformer, pad_batch
 from models import compile_cache
 
 compile_cache.enable()  # JAX's persistent compilation cache under $LENS_CACHE_DIR/jax
 
 __all__ = [
     "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
-    "ForwardOutput", "CheckpointError", "xla_guard",
+    "ForwardOutput", "CheckpointError", "xla_guard", "pad_batch",
 ]

@@ -112,7 +112,7 @@ def block_forward(
     resid_pre = x
 
     def norm1(y, scale_edit=None):
-        return layers.apply_norm(y, c.norm_kind, c.norm_eps, block.ln1_w, block.ln1_b, scale_edit)
+        return layers.apply_norm(y, c.norm_kind, block.ln1_w, block.ln1_b, c.norm_eps, scale_edit)
 
     h, ln1_scale = norm1(x, _scale_edit(edits, "ln1"))
     qkv = []
@@ -130,8 +130,8 @@ def block_forward(
             qkv.append(_linear(inputs, w, b, "shd,hdk->shk"))
     q, k, v = qkv
     if c.qk_norm:
-        q, _ = layers.apply_norm(q, "rms", c.norm_eps, block.q_norm_w)
-        k, _ = layers.apply_norm(k, "rms", c.norm_eps, block.k_norm_w)
+        q, _ = layers.apply_norm(q, "rms", block.q_norm_w, eps=c.norm_eps)
+        k, _ = layers.apply_norm(k, "rms", block.k_norm_w, eps=c.norm_eps)
     q_cap, k_cap, v_cap = (q, k, v) if capture.qkv else (None, None, None)
     if rotary.cos is not None:
         cos, sin = rotary.cos, rotary.sin
@@ -157,7 +157,7 @@ def block_forward(
         z = edits.mixed(z, "head")
     attn_out = _linear(z, block.W_O, block.b_O, "shk,hkd->sd")
     if c.sandwich_norms:
-        attn_out, _ = layers.apply_norm(attn_out, c.norm_kind, c.norm_eps, block.post_attn_w)
+        attn_out, _ = layers.apply_norm(attn_out, c.norm_kind, block.post_attn_w, eps=c.norm_eps)
     if edits is not None:
         attn_out = _ablate(edits.mixed(attn_out, "attn_out"), edits.writer_ablate)
 
@@ -167,7 +167,7 @@ def block_forward(
         mlp_out = jnp.zeros_like(resid_mid)
     else:
         mlp_in = x if c.parallel_residual else resid_mid
-        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, c.norm_eps, block.ln2_w, block.ln2_b,
+        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, block.ln2_w, block.ln2_b, c.norm_eps,
                                           _scale_edit(edits, "ln2"))
         act = layers.activation_fn(c.activation)
         pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
@@ -179,7 +179,7 @@ def block_forward(
             neurons = edits.mixed(neurons, "neuron")
         mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
         if c.sandwich_norms:
-            mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, c.norm_eps, block.post_mlp_w)
+            mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, block.post_mlp_w, eps=c.norm_eps)
         if edits is not None:
             mlp_out = _ablate(edits.mixed(mlp_out, "mlp_out"), edits.writer_ablate)
     resid_post = resid_mid + mlp_out

@@ -29,6 +29,17 @@ from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
+# The default model's shape as a transformers (Llama) config dict: random models of that
+# shape (`models.init(models.llama.config_from_hf(SMOLLM2_135M_HF_CONFIG), key)`, the
+# main job's and the benchmarks' --random-weights) need no download.
+SMOLLM2_135M_HF_CONFIG = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:

@@ -47,6 +47,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models.interventions import Edits, check_edits
 from models.kv_cache import KVCache
+from models.transformer import pad_batch
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
 _PAD_MULTIPLE = 8
@@ -138,11 +139,7 @@ def generate(
     # Round the padded length up so prompts of nearby lengths reuse one compilation.
     prompt_len = -(-longest // _PAD_MULTIPLE) * _PAD_MULTIPLE
     prompt_len = min(prompt_len, config.max_seq_len - max_new_tokens)
-    tokens = np.full((batch, prompt_len), pad, np.int32)
-    mask = np.zeros((batch, prompt_len), bool)
-    for i, r in enumerate(rows):
-        tokens[i, prompt_len - len(r):] = r
-        mask[i, prompt_len - len(r):] = True
+    tokens, mask = pad_batch(rows, pad, side="left", length=prompt_len)
 
     sampler = _Sampler(
         greedy=temperature == 0,

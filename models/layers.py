@@ -23,14 +23,16 @@ MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 def apply_norm(
     x: Float[Array, "*batch d"],
     kind: NormKind,
-    eps: float,
-    weight: Float[Array, "d"] | None,
-    bias: Float[Array, "d"] | None = None,
+    gamma: Float[Array, "d"] | None,
+    beta: Float[Array, "d"] | None = None,
+    eps: float = 0.0,
     scale_edit: tuple[Array, Array | None] | None = None,
 ) -> tuple[Float[Array, "*batch d"], Float[Array, "*batch"]]:
-    """LayerNorm `w * (Px)/sigma + b` or RMSNorm `w * x/rms`; returns (output, divisor).
+    """LayerNorm `gamma * (Px)/sigma + beta` or RMSNorm `gamma * x/rms`; returns (output,
+    divisor).  Same arguments in the same order as `lens.geometry.apply_norm` (which
+    returns the output alone); the forward always passes the config's eps.
 
-    Gemma's `(1 + w)` gain is folded into `weight` at load time, so one formula serves
+    Gemma's `(1 + w)` gain is folded into `gamma` at load time, so one formula serves
     every family and the geometry code sees exactly the gain the model applies.
     scale_edit = (mix [S], source [S] or None): the divisor becomes
     `s + mix * (source - s)` ("freeze the norm scale" from another run when mix = 1; what
@@ -46,10 +48,10 @@ def apply_norm(
         source = jnp.zeros_like(scale) if source is None else source.astype(jnp.float32)
         scale = scale + mix.astype(jnp.float32) * (source - scale)
     y = xf / scale[..., None]
-    if weight is not None:
-        y = y * weight.astype(jnp.float32)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)
+    if gamma is not None:
+        y = y * gamma.astype(jnp.float32)
+    if beta is not None:
+        y = y + beta.astype(jnp.float32)
     return y.astype(dtype), scale
 
 

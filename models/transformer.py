@@ -24,6 +24,34 @@ from models.interventions import Activations, Capture, Edits, final_part, layer_
 from models.kv_cache import KVCache
 
 
+def pad_batch(
+    rows: "list[list[int]]",
+    pad_id: int = 0,
+    side: str = "right",
+    length: int | None = None,
+) -> tuple[Int[np.ndarray, "B T"], Bool[np.ndarray, "B T"]]:
+    """Token lists -> `(tokens [B, T] int32, mask [B, T] bool)`, padded on `side` to
+    `length` (default: the longest row) with `pad_id`: THE padding of the library (the
+    readers' right padding, `lens.capture.pad_prompts`; generation's left padding).  The
+    forward never attends to padding and counts positions over real tokens
+    (`cumsum(mask) - 1`), so either side gives each row exactly its unpadded result."""
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("need at least one prompt, each with at least one token")
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right'; got {side!r}")
+    longest = max(len(r) for r in rows)
+    T = longest if length is None else length
+    if T < longest:
+        raise ValueError(f"length {T} is shorter than the longest row ({longest} tokens)")
+    tokens = np.full((len(rows), T), pad_id, np.int32)
+    mask = np.zeros((len(rows), T), bool)
+    for i, r in enumerate(rows):
+        span = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        tokens[i, span] = r
+        mask[i, span] = True
+    return tokens, mask
+
+
 class ForwardOutput(eqx.Module):
     logits: Float[Array, "seq vocab"]
     activations: Activations
@@ -279,8 +307,8 @@ class Transformer(eqx.Module):
         c = self.config
         final = final_part(edits)
         scale_edit = None if final is None else (final.final_scale_mix, final.final_scale_source)
-        y, scale = layers.apply_norm(x, c.norm_kind, c.norm_eps, self.final_norm_w,
-                                     self.final_norm_b, scale_edit)
+        y, scale = layers.apply_norm(x, c.norm_kind, self.final_norm_w, self.final_norm_b,
+                                     c.norm_eps, scale_edit)
         w_u = self.embed if self.unembed is None else self.unembed
         logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
         if self.unembed_b is not None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import models  # noqa: E402
+from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
 from models.generate import chat_prompt, generate  # noqa: E402
 
 DEFAULT_PROMPTS = [
@@ -24,16 +23,24 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def main() -> None:
+def parse_args(argv=None):
+    """The command line, every value checked before the model is loaded."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--prompt", action="append", help="repeatable; default: three chat prompts")
     p.add_argument("--raw", action="store_true", help="no chat template (for base models)")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=48)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0)
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    args = p.parse_args(argv)
+    if args.prompt is not None and any(not t.strip() for t in args.prompt):
+        p.error("argument --prompt: an empty prompt")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
 
     t0 = time.perf_counter()
     model, tok = models.load(args.model)

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
+from lens.cli import int_at_least, positive_float  # noqa: E402
 from figures import save_figure  # noqa: E402  (scripts/)
 from lens import geometry_report as gr  # noqa: E402
 
@@ -141,23 +139,30 @@ def markdown(slug: str, r: dict, source: str, pngs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv=None):
+    """The command line, every value checked before a model is loaded (--layer against each
+    model's depth once it is, by `geometry_report.analyse`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[],
                     help="HF folder (GPT-2, Pythia, ...) to analyse besides the default; repeatable")
     ap.add_argument("--no-default", action="store_true", help=f"skip {DEFAULT_MODEL}")
-    ap.add_argument("--layer", type=int, default=None, help="layer of the curve (default middle)")
-    ap.add_argument("--steer-norms", type=float, nargs="+", default=[1, 4, 8, 16, 32])
-    ap.add_argument("--pairs", type=int, default=8, help="vector pairs per activation and rho")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layer", type=int_at_least(0), default=None, help="layer of the curve (default middle)")
+    ap.add_argument("--steer-norms", type=positive_float, nargs="+", default=[1, 4, 8, 16, 32])
+    ap.add_argument("--pairs", type=int_at_least(1), default=8, help="vector pairs per activation and rho")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.no_default and not args.model:
+        ap.error("nothing to analyse: give --model or drop --no-default")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     out = args.out or Path("runs") / f"logit_geometry_{time.strftime('%Y%m%d_%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
 
     names = ([] if args.no_default else [DEFAULT_MODEL]) + args.model
-    if not names:
-        ap.error("nothing to analyse: give --model or drop --no-default")
     report, md = {}, ["# Logit and norm geometry", ""]
     for name in names:
         t0 = time.time()

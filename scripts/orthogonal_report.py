@@ -1,4 +1,4 @@
-"""Helpers of scripts/orthogonal_steering.py: the code score, checkpoints, plots, report.md."""
+"""Helpers of scripts/orthogonal_steering.py: plots and report.md."""
 
 from __future__ import annotations
 
@@ -8,24 +8,6 @@ from pathlib import Path
 import numpy as np
 
 from figures import save_figure
-from lens.metrics import code_score  # noqa: F401  (re-exported: the scripts' and tests' name)
-
-
-def save_vectors(path: Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
-    """Safetensors with string metadata, written atomically (a kill never leaves half a file)."""
-    from safetensors.numpy import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(tmp),
-              metadata={k: str(v) for k, v in metadata.items()})
-    tmp.replace(path)
-
-
-def load_vectors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
 
 
 def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:

@@ -20,8 +20,11 @@
    first order, next to the closed form), target- and last-layer, logit-level similarity;
    participation ratio, degeneracy factor, clusters.  4. The rho sweep.  5. Generations
    and the "is this code?" score.  Output: --out DIR (report.md, report.json, PNGs,
-   vectors.safetensors, generations.jsonl).  Also: batched vs sequential MELBO-ortho
-   (losses, norms, statistics next to the sequential run-to-run spread), per-phase timings.
+   generations.jsonl; vectors.safetensors, base.safetensors and checkpoint.safetensors,
+   each read by `lens.steering.load_vectors`: vectors at resid_pre[s + 1] (= after block
+   s), theta0 / losses / controls by `lens.steering.load_extras`).  Also: batched vs
+   sequential MELBO-ortho (losses, norms, statistics next to the sequential run-to-run
+   spread), per-phase timings.
 """
 
 from __future__ import annotations
@@ -29,21 +32,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import melbo  # noqa: E402
+from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
-from orthogonal_report import load_vectors, plots, save_vectors, write_markdown  # noqa: E402
+from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
+from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [
     "Write a Python function that reverses a string.",
@@ -77,37 +78,63 @@ NEUTRAL = [
 
 
 def parse_args(argv=None):
+    """The command line, every value checked before anything is loaded (argparse's message
+    and exit status 2 on a bad one).  The source / target blocks are checked against the
+    model's depth once it is loaded (`layers`)."""
+    n_prompts = len(NEUTRAL)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
-    ap.add_argument("--source", type=int, default=None, help="residual after block s (default ~n/4)")
-    ap.add_argument("--target", type=int, default=None, help="residual after block t (default ~n/2)")
-    ap.add_argument("--k", type=int, default=16, help="MELBO-ortho vectors")
-    ap.add_argument("--block", type=int, default=8, help="vectors per batched block")
+    ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
+    ap.add_argument("--target", type=int_at_least(1), default=None, help="residual after block t (default ~n/2)")
+    ap.add_argument("--k", type=int_at_least(1), default=16, help="MELBO-ortho vectors")
+    ap.add_argument("--block", type=int_at_least(1), default=8, help="vectors per batched block")
     ap.add_argument("--mode", choices=("batched", "sequential"), default="batched")
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=0.3,
+    ap.add_argument("--steps", type=int_at_least(1), default=60)
+    ap.add_argument("--lr", type=positive_float, default=0.3,
                     help="Adam lr (original: 0.01 over 1000 steps; over 60 steps 0.01 leaves the vectors at "
                          "cos 0.99 with their random init, 0.3 cuts the loss 71 -> 23 on the default model)")
-    ap.add_argument("--base-rho-grid", default="0.25,0.35,0.5,0.75",
+    ap.add_argument("--base-rho-grid", type=positive_floats, default="0.25,0.35,0.5,0.75",
                     help="calibration grid for |theta0| / median|x_s|: the smallest rho with the best code score wins")
-    ap.add_argument("--base-rho", type=float, default=None, help="skip calibration: CAA at this rho")
-    ap.add_argument("--calib-prompts", type=int, default=4)
-    ap.add_argument("--reply-tokens", type=int, default=8, help="reply positions averaged by the 'reply' CAA design")
-    ap.add_argument("--train-prompts", type=int, default=1, help="prompts in the objective (original: 1)")
-    ap.add_argument("--analysis-prompts", type=int, default=2, help="prompts of the analysis / rho sweep")
-    ap.add_argument("--rho-grid", default="0.1,0.3,1,3")
-    ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--gen-vectors", type=int, default=4, help="found / control vectors generated from")
-    ap.add_argument("--gen-prompts", type=int, default=2)
-    ap.add_argument("--gen-batch", type=int, default=32, help="rows per generate call (one compiled shape)")
-    ap.add_argument("--compare-k", type=int, default=4, help="mode comparison: vectors per run (0: skip)")
-    ap.add_argument("--compare-seeds", type=int, default=3, help="mode comparison: runs (seeds) per mode")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk", type=int, default=8, help="vectors per compiled analysis call")
+    ap.add_argument("--base-rho", type=positive_float, default=None, help="skip calibration: CAA at this rho")
+    ap.add_argument("--calib-prompts", type=int_at_least(1), default=4, help=f"at most {n_prompts}")
+    ap.add_argument("--reply-tokens", type=int_at_least(1), default=8,
+                    help="reply positions averaged by the 'reply' CAA design")
+    ap.add_argument("--train-prompts", type=int_at_least(1), default=1,
+                    help=f"prompts in the objective (original: 1; at most {n_prompts})")
+    ap.add_argument("--analysis-prompts", type=int_at_least(1), default=2,
+                    help=f"prompts of the analysis / rho sweep (at most {n_prompts})")
+    ap.add_argument("--rho-grid", type=positive_floats, default="0.1,0.3,1,3")
+    ap.add_argument("--gen-tokens", type=int_at_least(1), default=64)
+    ap.add_argument("--gen-vectors", type=int_at_least(0), default=4, help="found / control vectors generated from")
+    ap.add_argument("--gen-prompts", type=int_at_least(1), default=2, help=f"at most {n_prompts}")
+    ap.add_argument("--gen-batch", type=int_at_least(1), default=32, help="rows per generate call (one compiled shape)")
+    ap.add_argument("--compare-k", type=int_at_least(0), default=4, help="mode comparison: vectors per run (0: skip)")
+    ap.add_argument("--compare-seeds", type=int_at_least(0), default=3, help="mode comparison: runs (seeds) per mode")
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--chunk", type=int_at_least(1), default=8, help="vectors per compiled analysis call")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts"):
+        if getattr(args, flag) > n_prompts:
+            ap.error(f"argument --{flag.replace('_', '-')}: at most {n_prompts} (the prompts in NEUTRAL); "
+                     f"got {getattr(args, flag)}")
+    if args.source is not None and args.target is not None and args.target <= args.source:
+        ap.error(f"--target {args.target} must be a later block than --source {args.source}")
+    if args.resume and args.out is None:
+        ap.error("--resume continues the run in --out: give --out")
+    return args
+
+
+def layers(args, n: int) -> tuple[int, int]:
+    """(source, target) blocks: the flags or the defaults (~n/4, ~n/2), checked against n."""
+    s = args.source if args.source is not None else max(0, round(n / 4) - 1)
+    t = args.target if args.target is not None else max(s + 1, round(n / 2))
+    if not 0 <= s < t <= n - 1:
+        raise SystemExit(f"--source {s} / --target {t}: this model has blocks 0..{n - 1}; "
+                         "need 0 <= source < target <= " + str(n - 1))
+    return s, t
 
 
 def load(args):
@@ -122,10 +149,11 @@ def load(args):
         return make
 
     if args.random_weights:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-        from melbo import build  # bench/melbo.py
+        import models
+        from models.embedded import SMOLLM2_135M_HF_CONFIG
+        from models.llama import config_from_hf
 
-        model, _, _ = build(True)
+        model = models.init(config_from_hf(SMOLLM2_135M_HF_CONFIG), jax.random.key(0))
         return model, None, random_prompt(model.config.vocab_size)
     import models
     from models.generate import chat_prompt
@@ -139,71 +167,47 @@ def load(args):
 def caa_vector(model, prompts_a, prompts_b, layer):
     """CAA at the last prompt token: mean over pairs of resid_pre[layer](a) - (b) at each
     prompt's last token (`lens.steering.mean_difference`)."""
-    from lens.steering import mean_difference
-
     (ta, ma), (tb, mb) = melbo.pad_prompts(prompts_a), melbo.pad_prompts(prompts_b)
-    return np.asarray(mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
+    return np.asarray(steering.mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
+
+
+def decoder(tok):
+    """Token ids -> text: the tokenizer's, or the ids themselves without one."""
+    return (lambda ids: tok.decode(ids)) if tok is not None else (lambda ids: " ".join(map(str, ids)))
 
 
 def steered_generate(args, model, tok, layer, prompts, vecs):
     """Greedy generations of every prompt under every vector (added at `layer` on every
-    prompt and generated token), vector-major as `lens.steering.generate_with_vectors`
-    returns them.  Calls hold --gen-batch // len(prompts) vectors (the last padded with
-    zero vectors), so every call of a run reuses ONE compiled prefill/decode."""
-    from lens.steering import generate_with_vectors
-
+    prompt and generated token), vector-major; calls of --gen-batch // len(prompts)
+    vectors, so every call of a run reuses ONE compiled prefill/decode."""
     per_call = max(1, args.gen_batch // len(prompts))
-    vecs = np.asarray(vecs, np.float32)
-    texts = []
-    for i in range(0, len(vecs), per_call):
-        v = vecs[i: i + per_call]
-        used = len(v)
-        v = np.concatenate([v, np.zeros((per_call - used, v.shape[1]), np.float32)])
-        out = generate_with_vectors(model, prompts, v, layer, args.gen_tokens)[:used]
-        for row in out.reshape(-1, out.shape[-1]):
-            ids = [int(t) for t in row if t >= 0]
-            texts.append(tok.decode(ids) if tok is not None else " ".join(map(str, ids)))
-    return texts
+    out = steering.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
+                                         vectors_per_call=per_call)
+    dec = decoder(tok)
+    return [dec([int(t) for t in row if t >= 0]) for row in out.reshape(-1, out.shape[-1])]
 
 
 def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
-    """theta0: the CAA design and the smallest rho (|theta0| / median|x_s|) of the grid with
-    the highest mean code score on non-coding prompts; "reply" wins ties.  Both designs
-    (code requests vs prose requests; "reply" = the first reply tokens, "last" = the last
-    prompt token) are tried in ONE generate pass.  If nothing writes code, theta0 is "reply"
-    at the smallest rho (the least destructive) and the table says so."""
+    """theta0: the CAA design (code requests vs prose requests; "reply" = the first reply
+    tokens, `lens.steering.reply_mean_difference`; "last" = the last prompt token) and
+    rho = |theta0| / median|x_s| chosen by `lens.steering.calibrate_norm` on the code score
+    of greedy replies to non-coding prompts ("reply" wins ties; if nothing writes code,
+    "reply" at the smallest rho, and the table says so).  Returns (theta0, the report's
+    calibration record)."""
     code, prose = [make(p) for p in CODE], [make(p) for p in PROSE]
-    from lens.steering import reply_mean_difference
-
-    designs = {"reply": reply_mean_difference(model, code, prose, layer, args.reply_tokens),
+    designs = {"reply": steering.reply_mean_difference(model, code, prose, layer, args.reply_tokens),
                "last": caa_vector(model, code, prose, layer)}
     cos = float(designs["reply"] @ designs["last"] / np.linalg.norm(designs["reply"]) / np.linalg.norm(designs["last"]))
     if args.base_rho is not None:
         v = designs["reply"]
         return v / np.linalg.norm(v) * args.base_rho * x_norm, {
             "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
-    grid = [float(r) for r in args.base_rho_grid.split(",")]
-    vecs, keys = [], []
-    for name, v in designs.items():
-        for rho in grid:
-            vecs.append(v / np.linalg.norm(v) * rho * x_norm)
-            keys += [(name, rho)] * len(prompts)
-    texts = steered_generate(args, model, tok, layer, prompts, vecs)
-    table, examples = [], {}
-    for name in designs:
-        for rho in grid:
-            got = [t for k, t in zip(keys, texts) if k == (name, rho)]
-            sc = [code_score(t) for t in got]
-            table.append({"design": name, "rho": rho, "norm": rho * x_norm, "code_score": float(np.mean(sc))})
-            examples[f"{name}@{rho}"] = got[int(np.argmax(sc))]  # a code reply if there is one
-    best = max(table, key=lambda r: (r["code_score"], -r["rho"], r["design"] == "reply"))
-    found_code = best["code_score"] > 0
-    if not found_code:
-        best = next(r for r in table if r["design"] == "reply")
-    v = designs[best["design"]]
-    return v / np.linalg.norm(v) * best["rho"] * x_norm, {
-        "design": best["design"], "rho": best["rho"], "calibrated": True, "wrote_code": found_code,
-        "table": table, "examples": examples, "cos_reply_last": cos}
+    theta0, info = steering.calibrate_norm(
+        model, designs, prompts, layer, x_norm, args.base_rho_grid, args.gen_tokens,
+        score=code_score, decode=decoder(tok), vectors_per_call=max(1, args.gen_batch // len(prompts)))
+    table = [{"design": r["design"], "rho": r["rho"], "norm": r["norm"], "code_score": r["score"]} for r in info["table"]]
+    return theta0, {"design": info["design"], "rho": info["rho"], "calibrated": True, "wrote_code": info["scored"],
+                    "table": table, "examples": info["examples"], "cos_reply_last": cos}
 
 
 def mode_comparison(args, problem, analysis_problem, theta0, found, found_effects):
@@ -284,8 +288,7 @@ def main(argv=None, on_checkpoint=None):
     out.mkdir(parents=True, exist_ok=True)
     model, tok, make = load(args)
     n = model.config.n_layers
-    s = args.source if args.source is not None else max(0, round(n / 4) - 1)
-    t = args.target if args.target is not None else max(s + 1, round(n / 2))
+    s, t = layers(args, n)
     # The CLI speaks MELBO's "after block s"; the library's layer is the one it enters.
     layer = melbo.layer_after(s)
     print(f"model {args.model} ({n} layers, d={model.config.d_model}); source {s}, target {t}")
@@ -301,35 +304,37 @@ def main(argv=None, on_checkpoint=None):
     ckpt, base_file, calib_file = out / "checkpoint.safetensors", out / "base.safetensors", out / "calibration.json"
     if args.resume and calib_file.exists() and base_file.exists():
         calib = json.loads(calib_file.read_text())
-        theta0 = load_vectors(base_file)[0]["theta0"]
+        theta0 = steering.load_vectors(base_file)[0]
     else:
         theta0, calib = calibrate_base(args, model, tok, make, layer, x_norm, neutral[: args.calib_prompts])
         calib_file.write_text(json.dumps(calib, indent=1))
-        save_vectors(base_file, {"theta0": theta0}, {"model": args.model, "layer": s, "site": "resid_post[source]",
-                                                     "method": calib["design"], "rho": calib["rho"]})
+        steering.save_vectors(base_file, theta0, {"model": args.model, "layer": layer, "site": "resid_pre",
+                                                  "source_layer": s, "method": f"caa-{calib['design']}",
+                                                  "rho": calib["rho"]})
     print(f"theta0: {calib['design']} at rho {calib['rho']} (|theta0| {np.linalg.norm(theta0):.2f}), "
           f"wrote code: {calib.get('wrote_code')}")
     t0 = lap("calibration", t0)
 
     # 2. MELBO-ortho, checkpointed after every block.
-    meta = {"model": args.model, "source_layer": s, "target_layer": t, "site": "resid_post[source]",
+    meta = {"model": args.model, "layer": layer, "site": "resid_pre", "source_layer": s, "target_layer": t,
             "method": "melbo-ortho", "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "block": args.block, "mode": args.mode}
     resume = None
     if args.resume and ckpt.exists():
-        saved, saved_meta = load_vectors(ckpt)
+        saved_vectors, saved_meta = steering.load_vectors(ckpt)
+        saved = steering.load_extras(ckpt)
         # Vectors trained under other settings must not be mixed into this run.
-        changed = {k: (saved_meta.get(k), str(v)) for k, v in meta.items() if saved_meta.get(k) != str(v)}
+        changed = {k: (saved_meta.get(k), v) for k, v in meta.items() if saved_meta.get(k) != v}
         if changed or not np.array_equal(saved["theta0"], theta0):
             what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items()) or "theta0 differs"
             raise SystemExit(f"--resume: {ckpt} was trained with other settings ({what}); "
                              "resume with the same flags, or use a new --out")
-        resume = melbo.TrainResult(saved["vectors"], saved["losses"])
+        resume = melbo.TrainResult(saved_vectors, saved["losses"])
         print(f"resuming from {len(resume.vectors)} vectors")
 
     def checkpoint(result):
-        save_vectors(ckpt, {"theta0": theta0, "vectors": result.vectors, "losses": result.losses},
-                     meta | {"n_done": len(result.vectors)})
+        steering.save_vectors(ckpt, result.vectors, meta | {"n_done": len(result.vectors)},
+                              extras={"theta0": theta0, "losses": result.losses})
         if on_checkpoint is not None:
             on_checkpoint(len(result.vectors))
 
@@ -360,7 +365,7 @@ def main(argv=None, on_checkpoint=None):
     t0 = lap("analysis", t0)
 
     # 4. rho sweep (the base set is parallel at every rho: skipped).
-    grid = [float(r) for r in args.rho_grid.split(",")]
+    grid = args.rho_grid
     sweeps = {name: melbo.rho_sweep(analysis_problem, sets[name], grid, chunk=args.chunk, progress=True)
               for name in ("found", "random_control")}
     t0 = lap("rho_sweep", t0)
@@ -428,8 +433,8 @@ def main(argv=None, on_checkpoint=None):
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
                              "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
-    save_vectors(out / "vectors.safetensors", {"theta0": theta0, "found": V, "random_control": sets["random_control"],
-                                               "losses": found.losses}, meta | {"norm_base": float(np.linalg.norm(theta0))})
+    steering.save_vectors(out / "vectors.safetensors", V, meta | {"norm_base": float(np.linalg.norm(theta0))},
+                          extras={"theta0": theta0, "random_control": sets["random_control"], "losses": found.losses})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
     with open(out / "generations.jsonl", "w") as fh:
         for smp in samples:

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import lens  # noqa: E402
+from lens.cli import finite_float, int_at_least, nonnegative_float  # noqa: E402
 import models  # noqa: E402
 from lens import edits as E, steering  # noqa: E402
 from models.generate import chat_prompt, generate  # noqa: E402
@@ -32,35 +31,43 @@ PROMPTS = ["Tell me about your neighbour.", "Write one sentence about the weathe
 
 
 def encode_padded(tokenizer, texts):
-    """Right-padded [N, seq] ids and mask from texts (or lists of ids)."""
-    ids = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
-    n = max(map(len, ids))
-    tokens = np.zeros((len(ids), n), np.int32)
-    mask = np.zeros((len(ids), n), bool)
-    for i, row in enumerate(ids):  # right padding: the last real token is found by the mask
-        tokens[i, : len(row)], mask[i, : len(row)] = row, True
-    return tokens, mask
+    """Right-padded [N, seq] ids and mask (`lens.pad_prompts`) from texts (or lists of ids)."""
+    return lens.pad_prompts([tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts])
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, every value checked before the model is loaded (--layer against
+    the model's depth once it is)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--positive", nargs="+", default=POSITIVE)
     p.add_argument("--negative", nargs="+", default=NEGATIVE)
     p.add_argument("--prompts", nargs="+", default=PROMPTS)
-    p.add_argument("--layer", type=int, default=None, help="default: the middle layer")
+    p.add_argument("--layer", type=int_at_least(0), default=None, help="default: the middle layer")
     p.add_argument("--method", choices=["caa", "actadd"], default="caa")
     p.add_argument("--reduce", choices=["last", "mean"], default="mean")
-    p.add_argument("--coeffs", type=float, nargs="+", default=[0.0, 1.0, 2.0])
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--coeffs", type=finite_float, nargs="+", default=[0.0, 1.0, 2.0])
+    p.add_argument("--max-new-tokens", type=int_at_least(1), default=40)
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0)
     p.add_argument("--no-steer-prompt", action="store_true")
     p.add_argument("--no-steer-generated", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    for flag in ("positive", "negative", "prompts"):
+        if any(not t.strip() for t in getattr(args, flag)):
+            p.error(f"argument --{flag}: an empty text")
+    if args.method == "caa" and len(args.positive) != len(args.negative):
+        p.error(f"--method caa pairs the texts: {len(args.positive)} --positive vs {len(args.negative)} --negative")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     model, tok = models.load(args.model)
     layer = model.config.n_layers // 2 if args.layer is None else args.layer
+    if layer > model.config.n_layers:
+        raise SystemExit(f"--layer {layer}: {args.model} has layers 0..{model.config.n_layers} "
+                         "(layer l = the residual entering block l)")
     pos, pos_mask = encode_padded(tok, args.positive)
     neg, neg_mask = encode_padded(tok, args.negative)
     if args.method == "caa":

@@ -22,18 +22,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens import data, train  # noqa: E402
+from lens.cli import int_at_least  # noqa: E402
 from lens.induction import measure_induction  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 
@@ -104,16 +103,21 @@ def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
     return {s: tokenizer.decode(t) for s, t in zip(SAMPLE_PROMPTS, out.tokens)}
 
 
-def main(argv=None, on_checkpoint=None) -> dict:
+def parse_args(argv=None):
+    """The command line, every value checked before any data or model is built."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=None, help="override the preset's step count")
-    ap.add_argument("--seed", type=int, default=0, help="init and data order")
-    ap.add_argument("--checkpoint-every", type=int, default=None, help="override the preset's")
+    ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's step count")
+    ap.add_argument("--seed", type=int_at_least(0), default=0, help="init and data order")
+    ap.add_argument("--checkpoint-every", type=int_at_least(1), default=None, help="override the preset's")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None, on_checkpoint=None) -> dict:
+    args = parse_args(argv)
 
     p = PRESETS[args.preset]
     tcfg = dataclasses.replace(p.train, seed=args.seed, bf16=args.bf16,

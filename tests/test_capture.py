@@ -58,3 +58,25 @@ def test_batched_cache_and_bad_input():
         lens.run_with_cache(model, np.array([0, VOCAB]))
     with pytest.raises(ValueError, match="no head_z"):
         lens.head_outputs(model, cache)
+
+
+def test_pad_batch_is_the_one_padding():
+    """models.pad_batch: right (the readers, lens.pad_prompts) or left (generation) padding
+    to a given length; each row reads its tokens and a mask; bad input is refused."""
+    import models
+
+    rows = [[5, 6, 7], [8], [9, 10]]
+    t, m = models.pad_batch(rows, pad_id=2, side="left", length=5)
+    assert t.tolist() == [[2, 2, 5, 6, 7], [2, 2, 2, 2, 8], [2, 2, 2, 9, 10]] and t.dtype == np.int32
+    assert m.sum(1).tolist() == [3, 1, 2] and m[:, -1].all()
+    t, m = lens.pad_prompts(rows)
+    assert t.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]] and m.tolist() == [
+        [True] * 3, [True, False, False], [True, True, False]]
+    for row, tr, mr in zip(rows, t, m):
+        assert tr[mr].tolist() == row
+    with pytest.raises(ValueError, match="at least one token"):
+        models.pad_batch([[1], []])
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        models.pad_batch(rows, length=2)
+    with pytest.raises(ValueError, match="side"):
+        models.pad_batch(rows, side="middle")

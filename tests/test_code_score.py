@@ -1,15 +1,10 @@
-"""The "is this code?" score of the main job (scripts/orthogonal_report.code_score) on
+"""The "is this code?" score of the main job (lens.metrics.code_score) on
 hand-written replies: real Python (fenced, bare, cut off by the token limit) scores 1;
 prose, code-flavoured degenerate text and statements that do not compile score 0."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from orthogonal_report import code_score  # noqa: E402
+from lens.metrics import code_score
 
 CODE = [
     "Here you go:\n```python\ndef reverse(s):\n    return s[::-1]\n```\nThis uses slicing.",

@@ -240,3 +240,24 @@ def test_similarity_without_position_axis():
     ref = _similarity(jnp.asarray(steered[:, None]), jnp.asarray(base[None]), 3)
     np.testing.assert_allclose(got.kl, ref.kl, atol=4 * VOCAB * EPS32)
     assert got.promoted.shape == (K, 3)
+
+
+def test_spearman_and_topk_overlap_jitted_against_scipy_and_sets():
+    """The one Spearman / top-k overlap (used by ranking_agreement, logit_effect_similarity
+    and geometry_report): jitted, M x N rows of an odd vocabulary, against scipy and sets."""
+    from scipy.stats import spearmanr
+
+    rs = np.random.RandomState(3)
+    a = rs.randn(3, 37).astype(np.float32)
+    b = np.concatenate([rs.randn(1, 37), a[1:2] + 0.3 * rs.randn(1, 37)]).astype(np.float32)
+    rho = jax.jit(g.spearman)(a, b)
+    over = jax.jit(g.topk_overlap, static_argnums=2)(a, b, 5)
+    assert rho.shape == over.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            assert float(rho[i, j]) == pytest.approx(spearmanr(a[i], b[j]).statistic, abs=1e-6)
+            top_a, top_b = set(np.argsort(-a[i])[:5]), set(np.argsort(-b[j])[:5])
+            assert float(over[i, j]) == pytest.approx(len(top_a & top_b) / 5, rel=1e-6)  # float32 k-ths
+    np.testing.assert_allclose(np.diag(g.spearman(a, a)), 1.0, atol=1e-6)
+    members = g.topk_members(jnp.asarray(a).reshape(3, 1, 37), 4)
+    assert members.shape == (3, 1, 37) and float(members.sum()) == 12.0

@@ -117,7 +117,7 @@ def test_apply_norm_matches_equinox(kind):
 def test_apply_norm_equals_model_norm_bitwise(kind, dtype):
     x = jnp.asarray(_rand(4, (4, D), 5.0)).astype(dtype)
     gamma, beta = jnp.asarray(_rand(5, (D,))), jnp.asarray(_rand(6, (D,)))
-    want, scale = layers.apply_norm(x, kind, 1e-6, gamma, beta)
+    want, scale = layers.apply_norm(x, kind, gamma, beta, 1e-6)
     np.testing.assert_array_equal(g.apply_norm(x, kind, gamma, beta, eps=1e-6), want)
     np.testing.assert_array_equal(g.norm_divisor(x, kind, 1e-6), scale)
 

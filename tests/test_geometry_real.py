@@ -24,7 +24,7 @@ these quantities by 1e-4 to O(1)):
     For SmolLM2 eps does not matter (t = eps d / |x|^2 ~ 2e-7 at the middle layer), so
     the ideal eps = 0 form must hold too.  The tiny GPT-2's activations are small
     (t ~ 4e-4, shifting the cosine by up to 1.4e-4), so it is compared with the eps-aware
-    form `orthogonal_pair_cosine_eps`, and the same tolerance would catch a dropped eps.
+    form `lens.geometry.orthogonal_pair_cosine_eps`, and the same tolerance would catch a dropped eps.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Case:
 
     def model_norm(self, layer):
         w, b = self.ln1(layer)
-        return lambda z: layers.apply_norm(z, self.kind, self.eps, w, b)[0]
+        return lambda z: layers.apply_norm(z, self.kind, w, b, self.eps)[0]
 
     def sample_points(self):
         """(layer, prompt, position) triples: first token (huge norm) and ordinary ones."""
@@ -89,7 +89,7 @@ def test_norm_kind(case):
 def test_jacobian_equals_autodiff_of_model_norm(case):
     @jax.jit  # one compile for all sample points (eager jacfwd retraces every call)
     def both(x, w, b):
-        auto = jax.jacfwd(lambda z: layers.apply_norm(z, case.kind, case.eps, w, b)[0])(x)
+        auto = jax.jacfwd(lambda z: layers.apply_norm(z, case.kind, w, b, case.eps)[0])(x)
         return geo.norm_jacobian(x, case.kind, case.eps, gamma=w), auto
 
     for layer, b, s in case.sample_points():
@@ -165,12 +165,12 @@ def test_effective_cosine_of_orthogonal_pairs_matches_closed_form(case):
     pair = jnp.linalg.norm(c) * gr._orthonormal_pair(gauss, c, case.kind, True)
     cos = geo.effective_cosine_matrix(x, pair, case.kind, case.eps)[0, 1]
     t = case.eps * x.shape[0] / jnp.sum(c * c)
-    np.testing.assert_allclose(cos, gr.orthogonal_pair_cosine_eps(1.0, t), atol=1e-5)
+    np.testing.assert_allclose(cos, geo.orthogonal_pair_cosine_eps(1.0, t), atol=1e-5)
 
 
 def test_closed_form_with_eps_reduces_to_ideal():
     rho = jnp.logspace(-2, 2, 41)
-    np.testing.assert_allclose(gr.orthogonal_pair_cosine_eps(rho, 0.0),
+    np.testing.assert_allclose(geo.orthogonal_pair_cosine_eps(rho, 0.0),
                                geo.orthogonal_pair_cosine_closed_form(rho), rtol=1e-5)
 
 

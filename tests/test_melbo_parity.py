@@ -4,15 +4,11 @@ torch.optim.Adam, the iterate projected off theta0 and earlier vectors after eve
 the whole CausalLM run every step as the original does), on the same tiny random Llama,
 from the same initial draws."""
 
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 S, T, STEPS, K = 1, 2, 25, 3
 

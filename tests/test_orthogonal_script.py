@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_max_abs", "norms",
             "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
@@ -27,6 +26,21 @@ STAGES = ("raw", "effective", "target", "logits")
 
 class Killed(Exception):
     pass
+
+
+def assert_every_vector_file_loads(out: Path):
+    """Every .safetensors the main job writes is a `lens.steering` vector file: vectors at
+    resid_pre[layer] = after block source_layer, metadata as JSON."""
+    from lens.steering import load_extras, load_vectors
+
+    files = sorted(out.glob("*.safetensors"))
+    assert {f.name for f in files} == {"base.safetensors", "checkpoint.safetensors", "vectors.safetensors"}
+    for f in files:
+        v, meta = load_vectors(f)
+        assert meta["site"] == "resid_pre" and meta["layer"] == meta["source_layer"] + 1, f.name
+        assert v.shape[-1] == 24 and np.isfinite(v).all(), f.name
+        if f.name != "base.safetensors":
+            assert load_extras(f)["theta0"].shape == (24,), f.name
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +77,7 @@ def argv(folder, out, *extra):
 
 def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     import orthogonal_steering as script
-    from orthogonal_report import load_vectors
+    from lens.steering import load_extras, load_vectors
 
     full = script.main(argv(tiny_folder, tmp_path / "full"))
 
@@ -73,7 +87,7 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     with pytest.raises(Killed):
         script.main(argv(tiny_folder, tmp_path / "killed"), on_checkpoint=kill)
     saved, meta = load_vectors(tmp_path / "killed" / "checkpoint.safetensors")
-    assert meta["n_done"] == "2" and saved["vectors"].shape == (2, 24)
+    assert meta["n_done"] == 2 and saved.shape == (2, 24)
     assert not (tmp_path / "killed" / "report.json").exists()
 
     # resuming with other training settings is refused, and the checkpoint is left as it was
@@ -83,11 +97,12 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     assert (tmp_path / "killed" / "checkpoint.safetensors").read_bytes() == before
 
     resumed = script.main(argv(tiny_folder, tmp_path / "killed", "--resume"))
-    a, _ = load_vectors(tmp_path / "full" / "vectors.safetensors")
-    b, _ = load_vectors(tmp_path / "killed" / "vectors.safetensors")
-    np.testing.assert_array_equal(b["found"], a["found"])
-    np.testing.assert_array_equal(b["theta0"], a["theta0"])
-    np.testing.assert_array_equal(b["losses"], a["losses"])
+    a, b = (load_vectors(tmp_path / run / "vectors.safetensors")[0] for run in ("full", "killed"))
+    np.testing.assert_array_equal(b, a)
+    ea, eb = (load_extras(tmp_path / run / "vectors.safetensors") for run in ("full", "killed"))
+    np.testing.assert_array_equal(eb["theta0"], ea["theta0"])
+    np.testing.assert_array_equal(eb["losses"], ea["losses"])
+    assert_every_vector_file_loads(tmp_path / "killed")
     assert resumed["raw_cosine_max_abs"] <= 1e-5 and full["k_vectors"] == 4
 
     report = json.loads((tmp_path / "killed" / "report.json").read_text())
@@ -109,7 +124,7 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     # Values, not only keys: the raw-stage numbers and norms recomputed in float64 numpy
     # from the saved vectors (the downstream stages are checked against transformers +
     # PyTorch hooks in test_analysis_reference.py).
-    found, theta0 = b["found"].astype(np.float64), b["theta0"].astype(np.float64)
+    found, theta0 = b.astype(np.float64), eb["theta0"].astype(np.float64)
     u = found / np.linalg.norm(found, axis=1, keepdims=True)
     cos = u @ u.T
     both = np.concatenate([theta0[None], found])
@@ -135,8 +150,11 @@ SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
 
 def run_script(args, log, cache):
     """The script in its own process (the product's default float settings, as in this
-    one), with a persistent compilation cache `cache` shared by this test's three processes."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
+    one), with a persistent compilation cache `cache` shared by this test's three processes.
+    This checkout goes first on PYTHONPATH (what `pip install -e .` gives a fresh clone),
+    so the code under test is this tree's even where another checkout is installed."""
+    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
@@ -146,7 +164,7 @@ def run_script(args, log, cache):
 def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_path):
     """A real kill (SIGKILL in the middle of training) on a tiny Qwen2 folder, which is also
     the Qwen2 smoke test of the whole script (report.json's keys)."""
-    from orthogonal_report import load_vectors
+    from lens.steering import load_extras, load_vectors
 
     out, cache = tmp_path / "killed", tmp_path / "jax_cache"
     ckpt = out / "checkpoint.safetensors"
@@ -200,8 +218,9 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_pa
         shutil.copy(out / name, full / name)
     run_to_end("full", argv(qwen2_folder, full, *FAST, "--resume"))
     assert "resuming from" not in log_tail("full")
-    a, _ = load_vectors(full / "vectors.safetensors")
-    b, _ = load_vectors(out / "vectors.safetensors")
-    np.testing.assert_array_equal(b["theta0"], a["theta0"])
-    np.testing.assert_array_equal(b["found"], a["found"])
-    np.testing.assert_array_equal(b["losses"], a["losses"])
+    a, b = (load_vectors(run / "vectors.safetensors")[0] for run in (full, out))
+    ea, eb = (load_extras(run / "vectors.safetensors") for run in (full, out))
+    np.testing.assert_array_equal(eb["theta0"], ea["theta0"])
+    np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(eb["losses"], ea["losses"])
+    assert_every_vector_file_loads(out)

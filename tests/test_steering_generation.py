@@ -1,5 +1,6 @@
 """lens.steering.generate_with_vectors equals K separate steered generations; reply CAA;
-lens/ never imports bench/, torch or transformers (a static scan of the source)."""
+lens/, models/ and scripts/ never import bench/, torch or transformers (a static scan of
+the source)."""
 
 import ast
 from pathlib import Path
@@ -37,6 +38,12 @@ def test_generate_with_vectors_equals_separate_runs(sampling):
         stacked = E.stack_edits([E.add(model, v, 1, 1.5) for v in vectors for _ in PROMPTS])
         ref = generate(model, rows, 6, edits=stacked, edits_batched=True, eos_token_ids=[], **sampling)
         assert out.reshape(6, 6).tolist() == ref.tokens
+    # in calls of 2 vectors (the second padded with a zero vector): the same greedy rows
+    chunked = steering.generate_with_vectors(model, PROMPTS, np.concatenate([vectors, -vectors[:1]]), 1, 6,
+                                             coeff=1.5, eos_token_ids=[], vectors_per_call=2, **sampling)
+    if not sampling:
+        np.testing.assert_array_equal(chunked[:2], out)
+        assert chunked.shape == (3, 3, 6)
     unsteered = steering.generate_with_vectors(model, PROMPTS[:1], np.zeros((1, model.config.d_model)), 0, 4,
                                                eos_token_ids=[])
     assert unsteered[0, 0].tolist() == generate(model, PROMPTS[0], 4, eos_token_ids=[]).tokens[0]
@@ -61,6 +68,69 @@ def test_reply_mean_difference_reads_the_reply_positions():
     np.testing.assert_allclose(v, mean_of(a) - mean_of(b), atol=1e-5)
 
 
+def test_calibrate_norm_picks_by_the_score_of_separate_generations():
+    """Every design x rho scored from generations run one at a time (`generate` with
+    `edits.add`), then the rule: best mean score, then smallest rho, then earlier design;
+    nothing scoring > 0 falls back to the first design at the smallest rho."""
+    _, model, _ = tiny()
+    d = model.config.d_model
+    rs = np.random.RandomState(11)
+    designs = {"a": rs.randn(d).astype(np.float32), "b": rs.randn(d).astype(np.float32)}
+    grid, ref_norm, layer, n = [3.0, 0.5, 1.5], 2.0, 1, 4  # an unsorted grid
+    decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    score = lambda text: float(np.mean([int(t) % 3 == 0 for t in text.split()]))  # noqa: E731
+
+    vec, info = steering.calibrate_norm(model, designs, PROMPTS[:2], layer, ref_norm, grid, n, score, decode,
+                                        vectors_per_call=4)
+    expect = {}
+    for name, v in designs.items():
+        for rho in grid:
+            e = E.add(model, v / np.linalg.norm(v) * rho * ref_norm, layer)
+            texts = [decode(generate(model, p, n, edits=e).tokens[0]) for p in PROMPTS[:2]]
+            expect[(name, rho)] = np.mean([score(t) for t in texts])
+    got = {(r["design"], r["rho"]): r["score"] for r in info["table"]}
+    assert got.keys() == expect.keys()
+    for key in expect:
+        assert got[key] == pytest.approx(expect[key]), key
+    order = ["a", "b"]
+    best = max(expect, key=lambda k: (expect[k], -k[1], -order.index(k[0])))
+    assert (info["design"], info["rho"]) == best and info["scored"] == (expect[best] > 0)
+    v = designs[best[0]]
+    np.testing.assert_allclose(vec, v / np.linalg.norm(v) * best[1] * ref_norm, rtol=1e-6)
+    assert set(info["examples"]) == {f"{k}@{r}" for k, r in expect}
+
+    vec0, info0 = steering.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, grid, 2,
+                                          lambda text: 0.0, decode)
+    assert (info0["design"], info0["rho"], info0["scored"]) == ("a", 0.5, False)
+    np.testing.assert_allclose(np.linalg.norm(vec0), 0.5 * ref_norm, rtol=1e-6)
+    with pytest.raises(ValueError, match="rho_grid"):
+        steering.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, [0.0, 1.0], 2, score, decode)
+    with pytest.raises(ValueError, match="zero vector"):
+        steering.calibrate_norm(model, {"z": np.zeros(d)}, PROMPTS[:1], layer, ref_norm, grid, 2, score, decode)
+
+
+def test_vector_files_hold_extras_and_json_metadata(tmp_path):
+    v = np.random.RandomState(0).randn(3, 8).astype(np.float32)
+    losses = np.arange(12, dtype=np.float32).reshape(3, 4)
+    meta = {"model": "m", "layer": 3, "site": "resid_pre", "method": "melbo-ortho", "lr": 0.3, "n_done": 3}
+    path = tmp_path / "run.safetensors"
+    steering.save_vectors(path, v, meta, extras={"losses": losses, "theta0": v[0]})
+    got, m = steering.load_vectors(path)
+    np.testing.assert_array_equal(got, v)
+    assert {k: m[k] for k in meta} == meta  # types survive: int 3, float 0.3
+    ex = steering.load_extras(path)
+    assert set(ex) == {"losses", "theta0"}
+    np.testing.assert_array_equal(ex["losses"], losses)
+    assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"]  # no temporary left
+    with pytest.raises(ValueError, match="'vectors'"):
+        steering.save_vectors(path, v, meta, extras={"vectors": v})
+    from safetensors.numpy import save_file
+
+    save_file({"theta0": v[0]}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="no 'vectors' tensor"):
+        steering.load_vectors(tmp_path / "other.safetensors")
+
+
 FORBIDDEN = ("bench", "torch", "transformers")
 
 
@@ -75,11 +145,15 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_library_imports_no_test_only_dependency():
-    """lens/ and models/ run on a runtime-only install: no bench/, torch or transformers."""
+    """lens/, models/ and scripts/ (`make run`, `--random-weights` included) run on a
+    runtime-only install: no bench/, torch or transformers, at any depth of a module
+    (imports inside functions count)."""
     bad = {}
-    for folder in ("lens", "models"):
+    # bench/'s modules by their own names too (a script could reach them through sys.path)
+    forbidden = set(FORBIDDEN) | {p.stem for p in (ROOT / "bench").glob("*.py")}
+    for folder in ("lens", "models", "scripts"):
         for path in sorted((ROOT / folder).rglob("*.py")):
-            hit = _imports(path) & set(FORBIDDEN)
+            hit = _imports(path) & forbidden
             if hit:
                 bad[str(path.relative_to(ROOT))] = sorted(hit)
     assert not bad, bad

@@ -8,9 +8,9 @@ gamma), so steering, orthogonality and logits are analysed on the sphere, not in
 
 Modules:
   norms          to_sphere, apply_norm, norm_jacobian / norm_jvp, displacements, centring
-  orthogonality  effective cosine matrices and the idealised closed form
+  orthogonality  effective cosine matrices and the idealised closed form (eps = 0 and eps kept)
   degeneracy     participation ratio, degeneracy factor, threshold clusters
-  logits         logit decomposition, ranking agreement, logit-effect similarity
+  logits         logit decomposition, ranking agreement (spearman, topk_overlap), logit-effect similarity
   sphere         geodesic angle, tangent projection, exp/log maps, slerp, rotate_towards
   diagnostics    residual-norm statistics per layer/position, |v|/|x| ratios
 
@@ -31,6 +31,9 @@ from lens.geometry.logits import (
     decompose_logits,
     logit_effect_similarity,
     ranking_agreement,
+    spearman,
+    topk_members,
+    topk_overlap,
 )
 from lens.geometry.norms import (
     apply_norm,
@@ -47,6 +50,7 @@ from lens.geometry.orthogonality import (
     cosine_matrix,
     effective_cosine_matrix,
     orthogonal_pair_cosine_closed_form,
+    orthogonal_pair_cosine_eps,
 )
 from lens.geometry.sphere import (
     add_steering,
@@ -85,10 +89,14 @@ __all__ = [
     "norm_ratio",
     "norm_ratio_stats",
     "orthogonal_pair_cosine_closed_form",
+    "orthogonal_pair_cosine_eps",
     "participation_ratio",
     "ranking_agreement",
+    "spearman",
     "rotate_towards",
     "tangent_project",
     "threshold_clusters",
     "to_sphere",
+    "topk_members",
+    "topk_overlap",
 ]

@@ -100,6 +100,31 @@ def _ordinal_ranks(scores: Float[Array, "M vocab"]) -> Float[Array, "M vocab"]:
     return ranks.astype(jnp.float32)
 
 
+def topk_members(scores: Float[Array, "*rows vocab"], k: int) -> Float[Array, "*rows vocab"]:
+    """1.0 where a token is among its row's top k scores (`jax.lax.top_k`), else 0.0."""
+    flat = scores.reshape(-1, scores.shape[-1])
+    _, top = jax.lax.top_k(flat, k)
+    member = jnp.zeros(flat.shape, jnp.float32).at[jnp.arange(flat.shape[0])[:, None], top].set(1.0)
+    return member.reshape(scores.shape)
+
+
+def topk_overlap(a: Float[Array, "M vocab"], b: Float[Array, "N vocab"], k: int) -> Float[Array, "M N"]:
+    """`|top_k(a_i) & top_k(b_j)| / k` for every pair of rows (k a static Python int)."""
+    return jnp.einsum("iv,jv->ij", topk_members(a, k), topk_members(b, k), precision=HIGHEST) / k
+
+
+def spearman(a: Float[Array, "M vocab"], b: Float[Array, "N vocab"]) -> Float[Array, "M N"]:
+    """Spearman rank correlation of every row of `a` with every row of `b`, over the
+    vocabulary.  Ordinal ranks (ties broken by token index), so it is the exact Spearman
+    coefficient when there are no ties: `1 - 6 sum (r_i - r_j)^2 / (n (n^2 - 1))`, computed
+    as the Pearson correlation of centred ranks; clipped to [-1, 1] against rounding."""
+    n = a.shape[-1]
+    ca = _ordinal_ranks(a) - (n - 1) / 2.0
+    cb = _ordinal_ranks(b) - (n - 1) / 2.0
+    denom = n * (n * n - 1) / 12.0  # sum of squared centred ranks (Python float)
+    return jnp.clip(jnp.einsum("iv,jv->ij", ca, cb, precision=HIGHEST) / max(denom, 1.0), -1.0, 1.0)
+
+
 def ranking_agreement(
     x: Float[Array, " d_model"],
     W_U: Float[Array, "vocab d_model"],
@@ -114,10 +139,8 @@ def ranking_agreement(
       cosine:     `x . w_t / (|x| |w_t|)`
       euclidean:  `-|x - w_t|^2 = 2 x.w_t - |w_t|^2 - |x|^2` (nearest token first)
       token_norm: `|w_t|` (independent of x: how much the token prior alone explains)
-    Top-k overlap needs a static Python int 1 <= k <= vocab.  Spearman uses ordinal ranks
-    (ties broken by token index), so it is the exact Spearman coefficient when there are
-    no ties: `1 - 6 sum (r_i - r_j)^2 / (n (n^2 - 1))`, computed as the Pearson
-    correlation of centred ranks.  Biases shift dot ranking; fold them in by hand if any.
+    Top-k overlap (`topk_overlap`) needs a static Python int 1 <= k <= vocab; Spearman is
+    `spearman` (ordinal ranks).  Biases shift dot ranking; fold them in by hand if any.
     """
     vocab = W_U.shape[0]
     if not isinstance(k, int) or not 1 <= k <= vocab:
@@ -128,15 +151,7 @@ def ranking_agreement(
     euclid = 2.0 * dot - dec.token_norm**2 - x_norm**2
     scores = jnp.stack([dot, dec.cosine, euclid, dec.token_norm])  # [4, vocab]
 
-    _, top = jax.lax.top_k(scores, k)  # [4, k]
-    member = jnp.zeros(scores.shape, jnp.float32).at[jnp.arange(4)[:, None], top].set(1.0)
-    overlap = jnp.einsum("iv,jv->ij", member, member, precision=HIGHEST) / k
-
-    ranks = _ordinal_ranks(scores)
-    centred = ranks - (vocab - 1) / 2.0
-    denom = vocab * (vocab * vocab - 1) / 12.0  # sum of squared centred ranks (Python float)
-    spearman = jnp.einsum("iv,jv->ij", centred, centred, precision=HIGHEST) / max(denom, 1.0)
-    return RankingAgreement(overlap, jnp.clip(spearman, -1.0, 1.0), k)
+    return RankingAgreement(topk_overlap(scores, scores, k), spearman(scores, scores), k)
 
 
 class LogitEffectSimilarity(eqx.Module):
@@ -208,8 +223,7 @@ def logit_effect_similarity(
 
     delta = logp - logq
     _, promoted = jax.lax.top_k(delta, k)  # [K, P, k]
-    member = jnp.zeros(delta.shape, jnp.float32)
-    member = jax.vmap(jax.vmap(lambda m, i: m.at[i].set(1.0)))(member, promoted)
+    member = topk_members(delta, k)
     n_pos = base.shape[0]
     overlap = jnp.einsum("kpv,jpv->kj", member, member, precision=HIGHEST) / (k * n_pos)
 

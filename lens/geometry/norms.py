@@ -98,7 +98,8 @@ def apply_norm(
     """The norm exactly as the model computes it: `gamma * to_sphere(x) + beta`.
 
     Everything (including the gain and bias) in float32, cast back to x's dtype once at
-    the end, like `models.layers.apply_norm`.  Gemma's `(1 + w)` gain must be passed as
+    the end, like `models.layers.apply_norm` (same arguments, same order; that one also
+    returns the divisor).  Gemma's `(1 + w)` gain must be passed as
     `gamma = 1 + w` (the model folds it at load time).  At `P x = 0` with eps = 0 this
     returns `beta` (or 0) where the model would return NaN.
     """

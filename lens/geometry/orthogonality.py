@@ -94,3 +94,21 @@ def orthogonal_pair_cosine_closed_form(
     small = rs * rs / (2.0 * qs * (qs + 1.0))
     large = 0.5 * (1.0 - 1.0 / q)
     return jnp.where(r < 1.0, small, large)
+
+
+def orthogonal_pair_cosine_eps(rho: Float[Array, "*b"], t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+    """The idealised orthogonal-pair cosine with the norm's eps kept.
+
+    With c = P x (or x), |c| = s, v_k orthogonal to c and each other, |P v_k| = rho s and
+    t = eps d / s^2, each effect is `(A - 1) c / sigma0 + A u_k / sigma0` with
+    `A = sigma(x) / sigma(x + v) = sqrt((1 + t) / (1 + rho^2 + t))`, so
+      `cos = (A - 1)^2 / ((A - 1)^2 + A^2 rho^2)`.
+    t = 0 gives `orthogonal_pair_cosine_closed_form`.  `1 - A` is evaluated
+    cancellation-free as `(1 - A^2) / (1 + A)` with `1 - A^2 = rho^2 / (1 + rho^2 + t)`.
+    """
+    rho2 = jnp.square(rho)
+    denom = 1.0 + rho2 + t
+    a = jnp.sqrt((1.0 + t) / denom)
+    one_minus_a = (rho2 / denom) / (1.0 + a)
+    num = jnp.square(one_minus_a)
+    return num / (num + jnp.square(a) * rho2)

@@ -25,8 +25,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from lens.geometry import orthogonal_pair_cosine_closed_form
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from lens.geometry._common import HIGHEST
 
 
 def unit_grams(effects: Float[Array, "K U d"]) -> Float[Array, "U K K"]:

@@ -1,0 +1,92 @@
+"""Every script (scripts/ and the benchmarks in bench/) refuses a bad command-line value up
+front, with argparse's message naming the flag (exit status 2), before loading any model;
+good values parse.  Only the parsers run here (no model, no data)."""
+
+import importlib
+
+import pytest
+
+GOOD = {
+    "orthogonal_steering": [],
+    "steer": [],
+    "generate": [],
+    "logit_geometry": [],
+    "train_toy": ["--preset", "smoke", "--out", "x"],
+    "forward_generate": [],
+    "melbo": [],
+    "steering_sweep": [],
+}
+BAD = [
+    ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
+    ("orthogonal_steering", ["--k", "two"], "argument --k: must be an integer >= 1; got 'two'"),
+    ("orthogonal_steering", ["--block", "0"], "argument --block"),
+    ("orthogonal_steering", ["--steps", "-1"], "argument --steps"),
+    ("orthogonal_steering", ["--lr", "0"], "argument --lr: must be > 0"),
+    ("orthogonal_steering", ["--lr", "nan"], "argument --lr: must be a finite number"),
+    ("orthogonal_steering", ["--rho-grid", "0.1,,1"], "argument --rho-grid: must be comma-separated"),
+    ("orthogonal_steering", ["--rho-grid", "0.1,-1"], "argument --rho-grid: must be > 0"),
+    ("orthogonal_steering", ["--base-rho-grid", ""], "argument --base-rho-grid"),
+    ("orthogonal_steering", ["--base-rho", "-0.5"], "argument --base-rho: must be > 0"),
+    ("orthogonal_steering", ["--source", "-1"], "argument --source"),
+    ("orthogonal_steering", ["--source", "4", "--target", "4"], "--target 4 must be a later block than --source 4"),
+    ("orthogonal_steering", ["--train-prompts", "9"], "argument --train-prompts: at most 4"),
+    ("orthogonal_steering", ["--gen-prompts", "0"], "argument --gen-prompts"),
+    ("orthogonal_steering", ["--reply-tokens", "0"], "argument --reply-tokens"),
+    ("orthogonal_steering", ["--gen-batch", "0"], "argument --gen-batch"),
+    ("orthogonal_steering", ["--chunk", "0"], "argument --chunk"),
+    ("orthogonal_steering", ["--compare-k", "-1"], "argument --compare-k"),
+    ("orthogonal_steering", ["--mode", "fast"], "argument --mode: invalid choice"),
+    ("orthogonal_steering", ["--resume"], "--resume continues the run in --out"),
+    ("steer", ["--layer", "-2"], "argument --layer"),
+    ("steer", ["--coeffs", "1", "inf"], "argument --coeffs: must be a finite number"),
+    ("steer", ["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    ("steer", ["--temperature", "-1"], "argument --temperature: must be >= 0"),
+    ("steer", ["--positive", "a", "b", "--negative", "c"], "--method caa pairs the texts"),
+    ("steer", ["--prompts", " "], "argument --prompts: an empty text"),
+    ("generate", ["--max-new-tokens", "0"], "argument --max-new-tokens"),
+    ("generate", ["--top-p", "1.5"], "argument --top-p: must be in (0, 1]"),
+    ("generate", ["--temperature", "-0.1"], "argument --temperature"),
+    ("generate", ["--seed", "-1"], "argument --seed"),
+    ("logit_geometry", ["--pairs", "0"], "argument --pairs"),
+    ("logit_geometry", ["--steer-norms", "1", "0"], "argument --steer-norms: must be > 0"),
+    ("logit_geometry", ["--layer", "-1"], "argument --layer"),
+    ("logit_geometry", ["--no-default"], "nothing to analyse"),
+    ("train_toy", ["--preset", "smoke", "--out", "x", "--steps", "0"], "argument --steps"),
+    ("train_toy", ["--preset", "smoke", "--out", "x", "--checkpoint-every", "0"], "argument --checkpoint-every"),
+    ("train_toy", ["--preset", "nope", "--out", "x"], "argument --preset: invalid choice"),
+    ("forward_generate", ["--batch", "0"], "argument --batch"),
+    ("forward_generate", ["--threads", "0"], "argument --threads"),
+    ("forward_generate", ["--seq", "8", "--prompt-len", "9"], "--prompt-len 9 is longer than --seq 8"),
+    ("melbo", ["--blocks", "8,0"], "argument --blocks: must be an integer >= 1; got 0"),
+    ("melbo", ["--blocks", "8,,2"], "argument --blocks: must be comma-separated"),
+    ("melbo", ["--source", "9", "--target", "3"], "--target 3 must be a later block than --source 9"),
+    ("melbo", ["--steps", "0"], "argument --steps"),
+    ("steering_sweep", ["--vectors", "0"], "argument --vectors"),
+    ("steering_sweep", ["--norm", "-8"], "argument --norm: must be > 0"),
+]
+
+
+@pytest.mark.parametrize("script,argv,message", BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD])
+def test_bad_value_is_refused_with_a_clear_message(script, argv, message, capsys):
+    parse_args = importlib.import_module(script).parse_args
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", sorted(GOOD))
+def test_defaults_parse(script):
+    assert importlib.import_module(script).parse_args(GOOD[script]) is not None
+
+
+def test_orthogonal_steering_grids_parse_to_numbers():
+    args = importlib.import_module("orthogonal_steering").parse_args(["--rho-grid", "0.1, 3", "--k", "2"])
+    assert args.rho_grid == [0.1, 3.0] and args.base_rho_grid == [0.25, 0.35, 0.5, 0.75] and args.k == 2
+
+
+def test_orthogonal_steering_checks_blocks_against_the_model():
+    script = importlib.import_module("orthogonal_steering")
+    assert script.layers(script.parse_args([]), 30) == (7, 15)  # the default model's 30 blocks
+    with pytest.raises(SystemExit, match="blocks 0..3"):
+        script.layers(script.parse_args(["--target", "4"]), 4)
