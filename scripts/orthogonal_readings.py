@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
-from lens import melbo  # noqa: E402
+from lens import melbo, steering  # noqa: E402
+from lens.cli import int_at_least  # noqa: E402
 from lens.melbo import stages  # noqa: E402
 
 PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
@@ -37,9 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="default")
     p.add_argument("--random-weights", action="store_true", help="the run used --random-weights")
     p.add_argument("--k-curve", type=_ks, help="also PR vs K for these K (first K found vs one control draw)")
-    p.add_argument("--controls", type=int, help="random-control seeds (default: preset)")
-    p.add_argument("--n-boot", type=int, help="bootstrap draws (default: preset)")
-    p.add_argument("--prompts", type=int, help="analysis prompts, every real token counts (default: preset)")
+    p.add_argument("--controls", type=int_at_least(1), help="random-control seeds (default: preset)")
+    p.add_argument("--n-boot", type=int_at_least(10), help="bootstrap draws (default: preset)")
+    p.add_argument("--prompts", type=int_at_least(1), help="analysis prompts, every real token counts (default: preset)")
     args = p.parse_args(argv)
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
@@ -48,8 +46,6 @@ def parse_args(argv=None):
     if not ((run / "vectors.safetensors").is_file() or (run / "checkpoint.safetensors").is_file()):
         p.error(f"--run {run}: neither vectors.safetensors nor checkpoint.safetensors "
                 "(is it a scripts/orthogonal_steering.py run?)")
-    if args.controls < 1 or args.n_boot < 10 or args.prompts < 1:
-        p.error("need --controls >= 1, --n-boot >= 10 and --prompts >= 1")
     if args.k_curve is not None and (len(args.k_curve) == 0 or min(args.k_curve) < 2):
         p.error("--k-curve needs sizes >= 2, e.g. --k-curve 2,4,8,16,32,64")
     return args
@@ -61,16 +57,24 @@ def _ks(text: str) -> list[int]:
 
 def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """(model and layers, theta0, found vectors): from a finished run's vectors file, or
-    from the checkpoint of a run still training (its first n_done vectors)."""
+    from the checkpoint of a run still training (its first n_done vectors).  Reads the
+    files `lens.steering.save_vectors` writes, and the string-metadata files of runs made
+    before it did."""
     from safetensors import safe_open
 
-    if (run / "vectors.safetensors").is_file():
-        with safe_open(str(run / "vectors.safetensors"), "np") as f:
-            theta0, found, meta = f.get_tensor("theta0"), f.get_tensor("found"), dict(f.metadata() or {})
-    else:
-        with safe_open(str(run / "checkpoint.safetensors"), "np") as f:
-            meta = dict(f.metadata() or {})
-            theta0, found = f.get_tensor("theta0"), f.get_tensor("vectors")[: int(meta["n_done"])]
+    finished = (run / "vectors.safetensors").is_file()
+    path = run / ("vectors.safetensors" if finished else "checkpoint.safetensors")
+    try:
+        found, meta = steering.load_vectors(path)
+        theta0 = steering.load_extras(path)["theta0"]
+    except ValueError:  # an older run: plain safetensors, string metadata
+        with safe_open(str(path), "np") as f:
+            meta = {k: json.loads(v) if v.lstrip("-").replace(".", "", 1).isdigit() else v
+                    for k, v in (f.metadata() or {}).items()}
+            theta0 = f.get_tensor("theta0")
+            found = f.get_tensor("found" if finished else "vectors")
+    if not finished:
+        found = found[: int(meta["n_done"])]
     info = {"model": meta["model"], "source_layer": int(meta["source_layer"]),
             "target_layer": int(meta["target_layer"])}
     return info, np.asarray(theta0, np.float32).reshape(-1), np.asarray(found, np.float32)

@@ -1,17 +1,12 @@
 """scripts/orthogonal_readings.py --preset smoke on a run folder of a tiny random model."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
+from lens import steering
 from lens_tiny import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def fake_run(tmp_path, n_done=4):
@@ -20,9 +15,10 @@ def fake_run(tmp_path, n_done=4):
     q, _ = np.linalg.qr(np.random.RandomState(0).randn(d, 7))
     theta0 = (q[:, 0] * 4).astype(np.float32)
     vectors = (q[:, 1:].T * 5).astype(np.float32)  # 6 rows, only the first n_done trained
-    meta = {"model": str(folder), "source_layer": "0", "target_layer": "1", "n_done": str(n_done)}
-    save_file({"theta0": theta0, "vectors": vectors, "losses": np.zeros((6, 2), np.float32)},
-              str(tmp_path / "checkpoint.safetensors"), metadata=meta)
+    meta = {"model": str(folder), "layer": 1, "site": "resid_pre", "method": "melbo-ortho",
+            "source_layer": 0, "target_layer": 1, "n_done": n_done}  # as the main job writes it
+    steering.save_vectors(tmp_path / "checkpoint.safetensors", vectors, meta,
+                          extras={"theta0": theta0, "losses": np.zeros((6, 2), np.float32)})
     return tmp_path, vectors[:n_done]
 
 

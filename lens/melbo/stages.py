@@ -50,7 +50,7 @@ def logit_metric_factor(model) -> np.ndarray:
 
 def _final_normed(model, h):
     c = model.config
-    y, _ = model_layers.apply_norm(h, c.norm_kind, c.norm_eps, model.final_norm_w, model.final_norm_b)
+    y, _ = model_layers.apply_norm(h, c.norm_kind, model.final_norm_w, model.final_norm_b, c.norm_eps)
     return y.astype(jnp.float32)
 
 
