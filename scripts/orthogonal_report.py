@@ -88,12 +88,34 @@ def _summary_lines(summary: dict) -> list[str]:
     return L
 
 
+def _readings_lines(summary: dict) -> list[str]:
+    """Both readings per stage: shared component (shared share) vs few distinct effects
+    (specific PR), found vs random controls (mean and range over seeds)."""
+    if "shared_share" not in summary:
+        return []
+    L = ["## Both readings: shared component or few distinct effects?", "",
+         "| stage | raw PR found | control | shared share found | control | specific PR found | control | "
+         "cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda r, d: (f"{r['found']:.{d}f} ({r['found_lo']:.{d}f}-{r['found_hi']:.{d}f})",  # noqa: E731
+                        f"{r['control_mean']:.{d}f} ({r['control_min']:.{d}f}-{r['control_max']:.{d}f})")
+    for stage, pr in summary["participation_ratio_per_token"].items():
+        a, b = fmt(pr, 1)
+        c, d = fmt(summary["shared_share"][stage], 2)
+        e, f = fmt(summary["specific_participation_ratio"][stage], 1)
+        L.append(f"| {stage} | {a} | {b} | {c} | {d} | {e} | {f} | {summary['shared_cos_theta0'][stage]['found']:.2f} |")
+    cf = summary["closed_form_per_token"]
+    L += ["", f"Closed form pooled per token {cf['pooled_per_token']:.4f} vs {cf['at_mean_rho']:.4f} at the mean rho "
+          f"{cf['mean_rho']:.3f}. Choices: `{json.dumps(summary['readings_choices'])}`", ""]
+    return L
+
+
 def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict],
                    calib: dict | None = None) -> None:
     """report.md: settings, base-vector calibration, the key numbers per set and stage, the
     batched vs sequential comparison, timings, plots, a few generations."""
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
     L += _summary_lines(summary)
+    L += _readings_lines(summary)
     L += ["## Settings", "", "```", json.dumps(settings, indent=1), "```", ""]
     L += ["## Key numbers", ""]
     for k in ("source_layer", "target_layer", "layer_choice", "k_vectors", "raw_cosine_max_abs", "norms",

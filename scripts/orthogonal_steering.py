@@ -43,7 +43,8 @@ import numpy as np  # noqa: E402
 
 from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
-from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
+from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
+from lens.melbo import stages  # noqa: E402
 from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [
@@ -77,12 +78,30 @@ NEUTRAL = [
 ]
 
 
+# --preset: smoke (the tests; minutes on 2 cores), default (the README's figures), large
+# (K in the hundreds and the PR-vs-K curve; over an hour on 2 cores).  Flags given
+# explicitly win over the preset.
+PRESETS = {
+    "smoke": dict(k=4, block=2, steps=10, calib_prompts=2, base_rho_grid="0.35,0.5", rho_grid="0.3,1",
+                  gen_tokens=16, gen_vectors=2, gen_prompts=1, compare_k=2, compare_seeds=2, chunk=4,
+                  control_seeds=2, n_boot=30, readings_prompts=2),
+    "default": dict(),
+    "large": dict(k=128, block=16, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=16,
+                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,96,128"),
+}
+
+
 def parse_args(argv=None):
     """The command line, every value checked before anything is loaded (argparse's message
     and exit status 2 on a bad one).  The source / target blocks are checked against the
     model's depth once it is loaded (`layers`)."""
     n_prompts = len(NEUTRAL)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 128 and PR vs K)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
     ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
@@ -113,10 +132,26 @@ def parse_args(argv=None):
     ap.add_argument("--compare-seeds", type=int_at_least(0), default=3, help="mode comparison: runs (seeds) per mode")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--chunk", type=int_at_least(1), default=8, help="vectors per compiled analysis call")
+    ap.add_argument("--control-seeds", type=int_at_least(1), default=3,
+                    help="random-control draws for the two readings (shared vs specific; spreads)")
+    ap.add_argument("--n-boot", type=int_at_least(10), default=200, help="bootstrap draws over tokens")
+    ap.add_argument("--readings-prompts", type=int_at_least(1), default=4,
+                    help=f"prompts whose every real token is a unit of the readings (at most {n_prompts})")
+    ap.add_argument("--k-curve", type=positive_ints, default=None,
+                    help="PR vs K at these K (first K found vs a control draw), e.g. 2,4,8,16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args(argv)
-    for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts"):
+    if isinstance(args.base_rho_grid, str):  # preset strings go through the same types
+        args.base_rho_grid = positive_floats(args.base_rho_grid)
+    if isinstance(args.rho_grid, str):
+        args.rho_grid = positive_floats(args.rho_grid)
+    if isinstance(args.k_curve, str):
+        args.k_curve = positive_ints(args.k_curve)
+    if args.k_curve is not None and (min(args.k_curve) < 2 or max(args.k_curve) > args.k):
+        ap.error(f"--k-curve sizes must lie in [2, --k = {args.k}]; got {args.k_curve}")
+    for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts", "readings_prompts"):
         if getattr(args, flag) > n_prompts:
             ap.error(f"argument --{flag.replace('_', '-')}: at most {n_prompts} (the prompts in NEUTRAL); "
                      f"got {getattr(args, flag)}")
@@ -161,6 +196,10 @@ def load(args):
     model, tok = models.load(args.model)
     if tok is None:
         return model, None, random_prompt(model.config.vocab_size)
+    if getattr(tok, "chat_template", None) is None:
+        # A base model (e.g. gemma3-270m): the prompts go in as plain text (the report says so).
+        print(f"{args.model}: no chat template, prompts are plain text")
+        return model, tok, lambda text: tok.encode(text)
     return model, tok, lambda text: chat_prompt(tok, text)
 
 
@@ -370,6 +409,18 @@ def main(argv=None, on_checkpoint=None):
               for name in ("found", "random_control")}
     t0 = lap("rho_sweep", t0)
 
+    # 4b. Both readings of a downstream collapse, per stage (lens.melbo.stages): a shared
+    # component (shared share) vs few distinct effects (specific PR), with controls over
+    # several seeds and bootstrap intervals over every real token of the readings prompts.
+    toks_r, mask_r = melbo.pad_prompts(neutral[: args.readings_prompts])
+    readings_problem = melbo.make_problem(model, toks_r, mask_r, s, t)
+    readings = stages.answer(readings_problem, V, theta0, control_seeds=tuple(range(args.control_seeds)),
+                             n_boot=args.n_boot, chunk=args.chunk, progress=True)
+    if args.k_curve:
+        readings["pr_vs_k"] = stages.k_curve(readings_problem, V, theta0, args.k_curve, chunk=args.chunk,
+                                             progress=True)
+    t0 = lap("readings", t0)
+
     # Batched vs sequential (the issue's agreement check).
     comparison = None
     if args.compare_k and args.compare_seeds and args.mode == "batched" and len(V) >= args.compare_k:
@@ -429,6 +480,15 @@ def main(argv=None, on_checkpoint=None):
                        "unsteered": scores.get("unsteered"), "per_vector": scores},
         "loss": {"first_step_mean": float(found.losses[:, 0].mean()), "last_step_mean": float(found.losses[:, -1].mean())},
         "mode_comparison": comparison,
+        # The two readings (see README): shared component vs few distinct effects.
+        "shared_share": readings["shared_share"],
+        "specific_participation_ratio": readings["specific_participation_ratio"],
+        "participation_ratio_per_token": readings["participation_ratio"],
+        "shared_cos_theta0": readings["shared_cos_theta0"],
+        "control_spread": readings["control_spread"],
+        "closed_form_per_token": readings["closed_form_per_token"],
+        "readings_choices": readings["choices"],
+        **({"pr_vs_k": readings["pr_vs_k"]} if "pr_vs_k" in readings else {}),
         "timing_s": timing,
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,

@@ -20,7 +20,8 @@ import pytest
 REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_max_abs", "norms",
             "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
             "degeneracy_factor", "rho_grid", "effective_cosine_vs_rho", "degeneracy_vs_rho",
-            "code_score", "mode_comparison")
+            "code_score", "mode_comparison", "shared_share", "specific_participation_ratio", "control_spread",
+            "closed_form_per_token")
 STAGES = ("raw", "effective", "target", "logits")
 
 
@@ -72,7 +73,8 @@ def argv(folder, out, *extra):
     return ["--model", str(folder), "--out", str(out), "--k", "4", "--block", "2", "--steps", "5",
             "--rho-grid", "0.3,1", "--base-rho-grid", "0.5,1", "--gen-tokens", "3", "--gen-vectors", "2",
             "--gen-prompts", "1", "--gen-batch", "12", "--calib-prompts", "2", "--compare-k", "2",
-            "--compare-seeds", "2", "--chunk", "4", *extra]
+            "--compare-seeds", "2", "--chunk", "4", "--control-seeds", "2", "--n-boot", "30",
+            "--readings-prompts", "2", *extra]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
@@ -121,6 +123,15 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     for png in report["plots"]:
         assert (tmp_path / "killed" / png).stat().st_size > 0
     assert "Batched vs sequential" in (tmp_path / "killed" / "report.md").read_text()
+    assert "Both readings" in (tmp_path / "killed" / "report.md").read_text()
+    # The readings: the raw-vector stage has no shared part beyond 1/K for these orthogonal
+    # vectors only after the norm; every stage reports found and control spreads.
+    for stage in ("effective", "target", "last", "last_normed", "logits", "target_with_first"):
+        sh, sp = report["shared_share"][stage], report["specific_participation_ratio"][stage]
+        assert sh["found_lo"] <= sh["found"] <= sh["found_hi"] and 0 <= sh["found"] <= 1
+        assert 0 < sp["found"] <= 3 + 1e-6  # ceiling K - 1 = 3 for K = 4
+        spread = report["control_spread"][stage]["shared_share"]
+        assert spread["min"] <= spread["mean"] <= spread["max"] and spread["n"] == 2
     # Values, not only keys: the raw-stage numbers and norms recomputed in float64 numpy
     # from the saved vectors (the downstream stages are checked against transformers +
     # PyTorch hooks in test_analysis_reference.py).
@@ -143,7 +154,8 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
 # generations (--base-rho), no mode comparison, one rho.
 STEPS = "300"
 FAST = ("--k", "8", "--steps", STEPS, "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
-        "--gen-tokens", "1", "--gen-vectors", "1")
+        "--gen-tokens", "1", "--gen-vectors", "1", "--control-seeds", "1", "--n-boot", "10",
+        "--readings-prompts", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
 
