@@ -6,9 +6,9 @@
 
 Presets (all GPT-2 architecture: LayerNorm with bias, learned positions, tied embeddings):
   gpt2-small-ln  4 layers, d 256, 4 heads, MLP 1024, context 128; shakespeare + python-docs
-                 + python-code; 360 steps of 8 x 128 tokens; BPE-4096 tokenizer
+                 + python-code; 800 steps of 8 x 128 tokens; BPE-4096 tokenizer
   attn-only-2l   2 layers, d 256, 8 heads, no MLPs, context 128; the same text and
-                 tokenizer; 300 steps; induction heads measured
+                 tokenizer; 500 steps; induction heads measured
   smoke          1 layer, d 32, context 32; shakespeare; a few steps (tests)
 Tokenizers: "bpe4096" is `lens.bpe.corpus_tokenizer(corpora, 4096)`, a byte-level BPE
 trained on the train split of the preset's corpora (the 49k-id unembedding of SmolLM2's
@@ -60,12 +60,12 @@ class Preset:
 
 
 # CPU-sized for a shared 2-core machine: ~15-20 min for gpt2-small-ln, ~5-8 for attn-only-2l.
-_TRAIN = train.TrainConfig(steps=360, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=40,
-                           eval_batches=8, checkpoint_every=20)
+_TRAIN = train.TrainConfig(steps=800, batch_size=8, lr=2e-3, warmup_steps=40, eval_every=100,
+                           eval_batches=8, checkpoint_every=50)
 _TEXT = ("shakespeare", "python-docs", "python-code")
 PRESETS = {
     "gpt2-small-ln": Preset(4, 256, 4, 1024, False, 128, _TEXT, _TRAIN),
-    "attn-only-2l": Preset(2, 256, 8, 0, True, 128, _TEXT, dataclasses.replace(_TRAIN, steps=300, lr=3e-3),
+    "attn-only-2l": Preset(2, 256, 8, 0, True, 128, _TEXT, dataclasses.replace(_TRAIN, steps=500, lr=3e-3),
                            measure_induction=True),
     "smoke": Preset(1, 32, 2, 64, False, 32, ("shakespeare",),
                     train.TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=6,
