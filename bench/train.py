@@ -12,7 +12,8 @@ Both sides train the SAME model from the SAME weights on the SAME batches, in on
            2-D parameters, nanoGPT's grouping, which is ours), `zero_grad(set_to_none=True)`;
            the learning rate follows our schedule through LambdaLR.  Dropout is 0.
 Timed: the median step time over --steps steps after --warmup steps (ours' first step
-compiles; its time is reported separately).  The loss of both sides at every step is
+compiles; its time is reported separately); the two loops alternate step by step, so load
+from other jobs on shared CPUs hits both alike.  The loss of both sides at every step is
 printed: same weights and batches, so they agree to float32 round-off and a slowly
 growing drift, a check that the two loops train the same thing.
 
@@ -72,7 +73,8 @@ def step_flops(c, batch: int, seq: int) -> float:
     return 3 * forward
 
 
-def run_ours(model, tcfg, batches, warmup: int) -> tuple[list[float], list[float], float]:
+def ours_steps(model, tcfg, batches):
+    """Yields (loss, seconds) per step; the first step's seconds include compilation."""
     import equinox as eqx
     import jax.numpy as jnp
 
@@ -82,21 +84,16 @@ def run_ours(model, tcfg, batches, warmup: int) -> tuple[list[float], list[float
     opt = train.optimizer(tcfg, params)
     opt_state = opt.init(params)
     step = train.make_step(static, opt, False)
-    losses, times, compile_s = [], [], 0.0
-    for i, b in enumerate(batches):
+    for b in batches:
         rows = jnp.asarray(b)
         t0 = time.perf_counter()
         params, opt_state, loss, _ = step(params, opt_state, rows)
-        losses.append(float(loss))  # blocks
-        dt = time.perf_counter() - t0
-        if i == 0:
-            compile_s = dt
-        if i >= warmup:
-            times.append(dt)
-    return losses, times, compile_s
+        loss = float(loss)  # blocks
+        yield loss, time.perf_counter() - t0
 
 
-def run_torch(folder: Path, tcfg, batches, warmup: int) -> tuple[list[float], list[float]]:
+def torch_steps(folder: Path, tcfg, batches):
+    """Yields (loss, seconds) per step of nanoGPT's loop."""
     import torch
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
@@ -111,8 +108,7 @@ def run_torch(folder: Path, tcfg, batches, warmup: int) -> tuple[list[float], li
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.b1, tcfg.b2), eps=tcfg.eps)
     schedule = train.lr_schedule(tcfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: float(schedule(s)) / tcfg.lr)
-    losses, times = [], []
-    for i, b in enumerate(batches):
+    for b in batches:
         x = torch.as_tensor(b, dtype=torch.long)
         t0 = time.perf_counter()
         logits = model(input_ids=x[:, :-1]).logits
@@ -122,10 +118,8 @@ def run_torch(folder: Path, tcfg, batches, warmup: int) -> tuple[list[float], li
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return losses, times
+        loss = loss.item()
+        yield loss, time.perf_counter() - t0
 
 
 def main(argv=None) -> dict:
@@ -149,10 +143,14 @@ def main(argv=None) -> dict:
     batches = [np.minimum(rng.zipf(1.3, (args.batch, args.seq + 1)), args.vocab - 1).astype(np.int32)
                for _ in range(n)]
     model = models.init(c, jax.random.key(0))
+    # The two loops alternate step by step, so a change in the machine's load (shared
+    # CPUs) hits both sides alike.
     with tempfile.TemporaryDirectory() as d:
         models.save(model, d, format="hf")
-        torch_losses, torch_times = run_torch(Path(d), tcfg, batches, args.warmup)
-    ours_losses, ours_times, compile_s = run_ours(model, tcfg, batches, args.warmup)
+        pairs = list(zip(ours_steps(model, tcfg, batches), torch_steps(Path(d), tcfg, batches)))
+    (ours_losses, ours_all), (torch_losses, torch_all) = ([list(x) for x in zip(*side)] for side in zip(*pairs))
+    compile_s = ours_all[0]
+    ours_times, torch_times = ours_all[args.warmup:], torch_all[args.warmup:]
     peak = matmul_peak(args.matmul_n)
     flops = step_flops(c, args.batch, args.seq)
     tokens = args.batch * args.seq
@@ -163,7 +161,7 @@ def main(argv=None) -> dict:
            "step_gflop": flops / 1e9, "peak": peak, "ours_compile_s": compile_s}
     for name, times in (("ours", ours_times), ("torch", torch_times)):
         s = statistics.median(times)
-        res[name] = {"step_s_median": s, "step_s_all": times, "tokens_per_s": tokens / s,
+        res[name] = {"step_s_median": s, "step_s_min": min(times), "step_s_all": times, "tokens_per_s": tokens / s,
                      "gflops": flops / s / 1e9, "pct_of_peak": 100 * flops / s / 1e9 / peak["peak_gflops"]}
     res["speedup_ours_over_torch"] = res["ours"]["tokens_per_s"] / res["torch"]["tokens_per_s"]
     res["losses"] = {"ours": ours_losses, "torch": torch_losses,
@@ -172,7 +170,7 @@ def main(argv=None) -> dict:
           f"matmul peak {peak['peak_gflops']:.1f} GFLOP/s (jax {peak['jax_gflops']:.1f}, torch {peak['torch_gflops']:.1f})")
     for name in ("ours", "torch"):
         r = res[name]
-        print(f"{name:5s}: {r['step_s_median']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
+        print(f"{name:5s}: {r['step_s_median']:.3f} s/step (min {r['step_s_min']:.3f})  {r['tokens_per_s']:,.0f} tok/s  "
               f"{r['gflops']:.1f} GFLOP/s = {r['pct_of_peak']:.0f}% of peak")
     print(f"ours / torch tokens/s: {res['speedup_ours_over_torch']:.2f}x (ours compiled in {compile_s:.1f} s)")
     print("loss ours : " + " ".join(f"{x:.4f}" for x in ours_losses))
