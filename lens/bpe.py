@@ -7,7 +7,7 @@
 Why: a next-token step costs about 6 * tokens * (12 L d^2 + V d) FLOPs, and with SmolLM2's
 V = 49,152 at d = 256 the unembedding (V d = 12.6 M) is four times the 4 blocks (3.1 M):
 a CPU run spends ~80% of its time on logits.  At V = 4,096 the unembedding is 1.0 M, a
-step is ~3.5x cheaper, and the embedding rows each get ~12x more gradient per token.
+step is ~3.75x cheaper, and the embedding rows each get ~12x more gradient per token.
 
 GPT-2's recipe: byte-level pre-tokenisation with GPT-2's split regex (no unknown bytes,
 any text encodes), all 256 byte symbols in the initial alphabet, merges learned by the
