@@ -55,6 +55,8 @@ def gpt2_config(c: ModelConfig) -> dict:
         "n_positions": c.max_seq_len, "n_embd": c.d_model, "n_layer": c.n_layers,
         "n_head": c.n_heads, "n_inner": c.d_mlp, "activation_function": c.activation,
         "layer_norm_epsilon": c.norm_eps, "scale_attn_weights": c.query_scale is None,
+        # Our models have no dropout; transformers' GPT-2 defaults to 0.1 in train mode.
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
     }
 
 

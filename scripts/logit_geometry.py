@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/logit_geometry.py                      # SmolLM2 (RMSNorm)
     .venv/bin/python scripts/logit_geometry.py --model path/to/gpt2 --model path/to/pythia
-    .venv/bin/python scripts/logit_geometry.py --no-default --model FOLDER --layer 3
+    .venv/bin/python scripts/logit_geometry.py --no-default --model runs/gpt2_ln_bpe/model   # train_toy
 
 Thin: parse arguments -> `lens.geometry_report.analyse` per model -> report.md, report.json
 and PNG plots in --out DIR (default runs/logit_geometry_<timestamp>).  Per model:
@@ -41,6 +41,13 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy",
     "Water boils at a temperature of one hundred degrees",
 ]
+
+
+def slug_of(name: str) -> str:
+    """A name for the report: the embedded model's name, or a folder's last two parts
+    (runs/gpt2_ln_bpe/model -> gpt2_ln_bpe_model), so train_toy's model/ folders differ."""
+    parts = Path(name).parts
+    return "_".join(parts[-2:]) if len(parts) > 1 else name
 
 
 def prompt_ids(tokenizer, vocab: int, n_random: int = 6, length: int = 16) -> tuple[list, str]:
@@ -144,7 +151,8 @@ def parse_args(argv=None):
     model's depth once it is, by `geometry_report.analyse`)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", default=[],
-                    help="HF folder (GPT-2, Pythia, ...) to analyse besides the default; repeatable")
+                    help="a model folder (HF GPT-2, Pythia, ..., or scripts/train_toy.py's DIR/model) "
+                         "or an embedded name, analysed besides the default; repeatable")
     ap.add_argument("--no-default", action="store_true", help=f"skip {DEFAULT_MODEL}")
     ap.add_argument("--layer", type=int_at_least(0), default=None, help="layer of the curve (default middle)")
     ap.add_argument("--steer-norms", type=positive_float, nargs="+", default=[1, 4, 8, 16, 32])
@@ -167,7 +175,7 @@ def main(argv=None) -> None:
     for name in names:
         t0 = time.time()
         model, tokenizer = models.load(name)
-        slug = Path(name).name or name
+        slug = slug_of(name)
         ids, source = prompt_ids(tokenizer, model.config.vocab_size)
         pad = model.config.pad_token_id or 0
         r = gr.analyse(model, gr.make_batch(ids, pad), args.layer, None,

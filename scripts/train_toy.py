@@ -5,12 +5,15 @@
     .venv/bin/python scripts/train_toy.py --preset smoke --out /tmp/smoke
 
 Presets (all GPT-2 architecture: LayerNorm with bias, learned positions, tied embeddings):
-  gpt2-small-ln  4 layers, d 256, 4 heads, MLP 1024, context 64; shakespeare + python-docs
-                 + python-code; 300 steps of 8 x 64 tokens
-  attn-only-2l   2 layers, d 256, 8 heads, no MLPs; the same text and steps; induction measured
-  smoke          1 layer, d 32; shakespeare; a few steps (tests)
-Tokenizer: SmolLM2's (49,152 ids, the embedded default model's), so the trained models
-share a vocabulary with the project's pretrained one; its EOS separates documents.
+  gpt2-small-ln  4 layers, d 256, 4 heads, MLP 1024, context 128; shakespeare + python-docs
+                 + python-code; 800 steps of 8 x 128 tokens; BPE-4096 tokenizer
+  attn-only-2l   2 layers, d 256, 8 heads, no MLPs, context 128; the same text and
+                 tokenizer; 500 steps; induction heads measured
+  smoke          1 layer, d 32, context 32; shakespeare; a few steps (tests)
+Tokenizers: "bpe4096" is `lens.bpe.corpus_tokenizer(corpora, 4096)`, a byte-level BPE
+trained on the train split of the preset's corpora (the 49k-id unembedding of SmolLM2's
+tokenizer was ~80% of a CPU step: see lens/bpe.py); "smollm2" is SmolLM2's (49,152 ids,
+the embedded default model's).  Either's EOS separates documents; --tokenizer overrides.
 
 Writes to --out: model/ (models.save: transformers-readable for the MLP presets, native
 for attention-only; with the tokenizer), report.json, log.json, checkpoint.safetensors.
@@ -26,6 +29,8 @@ import time
 from pathlib import Path
 
 import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+
+import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -51,20 +56,22 @@ class Preset:
     corpora: tuple[str, ...]
     train: train.TrainConfig
     measure_induction: bool = False
+    tokenizer: str = "bpe4096"
 
 
-# CPU-sized for a shared 2-core machine (~3 s/step there): the 49k-id unembedding is ~80%
-# of the FLOPs, so the context is kept at 64 and the batch at 8 rows.
-_TRAIN = train.TrainConfig(steps=300, batch_size=8, lr=2e-3, warmup_steps=30, eval_every=50,
-                           eval_batches=8, checkpoint_every=25)
+# CPU-sized for a shared 2-core machine: ~15-20 min for gpt2-small-ln, ~5-8 for attn-only-2l.
+_TRAIN = train.TrainConfig(steps=800, batch_size=8, lr=2e-3, warmup_steps=40, eval_every=100,
+                           eval_batches=8, checkpoint_every=50)
+_TEXT = ("shakespeare", "python-docs", "python-code")
 PRESETS = {
-    "gpt2-small-ln": Preset(4, 256, 4, 1024, False, 64, ("shakespeare", "python-docs", "python-code"), _TRAIN),
-    "attn-only-2l": Preset(2, 256, 8, 0, True, 64, ("shakespeare", "python-docs", "python-code"), _TRAIN,
+    "gpt2-small-ln": Preset(4, 256, 4, 1024, False, 128, _TEXT, _TRAIN),
+    "attn-only-2l": Preset(2, 256, 8, 0, True, 128, _TEXT, dataclasses.replace(_TRAIN, steps=500, lr=3e-3),
                            measure_induction=True),
     "smoke": Preset(1, 32, 2, 64, False, 32, ("shakespeare",),
                     train.TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=6,
-                                      eval_batches=2, checkpoint_every=3)),
+                                      eval_batches=2, checkpoint_every=3), tokenizer="smollm2"),
 }
+TOKENIZERS = ("bpe4096", "smollm2")
 
 
 def model_config(p: Preset, tokenizer) -> ModelConfig:
@@ -77,7 +84,11 @@ def model_config(p: Preset, tokenizer) -> ModelConfig:
         eos_token_ids=tuple(tokenizer.eos_token_ids), pad_token_id=tokenizer.pad_token_id)
 
 
-def load_tokenizer():
+def load_tokenizer(name: str, corpora: tuple[str, ...]):
+    if name == "bpe4096":
+        from lens.bpe import corpus_tokenizer
+
+        return corpus_tokenizer(corpora, 4096)
     from models.embedded import fetch
     from models.tokenizer import Tokenizer
 
@@ -112,6 +123,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="init and data order")
     ap.add_argument("--checkpoint-every", type=int_at_least(1), default=None, help="override the preset's")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
+    ap.add_argument("--tokenizer", choices=TOKENIZERS, default=None, help="override the preset's")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
 
@@ -123,7 +135,8 @@ def main(argv=None, on_checkpoint=None) -> dict:
     tcfg = dataclasses.replace(p.train, seed=args.seed, bf16=args.bf16,
                                **({"steps": args.steps} if args.steps else {}),
                                **({"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}))
-    tok = load_tokenizer()
+    tok_name = args.tokenizer or p.tokenizer
+    tok = load_tokenizer(tok_name, p.corpora)
     cfg = model_config(p, tok)
     train_rows = interleave(rows_for(p, tok, "train"), args.seed)
     val_parts = rows_for(p, tok, "validation")
@@ -138,7 +151,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
 
     n_eval = 16 * tcfg.batch_size
     report = {
-        "preset": args.preset, "seed": args.seed, "steps": tcfg.steps, "train_seconds_this_process": seconds,
+        "preset": args.preset, "seed": args.seed, "tokenizer": tok_name, "steps": tcfg.steps, "train_seconds_this_process": seconds,
         "config": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
         "params": int(sum(x.size for x in jax.tree.leaves(result.model))),
         "train_tokens_seen": tcfg.steps * tcfg.batch_size * p.seq_len,

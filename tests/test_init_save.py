@@ -68,6 +68,8 @@ def test_save_is_read_by_transformers_and_models_load(name, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").float().eval()
+    if name == "gpt2":  # trained without dropout, so transformers' train mode must not add any
+        assert (hf.config.resid_pdrop, hf.config.embd_pdrop, hf.config.attn_pdrop) == (0.0, 0.0, 0.0)
     with torch.no_grad():
         theirs = hf(torch.as_tensor(TOKENS[None], dtype=torch.long)).logits[0].numpy()
     mine = np.asarray(eqx.filter_jit(lambda m, t: m(t))(ours, jnp.asarray(TOKENS)))

@@ -2,12 +2,12 @@
 run killed mid-training (in-process, and by a real SIGKILL of scripts/train_toy.py)
 resumes to exactly the weights of an uninterrupted run."""
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import models
-from lens import train
+from lens import data, train
 from models.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,59 +107,49 @@ def test_bad_rows_are_clear_errors(tmp_path):
 
 
 # ---------------------------------------------------------- a real SIGKILL of the script
-SMOKE = ("--preset", "smoke", "--steps", "60", "--checkpoint-every", "2", "--no-progress")
+SMOKE = ["--preset", "smoke", "--steps", "6", "--checkpoint-every", "2", "--no-progress"]
+# train_toy.main in a fresh interpreter that SIGKILLs itself right after the step-2
+# checkpoint: a hard kill (no cleanup, no atexit) at a known step, without polling races.
+KILL_AT_2 = (
+    "import os, signal, sys; sys.path.insert(0, 'scripts'); import train_toy; "
+    "train_toy.main(sys.argv[1:], on_checkpoint=lambda s: s == 2 and os.kill(os.getpid(), signal.SIGKILL))"
+)
 
 
-def run_script(out, log, cache):
-    """scripts/train_toy.py in its own process, with this process's float settings and a
-    compilation cache shared by the test's processes."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_toy.py"), *SMOKE, "--out", str(out)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+def load_train_toy():
+    spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_toy", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def checkpoint_step(path):
-    try:
-        with safe_open(str(path), "numpy") as f:
-            return int(f.metadata()["step"])
-    except Exception:  # noqa: BLE001 (absent, or being replaced: read again)
-        return 0
+def test_sigkilled_train_toy_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """Killed in its own process after 2 of 6 steps; resumed and run uninterrupted here
+    (same XLA flags: this process imported `models` first); the smallest preset and the
+    fewest steps that still resume from a checkpoint left by a dead process."""
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # with this process's XLA_FLAGS (the guard's)
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_2, *SMOKE, "--out", str(killed)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with safe_open(str(killed / train.CHECKPOINT), "numpy") as f:
+        assert f.metadata()["step"] == "2"
+    assert not (killed / "report.json").exists() and not (killed / "model").exists()
 
-
-def test_sigkilled_train_toy_resumes_to_the_uninterrupted_weights(tmp_path):
-    cache, killed = tmp_path / "jax_cache", tmp_path / "killed"
-    tail = lambda name: (tmp_path / f"{name}.log").read_text()[-3000:]  # noqa: E731
-
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = run_script(killed, log, cache)
-        deadline = time.time() + 240
-        try:
-            while checkpoint_step(killed / train.CHECKPOINT) < 4:
-                if proc.poll() is not None:
-                    pytest.fail(f"exited (rc {proc.returncode}) before it could be killed\n{tail('killed')}")
-                if time.time() > deadline:
-                    pytest.fail(f"no checkpoint at step >= 4 after 240 s\n{tail('killed')}")
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    step = checkpoint_step(killed / train.CHECKPOINT)
-    assert 4 <= step < 60, f"killed after training ended (step {step})"
-    assert not (killed / "report.json").exists()
-
-    for name, out in (("resumed", killed), ("full", tmp_path / "full")):
-        with open(tmp_path / f"{name}.log", "w") as log:
-            assert run_script(out, log, cache).wait(timeout=300) == 0, tail(name)
+    toy = load_train_toy()
+    seen = []  # the batch indices each run trains on: the resumed one starts at 2
+    monkeypatch.setattr(train, "batch_at", lambda *a: seen.append(a[3]) or data.batch_at(*a))
+    ra = toy.main(SMOKE + ["--out", str(killed)])
+    assert seen == [2, 3, 4, 5]
+    rb = toy.main(SMOKE + ["--out", str(full)])
+    assert seen == [2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
     a = load_file(str(killed / "model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(full / "model" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    ra, rb = (json.loads((d / "report.json").read_text()) for d in (killed, tmp_path / "full"))
     strip = lambda log: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in log]  # noqa: E731
     assert ra["val_loss"] == rb["val_loss"] and strip(ra["log"]) == strip(rb["log"])
+    assert [r["step"] for r in ra["log"]] == [6]
     assert set(ra["samples"]) == {"ROMEO.\n", "def read_file(path):\n", "The module"}
