@@ -28,31 +28,32 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import matmul_peak  # noqa: E402
+from lens.cli import int_at_least  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128, help="tokens per row fed to the model")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per side")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (ours: includes compile)")
-    p.add_argument("--matmul-n", type=int, default=1024)
+    p.add_argument("--layers", type=int_at_least(1), default=4)
+    p.add_argument("--d-model", type=int_at_least(1), default=256)
+    p.add_argument("--heads", type=int_at_least(1), default=4)
+    p.add_argument("--vocab", type=int_at_least(1), default=4096)
+    p.add_argument("--batch", type=int_at_least(1), default=8)
+    p.add_argument("--seq", type=int_at_least(1), default=128, help="tokens per row fed to the model")
+    p.add_argument("--steps", type=int_at_least(1), default=8, help="timed steps per side")
+    p.add_argument("--warmup", type=int_at_least(0), default=2, help="untimed steps per side (ours: includes compile)")
+    p.add_argument("--matmul-n", type=int_at_least(1), default=1024)
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.d_model % args.heads:
+        p.error(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    return args
 
 
 def config(args):

@@ -15,6 +15,7 @@ GOOD = {
     "forward_generate": [],
     "melbo": [],
     "steering_sweep": [],
+    "train": [],
 }
 BAD = [
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
@@ -63,6 +64,13 @@ BAD = [
     ("melbo", ["--steps", "0"], "argument --steps"),
     ("steering_sweep", ["--vectors", "0"], "argument --vectors"),
     ("steering_sweep", ["--norm", "-8"], "argument --norm: must be > 0"),
+    ("train", ["--batch", "0"], "argument --batch"),
+    ("train", ["--d-model", "30", "--heads", "4"], "--d-model 30 must be a multiple of --heads 4"),
+    ("orthogonal_steering", ["--preset", "huge"], "argument --preset: invalid choice"),
+    ("orthogonal_steering", ["--k-curve", "1,4"], "--k-curve sizes must lie in [2, --k = 16]"),
+    ("orthogonal_steering", ["--k-curve", "8,32"], "--k-curve sizes must lie in [2, --k = 16]"),
+    ("orthogonal_steering", ["--control-seeds", "0"], "argument --control-seeds"),
+    ("orthogonal_steering", ["--readings-prompts", "9"], "argument --readings-prompts: at most 4"),
 ]
 
 
@@ -90,3 +98,12 @@ def test_orthogonal_steering_checks_blocks_against_the_model():
     assert script.layers(script.parse_args([]), 30) == (7, 15)  # the default model's 30 blocks
     with pytest.raises(SystemExit, match="blocks 0..3"):
         script.layers(script.parse_args(["--target", "4"]), 4)
+
+
+def test_orthogonal_steering_presets():
+    script = importlib.import_module("orthogonal_steering")
+    large = script.parse_args(["--preset", "large"])
+    assert large.k == 128 and large.k_curve == [2, 4, 8, 16, 32, 64, 96, 128] and large.rho_grid == [1.0]
+    smoke = script.parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
+    assert smoke.k == 6 and smoke.steps == 10 and smoke.base_rho_grid == [0.35, 0.5]
+    assert script.parse_args([]).k == 16
