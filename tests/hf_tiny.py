@@ -65,3 +65,27 @@ def hf_forward(
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
     hidden = torch.stack(out.hidden_states)[:, 0]
     return out.logits[0].float().numpy(), hidden.float().numpy()
+
+
+def hooked(hf, hooks, tokens) -> np.ndarray:
+    """transformers logits [seq, vocab] of one sequence with (module, kind, fn) hooks
+    registered for that forward only (kind "" = forward hook, "pre_" = pre-hook)."""
+    handles = [getattr(mod, f"register_forward_{kind}hook")(fn) for mod, kind, fn in hooks]
+    try:
+        with torch.no_grad():
+            return hf(input_ids=torch.as_tensor(np.asarray(tokens)[None])).logits[0].numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def record(hf, module, tokens) -> np.ndarray:
+    """The first input of `module` (a [seq, ...] numpy array) on one transformers forward."""
+    seen = []
+    hooked(hf, [(module, "pre_", lambda m, a: seen.append(a[0][0].clone()))], tokens)
+    return seen[0].numpy()
+
+
+def pre_edit(fn):
+    """A forward pre-hook replacing the module's first positional input by fn(input)."""
+    return lambda m, args: (fn(args[0]),) + args[1:]

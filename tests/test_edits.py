@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+import hf_tiny
+from hf_tiny import pre_edit, record
 import lens
 from lens import edits as E
 from lens_tiny import VOCAB, tiny
@@ -19,6 +21,11 @@ OTHER = RNG.randint(0, VOCAB, size=8)
 TOL = 1e-5
 
 
+def hooked(hf, hooks, tokens=TOKENS):
+    """transformers logits with hooks (hf_tiny.hooked) on TOKENS by default."""
+    return hf_tiny.hooked(hf, hooks, tokens)
+
+
 @eqx.filter_jit
 def fwd(model, tokens, edits):
     return model.forward(tokens, edits=edits).logits
@@ -26,29 +33,6 @@ def fwd(model, tokens, edits):
 
 def run(model, edits, tokens=TOKENS):
     return np.asarray(fwd(model, jnp.asarray(tokens, jnp.int32), edits))
-
-
-def hooked(hf, hooks, tokens=TOKENS):
-    """transformers logits with (module, kind, fn) hooks registered for one forward."""
-    handles = [getattr(mod, f"register_forward_{kind}hook")(fn) for mod, kind, fn in hooks]
-    try:
-        with torch.no_grad():
-            return hf(input_ids=torch.as_tensor(tokens[None])).logits[0].numpy()
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def record(hf, module, tokens):
-    """The input of `module` (a [seq, ...] numpy array) on one transformers forward."""
-    seen = []
-    hooked(hf, [(module, "pre_", lambda m, a: seen.append(a[0][0].clone()))], tokens)
-    return seen[0].numpy()
-
-
-def pre_edit(fn):
-    """A forward pre-hook replacing the module's first positional input by fn(input)."""
-    return lambda m, args: (fn(args[0]),) + args[1:]
 
 
 def test_empty_edits_are_bit_identical():

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+import hf_tiny
+from hf_tiny import pre_edit, record
 import lens
 from lens import edits as E
 from lens import melbo
@@ -41,6 +43,11 @@ SITES = {  # family -> (decoder layers, W_O module, W_out module, writer modules
     "gemma3": lambda hf: (hf.model.layers, lambda L: L.self_attn.o_proj, lambda L: L.mlp.down_proj,
                           lambda L: [L.post_attention_layernorm, L.post_feedforward_layernorm]),
 }
+
+
+def hooked(hf, hooks, tokens=TOKENS):
+    """transformers logits with hooks (hf_tiny.hooked) on TOKENS by default."""
+    return hf_tiny.hooked(hf, hooks, tokens)
 
 
 def sites(family):
@@ -73,28 +80,6 @@ def run_cache(model, edits, tokens=TOKENS):
 
 def run(model, edits, tokens=TOKENS):
     return np.asarray(run_cache(model, edits, tokens)[0])
-
-
-def hooked(hf, hooks, tokens=TOKENS):
-    """transformers logits [seq, vocab] with (module, kind, fn) hooks for one forward."""
-    handles = [getattr(mod, f"register_forward_{kind}hook")(fn) for mod, kind, fn in hooks]
-    try:
-        with torch.no_grad():
-            return hf(input_ids=torch.as_tensor(np.asarray(tokens)[None])).logits[0].numpy()
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def record(hf, module, tokens):
-    """The first input of `module` ([seq, ...]) on one transformers forward."""
-    seen = []
-    hooked(hf, [(module, "pre_", lambda m, a: seen.append(a[0][0].clone()))], tokens)
-    return seen[0].numpy()
-
-
-def pre_edit(fn):
-    return lambda m, args: (fn(args[0]),) + args[1:]
 
 
 def project_out(u):
