@@ -81,23 +81,11 @@ def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
 
 
 def write_markdown(path: Path, ans: dict, settings: dict) -> None:
-    rows = ["| stage | raw PR found (90% CI) | control | shared share found | control | specific PR found "
-            "(ceiling K-1) | control | cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
-    for st in [s for s in STAGES if s in ans["participation_ratio"]] + [
-            s for s in ans["participation_ratio"] if s.endswith("_with_first")]:
-        pr, sh, sp = (ans[k][st] for k in ("participation_ratio", "shared_share", "specific_participation_ratio"))
-        rows.append(
-            f"| {st} | {pr['found']:.1f} ({pr['found_lo']:.1f}-{pr['found_hi']:.1f}) | {pr['control_mean']:.1f} "
-            f"({pr['control_min']:.1f}-{pr['control_max']:.1f}) | {sh['found']:.2f} ({sh['found_lo']:.2f}-"
-            f"{sh['found_hi']:.2f}) | {sh['control_mean']:.2f} ({sh['control_min']:.2f}-{sh['control_max']:.2f}) "
-            f"| {sp['found']:.1f} ({sp['found_lo']:.1f}-{sp['found_hi']:.1f}) | {sp['control_mean']:.1f} "
-            f"({sp['control_min']:.1f}-{sp['control_max']:.1f}) | {ans['shared_cos_theta0'][st]['found']:.2f} |")
-    cf = ans["closed_form_per_token"]
+    from orthogonal_report import readings_lines
+
     text = [f"# Both readings ({settings.get('model')}, K = {ans['choices']['k']})", "",
             "Control = random vectors orthogonal to theta0 and each other with the found norms; "
-            f"{len(ans['choices']['control_seeds'])} seeds (mean, min-max).", "", *rows, "",
-            f"Closed form: {cf['pooled_per_token']:.4f} pooled per token vs {cf['at_mean_rho']:.4f} at the mean "
-            f"rho {cf['mean_rho']:.3f}.", "", "Choices: ```" + json.dumps(ans["choices"], indent=1) + "```"]
+            f"{len(ans['choices']['control_seeds'])} seeds (mean, min-max).", "", *readings_lines(ans)]
     path.write_text("\n".join(text) + "\n")
 
 
@@ -163,11 +151,12 @@ def main(argv=None) -> dict:
     s, t = report["source_layer"], report["target_layer"]
     toks, mask = melbo.pad_prompts([make(p) for p in NEUTRAL[: args.prompts]])
     problem = melbo.make_problem(model, toks, mask, s, t)
+    s_factor = stages.logit_metric_factor(model)  # once for both calls
     ans = stages.answer(problem, found, theta0, control_seeds=tuple(range(args.controls)), n_boot=args.n_boot,
-                        progress=True)
+                        progress=True, s_factor=s_factor)
     if args.k_curve:
         ks = [k for k in args.k_curve if k <= len(found)]
-        ans["pr_vs_k"] = stages.k_curve(problem, found, theta0, ks, progress=True)
+        ans["pr_vs_k"] = stages.k_curve(problem, found, theta0, ks, progress=True, s_factor=s_factor)
         plot_k_curve(run / "pr_vs_k.png", ans["pr_vs_k"])
     ans["timing_s"] = round(time.time() - t0, 1)
     (run / "readings.json").write_text(json.dumps(ans, indent=1))

@@ -88,25 +88,33 @@ def _summary_lines(summary: dict) -> list[str]:
     return L
 
 
-def _readings_lines(summary: dict) -> list[str]:
-    """Both readings per stage: shared component (shared share) vs few distinct effects
-    (specific PR), found vs random controls (mean and range over seeds)."""
-    if "shared_share" not in summary:
-        return []
-    L = ["## Both readings: shared component or few distinct effects?", "",
-         "| stage | raw PR found | control | shared share found | control | specific PR found | control | "
-         "cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
+def readings_lines(ans: dict) -> list[str]:
+    """The table of both readings per stage (`lens.melbo.stages.answer`'s dict): shared
+    component (shared share) vs few distinct effects (specific PR), found vs random
+    controls (mean and range over seeds), then the closed form and the choices."""
+    L = ["| stage | raw PR found (90% CI) | control (mean, seed range) | shared share found | control | "
+         "specific PR found (ceiling K-1) | control | cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
     fmt = lambda r, d: (f"{r['found']:.{d}f} ({r['found_lo']:.{d}f}-{r['found_hi']:.{d}f})",  # noqa: E731
                         f"{r['control_mean']:.{d}f} ({r['control_min']:.{d}f}-{r['control_max']:.{d}f})")
-    for stage, pr in summary["participation_ratio_per_token"].items():
+    for stage, pr in ans["participation_ratio"].items():
         a, b = fmt(pr, 1)
-        c, d = fmt(summary["shared_share"][stage], 2)
-        e, f = fmt(summary["specific_participation_ratio"][stage], 1)
-        L.append(f"| {stage} | {a} | {b} | {c} | {d} | {e} | {f} | {summary['shared_cos_theta0'][stage]['found']:.2f} |")
-    cf = summary["closed_form_per_token"]
+        c, d = fmt(ans["shared_share"][stage], 2)
+        e, f = fmt(ans["specific_participation_ratio"][stage], 1)
+        L.append(f"| {stage} | {a} | {b} | {c} | {d} | {e} | {f} | {ans['shared_cos_theta0'][stage]['found']:.2f} |")
+    cf = ans["closed_form_per_token"]
     L += ["", f"Closed form pooled per token {cf['pooled_per_token']:.4f} vs {cf['at_mean_rho']:.4f} at the mean rho "
-          f"{cf['mean_rho']:.3f}. Choices: `{json.dumps(summary['readings_choices'])}`", ""]
+          f"{cf['mean_rho']:.3f}. Choices: `{json.dumps(ans['choices'])}`", ""]
     return L
+
+
+def _readings_lines(summary: dict) -> list[str]:
+    """The main report's readings section, from report.json's keys."""
+    if "shared_share" not in summary:
+        return []
+    ans = {"participation_ratio": summary["participation_ratio_per_token"], "choices": summary["readings_choices"],
+           **{k: summary[k] for k in ("shared_share", "specific_participation_ratio", "shared_cos_theta0",
+                                      "closed_form_per_token")}}
+    return ["## Both readings: shared component or few distinct effects?", "", *readings_lines(ans)]
 
 
 def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict],

@@ -414,11 +414,12 @@ def main(argv=None, on_checkpoint=None):
     # several seeds and bootstrap intervals over every real token of the readings prompts.
     toks_r, mask_r = melbo.pad_prompts(neutral[: args.readings_prompts])
     readings_problem = melbo.make_problem(model, toks_r, mask_r, s, t)
+    s_factor = stages.logit_metric_factor(model)  # once for both calls
     readings = stages.answer(readings_problem, V, theta0, control_seeds=tuple(range(args.control_seeds)),
-                             n_boot=args.n_boot, chunk=args.chunk, progress=True)
+                             n_boot=args.n_boot, chunk=args.chunk, progress=True, s_factor=s_factor)
     if args.k_curve:
         readings["pr_vs_k"] = stages.k_curve(readings_problem, V, theta0, args.k_curve, chunk=args.chunk,
-                                             progress=True)
+                                             progress=True, s_factor=s_factor)
     t0 = lap("readings", t0)
 
     # Batched vs sequential (the agreement check).

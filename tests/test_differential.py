@@ -402,12 +402,16 @@ def _(case, x, v, gamma, beta):
     close(ours, np.stack([R.exp_map(p, vk[None] * scale) for vk in R.f64(v)]), 1e-5, case)
 
 
+def _sphere_points(x, v, kind):
+    """(p = to_sphere(x) [n, d], q_k = to_sphere(x + v_k) [K, n, d]) in float32, from float64."""
+    p = R.sphere(x, kind, 0.0).astype(np.float32)
+    return p, np.stack([R.sphere(R.f64(x) + vk, kind, 0.0) for vk in v]).astype(np.float32)
+
+
 @row("lens.geometry.log_map")
 @each_case
 def _(case, x, v, gamma, beta):
-    kind = case[2]
-    p = R.sphere(x, kind, 0.0).astype(np.float32)
-    qs = np.stack([R.sphere(R.f64(x) + vk, kind, 0.0) for vk in v]).astype(np.float32)
+    p, qs = _sphere_points(x, v, case[2])
     ours = jv(lambda q: G.log_map(p, q), qs)
     close(ours, np.stack([R.log_map(p, q) for q in qs]), 2e-5, case)  # measured <= 4e-6
 
@@ -415,9 +419,7 @@ def _(case, x, v, gamma, beta):
 @row("lens.geometry.geodesic_interpolate")
 @each_case
 def _(case, x, v, gamma, beta):
-    kind = case[2]
-    p = R.sphere(x, kind, 0.0).astype(np.float32)
-    qs = np.stack([R.sphere(R.f64(x) + vk, kind, 0.0) for vk in v]).astype(np.float32)
+    p, qs = _sphere_points(x, v, case[2])
     ts = np.array([0.3, 1.7], np.float32)  # t traced, vmapped too: one compile per shape
     ours = np.asarray(jax.jit(jax.vmap(jax.vmap(lambda q, t: G.geodesic_interpolate(p, q, t), (0, None)),
                                        (None, 0)))(qs, ts))

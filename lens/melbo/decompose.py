@@ -72,6 +72,8 @@ def shared_specific(
     effect is given (theta0's own effect at the same stage), the cosine between the shared
     part m and it (how much of the shared component is "doing what theta0 does")."""
     e = jnp.asarray(effects, jnp.float32)
+    if e.ndim not in (2, 3):
+        raise ValueError(f"effects must be [K, D] or [K, units, d]; got shape {e.shape}")
     e = e if e.ndim == 3 else e[:, None, :]
     g = jnp.sum(unit_grams(e), axis=0)
     out = {name: float(v) for name, v in readings_from_gram(g).items()}
@@ -79,7 +81,8 @@ def shared_specific(
         m = jnp.mean(e, axis=0).reshape(-1)
         r = jnp.asarray(reference, jnp.float32).reshape(-1)
         denom = jnp.linalg.norm(m) * jnp.linalg.norm(r)
-        out["shared_cos_reference"] = float(jnp.where(denom > 0, m @ r / jnp.where(denom > 0, denom, 1.0), 0.0))
+        cos = jnp.where(denom > 0, m @ r / jnp.where(denom > 0, denom, 1.0), 0.0)
+        out["shared_cos_reference"] = float(jnp.clip(cos, -1.0, 1.0))  # as geometry.cosine_matrix: no 1 + ulp
     return out
 
 

@@ -22,6 +22,8 @@ mapped through `S` with `S S^T = M` and become ordinary d-dimensional vectors.
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -67,11 +69,17 @@ def _runs(problem: MelboProblem, vectors, s_factor):
     return jax.vmap(one)(vectors)
 
 
-def token_effects(problem: MelboProblem, vectors, chunk: int = 8, progress: bool = False) -> dict:
-    """{stage: [K, P, T, d] effect (padding zeroed)} for the token stages, and the position
-    0 share of each stage's energy."""
+def token_effects(
+    problem: MelboProblem, vectors: Float[Array, "K d_model"], chunk: int = 8, progress: bool = False,
+    s_factor: Float[Array, "d_model d_model"] | None = None,
+) -> dict[str, Float[np.ndarray, "K P T d_model"]]:
+    """{stage: [K, P, T, d] effect (padding zeroed)} for the token stages: the target and
+    last residual changes, the last after the final norm, and the logit-metric-mapped
+    change (`s_factor` = `logit_metric_factor(model)`, computed here when not given)."""
     v = jnp.asarray(vectors, jnp.float32)
-    s_factor = jnp.asarray(logit_metric_factor(problem.model))
+    if s_factor is None:
+        s_factor = logit_metric_factor(problem.model)
+    s_factor = jnp.asarray(s_factor)
     base = [np.asarray(a)[0] for a in _runs(problem, jnp.zeros((1, v.shape[1])), s_factor)]
     m = np.asarray(problem.mask, np.float32)[None, :, :, None]
     parts = []
@@ -92,7 +100,15 @@ def _units(e: np.ndarray, mask: np.ndarray, with_first: bool) -> np.ndarray:
     return e[:, keep]
 
 
-def effective_effects(problem: MelboProblem, vectors, order: str = "exact") -> np.ndarray:
+@functools.partial(jax.jit, static_argnames=("kind", "order"))
+def _effective(x, vectors, gamma, eps, kind: str, order: str):
+    fn = geometry.effective_displacement if order == "exact" else geometry.first_order_displacement
+    return jax.vmap(lambda vk: fn(x, vk[None], kind, eps, gamma))(vectors)
+
+
+def effective_effects(
+    problem: MelboProblem, vectors: Float[Array, "K d_model"], order: str = "exact"
+) -> Float[np.ndarray, "K N d_model"]:
     """[K, N, d] gamma * (to_sphere(x + v) - to_sphere(x)) (or first order) at the source
     tokens (position 0 left out, as `analysis.source_activations`)."""
     from lens.melbo.analysis import source_activations
@@ -100,16 +116,17 @@ def effective_effects(problem: MelboProblem, vectors, order: str = "exact") -> n
     model = problem.model
     x = source_activations(problem)
     gamma = model.blocks.ln1_w[problem.layer]
-    fn = geometry.effective_displacement if order == "exact" else geometry.first_order_displacement
-    kind, eps = model.config.norm_kind, model.config.norm_eps
-    f = jax.jit(jax.vmap(lambda vk: fn(x, vk[None], kind, eps, gamma)))
-    return np.asarray(f(jnp.asarray(vectors, jnp.float32)))
+    return np.asarray(_effective(x, jnp.asarray(vectors, jnp.float32), gamma, model.config.norm_eps,
+                                 model.config.norm_kind, order))
 
 
-def unit_effects(problem: MelboProblem, vectors, chunk: int = 8, progress: bool = False) -> dict:
+def unit_effects(
+    problem: MelboProblem, vectors: Float[Array, "K d_model"], chunk: int = 8, progress: bool = False,
+    s_factor: Float[Array, "d_model d_model"] | None = None,
+) -> dict[str, Float[np.ndarray, "K units d"]]:
     """{stage: [K, units, d]} for every stage (token stages with and without position 0)."""
     v = np.asarray(vectors, np.float32)
-    token = token_effects(problem, v, chunk, progress)
+    token = token_effects(problem, v, chunk, progress, s_factor)
     mask = np.asarray(problem.mask)
     per_stage = {}
     for order, name in (("exact", "effective"), ("first", "effective_first_order")):
@@ -120,8 +137,9 @@ def unit_effects(problem: MelboProblem, vectors, chunk: int = 8, progress: bool 
     return per_stage
 
 
-def k_curve(problem: MelboProblem, found, theta0, ks, control_seed: int = 0, chunk: int = 8,
-            progress: bool = False) -> dict:
+def k_curve(problem: MelboProblem, found: Float[Array, "K d_model"], theta0: Float[Array, " d_model"],
+            ks: list[int], control_seed: int = 0, chunk: int = 8, progress: bool = False,
+            s_factor: Float[Array, "d_model d_model"] | None = None) -> dict:
     """Raw PR, specific PR and shared share of the FIRST k found vectors for each k in ks,
     beside one draw of K random orthogonal controls with the found norms: does the number
     of distinct effects keep growing with K, or saturate?  {stage: {"found": curve,
@@ -131,15 +149,18 @@ def k_curve(problem: MelboProblem, found, theta0, ks, control_seed: int = 0, chu
     found = np.asarray(found, np.float32)
     ctrl = np.asarray(random_orthogonal_controls(jax.random.key(2000 + control_seed), np.asarray(theta0, np.float32),
                                                  np.linalg.norm(found, axis=1)))
-    f_eff = unit_effects(problem, found, chunk, progress)
-    c_eff = unit_effects(problem, ctrl, chunk, progress)
+    if s_factor is None:
+        s_factor = logit_metric_factor(problem.model)
+    f_eff = unit_effects(problem, found, chunk, progress, s_factor)
+    c_eff = unit_effects(problem, ctrl, chunk, progress, s_factor)
     return {st: {"found": decompose.pr_vs_k(f_eff[st], list(ks)), "control": decompose.pr_vs_k(c_eff[st], list(ks))}
             for st in f_eff if not st.endswith("_with_first")}
 
 
 def stage_readings(
-    problem: MelboProblem, vectors, reference=None, chunk: int = 8, n_boot: int = 200, seed: int = 0,
-    progress: bool = False,
+    problem: MelboProblem, vectors: Float[Array, "K d_model"], reference: Float[Array, " d_model"] | None = None,
+    chunk: int = 8, n_boot: int = 200, seed: int = 0, progress: bool = False,
+    s_factor: Float[Array, "d_model d_model"] | None = None,
 ) -> dict:
     """Both readings at every stage for one set of vectors, with bootstrap intervals over
     tokens: {stage: {"participation_ratio": {...}, "specific_participation_ratio": {...},
@@ -148,7 +169,7 @@ def stage_readings(
     v = np.asarray(vectors, np.float32)
     k = v.shape[0]
     all_v = v if reference is None else np.concatenate([v, np.asarray(reference, np.float32)[None]])
-    per_stage = unit_effects(problem, all_v, chunk, progress)
+    per_stage = unit_effects(problem, all_v, chunk, progress, s_factor)
     out = {}
     for name, e in per_stage.items():
         found = e[:k]
@@ -166,8 +187,9 @@ def _spread(values: list[float]) -> dict:
 
 
 def answer(
-    problem: MelboProblem, found, theta0, control_seeds=(0, 1, 2), n_boot: int = 200, chunk: int = 8,
-    progress: bool = False,
+    problem: MelboProblem, found: Float[Array, "K d_model"], theta0: Float[Array, " d_model"],
+    control_seeds=(0, 1, 2), n_boot: int = 200, chunk: int = 8, progress: bool = False,
+    s_factor: Float[Array, "d_model d_model"] | None = None,
 ) -> dict:
     """The main job's question, both readings, with spreads: for the found vectors and for
     random orthogonal controls (orthogonal to theta0 and each other, the found norms; one
@@ -182,11 +204,14 @@ def answer(
     found = np.asarray(found, np.float32)
     theta0 = np.asarray(theta0, np.float32)
     norms = np.linalg.norm(found, axis=1)
-    f = stage_readings(problem, found, theta0, chunk, n_boot, progress=progress)
+    if s_factor is None:  # one [vocab, d] eigendecomposition for every set below
+        s_factor = logit_metric_factor(problem.model)
+    f = stage_readings(problem, found, theta0, chunk, n_boot, progress=progress, s_factor=s_factor)
     controls = []
     for seed in control_seeds:
         ctrl = np.asarray(random_orthogonal_controls(jax.random.key(1000 + seed), theta0, norms))
-        controls.append(stage_readings(problem, ctrl, theta0, chunk, n_boot, seed=seed, progress=progress))
+        controls.append(stage_readings(problem, ctrl, theta0, chunk, n_boot, seed=seed, progress=progress,
+                                       s_factor=s_factor))
     out: dict = {"shared_share": {}, "specific_participation_ratio": {}, "participation_ratio": {},
                  "control_spread": {}, "shared_cos_theta0": {}, "stages_detail": {"found": f, "controls": controls}}
     readings = ("shared_share", "specific_participation_ratio", "participation_ratio")
