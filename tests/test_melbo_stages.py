@@ -101,3 +101,17 @@ def test_k_curve_matches_readings_of_the_first_k():
     assert abs(curve["logits"]["found"]["participation_ratio"][1]
                - decompose.shared_specific(eff["logits"])["participation_ratio"]) < 1e-4
     assert set(curve) == {"effective", "effective_first_order", "target", "last", "last_normed", "logits"}
+
+
+def test_bad_vectors_are_refused_before_any_compute():
+    import pytest
+
+    _, ours, problem, v = _setup(3)
+    bad = v.copy()
+    bad[1, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN/inf"):
+        stages.token_effects(problem, bad)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        stages.effective_effects(problem, bad)
+    with pytest.raises(ValueError, match="d_model"):
+        stages.unit_effects(problem, v[:, :-1])

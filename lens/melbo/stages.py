@@ -31,6 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
+from lens import edits as E
 from lens import geometry
 from lens.melbo import decompose
 from lens.melbo.problem import MelboProblem, steered_run
@@ -76,7 +77,7 @@ def token_effects(
     """{stage: [K, P, T, d] effect (padding zeroed)} for the token stages: the target and
     last residual changes, the last after the final norm, and the logit-metric-mapped
     change (`s_factor` = `logit_metric_factor(model)`, computed here when not given)."""
-    v = jnp.asarray(vectors, jnp.float32)
+    v = jnp.asarray(E.check_vectors(problem.model, np.asarray(vectors, np.float32), "vectors"))  # NaN / width, eagerly
     if s_factor is None:
         s_factor = logit_metric_factor(problem.model)
     s_factor = jnp.asarray(s_factor)
@@ -116,7 +117,8 @@ def effective_effects(
     model = problem.model
     x = source_activations(problem)
     gamma = model.blocks.ln1_w[problem.layer]
-    return np.asarray(_effective(x, jnp.asarray(vectors, jnp.float32), gamma, model.config.norm_eps,
+    v = E.check_vectors(model, np.asarray(vectors, np.float32), "vectors")
+    return np.asarray(_effective(x, jnp.asarray(v), gamma, model.config.norm_eps,
                                  model.config.norm_kind, order))
 
 
