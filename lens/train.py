@@ -63,6 +63,9 @@ class TrainConfig:
             raise ValueError("eval_every and checkpoint_every must be >= 1")
 
 
+LossFn = Callable[[eqx.Module, Int[Array, "batch seq"]], Float[Array, ""]]
+
+
 @dataclasses.dataclass
 class TrainResult:
     model: eqx.Module
@@ -103,32 +106,34 @@ def _compute_model(params, static, bf16: bool):
     return model
 
 
-def make_step(static, opt: optax.GradientTransformation, bf16: bool):
+def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: LossFn | None = None):
     """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm)."""
+    loss_fn = loss_fn or next_token_loss
 
     @eqx.filter_jit
     def step(params, opt_state, rows):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(_compute_model(p, static, bf16), rows))(params)
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(_compute_model(p, static, bf16), rows))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
     return step
 
 
-def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False) -> float:
-    """Mean next-token loss over `rows` in full batches (the remainder rows are skipped)."""
+def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None) -> float:
+    """Mean loss (next-token by default, else `loss_fn(model, rows)`) over `rows` in full
+    batches (the remainder rows are skipped)."""
     n = (len(rows) // batch_size) * batch_size
     if n == 0:
         raise ValueError(f"{len(rows)} evaluation rows are fewer than one batch of {batch_size}")
     params, static = eqx.partition(model, eqx.is_array)
-    losses = [float(_eval_loss(params, static, jnp.asarray(rows[i:i + batch_size]), bf16))
+    losses = [float(_eval_loss(params, static, jnp.asarray(rows[i:i + batch_size]), bf16, loss_fn or next_token_loss))
               for i in range(0, n, batch_size)]
     return float(np.mean(losses))
 
 
-@eqx.filter_jit  # module level, so repeated evaluations reuse one compilation
-def _eval_loss(params, static, rows, bf16):
-    return next_token_loss(_compute_model(params, static, bf16), rows)
+@eqx.filter_jit  # module level, so repeated evaluations reuse one compilation (per loss_fn)
+def _eval_loss(params, static, rows, bf16, loss_fn):
+    return loss_fn(_compute_model(params, static, bf16), rows)
 
 
 # --------------------------------------------------------------------- checkpoints
@@ -182,27 +187,43 @@ def train(
     progress: bool = True,
     on_checkpoint: Callable[[int], None] | None = None,
     run_info: dict | None = None,
+    loss_fn: LossFn | None = None,
+    opt: optax.GradientTransformation | None = None,
+    rows_config=None,
 ) -> TrainResult:
     """Train `model` on `train_rows` [N, seq]; evaluate on `val_rows` every `eval_every` steps.
+
+    By default `model` is a Transformer trained on next-token loss with AdamW
+    (`optimizer(cfg)`).  Any other trainable eqx.Module (a tuned lens, a router, a
+    distilled student) trains through the same loop, checkpoints and resume by passing
+    `loss_fn(module, rows) -> scalar` (a frozen model closed over; it must be a
+    module-level function or a stable object so the step compiles once), `opt` (an optax
+    transformation; its description belongs in `run_info`), and `rows_config` (the
+    config whose vocabulary and context the token rows must fit, when `model` has none).
 
     Writes out_dir/checkpoint.safetensors every `checkpoint_every` steps and at the end,
     and out_dir/log.json (one record per evaluation: step, train_loss, val_loss, lr,
     grad_norm, tokens_per_s).  `run_info` (model and data descriptions) is part of the
     settings a resumed checkpoint must match.
     """
-    train_rows, val_rows = _check_rows(train_rows, "train_rows", model), _check_rows(val_rows, "val_rows", model)
+    rows_config = rows_config if rows_config is not None else getattr(model, "config", None)
+    if rows_config is None:
+        raise ValueError("train: `model` has no .config; pass rows_config= (the config the token rows must fit)")
+    train_rows = _check_rows(train_rows, "train_rows", rows_config)
+    val_rows = _check_rows(val_rows, "val_rows", rows_config)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     params, static = eqx.partition(model, eqx.is_array)
-    opt = optimizer(cfg, params)
+    opt = opt if opt is not None else optimizer(cfg, params)
     opt_state = opt.init(params)
-    settings = {"train": dataclasses.asdict(cfg), "model": repr(model.config), "train_rows": list(train_rows.shape),
+    described = getattr(model, "config", None) or type(model).__name__
+    settings = {"train": dataclasses.asdict(cfg), "model": repr(described), "train_rows": list(train_rows.shape),
                 "train_rows_sum": int(train_rows.astype(np.int64).sum()), **(run_info or {})}
     start, log = 0, []
     ckpt = out_dir / CHECKPOINT
     if resume and ckpt.exists():
         params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
-    step_fn = make_step(static, opt, cfg.bf16)
+    step_fn = make_step(static, opt, cfg.bf16, loss_fn)
     schedule_lr = lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
@@ -221,7 +242,7 @@ def train(
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = evaluate(eqx.combine(params, static), val_rows[: cfg.eval_batches * cfg.batch_size],
-                           cfg.batch_size, cfg.bf16)
+                           cfg.batch_size, cfg.bf16, loss_fn)
             log.append({"step": done, "train_loss": loss, "val_loss": val, "lr": float(schedule_lr(step)),
                         "grad_norm": float(gnorm), "tokens_per_s": None if math.isnan(tok_s) else tok_s})
             bar.write(f"step {done}: train {loss:.4f}  val {val:.4f}  {tok_s:,.0f} tok/s")
@@ -234,13 +255,13 @@ def train(
     return TrainResult(eqx.combine(params, static), log)
 
 
-def _check_rows(rows, name: str, model) -> np.ndarray:
+def _check_rows(rows, name: str, config) -> np.ndarray:
     rows = np.asarray(rows)
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"{name} must be integer token rows [N, seq]; got {rows.dtype} {rows.shape}")
-    if rows.shape[1] - 1 > model.config.max_seq_len or rows.shape[1] < 2:
+    if rows.shape[1] - 1 > config.max_seq_len or rows.shape[1] < 2:
         raise ValueError(f"{name}: rows of {rows.shape[1]} tokens need 2 <= seq <= max_seq_len + 1 "
-                         f"= {model.config.max_seq_len + 1}")
-    if rows.size and (rows.min() < 0 or rows.max() >= model.config.vocab_size):
-        raise ValueError(f"{name}: token ids outside [0, {model.config.vocab_size})")
+                         f"= {config.max_seq_len + 1}")
+    if rows.size and (rows.min() < 0 or rows.max() >= config.vocab_size):
+        raise ValueError(f"{name}: token ids outside [0, {config.vocab_size})")
     return rows.astype(np.int32)
