@@ -130,6 +130,9 @@ def parse_args(argv=None):
     ap.add_argument("--gen-batch", type=int_at_least(1), default=32, help="rows per generate call (one compiled shape)")
     ap.add_argument("--compare-k", type=int_at_least(0), default=4, help="mode comparison: vectors per run (0: skip)")
     ap.add_argument("--compare-seeds", type=int_at_least(0), default=3, help="mode comparison: runs (seeds) per mode")
+    ap.add_argument("--objective-positions", choices=("all", "no-first"), default="all",
+                    help="positions MELBO-ortho's objective averages over: every real token (the original) "
+                         "or all but position 0 (the attention sink)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--chunk", type=int_at_least(1), default=8, help="vectors per compiled analysis call")
     ap.add_argument("--control-seeds", type=int_at_least(1), default=3,
@@ -337,6 +340,8 @@ def main(argv=None, on_checkpoint=None):
     neutral = [make(p) for p in NEUTRAL]
     toks, mask = melbo.pad_prompts(neutral[: args.train_prompts])
     problem = melbo.make_problem(model, toks, mask, s, t)
+    if args.objective_positions == "no-first":
+        problem = melbo.without_first_position(problem)
     toks_a, mask_a = melbo.pad_prompts(neutral[: args.analysis_prompts])
     analysis_problem = melbo.make_problem(model, toks_a, mask_a, s, t)
     x_norm = melbo.median_source_norm(analysis_problem)
@@ -357,7 +362,7 @@ def main(argv=None, on_checkpoint=None):
     # 2. MELBO-ortho, checkpointed after every block.
     meta = {"model": args.model, "layer": layer, "site": "resid_pre", "source_layer": s, "target_layer": t,
             "method": "melbo-ortho", "steps": args.steps, "lr": args.lr, "seed": args.seed,
-            "block": args.block, "mode": args.mode}
+            "block": args.block, "mode": args.mode, "objective_positions": args.objective_positions}
     resume = None
     if args.resume and ckpt.exists():
         saved_vectors, saved_meta = steering.load_vectors(ckpt)
@@ -441,6 +446,7 @@ def main(argv=None, on_checkpoint=None):
                   "target": "target", "last": "last", "logits": "logits"}
     summary = {
         "model": args.model, "source_layer": s, "target_layer": t, "k_vectors": int(len(V)),
+        "objective_positions": args.objective_positions,
         "layer_choice": (f"source = residual after block {s} of {n} (~1/4 depth), target = after block {t} "
                          "(~1/2 depth), as the original's 8 and 16 of Qwen1.5-1.8B's 24 (1/3, 2/3): early "
                          "enough that the steered change passes through many blocks before the target, "

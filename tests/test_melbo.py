@@ -132,3 +132,32 @@ def test_analysis_identical_vs_orthogonal(problem, theta0):
     np.testing.assert_allclose(
         b["cos_matrices"]["effective_first_order"], b["cos_matrices"]["effective_exact"], atol=1e-2
     )
+
+
+def test_objective_without_first_position(problem, theta0):
+    """MELBO-ortho's objective with position 0 left out equals the same distance computed by
+    hand from full forwards over positions 1.. only; position 0 is still attended to (the
+    later tokens' activations are those of the full prompt), and the other problem is untouched."""
+    p1 = melbo.without_first_position(problem)
+    assert bool(problem.mask[:, 0].all()) and not bool(p1.mask[:, 0].any())
+    # Small vectors: at |theta| >> |x| every position's change is ~theta itself and the
+    # choice of positions would not matter.
+    theta, theta0 = 0.2 * jax.random.normal(jax.random.PRNGKey(3), (24,)), 0.05 * theta0
+    got = float(jax.jit(lambda pr, th, t0: melbo.ortho_loss(pr, th, melbo.ortho_reference(pr, t0)))(p1, theta, theta0))
+    model = problem.model
+
+    def target_mean_without_first(tokens, vec):
+        add = jnp.zeros((3, 1, 24)).at[S + 1, 0].set(vec)
+        h = model.forward(jnp.asarray(tokens, jnp.int32), edits=Edits(resid_add=add),
+                          capture=Capture(resid=True)).activations.resid_pre[T + 1]
+        return np.asarray(h, np.float64)[1:].mean(axis=0)
+
+    dists = [np.linalg.norm(target_mean_without_first(t, theta) - target_mean_without_first(t, theta0))
+             for t in prompt_tokens()]
+    assert got == pytest.approx(np.mean(dists), rel=1e-4)  # float32 forward vs float64 mean
+    # The reference the vectors must reproduce changes when position 0 is left out.
+    ref_all, ref_rest = melbo.ortho_reference(problem, theta0), melbo.ortho_reference(p1, theta0)
+    assert float(jnp.abs(ref_all - ref_rest).max()) > 1e-2
+    one_token = melbo.make_problem(model, jnp.asarray([[1, 2], [3, 0]]), jnp.asarray([[True, True], [True, False]]), S, T)
+    with pytest.raises(ValueError, match="at least 2 real tokens"):
+        melbo.without_first_position(one_token)

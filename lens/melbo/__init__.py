@@ -23,6 +23,7 @@ from lens.melbo.problem import (
     layer_after,
     steered_run,
     steered_target,
+    without_first_position,
 )
 from lens.melbo.train import (
     MelboConfig,

@@ -149,3 +149,20 @@ def ortho_loss(
 def ortho_reference(problem: MelboProblem, theta0: Float[Array, " d_model"]) -> Float[Array, "P d_model"]:
     """`mean_positions h_t(theta0)` per prompt: what MELBO-ortho vectors must reproduce."""
     return masked_mean_positions(steered_target(problem, theta0), problem.mask)
+
+
+def without_first_position(problem: MelboProblem) -> MelboProblem:
+    """The same problem with position 0 left out of every sum/mean over positions (the
+    objective's `mask`), while every token, position 0 included, is still attended to.
+
+    Position 0 is the attention sink: MELBO's and MELBO-ortho's objectives pool over every
+    real token, and position 0 carries 40-55% of MELBO-ortho's pooled target effect on
+    SmolLM2.  Training on this problem asks the vectors to reproduce theta0's effect on
+    the tokens that carry content only.  Prompts are right-padded, so position 0 is each
+    prompt's first real token; a prompt of one token would have nothing left (refused)."""
+    mask = np.asarray(problem.mask)
+    if (mask.sum(axis=1) < 2).any():
+        raise ValueError("without_first_position: every prompt needs at least 2 real tokens")
+    mask = mask.copy()
+    mask[:, 0] = False
+    return eqx.tree_at(lambda p: p.mask, problem, jnp.asarray(mask))
