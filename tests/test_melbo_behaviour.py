@@ -52,7 +52,7 @@ def test_planted_groups_are_found_and_behave_alike():
     assert out["within_abs_diff"]["value"] == 0.0
     assert out["within_abs_diff"]["p"] < 0.01
     assert out["spearman_cos_vs_similarity"]["value"] > 0.3  # ties: 3 score levels
-    assert out["spearman_cos_vs_similarity"]["p"] < 0.01
+    assert out["spearman_cos_vs_similarity"]["p"] < 0.05
 
 
 def test_pair_statistics_equal_a_double_loop():
