@@ -107,6 +107,28 @@ def readings_lines(ans: dict) -> list[str]:
     return L
 
 
+def behaviour_lines(b: dict | None) -> list[str]:
+    """Do vectors with close effects write code alike (lens.melbo.behaviour)?"""
+    if not b:
+        return []
+    sc = np.asarray(b["code_score"])
+    L = ["## Behaviour per vector", "",
+         f"Code score of each of {len(sc)} found vectors: mean {sc.mean():.2f}, {int((sc > 0).sum())} of {len(sc)} "
+         f"wrote some code. {b['choices']}.", "",
+         "| stage | clusters (sizes) | mean score per cluster | within-cluster mean abs diff (null 5-95%, p) | "
+         "across (null, p) | Spearman(specific cos, score similarity) (null, p) |", "|---|---|---|---|---|---|"]
+    for st in ("target", "logits"):
+        r = b[st]
+
+        def cell(x):
+            return f"{x['value']:.3f} ({x['null_lo']:.3f}-{x['null_hi']:.3f}, p {x['p']:.3f})"
+
+        L.append(f"| {st} | {r['n_clusters']} ({', '.join(map(str, r['cluster_sizes']))}) | "
+                 f"{', '.join(f'{m:.2f}' for m in r['cluster_mean_score'])} | {cell(r['within_abs_diff'])} | "
+                 f"{cell(r['across_abs_diff'])} | {cell(r['spearman_cos_vs_similarity'])} |")
+    return L + [""]
+
+
 def _readings_lines(summary: dict) -> list[str]:
     """The main report's readings section, from report.json's keys."""
     if "shared_share" not in summary:
@@ -124,6 +146,7 @@ def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, sam
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
     L += _summary_lines(summary)
     L += _readings_lines(summary)
+    L += behaviour_lines(summary.get("behaviour_per_vector"))
     L += ["## Settings", "", "```", json.dumps(settings, indent=1), "```", ""]
     L += ["## Key numbers", ""]
     for k in ("source_layer", "target_layer", "layer_choice", "k_vectors", "raw_cosine_max_abs", "norms",

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
-from lens.melbo import stages  # noqa: E402
+from lens.melbo import behaviour as mb, stages  # noqa: E402
 from orthogonal_report import plots, write_markdown  # noqa: E402
 
 CODE = [
@@ -83,12 +83,17 @@ NEUTRAL = [
 # explicitly win over the preset.
 PRESETS = {
     "smoke": dict(k=4, block=2, steps=10, calib_prompts=2, base_rho_grid="0.35,0.5", rho_grid="0.3,1",
-                  gen_tokens=16, gen_vectors=2, gen_prompts=1, compare_k=2, compare_seeds=2, chunk=4,
+                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=2, compare_seeds=2, chunk=4,
                   control_seeds=2, n_boot=30, readings_prompts=2),
     "default": dict(),
-    "large": dict(k=128, block=16, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=16,
-                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,96,128"),
+    "large": dict(k=256, block=32, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=256, gen_prompts=4,
+                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,128,192,256"),
 }
+
+
+# Rescaled and random-control generations: at most this many (the found vectors: all of
+# --gen-vectors, for the per-vector behaviour).
+GEN_CONTROLS = 16
 
 
 def parse_args(argv=None):
@@ -436,6 +441,7 @@ def main(argv=None, on_checkpoint=None):
     # 5. behaviour: steered greedy generations and the code score.
     samples, scores = generations(args, model, tok, neutral, theta0, sets, norms, layer)
     t0 = lap("generation", t0)
+    behaviour = behaviour_per_vector(args, V, scores, readings)
 
     def mean_score(prefix):
         vals = [v for k, v in scores.items() if k.startswith(prefix)]
@@ -487,6 +493,7 @@ def main(argv=None, on_checkpoint=None):
                        "unsteered": scores.get("unsteered"), "per_vector": scores},
         "loss": {"first_step_mean": float(found.losses[:, 0].mean()), "last_step_mean": float(found.losses[:, -1].mean())},
         "mode_comparison": comparison,
+        "behaviour_per_vector": behaviour,
         # The two readings (see README): shared component vs few distinct effects.
         "shared_share": readings["shared_share"],
         "specific_participation_ratio": readings["specific_participation_ratio"],
@@ -517,14 +524,33 @@ def main(argv=None, on_checkpoint=None):
     return summary
 
 
+def behaviour_per_vector(args, V, scores, readings):
+    """Do vectors whose (centred) effects are close also write code alike?  The first
+    `gen_vectors` found vectors, clustered by specific effect at the target and logit
+    stages (lens.melbo.behaviour); None with fewer than 4 scored vectors."""
+    g = min(args.gen_vectors, len(V))
+    if g < 4:
+        return None
+    per_vec = np.array([scores[f"found_{i}"] for i in range(g)])
+    grams = readings["stages_detail"]["found"]
+    n_clusters = max(2, g // 8)
+    return {"code_score": per_vec.tolist(), "n_prompts": min(args.gen_prompts, len(NEUTRAL)),
+            "choices": (f"code score = mean over {min(args.gen_prompts, len(NEUTRAL))} greedy replies of "
+                        f"{args.gen_tokens} tokens; clusters: average linkage on 1 - cosine of the specific "
+                        f"(centred) effects, cut into max(2, K/8) = {n_clusters}; nulls: 1000 shuffles of the scores"),
+            **{st: mb.behaviour_vs_effect(grams[st]["gram"][:g, :g], per_vec, n_clusters, n_perm=1000)
+               for st in ("target", "logits")}}
+
+
 def generations(args, model, tok, neutral, theta0, sets, norms, layer):
     """Greedy generations steered by: found vectors, random controls, found rescaled to
     |theta0|, theta0, theta0 at the found mean norm, nothing; the code score of each."""
     g = args.gen_vectors
     V = sets["found"]
+    gc = min(g, len(V), GEN_CONTROLS)  # every found vector is scored; controls need fewer
     steer = {f"found_{i}": V[i] for i in range(min(g, len(V)))}
-    steer |= {f"foundrescaled_{i}": V[i] / norms[i] * np.linalg.norm(theta0) for i in range(min(g, len(V)))}
-    steer |= {f"random_{i}": sets["random_control"][i] for i in range(min(g, len(V)))}
+    steer |= {f"foundrescaled_{i}": V[i] / norms[i] * np.linalg.norm(theta0) for i in range(gc)}
+    steer |= {f"random_{i}": sets["random_control"][i] for i in range(gc)}
     steer |= {"base": theta0, "base_at_found_norm": theta0 / np.linalg.norm(theta0) * norms.mean(),
               "unsteered": np.zeros_like(theta0)}
     prompts = neutral[: args.gen_prompts]

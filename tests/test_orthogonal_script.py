@@ -21,7 +21,7 @@ REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_ma
             "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
             "degeneracy_factor", "rho_grid", "effective_cosine_vs_rho", "degeneracy_vs_rho",
             "code_score", "mode_comparison", "shared_share", "specific_participation_ratio", "control_spread",
-            "closed_form_per_token")
+            "closed_form_per_token", "behaviour_per_vector", "objective_positions")
 STAGES = ("raw", "effective", "target", "logits")
 
 
@@ -71,7 +71,7 @@ def tiny_folder(tmp_path_factory):
 
 def argv(folder, out, *extra):
     return ["--model", str(folder), "--out", str(out), "--k", "4", "--block", "2", "--steps", "5",
-            "--rho-grid", "0.3,1", "--base-rho-grid", "0.5,1", "--gen-tokens", "3", "--gen-vectors", "2",
+            "--rho-grid", "0.3,1", "--base-rho-grid", "0.5,1", "--gen-tokens", "3", "--gen-vectors", "4",
             "--gen-prompts", "1", "--gen-batch", "12", "--calib-prompts", "2", "--compare-k", "2",
             "--compare-seeds", "2", "--chunk", "4", "--control-seeds", "2", "--n-boot", "30",
             "--readings-prompts", "2", *extra]
@@ -124,6 +124,13 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
         assert (tmp_path / "killed" / png).stat().st_size > 0
     assert "Batched vs sequential" in (tmp_path / "killed" / "report.md").read_text()
     assert "Both readings" in (tmp_path / "killed" / "report.md").read_text()
+    # Behaviour per vector: every found vector scored, clustered by its specific effect.
+    beh = report["behaviour_per_vector"]
+    assert len(beh["code_score"]) == 4 and report["objective_positions"] == "all"
+    for stage in ("target", "logits"):
+        assert sum(beh[stage]["cluster_sizes"]) == 4 and len(beh[stage]["labels"]) == 4
+        assert 0 < beh[stage]["within_abs_diff"]["p"] <= 1
+    assert "Behaviour per vector" in (tmp_path / "killed" / "report.md").read_text()
     # The readings: the raw-vector stage has no shared part beyond 1/K for these orthogonal
     # vectors only after the norm; every stage reports found and control spreads.
     for stage in ("effective", "target", "last", "last_normed", "logits", "target_with_first"):

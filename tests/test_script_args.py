@@ -37,6 +37,7 @@ BAD = [
     ("orthogonal_steering", ["--chunk", "0"], "argument --chunk"),
     ("orthogonal_steering", ["--compare-k", "-1"], "argument --compare-k"),
     ("orthogonal_steering", ["--mode", "fast"], "argument --mode: invalid choice"),
+    ("orthogonal_steering", ["--objective-positions", "first"], "argument --objective-positions: invalid choice"),
     ("orthogonal_steering", ["--resume"], "--resume continues the run in --out"),
     ("steer", ["--layer", "-2"], "argument --layer"),
     ("steer", ["--coeffs", "1", "inf"], "argument --coeffs: must be a finite number"),
@@ -103,7 +104,8 @@ def test_orthogonal_steering_checks_blocks_against_the_model():
 def test_orthogonal_steering_presets():
     script = importlib.import_module("orthogonal_steering")
     large = script.parse_args(["--preset", "large"])
-    assert large.k == 128 and large.k_curve == [2, 4, 8, 16, 32, 64, 96, 128] and large.rho_grid == [1.0]
+    assert large.k == 256 and large.k_curve == [2, 4, 8, 16, 32, 64, 128, 192, 256] and large.rho_grid == [1.0]
+    assert large.gen_vectors == large.k  # every vector scored (behaviour per vector)
     smoke = script.parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
     assert smoke.k == 6 and smoke.steps == 10 and smoke.base_rho_grid == [0.35, 0.5]
     assert script.parse_args([]).k == 16

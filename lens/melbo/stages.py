@@ -179,6 +179,9 @@ def stage_readings(
         if reference is not None:
             res["shared_cos_reference"] = decompose.shared_specific(found, e[k])["shared_cos_reference"]
         res["units"] = int(e.shape[1])
+        # The pooled Gram of the K effects (not for report.json): lens.melbo.behaviour
+        # clusters the vectors by it.
+        res["gram"] = np.asarray(jnp.sum(decompose.unit_grams(found), axis=0), np.float64)
         out[name] = res
     return out
 
