@@ -108,11 +108,11 @@ def _through_post_norm(c: ModelConfig, heads, bias, b):
 
 
 def logit_direction(model: Transformer, target: int, baseline: int | None = None):
-    """(u [d], constant-bias part b [], ) : W_U[target] (- W_U[baseline]) and the matching
-    unembedding-bias difference."""
+    """(u [d], bu []): W_U[target] (- W_U[baseline]) and the matching unembedding-bias
+    difference (0 without an unembedding bias)."""
     v = model.config.vocab_size
-    for t in (target, baseline):
-        if t is not None and not 0 <= int(t) < v:
+    for t in (target, baseline):  # concrete ids are checked here; traced ones by the caller
+        if t is not None and not isinstance(t, jax.core.Tracer) and not 0 <= int(t) < v:
             raise ValueError(f"token {t} outside [0, {v})")
     w_u = model.W_U.astype(jnp.float32)
     u = w_u[target] - (0.0 if baseline is None else w_u[baseline])
