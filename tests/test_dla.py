@@ -133,3 +133,17 @@ def test_layer_groups_partition_the_parts_and_bad_tokens_are_refused():
         assert names[0] == "embed" and names[-1] == f"L{config.n_layers - 1}.mlp"
     with pytest.raises(ValueError, match="outside"):
         dla.logit_direction(tiny("llama")[1], 61)
+
+
+def test_dla_norm_smoke_preset(tmp_path):
+    import dla_norm
+    from lens_tiny import tiny_text_model
+
+    r = dla_norm.main(["--model", str(tiny_text_model(tmp_path / "m")), "--preset", "smoke",
+                       "--out", str(tmp_path / "o")])
+    assert r["settings"]["group_shapley"] == "exact" and len(r["prompts"]) == 2
+    assert r["frozen_shapley_vs_a_max_abs"] < 1e-5
+    for p in r["prompts"]:  # both attributions are complete
+        assert p["sum_a"] == pytest.approx(p["logit_diff"] - p["constant"], abs=1e-4)
+        assert p["sum_shapley_groups"] == pytest.approx(p["sum_a"], abs=1e-4)
+    assert (tmp_path / "o" / "dla_scatter.png").stat().st_size > 1000

@@ -206,26 +206,25 @@ def test_scores_count_bytes_and_match_a_loop():
     np.testing.assert_allclose(s["top1"], (lp.argmax(-1) == top[:, None]).mean((0, 2)))
 
 
-def test_train_tuned_lens_smoke_preset(tmp_path):
-    """The script end to end (smoke preset) on a tiny random model with SmolLM2's tokenizer."""
+def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
+    """Both scripts end to end (smoke presets) on a tiny random model with SmolLM2's tokenizer:
+    the lens the first writes is read by the second."""
     import json
 
+    import lens_report
     import models
     import train_tuned_lens
-    from models.config import ModelConfig
-    from models.embedded import fetch
-    from models.tokenizer import Tokenizer
+    from lens_tiny import tiny_text_model
 
-    tok = Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))
-    c = ModelConfig(architecture="gpt2", vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2,
-                    n_kv_heads=2, d_head=8, d_mlp=32, max_seq_len=32, norm_kind="layer", norm_eps=1e-5,
-                    activation="gelu_new", gated_mlp=False, positional="learned", attn_bias=True,
-                    attn_out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True,
-                    eos_token_ids=tuple(tok.eos_token_ids))
-    models.save(models.init(c, jax.random.key(0)), tmp_path / "m", tok)
-    report = train_tuned_lens.main(["--model", str(tmp_path / "m"), "--preset", "smoke", "--out",
-                                    str(tmp_path / "o"), "--no-progress", "--corpora", "shakespeare"])
+    folder = str(tiny_text_model(tmp_path / "m"))
+    report = train_tuned_lens.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "o"),
+                                    "--no-progress", "--corpora", "shakespeare"])
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["settings"] == report["settings"] and len(saved["tuned_lens"]["kl"]) == 3
     assert (tmp_path / "o" / "lens_scores.png").stat().st_size > 1000
-    lenses.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(tmp_path / "m")[0])
+    lenses.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(folder)[0])
+    r = lens_report.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
+                          "--tuned", str(tmp_path / "o" / "tuned_lens.safetensors")])
+    assert set(r["lenses"]) == {"logit lens", "tuned lens"}
+    assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
+    assert (tmp_path / "r" / "lens_report.png").stat().st_size > 1000
