@@ -13,7 +13,7 @@ top-2 tokens is attributed to the parts of the final residual (`lens.dla`):
       --permutations sampled orders, antithetic, with a standard error).
 Two granularities: layer groups (embeddings, each layer's attention, each MLP) and single
 parts (every head, attention bias, MLP).  Disagreement per prompt: relative L1 distance
-sum|a - b| / sum|a|, Spearman rank correlation, overlap of the top-5 by |value|, and the
+sum|a - b| / sum|a|, the magnitude ratio sum|b| / sum|a|, Spearman rank correlation, overlap of the top-5 by |value|, and the
 share of the top-10 parts of (a) whose sign (b) flips.  Control: the same measures between
 two sampled Shapley runs of different seeds (the estimation noise floor), and (b) with the
 divisor frozen, which must equal (a).
@@ -77,6 +77,7 @@ def disagreement(a: np.ndarray, b: np.ndarray) -> dict:
     k5, k10 = min(5, len(a)), min(10, len(a))
     top_b = set(np.argsort(-np.abs(b))[:k5].tolist())
     return {"rel_l1": float(np.abs(a - b).sum() / np.abs(a).sum()),
+            "abs_ratio": float(np.abs(b).sum() / np.abs(a).sum()),
             "spearman": float(np.corrcoef(ranks(a), ranks(b))[0, 1]),
             "top5_overlap": len(top_b & set(top_a[:k5].tolist())) / k5,
             "top10_sign_flips": float(np.mean(np.sign(a[top_a[:k10]]) != np.sign(b[top_a[:k10]])))}
@@ -170,6 +171,7 @@ def report_lines(r: dict) -> list[str]:
 
     def row(name, d):
         return (f"| {name} | {d['rel_l1']['median']:.3f} ({d['rel_l1']['min']:.3f}-{d['rel_l1']['max']:.3f}) "
+                f"| {d['abs_ratio']['median']:.2f} ({d['abs_ratio']['min']:.2f}-{d['abs_ratio']['max']:.2f}) "
                 f"| {d['spearman']['median']:.3f} ({d['spearman']['min']:.3f}-{d['spearman']['max']:.3f}) "
                 f"| {d['top5_overlap']['median']:.2f} ({d['top5_overlap']['min']:.2f}-{d['top5_overlap']['max']:.2f}) "
                 f"| {d['top10_sign_flips']['median']:.2f} ({d['top10_sign_flips']['min']:.2f}-"
@@ -178,7 +180,8 @@ def report_lines(r: dict) -> list[str]:
     lines = [f"# Frozen-scale DLA vs Shapley over the final norm: {r['model']} ({r['norm']} norm)", "",
              f"{s['prompts']} held-out windows of {s['seq']} tokens; {s['quantity']}; group Shapley {s['group_shapley']}, "
              f"part Shapley from {s['permutations']} antithetic permutation pairs.  Median (min-max) over prompts.", "",
-             "| comparison | rel. L1 | Spearman | top-5 overlap | top-10 sign flips |", "|---|---|---|---|---|",
+             "| comparison | rel. L1 | sum abs (b) / (a) | Spearman | top-5 overlap | top-10 sign flips |",
+             "|---|---|---|---|---|---|",
              row(f"(a) vs (b), {len(r['groups'])} layer groups", r["disagreement_groups"]),
              row(f"(a) vs (b), {len(r['parts'])} parts", r["disagreement_parts"]),
              row("control: (b) seed 1 vs seed 2, parts", r["control_parts_two_seeds"])]
