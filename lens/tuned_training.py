@@ -121,20 +121,20 @@ class TunedLensLoss(eqx.Module):
 
 # --------------------------------------------------------------------------- scores
 @eqx.filter_jit
-def _batch_sums(model: Transformer, tuned: TunedLens | None, rows):
+def _batch_sums(model: Transformer, tuned: TunedLens | None, rows, frozen_scale: bool = False):
     """Per layer [L+1] sums over the batch's positions of KL(model || lens), top-1
     agreement with the model, and the cross-entropy of the next token rows[:, 1:]."""
     inputs, nxt = rows[:, :-1], rows[:, 1:]
 
     def one(tokens, targets):
-        stack, logits, _ = residual_stack(model, tokens)
+        stack, logits, final_scale = residual_stack(model, tokens)
         if tuned is not None:
             stack = tuned.translate_stack(stack).astype(stack.dtype)
         target = jax.nn.log_softmax(logits, axis=-1)
         top = jnp.argmax(logits, axis=-1)
 
         def layer(x):
-            lg = decode(model, x)
+            lg = decode(model, x, final_scale if frozen_scale else None)
             logq = jax.nn.log_softmax(lg, axis=-1)
             kl = jnp.sum(jnp.exp(target) * (target - logq), axis=-1).sum()
             agree = (jnp.argmax(lg, axis=-1) == top).sum()
@@ -152,12 +152,14 @@ def row_bytes(tokenizer, rows: np.ndarray) -> int:
 
 
 def lens_scores(model: Transformer, tuned: TunedLens | None, rows: np.ndarray, n_bytes: int | None = None,
-                batch_size: int = 4, progress: bool = False) -> dict:
+                batch_size: int = 4, progress: bool = False, frozen_scale: bool = False) -> dict:
     """Per-layer scores of the logit lens (tuned=None) or a tuned lens on `rows` [N, T+1]:
     {"kl": nats/token, "top1": fraction, "ce": nats/token, "ppl": exp(ce)} each a list of
     n_layers + 1 (the last = the model itself, KL 0, top-1 1), plus "ce_bits_per_byte" and
     "kl_bits_per_byte" when `n_bytes` (UTF-8 bytes of rows[:, 1:], `row_bytes`) is given:
-    nats per token x tokens / bytes / ln 2, the reference eval's conversion."""
+    nats per token x tokens / bytes / ln 2, the reference eval's conversion.
+    frozen_scale: every layer decoded with the final layer's norm divisor (the
+    `logit_lens(frozen_scale=True)` variant; with a tuned lens, after its translators)."""
     rows = np.asarray(rows, np.int32)
     if rows.ndim != 2 or rows.shape[1] < 2 or len(rows) == 0:
         raise ValueError(f"rows must be [N >= 1, T + 1 >= 2] token ids; got {rows.shape}")
@@ -170,7 +172,7 @@ def lens_scores(model: Transformer, tuned: TunedLens | None, rows: np.ndarray, n
     total = 0.0
     for i in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="score", leave=False):
         # the last, shorter batch compiles once more; no padding rows to subtract again
-        total = total + np.asarray(_batch_sums(model, tuned, jnp.asarray(rows[i:i + batch_size])), np.float64)
+        total = total + np.asarray(_batch_sums(model, tuned, jnp.asarray(rows[i:i + batch_size]), frozen_scale), np.float64)
     n_tokens = rows.shape[0] * (rows.shape[1] - 1)
     kl, top1, ce = (total[:, k] / n_tokens for k in range(3))
     out = {"kl": kl.tolist(), "top1": top1.tolist(), "ce": ce.tolist(), "ppl": np.exp(ce).tolist(),

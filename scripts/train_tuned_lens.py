@@ -8,7 +8,8 @@
 Trains on the train split of `lens.data` corpora (shakespeare, python-docs, python-code,
 rows interleaved), validates on their validation split inside `lens.train`'s loop
 (checkpoints every --checkpoint-every steps; the same command resumes), and scores the
-logit lens and the tuned lens per layer on their test split: KL(model || lens), top-1
+logit lens (also with frozen final-norm statistics) and the tuned lens per layer on their
+test split: KL(model || lens), top-1
 agreement with the model, next-token cross-entropy in nats/token and bits/byte.
 
 Presets (CPU-sized for a loaded 2-core machine; SmolLM2's 49k-token unembedding makes one
@@ -99,12 +100,15 @@ def report_lines(report: dict) -> list[str]:
              f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
              f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split); "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
-             f"linear decay; {report['train_seconds']:.0f} s.  Scored on {lg['tokens']:,} test tokens "
+             f"linear decay; {report['train_seconds']:.0f} s of training in this process.  Scored on {lg['tokens']:,} test tokens "
              f"({lg['bytes']:,} bytes).  Layer l = resid_pre[l]; the last row is the model itself.", "",
-             "| layer | KL logit | KL tuned | top-1 logit | top-1 tuned | CE nats logit | CE nats tuned "
-             "| bits/byte logit | bits/byte tuned |", "|---|---|---|---|---|---|---|---|---|"]
+             "KL frozen: the logit lens with every layer over the final layer's norm divisor.", "",
+             "| layer | KL logit | KL tuned | KL frozen | top-1 logit | top-1 tuned | CE nats logit | CE nats tuned "
+             "| bits/byte logit | bits/byte tuned |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fr = report["logit_lens_frozen_scale"]
     for i in range(len(lg["kl"])):
-        lines.append(f"| {i} | {lg['kl'][i]:.3f} | {tu['kl'][i]:.3f} | {lg['top1'][i]:.3f} | {tu['top1'][i]:.3f} "
+        lines.append(f"| {i} | {lg['kl'][i]:.3f} | {tu['kl'][i]:.3f} | {fr['kl'][i]:.3f} | {lg['top1'][i]:.3f} "
+                     f"| {tu['top1'][i]:.3f} "
                      f"| {lg['ce'][i]:.3f} | {tu['ce'][i]:.3f} | {lg['ce_bits_per_byte'][i]:.3f} "
                      f"| {tu['ce_bits_per_byte'][i]:.3f} |")
     return lines
@@ -119,7 +123,7 @@ def plot(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for key, ax, title in (("kl", axes[0], "KL(model || lens), nats/token"), ("top1", axes[1], "top-1 agreement"),
                            ("ce_bits_per_byte", axes[2], "next-token CE, bits/byte")):
-        for name, style in (("logit_lens", "o-"), ("tuned_lens", "s-")):
+        for name, style in (("logit_lens", "o-"), ("tuned_lens", "s-"), ("logit_lens_frozen_scale", "^:")):
             v = report[name][key]
             ax.plot(range(len(v)), v, style, ms=3, label=name.replace("_", " "))
         ax.set_title(title, fontsize=9)
@@ -156,8 +160,9 @@ def main(argv=None, on_checkpoint=None) -> dict:
     train_s = time.perf_counter() - t0
     n_bytes = row_bytes(tok, test_rows)
     t0 = time.perf_counter()
-    scores = {name: lens_scores(model, lens, test_rows, n_bytes, progress=not args.no_progress)
-              for name, lens in (("logit_lens", None), ("tuned_lens", result.model))}
+    scores = {name: lens_scores(model, lens, test_rows, n_bytes, progress=not args.no_progress, frozen_scale=frozen)
+              for name, lens, frozen in (("logit_lens", None, False), ("tuned_lens", result.model, False),
+                                         ("logit_lens_frozen_scale", None, True))}
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),
                 "lr": float(lr_fn(0)), "eval_rows": int(len(test_rows)), "seed": args.seed}
     report = {"model": str(args.model), "preset": args.preset, "settings": settings, **scores,

@@ -204,6 +204,17 @@ def test_scores_count_bytes_and_match_a_loop():
     np.testing.assert_allclose(s["ce_bits_per_byte"], ce * 12 / 40 / np.log(2), rtol=1e-4)
     top = lp[:, -1].argmax(-1)
     np.testing.assert_allclose(s["top1"], (lp.argmax(-1) == top[:, None]).mean((0, 2)))
+    # the frozen-statistics variant: KL of each layer over the final divisor, against numpy
+    fz = tt.lens_scores(model, None, rows, frozen_scale=True, batch_size=3)
+    kl = []
+    for r in rows:
+        c = lens.run_with_cache(model, r[:-1])[1]
+        stack = np.concatenate([np.asarray(c.resid_pre), np.asarray(c.resid_post[-1:])]).astype(np.float64)
+        s_final = np.sqrt((stack[-1] ** 2).mean(-1) + model.config.norm_eps)  # RMSNorm: no centring
+        q = np_decode(model, stack, np.broadcast_to(s_final, stack.shape[:2]))
+        kl.append((np.exp(q[-1]) * (q[-1] - q)).sum(-1).mean(-1))
+    np.testing.assert_allclose(fz["kl"], np.mean(kl, 0), rtol=1e-3, atol=1e-5)
+    assert fz["kl"][0] != pytest.approx(s["kl"][0], rel=1e-3)
 
 
 def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
