@@ -23,10 +23,10 @@ from lens.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
 
 __all__ = [
     "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep", "sweep_vectors",
-    "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry",
+    "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry", "lenses", "dla",
 ]
 
-_LAZY = {"geometry", "steering", "sharding"}
+_LAZY = {"geometry", "steering", "sharding", "lenses", "dla"}
 
 
 def __getattr__(name: str):

@@ -110,13 +110,16 @@ def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: Lo
     """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm)."""
     loss_fn = loss_fn or next_token_loss
 
+    # loss_fn is an argument of the compiled step, not a closure: a loss that is an
+    # eqx.Module holding a frozen model (a tuned lens's) then passes the model's weights
+    # as traced arguments instead of baking hundreds of MB into the program as constants.
     @eqx.filter_jit
-    def step(params, opt_state, rows):
+    def step(params, opt_state, rows, loss_fn):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(_compute_model(p, static, bf16), rows))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
-    return step
+    return lambda params, opt_state, rows: step(params, opt_state, rows, loss_fn)
 
 
 def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None) -> float:
@@ -190,6 +193,7 @@ def train(
     loss_fn: LossFn | None = None,
     opt: optax.GradientTransformation | None = None,
     rows_config=None,
+    lr_fn: optax.Schedule | None = None,
 ) -> TrainResult:
     """Train `model` on `train_rows` [N, seq]; evaluate on `val_rows` every `eval_every` steps.
 
@@ -199,7 +203,8 @@ def train(
     `loss_fn(module, rows) -> scalar` (a frozen model closed over; it must be a
     module-level function or a stable object so the step compiles once), `opt` (an optax
     transformation; its description belongs in `run_info`), and `rows_config` (the
-    config whose vocabulary and context the token rows must fit, when `model` has none).
+    config whose vocabulary and context the token rows must fit, when `model` has none),
+    and `lr_fn` (step -> learning rate of that `opt`, for the log's `lr` column).
 
     Writes out_dir/checkpoint.safetensors every `checkpoint_every` steps and at the end,
     and out_dir/log.json (one record per evaluation: step, train_loss, val_loss, lr,
@@ -224,7 +229,7 @@ def train(
     if resume and ckpt.exists():
         params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
     step_fn = make_step(static, opt, cfg.bf16, loss_fn)
-    schedule_lr = lr_schedule(cfg)
+    schedule_lr = lr_fn if lr_fn is not None else lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
     timed_tokens, timed_s, loss, gnorm = 0, 0.0, math.nan, math.nan

@@ -41,3 +41,23 @@ def tiny(name: str = "llama"):
     hf = save_tiny(CONFIGS[name](), folder)
     config, tensors = read_safetensors_folder(folder)
     return hf, convert_hf(config, tensors, jnp.float32), folder
+
+
+def tiny_text_model(folder: Path) -> Path:
+    """A tiny random GPT-2 (LayerNorm, 2 layers, d 16) with SmolLM2's tokenizer saved in
+    `folder`: what the scripts' smoke tests load with --model (real corpora, tiny compute)."""
+    import jax
+
+    import models
+    from models.config import ModelConfig
+    from models.embedded import fetch
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))  # the tokenizer only
+    c = ModelConfig(architecture="gpt2", vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2,
+                    n_kv_heads=2, d_head=8, d_mlp=32, max_seq_len=32, norm_kind="layer", norm_eps=1e-5,
+                    activation="gelu_new", gated_mlp=False, positional="learned", attn_bias=True,
+                    attn_out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True,
+                    eos_token_ids=tuple(tok.eos_token_ids))
+    models.save(models.init(c, jax.random.key(0)), folder, tok)
+    return folder
