@@ -380,17 +380,28 @@ def sample_runs(hypothesis: Node, n: int, rng: np.random.Generator, indexes: dic
     ref = np.arange(n) if ref is None else np.asarray(ref)
     runs, draws = [], {}
 
-    def visit(node: Node, parent: np.ndarray, path: tuple) -> _Plan:
+    def visit(node: Node, parent: np.ndarray, path: tuple) -> tuple:
         path = path + (node.label,)
         mine = _draw(node.sampler, parent, n, rng, indexes)
         runs.append(_draw(node.other, mine, n, rng, indexes) if node.children else mine)
         draws[path] = (mine, runs[-1])
         run = len(runs) - 1
-        kids = tuple(visit(c, mine, path) for c in node.children)
-        return _Plan(node.target, node.positions, run, kids)
+        return node.target, node.positions, run, tuple(visit(c, mine, path) for c in node.children)
 
-    plan = visit(hypothesis, ref, ())
-    return plan, np.stack(runs, axis=1), draws
+    raw = visit(hypothesis, ref, ())
+    # Nodes drawing the same inputs (Exact samplers) share one plain run.
+    # (numbered by first use, so the plan, a static argument, is the same for every seed)
+    cols = np.stack(runs, axis=1)
+    _, first, which = np.unique(cols, axis=1, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    which = rank[np.asarray(which).reshape(-1)]
+    unique = cols[:, np.sort(first)]
+
+    def build(r) -> _Plan:
+        return _Plan(r[0], r[1], int(which[r[2]]), tuple(build(c) for c in r[3]))
+
+    return build(raw), unique, draws
 
 
 # ------------------------------------------------------------------ the treeified run
@@ -637,3 +648,12 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
                      "per_example_losses": r.losses.mean(axis=0).tolist(), "n_nodes": sum(1 for _ in hyps[name].walk())}
     return {"model_loss": model_loss, "baseline": baseline, "seeds": [int(s) for s in seeds],
             "n_examples": int(np.shape(tokens)[0]), "hypotheses": out}
+
+
+def compare_to(report: dict, baseline: str) -> dict[str, float]:
+    """Mean % loss recovered of every hypothesis of a `compare` report with another
+    hypothesis as L_random (same seeds, per-seed ratios averaged)."""
+    hs = report["hypotheses"]
+    base = np.asarray(hs[baseline]["loss_per_seed"])
+    return {k: float(loss_recovered(report["model_loss"], base, np.asarray(h["loss_per_seed"])).mean())
+            for k, h in hs.items()}

@@ -29,16 +29,19 @@ TEXT = ("shakespeare", "python-docs", "python-code")
 @dataclasses.dataclass(frozen=True)
 class InductionSetup:
     """The attention-only model's size and training.  `repeat_frac` of the training rows
-    are a natural-text segment followed by itself (r + r): induction heads form within a
-    few hundred steps on such rows, where on natural text alone 1500 steps formed none."""
+    are a natural-text segment followed by itself (r + r), `random_repeat_frac` random
+    ids repeated the same way: on natural text alone 1500 steps formed no induction
+    heads (scripts/train_toy.py attn-only-2l), nor did 1200 steps with 30% text repeats
+    (d 256, 8 heads): the random repeats make copying the only way to predict."""
 
-    d_model: int = 256
-    n_heads: int = 8
+    d_model: int = 128
+    n_heads: int = 4
     seq_len: int = 64
-    steps: int = 1200
+    steps: int = 1500
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     repeat_frac: float = 0.3
+    random_repeat_frac: float = 0.2
     seed: int = 0
 
 
@@ -65,13 +68,20 @@ def text_rows(tokenizer, seq_len: int, split: str, seed: int = 0) -> Int[np.ndar
     return rows[np.random.default_rng(seed).permutation(len(rows))]
 
 
-def with_repeats(rows: np.ndarray, frac: float, seed: int) -> np.ndarray:
-    """A copy of `rows` in which a fraction `frac` (chosen by `seed`) becomes r + r + ...:
-    the row's first half repeated to the row's length."""
+def with_repeats(rows: np.ndarray, frac: float, seed: int, random_frac: float = 0.0,
+                 vocab: int | None = None) -> np.ndarray:
+    """A copy of `rows` in which a fraction `frac` (chosen by `seed`) becomes r + r + ...
+    (the row's first half repeated to the row's length) and a fraction `random_frac` the
+    same with r drawn uniformly from [256, vocab) (ids above the byte range)."""
     rows = rows.copy()
     n, width = rows.shape
     half = width // 2
-    chosen = np.random.default_rng(seed).random(n) < frac
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)
+    chosen = u < frac + random_frac
+    if random_frac:
+        rand = u < random_frac
+        rows[rand, :half] = rng.integers(256, vocab, (int(rand.sum()), half))
     rep = np.concatenate([rows[chosen, :half]] * (width // half + 1), axis=1)[:, :width]
     rows[chosen] = rep
     return rows
@@ -84,10 +94,10 @@ def induction_model(out_dir: str | Path, setup: InductionSetup = InductionSetup(
     out_dir = Path(out_dir)
     tok = text_tokenizer()
     if (out_dir / "model").exists():
-        return models.load(out_dir / "model"), tok
+        return models.load(out_dir / "model")[0], tok
     cfg = attn_only_config(setup, tok)
     train_rows = with_repeats(text_rows(tok, setup.seq_len, "train", setup.seed), setup.repeat_frac,
-                              setup.seed)
+                              setup.seed, setup.random_repeat_frac, tok.vocab_size)
     val_rows = text_rows(tok, setup.seq_len, "validation", setup.seed)
     tcfg = train.TrainConfig(steps=setup.steps, batch_size=setup.batch_size, lr=setup.lr,
                              warmup_steps=50, eval_every=100, eval_batches=8, checkpoint_every=100,
@@ -99,3 +109,218 @@ def induction_model(out_dir: str | Path, setup: InductionSetup = InductionSetup(
     models.save(result.model, out_dir / "model", tokenizer=tok)
     (out_dir / "setup.json").write_text(json.dumps(dataclasses.asdict(setup)) + "\n")
     return result.model, tok
+
+
+def induction_positions(rows: Int[np.ndarray, "N seq1"]) -> np.ndarray:
+    """[N, seq] mask of positions i whose bigram (rows[i], rows[i+1]) occurred earlier in
+    the row (at j < i): where copying what followed the earlier occurrence is right."""
+    n, width = rows.shape
+    mask = np.zeros((n, width - 1), bool)
+    for r in range(n):
+        seen = set()
+        for i in range(width - 1):
+            pair = (rows[r, i], rows[r, i + 1])
+            mask[r, i] = pair in seen
+            seen.add(pair)
+    return mask
+
+
+def induction_data(tokenizer, n: int, seq_len: int, min_positions: int = 2, seed: int = 0):
+    """(tokens [n, seq_len], targets {"next", "mask"}): validation rows with at least
+    `min_positions` induction positions; the loss is read only there."""
+    rows = text_rows(tokenizer, seq_len, "validation", seed)
+    mask = induction_positions(rows)
+    keep = np.nonzero(mask.sum(1) >= min_positions)[0][:n]
+    if len(keep) < n:
+        raise ValueError(f"only {len(keep)} validation rows have >= {min_positions} induction positions")
+    rows = rows[keep]
+    return rows[:, :-1].astype(np.int32), {"next": rows[:, 1:].astype(np.int32),
+                                            "mask": mask[keep].astype(np.float32)}
+
+
+def masked_nll(logits: Float[Array, "seq vocab"], target) -> Float[Array, ""]:
+    """Mean next-token loss over the positions target["mask"] marks."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, target["next"][:, None], axis=-1)[:, 0]
+    return (nll * target["mask"]).sum() / jnp.maximum(target["mask"].sum(), 1.0)
+
+
+# ------------------------------------------------------------------ parentheses
+# vocabulary: 0 BOS, 1 "(", 2 ")", 3 "unbalanced", 4 "balanced"
+PAREN_VOCAB, OPEN, CLOSE, NO, YES = 5, 1, 2, 3, 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ParenSetup:
+    """A causal classifier reading [BOS] + `length` parens, answering at the last position."""
+    length: int = 20
+    d_model: int = 48
+    n_layers: int = 2
+    n_heads: int = 2
+    d_mlp: int = 96
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+
+
+def paren_features(parens: Int[np.ndarray, "N length"]) -> dict[str, np.ndarray]:
+    """The reference's two tests: equal counts, and no prefix closing more than it opened."""
+    step = np.where(parens == OPEN, 1, -1)
+    height = np.cumsum(step, axis=1)
+    count_ok = height[:, -1] == 0
+    horizon_ok = height.min(axis=1) >= 0
+    return {"count_ok": count_ok, "horizon_ok": horizon_ok, "balanced": count_ok & horizon_ok}
+
+
+def paren_strings(n: int, length: int, seed: int) -> np.ndarray:
+    """[n, length] parens: 1/2 balanced, 1/4 with unequal counts, 1/4 with equal counts
+    that dip below zero (the hard unbalanced case)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, length), np.int32)
+    kind = rng.permutation(np.arange(n) % 4)  # 0, 1 balanced; 2 count; 3 horizon
+    for i in range(n):
+        while True:
+            if kind[i] == 2:
+                s = rng.choice([OPEN, CLOSE], length)
+            else:
+                s = rng.permutation(np.array([OPEN] * (length // 2) + [CLOSE] * (length // 2)))
+            f = paren_features(s[None])
+            if (kind[i] < 2 and f["balanced"][0]) or (kind[i] == 2 and not f["count_ok"][0]) or \
+               (kind[i] == 3 and not f["horizon_ok"][0]):
+                out[i] = s
+                break
+            if kind[i] < 2:  # a random permutation is rarely balanced: build a Dyck word instead
+                s, h = [], 0
+                for j in range(length):
+                    left = length - j
+                    if h == 0 or (h < left and rng.random() < 0.5):
+                        s.append(OPEN)
+                        h += 1
+                    else:
+                        s.append(CLOSE)
+                        h -= 1
+                s = np.array(s)
+                if paren_features(s[None])["balanced"][0]:
+                    out[i] = s
+                    break
+    return out
+
+
+def paren_rows(n: int, setup: ParenSetup, seed: int) -> np.ndarray:
+    """[n, length + 2] rows: BOS, the parens, the answer token (the training target)."""
+    s = paren_strings(n, setup.length, seed)
+    answer = np.where(paren_features(s)["balanced"], YES, NO)
+    return np.concatenate([np.zeros((n, 1), np.int32), s, answer[:, None]], axis=1).astype(np.int32)
+
+
+def paren_loss(model, rows: Int[Array, "batch seq"]) -> Float[Array, ""]:
+    """Cross-entropy of the answer at the last paren over the two answer tokens."""
+    logits = jax.vmap(model)(rows[:, :-1])[:, -1, NO:YES + 1].astype(jnp.float32)
+    label = (rows[:, -1] == YES).astype(jnp.int32)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), label[:, None], 1).mean()
+
+
+def paren_example_loss(logits: Float[Array, "seq vocab"], label) -> Float[Array, ""]:
+    """One example's classification loss (label 1 = balanced), for `lens.scrubbing.scrub`."""
+    lp = jax.nn.log_softmax(logits[-1, NO:YES + 1].astype(jnp.float32))
+    return -lp[label]
+
+
+def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress: bool = True):
+    """The classifier: loaded from out_dir/model, else trained (resuming) and saved."""
+    out_dir = Path(out_dir)
+    if (out_dir / "model").exists():
+        return models.load(out_dir / "model")[0]
+    cfg = ModelConfig(
+        architecture="gpt2", vocab_size=PAREN_VOCAB, d_model=setup.d_model, n_layers=setup.n_layers,
+        n_heads=setup.n_heads, n_kv_heads=setup.n_heads, d_head=setup.d_model // setup.n_heads,
+        d_mlp=setup.d_mlp, max_seq_len=setup.length + 1, norm_kind="layer", norm_eps=1e-5,
+        activation="gelu_new", gated_mlp=False, positional="learned", attn_bias=True, attn_out_bias=True,
+        mlp_bias=True, norm_bias=True, tie_embeddings=False, attn_only=False)
+    train_rows = paren_rows(20000, setup, setup.seed + 1)
+    val_rows = paren_rows(1024, setup, setup.seed + 2)
+    tcfg = train.TrainConfig(steps=setup.steps, batch_size=setup.batch_size, lr=setup.lr, warmup_steps=50,
+                             eval_every=250, eval_batches=8, checkpoint_every=250, seed=setup.seed,
+                             weight_decay=0.01)
+    model = models.init(cfg, jax.random.key(setup.seed))
+    result = train.train(model, train_rows, val_rows, tcfg, out_dir, progress=progress, loss_fn=paren_loss,
+                         run_info={"setup": dataclasses.asdict(setup), "task": "parens"})
+    models.save(result.model, out_dir / "model", format="native")
+    return result.model
+
+
+def paren_accuracy(model, rows: np.ndarray) -> float:
+    logits = jax.jit(jax.vmap(model))(jnp.asarray(rows[:, :-1]))[:, -1, NO:YES + 1]
+    return float((np.asarray(logits).argmax(-1) == (rows[:, -1] == YES)).mean())
+
+
+# ------------------------------------------------------------------ hypotheses
+def induction_hypotheses(induction_heads: list[tuple[int, int]], previous_heads: list[tuple[int, int]],
+                         n_heads0: int, layer0: int = 0) -> dict:
+    """The induction study's hypotheses, in the reference's spirit.  Everything that does
+    not pass through the induction heads keeps the real input (root `other` = Exact), so
+    each hypothesis is judged on the induction heads' paths only:
+
+      induction-random  the induction heads run on a random input (the study's L_random);
+      naive             Olsson et al.: the query and the value read the token embedding, the
+                        key reads the previous-token head(s) (on the real input); every
+                        other path into the induction heads gets a random input;
+      naive+embed-key   naive, with the key also reading the embeddings directly;
+      refined           every input reads the embeddings and EVERY layer-0 head, but each
+                        layer-0 head's attention pattern (its query and key) comes from a
+                        random input: only its values are the real ones.
+    """
+    from lens.scrubbing import Embed, Exact, Head, HeadInput, Node, Output, Uncond
+
+    def head(l, h, inputs: dict) -> Node:
+        return Node(Head(l, h), Exact(), tuple(Node(HeadInput(l, h, w), Exact(), kids)
+                                                for w, kids in inputs.items()), other=Uncond())
+
+    def root(children) -> Node:
+        return Node(Output(), Exact(), tuple(children), other=Exact())
+
+    embed = (Node(Embed(), Exact()),)
+    prev = tuple(Node(Head(*p), Exact()) for p in previous_heads)
+    layer0 = tuple(Node(Head(layer0, j), Exact(), (Node(HeadInput(layer0, j, "v"), Exact()),), other=Uncond())
+                   for j in range(n_heads0))
+    return {
+        "induction-random": root(Node(Head(*h), Uncond()) for h in induction_heads),
+        "naive": root(head(*h, {"q": embed, "k": prev, "v": embed}) for h in induction_heads),
+        "naive+embed-key": root(head(*h, {"q": embed, "k": embed + prev, "v": embed}) for h in induction_heads),
+        "refined": root(head(*h, {w: embed + layer0 for w in "qkv"}) for h in induction_heads),
+    }
+
+
+def paren_hypotheses(n_layers: int, n_heads: int, pairs: list[tuple[int, int]] | None = None) -> dict:
+    """Balanced-parentheses hypotheses in the reference's spirit (its high-level claims:
+    the answer depends only on the count test and the horizon test):
+
+      label-only       the final residual at the answer position is computed from an input
+                       with the same answer;
+      two-tests        every direct path into the output (the embeddings + first layers as
+                       one stream, each last-layer head, the last MLP) draws its own input
+                       that agrees on BOTH tests (count ok, horizon ok);
+      count/horizon    the detailed claim: last-layer head `a` needs only the count test,
+                       head `b` only the horizon test (the rest as in two-tests), for each
+                       (a, b) in `pairs`.
+    """
+    from lens.scrubbing import MLP, Cond, Exact, Head, Node, Output, Resid, Uncond
+
+    both = Cond("count_ok, horizon_ok", lambda t: np.stack([paren_features(t[:, 1:])[k]
+                                                            for k in ("count_ok", "horizon_ok")], 1))
+    count = Cond("count_ok", lambda t: paren_features(t[:, 1:])["count_ok"])
+    horizon = Cond("horizon_ok", lambda t: paren_features(t[:, 1:])["horizon_ok"])
+    label = Cond("balanced", lambda t: paren_features(t[:, 1:])["balanced"])
+    last = n_layers - 1
+
+    def direct(heads: dict) -> Node:
+        kids = [Node(Resid(last), both), Node(MLP(last), both)]
+        kids += [Node(Head(last, h), heads.get(h, both)) for h in range(n_heads)]
+        return Node(Output(), Exact(), tuple(kids), other=Uncond())
+
+    out = {"label-only": Node(Output(), Exact(), (Node(Resid(n_layers), label),), other=Uncond()),
+           "two-tests": direct({})}
+    for a, b in pairs or []:
+        out[f"count:{last}.{a},horizon:{last}.{b}"] = direct({a: count, b: horizon})
+    return out
