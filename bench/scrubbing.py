@@ -5,7 +5,7 @@
 
 Both sides scrub the SAME hypothesis with the SAME resampled inputs (one draw of
 `lens.scrubbing.sample_runs`) on our 2-layer attention-only induction model
-(`lens.scrubbing_examples.induction_model`, trained into --cache if absent).  transformers
+(`lens.scrubbing_examples.synthetic_induction_model`, trained into --cache if absent).  transformers
 has no attention-only GPT-2, so the reference is a plain PyTorch implementation of the
 same forward (LayerNorm, learned positions, tied unembedding) with TransformerLens-style
 hook points (per-head q / k / v inputs, z, the final residual): one cached forward per
@@ -179,14 +179,14 @@ def main(argv=None) -> dict:
     import torch
 
     args = parse_args(argv)
-    model, tok = X.induction_model(args.cache / "induction_attn2")
+    model = X.synthetic_induction_model(args.cache / "induction_synth")
     from lens.induction import measure_induction
 
-    ind = measure_induction(model, jax.random.key(1), first_token=tok.eos_token_ids[0], n=32, block_len=31, low=256)
+    ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=15, low=1)
     heads1 = [(1, int(np.argmax(ind.induction_score[1])))]
     prev = [(0, int(np.argmax(ind.previous_token_score[0])))]
     hyp = X.induction_hypotheses(heads1, prev, model.config.n_heads)[args.hypothesis]
-    tokens, targets = X.induction_data(tok, args.examples, model.config.max_seq_len)
+    tokens, targets = X.synthetic_data(args.examples, X.SyntheticInduction())
     plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})
     run_tokens = tokens[runs]  # [N, R, seq]
 
