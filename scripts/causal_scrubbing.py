@@ -79,12 +79,22 @@ def induction_example(args, n):
     block = min(15, (model.config.max_seq_len - 1) // 2)
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=block, low=1)
     heads1 = [(1, int(h)) for h in np.argsort(-ind.induction_score[1]) if ind.induction_score[1, h] > 0.3]
-    heads1 = heads1 or [(1, int(np.argmax(ind.induction_score[1])))]  # the strongest, if none passes
     prev = [(0, int(h)) for h in np.argsort(-ind.previous_token_score[0]) if ind.previous_token_score[0, h] > 0.3]
     prev = prev or [(0, int(np.argmax(ind.previous_token_score[0])))]
     tokens, targets = X.synthetic_data(n, setup)
+    effect = {}
+    if not heads1:  # no head passes by attention: take the two whose output matters most
+        E, U = S.Exact(), S.Uncond()
+        for h in range(model.config.n_heads):
+            alone = S.Node(S.Output(), E, (S.Node(S.Head(1, h), U),), other=E)
+            effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,)).losses.mean())
+        heads1 = [(1, h) for h in sorted(effect, key=effect.get, reverse=True)[:2]]
     hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
     info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1,
+            "layer1_head_loss_when_resampled": effect or None,
+            "head_choice": "induction score > 0.3" if not effect else
+                           "no head passes induction score 0.3: the two layer-1 heads whose resampled output "
+                           "raises the loss most (one seed)",
             "previous_token_heads": prev, "induction_probe": ind.to_json(),
             "data": f"{n} rows [BOS] + filler + r + r of random ids (vocab {setup.vocab}, |r| in "
                     f"[{setup.min_block}, {setup.max_block}], offset varies); loss = mean next-token loss on the "
