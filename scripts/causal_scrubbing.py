@@ -127,8 +127,8 @@ def default_example(args, n):
     from lens.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)
-    block = 10
-    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=block,
+    block = 5 if args.preset == "smoke" else 20
+    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=10,
                             low=1000)
     flat = np.argsort(-ind.induction_score, axis=None)[:2]
     heads = [tuple(int(v) for v in np.unravel_index(i, ind.induction_score.shape)) for i in flat]
