@@ -127,7 +127,7 @@ def default_example(args, n):
     from lens.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)
-    block = 5 if args.preset == "smoke" else 20
+    block = 5 if args.preset == "smoke" else 10
     ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=10,
                             low=1000)
     flat = np.argsort(-ind.induction_score, axis=None)[:2]
