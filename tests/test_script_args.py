@@ -19,6 +19,8 @@ GOOD = {
     "train_tuned_lens": ["--out", "x"],
     "lens_report": ["--out", "x"],
     "dla_norm": ["--out", "x"],
+    "causal_scrubbing": ["--example", "induction", "--out", "x"],
+    "scrubbing": [],
 }
 BAD = [
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
@@ -85,6 +87,13 @@ BAD = [
     ("orthogonal_steering", ["--k-curve", "8,32"], "--k-curve sizes must lie in [2, --k = 16]"),
     ("orthogonal_steering", ["--control-seeds", "0"], "argument --control-seeds"),
     ("orthogonal_steering", ["--readings-prompts", "9"], "argument --readings-prompts: at most 4"),
+    ("causal_scrubbing", ["--example", "ioi", "--out", "x"], "argument --example: invalid choice"),
+    ("causal_scrubbing", ["--example", "parens", "--out", "x", "--n", "1"], "argument --n: must be an integer >= 2"),
+    ("causal_scrubbing", ["--example", "parens", "--out", "x", "--seeds", "0"], "argument --seeds"),
+    ("causal_scrubbing", ["--example", "parens", "--out", "x", "--memory-gb", "0"], "argument --memory-gb: must be > 0"),
+    ("causal_scrubbing", ["--example", "parens"], "the following arguments are required: --out"),
+    ("scrubbing", ["--examples", "1"], "argument --examples"),
+    ("scrubbing", ["--repeats", "0"], "argument --repeats"),
 ]
 
 

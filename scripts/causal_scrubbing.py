@@ -1,0 +1,239 @@
+"""Causal scrubbing worked examples: hypotheses scrubbed with `lens.scrubbing`.
+
+    .venv/bin/python scripts/causal_scrubbing.py --example induction --out runs/cs_induction
+    .venv/bin/python scripts/causal_scrubbing.py --example parens --out runs/cs_parens
+    .venv/bin/python scripts/causal_scrubbing.py --example default --out runs/cs_default
+    .venv/bin/python scripts/causal_scrubbing.py --example parens --out /tmp/cs --preset smoke
+
+Examples:
+  induction  a 2-layer attention-only model trained here on a synthetic repeated-
+             random-ids task (trained into --cache if absent, with progress and resume;
+             the text-trained attempts formed no induction heads): the naive induction
+             hypothesis (Olsson et al.) vs refined ones, loss on the second copies;
+             beside the reference's 35% / 89% (redwoodresearch/rust_circuit_public)
+  parens     a balanced-parentheses classifier trained here: "the answer depends only
+             on the count and horizon tests" and a per-head detailed claim (the
+             reference's paren-balance study: 88-93% high-level, 72% detailed)
+  default    SmolLM2-135M-Instruct on repeated random tokens: its two strongest
+             induction heads' query / value read the token embedding only
+
+Writes report.json (`hypotheses`: per hypothesis loss_recovered mean and 95% interval over
+the resampling seeds, per-example losses; always "identity" and "empty"), report.md and
+PNGs of the per-example loss distributions.  --preset smoke: tiny models trained here
+in seconds, a few examples (tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lens import scrubbing as S  # noqa: E402
+from lens import scrubbing_examples as X  # noqa: E402
+from lens.cli import int_at_least, positive_float  # noqa: E402
+
+REFERENCE = {
+    "induction": {"naive": 0.35, "refined": 0.89,
+                  "source": "Causal Scrubbing: results on induction heads (Redwood Research, 2022): "
+                            "naive 35%, refined 89% of the loss explained on their 2-layer attention-only model"},
+    "parens": {"high-level claims": "0.88-0.93", "detailed claim": 0.72,
+               "source": "Causal scrubbing: results on a paren balance checker (Redwood Research, 2022)"},
+}
+PRESETS = {  # examples scrubbed, resampling seeds
+    "default": {"induction": (300, 5), "parens": (400, 5), "default": (24, 3)},
+    "smoke": {"induction": (12, 2), "parens": (24, 2), "default": (4, 2)},
+}
+
+
+def parse_args(argv=None):
+    """The command line, every value checked before any model is built."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--example", required=True, choices=("induction", "parens", "default"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--n", type=int_at_least(2), default=None, help="examples scrubbed (override the preset)")
+    ap.add_argument("--seeds", type=int_at_least(1), default=None, help="resampling seeds (override the preset)")
+    ap.add_argument("--cache", type=Path, default=Path("runs"), help="where trained example models are kept")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the default example's model")
+    ap.add_argument("--memory-gb", type=positive_float, default=2.0, help="memory budget of one scrubbed chunk")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+# ------------------------------------------------------------------ the examples
+def induction_example(args, n):
+    smoke = args.preset == "smoke"
+    setup = (X.SyntheticInduction(d_model=16, n_heads=2, seq_len=16, min_block=3, max_block=7, steps=20,
+                                  batch_size=8) if smoke else X.SyntheticInduction())
+    cache = args.out / "induction_model" if smoke else args.cache / "induction_synth"
+    model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
+    from lens.induction import measure_induction
+
+    block = min(15, (model.config.max_seq_len - 1) // 2)
+    ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=block, low=1)
+    heads1 = [(1, int(h)) for h in np.argsort(-ind.induction_score[1]) if ind.induction_score[1, h] > 0.3]
+    prev = [(0, int(h)) for h in np.argsort(-ind.previous_token_score[0]) if ind.previous_token_score[0, h] > 0.3]
+    prev = prev or [(0, int(np.argmax(ind.previous_token_score[0])))]
+    tokens, targets = X.synthetic_data(n, setup)
+    effect = {}
+    if not heads1:  # no head passes by attention: take the two whose output matters most
+        E, U = S.Exact(), S.Uncond()
+        for h in range(model.config.n_heads):
+            alone = S.Node(S.Output(), E, (S.Node(S.Head(1, h), U),), other=E)
+            effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,)).losses.mean())
+        heads1 = [(1, h) for h in sorted(effect, key=effect.get, reverse=True)[:2]]
+    hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
+    info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1,
+            "layer1_head_loss_when_resampled": effect or None,
+            "head_choice": "induction score > 0.3" if not effect else
+                           "no head passes induction score 0.3: the two layer-1 heads whose resampled output "
+                           "raises the loss most (one seed)",
+            "previous_token_heads": prev, "induction_probe": ind.to_json(),
+            "data": f"{n} rows [BOS] + filler + r + r of random ids (vocab {setup.vocab}, |r| in "
+                    f"[{setup.min_block}, {setup.max_block}], offset varies); loss = mean next-token loss on the "
+                    "second copy (after its first token)",
+            "baseline_for_reference_comparison": "induction-random"}
+    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random"
+
+
+def parens_example(args, n):
+    smoke = args.preset == "smoke"
+    setup = (X.ParenSetup(length=8, d_model=16, n_heads=2, d_mlp=16, steps=20, batch_size=16)
+             if smoke else X.ParenSetup())
+    cache = args.out / "parens_model" if smoke else args.cache / "parens"
+    model = X.paren_model(cache, setup, progress=not args.no_progress)
+    rows = X.paren_rows(n, setup, seed=1234)
+    tokens, labels = rows[:, :-1], (rows[:, -1] == X.YES).astype(np.int32)
+    feats = X.paren_features(tokens[:, 1:])
+    hyps = X.paren_hypotheses(model.config.n_layers, model.config.n_heads,
+                              pairs=[] if smoke else [(0, 1), (1, 0)])
+    info = {"model": str(cache / "model"), "setup": vars(setup),
+            "accuracy": X.paren_accuracy(model, X.paren_rows(2000, setup, seed=99)),
+            "data": f"{n} strings of {setup.length} parens: 1/2 balanced, 1/4 unequal counts, 1/4 equal counts "
+                    "that dip below zero; loss = cross-entropy over the two answer tokens at the last position",
+            "feature_counts": {k: int(v.sum()) for k, v in feats.items()}}
+    return model, tokens, labels, X.paren_example_loss, hyps, info, "empty"
+
+
+def default_example(args, n):
+    import models
+    from lens.induction import measure_induction, repeated_tokens
+
+    model, tok = models.load(args.model)
+    block = 5 if args.preset == "smoke" else 10
+    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=10,
+                            low=1000)
+    flat = np.argsort(-ind.induction_score, axis=None)[:2]
+    heads = [tuple(int(v) for v in np.unravel_index(i, ind.induction_score.shape)) for i in flat]
+    tokens = repeated_tokens(jax.random.key(7), n, block, model.config.vocab_size, tok.bos_token_id or 0, low=1000)
+    mask = np.zeros((n, tokens.shape[1]), np.float32)
+    mask[:, block + 1:2 * block] = 1.0  # the second copy's predictable targets
+    nxt = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    targets = {"next": nxt.astype(np.int32), "mask": mask}
+    Nd, E, U = S.Node, S.Exact(), S.Uncond()
+
+    def head(l, h, inputs):
+        return Nd(S.Head(l, h), E, tuple(Nd(S.HeadInput(l, h, w), E, kids) for w, kids in inputs.items()), other=U)
+
+    def root(kids):
+        return Nd(S.Output(), E, tuple(kids), other=E)
+
+    embed = (Nd(S.Embed(), E),)
+    hyps = {
+        "induction-random": root(Nd(S.Head(*h), U) for h in heads),
+        "qv-embed-only": root(head(l, h, {"q": embed, "k": (Nd(S.Resid(l), E),), "v": embed}) for l, h in heads),
+        "k-embed-only": root(head(l, h, {"q": (Nd(S.Resid(l), E),), "k": embed, "v": (Nd(S.Resid(l), E),)})
+                             for l, h in heads),
+    }
+    info = {"model": args.model, "induction_heads": heads,
+            "induction_scores": [float(ind.induction_score[h]) for h in heads],
+            "data": f"{n} sequences BOS + r + r, r = {block} random ids >= 1000; loss at the second copy"}
+    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random"
+
+
+# ------------------------------------------------------------------ report
+def plot(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["hypotheses"])
+    hs = report["hypotheses"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4))
+    ax.violinplot([hs[k]["per_example_losses"] for k in names], showmedians=True)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=20, ha="right")
+    ax.set_ylabel("scrubbed loss per example (mean over seeds)")
+    ax.set_title(f"{report['example']}: per-example loss distributions")
+    fig.tight_layout()
+    fig.savefig(out / "per_example_losses.png", dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+    for i, k in enumerate(names):
+        m, (lo, hi) = hs[k]["loss_recovered_mean"], hs[k]["loss_recovered_interval"]
+        ax.bar(i, m, color="tab:blue")
+        ax.errorbar(i, m, yerr=[[m - lo], [hi - m]], color="k", capsize=4)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.set_ylabel(f"loss recovered (vs {report['baseline']})")
+    fig.tight_layout()
+    fig.savefig(out / "loss_recovered.png", dpi=90)
+    plt.close(fig)
+    return ["per_example_losses.png", "loss_recovered.png"]
+
+
+def markdown(report: dict) -> str:
+    hs = report["hypotheses"]
+    lines = [f"# Causal scrubbing: {report['example']} ({report['preset']} preset)", "",
+             f"{report['n_examples']} examples, resampling seeds {report['seeds']}; model loss "
+             f"{report['model_loss']:.4f}. Loss recovered = (L_base - L_scrubbed) / (L_base - L_model), "
+             f"L_base = the `{report['baseline']}` hypothesis; 95% t-interval over seeds. "
+             f"`vs empty`: the same with L_base = everything resampled.", "",
+             "| hypothesis | nodes | mean loss | loss recovered | 95% interval | vs empty | per-example loss p10 / p50 / p90 |",
+             "|---|---|---|---|---|---|---|"]
+    for k, h in hs.items():
+        lo, hi = h["loss_recovered_interval"]
+        q = np.percentile(h["per_example_losses"], [10, 50, 90])
+        lines.append(f"| {k} | {h['n_nodes']} | {h['loss_mean']:.4f} | {h['loss_recovered_mean']:.1%} | "
+                     f"[{lo:.1%}, {hi:.1%}] | {h['loss_recovered_vs_empty']:.1%} | "
+                     f"{q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} |")
+    if report.get("reference"):
+        lines += ["", f"Reference: {json.dumps(report['reference'])}"]
+    lines += ["", "Setup: " + json.dumps({k: v for k, v in report["info"].items() if k != "induction_probe"}),
+              "", f"Wall time {report['seconds']:.0f} s.", "", "![](per_example_losses.png)", "", "![](loss_recovered.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    n, seeds = PRESETS[args.preset][args.example]
+    n, seeds = args.n or n, range(args.seeds or seeds)
+    start = time.perf_counter()
+    build = {"induction": induction_example, "parens": parens_example, "default": default_example}[args.example]
+    model, tokens, targets, loss_fn, hyps, info, baseline = build(args, n)
+    report = S.compare(model, tokens, hyps, loss_fn, targets, seeds=seeds, memory_budget=args.memory_gb * 1e9,
+                       progress=not args.no_progress, baseline=baseline)
+    vs_empty = S.compare_to(report, "empty")
+    for k, h in report["hypotheses"].items():
+        h["loss_recovered_vs_empty"] = vs_empty[k]
+    report.update(example=args.example, preset=args.preset, info=info, reference=REFERENCE.get(args.example),
+                  seconds=time.perf_counter() - start)
+    report["figures"] = plot(report, args.out)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (args.out / "report.md").write_text(markdown(report))
+    for k, h in report["hypotheses"].items():
+        lo, hi = h["loss_recovered_interval"]
+        print(f"{k:>32}: loss {h['loss_mean']:.4f}  recovered {h['loss_recovered_mean']:.1%} [{lo:.1%}, {hi:.1%}]")
+    return report
+
+
+if __name__ == "__main__":
+    main()
