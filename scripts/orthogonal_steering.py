@@ -223,7 +223,8 @@ def steered_generate(args, model, tok, layer, prompts, vecs):
     out = steering.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
                                          vectors_per_call=per_call)
     dec = decoder(tok)
-    return [dec([int(t) for t in row if t >= 0]) for row in out.reshape(-1, out.shape[-1])]
+    rows = steering.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
+    return [dec(row) for row in rows]
 
 
 def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
