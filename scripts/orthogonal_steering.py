@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -503,6 +504,7 @@ def main(argv=None, on_checkpoint=None):
             fh.write(json.dumps(smp) + "\n")
     lap("report", t0)
     timing["total"] = round(time.time() - t_start, 2)
+    summary["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     write_markdown(out, summary, analyses, settings, samples, calib)
     print(json.dumps({k: summary[k] for k in ("raw_cosine_max_abs", "norms", "effective_cosine_mean",
