@@ -47,7 +47,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models.interventions import Edits, check_edits
-from models.decode import LayerCache, decode_weights, forward_cached
+from models.decode import LayerCache, decode_weights, forward_cached, prefill
 from models.transformer import pad_batch
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
@@ -168,7 +168,7 @@ def generate(
 
     weights = decode_weights(model)
     logits, cache = _prefill(
-        model, weights, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
+        model, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
         prompt_len + max_new_tokens,
     )
     key = jax.random.key(seed)
@@ -337,13 +337,12 @@ def _choose(state: _State, logits, sampler, params) -> _State:
 
 
 @eqx.filter_jit
-def _prefill(model, weights, tokens, mask, edits, edits_axis, slots: int):
+def _prefill(model, tokens, mask, edits, edits_axis, slots: int):
     """Run the left-padded prompts into fresh caches: (last-position logits, caches).
     Left padding puts every prompt's last real token at the end: only it is unembedded."""
 
     def one(tokens, mask, edits):
-        cache = LayerCache.empty(model.config, slots, model.embed.dtype)
-        return forward_cached(model, weights, tokens, mask, cache, edits)
+        return prefill(model, tokens, mask, slots, edits)
 
     return jax.vmap(one, in_axes=(0, 0, edits_axis))(tokens, mask, edits)
 
