@@ -271,17 +271,20 @@ def main(argv=None):
     bw = bandwidth(args.bandwidth_mb)
     res = {"model": what, "jax": jax.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "bandwidth_GBps": bw / 1e9}
-    res["greedy"] = greedy(ours, ours16, hf, args, bw)
-    res["bf16_parity"] = bf16_parity(ours, ours16, args)
-    res["profile"] = profile_decode(ours, args)
-    res["steered"] = steered(ours, hf, tok, args)
-    res["bandwidth_GBps_end"] = bandwidth(args.bandwidth_mb) / 1e9
-    res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["wall_s"] = time.time() - t_start
+    parts = (("greedy", lambda: greedy(ours, ours16, hf, args, bw)),
+             ("bf16_parity", lambda: bf16_parity(ours, ours16, args)),
+             ("profile", lambda: profile_decode(ours, args)),
+             ("steered", lambda: steered(ours, hf, tok, args)),
+             ("bandwidth_GBps_end", lambda: bandwidth(args.bandwidth_mb) / 1e9))
+    for name, part in parts:  # each part printed and saved as soon as it is done
+        res[name] = part()
+        res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        res["wall_s"] = time.time() - t_start
+        print(json.dumps({name: res[name]}, indent=1), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
