@@ -32,6 +32,8 @@ print(jax.config.jax_compilation_cache_dir)
 print(generate(model, [[3, 4, 5], [6, 7]], 5, eos_token_ids=[]).tokens)
 v = np.ones((3, 32), np.float32)
 print(steering.generate_with_vectors(model, [[3, 4, 5]], v, 1, 4, eos_token_ids=[], progress=False).tolist())
+from lens.capture import resid_at
+print(round(float(resid_at(model, np.array([[3, 4, 5], [6, 7, 8]]), 1).sum()), 4))
 """
 
 
@@ -58,8 +60,9 @@ def test_second_process_reads_the_cache(tmp_path):
 
 
 def test_second_generation_process_compiles_nothing(tmp_path):
-    """Generation's compiled prefill, start and decode (plain and K-vector) carry no host
-    callback, so a second identical process loads every one of them from the cache."""
+    """Generation's compiled prefill, start and decode (plain and K-vector) and
+    `lens.resid_at` (ids checked on the host) carry no host callback, so a second identical
+    process loads every one of them from the cache."""
     first = run(tmp_path, GENERATE)
     after_first = entries(tmp_path / "jax")
     assert len(after_first) >= 3, after_first  # at least prefill, start and decode were written
@@ -71,3 +74,15 @@ def test_second_generation_process_compiles_nothing(tmp_path):
 def test_cache_can_be_turned_off(tmp_path):
     out = run(tmp_path, LENS_COMPILATION_CACHE="0")
     assert out[0] == "None" and not entries(tmp_path / "jax")
+
+
+def test_resid_at_refuses_bad_ids_on_the_host():
+    import numpy as np
+    import pytest
+
+    from lens.capture import resid_at
+    from lens_tiny import VOCAB, tiny
+
+    _, model, _ = tiny("llama")
+    with pytest.raises(ValueError, match="token id out of range"):
+        resid_at(model, np.array([[0, VOCAB]]), 1)
