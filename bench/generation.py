@@ -39,6 +39,9 @@ import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (s
 from lens.cli import int_at_least  # noqa: E402
 
 
+PARTS = ("greedy", "bf16_parity", "profile", "steered")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="an embedded model name")
@@ -55,6 +58,8 @@ def parse_args(argv=None):
                    help="vectors the transformers hook loop is timed on (scaled to --vectors)")
     p.add_argument("--skip-hf-batched", action="store_true", help="skip transformers with K x P rows batched")
     p.add_argument("--bandwidth-mb", type=int_at_least(16), default=512)
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                   help="which parts to run (default: all; a loaded machine may need them one by one)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = p.parse_args(argv)
     if args.loop_vectors > args.vectors:
@@ -266,8 +271,9 @@ def main(argv=None):
 
     t_start = time.time()
     ours, hf, what = load_pair(False, args.model)
-    ours16, _ = models.load(args.model, dtype=jnp.bfloat16)
-    _, tok = models.load(args.model)
+    need16 = {"greedy", "bf16_parity"} & set(args.parts)
+    ours16 = models.load(args.model, dtype=jnp.bfloat16)[0] if need16 else None
+    tok = models.load(args.model)[1] if "steered" in args.parts else None
     bw = bandwidth(args.bandwidth_mb)
     res = {"model": what, "jax": jax.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
            "bandwidth_GBps": bw / 1e9}
@@ -276,6 +282,7 @@ def main(argv=None):
              ("profile", lambda: profile_decode(ours, args)),
              ("steered", lambda: steered(ours, hf, tok, args)),
              ("bandwidth_GBps_end", lambda: bandwidth(args.bandwidth_mb) / 1e9))
+    parts = [(name, part) for name, part in parts if name in args.parts or name == "bandwidth_GBps_end"]
     for name, part in parts:  # each part printed and saved as soon as it is done
         res[name] = part()
         res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
