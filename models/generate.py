@@ -6,25 +6,27 @@
     result.tokens[i]      # the new ids of prompt i, cut after its first EOS (inclusive)
     result.sequences[i]   # prompt i followed by its new ids
 
-How it runs (two big compiled calls, whatever the number of steps):
+How it runs (two big compiled calls, whatever the number of steps; the forward both run is
+`models.decode`: per-layer weight buffers and a per-layer cache, see docs/generation.md):
   1. prefill: prompts are LEFT-padded into one [batch, prompt_len] array with a mask;
-     `jax.vmap` over the batch of the single-sequence `model.forward(..., kv_cache=...)`
-     fills a cache of `prompt_len + max_new_tokens` slots and yields the first new token
+     `jax.vmap` over the batch of the single-sequence `models.decode.prefill` (the
+     blocks scanned, as `model.forward(..., kv_cache=...)` does) fills a cache of `prompt_len + max_new_tokens` slots and yields the first new token
      (prompt_len is the longest prompt rounded up to a multiple of 8, so prompts of nearby
      lengths share one compilation; extra left padding changes no result).
      Padding sits in cache slots with position -1, and positions count real tokens only
      (`cumsum(mask) - 1`), so a padded prompt is computed exactly as it is alone.
-  2. decode: ONE jit-compiled `lax.while_loop`, one token per step, the cache carried
-     through the loop (passed in, returned).  It stops early once every row has emitted
+  2. decode: ONE jit-compiled `lax.while_loop`, one token per step
+     (`models.decode.forward_cached`, layers unrolled), the cache carried through the
+     loop and donated (updated in place).  It stops early once every row has emitted
      an EOS.  With `progress=True` the same compiled loop runs in chunks of steps so a
      tqdm bar can advance between them (no retracing: the chunk end is a traced value).
 
 Sampling: temperature == 0 is greedy (argmax, first index on ties, as transformers).
 Otherwise logits / temperature, then top-k, then top-p (nucleus: the smallest set of
 most likely tokens whose mass reaches top_p), in transformers' order, then a categorical
-draw.  Row i at step t uses the key fold_in(fold_in(key(seed), row_ids[i]), t) (row_ids default
-0, 1, ...): deterministic for a
-seed, different rows differ, and row i of a batch draws exactly as prompt i alone would.
+draw.  Row i at step t uses the key fold_in(fold_in(key(seed), row_ids[i]), t) (row_ids
+default 0, 1, ...): deterministic for a seed, different rows differ, and row i of a batch
+draws exactly as prompt i alone would.
 
 Edits (steering): `edits` is a `models.Edits` whose position axes S are 1, so each field
 applies at EVERY position it is given.  steer_prompt: apply it during the prefill (every
