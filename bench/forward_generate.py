@@ -188,7 +188,11 @@ def main():
             "ours": gen["n_new"] / gen["ours_s"], "hf": gen["n_new"] / gen["hf_s"]
         },
     }
+    import resource
+
+    res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(report(res, args))
+    print(f"peak RSS: {res['peak_rss_MB']:.0f} MB")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2))

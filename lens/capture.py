@@ -114,9 +114,9 @@ def head_output(
 
 
 @eqx.filter_jit
-def _resid_at(model, tokens, mask, layer):
+def _resid_at(model, tokens, mask, layer, ids_checked: bool = False):
     def one(t, m):
-        return model.prefix(t, m, layer)[0]
+        return model.prefix(t, m, layer, ids_checked=ids_checked)[0]
 
     return jax.vmap(one)(tokens, mask)
 
@@ -136,5 +136,11 @@ def resid_at(
     single = t.ndim == 1
     t = t[None] if single else t
     m = jnp.ones(t.shape, bool) if attention_mask is None else jnp.asarray(attention_mask, bool).reshape(t.shape)
-    x = _resid_at(model, t, m, layer)
+    checked = not isinstance(t, jax.core.Tracer)
+    if checked:  # on the host, so the compiled prefix has no callback (persistently cached)
+        ids = np.asarray(t)
+        if ids.min() < 0 or ids.max() >= model.config.vocab_size:
+            raise ValueError(f"token id out of range [0, {model.config.vocab_size}): "
+                             f"min {ids.min()}, max {ids.max()}")
+    x = _resid_at(model, t, m, layer, checked)
     return x[0] if single else x

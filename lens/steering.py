@@ -230,6 +230,8 @@ def generate_with_vectors(
     max_new_tokens: int,
     coeff: float = 1.0,
     vectors_per_call: int | None = None,
+    memory_budget: float = 2**30,
+    progress: bool = True,
     **sampling,
 ) -> Int[np.ndarray, "K P max_new_tokens"]:
     """Generate from every prompt under each of K steering vectors at once.
@@ -237,16 +239,21 @@ def generate_with_vectors(
     Vector k times `coeff` is added to the residual stream entering block `layer` at every
     prompt and generated position (`edits.add`); the K x P rows (vector-major) run as ONE
     `models.generate.generate` call with per-row (vmapped) edits, so one compiled prefill
-    and decode serve them all.  Row (k, p) equals a separate `generate(model, prompts[p],
-    edits=edits.add(model, vectors[k], layer, coeff))` (tested).  `sampling`: generate's
-    keyword arguments (temperature, top_k, top_p, seed, eos_token_ids, ...).  Returns int32
-    [K, P, max_new_tokens]: each row's new tokens, -1 after its EOS (kept) or where
-    decoding stopped early.
+    and decode serve them all.  Row (k, p) draws its random numbers as prompt p does (the
+    `row_ids` of generate), so it equals a separate `generate(model, prompts,
+    edits=edits.add(model, vectors[k], layer, coeff), **sampling)` row p token for token,
+    greedy or sampled with the same seed (tested), however the vectors are chunked.
+    `sampling`: generate's keyword arguments (temperature, top_k, top_p, seed,
+    eos_token_ids, pad_token_id, ...).
 
-    vectors_per_call: run the vectors in calls of exactly vectors_per_call x P rows (the
-    last call, or a single one when K is smaller, padded with zero vectors): bounded memory,
-    and every call of a program reuses one compiled prefill/decode.  Greedy rows are the same either way; a sampled row draws
-    with its row index WITHIN its call, so sampled tokens depend on the chunking."""
+    Returns int32 [K, P, max_new_tokens]: each row's new tokens, its EOS kept, and the
+    generation's pad id (pad_token_id, else the model's pad id, else its first EOS) after
+    it; `new_token_lists` cuts the rows back to lists.
+
+    vectors_per_call: vectors per compiled call (calls of exactly that many x P rows, the
+    last one padded with zero vectors, so every call of a program reuses one compiled
+    prefill/decode).  Default: as many as fit `memory_budget` bytes of cache and
+    activations (`vectors_per_call_for`).  progress: a tqdm bar per call."""
     from lens import edits as E
     from models.generate import generate
 
@@ -258,23 +265,56 @@ def generate_with_vectors(
     if not prompts:
         raise ValueError("no prompts given")
     K, P = vectors.shape[0], len(prompts)
-    if vectors_per_call is not None and vectors_per_call < 1:
-        raise ValueError(f"vectors_per_call must be >= 1; got {vectors_per_call}")
-    if vectors_per_call is not None and vectors_per_call != K:
-        n = vectors_per_call
-        pad = -K % n
-        padded = np.concatenate([vectors, np.zeros((pad, vectors.shape[1]), np.float32)])
-        parts = [generate_with_vectors(model, prompts, padded[i: i + n], layer, max_new_tokens, coeff, **sampling)
-                 for i in range(0, K + pad, n)]
-        return np.concatenate(parts)[:K]
-    stacked = E.stack_edits([E.add(model, v, layer, coeff) for v in vectors])  # [K, ...]
-    per_row = jax.tree.map(lambda a: jnp.repeat(a, P, axis=0), stacked)  # [K * P, ...]
-    rows = [p for _ in range(K) for p in prompts]
-    res = generate(model, rows, max_new_tokens, edits=per_row, edits_batched=True, **sampling)
-    out = np.full((K * P, max_new_tokens), -1, np.int32)
-    for i, toks in enumerate(res.tokens):
-        out[i, : len(toks)] = toks
-    return out.reshape(K, P, max_new_tokens)
+    if vectors_per_call is not None and (not isinstance(vectors_per_call, (int, np.integer)) or vectors_per_call < 1):
+        raise ValueError(f"vectors_per_call must be an int >= 1; got {vectors_per_call!r}")
+    if vectors_per_call is None:
+        longest = max(len(p) for p in prompts)
+        vectors_per_call = vectors_per_call_for(model, P, longest, max_new_tokens, memory_budget)
+    n = min(int(vectors_per_call), K)
+    padded = np.concatenate([vectors, np.zeros((-K % n, vectors.shape[1]), np.float32)])
+    rows = [p for _ in range(n) for p in prompts]
+    row_ids = [p for _ in range(n) for p in range(P)]  # row (k, p) samples as prompt p alone
+    pad = None
+    parts = []
+    for start in range(0, len(padded), n):
+        stacked = E.stack_edits([E.add(model, v, layer, coeff) for v in padded[start: start + n]])
+        per_row = jax.tree.map(lambda a: jnp.repeat(a, P, axis=0), stacked)  # [n * P, ...]
+        desc = f"vectors {start + 1}-{min(start + n, K)} of {K}"
+        res = generate(model, rows, max_new_tokens, edits=per_row, edits_batched=True, row_ids=row_ids,
+                       progress=progress, progress_desc=desc, **sampling)
+        pad = res.pad_token_id
+        out = np.full((n * P, max_new_tokens), pad, np.int32)
+        for i, toks in enumerate(res.tokens):
+            out[i, : len(toks)] = toks
+        parts.append(out.reshape(n, P, max_new_tokens))
+    return np.concatenate(parts)[:K]
+
+
+def vectors_per_call_for(model: Transformer, n_prompts: int, prompt_len: int, max_new_tokens: int,
+                         memory_budget: float = 2**30) -> int:
+    """How many steering vectors' n_prompts rows fit one generation call in `memory_budget`
+    bytes: a rough upper bound per row of its KV cache (every layer, prompt + new slots)
+    plus the prefill's live activations (one block at a time) and its logits."""
+    c = model.config
+    item = np.dtype(model.embed.dtype).itemsize
+    seq = -(-prompt_len // 8) * 8
+    slots = seq + max_new_tokens
+    cache = 2 * c.n_layers * slots * c.n_kv_heads * c.d_head * item
+    acts = seq * 4 * (6 * c.d_model + 3 * c.d_mlp + 4 * c.n_heads * c.d_head + 2 * c.n_heads * seq)
+    per_row = cache + acts + 3 * 4 * c.vocab_size
+    return max(1, int(memory_budget // (per_row * n_prompts)))
+
+
+def new_token_lists(tokens: Int[np.ndarray, "*rows new"], eos_token_ids: Sequence[int]) -> list:
+    """Rows of `generate_with_vectors`' output cut after their first EOS (kept), as nested
+    lists of the same leading shape."""
+    eos = set(int(e) for e in eos_token_ids)
+    arr = np.asarray(tokens)
+    if arr.ndim > 1:
+        return [new_token_lists(a, eos) for a in arr]
+    row = [int(t) for t in arr]
+    stop = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+    return row[:stop]
 
 
 def calibrate_norm(
@@ -319,8 +359,8 @@ def calibrate_norm(
     vecs = np.stack([units[name] * rho * reference_norm for name, rho in settings]).astype(np.float32)
     tokens = generate_with_vectors(model, prompts, vecs, layer, max_new_tokens, vectors_per_call=vectors_per_call)
     table, examples = [], {}
-    for (name, rho), rows in zip(settings, tokens):
-        texts = [decode([int(t) for t in row if t >= 0]) for row in rows]
+    for (name, rho), rows in zip(settings, new_token_lists(tokens, model.config.eos_token_ids)):
+        texts = [decode(row) for row in rows]
         sc = [float(score(t)) for t in texts]
         table.append({"design": name, "rho": rho, "norm": rho * reference_norm, "score": float(np.mean(sc))})
         examples[f"{name}@{rho}"] = texts[int(np.argmax(sc))]

@@ -9,7 +9,10 @@ compiler guard's flag gives separate entries).
 Limitation (measured): JAX never writes an executable that contains a host callback, and
 the model forward validates token ids under jit with `eqx.error_if` (a callback), so
 compiles of `model(tokens)` are not cached; the block stacks run on embeddings (MELBO
-training and analysis, sweeps past their prefix) and the geometry functions are.
+training and analysis, sweeps past their prefix), the geometry functions and generation
+(`models.generate`, `lens.steering.generate_with_vectors`: ids, lengths and edits are
+checked on the host, and the compiled prefill / decode carry no callback; a test runs a
+second process and sees no new entry) are.
 
 Turn it off with `LENS_COMPILATION_CACHE=0`; a cache directory the user already chose
 (`JAX_COMPILATION_CACHE_DIR` or `jax.config.update("jax_compilation_cache_dir", ...)`

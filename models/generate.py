@@ -6,24 +6,27 @@
     result.tokens[i]      # the new ids of prompt i, cut after its first EOS (inclusive)
     result.sequences[i]   # prompt i followed by its new ids
 
-How it runs (two big compiled calls, whatever the number of steps):
+How it runs (two big compiled calls, whatever the number of steps; the forward both run is
+`models.decode`: per-layer weight buffers and a per-layer cache, see docs/generation.md):
   1. prefill: prompts are LEFT-padded into one [batch, prompt_len] array with a mask;
-     `jax.vmap` over the batch of the single-sequence `model.forward(..., kv_cache=...)`
-     fills a cache of `prompt_len + max_new_tokens` slots and yields the first new token
+     `jax.vmap` over the batch of the single-sequence `models.decode.prefill` (the
+     blocks scanned, as `model.forward(..., kv_cache=...)` does) fills a cache of `prompt_len + max_new_tokens` slots and yields the first new token
      (prompt_len is the longest prompt rounded up to a multiple of 8, so prompts of nearby
      lengths share one compilation; extra left padding changes no result).
      Padding sits in cache slots with position -1, and positions count real tokens only
      (`cumsum(mask) - 1`), so a padded prompt is computed exactly as it is alone.
-  2. decode: ONE jit-compiled `lax.while_loop`, one token per step, the cache carried
-     through the loop (passed in, returned).  It stops early once every row has emitted
+  2. decode: ONE jit-compiled `lax.while_loop`, one token per step
+     (`models.decode.forward_cached`, layers unrolled), the cache carried through the
+     loop and donated (updated in place).  It stops early once every row has emitted
      an EOS.  With `progress=True` the same compiled loop runs in chunks of steps so a
      tqdm bar can advance between them (no retracing: the chunk end is a traced value).
 
 Sampling: temperature == 0 is greedy (argmax, first index on ties, as transformers).
 Otherwise logits / temperature, then top-k, then top-p (nucleus: the smallest set of
 most likely tokens whose mass reaches top_p), in transformers' order, then a categorical
-draw.  Row i at step t uses the key fold_in(fold_in(key(seed), i), t): deterministic for a
-seed, different rows differ, and row i of a batch draws exactly as prompt i alone would.
+draw.  Row i at step t uses the key fold_in(fold_in(key(seed), row_ids[i]), t) (row_ids
+default 0, 1, ...): deterministic for a seed, different rows differ, and row i of a batch
+draws exactly as prompt i alone would.
 
 Edits (steering): `edits` is a `models.Edits` whose position axes S are 1, so each field
 applies at EVERY position it is given.  steer_prompt: apply it during the prefill (every
@@ -46,7 +49,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from models.interventions import Edits, check_edits
-from models.kv_cache import KVCache
+from models.decode import LayerCache, decode_weights, forward_cached, prefill
 from models.transformer import pad_batch
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
@@ -61,12 +64,14 @@ class GenerationResult:
     finished:  whether the row stopped on an EOS (False: it ran to max_new_tokens).
     logits:    only with return_logits=True: float32 [len(tokens[i]), vocab] per prompt,
                the logits that chose each new token (before temperature / top-k / top-p).
+    pad_token_id: the id this generation padded with (written after EOS in batches).
     """
 
     tokens: list[list[int]]
     sequences: list[list[int]]
     finished: list[bool]
     logits: list[np.ndarray] | None = None
+    pad_token_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,7 @@ class _Sampler:
 class _State(eqx.Module):
     """Everything the decode loop carries, batched over rows."""
 
-    cache: KVCache  # every leaf has a leading [batch] axis
+    cache: LayerCache  # every leaf has a leading [batch] axis
     last: Int[Array, " batch"]  # the token to feed next
     done: Bool[Array, " batch"]  # row has emitted an EOS
     step: Int[Array, ""]  # new tokens produced so far
@@ -109,6 +114,8 @@ def generate(
     return_logits: bool = False,
     progress: bool = False,
     progress_chunk: int = 16,
+    progress_desc: str = "generate",
+    row_ids: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generate up to `max_new_tokens` tokens after each prompt (see the module docstring).
 
@@ -124,6 +131,9 @@ def generate(
     edits / edits_batched / steer_prompt / steer_generated: steering, see module docstring.
     return_logits: also return the float32 logits that chose every new token.
     progress: show a tqdm bar, decoding in chunks of `progress_chunk` steps.
+    row_ids: the index each row draws its random numbers with (default 0, 1, ...): row i
+        samples with the keys of row row_ids[i], so e.g. K steered copies of P prompts can
+        each draw exactly as the P prompts alone would (`lens.steering.generate_with_vectors`).
     """
     config = model.config
     rows = _as_prompts(prompts, config.vocab_size)
@@ -134,6 +144,8 @@ def generate(
                     batch=len(rows) if edits_batched else None)
     eos = _eos_ids(eos_token_ids, config)
     pad = _pad_id(pad_token_id, config, eos)
+    if row_ids is not None and np.shape(row_ids) != (len(rows),):
+        raise ValueError(f"row_ids must hold one int per prompt ({len(rows)}); got shape {np.shape(row_ids)}")
 
     batch, longest = len(rows), max(len(r) for r in rows)
     # Round the padded length up so prompts of nearby lengths reuse one compilation.
@@ -156,31 +168,30 @@ def generate(
     prompt_edits = edits if steer_prompt else None
     decode_edits = edits if steer_generated else None
 
+    weights = decode_weights(model)
     logits, cache = _prefill(
         model, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
         prompt_len + max_new_tokens,
     )
     key = jax.random.key(seed)
-    state = _start(logits, cache, max_new_tokens, return_logits, sampler, params, key)
+    ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+    state = _start((max_new_tokens, return_logits, sampler, params, key, ids), logits, cache)
+    fixed = (model, weights, decode_edits, edits_axis, sampler, params)
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_new_tokens, unit="tok", desc="generate")
+        bar = tqdm(total=max_new_tokens, unit="tok", desc=progress_desc)
         bar.update(1)
         done_steps = 1
         while done_steps < max_new_tokens and not bool(state.done.all()):
             stop = min(done_steps + progress_chunk, max_new_tokens)
-            state = _decode(
-                model, decode_edits, edits_axis, state, jnp.asarray(stop), sampler, params
-            )
+            state = _decode(fixed, state, jnp.asarray(stop))
             bar.update(int(state.step) - done_steps)
             done_steps = int(state.step)
         bar.close()
     else:
-        state = _decode(
-            model, decode_edits, edits_axis, state, jnp.asarray(max_new_tokens), sampler, params
-        )
-    return _collect(rows, state, set(eos))
+        state = _decode(fixed, state, jnp.asarray(max_new_tokens))
+    return dataclasses.replace(_collect(rows, state, set(eos)), pad_token_id=pad)
 
 
 def chat_prompt(tokenizer, user_message: str, system: str | None = None) -> list[int]:
@@ -329,27 +340,22 @@ def _choose(state: _State, logits, sampler, params) -> _State:
 
 @eqx.filter_jit
 def _prefill(model, tokens, mask, edits, edits_axis, slots: int):
-    """Run the left-padded prompts into fresh caches: (last-position logits, caches)."""
+    """Run the left-padded prompts into fresh caches: (last-position logits, caches).
+    Left padding puts every prompt's last real token at the end: only it is unembedded."""
 
     def one(tokens, mask, edits):
-        cache = KVCache.empty(model.config, slots, model.embed.dtype)
-        tokens = model.check_tokens(tokens)
-        pos, valid = model.default_positions(tokens, mask, None, cache)
-        x = model.embed_tokens(tokens, pos)
-        x, cache, _ = model.run_blocks(x, pos, valid, edits=edits, kv_cache=cache)
-        # Left padding puts every prompt's last real token at the end: only it is unembedded.
-        logits, _ = model.unembed_resid(x[-1:], edits=edits)
-        return logits[0], cache
+        return prefill(model, tokens, mask, slots, edits)
 
     return jax.vmap(one, in_axes=(0, 0, edits_axis))(tokens, mask, edits)
 
 
-@eqx.filter_jit
-def _start(logits, cache, max_new: int, return_logits: bool, sampler, params, key) -> _State:
+@eqx.filter_jit(donate="all-except-first")
+def _start(fixed, logits, cache) -> _State:
     """The decode loop's initial state, with the first new token chosen from `logits`.
 
-    Kept apart from `_prefill` so that a new sampling rule recompiles only small pieces.
-    """
+    Kept apart from `_prefill` so that a new sampling rule recompiles only small pieces;
+    `logits` and `cache` are donated (the cache moves into the state without a copy)."""
+    max_new, return_logits, sampler, params, key, row_ids = fixed
     batch, vocab = logits.shape
     saved = jnp.zeros((batch, max_new, vocab), jnp.float32) if return_logits else None
     state = _State(
@@ -359,18 +365,19 @@ def _start(logits, cache, max_new: int, return_logits: bool, sampler, params, ke
         step=jnp.zeros((), jnp.int32),
         out=jnp.zeros((batch, max_new), jnp.int32),
         logits=saved,
-        row_keys=jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch)),
+        row_keys=jax.vmap(lambda i: jax.random.fold_in(key, i))(row_ids),
     )
     return _choose(state, logits, sampler, params)
 
 
-@eqx.filter_jit
-def _decode(model, edits, edits_axis, state: _State, stop, sampler, params) -> _State:
-    """Decode one token per step until `stop` tokens exist or every row is done."""
+@eqx.filter_jit(donate="all-except-first")
+def _decode(fixed, state: _State, stop) -> _State:
+    """Decode one token per step until `stop` tokens exist or every row is done.  The
+    state (with the cache) is donated: the loop updates the cache buffers in place."""
+    model, weights, edits, edits_axis, sampler, params = fixed
 
     def one(cache, token, edits):
-        out = model.forward(token[None], edits=edits, kv_cache=cache)
-        return out.logits[0], out.kv_cache
+        return forward_cached(model, weights, token[None], jnp.ones((1,), bool), cache, edits)
 
     def body(s: _State) -> _State:
         logits, cache = jax.vmap(one, in_axes=(0, 0, edits_axis))(s.cache, s.last, edits)

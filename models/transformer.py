@@ -110,11 +110,14 @@ class Transformer(eqx.Module):
         return ForwardOutput(logits, acts, kv_cache)
 
     # ------------------------------------------------------------- the pieces
-    def check_tokens(self, tokens) -> Int[Array, " seq"]:
+    def check_tokens(self, tokens, ids_checked: bool = False) -> Int[Array, " seq"]:
         """Shape/dtype checks (static, so they run even under jit) and an id-range check.
 
         JAX clamps out-of-range gathers silently; here an id < 0 or >= vocab is a
         ValueError when the ids are concrete and an `eqx.error_if` runtime error under jit.
+        ids_checked=True: the caller already range-checked these ids on the host, so no
+        `eqx.error_if` is added (it is a host callback, and JAX's persistent compilation
+        cache never stores a program with one).
         """
         if not hasattr(tokens, "dtype") or not hasattr(tokens, "ndim"):
             tokens = np.asarray(tokens)
@@ -140,6 +143,8 @@ class Transformer(eqx.Module):
                     f"token id out of range [0, {vocab}): min {t.min()}, max {t.max()}"
                 )
         tokens = jnp.asarray(tokens, jnp.int32)
+        if ids_checked:
+            return tokens
         return eqx.error_if(
             tokens, (tokens < 0) | (tokens >= vocab), f"token id out of range [0, {vocab})"
         )
@@ -159,6 +164,10 @@ class Transformer(eqx.Module):
             start = 0 if kv_cache is None else kv_cache.next_position()
             positions = start + jnp.cumsum(valid.astype(jnp.int32)) - 1
             positions = jnp.maximum(positions, 0)
+            if kv_cache is None:
+                # in [0, seq) and seq <= max_seq_len (checked statically): nothing to check
+                # at run time (and no host callback in the compiled program)
+                return positions, valid
         else:
             if positions.shape != tokens.shape:
                 raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
@@ -195,17 +204,19 @@ class Transformer(eqx.Module):
         tokens: Int[Array, " seq"],
         attention_mask: Bool[Array, " seq"] | None = None,
         stop: int = 0,
+        ids_checked: bool = False,
     ) -> tuple[Float[Array, "seq d_model"], Int[Array, " seq"], Bool[Array, " seq"]]:
         """The unedited residual entering block `stop` (resid_pre[stop]; stop = n_layers:
         before the final norm), with the query positions and key validity that the rest of
         the forward needs: `x, qpos, valid = model.prefix(t, m, l)` then
         `model.run_blocks(x, qpos, valid, start=l, edits=e)` equals `model.forward(t, m,
         edits=e)` whenever e does nothing before layer l.  THE split of the forward used by
-        sweeps, MELBO, steering and `lens.resid_at`: the prefix runs once, the suffix K times."""
+        sweeps, MELBO, steering and `lens.resid_at`: the prefix runs once, the suffix K times.
+        ids_checked: see `check_tokens` (callers that range-checked the ids on the host)."""
         n = self.config.n_layers
         if not 0 <= stop <= n:
             raise ValueError(f"prefix stop {stop} out of range [0, {n}]")
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(tokens, ids_checked)
         query_pos, key_valid = self.default_positions(tokens, attention_mask, None, None)
         x = self.embed_tokens(tokens, query_pos)
         if stop > 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -231,7 +232,8 @@ def steered_generate(args, model, tok, layer, prompts, vecs):
     out = steering.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
                                          vectors_per_call=per_call)
     dec = decoder(tok)
-    return [dec([int(t) for t in row if t >= 0]) for row in out.reshape(-1, out.shape[-1])]
+    rows = steering.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
+    return [dec(row) for row in rows]
 
 
 def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
@@ -515,6 +517,7 @@ def main(argv=None, on_checkpoint=None):
             fh.write(json.dumps(smp) + "\n")
     lap("report", t0)
     timing["total"] = round(time.time() - t_start, 2)
+    summary["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
     (out / "report.json").write_text(json.dumps(summary, indent=1))
     write_markdown(out, summary, analyses, settings, samples, calib)
     print(json.dumps({k: summary[k] for k in ("raw_cosine_max_abs", "norms", "effective_cosine_mean",

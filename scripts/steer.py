@@ -4,8 +4,9 @@
     .venv/bin/python scripts/steer.py --coeffs 0 4 8 --layer 12 --out runs/love
 
 Thin: parse arguments -> lens.steering (CAA mean difference, or ActAdd) -> lens sweep of
-the coefficients (KL to the unsteered run) -> models.generate with the vector as Edits
-(applied to the prompt and to every generated token unless told otherwise) -> a side by
+the coefficients (KL to the unsteered run) -> every coefficient's generations in one call (`lens.steering.generate_with_vectors`,
+coeff x vector added to the prompt and every generated token; with --no-steer-prompt /
+--no-steer-generated, models.generate per coefficient) -> a side by
 side listing, also written to --out DIR (generations.json, vector.safetensors).
 """
 
@@ -81,15 +82,22 @@ def main(argv=None):
     res = lens.sweep_vectors(model, ptoks, np.asarray(vector)[None], args.coeffs, [layer],
                              attention_mask=pmask, progress=False)
     rows = []
+    if args.no_steer_prompt or args.no_steer_generated:
+        # steering only part of the sequence: one generate per coefficient
+        outs = [generate(model, chats, args.max_new_tokens, temperature=args.temperature,
+                         edits=E.add(model, vector, layer, coeff), steer_prompt=not args.no_steer_prompt,
+                         steer_generated=not args.no_steer_generated).tokens for coeff in args.coeffs]
+    else:
+        # every coefficient at once: coeff * vector as K vectors, one compiled decode
+        vecs = np.asarray(args.coeffs, np.float32)[:, None] * np.asarray(vector, np.float32)[None]
+        out = steering.generate_with_vectors(model, chats, vecs, layer, args.max_new_tokens,
+                                             temperature=args.temperature)
+        outs = steering.new_token_lists(out, model.config.eos_token_ids)
     for ci, coeff in enumerate(args.coeffs):
         kl = np.asarray(res.kl[0, ci, 0])
-        out = generate(model, chats, args.max_new_tokens, temperature=args.temperature,
-                       edits=E.add(model, vector, layer, coeff),
-                       steer_prompt=not args.no_steer_prompt,
-                       steer_generated=not args.no_steer_generated)
         for i, text in enumerate(args.prompts):
             rows.append({"prompt": text, "coeff": coeff, "kl_last_token": float(kl[i]),
-                         "generation": tok.decode(out.tokens[i], skip_special_tokens=True)})
+                         "generation": tok.decode(outs[ci][i], skip_special_tokens=True)})
     for text in args.prompts:
         print(f"\n=== {text}")
         for r in rows:

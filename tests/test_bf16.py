@@ -90,9 +90,13 @@ def test_bf16_generation_and_cache_match_transformers_bf16(family):
             break
         # the cached decodes agree (same tokens fed back so far); measured <= 1.3e-2
         assert np.abs(got[step] - ref_logits[step]).max() / scale < BOUND
-    # Our cached decode against our own uncached forward of the generated sequence:
-    # bit-identical for llama / gpt2 / neox; gemma3 differs by 5.5e-3 (measured) because
-    # the batched (vmapped) forward rounds the bf16 MLP output differently from the
-    # unbatched one (first at layer 0's mlp_out, one bf16 ulp), not because of the cache.
+    # Our cached decode against our own uncached forward of the generated sequence.  The
+    # decode runs its own compiled program (layers unrolled, per-layer buffers:
+    # models/decode.py), so XLA rounds some bf16 intermediates at other places than in the
+    # scanned, unbatched forward: measured 9.1e-3 of max|logit| for gemma3 (sandwich norms;
+    # the vmapped MLP output rounds one bf16 ulp differently), while in float32 the same
+    # decode equals the forward to 6e-7 for every family (test_generate.py,
+    # test_generate_decode.py).  So the bound here is bf16's: BOUND, as for every other
+    # bf16 comparison in this file.
     full = np.asarray(ours.forward(jnp.asarray(TOKENS + res.tokens[0], jnp.int32)).logits, np.float64)
-    assert np.abs(got - full[len(TOKENS) - 1:-1]).max() / scale < 2.0 ** -7
+    assert np.abs(got - full[len(TOKENS) - 1:-1]).max() / scale < BOUND

@@ -21,6 +21,7 @@ GOOD = {
     "dla_norm": ["--out", "x"],
     "causal_scrubbing": ["--example", "induction", "--out", "x"],
     "scrubbing": [],
+    "generation": [],
 }
 BAD = [
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
@@ -81,6 +82,9 @@ BAD = [
     ("steering_sweep", ["--vectors", "0"], "argument --vectors"),
     ("steering_sweep", ["--norm", "-8"], "argument --norm: must be > 0"),
     ("train", ["--batch", "0"], "argument --batch"),
+    ("generation", ["--vectors", "0"], "argument --vectors"),
+    ("generation", ["--new-tokens", "1"], "argument --new-tokens: must be an integer >= 2"),
+    ("generation", ["--vectors", "4", "--loop-vectors", "8"], "--loop-vectors 8 is more than --vectors 4"),
     ("train", ["--d-model", "30", "--heads", "4"], "--d-model 30 must be a multiple of --heads 4"),
     ("orthogonal_steering", ["--preset", "huge"], "argument --preset: invalid choice"),
     ("orthogonal_steering", ["--k-curve", "1,4"], "--k-curve sizes must lie in [2, --k = 16]"),

@@ -18,39 +18,83 @@ PROMPTS = [list(RNG.randint(0, VOCAB, size=n)) for n in (5, 9, 7)]  # odd length
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def reference_generation(model, prompt, vector, layer, n, coeff, row, temperature=0.0, top_k=None, seed=0):
+    """Independent of the cached decode: every step runs the FULL uncached forward of the
+    sequence so far (right-padded to one length, one compiled call) with the vector added at
+    resid_pre[layer], then greedy argmax, or temperature -> top-k -> jax.random.categorical
+    with the documented key fold_in(fold_in(key(seed), row), step)."""
+    import jax
+    import jax.numpy as jnp
+
+    e = E.add(model, vector, layer, coeff)
+    width = len(prompt) + n
+    fwd = jax.jit(lambda t, m: model(t, attention_mask=m, edits=e))
+    seq = list(prompt)
+    for step in range(n):
+        toks = np.zeros(width, np.int32)
+        toks[: len(seq)] = seq
+        logits = np.asarray(fwd(jnp.asarray(toks), jnp.asarray(np.arange(width) < len(seq))))[len(seq) - 1]
+        if temperature == 0:
+            seq.append(int(np.argmax(logits)))
+            continue
+        z = logits / np.float32(temperature)
+        if top_k is not None:
+            z = np.where(z < np.sort(z)[-top_k], -np.inf, z)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), row), step)
+        seq.append(int(jax.random.categorical(key, jnp.asarray(z, jnp.float32))))
+    return seq[len(prompt):]
+
+
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_k=20, seed=3)])
 def test_generate_with_vectors_equals_separate_runs(sampling):
+    """K = 3 vectors x P = 3 prompts of odd lengths (left-padded together): every row equals
+    the independent full-forward loop for that vector and prompt, token for token (greedy)
+    and draw for draw (sampled, row p's keys); the same in calls of 2 vectors (the last
+    padded with a zero vector).  Tolerance: exact token ids."""
     _, model, _ = tiny()
-    vectors = 3.0 * RNG.randn(2, model.config.d_model).astype(np.float32)
+    vectors = 3.0 * RNG.randn(3, model.config.d_model).astype(np.float32)
     out = steering.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5,
-                                         eos_token_ids=[], **sampling)
-    assert out.shape == (2, 3, 6) and out.dtype == np.int32
-    for k in range(2):
-        e = E.add(model, vectors[k], 1, 1.5)
+                                         eos_token_ids=[], progress=False, **sampling)
+    assert out.shape == (3, 3, 6) and out.dtype == np.int32
+    for k in range(3):
         for p, prompt in enumerate(PROMPTS):
-            alone = generate(model, prompt, 6, edits=e, eos_token_ids=[], **sampling).tokens[0]
-            if sampling:
-                # a sampled row draws with key fold_in(seed, row): compare row k * P + p alone
-                continue
-            assert out[k, p].tolist() == alone, (k, p)
-    if sampling:  # the same rows as one batched generate with per-row edits
-        rows = [p for _ in range(2) for p in PROMPTS]
-        stacked = E.stack_edits([E.add(model, v, 1, 1.5) for v in vectors for _ in PROMPTS])
-        ref = generate(model, rows, 6, edits=stacked, edits_batched=True, eos_token_ids=[], **sampling)
-        assert out.reshape(6, 6).tolist() == ref.tokens
-    # in calls of 2 vectors (the second padded with a zero vector): the same greedy rows
-    chunked = steering.generate_with_vectors(model, PROMPTS, np.concatenate([vectors, -vectors[:1]]), 1, 6,
-                                             coeff=1.5, eos_token_ids=[], vectors_per_call=2, **sampling)
-    if not sampling:
-        np.testing.assert_array_equal(chunked[:2], out)
-        assert chunked.shape == (3, 3, 6)
+            ref = reference_generation(model, prompt, vectors[k], 1, 6, 1.5, p, **sampling)
+            assert out[k, p].tolist() == ref, (k, p)
+    chunked = steering.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5, eos_token_ids=[],
+                                             vectors_per_call=2, progress=False, **sampling)
+    np.testing.assert_array_equal(chunked, out)
     unsteered = steering.generate_with_vectors(model, PROMPTS[:1], np.zeros((1, model.config.d_model)), 0, 4,
-                                               eos_token_ids=[])
-    assert unsteered[0, 0].tolist() == generate(model, PROMPTS[0], 4, eos_token_ids=[]).tokens[0]
+                                               eos_token_ids=[], progress=False)
+    assert unsteered[0, 0].tolist() == reference_generation(model, PROMPTS[0], np.zeros(model.config.d_model),
+                                                            0, 4, 1.0, 0)
     with pytest.raises(ValueError, match="d_model"):
         steering.generate_with_vectors(model, PROMPTS, np.ones((2, 5)), 1, 3)
     with pytest.raises(ValueError, match="layer index"):
         steering.generate_with_vectors(model, PROMPTS, vectors, 7, 3)
+    with pytest.raises(ValueError, match="vectors_per_call"):
+        steering.generate_with_vectors(model, PROMPTS, vectors, 1, 3, vectors_per_call=0)
+
+
+def test_generate_with_vectors_pads_after_eos_and_chunks_by_memory():
+    """Rows that hit an EOS hold the pad id after it; a tiny memory budget gives one vector
+    per call with the same tokens."""
+    _, model, _ = tiny()
+    vectors = 2.0 * RNG.randn(4, model.config.d_model).astype(np.float32)
+    free = steering.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False)
+    eos = int(free[0, 0, 1])  # make row (0, 0)'s second token an EOS
+    out = steering.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[eos], pad_token_id=0,
+                                         progress=False)
+    for k in range(4):
+        for p in range(3):
+            row = free[k, p].tolist()
+            stop = next((j + 1 for j, t in enumerate(row) if t == eos), 5)
+            assert out[k, p].tolist() == row[:stop] + [0] * (5 - stop), (k, p)
+    first = free[0, 0].tolist()
+    assert steering.new_token_lists(out, [eos])[0][0] == first[: first.index(eos) + 1]
+    assert steering.vectors_per_call_for(model, 3, 9, 5, memory_budget=1.0) == 1
+    small = steering.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False,
+                                           memory_budget=1.0)
+    np.testing.assert_array_equal(small, free)
 
 
 def test_reply_mean_difference_reads_the_reply_positions():

@@ -80,8 +80,10 @@ def make_problem(
 
 @eqx.filter_jit
 def _prefix(model, tokens, mask, layer: int):
-    # The model is an ARGUMENT (a closure would bake the weights in as constants).
-    return jax.vmap(lambda tok, m: model.prefix(tok, m, layer))(tokens, mask)
+    # The model is an ARGUMENT (a closure would bake the weights in as constants).  The ids
+    # were range-checked on the host by make_problem: no callback, so the compiled prefix
+    # goes into the persistent compilation cache.
+    return jax.vmap(lambda tok, m: model.prefix(tok, m, layer, ids_checked=True))(tokens, mask)
 
 
 def steered_run(
