@@ -353,7 +353,9 @@ def masked_forward(model: Transformer, tokens: Int[Array, " seq"], mask_fn: Mask
     return model.unembed_resid(x)[0]
 
 
-def top_k_mask(scores: Float[Array, "seq n"], k: int) -> Bool[Array, "seq n"]:
+def top_k_mask(scores: Float[Array, "*rows n"], k: int) -> Bool[Array, "*rows n"]:
     """True at each row's k highest scores (k static; exactly k per row, ties by index)."""
-    _, idx = jax.lax.top_k(scores, k)
-    return jnp.zeros(scores.shape, bool).at[jnp.arange(scores.shape[0])[:, None], idx].set(True)
+    flat = scores.reshape(-1, scores.shape[-1])
+    _, idx = jax.lax.top_k(flat, k)
+    mask = jnp.zeros(flat.shape, bool).at[jnp.arange(flat.shape[0])[:, None], idx].set(True)
+    return mask.reshape(scores.shape)
