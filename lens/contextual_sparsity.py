@@ -160,14 +160,12 @@ def recall_at(model: Transformer, pred: Predictors, rows, fractions=(0.05, 0.1, 
 @eqx.filter_jit
 def _sparse_logits(model, pred, rows, neuron_frac, head_frac):
     c = model.config
-    kn = max(1, int(np.ceil(neuron_frac * c.d_mlp)))
-    kh = max(1, int(np.ceil(head_frac * c.n_heads)))
+    kn = jnp.maximum(1, jnp.ceil(neuron_frac * c.d_mlp)).astype(jnp.int32)
+    kh = jnp.maximum(1, jnp.ceil(head_frac * c.n_heads)).astype(jnp.int32)
 
     def mask_fn(p, view: LayerView):
         ma, mb, ha, hb = p
-        keep_n = top_k_mask(layer_logits(ma, mb, view.resid_pre), kn) if neuron_frac < 1 else None
-        keep_h = top_k_mask(layer_logits(ha, hb, view.resid_pre), kh) if head_frac < 1 else None
-        return keep_n, keep_h
+        return top_k_mask(layer_logits(ma, mb, view.resid_pre), kn), top_k_mask(layer_logits(ha, hb, view.resid_pre), kh)
 
     params = (pred.mlp_a, pred.mlp_b, pred.head_a, pred.head_b)
     return jax.vmap(lambda t: masked_forward(model, t, mask_fn, params))(rows)
@@ -180,5 +178,5 @@ def predicted_sparse_forward(model: Transformer, tokens, pred: Predictors, neuro
     if not (0 < neuron_frac <= 1 and 0 < head_frac <= 1):
         raise ValueError("neuron_frac and head_frac must be in (0, 1]")
     rows = check_rows(model, tokens)
-    out = _sparse_logits(model, pred, jnp.asarray(rows), float(neuron_frac), float(head_frac))
+    out = _sparse_logits(model, pred, jnp.asarray(rows), jnp.float32(neuron_frac), jnp.float32(head_frac))
     return out[0] if np.asarray(tokens).ndim == 1 else out

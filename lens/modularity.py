@@ -353,9 +353,9 @@ def masked_forward(model: Transformer, tokens: Int[Array, " seq"], mask_fn: Mask
     return model.unembed_resid(x)[0]
 
 
-def top_k_mask(scores: Float[Array, "*rows n"], k: int) -> Bool[Array, "*rows n"]:
-    """True at each row's k highest scores (k static; exactly k per row, ties by index)."""
-    flat = scores.reshape(-1, scores.shape[-1])
-    _, idx = jax.lax.top_k(flat, k)
-    mask = jnp.zeros(flat.shape, bool).at[jnp.arange(flat.shape[0])[:, None], idx].set(True)
-    return mask.reshape(scores.shape)
+def top_k_mask(scores: Float[Array, "*rows n"], k) -> Bool[Array, "*rows n"]:
+    """True at each row's k highest scores, exactly k per row (ties to the lower index).
+    k may be traced: the mask is rank < k, so one compilation serves every k."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    return rank < k

@@ -232,7 +232,7 @@ def expert_forward(model: Transformer, tokens, labels, routers: Routers | None, 
         raise ValueError(f"k must be in [1, {e}]; got {k}")
     rows = check_rows(model, tokens)
     single = np.asarray(tokens).ndim == 1
-    out = _expert_logits(model, jnp.asarray(rows), expert_onehot(lab), routers, int(k))
+    out = _expert_logits(model, jnp.asarray(rows), expert_onehot(lab), routers, jnp.asarray(k, jnp.int32))
     return out[0] if single else out
 
 
@@ -254,35 +254,46 @@ def _mlp_inputs_and_mass(model, rows, onehot):
     return jax.vmap(one)(rows)
 
 
+class RouterSet(eqx.Module):
+    """Routers of several splits trained together (one frozen forward serves them all)."""
+
+    routers: tuple[Routers, ...]
+
+
 class RouterLoss(eqx.Module):
     """loss_fn for lens.train.train: the reference's BCE-with-logits between each router's
-    scores and the expert mass / batch max, summed over layers (the model is frozen)."""
+    scores and its experts' activation mass / the batch maximum (per layer), averaged over
+    tokens and experts, summed over layers and splits.  The model is frozen."""
 
     model: Transformer
-    onehot: Array
+    onehots: tuple[Array, ...]
 
-    def __call__(self, routers: Routers, rows):
-        h, mass = _mlp_inputs_and_mass(self.model, rows[:, :-1], self.onehot)
-        h, mass = jax.lax.stop_gradient(h), jax.lax.stop_gradient(mass)
-        target = mass / jnp.maximum(mass.max(axis=(0, 2, 3), keepdims=True), 1e-12)  # per layer
-        # h [batch, layers, seq, d] -> scores [batch, layers, seq, E], each layer its router
-        score = jax.vmap(lambda w1, w2, hl: jax.vmap(lambda x: router_scores(w1, w2, x))(hl),
-                         in_axes=(0, 0, 1), out_axes=1)(routers.w1, routers.w2, h)
-        bce = jnp.maximum(score, 0) - score * target + jnp.log1p(jnp.exp(-jnp.abs(score)))
-        return bce.mean(axis=(0, 2, 3)).sum()
+    def __call__(self, rset: RouterSet, rows):
+        total = 0.0
+        for routers, onehot in zip(rset.routers, self.onehots):
+            h, mass = _mlp_inputs_and_mass(self.model, rows[:, :-1], onehot)
+            h, mass = jax.lax.stop_gradient(h), jax.lax.stop_gradient(mass)
+            target = mass / jnp.maximum(mass.max(axis=(0, 2, 3), keepdims=True), 1e-12)
+            # h [batch, layers, seq, d] -> scores [batch, layers, seq, E], each layer its router
+            per_layer = jax.vmap(router_scores)
+            score = jax.vmap(per_layer, in_axes=(None, None, 0))(routers.w1, routers.w2, h)
+            bce = jnp.maximum(score, 0) - score * target + jnp.log1p(jnp.exp(-jnp.abs(score)))
+            total = total + bce.mean(axis=(0, 2, 3)).sum()
+        return total
 
 
-def train_routers(model: Transformer, labels, train_rows, val_rows, cfg, out_dir, progress: bool = True):
-    """The reference MLP routers trained through `lens.train.train` (Adam, lr cfg.lr, as
-    the reference's Adam(0.01)); returns (routers, log)."""
+def train_routers(model: Transformer, labels_list, train_rows, val_rows, cfg, out_dir, progress: bool = True):
+    """The reference MLP routers, one per split in `labels_list`, trained together through
+    `lens.train.train` with Adam at cfg.lr (the reference: Adam(0.01)); returns (list of
+    Routers, log)."""
     import optax
 
     from lens.train import train
 
-    lab = check_labels(model, labels)
-    routers = mlp_routers(model, lab)
-    result = train(routers, train_rows, val_rows, cfg, out_dir, loss_fn=RouterLoss(model, expert_onehot(lab)),
+    labs = [check_labels(model, lab) for lab in labels_list]
+    rset = RouterSet(tuple(mlp_routers(model, lab) for lab in labs))
+    digest = [int((lab.astype(np.int64) * (1 + np.arange(lab.size)).reshape(lab.shape)).sum() % 1_000_003) for lab in labs]
+    result = train(rset, train_rows, val_rows, cfg, out_dir, loss_fn=RouterLoss(model, tuple(expert_onehot(lab) for lab in labs)),
                    opt=optax.adam(cfg.lr), rows_config=model.config, progress=progress,
-                   run_info={"router": "moefication-mlp", "labels_sum": int(lab.astype(np.int64).sum()),
-                             "labels_hash": int((lab.astype(np.int64) * np.arange(lab.size).reshape(lab.shape)).sum() % 1_000_003)})
-    return result.model, result.log
+                   run_info={"router": "moefication-mlp", "labels_digest": digest})
+    return list(result.model.routers), result.log
