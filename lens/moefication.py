@@ -238,9 +238,9 @@ def expert_forward(model: Transformer, tokens, labels, routers: Routers | None, 
 
 # ------------------------------------------------------------------ router training
 @eqx.filter_jit
-def _mlp_inputs_and_mass(model, rows, onehot):
-    """Per row: the MLP's normalised input h [layers, seq, d] and each expert's mass
-    sum |a| [layers, seq, E], from one plain forward."""
+def _mlp_inputs_and_abs(model, rows):
+    """Per row: the MLP's normalised input h [layers, seq, d] and |a| [layers, seq, d_mlp],
+    from one plain forward."""
     c = model.config
 
     def one(t):
@@ -248,8 +248,7 @@ def _mlp_inputs_and_mass(model, rows, onehot):
         mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
         b = model.blocks
         h = jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
-        mass = jnp.einsum("lsm,lme->lse", jnp.abs(acts.neurons.astype(jnp.float32)), onehot)
-        return h, mass
+        return h, jnp.abs(acts.neurons.astype(jnp.float32))
 
     return jax.vmap(one)(rows)
 
@@ -269,10 +268,10 @@ class RouterLoss(eqx.Module):
     onehots: tuple[Array, ...]
 
     def __call__(self, rset: RouterSet, rows):
+        h, a = jax.lax.stop_gradient(_mlp_inputs_and_abs(self.model, rows[:, :-1]))
         total = 0.0
         for routers, onehot in zip(rset.routers, self.onehots):
-            h, mass = _mlp_inputs_and_mass(self.model, rows[:, :-1], onehot)
-            h, mass = jax.lax.stop_gradient(h), jax.lax.stop_gradient(mass)
+            mass = jnp.einsum("blsm,lme->blse", a, onehot)  # each expert's activation mass
             target = mass / jnp.maximum(mass.max(axis=(0, 2, 3), keepdims=True), 1e-12)
             # h [batch, layers, seq, d] -> scores [batch, layers, seq, E], each layer its router
             per_layer = jax.vmap(router_scores)
