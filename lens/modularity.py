@@ -76,7 +76,9 @@ class ActivationStats(NamedTuple):
 @eqx.filter_jit
 def _abs_sums(model, rows):
     def one(t):
-        acts = model.forward(t, capture=Capture(neurons=True, head_z=True)).activations
+        # the blocks only: the statistics never need the final norm or the unembedding
+        x, qpos, valid = model.prefix(t)
+        _, _, acts = model.run_blocks(x, qpos, valid, capture=Capture(neurons=True, head_z=True))
         # float32 sums: a bf16 model's per-token values are summed without bf16 rounding.
         return (jnp.abs(acts.neurons.astype(jnp.float32)).sum(1),
                 jnp.abs(acts.head_z.astype(jnp.float32)).sum(1))
