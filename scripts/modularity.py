@@ -29,6 +29,7 @@ import models.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -358,6 +359,10 @@ def main(argv=None) -> dict:
         report["seconds"][name] = t
         print(f"   seconds: {json.dumps({k: round(v) for k, v in t.items()})}")
     report["seconds"]["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads): on a machine shared with other jobs the
+    # wall time says more about the neighbours than about this script.
+    report["seconds"]["cpu_total"] = time.process_time()
+    report["load_avg_1min_at_end"] = os.getloadavg()[0]
     write_report(report, out)
     print(f"wrote {out / 'report.md'} in {report['seconds']['total']:.0f} s")
     return report
