@@ -57,13 +57,14 @@ PROSE = ["Write a short poem about the sea.", "Write a paragraph about why peopl
 NEUTRAL = ["Sort these numbers from smallest to largest: 5, 2, 9, 1.", "How many vowels are in the word banana?",
            "What is the sum of the numbers from 1 to 10?", "Convert 100 degrees Fahrenheit to Celsius."]
 
+SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
     "smoke": dict(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
                   fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
                   steer_prompts=1, span_draws=2),
-    "default": dict(seq=64, collect_rows=8, eval_rows=4, prune_steps=4, random_draws=2, expert_size=32,
-                    fractions="0.125,0.25,0.5,1", router_steps=30, predictor_steps=30, rank=64, kmeans_iters=6,
+    "default": dict(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
+                    fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64, kmeans_iters=6,
                     gen_tokens=32, steer_prompts=4, span_draws=5),
 }
 
@@ -92,7 +93,15 @@ def parse_args(argv=None):
     ap.add_argument("--steer-prompts", type=int_at_least(1))
     ap.add_argument("--span-draws", type=int_at_least(1))
     ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (steering needs pruning)")
     args = ap.parse_args(argv)
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad or not args.sections:
+        ap.error(f"--sections: choose from {','.join(SECTIONS)}; got {bad or 'nothing'}")
+    if "steering" in args.sections and "selective_pruning" not in args.sections:
+        ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons)")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, positive_floats(v) if k == "fractions" else v)
@@ -342,20 +351,24 @@ def main(argv=None) -> dict:
         skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN]), 50)
         eval_mix = np.concatenate(list(evals.values()))
         t = {}
-        t0 = time.perf_counter()
-        prune_result, masks = pruning_section(args, model, train, evals, skip, out, label)
-        t["selective_pruning"] = time.perf_counter() - t0
-        report["selective_pruning"][name] = prune_result
-        t0 = time.perf_counter()
-        first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]))
-        report["steering"][name] = steering_section(args, model, tok, masks, train, first)
-        t["steering"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report["moefication"][name] = moe_section(args, model, train, eval_mix, out, label)
-        t["moefication"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report["contextual_sparsity"][name] = dejavu_section(args, model, train, eval_mix, out, label)
-        t["contextual_sparsity"] = time.perf_counter() - t0
+        if "selective_pruning" in args.sections:
+            t0 = time.perf_counter()
+            prune_result, masks = pruning_section(args, model, train, evals, skip, out, label)
+            t["selective_pruning"] = time.perf_counter() - t0
+            report["selective_pruning"][name] = prune_result
+        if "steering" in args.sections:
+            t0 = time.perf_counter()
+            first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]))
+            report["steering"][name] = steering_section(args, model, tok, masks, train, first)
+            t["steering"] = time.perf_counter() - t0
+        if "moefication" in args.sections:
+            t0 = time.perf_counter()
+            report["moefication"][name] = moe_section(args, model, train, eval_mix, out, label)
+            t["moefication"] = time.perf_counter() - t0
+        if "contextual_sparsity" in args.sections:
+            t0 = time.perf_counter()
+            report["contextual_sparsity"][name] = dejavu_section(args, model, train, eval_mix, out, label)
+            t["contextual_sparsity"] = time.perf_counter() - t0
         report["seconds"][name] = t
         print(f"   seconds: {json.dumps({k: round(v) for k, v in t.items()})}")
     report["seconds"]["total"] = time.perf_counter() - t_start

@@ -23,6 +23,8 @@ BAD = [
     ("bench/modularity", ["--tokens", "5"], "argument --tokens: must be an integer >= 128"),
     ("bench/modularity", ["--batch", "0"], "argument --batch"),
     ("modularity", [], "the following arguments are required: --out"),
+    ("modularity", ["--out", "x", "--sections", "pruning"], "--sections: choose from"),
+    ("modularity", ["--out", "x", "--sections", "steering"], "steering needs selective_pruning"),
     ("modularity", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("modularity", ["--out", "x", "--fractions", "0.5,2"], "--fractions must be in (0, 1]"),
     ("modularity", ["--out", "x", "--prune-frac", "0"], "argument --prune-frac: must be > 0"),
