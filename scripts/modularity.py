@@ -93,6 +93,8 @@ def parse_args(argv=None):
     ap.add_argument("--steer-prompts", type=int_at_least(1))
     ap.add_argument("--span-draws", type=int_at_least(1))
     ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--masks", default=None, help="steering without re-pruning: a masks file of an earlier run "
+                    "(pruned_m0_masks.safetensors); the random control is drawn afresh with the same count")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)} (steering needs pruning)")
     args = ap.parse_args(argv)
@@ -100,8 +102,8 @@ def parse_args(argv=None):
     bad = [x for x in args.sections if x not in SECTIONS]
     if bad or not args.sections:
         ap.error(f"--sections: choose from {','.join(SECTIONS)}; got {bad or 'nothing'}")
-    if "steering" in args.sections and "selective_pruning" not in args.sections:
-        ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons)")
+    if "steering" in args.sections and "selective_pruning" not in args.sections and args.masks is None:
+        ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons) or --masks")
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, positive_floats(v) if k == "fractions" else v)
@@ -201,7 +203,11 @@ def steering_section(args, model, tok, masks, train, out_scores):
 
     toks, mask = pad_prompts(neutral)
     x = np.asarray(resid_at(model, toks, layer, mask))
-    x_norm = float(np.linalg.norm(x[np.asarray(mask)], axis=-1).mean())
+    # the median over real tokens after the first: the first token's residual is often
+    # tens of times larger (attention sink) and would inflate the scale
+    later = np.asarray(mask).copy()
+    later[:, 0] = False
+    x_norm = float(np.median(np.linalg.norm(x[later], axis=-1)))
     unit = v / np.linalg.norm(v)
     # Span: the n_dir most forget-specific (first-step ratio score) pruned neurons writing
     # before the vector's site (layers < layer); a span of >= d_model directions is the
@@ -228,7 +234,7 @@ def steering_section(args, model, tok, masks, train, out_scores):
         span = {"n_directions": int(len(top)), "share_pruned": share(top), "share_random_mean": float(np.mean(ctrl)),
                 "share_random_range": [float(min(ctrl)), float(max(ctrl))],
                 "share_expected_random_subspace": len(top) / d}
-    coeffs = (0.0, 0.5, 1.0)
+    coeffs = (0.0, 0.25, 0.5)
     vecs = np.stack([unit * c * x_norm for c in coeffs]).astype(np.float32)
 
     def scores(m):
@@ -240,7 +246,7 @@ def steering_section(args, model, tok, masks, train, out_scores):
     for name, mdl in (("base", model), ("pruned_ratio", M.prune(model, masks["ratio"])),
                       ("pruned_random", M.prune(model, masks["random"]))):
         table[name], ex = scores(mdl)
-        examples[name] = ex[-1][0][:300]
+        examples[name] = {str(c): ex[i][0][:300] for i, c in enumerate(coeffs)}
     return {"layer": layer, "method": "reply mean difference (4 reply tokens), code vs prose requests",
             "vector_norm_raw": float(np.linalg.norm(v)), "resid_norm": x_norm, "coeffs_x_resid_norm": list(coeffs),
             "span": span, "code_score": table, "example_steered_reply": examples,
@@ -358,6 +364,11 @@ def main(argv=None) -> dict:
             report["selective_pruning"][name] = prune_result
         if "steering" in args.sections:
             t0 = time.perf_counter()
+            if "selective_pruning" not in args.sections:
+                ratio_mask, _, _ = M.load_masks(args.masks)
+                rnd = M.random_unpruned(ratio_mask.shape, int(ratio_mask.sum()), np.zeros_like(ratio_mask),
+                                        np.random.default_rng(args.seed))
+                masks = {"ratio": ratio_mask, "random": rnd}
             first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]))
             report["steering"][name] = steering_section(args, model, tok, masks, train, first)
             t["steering"] = time.perf_counter() - t0
