@@ -174,7 +174,7 @@ def markdown(report, figures) -> str:
         lines += [f"### {name}", "", f"Rank {res['rank']} predictors from {res['input']}; a neuron matters when |a| is in the "
                   f"token's top {100 * res['label_frac']:.0f}%, a head when its output norm is in the top "
                   f"{100 * res['head_label_frac']:.0f}%; dense loss {res['dense_loss']:.3f}.", "",
-                  "| predictor | kept | neuron recall | |a| mass kept | head recall |", "|---|---|---|---|---|"]
+                  "| predictor | kept | neuron recall | activation mass kept | head recall |", "|---|---|---|---|---|"]
         for which in ("trained", "untrained"):
             for r in res["recall"][which]:
                 lines.append(f"| {which} | {r['kept']:.2f} | {r['neuron_recall']:.3f} | {r['mass_kept']:.3f} | {r['head_recall']:.3f} |")
