@@ -22,6 +22,8 @@ GOOD = {
     "causal_scrubbing": ["--example", "induction", "--out", "x"],
     "scrubbing": [],
     "generation": [],
+    "modularity": ["--out", "x"],
+    "bench/modularity": [],
 }
 BAD = [
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
@@ -34,6 +36,17 @@ BAD = [
     ("lens_report", ["--out", "x", "--tuned", "/nonexistent/lens.safetensors"], "no such file"),
     ("dla_norm", ["--out", "x", "--permutations", "1"], "argument --permutations: must be an integer >= 2"),
     ("dla_norm", ["--out", "x", "--prompts", "0"], "argument --prompts"),
+    ("bench/modularity", ["--tokens", "5"], "argument --tokens: must be an integer >= 128"),
+    ("bench/modularity", ["--batch", "0"], "argument --batch"),
+    ("modularity", [], "the following arguments are required: --out"),
+    ("modularity", ["--out", "x", "--sections", "pruning"], "--sections: choose from"),
+    ("modularity", ["--out", "x", "--sections", "steering"], "steering needs selective_pruning"),
+    ("modularity", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
+    ("modularity", ["--out", "x", "--fractions", "0.5,2"], "--fractions must be in (0, 1]"),
+    ("modularity", ["--out", "x", "--prune-frac", "0"], "argument --prune-frac: must be > 0"),
+    ("modularity", ["--out", "x", "--prune-frac", "0.5", "--prune-steps", "3"], "prunes more than every neuron"),
+    ("modularity", ["--out", "x", "--expert-size", "0"], "argument --expert-size"),
+    ("modularity", ["--out", "x", "--steer-prompts", "9"], "--steer-prompts: at most 4"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
     ("orthogonal_steering", ["--k", "two"], "argument --k: must be an integer >= 1; got 'two'"),
     ("orthogonal_steering", ["--block", "0"], "argument --block"),
@@ -101,9 +114,24 @@ BAD = [
 ]
 
 
+def _module(script):
+    """An entry point by module name, or by path for a bench file whose name a script's
+    shadows on the path (bench/modularity.py vs scripts/modularity.py)."""
+    if "/" not in script:
+        return importlib.import_module(script)
+    from importlib import util as importlib_util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / f"{script}.py"
+    spec = importlib_util.spec_from_file_location(script.replace("/", "_"), path)
+    module = importlib_util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("script,argv,message", BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD])
 def test_bad_value_is_refused_with_a_clear_message(script, argv, message, capsys):
-    parse_args = importlib.import_module(script).parse_args
+    parse_args = _module(script).parse_args
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2
@@ -112,7 +140,7 @@ def test_bad_value_is_refused_with_a_clear_message(script, argv, message, capsys
 
 @pytest.mark.parametrize("script", sorted(GOOD))
 def test_defaults_parse(script):
-    assert importlib.import_module(script).parse_args(GOOD[script]) is not None
+    assert _module(script).parse_args(GOOD[script]) is not None
 
 
 def test_orthogonal_steering_grids_parse_to_numbers():

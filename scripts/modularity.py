@@ -1,0 +1,396 @@
+"""Modularity: selective pruning, MoEfication and contextual sparsity, turned to finding
+and separating capabilities (Python code vs English prose).
+
+    .venv/bin/python scripts/modularity.py --out runs/modularity
+    .venv/bin/python scripts/modularity.py --out runs/modularity --model smollm2-135m-instruct \\
+        --model runs/gpt2_ln_bpe/model
+    .venv/bin/python scripts/modularity.py --out /tmp/m --preset smoke     # tiny random models, < 3 min
+
+Per model: (1) selective pruning (taker): forget = python-code, retain = shakespeare +
+python-docs; 2% of the MLP neurons per step, chosen globally by forget/(retain + eps),
+statistics re-collected after each step; controls: random pruning of the same counts, and
+pruning by forget-set activation alone; top-1 / top-10 next-token accuracy skipping the 50
+most common tokens, and loss, on the validation split of each corpus; the pruned model is
+saved and reloaded (models.save, safetensors) and its masks written as safetensors.
+(2) The "write code" steering vector (reply mean difference, code vs prose requests):
+its share in the span of the most forget-specific pruned neurons' output directions vs
+random neurons, and code_score of steered generations before / after pruning.
+(3) MoEfication: experts of `expert_size` neurons by weight k-means, co-activation and
+random splits; centroid, trained MLP and oracle routers; loss and top-1 agreement with
+the dense model vs the fraction of experts used.  (4) Deja Vu predictors: recall vs
+sparsity and the loss at the predicted sparsity, against untrained (random) predictors.
+Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefication`,
+`contextual_sparsity`) to --out.
+"""
+
+from __future__ import annotations
+
+import models.xla_guard  # noqa: F401  (isort: skip)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lens import contextual_sparsity as CS  # noqa: E402
+from lens import data  # noqa: E402
+from lens import moefication as MOE  # noqa: E402
+from lens import modularity as M  # noqa: E402
+from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
+from lens.train import TrainConfig  # noqa: E402
+from modularity_report import write_report  # noqa: E402
+
+FORGET = "python-code"
+RETAIN = ("shakespeare", "python-docs")
+CODE = ["Write a Python function that reverses a string.", "Write a Python function to check whether a number is prime.",
+        "Implement binary search in Python.", "Write a Python class for a simple stack."]
+PROSE = ["Write a short poem about the sea.", "Write a paragraph about why people enjoy autumn.",
+         "Describe the city of Paris in a few sentences.", "Explain why the sky is blue in simple words."]
+NEUTRAL = ["Sort these numbers from smallest to largest: 5, 2, 9, 1.", "How many vowels are in the word banana?",
+           "What is the sum of the numbers from 1 to 10?", "Convert 100 degrees Fahrenheit to Celsius."]
+
+SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
+PRESETS = {
+    # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
+    "smoke": dict(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
+                  fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
+                  steer_prompts=1, span_draws=2),
+    "default": dict(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
+                    fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64, kmeans_iters=6,
+                    gen_tokens=32, steer_prompts=4, span_draws=5),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="report folder")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--model", action="append", default=None,
+                    help="embedded name or folder (repeatable); default: smollm2-135m-instruct "
+                         "(smoke: two tiny random models)")
+    ap.add_argument("--smoke-gelu", action="store_true", help="smoke: the tiny GELU LayerNorm model instead")
+    ap.add_argument("--seq", type=int_at_least(8), help="tokens per row")
+    ap.add_argument("--collect-rows", type=int_at_least(1), help="rows per set for statistics / clustering")
+    ap.add_argument("--eval-rows", type=int_at_least(1), help="validation rows per corpus for every metric")
+    ap.add_argument("--prune-steps", type=int_at_least(1))
+    ap.add_argument("--prune-frac", type=positive_float, default=0.02, help="share of all MLP neurons per step")
+    ap.add_argument("--random-draws", type=int_at_least(1))
+    ap.add_argument("--expert-size", type=int_at_least(1))
+    ap.add_argument("--fractions", type=positive_floats, help="fractions of experts / neurons kept")
+    ap.add_argument("--router-steps", type=int_at_least(1))
+    ap.add_argument("--predictor-steps", type=int_at_least(1))
+    ap.add_argument("--rank", type=int_at_least(1), help="Deja Vu predictor rank")
+    ap.add_argument("--kmeans-iters", type=int_at_least(1))
+    ap.add_argument("--gen-tokens", type=int_at_least(1))
+    ap.add_argument("--steer-prompts", type=int_at_least(1))
+    ap.add_argument("--span-draws", type=int_at_least(1))
+    ap.add_argument("--seed", type=int_at_least(0), default=0)
+    ap.add_argument("--masks", default=None, help="steering without re-pruning: a masks file of an earlier run "
+                    "(pruned_m0_masks.safetensors); the random control is drawn afresh with the same count")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"comma-separated subset of {','.join(SECTIONS)} (steering needs pruning)")
+    args = ap.parse_args(argv)
+    args.sections = [x.strip() for x in args.sections.split(",") if x.strip()]
+    bad = [x for x in args.sections if x not in SECTIONS]
+    if bad or not args.sections:
+        ap.error(f"--sections: choose from {','.join(SECTIONS)}; got {bad or 'nothing'}")
+    if "steering" in args.sections and "selective_pruning" not in args.sections and args.masks is None:
+        ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons) or --masks")
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, positive_floats(v) if k == "fractions" else v)
+    if any(f > 1 for f in args.fractions):
+        ap.error(f"--fractions must be in (0, 1]; got {args.fractions}")
+    if args.prune_frac * args.prune_steps > 1:
+        ap.error(f"--prune-frac {args.prune_frac} x --prune-steps {args.prune_steps} prunes more than every neuron")
+    if args.steer_prompts > len(NEUTRAL):
+        ap.error(f"--steer-prompts: at most {len(NEUTRAL)}")
+    return args
+
+
+# ------------------------------------------------------------------ models and data
+def smoke_models(gelu: bool):
+    """A tiny random model on SmolLM2's tokenizer: gated (Llama), or GELU LayerNorm (GPT-2)."""
+    import models
+    from models import embedded, gpt2, llama
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(embedded.fetch("smollm2-135m-instruct"))
+    v = tok.vocab_size if hasattr(tok, "vocab_size") else embedded.SMOLLM2_135M_HF_CONFIG["vocab_size"]
+    gated = llama.config_from_hf(dict(embedded.SMOLLM2_135M_HF_CONFIG, vocab_size=v, hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64))
+    gelu_config = gpt2.config_from_hf(dict(vocab_size=v, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                    activation_function="gelu_new", layer_norm_epsilon=1e-5, model_type="gpt2"))
+    if gelu:
+        return [("tiny-gelu (random)", models.init(gelu_config, jax.random.key(2), 0.1), tok)]
+    return [("tiny-gated (random)", models.init(gated, jax.random.key(1), 0.1), tok)]
+
+
+def rows_for(tok, args, split, n, seed):
+    """n rows of each corpus (forget first) from `split`, drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in (FORGET,) + RETAIN:
+        r = data.load_tokens(name, tok, args.seq, split)
+        out[name] = r[np.sort(rng.choice(len(r), size=min(n, len(r)), replace=False))]
+    return out
+
+
+def prompts_for(tok, texts):
+    from models.generate import chat_prompt
+
+    if getattr(tok, "chat_template", None) is None:
+        return [tok.encode(t) for t in texts]
+    return [chat_prompt(tok, t) for t in texts]
+
+
+# ------------------------------------------------------------------ the sections
+def pruning_section(args, model, train, evals, skip, out: Path, label: str):
+    forget = train[FORGET]
+    retain = np.concatenate([train[n] for n in RETAIN])
+    result = {"eps": 1e-3, "neuron_frac_per_step": args.prune_frac, "head_frac_per_step": 0.0,
+              "n_neurons": int(model.config.n_layers * model.config.d_mlp), "methods": {}}
+    masks = {}
+    for method in ("ratio", "forget"):
+        t0 = time.perf_counter()
+        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, args.prune_steps, method,
+                                          args.prune_frac, chunk=8, progress=lambda r: print(f"  {method} step {r['step']}: "
+                                          + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
+        result["methods"][method] = {"records": recs, "seconds": time.perf_counter() - t0}
+        masks[method] = nm
+    draws = []
+    for d in range(args.random_draws):
+        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, args.prune_steps, "random",
+                                          args.prune_frac, seed=args.seed + d, chunk=8)
+        draws.append(recs)
+        masks.setdefault("random", nm)
+    result["methods"]["random"] = {"draws": draws}
+    # The pruned model saves and reloads: the weights file, and the mask as its own file.
+    import models
+
+    pruned = M.prune(model, masks["ratio"])
+    folder = models.save(pruned, out / f"pruned_{label}")
+    reloaded, _ = models.load(folder)
+    probe = jnp.asarray(forget[0])
+    result["reload_max_abs_logit_diff"] = float(jnp.abs(reloaded(probe) - pruned(probe)).max())
+    M.save_masks(out / f"pruned_{label}_masks.safetensors", masks["ratio"], None,
+                 {"method": "ratio", "steps": args.prune_steps, "frac": args.prune_frac})
+    result["layer_counts"] = masks["ratio"].sum(1).tolist()
+    return result, masks
+
+
+def steering_section(args, model, tok, masks, train, out_scores):
+    """Share of the code vector in the span of forget-specific neurons' output directions,
+    and code_score of steered generations on the base and the pruned models."""
+    from lens.metrics import code_score
+    from lens.steering import generate_with_vectors, reply_mean_difference
+
+    n = model.config.n_layers
+    layer = max(1, n // 4)
+    code, prose = prompts_for(tok, CODE[:2 if args.preset == "smoke" else 4]), prompts_for(tok, PROSE[:2 if args.preset == "smoke" else 4])
+    v = np.asarray(reply_mean_difference(model, code, prose, layer, 4), np.float32)
+    neutral = prompts_for(tok, NEUTRAL[: args.steer_prompts])
+    from lens.capture import pad_prompts, resid_at
+
+    toks, mask = pad_prompts(neutral)
+    x = np.asarray(resid_at(model, toks, layer, mask))
+    # the median over real tokens after the first: the first token's residual is often
+    # tens of times larger (attention sink) and would inflate the scale
+    later = np.asarray(mask).copy()
+    later[:, 0] = False
+    x_norm = float(np.median(np.linalg.norm(x[later], axis=-1)))
+    unit = v / np.linalg.norm(v)
+    # Span: the n_dir most forget-specific (first-step ratio score) pruned neurons writing
+    # before the vector's site (layers < layer); a span of >= d_model directions is the
+    # whole space, so n_dir = d_model / 8.  Control: as many random neurons, same layers.
+    W = np.asarray(model.blocks.W_out, np.float32)  # [L, d_mlp, d]
+    d = model.config.d_model
+    n_dir = max(1, d // 8)
+    cand = np.argwhere(masks["ratio"][:layer])
+    if len(cand) == 0:
+        span = {"n_directions": 0}
+    else:
+        s = out_scores[:layer][masks["ratio"][:layer]]
+        top = cand[np.argsort(-s)[:n_dir]]
+
+        def share(idx):
+            q, _ = np.linalg.qr(W[idx[:, 0], idx[:, 1]].T)
+            return float(np.sum((q.T @ unit) ** 2))
+
+        rng = np.random.default_rng(args.seed)
+        ctrl = []
+        for _ in range(args.span_draws):
+            flat = rng.choice(layer * model.config.d_mlp, size=len(top), replace=False)
+            ctrl.append(share(np.stack([flat // model.config.d_mlp, flat % model.config.d_mlp], 1)))
+        span = {"n_directions": int(len(top)), "share_pruned": share(top), "share_random_mean": float(np.mean(ctrl)),
+                "share_random_range": [float(min(ctrl)), float(max(ctrl))],
+                "share_expected_random_subspace": len(top) / d}
+    coeffs = (0.0, 0.25, 0.5)
+    vecs = np.stack([unit * c * x_norm for c in coeffs]).astype(np.float32)
+
+    def scores(m):
+        outs = generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens)
+        texts = [[tok.decode([int(t) for t in row if t >= 0]) for row in per_vec] for per_vec in outs]
+        return [float(np.mean([code_score(t) for t in per])) for per in texts], texts
+
+    table, examples = {}, {}
+    for name, mdl in (("base", model), ("pruned_ratio", M.prune(model, masks["ratio"])),
+                      ("pruned_random", M.prune(model, masks["random"]))):
+        table[name], ex = scores(mdl)
+        examples[name] = {str(c): ex[i][0][:300] for i, c in enumerate(coeffs)}
+    return {"layer": layer, "method": "reply mean difference (4 reply tokens), code vs prose requests",
+            "vector_norm_raw": float(np.linalg.norm(v)), "resid_norm": x_norm, "coeffs_x_resid_norm": list(coeffs),
+            "span": span, "code_score": table, "example_steered_reply": examples,
+            "prompts": NEUTRAL[: args.steer_prompts]}
+
+
+def dense_reference(model, rows):
+    logits = np.asarray(jax.vmap(model)(jnp.asarray(rows)), np.float32)
+    return logits
+
+
+def _loss_and_agreement(logits, dense, rows):
+    logp = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), -1)
+    nll = -np.take_along_axis(np.asarray(logp), rows[:, 1:, None], -1)[..., 0]
+    return float(nll.mean()), float((logits.argmax(-1) == dense.argmax(-1)).mean())
+
+
+def moe_section(args, model, train, eval_rows, out: Path, label: str):
+    c = model.config
+    if c.d_mlp % args.expert_size:
+        return {"skipped": f"d_mlp {c.d_mlp} is not a multiple of expert_size {args.expert_size}"}
+    E = c.d_mlp // args.expert_size
+    mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
+    t0 = time.perf_counter()
+    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters),
+              "coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
+              "random": MOE.split_random(model, args.expert_size, args.seed)}
+    t_split = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    half = max(1, len(mixed) // 2)
+    bs = min(4, half)
+    cfg = TrainConfig(steps=args.router_steps, batch_size=bs, lr=0.01, warmup_steps=0, eval_every=args.router_steps,
+                      eval_batches=1, checkpoint_every=args.router_steps)
+    trained, log = MOE.train_routers(model, list(splits.values()), mixed[half:], mixed[:half], cfg,
+                                     out / f"routers_{label}", progress=False)
+    t_train = time.perf_counter() - t0
+    dense = dense_reference(model, eval_rows)
+    dense_loss, _ = _loss_and_agreement(dense, dense, eval_rows)
+    table = []
+    t0 = time.perf_counter()
+    for (split, lab), mlp in zip(splits.items(), trained):
+        routers = {"oracle": None, "centroid": MOE.centroid_routers(model, lab), "mlp": mlp}
+        for rname, r in routers.items():
+            for f in args.fractions:
+                k = max(1, int(round(f * E)))
+                logits = np.asarray(MOE.expert_forward(model, eval_rows, lab, r, k), np.float32)
+                loss, agree = _loss_and_agreement(logits, dense, eval_rows)
+                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss, "top1_agreement": agree})
+    return {"expert_size": args.expert_size, "experts_per_layer": E, "dense_loss": dense_loss, "table": table,
+            "router_training": {"steps": args.router_steps, "batch": bs, "log": log, "seconds": t_train},
+            "split_seconds": t_split, "eval_seconds": time.perf_counter() - t0,
+            "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0",
+            "compute": "mask over neurons (neuron_mix): correct, not a compute saving"}
+
+
+def dejavu_section(args, model, train, eval_rows, out: Path, label: str):
+    mixed = np.concatenate([train[n] for n in (FORGET,) + RETAIN])
+    half = max(1, len(mixed) // 2)
+    bs = min(4, half)
+    rank = min(args.rank, model.config.d_model)
+    init = CS.init_predictors(model, rank, jax.random.key(args.seed))
+    cfg = TrainConfig(steps=args.predictor_steps, batch_size=bs, lr=1e-3, warmup_steps=0,
+                      eval_every=args.predictor_steps, eval_batches=1, checkpoint_every=args.predictor_steps)
+    t0 = time.perf_counter()
+    pred, log = CS.train_predictors(model, init, mixed[half:], mixed[:half], cfg, out / f"predictors_{label}", progress=False)
+    t_train = time.perf_counter() - t0
+    recall = {"trained": CS.recall_at(model, pred, eval_rows), "untrained": CS.recall_at(model, init, eval_rows)}
+    dense = dense_reference(model, eval_rows)
+    dense_loss, _ = _loss_and_agreement(dense, dense, eval_rows)
+    sparse = []
+    for name, p in (("trained", pred), ("untrained", init)):
+        for f in args.fractions:
+            for hf in (1.0, 0.3):
+                logits = np.asarray(CS.predicted_sparse_forward(model, eval_rows, p, f, hf), np.float32)
+                loss, agree = _loss_and_agreement(logits, dense, eval_rows)
+                sparse.append({"predictor": name, "neuron_frac": f, "head_frac": hf, "loss": loss, "top1_agreement": agree})
+    return {"rank": rank, "label_frac": 0.1, "head_label_frac": 0.3, "input": "resid_pre / rms",
+            "training": {"steps": args.predictor_steps, "batch": bs, "log": log, "seconds": t_train},
+            "dense_loss": dense_loss, "recall": recall, "sparse_forward": sparse}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if args.model:
+        import models
+
+        entries = [(name, *models.load(name)) for name in args.model]
+    elif args.preset == "smoke":
+        entries = smoke_models(args.smoke_gelu)
+    else:
+        import models
+
+        entries = [("smollm2-135m-instruct", *models.load("smollm2-135m-instruct"))]
+    report = {"preset": args.preset, "args": {k: v for k, v in vars(args).items() if k != "model"},
+              "models": [e[0] for e in entries], "selective_pruning": {}, "steering": {}, "moefication": {},
+              "contextual_sparsity": {}, "seconds": {}}
+    for i, (name, model, tok) in enumerate(entries):
+        if tok is None:
+            raise SystemExit(f"{name}: no tokenizer in the folder; the corpora need one")
+        label = f"m{i}"
+        print(f"== {name}: {model.config.n_layers} layers, d {model.config.d_model}, d_mlp {model.config.d_mlp}, "
+              f"{'gated ' if model.config.gated_mlp else ''}{model.config.activation}")
+        train = rows_for(tok, args, "train", args.collect_rows, args.seed)
+        evals = rows_for(tok, args, "validation", args.eval_rows, args.seed + 1)
+        skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN]), 50)
+        eval_mix = np.concatenate(list(evals.values()))
+        t = {}
+        if "selective_pruning" in args.sections:
+            t0 = time.perf_counter()
+            prune_result, masks = pruning_section(args, model, train, evals, skip, out, label)
+            t["selective_pruning"] = time.perf_counter() - t0
+            report["selective_pruning"][name] = prune_result
+        if "steering" in args.sections:
+            t0 = time.perf_counter()
+            if "selective_pruning" not in args.sections:
+                ratio_mask, _, _ = M.load_masks(args.masks)
+                rnd = M.random_unpruned(ratio_mask.shape, int(ratio_mask.sum()), np.zeros_like(ratio_mask),
+                                        np.random.default_rng(args.seed))
+                masks = {"ratio": ratio_mask, "random": rnd}
+            first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]))
+            report["steering"][name] = steering_section(args, model, tok, masks, train, first)
+            t["steering"] = time.perf_counter() - t0
+        if "moefication" in args.sections:
+            t0 = time.perf_counter()
+            report["moefication"][name] = moe_section(args, model, train, eval_mix, out, label)
+            t["moefication"] = time.perf_counter() - t0
+        if "contextual_sparsity" in args.sections:
+            t0 = time.perf_counter()
+            report["contextual_sparsity"][name] = dejavu_section(args, model, train, eval_mix, out, label)
+            t["contextual_sparsity"] = time.perf_counter() - t0
+        report["seconds"][name] = t
+        print(f"   seconds: {json.dumps({k: round(v) for k, v in t.items()})}")
+    report["seconds"]["total"] = time.perf_counter() - t_start
+    # CPU seconds of this process (all threads): on a machine shared with other jobs the
+    # wall time says more about the neighbours than about this script.
+    report["seconds"]["cpu_total"] = time.process_time()
+    report["load_avg_1min_at_end"] = os.getloadavg()[0]
+    write_report(report, out)
+    print(f"wrote {out / 'report.md'} in {report['seconds']['total']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""report.md, PNGs and report.json of scripts/modularity.py (no model code here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x
+
+
+
+
+def plot_pruning(report, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i, (name, res) in enumerate(report["selective_pruning"].items()):
+        corpora = [k for k in res["methods"]["ratio"]["records"][0] if isinstance(res["methods"]["ratio"]["records"][0][k], dict)]
+        fig, axes = plt.subplots(1, len(corpora), figsize=(4.2 * len(corpora), 3.4), sharey=True)
+        total = res["n_neurons"]
+        for ax, corpus in zip(np.atleast_1d(axes), corpora):
+            for method, style in (("ratio", "-o"), ("forget", "--s")):
+                recs = res["methods"][method]["records"]
+                ax.plot([100 * r["neurons_pruned"] / total for r in recs], [r[corpus]["top1"] for r in recs], style, label=method)
+            draws = res["methods"]["random"]["draws"]
+            x = [100 * r["neurons_pruned"] / total for r in draws[0]]
+            ys = np.array([[r[corpus]["top1"] for r in d] for d in draws])
+            ax.plot(x, ys.mean(0), ":^", label=f"random ({len(draws)} draws)")
+            if len(draws) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+            ax.set_title(corpus)
+            ax.set_xlabel("% MLP neurons pruned")
+        np.atleast_1d(axes)[0].set_ylabel("top-1 accuracy (skip 50 common)")
+        np.atleast_1d(axes)[0].legend(fontsize=7)
+        fig.suptitle(f"selective pruning, forget = python-code: {name}", fontsize=9)
+        fig.tight_layout()
+        f = f"pruning_m{i}.png"
+        fig.savefig(out / f, dpi=90)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def plot_moe(report, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i, (name, res) in enumerate(report["moefication"].items()):
+        if "table" not in res:
+            continue
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        combos = sorted({(r["split"], r["router"]) for r in res["table"]})
+        for split, router in combos:
+            rows = sorted((r for r in res["table"] if r["split"] == split and r["router"] == router), key=lambda r: r["fraction"])
+            ax.plot([r["fraction"] for r in rows], [r["top1_agreement"] for r in rows],
+                    {"weights": "-", "coact": "--", "random": ":"}[split] + {"oracle": "o", "centroid": "s", "mlp": "^"}[router],
+                    label=f"{split} / {router}")
+        ax.set_xlabel("fraction of experts used per token")
+        ax.set_ylabel("top-1 agreement with dense")
+        ax.set_title(f"MoEfication: {name}", fontsize=9)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        f = f"moefication_m{i}.png"
+        fig.savefig(out / f, dpi=90)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def plot_dejavu(report, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for i, (name, res) in enumerate(report["contextual_sparsity"].items()):
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for which, style in (("trained", "-"), ("untrained", ":")):
+            rec = res["recall"][which]
+            ax.plot([r["kept"] for r in rec], [r["neuron_recall"] for r in rec], style + "o", label=f"neurons, {which}")
+            ax.plot([r["kept"] for r in rec], [r["head_recall"] for r in rec], style + "s", label=f"heads, {which}")
+        ax.set_xlabel("fraction kept (predicted top)")
+        ax.set_ylabel("recall of the units that matter")
+        ax.set_title(f"Deja Vu predictors: {name}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        f = f"dejavu_m{i}.png"
+        fig.savefig(out / f, dpi=90)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+def _f(x, nd=3):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(report, figures) -> str:
+    a = report["args"]
+    lines = ["# Modularity: selective pruning, MoEfication, contextual sparsity", "",
+             f"Preset `{report['preset']}`; rows of {a['seq']} tokens; {a['collect_rows']} rows per corpus for "
+             f"statistics / clustering / training, {a['eval_rows']} validation rows per corpus for every metric; "
+             f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
+             f"(2 CPU cores shared with other jobs; 1-min load average at the end "
+             f"{report.get('load_avg_1min_at_end', float('nan')):.1f}).", ""]
+    lines += ["## Selective pruning (taker)", "",
+              f"Forget = python-code, retain = shakespeare + python-docs; {100 * a['prune_frac']:.0f}% of all MLP neurons "
+              "per step, chosen globally by mean|a| forget / (mean|a| retain + 1e-3) on the current pruned model; "
+              "controls: pruning by forget-set activation alone, random pruning of the same counts. "
+              "Top-1 / top-10 skip the 50 most common tokens; loss over every token.", ""]
+    for name, res in report["selective_pruning"].items():
+        rec0 = res["methods"]["ratio"]["records"]
+        corpora = [k for k in rec0[0] if isinstance(rec0[0][k], dict)]
+        lines += [f"### {name}", "", "| method | step | % pruned | " + " | ".join(f"{c} top1 / top10 / loss" for c in corpora) + " |",
+                  "|---|---|---|" + "---|" * len(corpora)]
+        rows = [("ratio", r) for r in rec0] + [("forget", r) for r in res["methods"]["forget"]["records"][1:]]
+        draws = res["methods"]["random"]["draws"]
+        for step in range(1, len(draws[0])):
+            mean = {c: {m: float(np.mean([d[step][c][m] for d in draws])) for m in ("top1", "top10", "loss")} for c in corpora}
+            rows.append((f"random (mean of {len(draws)})", dict(draws[0][step], **mean)))
+        for method, r in rows:
+            lines.append(f"| {method} | {r['step']} | {100 * r['neurons_pruned'] / res['n_neurons']:.0f} | "
+                         + " | ".join(f"{r[c]['top1']:.3f} / {r[c]['top10']:.3f} / {r[c]['loss']:.2f}" for c in corpora) + " |")
+        lines += ["", f"Pruned neurons per layer (ratio): {res['layer_counts']}; saved with models.save and reloaded: "
+                  f"max |logit diff| {res['reload_max_abs_logit_diff']:.2e}.", ""]
+    lines += ["## Steering vector vs pruned neurons", ""]
+    for name, s in report["steering"].items():
+        sp = s["span"]
+        lines += [f"### {name}", "", f"Vector: {s['method']}, at resid_pre[{s['layer']}], added at "
+                  f"{s['coeffs_x_resid_norm']} x the mean residual norm ({s['resid_norm']:.1f}) on {len(s['prompts'])} neutral prompts.", ""]
+        if sp.get("n_directions"):
+            lines.append(f"Share of |v|^2 in the span of the {sp['n_directions']} most forget-specific pruned neurons' output "
+                         f"directions (layers < {s['layer']}): **{sp['share_pruned']:.3f}**; random neurons: "
+                         f"{sp['share_random_mean']:.3f} (range {sp['share_random_range'][0]:.3f}-{sp['share_random_range'][1]:.3f}); "
+                         f"a random subspace of that size: {sp['share_expected_random_subspace']:.3f}.")
+        lines += ["", "| model | " + " | ".join(f"code_score at {c}" for c in s["coeffs_x_resid_norm"]) + " |",
+                  "|---|" + "---|" * len(s["coeffs_x_resid_norm"])]
+        for m, vals in s["code_score"].items():
+            lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+        lines.append("")
+    lines += ["## MoEfication", ""]
+    for name, res in report["moefication"].items():
+        if "table" not in res:
+            lines += [f"### {name}", "", res.get("skipped", ""), ""]
+            continue
+        lines += [f"### {name}", "", f"{res['experts_per_layer']} experts of {res['expert_size']} neurons per layer; "
+                  f"dense loss {res['dense_loss']:.3f}; co-activation: {res['coact_rule']}; {res['compute']}. "
+                  f"Routers trained {res['router_training']['steps']} steps (batch {res['router_training']['batch']}).", "",
+                  "| split | router | fraction of experts | loss | top-1 agreement |", "|---|---|---|---|---|"]
+        for r in res["table"]:
+            lines.append(f"| {r['split']} | {r['router']} | {r['fraction']:.3f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} |")
+        lines.append("")
+    lines += ["## Contextual sparsity (Deja Vu)", ""]
+    for name, res in report["contextual_sparsity"].items():
+        lines += [f"### {name}", "", f"Rank {res['rank']} predictors from {res['input']}; a neuron matters when |a| is in the "
+                  f"token's top {100 * res['label_frac']:.0f}%, a head when its output norm is in the top "
+                  f"{100 * res['head_label_frac']:.0f}%; dense loss {res['dense_loss']:.3f}.", "",
+                  "| predictor | kept | neuron recall | activation mass kept | head recall |", "|---|---|---|---|---|"]
+        for which in ("trained", "untrained"):
+            for r in res["recall"][which]:
+                lines.append(f"| {which} | {r['kept']:.2f} | {r['neuron_recall']:.3f} | {r['mass_kept']:.3f} | {r['head_recall']:.3f} |")
+        lines += ["", "| predictor | neurons kept | heads kept | loss | top-1 agreement |", "|---|---|---|---|---|"]
+        for r in res["sparse_forward"]:
+            lines.append(f"| {r['predictor']} | {r['neuron_frac']:.2f} | {r['head_frac']:.2f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} |")
+        lines.append("")
+    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    figures = plot_pruning(report, out) + plot_moe(report, out) + plot_dejavu(report, out)
+    report = _jsonable(report)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report, figures))
