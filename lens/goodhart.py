@@ -99,10 +99,15 @@ def _with_config(model, config):
     return type(model)(**fields)
 
 
+@eqx.filter_jit
+def _distill_loss(teacher, student, rows):
+    return DistillLoss(teacher)(student, rows)
+
+
 def mean_kl(teacher, student, rows: Int[np.ndarray, "N T"], batch: int = 8) -> float:
     """Mean KL(teacher || student) over every position of `rows` (the held-out check)."""
     rows = np.asarray(rows, np.int32)
-    loss = eqx.filter_jit(lambda t, s, r: DistillLoss(t)(s, r))
+    loss = _distill_loss
     n = (len(rows) // batch) * batch
     if n == 0:
         raise ValueError(f"{len(rows)} rows are fewer than one batch of {batch}")

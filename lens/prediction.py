@@ -22,6 +22,7 @@ jitted) with the model's top-k tokens K (sorted by the model's probability):
   order     the predictor's top-k equals the model's top-k in the same order (the
             "exact top-k order" defence)
   kl        KL(p_model || p_pred) over the whole vocabulary, in nats
+  pred_top1 the predictor's top-1 token id (for "score only where the predictor is wrong")
 
 The predictor's log-probs are floored at LOG_FLOOR (-100 nats) before any difference, so
 a predictor giving a token zero probability costs a large, finite error instead of inf.
@@ -49,6 +50,7 @@ from models.interventions import Edits
 
 LOG_FLOOR = -100.0
 METRICS = ("test_err", "top1", "recall", "jaccard", "spearman", "order", "kl")
+PER_POSITION = METRICS + ("pred_top1",)
 DEFAULT_TOLERANCES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 Predictor = Callable[[Int[Array, "B T"]], Float[Array, "B T V"]]
@@ -88,6 +90,7 @@ def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T
         "spearman": jax.vmap(_spearman)(m_val, p_on_m),
         "order": (m_idx == p_idx).all(-1).astype(jnp.float32),
         "kl": jnp.maximum(kl, 0.0),  # float32 rounding can give -1e-7 for identical rows
+        "pred_top1": p_idx[:, 0].astype(jnp.float32),  # ids < 2^24: exact in float32
     }
 
 
@@ -99,13 +102,14 @@ def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B 
 
 
 # ---------------------------------------------------------------- predictors
+@eqx.filter_jit  # module level: every model of one structure shares the compilation
+def _model_logp(model, rows):
+    return jax.nn.log_softmax(jax.vmap(model)(rows).astype(jnp.float32), axis=-1)
+
+
 def model_predictor(model) -> Predictor:
     """The model itself: log-softmax of its logits on each row (float32)."""
-    @eqx.filter_jit
-    def run(model, rows):
-        return jax.nn.log_softmax(jax.vmap(model)(rows).astype(jnp.float32), axis=-1)
-
-    return lambda rows: run(model, rows)
+    return lambda rows: _model_logp(model, rows)
 
 
 def direct_path_edits(config, through_first_mlp: bool = False) -> Edits:
@@ -132,14 +136,15 @@ def direct_path_logits(model, tokens: Int[Array, " T"], through_first_mlp: bool 
     return model.unembed_resid(x)[0]
 
 
+@eqx.filter_jit
+def _direct_logp(model, rows, through_first_mlp: bool):
+    logits = jax.vmap(lambda t: direct_path_logits(model, t, through_first_mlp))(rows)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
 def direct_path(model, through_first_mlp: bool = False) -> Predictor:
     """The direct path as a predictor (see `direct_path_logits`)."""
-    @eqx.filter_jit
-    def run(model, rows):
-        logits = jax.vmap(lambda t: direct_path_logits(model, t, through_first_mlp))(rows)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-    return lambda rows: run(model, rows)
+    return lambda rows: _direct_logp(model, rows, through_first_mlp)
 
 
 def uniform_predictor(vocab: int) -> Predictor:
@@ -189,17 +194,16 @@ def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarr
         raise ValueError("score: no predictors given")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    rows = np.asarray(rows)
-    probe = jax.eval_shape(model, jax.ShapeDtypeStruct((1, rows.shape[1]), jnp.int32))
-    v = probe.shape[-1]
+    rows = check_rows(rows, np.iinfo(np.int32).max)
+    v = model(jnp.zeros((1, rows.shape[1]), jnp.int32)).shape[-1]  # the model's width
     if vocab is not None and vocab != v:
         raise ValueError(f"vocab {vocab} != the model's output width {v}")
     if k > v:
         raise ValueError(f"k = {k} exceeds the vocabulary ({v})")
     rows = check_rows(rows, v)
     n, t = rows.shape
-    chunk = chunk_rows or chunk_rows_for(t, v, len(predictors))
-    out = {name: {m: np.empty((n, t), np.float32) for m in METRICS} for name in predictors}
+    chunk = min(n, chunk_rows or chunk_rows_for(t, v, len(predictors)))
+    out = {name: {m: np.empty((n, t), np.float32) for m in PER_POSITION} for name in predictors}
     for start in tqdm(range(0, n, chunk), disable=not progress, desc="score", dynamic_ncols=True):
         batch = rows[start:start + chunk]
         if len(batch) < chunk:  # pad to the chunk so every call reuses one compilation
@@ -212,7 +216,7 @@ def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarr
                 raise ValueError(f"predictor {name!r} gave shape {p_logp.shape}, the model {m_logp.shape}")
             got = batch_metrics(m_logp, p_logp, k)
             stop = min(n, start + chunk)
-            for m in METRICS:
+            for m in PER_POSITION:
                 out[name][m][start:stop] = np.asarray(got[m])[: stop - start]
     next_token = np.concatenate([rows[:, 1:], np.full((n, 1), -1, np.int32)], axis=1)
     return {name: Scores(out[name], next_token, k) for name in predictors}

@@ -110,13 +110,16 @@ def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: Lo
     """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm)."""
     loss_fn = loss_fn or next_token_loss
 
+    # loss_fn is an ARGUMENT of the compiled step, not a closure: the arrays it holds (a
+    # frozen teacher, a bigram table) are then inputs, not constants baked into the
+    # program (a 64 MB closed-over table made XLA's compile take minutes).
     @eqx.filter_jit
-    def step(params, opt_state, rows):
+    def step(params, opt_state, rows, loss_fn):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(_compute_model(p, static, bf16), rows))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
 
-    return step
+    return lambda params, opt_state, rows: step(params, opt_state, rows, loss_fn)
 
 
 def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None) -> float:
