@@ -67,7 +67,7 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset(1, 32, 32, 12, 4, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
-    "default": Preset(2, 128, 64, 200, 8, (0.0, 1.0, 3.0), (0.0, 3.0), (0, 1, 2), 32, 100, 8, 24),
+    "default": Preset(2, 128, 64, 200, 8, (0.0, 1.0), (0.0, 1.0), (0, 1), 32, 60, 6, 12),
     "large": Preset(4, 256, 128, 800, 8, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0), (0, 1, 2, 3, 4),
                     128, 400, 64, 150),
 }
@@ -126,7 +126,7 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                        progress=progress).model
     cheap = {"bigram": bigram.predictor(), "side": prediction.model_predictor(side)}
     n_eval = min(len(val), 16 * p.batch)
-    results, reference, plain = {}, None, {}
+    results, plain = {}, {}
     for target, lams in (("bigram", p.lambdas), ("side", p.side_lambdas)):
         runs = []
         for lam in lams:
@@ -149,10 +149,16 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                 runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, val[:n_eval], p.batch),
                              **d, "pass_rate_held_out_code": defences(s_out, p)["pass_rate"],
                              "pass_rate_by_tolerance": prediction.summarize(s_in, p.tolerances)["pass_rate"]})
-                if target == "bigram" and lam == 0 and seed == p.seeds[0]:
-                    reference = model
         results[target] = runs
-    return {"runs": results, "reference": reference, "train_rows": tr, "val": val}
+    return results
+
+
+def plain_model(p: Preset, tok, out: Path, progress: bool, seed: int = 0):
+    """The lam = 0 model of `seed` (from its finished checkpoint when the sweep ran)."""
+    tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
+    return train.train(models.init(toy_config(p, tok), jax.random.key(seed)), tr, val,
+                       dataclasses.replace(train_cfg(p), seed=seed), out / "runs" / f"plain_lam0_seed{seed}",
+                       progress=progress, run_info={"target": "bigram", "lam": 0.0}).model, tr  # lam 0 = plain
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -282,6 +288,17 @@ def markdown(report: dict, figs: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PARTS = ("sweep", "toy", "smollm2")
+
+
+def parts_list(text: str) -> tuple[str, ...]:
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in got if x not in PARTS]
+    if not got or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(PARTS)}; got {text!r}")
+    return got
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -291,8 +308,20 @@ def parse_args(argv=None):
                          "runs/gpt2_ln_bpe/model) for the predictor table, instead of the sweep's lam=0 model")
     ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's training steps")
     ap.add_argument("--tau", type=positive_float, default=None, help="override the headline tolerance (nats)")
+    ap.add_argument("--parts", type=parts_list, default=PARTS,
+                    help="comma-separated subset of sweep,toy,smollm2 (each cached as part_*.json in --out, "
+                         "so parts can run in separate processes; the report needs sweep and toy)")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
+
+
+def cached(path: Path, compute) -> dict:
+    """A part's JSON: read when a previous (or concurrent) run wrote it, else computed and written."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def main(argv=None) -> dict:
@@ -307,34 +336,45 @@ def main(argv=None) -> dict:
     from lens.bpe import corpus_tokenizer
 
     tok = corpus_tokenizer(ALL_CORPORA, 4096)
-    sweep = run_sweep(p, tok, args.out, progress)
-    timing = {"sweep_s": time.perf_counter() - t0}
     evals = lambda tk, seq, n: {c: rows_of([c], tk, seq, "validation", n) for c in ALL_CORPORA}  # noqa: E731
-    if args.model is not None:
-        ref, ref_tok = models.load(args.model)
-        ref_train = rows_of(ALL_CORPORA, ref_tok, p.seq, "train")
-        ref_name = str(args.model)
-    else:
-        ref, ref_tok, ref_train, ref_name = sweep["reference"], tok, sweep["train_rows"], "toy (λ=0, seed 0)"
-    predictors = {ref_name: predictor_table(ref, ref_tok, ref_train, evals(ref_tok, p.seq, p.score_rows), p,
-                                            p.distill_steps, args.out / "runs" / "distill_toy", progress)}
-    timing["toy_predictors_s"] = time.perf_counter() - t0 - timing["sweep_s"]
-    if p.smollm2_rows:
-        t1 = time.perf_counter()
-        smol, smol_tok = models.load("smollm2-135m-instruct")
-        smol_train = rows_of(ALL_CORPORA, smol_tok, 128, "train")
-        predictors["SmolLM2-135M-Instruct"] = predictor_table(
-            smol, smol_tok, smol_train, evals(smol_tok, 128, p.smollm2_rows), p, p.smollm2_distill_steps,
-            args.out / "runs" / "distill_smollm2", progress)
-        timing["smollm2_s"] = time.perf_counter() - t1
+    parts, timing = {}, {}
+
+    def timed(name, compute):
+        t = time.perf_counter()
+        parts[name] = cached(args.out / f"part_{name}.json", compute)
+        timing[name + "_s"] = time.perf_counter() - t
+
+    if "sweep" in args.parts:
+        timed("sweep", lambda: run_sweep(p, tok, args.out, progress))
+    if "toy" in args.parts:
+        def toy():
+            if args.model is not None:
+                ref, ref_tok = models.load(args.model)
+                return {str(args.model): predictor_table(
+                    ref, ref_tok, rows_of(ALL_CORPORA, ref_tok, p.seq, "train"), evals(ref_tok, p.seq, p.score_rows),
+                    p, p.distill_steps, args.out / "runs" / "distill_model", progress)}
+            ref, ref_train = plain_model(p, tok, args.out, progress)
+            return {"toy (λ=0, seed 0)": predictor_table(ref, tok, ref_train, evals(tok, p.seq, p.score_rows), p,
+                                                         p.distill_steps, args.out / "runs" / "distill_toy", progress)}
+        timed("toy", toy)
+    if "smollm2" in args.parts and p.smollm2_rows:
+        def smollm2():
+            smol, smol_tok = models.load("smollm2-135m-instruct")
+            return {"SmolLM2-135M-Instruct": predictor_table(
+                smol, smol_tok, rows_of(ALL_CORPORA, smol_tok, 128, "train"), evals(smol_tok, 128, p.smollm2_rows),
+                p, p.smollm2_distill_steps, args.out / "runs" / "distill_smollm2", progress)}
+        timed("smollm2", smollm2)
+    if not {"sweep", "toy"} <= set(parts):
+        print(f"parts {sorted(parts)} done; run again with every part for the report")
+        return parts
     report = {
         "preset": args.preset, "settings": dataclasses.asdict(p), "k": K,
         "seconds": time.perf_counter() - t0, "timing": timing,
         "machine": "CPU, 2 cores shared with other jobs (times are loaded-machine times)",
         "smoothing": "unigram add-0.1; bigram/trigram interpolated Witten-Bell; counted inside train rows",
-        "predictors": predictors,
-        "lambda_sweep": {t: aggregate(r) for t, r in sweep["runs"].items()},
-        "runs": sweep["runs"],
+        "predictors": parts["toy"] | parts.get("smollm2", {}),
+        "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items()},
+        "runs": parts["sweep"],
     }
     figs = plots(report, args.out)
     (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
