@@ -4,6 +4,7 @@ and barely trained: this checks the pipeline, not the findings.)"""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_script():
     spec = importlib.util.spec_from_file_location("goodhart_script", ROOT / "scripts" / "goodhart.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["goodhart_script"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
