@@ -23,6 +23,7 @@ BAD = [
     ("goodhart", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("goodhart", ["--out", "x", "--steps", "0"], "argument --steps: must be an integer >= 1; got 0"),
     ("goodhart", ["--out", "x", "--tau", "-1"], "argument --tau: must be > 0"),
+    ("goodhart", ["--out", "x", "--parts", "sweep,nope"], "argument --parts: must be a comma-separated subset"),
     ("prediction", ["--tokens", "0"], "argument --tokens: must be an integer >= 1; got 0"),
     ("prediction", ["--vocab", "8"], "argument --vocab: must be an integer >= 16; got 8"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
