@@ -24,6 +24,8 @@ GOOD = {
     "generation": [],
     "modularity": ["--out", "x"],
     "bench/modularity": [],
+    "goodhart": ["--out", "x"],
+    "prediction": [],
 }
 BAD = [
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
@@ -47,6 +49,12 @@ BAD = [
     ("modularity", ["--out", "x", "--prune-frac", "0.5", "--prune-steps", "3"], "prunes more than every neuron"),
     ("modularity", ["--out", "x", "--expert-size", "0"], "argument --expert-size"),
     ("modularity", ["--out", "x", "--steer-prompts", "9"], "--steer-prompts: at most 4"),
+    ("goodhart", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
+    ("goodhart", ["--out", "x", "--steps", "0"], "argument --steps: must be an integer >= 1; got 0"),
+    ("goodhart", ["--out", "x", "--tau", "-1"], "argument --tau: must be > 0"),
+    ("goodhart", ["--out", "x", "--parts", "sweep,nope"], "argument --parts: must be a comma-separated subset"),
+    ("prediction", ["--tokens", "0"], "argument --tokens: must be an integer >= 1; got 0"),
+    ("prediction", ["--vocab", "8"], "argument --vocab: must be an integer >= 16; got 8"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
     ("orthogonal_steering", ["--k", "two"], "argument --k: must be an integer >= 1; got 'two'"),
     ("orthogonal_steering", ["--block", "0"], "argument --block"),

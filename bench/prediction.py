@@ -1,0 +1,150 @@
+"""Scoring a predictor on many tokens: lens.prediction + lens.ngram vs straightforward
+numpy and torch implementations of the same test, one process, same inputs.
+
+    .venv/bin/python bench/prediction.py                       # 1M tokens, vocab 4096
+    .venv/bin/python bench/prediction.py --tokens 131072 --json runs/bench_prediction.json
+
+Per chunk of `--chunk` positions every side gets the same model log-probs (a fixed set
+of `--distinct` chunks, cycled: the model's forward is the same cost for every side and
+is not timed) and the same token rows, and computes the bigram predictor's log-probs and
+every per-position metric of lens.prediction (test error over the model's top-k, top-1,
+top-k recall / Jaccard, Spearman on the top-k, exact order, KL):
+  ours   lens.ngram sparse table -> jitted scatter, lens.prediction.batch_metrics (jit, vmap)
+  numpy  the dense [V, V] log-table gathered, argpartition + argsort top-k, scipy-free ranks
+  torch  the dense log-table gathered, torch.topk, argsort ranks (ordinal: no ties in data)
+Reports tokens/s of each and the ratios; checks the sides agree on the means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lens import ngram, prediction  # noqa: E402
+from lens.cli import int_at_least  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int_at_least(1), default=1_000_000, help="positions scored per side")
+    p.add_argument("--vocab", type=int_at_least(16), default=4096)
+    p.add_argument("--seq", type=int_at_least(2), default=128)
+    p.add_argument("--chunk", type=int_at_least(1), default=2048, help="positions per chunk")
+    p.add_argument("--k", type=int_at_least(1), default=10)
+    p.add_argument("--distinct", type=int_at_least(1), default=4, help="distinct input chunks, cycled")
+    p.add_argument("--sides", default="ours,numpy,torch")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def numpy_metrics(m, p, k):
+    """The same metrics, straightforward numpy over [P, V]."""
+    part = np.argpartition(-m, k - 1, axis=-1)[:, :k]
+    top_m = np.take_along_axis(part, np.argsort(-np.take_along_axis(m, part, -1), -1, kind="stable"), -1)
+    part = np.argpartition(-p, k - 1, axis=-1)[:, :k]
+    top_p = np.take_along_axis(part, np.argsort(-np.take_along_axis(p, part, -1), -1, kind="stable"), -1)
+    mv, pv = np.take_along_axis(m, top_m, -1), np.take_along_axis(p, top_m, -1)
+    hits = (top_m[:, :, None] == top_p[:, None, :]).any(-1).sum(-1)
+    rank = lambda x: np.argsort(np.argsort(-x, -1), -1).astype(np.float64)  # noqa: E731
+    ra, rb = rank(mv), rank(pv)
+    ra -= ra.mean(-1, keepdims=True)
+    rb -= rb.mean(-1, keepdims=True)
+    rho = (ra * rb).sum(-1) / np.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    return {"test_err": np.abs(mv - pv).mean(-1), "top1": top_m[:, 0] == top_p[:, 0], "recall": hits / k,
+            "jaccard": hits / (2 * k - hits), "spearman": rho, "order": (top_m == top_p).all(-1),
+            "kl": (np.exp(m) * (m - p)).sum(-1)}
+
+
+def torch_metrics(torch, m, p, k):
+    mv, top_m = torch.topk(m, k, dim=-1)
+    _, top_p = torch.topk(p, k, dim=-1)
+    pv = torch.gather(p, -1, top_m)
+    hits = (top_m[:, :, None] == top_p[:, None, :]).any(-1).sum(-1).float()
+    rank = lambda x: torch.argsort(torch.argsort(-x, -1), -1).float()  # noqa: E731
+    ra, rb = rank(mv), rank(pv)
+    ra, rb = ra - ra.mean(-1, keepdim=True), rb - rb.mean(-1, keepdim=True)
+    rho = (ra * rb).sum(-1) / torch.sqrt((ra * ra).sum(-1) * (rb * rb).sum(-1))
+    return {"test_err": (mv - pv).abs().mean(-1), "top1": (top_m[:, 0] == top_p[:, 0]).float(), "recall": hits / k,
+            "jaccard": hits / (2 * k - hits), "spearman": rho, "order": (top_m == top_p).all(-1).float(),
+            "kl": (m.exp() * (m - p)).sum(-1)}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rng = np.random.default_rng(0)
+    V, T = args.vocab, args.seq
+    rows_per_chunk = max(1, args.chunk // T)
+    # token rows from a Zipf-like stream (a bigram table with realistic sparsity)
+    train_rows = (rng.zipf(1.2, (20_000, T)) - 1) % V
+    table = ngram.count(train_rows, 2, V)
+    dense_logp = np.log(table.dense_bigram()).astype(np.float32)
+    chunks = []
+    for _ in range(args.distinct):
+        rows = (rng.zipf(1.2, (rows_per_chunk, T)) - 1) % V
+        model_logp = dense_logp[rows] + rng.normal(0, 1.0, (rows_per_chunk, T, V)).astype(np.float32)
+        model_logp -= np.log(np.exp(model_logp).sum(-1, keepdims=True))
+        chunks.append((rows, model_logp.astype(np.float32)))
+    n_chunks = -(-args.tokens // (rows_per_chunk * T))
+    positions = n_chunks * rows_per_chunk * T
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    results, means = {}, {}
+
+    def ours_chunk(rows, m):
+        got = prediction.batch_metrics(jnp.asarray(m), table.log_probs(rows), args.k)
+        return {k: float(v.mean()) for k, v in got.items() if k in prediction.METRICS}, got
+
+    def numpy_chunk(rows, m):
+        p = dense_logp[rows].reshape(-1, V)
+        got = numpy_metrics(m.reshape(-1, V), np.maximum(p, prediction.LOG_FLOOR), args.k)
+        return {k: float(np.mean(v)) for k, v in got.items()}, got
+
+    torch = None
+    if "torch" in sides:
+        import torch
+
+        dense_t = torch.from_numpy(dense_logp)
+
+    def torch_chunk(rows, m):
+        with torch.no_grad():
+            p = dense_t[torch.from_numpy(rows.reshape(-1))]
+            got = torch_metrics(torch, torch.from_numpy(m.reshape(-1, V)), p.clamp_min(prediction.LOG_FLOOR), args.k)
+        return {k: float(v.float().mean()) for k, v in got.items()}, got
+
+    fns = {"ours": ours_chunk, "numpy": numpy_chunk, "torch": torch_chunk}
+    for side in sides:
+        fn = fns[side]
+        fn(*chunks[0])  # warm-up (compilation for ours); float() of the means blocks
+        t0 = time.perf_counter()
+        acc = []
+        for i in range(n_chunks):
+            mean, got = fn(*chunks[i % len(chunks)])
+            acc.append(mean)
+        secs = time.perf_counter() - t0
+        results[side] = {"seconds": secs, "tokens_per_s": positions / secs}
+        means[side] = {k: float(np.mean([a[k] for a in acc])) for k in acc[0]}
+        print(f"{side:6s} {positions:,} positions in {secs:.2f} s = {positions / secs:,.0f} tok/s", flush=True)
+    if "ours" in results:
+        for side in results:
+            if side != "ours":
+                results[side]["ours_speedup"] = results[side]["seconds"] / results["ours"]["seconds"]
+                agree = {k: abs(means["ours"][k] - means[side][k]) for k in means["ours"]}
+                results[side]["abs_mean_difference"] = agree
+                print(f"ours / {side}: {results[side]['ours_speedup']:.1f}x faster; |mean differences| "
+                      + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
+    report = {"positions": positions, "vocab": V, "seq": T, "chunk_positions": rows_per_chunk * T, "k": args.k,
+              "threads": "all the process may use", "results": results, "means": means}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

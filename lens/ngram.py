@@ -1,0 +1,181 @@
+"""Sparse n-gram tables (unigram, bigram, trigram) counted on token rows, as predictors.
+
+    table = lens.ngram.count(train_rows, order=2, vocab=4096)
+    logp = table.log_probs(rows)          # [B, T, V]: position t predicts rows[:, t + 1]
+    pred = table.predictor()              # for lens.prediction.score
+
+Counting: every n-gram INSIDE a row (rows[i, t - n + 1 : t + 1]) is counted; n-grams
+across row boundaries are not.  Each n-gram is one int64 key (context * V + next, the
+context itself a base-V number), and `np.unique(keys, return_counts=True)` counts them
+all at once: a few seconds for millions of tokens, memory proportional to the number of
+DISTINCT n-grams (a 49,152-token vocabulary is fine; the dense V x V table is never built).
+
+Smoothing (stated, because it decides every number): the unigram is add-`alpha`
+(default 0.1) over the whole vocabulary; each higher order is interpolated Witten-Bell,
+
+    p(w | h) = (c(h, w) + N1+(h) * p_lower(w | h')) / (c(h) + N1+(h))
+
+with N1+(h) the number of distinct tokens seen after context h and h' the context
+shortened by one token; an unseen context falls back to p_lower.  Every token gets
+probability > 0.  Positions whose context is not complete (t < n - 2 in the row) use the
+highest order their row prefix allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """The counts of one order n >= 2 in CSR form: contexts sorted by their base-V key."""
+
+    contexts: np.ndarray  # [C] int64 context keys, sorted
+    start: np.ndarray  # [C + 1] offsets into next / count
+    total: np.ndarray  # [C] c(h)
+    distinct: np.ndarray  # [C] N1+(h)
+    next: np.ndarray  # [E] int32 next tokens
+    count: np.ndarray  # [E] float64 c(h, w)
+
+
+@dataclasses.dataclass(frozen=True)
+class NGram:
+    """An n-gram model: `unigram` probabilities [V] and `levels[j]` the counts of order j + 2."""
+
+    order: int
+    vocab: int
+    unigram: np.ndarray
+    unigram_counts: np.ndarray
+    levels: tuple[Level, ...]
+    alpha: float
+
+    @property
+    def n_entries(self) -> int:
+        return int(sum(len(lv.next) for lv in self.levels))
+
+    def log_probs(self, rows: Int[np.ndarray, "B T"]) -> Float[Array, "B T V"]:
+        """Log-probabilities [B, T, V] (float32) of the token after each position of each row."""
+        rows = _check(rows, self.vocab)
+        b, t = rows.shape
+        coefs, pos, tok, val = [], [], [], []
+        for j, lv in enumerate(self.levels):
+            c, p, w, v = _level_entries(lv, rows, j + 2, self.vocab)
+            coefs.append(c)
+            pos.append(p)
+            tok.append(w)
+            val.append(v)
+        size = _bucket(max([len(p) for p in pos], default=1))
+        pad = lambda a, fill, dt: np.concatenate([a, np.full(size - len(a), fill, dt)]).astype(dt)  # noqa: E731
+        n_pos = b * t
+        coef = jnp.asarray(np.stack(coefs) if coefs else np.zeros((0, n_pos)), jnp.float32)
+        pos = jnp.asarray(np.stack([pad(p, n_pos, np.int32) for p in pos]) if pos else np.zeros((0, size), np.int32))
+        tok = jnp.asarray(np.stack([pad(w, 0, np.int32) for w in tok]) if tok else np.zeros((0, size), np.int32))
+        val = jnp.asarray(np.stack([pad(v, 0, np.float32) for v in val]) if val else np.zeros((0, size), np.float32))
+        logp = _dense_log_probs(jnp.asarray(self.unigram, jnp.float32), coef, pos, tok, val, n_pos)
+        return logp.reshape(b, t, self.vocab)
+
+    def predictor(self):
+        """`rows -> log_probs(rows)` for lens.prediction.score."""
+        return lambda rows: self.log_probs(np.asarray(rows))
+
+    def dense_bigram(self) -> Float[np.ndarray, "V V"]:
+        """The full [V, V] table p(next | previous) of a bigram model (small vocabularies
+        only: the Goodhart training term of lens.goodhart reads rows of it)."""
+        if self.order != 2:
+            raise ValueError(f"dense_bigram needs an order-2 table, this one has order {self.order}")
+        if self.vocab > 8192:
+            raise ValueError(f"a dense {self.vocab} x {self.vocab} table is too large; use log_probs")
+        lv = self.levels[0]
+        full = np.broadcast_to(self.unigram, (self.vocab, self.vocab)).astype(np.float64).copy()
+        coef = np.ones(self.vocab)
+        denom = lv.total + lv.distinct
+        coef[lv.contexts] = lv.distinct / denom
+        full *= coef[:, None]
+        ctx = np.repeat(lv.contexts, np.diff(lv.start))
+        full[ctx, lv.next] += lv.count / np.repeat(denom, np.diff(lv.start))
+        return full
+
+
+def _check(rows, vocab: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"rows must be integer token rows [N, T]; got {rows.dtype} {rows.shape}")
+    if rows.size and (rows.min() < 0 or rows.max() >= vocab):
+        raise ValueError(f"token ids outside [0, {vocab}): min {rows.min()}, max {rows.max()}")
+    return rows.astype(np.int64)
+
+
+def _bucket(n: int) -> int:
+    """The next power of two >= n (>= 1024), so chunks of similar size share one compilation."""
+    return max(1024, 1 << int(np.ceil(np.log2(max(n, 1)))))
+
+
+def _context_keys(rows: np.ndarray, n: int, vocab: int) -> np.ndarray:
+    """[B, T] base-V key of the n - 1 tokens ending at each position (-1 where the row
+    prefix is shorter than n - 1)."""
+    b, t = rows.shape
+    keys = np.full((b, t), -1, np.int64)
+    if t >= n - 1:
+        k = np.zeros((b, t - n + 2), np.int64)
+        for i in range(n - 1):
+            k = k * vocab + rows[:, i:t - n + 2 + i]
+        keys[:, n - 2:] = k
+    return keys
+
+
+def _level_entries(lv: Level, rows: np.ndarray, n: int, vocab: int):
+    """(coef [P], pos [E], tok [E], val [E]) of order n at every position: the lower-order
+    distribution is scaled by coef and the counts val added at (pos, tok)."""
+    keys = _context_keys(rows, n, vocab).ravel()
+    if len(lv.contexts) == 0:
+        return np.ones(len(keys)), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    idx = np.searchsorted(lv.contexts, keys)
+    idx_c = np.minimum(idx, len(lv.contexts) - 1)
+    seen = (keys >= 0) & (lv.contexts[idx_c] == keys)
+    denom = np.where(seen, lv.total[idx_c] + lv.distinct[idx_c], 1.0)
+    coef = np.where(seen, lv.distinct[idx_c] / denom, 1.0)
+    lens_ = np.where(seen, lv.start[idx_c + 1] - lv.start[idx_c], 0)
+    pos = np.repeat(np.arange(len(keys)), lens_)
+    first = np.repeat(np.cumsum(lens_) - lens_, lens_)
+    entry = np.repeat(lv.start[idx_c], lens_) + (np.arange(len(pos)) - first)
+    return coef, pos, lv.next[entry], (lv.count[entry] / denom[pos]).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames="n_pos")
+def _dense_log_probs(unigram, coef, pos, tok, val, n_pos: int):
+    """Interpolate order by order: p <- coef * p + scatter(counts / denominator)."""
+    p = jnp.broadcast_to(unigram, (n_pos, unigram.shape[0]))
+    for j in range(coef.shape[0]):
+        p = p * coef[j][:, None]
+        p = p.at[pos[j], tok[j]].add(val[j], mode="drop")  # pos = n_pos marks padding
+    return jnp.log(p)
+
+
+def count(rows: Int[np.ndarray, "N T"], order: int, vocab: int, alpha: float = 0.1) -> NGram:
+    """Count the n-grams of `order` (1, 2 or 3) inside `rows` (module docstring)."""
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (every token needs probability > 0), got {alpha}")
+    rows = _check(rows, vocab)
+    uni_counts = np.bincount(rows.ravel(), minlength=vocab).astype(np.float64)
+    unigram = (uni_counts + alpha) / (uni_counts.sum() + alpha * vocab)
+    levels = []
+    for n in range(2, order + 1):
+        if rows.shape[1] < n:
+            raise ValueError(f"rows of {rows.shape[1]} tokens hold no {n}-grams")
+        ctx = _context_keys(rows[:, :-1], n, vocab)[:, n - 2:]
+        keys = (ctx * vocab + rows[:, n - 1:]).ravel()
+        uniq, cnt = np.unique(keys, return_counts=True)
+        contexts, first, distinct = np.unique(uniq // vocab, return_index=True, return_counts=True)
+        total = np.add.reduceat(cnt, first).astype(np.float64)
+        start = np.append(first, len(uniq)).astype(np.int64)
+        levels.append(Level(contexts, start, total, distinct.astype(np.float64),
+                            (uniq % vocab).astype(np.int32), cnt.astype(np.float64)))
+    return NGram(order, vocab, unigram, uni_counts, tuple(levels), alpha)

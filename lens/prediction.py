@@ -1,0 +1,289 @@
+"""The "predict the model" test: how well a cheap predictor reproduces a model's next-token
+distributions, position by position.
+
+    rows = lens.data.load_tokens("shakespeare", tok, 129, "validation")
+    preds = {"bigram": lens.ngram.count(train_rows, 2, V).predictor(),
+             "direct": lens.prediction.direct_path(model)}
+    scores = lens.prediction.score(lens.prediction.model_predictor(model), preds, rows, k=10)
+    summary = lens.prediction.summarize(scores["bigram"], tolerances=(0.25, 0.5, 1.0))
+
+A predictor is any function `rows [B, T] int32 -> log-probs [B, T, V] float32`, where
+position t is the distribution of token t + 1 given tokens[: t + 1] (the model's own
+convention).  Per position (one sequence: `position_metrics`, vmapped over rows and
+jitted) with the model's top-k tokens K (sorted by the model's probability):
+
+  test_err  mean over w in K of |log p_model(w) - log p_pred(w)|: the test as proposed
+            (TurnTrout 2023); a position PASSES at tolerance tau when test_err <= tau
+  top1      argmax p_pred == argmax p_model
+  recall    |K ∩ top-k(p_pred)| / k (the model's top-k found in the predictor's top-k)
+  jaccard   |K ∩ top-k(p_pred)| / |K ∪ top-k(p_pred)|
+  spearman  rank correlation of p_model and p_pred over K (average ranks for ties; 0
+            when either side is constant on K)
+  order     the predictor's top-k equals the model's top-k in the same order (the
+            "exact top-k order" defence)
+  kl        KL(p_model || p_pred) over the whole vocabulary, in nats
+  pred_top1 the predictor's top-1 token id (for "score only where the predictor is wrong")
+
+The predictor's log-probs are floored at LOG_FLOOR (-100 nats) before any difference, so
+a predictor giving a token zero probability costs a large, finite error instead of inf.
+`score` streams the rows in chunks (the model's and every predictor's [B, T, V] live
+only for one chunk), so a million positions fit in memory.  `summarize` gives pass rates
+per tolerance and means, optionally skipping positions whose next token is among the N
+most frequent tokens (selective-pruning style), and breakdowns by the next token's
+frequency bucket and by position in the row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+from tqdm.auto import tqdm
+
+from models.interventions import Edits
+
+LOG_FLOOR = -100.0
+METRICS = ("test_err", "top1", "recall", "jaccard", "spearman", "order", "kl")
+PER_POSITION = METRICS + ("pred_top1",)
+DEFAULT_TOLERANCES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+Predictor = Callable[[Int[Array, "B T"]], Float[Array, "B T V"]]
+
+
+# ------------------------------------------------------------------ per position
+def _average_ranks(x: Float[Array, " k"]) -> Float[Array, " k"]:
+    """Ranks 0..k-1 with ties sharing their average rank (pairwise counts: k is small)."""
+    less = (x[None, :] < x[:, None]).sum(axis=1)
+    equal = (x[None, :] == x[:, None]).sum(axis=1)
+    return less + (equal - 1) / 2.0
+
+
+def _spearman(a: Float[Array, " k"], b: Float[Array, " k"]) -> Float[Array, ""]:
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = jnp.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return jnp.where(den > 0, (ra * rb).sum() / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def top_k(x: Float[Array, "T V"], k: int) -> tuple[Float[Array, "T k"], Int[Array, "T k"]]:
+    """`jax.lax.top_k` (ties: lower index first) as k masked argmaxes: on XLA:CPU
+    lax.top_k over a 4k-49k vocabulary is several times slower than k linear passes."""
+    vals, idxs = [], []
+    for _ in range(k):
+        i = jnp.argmax(x, axis=-1)
+        vals.append(jnp.take_along_axis(x, i[:, None], -1)[:, 0])
+        idxs.append(i)
+        x = jnp.where(jnp.arange(x.shape[-1])[None, :] == i[:, None], -jnp.inf, x)
+    return jnp.stack(vals, -1), jnp.stack(idxs, -1).astype(jnp.int32)
+
+
+def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T V"],
+                     k: int) -> dict[str, Float[Array, " T"]]:
+    """The per-position metrics (module docstring) of ONE sequence's log-probs."""
+    model_logp = model_logp.astype(jnp.float32)
+    pred_logp = jnp.maximum(pred_logp.astype(jnp.float32), LOG_FLOOR)
+    m_val, m_idx = top_k(model_logp, k)  # [T, k], sorted descending
+    _, p_idx = top_k(pred_logp, k)
+    p_on_m = jnp.take_along_axis(pred_logp, m_idx, axis=-1)
+    hits = (m_idx[:, :, None] == p_idx[:, None, :]).any(-1).sum(-1).astype(jnp.float32)
+    p_model = jnp.exp(model_logp)
+    kl = (p_model * (model_logp - pred_logp)).sum(-1)
+    return {
+        "test_err": jnp.abs(m_val - p_on_m).mean(-1),
+        "top1": (m_idx[:, 0] == p_idx[:, 0]).astype(jnp.float32),
+        "recall": hits / k,
+        "jaccard": hits / (2 * k - hits),
+        "spearman": jax.vmap(_spearman)(m_val, p_on_m),
+        "order": (m_idx == p_idx).all(-1).astype(jnp.float32),
+        "kl": jnp.maximum(kl, 0.0),  # float32 rounding can give -1e-7 for identical rows
+        "pred_top1": p_idx[:, 0].astype(jnp.float32),  # ids < 2^24: exact in float32
+    }
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],
+                  k: int) -> dict[str, Float[Array, "B T"]]:
+    """`position_metrics` vmapped over rows and jitted."""
+    return jax.vmap(position_metrics, in_axes=(0, 0, None))(model_logp, pred_logp, k)
+
+
+# ---------------------------------------------------------------- predictors
+@eqx.filter_jit  # module level: every model of one structure shares the compilation
+def _model_logp(model, rows):
+    return jax.nn.log_softmax(jax.vmap(model)(rows).astype(jnp.float32), axis=-1)
+
+
+def model_predictor(model) -> Predictor:
+    """The model itself: log-softmax of its logits on each row (float32)."""
+    return lambda rows: _model_logp(model, rows)
+
+
+def direct_path_edits(config, through_first_mlp: bool = False) -> Edits:
+    """Edits zeroing every block's output (attention and MLP; with `through_first_mlp`,
+    all but block 0's MLP): the model reduced to embedding -> final norm -> unembedding
+    (plus block 0's MLP)."""
+    n = config.n_layers
+    mlp = np.ones((n, 1), np.float32)
+    if through_first_mlp:
+        if config.attn_only:
+            raise ValueError("the model has no MLPs: there is no direct path through the first MLP")
+        mlp[0] = 0.0
+    return Edits(attn_out_mix=jnp.ones((n, 1), jnp.float32), mlp_out_mix=jnp.asarray(mlp))
+
+
+def direct_path_logits(model, tokens: Int[Array, " T"], through_first_mlp: bool = False) -> Float[Array, "T V"]:
+    """Logits of the direct path of ONE sequence, computed without running the zeroed
+    blocks: embedding (with learned positions) -> [block 0 with its attention output
+    zeroed] -> final norm -> unembedding.  Equals `model(tokens, edits=direct_path_edits(...))`."""
+    x, qpos, valid = model.prefix(tokens)
+    if through_first_mlp:
+        edits = direct_path_edits(model.config, True)
+        x, _, _ = model.run_blocks(x, qpos, valid, start=0, stop=1, edits=edits)
+    return model.unembed_resid(x)[0]
+
+
+@eqx.filter_jit
+def _direct_logp(model, rows, through_first_mlp: bool):
+    logits = jax.vmap(lambda t: direct_path_logits(model, t, through_first_mlp))(rows)
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def direct_path(model, through_first_mlp: bool = False) -> Predictor:
+    """The direct path as a predictor (see `direct_path_logits`)."""
+    return lambda rows: _direct_logp(model, rows, through_first_mlp)
+
+
+def uniform_predictor(vocab: int) -> Predictor:
+    """Every token equally likely (the chance baseline)."""
+    return lambda rows: jnp.full(rows.shape + (vocab,), -np.log(vocab), jnp.float32)
+
+
+# ------------------------------------------------------------------- streaming
+@dataclasses.dataclass
+class Scores:
+    """Per-position metrics of one predictor over rows [N, T] (each array [N, T]) and the
+    tokens they were computed on: `next_token[n, t]` = rows[n, t + 1] (-1 at the last
+    position, whose next token is not in the row)."""
+
+    metrics: dict[str, np.ndarray]
+    next_token: np.ndarray
+    k: int
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.metrics[name]
+
+
+def chunk_rows_for(seq: int, vocab: int, n_predictors: int, budget_bytes: float = 1.5e9) -> int:
+    """Rows per chunk so the model's and the predictors' float32 [B, T, V] (and the
+    metric temporaries, ~3 more) fit `budget_bytes`."""
+    per_row = 4.0 * seq * vocab * (n_predictors + 4)
+    return max(1, int(budget_bytes // per_row))
+
+
+def check_rows(rows, vocab: int) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or rows.shape[1] < 1 or len(rows) < 1:
+        raise ValueError(f"rows must be integer token rows [N >= 1, T >= 1]; got {rows.dtype} {rows.shape}")
+    if rows.min() < 0 or rows.max() >= vocab:
+        raise ValueError(f"token ids outside [0, {vocab}): min {rows.min()}, max {rows.max()}")
+    return rows.astype(np.int32)
+
+
+def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarray, "N T"], k: int = 10,
+          vocab: int | None = None, chunk_rows: int | None = None, progress: bool = False) -> dict[str, Scores]:
+    """Per-position metrics of every predictor against `model` (both `Predictor`s) on
+    `rows`, streamed `chunk_rows` rows at a time (default: `chunk_rows_for` a 1.5 GB budget).
+
+    The model runs once per chunk; `vocab` (checked against the model's output) bounds the
+    token ids.  Returns {name: Scores}."""
+    if not predictors:
+        raise ValueError("score: no predictors given")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rows = check_rows(rows, np.iinfo(np.int32).max)
+    v = model(jnp.zeros((1, rows.shape[1]), jnp.int32)).shape[-1]  # the model's width
+    if vocab is not None and vocab != v:
+        raise ValueError(f"vocab {vocab} != the model's output width {v}")
+    if k > v:
+        raise ValueError(f"k = {k} exceeds the vocabulary ({v})")
+    rows = check_rows(rows, v)
+    n, t = rows.shape
+    chunk = min(n, chunk_rows or chunk_rows_for(t, v, len(predictors)))
+    out = {name: {m: np.empty((n, t), np.float32) for m in PER_POSITION} for name in predictors}
+    for start in tqdm(range(0, n, chunk), disable=not progress, desc="score", dynamic_ncols=True):
+        batch = rows[start:start + chunk]
+        if len(batch) < chunk:  # pad to the chunk so every call reuses one compilation
+            batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - len(batch), 0)])
+        b = jnp.asarray(batch)
+        m_logp = model(b)
+        for name, pred in predictors.items():
+            p_logp = pred(b)
+            if p_logp.shape != m_logp.shape:
+                raise ValueError(f"predictor {name!r} gave shape {p_logp.shape}, the model {m_logp.shape}")
+            got = batch_metrics(m_logp, p_logp, k)
+            stop = min(n, start + chunk)
+            for m in PER_POSITION:
+                out[name][m][start:stop] = np.asarray(got[m])[: stop - start]
+    next_token = np.concatenate([rows[:, 1:], np.full((n, 1), -1, np.int32)], axis=1)
+    return {name: Scores(out[name], next_token, k) for name in predictors}
+
+
+# ------------------------------------------------------------------- summaries
+def frequency_ranks(counts: np.ndarray) -> np.ndarray:
+    """rank[token]: 0 for the most frequent token (ties broken by id)."""
+    order = np.lexsort((np.arange(len(counts)), -np.asarray(counts)))
+    rank = np.empty(len(counts), np.int64)
+    rank[order] = np.arange(len(counts))
+    return rank
+
+
+def summarize(scores: Scores, tolerances=DEFAULT_TOLERANCES, token_counts: np.ndarray | None = None,
+              skip_most_common: int = 0, buckets=(10, 100, 1000), position_bins: int = 4,
+              mask: np.ndarray | None = None) -> dict:
+    """Means and pass rates of one predictor's `Scores`, JSON-able.
+
+    Positions scored: every position with a known next token, minus those whose next
+    token is among the `skip_most_common` most frequent (by `token_counts`, the train
+    split's counts), and only where `mask` [N, T] is True when given.  Keys: n_positions,
+    pass_rate {tau: fraction with test_err <= tau}, the mean of each metric,
+    by_frequency (next token's frequency rank in [0, 10), [10, 100), ...), by_position
+    (`position_bins` equal spans of the row)."""
+    nt = scores.next_token
+    keep = nt >= 0
+    if mask is not None:
+        keep &= np.asarray(mask, bool)
+    rank = None
+    if token_counts is not None:
+        ranks = frequency_ranks(token_counts)
+        rank = np.where(nt >= 0, ranks[np.maximum(nt, 0)], -1)
+    if skip_most_common:
+        if rank is None:
+            raise ValueError("skip_most_common needs token_counts")
+        keep &= rank >= skip_most_common
+
+    def block(sel):
+        n = int(sel.sum())
+        if n == 0:
+            return {"n_positions": 0}
+        err = scores["test_err"][sel]
+        res = {"n_positions": n, "pass_rate": {str(t): float((err <= t).mean()) for t in tolerances}}
+        res |= {m: float(scores[m][sel].mean()) for m in METRICS}
+        return res
+
+    out = block(keep)
+    if rank is not None:
+        edges = [0, *buckets, np.inf]
+        out["by_frequency"] = {f"[{lo},{hi})": block(keep & (rank >= lo) & (rank < hi))
+                               for lo, hi in zip(edges[:-1], edges[1:])}
+    t = nt.shape[1]
+    bins = np.linspace(0, t, position_bins + 1).astype(int)
+    pos = np.broadcast_to(np.arange(t), nt.shape)
+    out["by_position"] = {f"[{lo},{hi})": block(keep & (pos >= lo) & (pos < hi))
+                          for lo, hi in zip(bins[:-1], bins[1:]) if hi > lo}
+    return out

@@ -1,0 +1,387 @@
+"""Goodharting the "predict the model" test: cheap predictors, gamed training, defences.
+
+    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU
+    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min
+    .venv/bin/python scripts/goodhart.py --out runs/gh --model runs/gpt2_ln_bpe/model
+
+1. The Goodhart sweep: a small GPT-2-architecture model (BPE-4096, prose: shakespeare +
+   python-docs) trained with loss CE + lam * KL(target || model) for each lam and seed,
+   the target being the bigram table counted on the train split, or a small side model
+   trained plainly first.  For each run: the model's own validation loss, and the cheap
+   predictor's pass rate on the test (mean |log p_model - log p_pred| over the model's
+   top-10 <= tolerance) on prose validation rows; then the defences: exact top-10 order,
+   a per-position KL threshold, only positions where the predictor's top-1 is wrong
+   about the next token, and held-out prompts (python-code, never trained or gamed on).
+2. Predictors on a reference model (the lam = 0 seed-0 model, or --model): unigram,
+   bigram, trigram (counted on the model's training corpora), the direct path, the direct
+   path through the first MLP, a 1-layer student distilled from the model, uniform.
+3. The same predictors on SmolLM2-135M-Instruct (default preset up), per corpus.
+
+Writes report.md, report.json (`predictors`, `lambda_sweep`, `defences`), PNGs to --out;
+trained models' checkpoints under --out/runs (a rerun resumes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import models  # noqa: E402
+from lens import data, goodhart, ngram, prediction, train  # noqa: E402
+from lens.cli import int_at_least, positive_float  # noqa: E402
+from models.config import ModelConfig  # noqa: E402
+
+ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
+PROSE = ("shakespeare", "python-docs")
+HELD_OUT = "python-code"
+K = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    layers: int
+    d_model: int
+    seq: int  # tokens per row the model reads (rows hold seq + 1)
+    steps: int
+    batch: int
+    lambdas: tuple[float, ...]
+    side_lambdas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    score_rows: int  # validation rows per corpus scored
+    distill_steps: int
+    smollm2_rows: int  # 0: skip SmolLM2
+    smollm2_distill_steps: int
+    tolerances: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    tau: float = 1.0  # the headline tolerance (nats)
+    kl_threshold: float = 0.5  # the per-position KL defence (nats)
+
+
+PRESETS = {
+    "smoke": Preset(1, 32, 32, 12, 4, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
+    "default": Preset(2, 128, 64, 200, 8, (0.0, 1.0), (0.0, 1.0), (0, 1), 32, 60, 6, 12),
+    "large": Preset(4, 256, 128, 800, 8, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0), (0, 1, 2, 3, 4),
+                    128, 400, 64, 150),
+}
+
+
+def toy_config(p: Preset, tok, layers=None, d=None) -> ModelConfig:
+    layers, d = layers or p.layers, d or p.d_model
+    return ModelConfig(
+        architecture="gpt2", vocab_size=tok.vocab_size, d_model=d, n_layers=layers, n_heads=max(1, d // 32),
+        n_kv_heads=max(1, d // 32), d_head=min(32, d), d_mlp=4 * d, max_seq_len=p.seq, norm_kind="layer",
+        norm_eps=1e-5, activation="gelu_new", gated_mlp=False, positional="learned", attn_bias=True,
+        attn_out_bias=True, mlp_bias=True, norm_bias=True, tie_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_ids=tuple(tok.eos_token_ids), pad_token_id=tok.pad_token_id)
+
+
+def train_cfg(p: Preset, steps=None) -> train.TrainConfig:
+    steps = steps or p.steps
+    return train.TrainConfig(steps=steps, batch_size=p.batch, lr=3e-3, warmup_steps=max(1, steps // 10),
+                             eval_every=steps, eval_batches=2, checkpoint_every=max(1, steps // 2))
+
+
+def rows_of(names, tok, seq, split, n=None):
+    parts = [data.load_tokens(c, tok, seq + 1, split) for c in names]
+    rows = np.concatenate(parts)
+    return rows if n is None else rows[:n]
+
+
+def mixed(names, tok, seq, split, seed=0):
+    rows = rows_of(names, tok, seq, split)
+    return rows[np.random.default_rng(seed).permutation(len(rows))]
+
+
+# ----------------------------------------------------------------- the sweep
+def defences(scores: prediction.Scores, p: Preset) -> dict:
+    """The base test and each stricter criterion: fraction of positions passing."""
+    keep = scores.next_token >= 0
+    wrong = keep & (scores["pred_top1"] != scores.next_token)
+    return {
+        "pass_rate": float((scores["test_err"][keep] <= p.tau).mean()),
+        "exact_top10_order": float(scores["order"][keep].mean()),
+        "top1": float(scores["top1"][keep].mean()),
+        f"kl_below_{p.kl_threshold}": float((scores["kl"][keep] <= p.kl_threshold).mean()),
+        "pass_rate_where_predictor_wrong": float((scores["test_err"][wrong] <= p.tau).mean()),
+        "fraction_predictor_wrong": float(wrong.sum() / keep.sum()),
+    }
+
+
+def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
+    cfg = toy_config(p, tok)
+    tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
+    val_score, code_score = val[: p.score_rows], rows_of([HELD_OUT], tok, p.seq, "validation", p.score_rows)
+    bigram = ngram.count(tr, 2, tok.vocab_size)
+    table_logp = jnp.log(jnp.asarray(bigram.dense_bigram(), jnp.float32))
+    side_cfg = toy_config(p, tok, layers=1, d=max(32, p.d_model // 2))
+    side = train.train(models.init(side_cfg, jax.random.key(1000)), tr, val, train_cfg(p), out / "runs" / "side",
+                       progress=progress).model
+    cheap = {"bigram": bigram.predictor(), "side": prediction.model_predictor(side)}
+    n_eval = min(len(val), 16 * p.batch)
+    results, plain = {}, {}
+    for target, lams in (("bigram", p.lambdas), ("side", p.side_lambdas)):
+        runs = []
+        for lam in lams:
+            for seed in p.seeds:
+                if lam == 0 and seed in plain:  # lam = 0 is plain training whatever the target
+                    model = plain[seed]
+                else:
+                    loss = goodhart.GoodhartLoss(lam, table_logp=table_logp if target == "bigram" else None,
+                                                 side=side if target == "side" else None)
+                    folder = out / "runs" / f"{target if lam else 'plain'}_lam{lam:g}_seed{seed}"
+                    model = train.train(models.init(cfg, jax.random.key(seed)), tr, val,
+                                        dataclasses.replace(train_cfg(p), seed=seed), folder, progress=progress,
+                                        loss_fn=loss, run_info={"target": target, "lam": lam}).model
+                    if lam == 0:
+                        plain[seed] = model
+                me = prediction.model_predictor(model)
+                s_in = prediction.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
+                s_out = prediction.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
+                d = defences(s_in, p)
+                runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, val[:n_eval], p.batch),
+                             **d, "pass_rate_held_out_code": defences(s_out, p)["pass_rate"],
+                             "pass_rate_by_tolerance": prediction.summarize(s_in, p.tolerances)["pass_rate"]})
+        results[target] = runs
+    return results
+
+
+def plain_model(p: Preset, tok, out: Path, progress: bool, seed: int = 0):
+    """The lam = 0 model of `seed` (from its finished checkpoint when the sweep ran)."""
+    tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
+    return train.train(models.init(toy_config(p, tok), jax.random.key(seed)), tr, val,
+                       dataclasses.replace(train_cfg(p), seed=seed), out / "runs" / f"plain_lam0_seed{seed}",
+                       progress=progress, run_info={"target": "bigram", "lam": 0.0}).model, tr  # lam 0 = plain
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Per lam: mean and std over seeds of every number."""
+    out = []
+    for lam in sorted({r["lam"] for r in runs}):
+        rs = [r for r in runs if r["lam"] == lam]
+        keys = [k for k, v in rs[0].items() if isinstance(v, float) and k != "lam"]
+        row = {"lam": lam, "seeds": [r["seed"] for r in rs]}
+        for k in keys:
+            vals = np.array([r[k] for r in rs])
+            row[k] = float(vals.mean())
+            row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        out.append(row)
+    return out
+
+
+# ------------------------------------------------------------- predictors
+def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_steps: int, out: Path,
+                    progress: bool) -> dict:
+    """{corpus: {predictor: summary}} for the model against every cheap predictor."""
+    v = model.config.vocab_size
+    tables = {f"{n}gram": ngram.count(train_rows, order, v)
+              for order, n in ((1, "uni"), (2, "bi"), (3, "tri"))}
+    preds = {k: t.predictor() for k, t in tables.items()}
+    preds["direct"] = prediction.direct_path(model)
+    if not model.config.attn_only:
+        preds["direct+mlp0"] = prediction.direct_path(model, through_first_mlp=True)
+    # distillation rows: at most 65 tokens (the teacher runs inside every step)
+    width = min(train_rows.shape[1], 65)
+    rows = train_rows[:, :width]
+    held = next(iter(eval_sets.values()))[:, :width]
+    student = goodhart.truncated_student(model, 1)
+    kl_before = goodhart.mean_kl(model, student, held, batch=4)
+    student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
+                                                                   lr=1e-3), out,
+                          progress=progress, loss_fn=goodhart.DistillLoss(model)).model
+    kl_after = goodhart.mean_kl(model, student, held, batch=4)
+    preds["distilled-1L"] = prediction.model_predictor(student)
+    preds["uniform"] = prediction.uniform_predictor(v)
+    me = prediction.model_predictor(model)
+    res = {"distill": {"steps": distill_steps, "start": "the model's first block + its unembedding",
+                       "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}}
+    counts = tables["unigram"].unigram_counts
+    for name, rows_eval in eval_sets.items():
+        chunk = prediction.chunk_rows_for(rows_eval.shape[1], v, len(preds), 1.0e9)
+        scores = prediction.score(me, preds, rows_eval[:, :-1], k=K, chunk_rows=chunk, progress=progress)
+        res[name] = {k: prediction.summarize(s, p.tolerances, token_counts=counts) for k, s in scores.items()}
+        for k, s in scores.items():  # the same without the 10 most common next tokens
+            res[name][k]["skip_10_most_common"] = {
+                key: val for key, val in prediction.summarize(s, p.tolerances, counts, 10).items()
+                if key in ("n_positions", "pass_rate", "top1", "recall", "kl")}
+    return res
+
+
+# ------------------------------------------------------------------ report
+def plots(report: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    panels = [(m, c) for m, per in report["predictors"].items() for c in per if c != "distill"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (m, c) in zip(axes[0], panels):
+        for pred, s in report["predictors"][m][c].items():
+            taus = [float(t) for t in s["pass_rate"]]
+            ax.plot(taus, list(s["pass_rate"].values()), marker="o", label=pred)
+        ax.set_xscale("log")
+        ax.set(title=f"{m}: {c}", xlabel="tolerance (nats)", ylabel="pass rate", ylim=(0, 1.02))
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "pass_rate_vs_tolerance.png", dpi=110)
+    names.append("pass_rate_vs_tolerance.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for target, rows in report["lambda_sweep"].items():
+        x = [r["pass_rate"] for r in rows]
+        y = [r["val_loss"] for r in rows]
+        ax.errorbar(x, y, xerr=[r["pass_rate_std"] for r in rows], yerr=[r["val_loss_std"] for r in rows],
+                    marker="o", capsize=3, label=f"pulled toward {target}")
+        for r in rows:
+            ax.annotate(f"λ={r['lam']:g}", (r["pass_rate"], r["val_loss"]), fontsize=7)
+    ax.set(xlabel=f"cheap predictor's pass rate (top-{K}, tol {report['settings']['tau']} nats)",
+           ylabel="model validation loss (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_vs_pass_rate.png", dpi=110)
+    names.append("loss_vs_pass_rate.png")
+    plt.close(fig)
+    return names
+
+
+def markdown(report: dict, figs: list[str]) -> str:
+    s = report["settings"]
+    lines = [f"# Goodharting the predict-the-model test ({report['preset']} preset)", "",
+             f"Test: mean |log p_model - log p_pred| over the model's top-{K} tokens <= tolerance; headline "
+             f"tolerance {s['tau']} nats.  n-grams: Witten-Bell interpolated, add-0.1 unigram.  "
+             f"Wall time {report['seconds']:.0f} s ({report['machine']}).", ""]
+    for m, per in report["predictors"].items():
+        for c, preds in per.items():
+            if c == "distill":
+                lines += [f"{m}: distilled 1-layer student, held-out KL {preds['held_out_kl_before']:.3f} -> "
+                          f"{preds['held_out_kl_after']:.3f} nats after {preds['steps']} steps.", ""]
+                continue
+            lines += [f"## {m} on {c} ({next(iter(preds.values()))['n_positions']} positions)", "",
+                      f"| predictor | top-1 | top-{K} recall | spearman | KL | pass@{s['tau']} | top-1 w/o 10 most common |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, r in preds.items():
+                lines.append(f"| {name} | {r['top1']:.3f} | {r['recall']:.3f} | {r['spearman']:.3f} | {r['kl']:.3f} "
+                             f"| {r['pass_rate'][str(s['tau'])]:.3f} | {r['skip_10_most_common']['top1']:.3f} |")
+            lines.append("")
+    for target, rows in report["lambda_sweep"].items():
+        lines += [f"## Gaming toward the {target} (mean ± std over seeds {rows[0]['seeds']})", "",
+                  "| λ | val loss | pass rate | exact top-10 order | KL<=%.1f | pass where predictor wrong | "
+                  "pass, held-out code |" % s["kl_threshold"], "|---|---|---|---|---|---|---|"]
+        kl_key = f"kl_below_{s['kl_threshold']}"
+        for r in rows:
+            cell = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
+            lines.append(f"| {r['lam']:g} | {cell('val_loss')} | {cell('pass_rate')} | {cell('exact_top10_order')} "
+                         f"| {cell(kl_key)} | {cell('pass_rate_where_predictor_wrong')} "
+                         f"| {cell('pass_rate_held_out_code')} |")
+        lines.append("")
+    lines += [f"![{f}]({f})" for f in figs]
+    return "\n".join(lines) + "\n"
+
+
+PARTS = ("sweep", "toy", "smollm2")
+
+
+def parts_list(text: str) -> tuple[str, ...]:
+    got = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in got if x not in PARTS]
+    if not got or bad:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(PARTS)}; got {text!r}")
+    return got
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="a model trained with the BPE-4096 tokenizer on all three corpora (e.g. "
+                         "runs/gpt2_ln_bpe/model) for the predictor table, instead of the sweep's lam=0 model")
+    ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset's training steps")
+    ap.add_argument("--tau", type=positive_float, default=None, help="override the headline tolerance (nats)")
+    ap.add_argument("--parts", type=parts_list, default=PARTS,
+                    help="comma-separated subset of sweep,toy,smollm2 (each cached as part_*.json in --out, "
+                         "so parts can run in separate processes; the report needs sweep and toy)")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def cached(path: Path, compute) -> dict:
+    """A part's JSON: read when a previous (or concurrent) run wrote it, else computed and written."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.model is not None and not args.model.exists():
+        raise SystemExit(f"--model {args.model}: no such folder")
+    p = PRESETS[args.preset]
+    p = dataclasses.replace(p, **({"steps": args.steps} if args.steps else {}), **({"tau": args.tau} if args.tau else {}))
+    progress = not args.no_progress
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    from lens.bpe import corpus_tokenizer
+
+    tok = corpus_tokenizer(ALL_CORPORA, 4096)
+    evals = lambda tk, seq, n: {c: rows_of([c], tk, seq, "validation", n) for c in ALL_CORPORA}  # noqa: E731
+    parts, timing = {}, {}
+
+    def timed(name, compute):
+        t = time.perf_counter()
+        parts[name] = cached(args.out / f"part_{name}.json", compute)
+        timing[name + "_s"] = time.perf_counter() - t
+
+    if "sweep" in args.parts:
+        timed("sweep", lambda: run_sweep(p, tok, args.out, progress))
+    if "toy" in args.parts:
+        def toy():
+            if args.model is not None:
+                ref, ref_tok = models.load(args.model)
+                return {str(args.model): predictor_table(
+                    ref, ref_tok, rows_of(ALL_CORPORA, ref_tok, p.seq, "train"), evals(ref_tok, p.seq, p.score_rows),
+                    p, p.distill_steps, args.out / "runs" / "distill_model", progress)}
+            ref, ref_train = plain_model(p, tok, args.out, progress)
+            return {"toy (λ=0, seed 0)": predictor_table(ref, tok, ref_train, evals(tok, p.seq, p.score_rows), p,
+                                                         p.distill_steps, args.out / "runs" / "distill_toy", progress)}
+        timed("toy", toy)
+    if "smollm2" in args.parts and p.smollm2_rows:
+        def smollm2():
+            smol, smol_tok = models.load("smollm2-135m-instruct")
+            return {"SmolLM2-135M-Instruct": predictor_table(
+                smol, smol_tok, rows_of(ALL_CORPORA, smol_tok, 128, "train"), evals(smol_tok, 128, p.smollm2_rows),
+                p, p.smollm2_distill_steps, args.out / "runs" / "distill_smollm2", progress)}
+        timed("smollm2", smollm2)
+    if not {"sweep", "toy"} <= set(parts):
+        print(f"parts {sorted(parts)} done; run again with every part for the report")
+        return parts
+    report = {
+        "preset": args.preset, "settings": dataclasses.asdict(p), "k": K,
+        "seconds": time.perf_counter() - t0, "timing": timing,
+        "machine": "CPU, 2 cores shared with other jobs (times are loaded-machine times)",
+        "smoothing": "unigram add-0.1; bigram/trigram interpolated Witten-Bell; counted inside train rows",
+        "predictors": parts["toy"] | parts.get("smollm2", {}),
+        "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items()},
+        "runs": parts["sweep"],
+    }
+    figs = plots(report, args.out)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "report.md").write_text(markdown(report, figs))
+    print(f"report at {args.out / 'report.md'} ({report['seconds']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""scripts/goodhart.py --preset smoke end to end: the report has the contract's keys, its
+numbers are in range, and the figures are written.  (The smoke preset's models are tiny
+and barely trained: this checks the pipeline, not the findings.)"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("goodhart_script", ROOT / "scripts" / "goodhart.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["goodhart_script"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_preset_writes_the_contracted_report(tmp_path):
+    script = load_script()
+    script.main(["--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (tmp_path / "report.md").read_text().startswith("# Goodharting")
+    assert (tmp_path / "pass_rate_vs_tolerance.png").stat().st_size > 1000
+    assert (tmp_path / "loss_vs_pass_rate.png").stat().st_size > 1000
+    (model_name, per_corpus), = report["predictors"].items()
+    for corpus in ("shakespeare", "python-docs", "python-code"):
+        preds = per_corpus[corpus]
+        assert {"unigram", "bigram", "trigram", "direct", "direct+mlp0", "distilled-1L", "uniform"} <= set(preds)
+        for name, s in preds.items():
+            assert 0 <= s["top1"] <= 1 and 0 <= s["recall"] <= 1 and s["kl"] >= 0, name
+            rates = list(s["pass_rate"].values())
+            assert rates == sorted(rates), name  # a looser tolerance never passes fewer positions
+    sweep = report["lambda_sweep"]
+    assert [r["lam"] for r in sweep["bigram"]] == [0.0, 1.0] and [r["lam"] for r in sweep["side"]] == [1.0]
+    for rows in sweep.values():
+        for r in rows:
+            assert r["val_loss"] > 0 and 0 <= r["pass_rate"] <= 1
