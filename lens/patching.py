@@ -138,7 +138,7 @@ def normalized_metric(model: Transformer, clean, corrupted, metric) -> Normalize
     be 0/0)."""
     hi = metric_values(model, clean, metric)
     lo = metric_values(model, corrupted, metric)
-    gap = np.abs(np.asarray(hi - lo))
+    gap = np.atleast_1d(np.abs(np.asarray(hi - lo)))
     if (gap < 1e-6).any():
         raise ValueError(f"the metric is the same on clean and corrupted runs for pair(s) "
                          f"{np.nonzero(gap < 1e-6)[0].tolist()}: nothing to normalise by")
