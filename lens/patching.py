@@ -400,45 +400,62 @@ def attribution_patching(
     return grid if batched else grid[0]
 
 
-def _estimate(model, base, source, metric, site, per_position, qk_fix, batched, drop=None):
-    """(metric of the base run [P], first-order estimate of each patch's effect [P, *grid]).
-    drop = (layer, base-run Activations with sublayers): GradDrop's gradient through that
-    layer's attention and MLP writes removed (each frozen to its base value, a constant)."""
+def _node(model, base, source, site, per_position, qk_fix):
+    """(the Edits site differentiated, its sources [P, ...], its mix shape)."""
     c = model.config
-    P, seq = base.shape
-    spec = SITES[site]
     if qk_fix:
-        node, sources = "heads", _qk_fixed_z(model, base, source, "q" if site == "q_input" else "k")
-        shape = (c.n_layers, 1, c.n_heads)
-    else:
-        node, shape = site, mix_shape(model, site, seq, per_position)
-        _, src_cache = run_with_cache(model, source, _CAPTURE)
-        sources = getattr(src_cache, spec.field)
-    at = jnp.zeros(shape, jnp.float32)
-    extra = None
-    if drop is not None:
-        layer, b = drop
-        one_layer = jnp.zeros((c.n_layers, 1), jnp.float32).at[layer].set(1.0)
-        fields = {}
-        for w in ("attn_out", "mlp_out"):
-            if w == "mlp_out" and c.attn_only:
-                continue
-            frozen = jax.lax.stop_gradient(getattr(b, w))
-            if w == node:  # the node's own field carries the drop: frozen at `layer`, and the
-                # derivative is taken there (the node's own layer-l estimate is zeroed anyway)
-                at = jnp.broadcast_to(one_layer, shape)
-                sources = sources.at[:, layer].set(frozen[:, layer])
-            else:
-                fields[f"{w}_mix"] = jnp.broadcast_to(one_layer, (P, c.n_layers, 1))
-                fields[f"{w}_source"] = frozen
-        extra = Edits(**fields) if fields else None
-    value, g = _mix_grads(model, node, base, sources, metric, at, batched, extra)
+        z = _qk_fixed_z(model, base, source, "q" if site == "q_input" else "k")
+        return "heads", z, (c.n_layers, 1, c.n_heads)
+    _, src_cache = run_with_cache(model, source, _CAPTURE)
+    return site, getattr(src_cache, SITES[site].field), mix_shape(model, site, base.shape[1], per_position)
+
+
+def _finish(model, g, site, per_position, qk_fix):
+    """d metric / d mix [P, *mix shape] -> the site's grid [P, ...]."""
+    c = model.config
     if qk_fix:
         g = g[:, :, 0]  # [P, L, H]
         if site == "k_input":  # a key patch changes every query head of its KV group
-            g = g.reshape(P, c.n_layers, c.n_kv_heads, -1).sum(-1)
-        return value, g
-    return value, _to_grid(g, site, per_position)
+            g = g.reshape(g.shape[0], c.n_layers, c.n_kv_heads, -1).sum(-1)
+        return g
+    return _to_grid(g, site, per_position)
+
+
+def _estimate(model, base, source, metric, site, per_position, qk_fix, batched):
+    """(metric of the base run [P], first-order estimate of each patch's effect [P, *grid])."""
+    node, sources, shape = _node(model, base, source, site, per_position, qk_fix)
+    value, g = _mix_grads(model, node, base, sources, metric, jnp.zeros(shape, jnp.float32),
+                          batched, None)
+    return value, _finish(model, g, site, per_position, qk_fix)
+
+
+def _drop(model, node, sources, shape, b, layer, P):
+    """GradDrop at `layer`: (sources, mix point, extra edits) with the layer's attention and
+    MLP writes frozen to their base-run values (constants: no gradient through them).  When
+    the node's own field is one of them it carries the drop (frozen at `layer`, its other
+    layers differentiated at 0; the node's own layer-l estimate is zeroed by the caller)."""
+    c = model.config
+    one_layer = jnp.zeros((c.n_layers, 1), jnp.float32).at[layer].set(1.0)
+    at = jnp.zeros(shape, jnp.float32)
+    fields = {}
+    for w in ("attn_out", "mlp_out"):
+        if w == "mlp_out" and c.attn_only:
+            continue
+        frozen = jax.lax.stop_gradient(getattr(b, w))
+        if w == node:
+            at = jnp.broadcast_to(one_layer, shape)
+            sources = sources.at[:, layer].set(frozen[:, layer])
+        else:
+            fields[f"{w}_mix"] = jnp.broadcast_to(one_layer, (P, c.n_layers, 1))
+            fields[f"{w}_source"] = frozen
+    return sources, at, Edits(**fields)
+
+
+@eqx.filter_jit
+def _drop_grads(model, node, base, sources, metric, at, batched, extra):
+    """`_mix_grads` for D GradDrop layers at once (sources, at and extra stacked on [D])."""
+    return jax.vmap(lambda s, a, e: _mix_grads(model, node, base, s, metric, a, batched, e)[1])(
+        sources, at, extra)
 
 
 def _qk_fixed_z(model, base, source, which):
@@ -507,24 +524,36 @@ def atp_star(
     site: str = "resid",
     direction: str = "denoise",
     per_position: bool = False,
+    drop_chunk: int | None = None,
+    memory_budget: float = 2**30,
 ) -> Float[Array, "*P layers ..."]:
     """AtP* (Kramar et al. 2024): UNSIGNED estimates |effect| of every patch of the grid,
     with the QK fix for q_input / k_input and GradDrop: for each layer l the gradient through
     l's residual writes (attention and MLP outputs) is dropped (each frozen to its base-run
     value as a constant source: the same forward, no gradient through it), giving AtP_l;
     the estimate is 1/(L-1) sum_l |AtP_l|.  A node of layer l gets AtP_l = 0 (its only way
-    out is the dropped write), hence L - 1.  L forward + backward passes."""
+    out is the dropped write), hence L - 1.  L forward + backward passes, `drop_chunk` of
+    them vmapped at a time (default: what `memory_budget` bytes allow)."""
     base, source, batched = _check(model, clean, corrupted, metric, site, direction, per_position)
-    n = model.config.n_layers
+    c = model.config
+    n, (P, seq) = c.n_layers, base.shape
+    qk = site in ("q_input", "k_input")
+    node, sources, shape = _node(model, base, source, site, per_position, qk)
     _, b = run_with_cache(model, base, Capture(sublayers=True))
+    if drop_chunk is None:  # a backward holds every block's activations: ~n forwards' worth
+        drop_chunk = max(1, chunk_size_for(model, 1, 1, P, seq, False, True, False, memory_budget) // n)
     total = 0.0
-    for layer in range(n):
-        _, est = _estimate(model, base, source, metric, site, per_position,
-                           site in ("q_input", "k_input"), batched, drop=(layer, b))
-        est = np.abs(np.asarray(est))
-        if site != "resid":  # resid_pre[l] also leaves by the skip connection
-            est[:, layer] = 0.0
-        total = total + est
+    for start in range(0, n, drop_chunk):
+        layers = list(range(start, min(n, start + drop_chunk)))
+        layers += [layers[-1]] * (drop_chunk - len(layers))  # pad: one compilation
+        parts = [_drop(model, node, sources, shape, b, layer, P) for layer in layers]
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts)
+        g = _drop_grads(model, node, base, *stacked[:1], metric, stacked[1], batched, stacked[2])
+        for i, layer in enumerate(layers[: min(n, start + drop_chunk) - start]):
+            est = np.abs(np.asarray(_finish(model, g[i], site, per_position, qk)))
+            if site != "resid":  # resid_pre[l] also leaves by the skip connection
+                est[:, layer] = 0.0
+            total = total + est
     star = jnp.asarray(total / max(n - 1, 1))
     return star if batched else star[0]
 
@@ -627,7 +656,8 @@ def compare(effect, estimate, k: int = 10, n_false_negatives: int = 5,
     if e.shape != a.shape:
         raise ValueError(f"effect {np.shape(effect)} and estimate {np.shape(estimate)} differ")
     k = min(k, e.size)
-    names = labels if labels is not None else [str(np.unravel_index(i, np.shape(effect))) for i in range(e.size)]
+    names = labels if labels is not None else [
+        str(tuple(int(j) for j in np.unravel_index(i, np.shape(effect)))) for i in range(e.size)]
 
     def corr(x, y):
         if x.std() == 0 or y.std() == 0:

@@ -333,3 +333,26 @@ def test_compare_counts_overlap_and_false_negatives():
     assert r["worst_false_negatives"][0]["effect"] == -4.0
     assert r["worst_false_negatives"][0]["estimate_rank"] == 3
     np.testing.assert_allclose(r["pearson"], np.corrcoef(effect.ravel(), estimate.ravel())[0, 1])
+
+
+def test_patching_script_smoke(tmp_path):
+    """scripts/patching.py --preset smoke end to end (SmolLM2's first 2 blocks, 1 pair):
+    report.md, report.json with a grid per site and its AtP / AtP* grids, PNGs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import patching as script
+
+    script.main(["--out", str(tmp_path), "--preset", "smoke"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    grid = report["grid"]["ioi"]
+    assert set(grid) == {"resid", "heads", "q_input"}
+    assert np.shape(grid["resid"]["patching"]) == np.shape(grid["resid"]["atp"]) == (2, len(report["tasks"]["ioi"]["tokens"]))
+    assert grid["resid"]["axes"] == ["layer", "position"]
+    assert np.shape(grid["q_input"]["atp_qk_fix"]) == (2, 9)
+    assert (np.asarray(grid["heads"]["atp_star"]) >= 0).all()
+    assert report["performance"]["ioi"]["overall"]["n"] == 8
+    assert (tmp_path / "report.md").read_text().startswith("# Patching report")
+    assert (tmp_path / "ioi_resid.png").stat().st_size > 0 and (tmp_path / "ioi_path.png").exists()
