@@ -53,7 +53,7 @@ from lens.capture import run_with_cache
 from lens.sweep import chunk_size_for
 from models import layers as L
 from models.block import block_forward
-from models.interventions import Activations, Capture, Edits
+from models.interventions import Capture, Edits
 from models.transformer import Transformer
 
 DIRECTIONS = ("denoise", "noise")

@@ -55,6 +55,18 @@ PRESETS = {
 TEMPLATE = {"ioi": 0, "fact": 1}  # the template of the grids' pairs
 
 
+def choices_list(allowed):
+    """argparse type: a comma-separated, non-empty list of names from `allowed`."""
+    def parse(text: str) -> tuple[str, ...]:
+        parts = tuple(t.strip() for t in text.split(","))
+        bad = [t for t in parts if t not in allowed]
+        if not text.strip() or bad:
+            raise argparse.ArgumentTypeError(f"must be comma-separated names from {', '.join(allowed)}; "
+                                             f"got {text!r}")
+        return parts
+    return parse
+
+
 def parse_args(argv=None):
     """The command line, every value checked before any model is loaded."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -65,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int_at_least(1), default=None,
                    help="keep only the first N blocks (override the preset's)")
     p.add_argument("--perf-prompts", type=int_at_least(1), default=None, help="override the preset's")
+    p.add_argument("--tasks", type=choices_list(("ioi", "fact")), default=None,
+                   help="comma-separated tasks (override the preset's)")
+    p.add_argument("--sites", type=choices_list(SITES), default=None,
+                   help="comma-separated sites (override the preset's)")
     p.add_argument("--receivers", type=int_at_least(1), default=3, help="path patching receiver heads")
     p.add_argument("--topk", type=int_at_least(1), default=10)
     p.add_argument("--seed", type=int_at_least(0), default=0)
@@ -142,8 +158,6 @@ def scatter(path, effect, estimates, title):
 
 
 def run_task(model, tok, task, p: Preset, args, log):
-    import jax.numpy as jnp
-
     from lens import patching as Pt
     from lens import tasks
 
@@ -221,7 +235,6 @@ def run_task(model, tok, task, p: Preset, args, log):
             {"sender": [int(i) for i in np.unravel_index(j, effect.shape)], "effect": float(effect.ravel()[j])}
             for j in order]
         log(f"  path patching ({n} pairs) -> {receivers}: {out['path']['seconds']:.1f}s")
-    del jnp
     return out
 
 
@@ -273,7 +286,9 @@ def main(argv=None) -> dict:
     p = PRESETS[args.preset]
     p = dataclasses.replace(p, **({"pairs": args.pairs} if args.pairs else {}),
                             **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
-                            **({"layers": args.layers} if args.layers else {}))
+                            **({"layers": args.layers} if args.layers else {}),
+                            **({"tasks": args.tasks} if args.tasks else {}),
+                            **({"sites": args.sites} if args.sites else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -298,10 +313,11 @@ def main(argv=None) -> dict:
             f"top-1 {o['top1']:.3f}")
     for task in p.tasks:
         result["tasks"][task] = run_task(model, tok, task, p, args, log)
-    result["grid"] = {task: r["grid"] for task, r in result["tasks"].items()}
-    result["seconds"] = time.perf_counter() - t_start
-    (args.out / "report.json").write_text(json.dumps(result, indent=1))
-    write_report(args.out, result)
+        # written after every task, so a long run has its finished tasks on disk
+        result["grid"] = {task: r["grid"] for task, r in result["tasks"].items()}
+        result["seconds"] = time.perf_counter() - t_start
+        (args.out / "report.json").write_text(json.dumps(result, indent=1))
+        write_report(args.out, result)
     log(f"wrote {args.out}/report.md ({result['seconds']:.0f} s)")
     return result
 

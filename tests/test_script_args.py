@@ -26,6 +26,8 @@ BAD = [
     ("patching", ["--out", "x", "--layers", "0"], "argument --layers"),
     ("patching", ["--out", "x", "--memory-budget", "-1"], "argument --memory-budget: must be > 0"),
     ("patching", ["--preset", "smoke"], "the following arguments are required: --out"),
+    ("patching", ["--out", "x", "--sites", "resid,embed"], "argument --sites: must be comma-separated names"),
+    ("patching", ["--out", "x", "--tasks", ""], "argument --tasks: must be comma-separated names"),
     ("bench/patching", ["--pairs", "0"], "argument --pairs"),
     ("bench/patching", ["--memory-budget", "0"], "argument --memory-budget: must be > 0"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
