@@ -117,6 +117,7 @@ def heatmap(path, panels, axes, title, labels=None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     fig, ax = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for a, (name, g) in zip(ax[0], panels.items()):
@@ -125,6 +126,8 @@ def heatmap(path, panels, axes, title, labels=None):
         im = a.imshow(g, aspect="auto", cmap="RdBu_r" if signed else "viridis",
                       vmin=-lim if signed else 0, vmax=lim)
         a.set_title(name, fontsize=9)
+        a.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         a.set_ylabel(axes[0])
         a.set_xlabel(axes[1])
         if labels is not None and axes[1] == "position":
