@@ -649,7 +649,8 @@ def compare(effect, estimate, k: int = 10, n_false_negatives: int = 5,
     """How well an estimate of patch effects matches the true ones (arrays of one shape,
     effects = patched metric - base metric): Pearson correlation of the values and of their
     magnitudes, the overlap of the top-k sites by |effect| (|top-k true ∩ top-k estimate| /
-    k) and the worst false negatives: the true top-k sites with the lowest |estimate| rank,
+    k; `topk_overlap_ties`: estimate top-k sites within 5% of max |effect| of the true k-th
+    count too) and the worst false negatives: the true top-k sites with the lowest |estimate| rank,
     each with its true effect, its estimate and that rank (0 = the largest)."""
     e = np.asarray(effect, np.float64).ravel()
     a = np.asarray(estimate, np.float64).ravel()
@@ -669,9 +670,14 @@ def compare(effect, estimate, k: int = 10, n_false_negatives: int = 5,
     est_rank[np.argsort(-np.abs(a), kind="stable")] = np.arange(e.size)
     est_top = set(np.argsort(-np.abs(a), kind="stable")[:k].tolist())
     worst = sorted(true_top.tolist(), key=lambda i: -est_rank[i])[:n_false_negatives]
+    # near-ties (a whole column of cells at ~1) make the plain overlap arbitrary: also count
+    # an estimate top-k site whose |effect| is within 5% of max |effect| of the k-th largest
+    kth = np.sort(np.abs(e))[::-1][k - 1]
+    tol = 0.05 * np.abs(e).max()
     return {
         "pearson": corr(e, a), "pearson_abs": corr(np.abs(e), np.abs(a)),
         "topk": k, "topk_overlap": len(est_top & set(true_top.tolist())) / k,
+        "topk_overlap_ties": float(np.mean([abs(e[i]) >= kth - tol for i in est_top])),
         "worst_false_negatives": [
             {"site": names[i], "effect": float(e[i]), "estimate": float(a[i]),
              "estimate_rank": int(est_rank[i])} for i in worst],

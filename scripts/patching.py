@@ -257,8 +257,8 @@ def write_report(out_dir: Path, result: dict):
                      f"{o['corrupted_ld_mean']:.2f} | {o['ld_positive']:.3f} | {o['top1']:.3f} |")
     for task, r in result["tasks"].items():
         lines += ["", f"## {task}: {len(r['pairs'])} pairs, e.g. \"{r['pairs'][0]}\"", "",
-                  "| site | grid | patching s | AtP s | r(AtP) | top-k AtP | r(QK fix) | top-k QK | "
-                  "r(AtP*, abs) | top-k AtP* | worst AtP false negative (effect, est, rank) |",
+                  "| site | grid | patching s | AtP s | r(AtP) | top-k AtP (ties) | r(QK fix) | top-k QK | "
+                  "r(AtP*, abs) | top-k AtP* (ties) | worst AtP false negative (effect, est, rank) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for site, c in r["compare"].items():
             g = r["grid"][site]
@@ -269,9 +269,11 @@ def write_report(out_dir: Path, result: dict):
             qk_k = "" if qk is None else f"{qk['topk_overlap']:.2f}"
             lines.append(
                 f"| {site} | {shape} | {g['seconds']['patching']:.1f} | {g['seconds']['atp']:.1f} | "
-                f"{c['atp']['pearson']:.3f} | {c['atp']['topk_overlap']:.2f} | "
+                f"{c['atp']['pearson']:.3f} | {c['atp']['topk_overlap']:.2f} "
+                f"({c['atp'].get('topk_overlap_ties', float('nan')):.2f}) | "
                 f"{qk_r} | {qk_k} | "
-                f"{c['atp_star']['pearson']:.3f} | {c['atp_star']['topk_overlap']:.2f} | "
+                f"{c['atp_star']['pearson']:.3f} | {c['atp_star']['topk_overlap']:.2f} "
+                f"({c['atp_star'].get('topk_overlap_ties', float('nan')):.2f}) | "
                 f"{fn['site']} ({fn['effect']:.3f}, {fn['estimate']:.3f}, {fn['estimate_rank']}) |")
         lines += [""] + [f"![{task} {s}]({task}_{s}.png)" for s in r["compare"]]
         if "path" in r:

@@ -330,6 +330,9 @@ def test_compare_counts_overlap_and_false_negatives():
     estimate = np.array([[4.0, 3.0], [0.0, 0.2]])  # the -4 site is missed (rank 3)
     r = Pt.compare(effect, estimate, k=2, n_false_negatives=1)
     assert r["topk_overlap"] == 0.5
+    assert r["topk_overlap_ties"] == 0.5  # 0.1 is not within 5% of 5 of the 2nd largest, 4
+    tied = Pt.compare(np.array([1.0, 0.99, 0.98, 0.0]), np.array([0.0, 0.1, 0.5, 0.0]), k=2)
+    assert tied["topk_overlap"] == 0.5 and tied["topk_overlap_ties"] == 1.0
     assert r["worst_false_negatives"][0]["effect"] == -4.0
     assert r["worst_false_negatives"][0]["estimate_rank"] == 3
     np.testing.assert_allclose(r["pearson"], np.corrcoef(effect.ravel(), estimate.ravel())[0, 1])
@@ -356,3 +359,22 @@ def test_patching_script_smoke(tmp_path):
     assert report["performance"]["ioi"]["overall"]["n"] == 8
     assert (tmp_path / "report.md").read_text().startswith("# Patching report")
     assert (tmp_path / "ioi_resid.png").stat().st_size > 0 and (tmp_path / "ioi_path.png").exists()
+
+
+def test_kl_metric_grid():
+    """KL(clean || patched) at the last token: 0 where the patch restores the clean run (pair
+    0's differing position at layer 0), KL(clean || corrupted) (numpy, from the two runs'
+    logits) where it changes nothing."""
+    m = model()
+    kl = Pt.kl_metric(m, CLEAN[0], position=-1)
+    g = np.asarray(Pt.activation_patching(m, CLEAN[0], CORRUPT[0], kl, site="resid"))
+
+    def logp(tokens):
+        z = np.asarray(m(jnp.asarray(tokens)))[-1].astype(np.float64)
+        return z - np.log(np.exp(z - z.max()).sum()) - z.max()
+
+    a, b = logp(CLEAN[0]), logp(CORRUPT[0])
+    ref = float(np.sum(np.exp(a) * (a - b)))
+    assert ref > 1e-3
+    np.testing.assert_allclose(g[0, 2], 0.0, atol=TOL)
+    np.testing.assert_allclose(g[0, [0, 1, 3, 4, 5, 6]], ref, rtol=1e-4, atol=TOL)
