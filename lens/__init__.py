@@ -7,7 +7,8 @@ Public contract:
 Richer API: `lens.edits` (interventions as data: add / ablate / patch / stack),
 `lens.sweep` (K vectors x C coeffs x L layers x P prompts, prefix shared, chunked),
 `lens.steering` (ActAdd, CAA / mean difference, PCA of differences, save/load),
-`lens.sharding` (the sweep over a device mesh), `lens.geometry` (norm-aware geometry).
+`lens.sharding` (the sweep over a device mesh), `lens.geometry` (norm-aware geometry),
+`lens.patching` (activation / path / attribution patching), `lens.tasks` (IOI, facts).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from lens.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
 
 __all__ = [
     "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep", "sweep_vectors",
-    "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry", "lenses", "dla",
+    "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry", "lenses", "dla", "patching", "tasks",
 ]
 
-_LAZY = {"geometry", "steering", "sharding", "lenses", "dla"}
+_LAZY = {"geometry", "steering", "sharding", "lenses", "dla", "patching", "tasks"}
 
 
 def __getattr__(name: str):

@@ -3,6 +3,7 @@ front, with argparse's message naming the flag (exit status 2), before loading a
 good values parse.  Only the parsers run here (no model, no data)."""
 
 import importlib
+import importlib.util
 
 import pytest
 
@@ -26,6 +27,8 @@ GOOD = {
     "bench/modularity": [],
     "goodhart": ["--out", "x"],
     "prediction": [],
+    "patching": ["--out", "x"],
+    "bench/patching": [],
 }
 BAD = [
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
@@ -55,6 +58,15 @@ BAD = [
     ("goodhart", ["--out", "x", "--parts", "sweep,nope"], "argument --parts: must be a comma-separated subset"),
     ("prediction", ["--tokens", "0"], "argument --tokens: must be an integer >= 1; got 0"),
     ("prediction", ["--vocab", "8"], "argument --vocab: must be an integer >= 16; got 8"),
+    ("patching", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
+    ("patching", ["--out", "x", "--pairs", "0"], "argument --pairs"),
+    ("patching", ["--out", "x", "--layers", "0"], "argument --layers"),
+    ("patching", ["--out", "x", "--memory-budget", "-1"], "argument --memory-budget: must be > 0"),
+    ("patching", ["--preset", "smoke"], "the following arguments are required: --out"),
+    ("patching", ["--out", "x", "--sites", "resid,embed"], "argument --sites: must be comma-separated names"),
+    ("patching", ["--out", "x", "--tasks", ""], "argument --tasks: must be comma-separated names"),
+    ("bench/patching", ["--pairs", "0"], "argument --pairs"),
+    ("bench/patching", ["--memory-budget", "0"], "argument --memory-budget: must be > 0"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
     ("orthogonal_steering", ["--k", "two"], "argument --k: must be an integer >= 1; got 'two'"),
     ("orthogonal_steering", ["--block", "0"], "argument --block"),
