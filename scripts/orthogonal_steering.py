@@ -535,13 +535,13 @@ def behaviour_per_vector(args, V, scores, readings):
     if g < 4:
         return None
     per_vec = np.array([scores[f"found_{i}"] for i in range(g)])
-    grams = readings["stages_detail"]["found"]
+    grams = readings["found_gram"]
     n_clusters = max(2, g // 8)
     return {"code_score": per_vec.tolist(), "n_prompts": min(args.gen_prompts, len(NEUTRAL)),
             "choices": (f"code score = mean over {min(args.gen_prompts, len(NEUTRAL))} greedy replies of "
                         f"{args.gen_tokens} tokens; clusters: average linkage on 1 - cosine of the specific "
                         f"(centred) effects, cut into max(2, K/8) = {n_clusters}; nulls: 1000 shuffles of the scores"),
-            **{st: mb.behaviour_vs_effect(grams[st]["gram"][:g, :g], per_vec, n_clusters, n_perm=1000)
+            **{st: mb.behaviour_vs_effect(grams[st][:g, :g], per_vec, n_clusters, n_perm=1000)
                for st in ("target", "logits")}}
 
 

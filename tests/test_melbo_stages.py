@@ -88,6 +88,13 @@ def test_answer_contract_and_spreads():
     assert ans["choices"]["n_tokens"] == int(np.asarray(MASK[:2]).sum())
     cf = ans["closed_form_per_token"]
     assert 0 < cf["pooled_per_token"] < 0.5 and 0 < cf["at_mean_rho"] < 0.5
+    # found_gram: the pooled Gram of the found effects, = E E^T of the flattened effects
+    # (float64 by hand), and nothing numpy is left in the JSON-able part.
+    eff = stages.unit_effects(problem, v)["target"].astype(np.float64).reshape(len(v), -1)
+    np.testing.assert_allclose(ans["found_gram"]["target"], eff @ eff.T, rtol=1e-4, atol=1e-4 * np.abs(eff @ eff.T).max())
+    import json
+
+    json.dumps({k: x for k, x in ans.items() if k != "found_gram"})
 
 
 def test_k_curve_matches_readings_of_the_first_k():

@@ -202,8 +202,9 @@ def answer(
     `specific_participation_ratio`, `participation_ratio` ({stage: {"found", "found_lo",
     "found_hi", "control_mean", "control_min", "control_max"}}), `control_spread` ({stage:
     {reading: {mean, min, max, n}}}), `shared_cos_theta0` ({stage: {"found", "control_mean"}}),
-    `closed_form_per_token`, `stages_detail` (every bootstrap), and `choices` (what decides
-    the numbers)."""
+    `closed_form_per_token`, `stages_detail` (every bootstrap), `choices` (what decides
+    the numbers), and `found_gram` ({stage: [K, K] pooled Gram of the found effects}, numpy:
+    drop it before writing JSON)."""
     from lens.melbo.analysis import random_orthogonal_controls, source_activations
 
     found = np.asarray(found, np.float32)
@@ -230,6 +231,12 @@ def answer(
         out["shared_cos_theta0"][stage] = {
             "found": f[stage]["shared_cos_reference"],
             "control_mean": float(np.mean([c[stage]["shared_cos_reference"] for c in controls]))}
+    # The found vectors' pooled Gram per stage (numpy, not JSON: lens.melbo.behaviour
+    # clusters by it); stages_detail stays JSON-able.
+    out["found_gram"] = {stage: f[stage].pop("gram") for stage in f}
+    for c in controls:
+        for res in c.values():
+            res.pop("gram")
     x_norms = np.linalg.norm(np.asarray(source_activations(problem)), axis=1)
     out["closed_form_per_token"] = decompose.closed_form_per_token(x_norms, norms)
     out["choices"] = {
