@@ -542,6 +542,9 @@ def atp_star(
     _, b = run_with_cache(model, base, Capture(sublayers=True))
     if drop_chunk is None:  # a backward holds every block's activations: ~n forwards' worth
         drop_chunk = max(1, chunk_size_for(model, 1, 1, P, seq, False, True, False, memory_budget) // n)
+    # Never more drops per call than layers: a small model's budget allows thousands, and
+    # the padding below would then run thousands of copies of the same drop.
+    drop_chunk = min(drop_chunk, n)
     total = 0.0
     for start in range(0, n, drop_chunk):
         layers = list(range(start, min(n, start + drop_chunk)))
