@@ -42,9 +42,11 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     return ours, hf.eval(), f"{name} ({path.name}, dequantised to float32)"
 
 
-def best_time(fn, repeats: int) -> float:
-    """Fastest wall time of `fn()` over `repeats` calls, after one warm-up call."""
-    fn()
+def best_time(fn, repeats: int, warmup: bool = True) -> float:
+    """Fastest wall time of `fn()` over `repeats` calls, after one warm-up call (unless
+    `warmup=False`: the caller has already run it once)."""
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()

@@ -68,12 +68,10 @@ def parse_args(argv=None):
 
 
 def best(fn, repeats: int) -> float:
-    out = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t)
-    return out
+    """Fastest of `repeats` timed calls; every caller here warms up (compiles) first."""
+    from bench_common import best_time
+
+    return best_time(fn, repeats, warmup=False)
 
 
 def bandwidth(mb: int, repeats: int = 5) -> float:
