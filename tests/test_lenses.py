@@ -3,7 +3,8 @@ captured residuals (jitted, vmapped over K = 3 prompts of odd length) and agains
 transformers run (hidden_states through the HF final norm + lm_head); a zero-initialised
 tuned lens is the logit lens; the tuned-lens loss and its hand-written gradient against
 plain autodiff and numpy; training lowers held-out KL; an interrupted training resumes
-to the uninterrupted lens; save/load; the script's smoke preset end to end."""
+to the uninterrupted lens (in-process, and by a real SIGKILL of the script); save/load; the
+script's smoke preset end to end."""
 
 import equinox as eqx
 import jax
@@ -239,3 +240,43 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     assert set(r["lenses"]) == {"logit lens", "tuned lens"}
     assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
     assert (tmp_path / "r" / "lens_report.png").stat().st_size > 1000
+
+
+# A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
+# kill at a known step, no polling race), then the same command resumes in this process.
+KILL_AT_2 = (
+    "import os, signal, sys; sys.path.insert(0, 'scripts'); import train_tuned_lens; "
+    "train_tuned_lens.main(sys.argv[1:], on_checkpoint=lambda s: s == 2 and os.kill(os.getpid(), signal.SIGKILL))"
+)
+
+
+def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    import train_tuned_lens
+    from lens_tiny import tiny_text_model
+
+    root = Path(__file__).resolve().parents[1]
+    folder = str(tiny_text_model(tmp_path / "m"))
+    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
+            "--corpora", "shakespeare"]
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_2, *args, "--out", str(killed)], cwd=root,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (killed / train.CHECKPOINT).exists() and not (killed / "tuned_lens.safetensors").exists()
+    resumed = train_tuned_lens.main(args + ["--out", str(killed)])
+    whole = train_tuned_lens.main(args + ["--out", str(full)])
+    assert [r["step"] for r in resumed["train_log"]] == [4]  # one eval, at the end
+    a = load_file(str(killed / "tuned_lens.safetensors"))
+    b = load_file(str(full / "tuned_lens.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed["tuned_lens"]["kl"] == whole["tuned_lens"]["kl"]
