@@ -107,7 +107,7 @@ def parse_args(argv=None):
     preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 128 and PR vs K)")
+                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 256, PR vs K, every vector scored)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
     ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")

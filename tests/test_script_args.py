@@ -66,6 +66,7 @@ BAD = [
     ("patching", ["--out", "x", "--sites", "resid,embed"], "argument --sites: must be comma-separated names"),
     ("patching", ["--out", "x", "--tasks", ""], "argument --tasks: must be comma-separated names"),
     ("bench/patching", ["--pairs", "0"], "argument --pairs"),
+    ("bench/patching", ["--reference-pairs", "0"], "argument --reference-pairs"),
     ("bench/patching", ["--memory-budget", "0"], "argument --memory-budget: must be > 0"),
     ("orthogonal_steering", ["--k", "0"], "argument --k: must be an integer >= 1; got 0"),
     ("orthogonal_steering", ["--k", "two"], "argument --k: must be an integer >= 1; got 'two'"),
