@@ -190,6 +190,16 @@ def _plain_chunk(model, tokens: Int[Array, "B seq"]) -> PlainRuns:
     return jax.vmap(lambda t: _plain_one(model, t, True))(tokens)
 
 
+CPU_CHUNK_BYTES = 16e6  # a chunk's working set on CPU: inside the last-level cache (measured:
+# 1000 examples in one chunk ran the induction bench's treeified part 2x slower than 100-200)
+
+
+def _chunk(memory_budget: float, per_example: int, n: int) -> int:
+    """Examples per compiled call: within the memory budget and, on CPU, within the cache."""
+    limit = memory_budget if jax.default_backend() != "cpu" else min(memory_budget, CPU_CHUNK_BYTES)
+    return min(n, max(1, int(limit // per_example)))
+
+
 def _plain_bytes(config, seq: int) -> int:
     """Bytes of one example's PlainRuns (float32)."""
     c = config
@@ -204,7 +214,7 @@ def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2
     seq = tokens.shape[1]
     # a block's working set (attention scores, MLP hidden) on top of what is kept
     work = 4 * seq * (c.n_heads * seq + 4 * c.d_model + 2 * max(c.d_mlp, 0))
-    chunk = max(1, int(memory_budget // (_plain_bytes(c, seq) + work)))
+    chunk = _chunk(memory_budget, _plain_bytes(c, seq) + work, len(tokens))
     parts = [_plain_chunk(model, jnp.asarray(tokens[s:s + chunk])) for s in range(0, len(tokens), chunk)]
     return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
 
@@ -217,42 +227,35 @@ def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Arr
     return treeified_logits_from(model, plan, plain, jnp.arange(runs.shape[0]))
 
 
-def _patched_heads(model, layer: int, heads: tuple[int, ...], srcs: dict, qpos, valid) -> Float[Array, "K seq d_head"]:
-    """z of head `heads[i]` of block `layer` when its q / k / v read srcs["q"|"k"|"v"][i]
-    ([K, seq, d_model]): `block_forward` on a ONE-HEAD slice of the block (its W_Q row,
-    its kv head's W_K / W_V, no MLP), so norms, rotary, q/k norms and windows are the
-    model's own code, at a quarter (1 / n_heads) of a block's attention cost."""
+def _patched_head(model, layer: int, head: int, q: Float[Array, "seq d_model"], k: Float[Array, "seq d_model"],
+                  v: Float[Array, "seq d_model"], qpos, valid) -> Float[Array, "seq d_head"]:
+    """z of head (layer, head) when its query / key / value read q / k / v: `block_forward`
+    on a ONE-HEAD slice of the block (its W_Q row, its kv head's W_K / W_V, no MLP), so
+    norms, rotary, q/k norms and windows are the model's own code, at 1 / n_heads of a
+    block's attention cost.  One call per head, weights not batched: under the vmap over
+    examples every projection stays one large matrix product (vmapping over heads would
+    batch the weights too and split it into thousands of tiny ones)."""
     from models.block import block_forward
 
     c = model.config
-    group = c.n_heads // c.n_kv_heads
+    kv = head // (c.n_heads // c.n_kv_heads)
     one = dataclasses.replace(c, n_heads=1, n_kv_heads=1, attn_only=True)
     full = jax.tree.map(lambda w: w[layer], model.blocks)
-    q_rows, kv_rows = np.asarray(heads), np.asarray(heads) // group
 
-    def pick(a, rows):  # [K, 1, ...]: each member's own head
-        return None if a is None else a[rows][:, None]
+    def pick(a, row):  # [1, ...]: this head's own slice
+        return None if a is None else a[row:row + 1]
 
     sliced = dataclasses.replace(
-        full, W_Q=pick(full.W_Q, q_rows), b_Q=pick(full.b_Q, q_rows), W_K=pick(full.W_K, kv_rows),
-        b_K=pick(full.b_K, kv_rows), W_V=pick(full.W_V, kv_rows), b_V=pick(full.b_V, kv_rows),
-        W_O=pick(full.W_O, q_rows))
-    axes = dataclasses.replace(jax.tree.map(lambda _: None, full), **{
-        k: 0 for k in ("W_Q", "b_Q", "W_K", "b_K", "W_V", "b_V", "W_O") if getattr(full, k) is not None})
-    rot = model.rotary(qpos)
-    key_pos = jnp.where(valid, qpos, -1)
+        full, W_Q=pick(full.W_Q, head), b_Q=pick(full.b_Q, head), W_K=pick(full.W_K, kv),
+        b_K=pick(full.b_K, kv), W_V=pick(full.W_V, kv), b_V=pick(full.b_V, kv), W_O=pick(full.W_O, head))
     local = c.local_layers
     is_local = None if local is None else jnp.asarray(local[layer])
-    ones = jnp.ones((1, 1), jnp.float32)
-
-    def run(block, q, k, v):
-        e = Edits(q_input_mix=ones, q_input_source=q, k_input_mix=ones, k_input_source=k,
-                  v_input_mix=ones, v_input_source=v)
-        x = jnp.zeros_like(q)  # every input comes from a source: the residual itself is unused
-        return block_forward(one, block, x, qpos, key_pos, rot, is_local, e, Capture(head_z=True),
-                             None, None)[2].head_z[:, 0]
-
-    return jax.vmap(run, in_axes=(axes, 0, 0, 0))(sliced, srcs["q"], srcs["k"], srcs["v"])
+    ones = jnp.ones((1, 1), q.dtype)
+    e = Edits(q_input_mix=ones, q_input_source=q, k_input_mix=ones, k_input_source=k,
+              v_input_mix=ones, v_input_source=v)
+    x = jnp.zeros_like(q)  # every input comes from a source: the residual itself is unused
+    return block_forward(one, sliced, x, qpos, jnp.where(valid, qpos, -1), model.rotary(qpos), is_local, e,
+                         Capture(head_z=True), None, None)[2].head_z[:, 0]
 
 
 def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array, " R"]) -> Float[Array, "seq vocab"]:
@@ -356,10 +359,9 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
         members = groups[key]
         layer, is_head = key[1], key[2] == "Head"
         if is_head:  # only the patched heads themselves: one-head blocks, not whole blocks
-            srcs = {w: jnp.stack([_head_input(p, w) for p in members]) for w in "qkv"}
-            z = _patched_heads(model, layer, tuple(p.target.head for p in members), srcs, qpos, valid)
-            for i, p in enumerate(members):
-                values[id(p)] = jnp.einsum("sk,kd->sd", z[i], blocks.W_O[layer, p.target.head])
+            for p in members:
+                z = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"), qpos, valid)
+                values[id(p)] = jnp.einsum("sk,kd->sd", z, blocks.W_O[layer, p.target.head])
             continue
         fields = [edits_for(p) for p in members]
         stacked = Edits(**{k: jnp.stack([f[k] for f in fields]) for k in fields[0]})
@@ -387,11 +389,11 @@ def _chunk_losses(model, plan: _Plan, loss_fn, plain: PlainRuns, index: Int[Arra
 
 
 def _bytes_per_example(config, n_nodes: int, seq: int) -> int:
-    """A rough upper bound of one example's working set: a residual-sized value per plan
-    node (gathered or computed), one block re-run's attention per node, the logits (with
-    their log-softmax)."""
+    """One example's working set, roughly: per plan node a gathered plain value, its
+    difference and the sum it feeds, plus a head's scores; the logits with their
+    log-softmax; an MLP node's hidden layer."""
     c = config
-    per_node = seq * 4 * (4 * c.d_model + c.n_heads * c.d_head + 2 * c.n_heads * seq + 2 * max(c.d_mlp, 0))
+    per_node = 4 * seq * (3 * c.d_model + seq + max(c.d_mlp, 0))
     return n_nodes * per_node + 3 * seq * c.vocab_size * 4
 
 
@@ -442,7 +444,7 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
     elif plain.final.shape[:2] != (n, seq):
         raise ValueError(f"plain runs of shape {plain.final.shape[:2]} do not match the tokens {(n, seq)}")
     n_nodes = sum(1 for _ in hypothesis.walk())
-    chunk = min(n, max(1, int(memory_budget / 2 // _bytes_per_example(model.config, n_nodes, seq))))
+    chunk = _chunk(memory_budget / 2, _bytes_per_example(model.config, n_nodes, seq), n)
     dev_targets = jax.tree.map(jnp.asarray, targets)
     all_losses, all_draws = [], []
     bar = tqdm(total=len(seeds) * n, disable=not progress, desc="scrub", dynamic_ncols=True)

@@ -53,7 +53,8 @@ def test_patched_heads_equal_whole_block_path_patching(name, layer):
     srcs = {w: jnp.asarray(rng.normal(size=(len(heads), SEQ, c.d_model)), jnp.float32) for w in "qkv"}
     base = jnp.asarray(rng.normal(size=(SEQ, c.d_model)), jnp.float32)
     qpos, valid = m.default_positions(jnp.zeros((SEQ,), jnp.int32), None, None, None)
-    got = jax.jit(lambda s: S._patched_heads(m, layer, heads, s, qpos, valid))(srcs)
+    one = jax.jit(lambda h, s: jax.vmap(lambda q, k, v: S._patched_head(m, layer, h, q, k, v, qpos, valid))(
+        s["q"], s["k"], s["v"]), static_argnums=0)  # vmapped over members, as under the scrub's vmap
 
     group = c.n_heads // c.n_kv_heads
     for i, h in enumerate(heads):
@@ -67,4 +68,4 @@ def test_patched_heads_equal_whole_block_path_patching(name, layer):
             fields[f"{w}_input_mix"], fields[f"{w}_input_source"] = jnp.asarray(mix), jnp.asarray(src)
         z = m.run_blocks(base, qpos, valid, start=layer, stop=layer + 1, edits=Edits(**fields),
                          capture=Capture(head_z=True))[2].head_z[0, :, h]
-        np.testing.assert_allclose(np.asarray(got[i]), np.asarray(z), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(one(h, srcs)[i]), np.asarray(z), atol=2e-5, rtol=0)
