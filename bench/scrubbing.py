@@ -2,16 +2,20 @@
 
     .venv/bin/python bench/scrubbing.py                      # 1000 examples, the naive induction hypothesis
     .venv/bin/python bench/scrubbing.py --examples 200 --json runs/bench_scrub.json
+    taskset -c 1 .venv/bin/python bench/scrubbing.py --torch-threads 1   # one core each: robust to load
 
 Both sides scrub the SAME hypothesis with the SAME resampled inputs (one draw of
 `lens.scrubbing.sample_runs`) on our 2-layer attention-only induction model
 (`lens.scrubbing_examples.synthetic_induction_model`, trained into --cache if absent).  transformers
 has no attention-only GPT-2, so the reference is a plain PyTorch implementation of the
 same forward (LayerNorm, learned positions, tied unembedding) with TransformerLens-style
-hook points (per-head q / k / v inputs, z, the final residual): one cached forward per
-distinct resampled input, one hooked forward per head whose inputs are patched, one for
-the output, each batched over all examples.  Ours: one compiled, vmapped program, chunked
-by a memory budget.  The per-example losses of both sides are compared.
+hook points (per-head q / k / v inputs, split only in a layer where one is hooked, z, the
+final residual): one cached forward per resampled input column, one hooked forward per
+head whose inputs are patched, one for the output, each batched over all examples.  A
+second reference variant (`torch_hooks_shared`) caches ONE forward of the dataset and
+gathers every column from it, as ours does.  Ours: one plain forward per dataset example,
+then one compiled, vmapped program (gathers, one-head blocks, unembedding), chunked.  The
+per-example losses of all three are compared; wall and process-CPU seconds reported.
 """
 
 from __future__ import annotations
