@@ -208,9 +208,16 @@ def _plain_bytes(config, seq: int) -> int:
 
 
 def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2e9) -> PlainRuns:
-    """The plain activations of every dataset example (vmapped, chunked by the budget;
-    ids must already be checked: `scrub` does it on the host)."""
+    """The plain activations of every dataset example (vmapped, chunked by the budget),
+    for `scrub(..., plain=)`: computed once, shared by every node, seed and hypothesis."""
     c = model.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+        raise ValueError(f"token ids outside [0, {c.vocab_size})")  # checked here: not in the compiled call
+    if tokens.shape[1] > c.max_seq_len:
+        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
     seq = tokens.shape[1]
     # a block's working set (attention scores, MLP hidden) on top of what is kept
     work = 4 * seq * (c.n_heads * seq + 4 * c.d_model + 2 * max(c.d_mlp, 0))
@@ -232,9 +239,8 @@ def _patched_head(model, layer: int, head: int, q: Float[Array, "seq d_model"], 
     """z of head (layer, head) when its query / key / value read q / k / v: `block_forward`
     on a ONE-HEAD slice of the block (its W_Q row, its kv head's W_K / W_V, no MLP), so
     norms, rotary, q/k norms and windows are the model's own code, at 1 / n_heads of a
-    block's attention cost.  One call per head, weights not batched: under the vmap over
-    examples every projection stays one large matrix product (vmapping over heads would
-    batch the weights too and split it into thousands of tiny ones)."""
+    block's attention cost.  One call per head (its slice is static), vmapped by the
+    caller over examples only."""
     from models.block import block_forward
 
     c = model.config
