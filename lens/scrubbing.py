@@ -412,7 +412,7 @@ class ScrubResult:
 
     @property
     def mean_per_seed(self) -> np.ndarray:
-        return self.losses.mean(axis=1)
+        return self.losses.astype(np.float64).mean(axis=1)  # float64: identity recovers exactly 100%
 
 
 LossFn = Callable[[Float[Array, "seq vocab"], Any], Float[Array, ""]]
@@ -516,7 +516,7 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
         plain = plain_runs(model, tokens, memory_budget / 2)  # one plain forward, every hypothesis
     results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain)
                for name, h in hyps.items()}
-    model_loss = float(results["identity"].losses.mean())
+    model_loss = float(results["identity"].mean_per_seed.mean())
     base = results[baseline].mean_per_seed
     out = {}
     for name, r in results.items():
