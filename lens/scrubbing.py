@@ -222,8 +222,12 @@ def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2
     # a block's working set (attention scores, MLP hidden) on top of what is kept
     work = 4 * seq * (c.n_heads * seq + 4 * c.d_model + 2 * max(c.d_mlp, 0))
     chunk = _chunk(memory_budget, _plain_bytes(c, seq) + work, len(tokens))
-    parts = [_plain_chunk(model, jnp.asarray(tokens[s:s + chunk])) for s in range(0, len(tokens), chunk)]
-    return parts[0] if len(parts) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
+    n = len(tokens)
+    # equal chunks (the last one repeats example n-1, then is cut): one compile
+    parts = [_plain_chunk(model, tokens[np.minimum(np.arange(s, s + chunk), n - 1)]) for s in range(0, n, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
 
 
 def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Array, "seq vocab"]:
@@ -451,18 +455,18 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
         raise ValueError(f"plain runs of shape {plain.final.shape[:2]} do not match the tokens {(n, seq)}")
     n_nodes = sum(1 for _ in hypothesis.walk())
     chunk = _chunk(memory_budget / 2, _bytes_per_example(model.config, n_nodes, seq), n)
-    dev_targets = jax.tree.map(jnp.asarray, targets)
+    host_targets = jax.tree.map(np.asarray, targets)  # sliced on the host: no per-chunk dispatches
     all_losses, all_draws = [], []
     bar = tqdm(total=len(seeds) * n, disable=not progress, desc="scrub", dynamic_ncols=True)
     for seed in seeds:
         plan, runs, draws = sample_runs(hypothesis, n, np.random.default_rng(seed), indexes)
-        index = jnp.asarray(runs.astype(np.int32))
+        index = runs.astype(np.int32)
         out = []
         for s in range(0, n, chunk):
             # every chunk the same size (the last one repeats example n-1): one compile
-            rows = jnp.asarray(np.minimum(np.arange(s, s + chunk), n - 1))
+            rows = np.minimum(np.arange(s, s + chunk), n - 1)
             got = _chunk_losses(model, plan, loss_fn, plain, index[rows],
-                                jax.tree.map(lambda a: a[rows], dev_targets))
+                                jax.tree.map(lambda a: a[rows], host_targets))
             out.append(got[:min(chunk, n - s)])
             bar.update(min(chunk, n - s))
         all_losses.append(np.concatenate([np.asarray(o) for o in out]))
