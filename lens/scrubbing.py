@@ -25,9 +25,11 @@ along its children's paths.  The treeified run gives every path its own input:
 where resid_R(x) is the residual the reader reads in a plain run on x, plain_c(x) the
 child's direct output in that run (Head: z_h W_O; MLP: mlp_out; Embed: embeddings; Resid:
 resid_pre), and mask_c the child's `positions` (all by default).  The output's value goes
-through the final norm and unembedding.  Everything is one pure function per example,
-vmapped over the dataset and chunked by a memory budget; the loss is the caller's
-per-example `loss_fn(logits, target)`.
+through the final norm and unembedding.  Every plain run is a run of one dataset example:
+`plain_runs` computes them once (shared by every node, seed and hypothesis) and the rest
+is one pure function per example (gathers, one-head blocks for the patched heads, block
+re-runs for patched MLPs), vmapped over the dataset and chunked by a memory budget; the
+loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
               Node(HeadInput(1, 6, "k"), children=(Node(Head(0, 0)),)),)),))
