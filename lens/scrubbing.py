@@ -393,6 +393,25 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
 
 
 @eqx.filter_jit
+def _chunk_losses_tokens(model, plan: _Plan, loss_fn, runs: Int[Array, "B R seq"], targets) -> Float[Array, " B"]:
+    """Per-example losses computing each example's plain runs itself (when the whole
+    dataset's plain runs do not fit the memory budget)."""
+    return jax.vmap(lambda r, tgt: loss_fn(treeified_logits(model, plan, r), tgt))(runs, targets)
+
+
+def _max_runs(hypothesis: Node) -> int:
+    """An upper bound on the distinct input columns a hypothesis draws (one per node, plus
+    one per inner node's `other`, plus the reference)."""
+    return 1 + sum(1 + bool(node.children) for _, node in hypothesis.walk())
+
+
+def plain_fits(config, shape: tuple[int, int], memory_budget: float) -> bool:
+    """Whether `plain_runs` of a [N, seq] dataset fits half the memory budget (else `scrub`
+    computes each chunk's plain runs itself: R forwards per example instead of 1)."""
+    return shape[0] * _plain_bytes(config, shape[1]) <= memory_budget / 2
+
+
+@eqx.filter_jit
 def _chunk_losses(model, plan: _Plan, loss_fn, plain: PlainRuns, index: Int[Array, "B R"], targets) -> Float[Array, " B"]:
     def one(i, tgt):
         return loss_fn(treeified_logits_from(model, plan, plain, i), tgt)
@@ -451,12 +470,15 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
             raise ValueError(f"every targets leaf needs a leading axis of N = {n}; got {np.shape(leaf)}")
     validate(hypothesis, model.config, seq)
     indexes = feature_indexes(hypothesis, tokens)
-    if plain is None:
+    if plain is None and plain_fits(model.config, tokens.shape, memory_budget):
         plain = plain_runs(model, tokens, memory_budget / 2)
-    elif plain.final.shape[:2] != (n, seq):
+    elif plain is not None and plain.final.shape[:2] != (n, seq):
         raise ValueError(f"plain runs of shape {plain.final.shape[:2]} do not match the tokens {(n, seq)}")
     n_nodes = sum(1 for _ in hypothesis.walk())
-    chunk = _chunk(memory_budget / 2, _bytes_per_example(model.config, n_nodes, seq), n)
+    per_example = _bytes_per_example(model.config, n_nodes, seq)
+    if plain is None:  # the dataset's plain runs exceed the budget: each chunk runs its own
+        per_example += _max_runs(hypothesis) * 2 * _plain_bytes(model.config, seq)
+    chunk = _chunk(memory_budget / 2, per_example, n)
     host_targets = jax.tree.map(np.asarray, targets)  # sliced on the host: no per-chunk dispatches
     all_losses, all_draws = [], []
     bar = tqdm(total=len(seeds) * n, disable=not progress, desc="scrub", dynamic_ncols=True)
@@ -467,8 +489,9 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
         for s in range(0, n, chunk):
             # every chunk the same size (the last one repeats example n-1): one compile
             rows = np.minimum(np.arange(s, s + chunk), n - 1)
-            got = _chunk_losses(model, plan, loss_fn, plain, index[rows],
-                                jax.tree.map(lambda a: a[rows], host_targets))
+            tgt = jax.tree.map(lambda a: a[rows], host_targets)
+            got = (_chunk_losses(model, plan, loss_fn, plain, index[rows], tgt) if plain is not None
+                   else _chunk_losses_tokens(model, plan, loss_fn, tokens[index[rows]], tgt))
             out.append(got[:min(chunk, n - s)])
             bar.update(min(chunk, n - s))
         all_losses.append(np.concatenate([np.asarray(o) for o in out]))
@@ -519,7 +542,8 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
     if tokens.ndim == 2 and np.issubdtype(tokens.dtype, np.integer) and len(tokens) >= 2 \
             and tokens.min() >= 0 and tokens.max() < model.config.vocab_size \
             and tokens.shape[1] <= model.config.max_seq_len:  # (else scrub raises the clear error)
-        plain = plain_runs(model, tokens, memory_budget / 2)  # one plain forward, every hypothesis
+        if plain_fits(model.config, tokens.shape, memory_budget):
+            plain = plain_runs(model, tokens, memory_budget / 2)  # one plain forward, every hypothesis
     results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain)
                for name, h in hyps.items()}
     model_loss = float(results["identity"].mean_per_seed.mean())

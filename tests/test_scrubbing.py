@@ -241,3 +241,19 @@ def test_scrub_from_shared_plain_runs_equals_per_example_treeified_run():
         S.scrub(m, tokens[:5], hyp, nll_last, targets[:5], plain=plain)
     with pytest.raises(ValueError, match="token ids outside"):
         S.plain_runs(m, tokens + V)
+
+
+def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
+    """A budget too small for the dataset's plain runs: each chunk runs its own (the path
+    of `treeified_logits`); same losses as the shared plain runs."""
+    m = tiny()
+    tokens = np.random.default_rng(6).integers(0, V, (9, SEQ)).astype(np.int32)
+    targets = (tokens[:, 1] + 2) % V
+    U, E, Nd = S.Uncond(), S.Exact(), S.Node
+    hyp = Nd(S.Output(), E, other=U, children=(
+        Nd(S.Head(1, 1), E, other=U, children=(Nd(S.HeadInput(1, 1, "k"), U, (Nd(S.Head(0, 0), E),)),)),))
+    small = 2 * S._plain_bytes(m.config, SEQ) * 4  # fits 4 examples' plain runs, not 9
+    assert not S.plain_fits(m.config, tokens.shape, small)
+    got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=small)
+    want = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1))
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5, atol=1e-6)
