@@ -2,16 +2,20 @@
 
     .venv/bin/python bench/scrubbing.py                      # 1000 examples, the naive induction hypothesis
     .venv/bin/python bench/scrubbing.py --examples 200 --json runs/bench_scrub.json
+    taskset -c 1 .venv/bin/python bench/scrubbing.py --torch-threads 1   # one core each: robust to load
 
 Both sides scrub the SAME hypothesis with the SAME resampled inputs (one draw of
 `lens.scrubbing.sample_runs`) on our 2-layer attention-only induction model
 (`lens.scrubbing_examples.synthetic_induction_model`, trained into --cache if absent).  transformers
 has no attention-only GPT-2, so the reference is a plain PyTorch implementation of the
 same forward (LayerNorm, learned positions, tied unembedding) with TransformerLens-style
-hook points (per-head q / k / v inputs, z, the final residual): one cached forward per
-distinct resampled input, one hooked forward per head whose inputs are patched, one for
-the output, each batched over all examples.  Ours: one compiled, vmapped program, chunked
-by a memory budget.  The per-example losses of both sides are compared.
+hook points (per-head q / k / v inputs, split only in a layer where one is hooked, z, the
+final residual): one cached forward per resampled input column, one hooked forward per
+head whose inputs are patched, one for the output, each batched over all examples.  A
+second reference variant (`torch_hooks_shared`) caches ONE forward of the dataset and
+gathers every column from it, as ours does.  Ours: one plain forward per dataset example,
+then one compiled, vmapped program (gathers, one-head blocks, unembedding), chunked.  The
+per-example losses of all three are compared; wall and process-CPU seconds reported.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -39,6 +44,8 @@ def parse_args(argv=None):
     ap.add_argument("--hypothesis", choices=("naive", "refined"), default="naive")
     ap.add_argument("--cache", type=Path, default=Path("runs"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--torch-threads", type=int_at_least(1), default=None,
+                    help="torch intra-op threads (default: torch's own choice)")
     return ap.parse_args(argv)
 
 
@@ -80,12 +87,19 @@ def torch_model(model):
             causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
             for l in range(c.n_layers):
                 x = self.hook_resid_pre[l](x)
-                xi = x[:, :, None, :].expand(B, T, c.n_heads, c.d_model)
-                qi, ki, vi = (self.ln(h[l](xi), p["ln1_w"][l], p["ln1_b"][l])
-                              for h in (self.hook_q_input, self.hook_k_input, self.hook_v_input))
-                q = torch.einsum("bshd,hdk->bshk", qi, p["W_Q"][l]) + p["b_Q"][l]
-                k = torch.einsum("bshd,hdk->bshk", ki, p["W_K"][l]) + p["b_K"][l]
-                v = torch.einsum("bshd,hdk->bshk", vi, p["W_V"][l]) + p["b_V"][l]
+                hooks = (self.hook_q_input[l], self.hook_k_input[l], self.hook_v_input[l])
+                if any(h._forward_hooks for h in hooks):
+                    # per-head q / k / v inputs (TransformerLens' use_split_qkv_input), only
+                    # in a layer where some input is hooked: elsewhere one norm, one matmul
+                    xi = x[:, :, None, :].expand(B, T, c.n_heads, c.d_model)
+                    qi, ki, vi = (self.ln(h(xi), p["ln1_w"][l], p["ln1_b"][l]) for h in hooks)
+                    q = torch.einsum("bshd,hdk->bshk", qi, p["W_Q"][l]) + p["b_Q"][l]
+                    k = torch.einsum("bshd,hdk->bshk", ki, p["W_K"][l]) + p["b_K"][l]
+                    v = torch.einsum("bshd,hdk->bshk", vi, p["W_V"][l]) + p["b_V"][l]
+                else:
+                    h = self.ln(x, p["ln1_w"][l], p["ln1_b"][l])
+                    q, k, v = (torch.einsum("bsd,hdk->bshk", h, p[w][l]) + p[b][l]
+                               for w, b in (("W_Q", "b_Q"), ("W_K", "b_K"), ("W_V", "b_V")))
                 s = torch.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(c.d_head)
                 a = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
                 z = self.hook_z[l](torch.einsum("bhqs,bshk->bqhk", a, v))
@@ -96,23 +110,32 @@ def torch_model(model):
     return AttnOnly().eval()
 
 
-def torch_scrub(tm, plan, run_tokens, targets) -> np.ndarray:
-    """Per-example losses of the treeified run, with forward hooks (the usual way)."""
+def torch_scrub(tm, plan, tokens, runs, targets, shared: bool = False) -> np.ndarray:
+    """Per-example losses of the treeified run, with forward hooks (the usual way): one
+    cached forward per resampled input column (shared=True: one cached forward of the
+    dataset, each column's activations gathered from it, as ours does), one hooked forward
+    per patched head, one for the output."""
     import torch
 
     c_layers = len(tm.hook_z)
-    toks = torch.tensor(run_tokens.transpose(1, 0, 2).astype(np.int64))  # [R, N, seq]
-    cache = []
-    for r in range(toks.shape[0]):  # one cached forward per distinct input
+    toks = torch.tensor(tokens[runs].transpose(1, 0, 2).astype(np.int64))  # [R, N, seq]
+
+    def cached(batch):
         got, handles = {}, []
         for l in range(c_layers):
             handles.append(tm.hook_resid_pre[l].register_forward_hook(lambda m, i, o, l=l: got.__setitem__(("pre", l), o)))
             handles.append(tm.hook_z[l].register_forward_hook(lambda m, i, o, l=l: got.__setitem__(("z", l), o)))
         handles.append(tm.hook_resid_final.register_forward_hook(lambda m, i, o: got.__setitem__("final", o)))
-        tm(toks[r])
+        tm(batch)
         for h in handles:
             h.remove()
-        cache.append(got)
+        return got
+
+    if shared:
+        every = cached(torch.tensor(tokens.astype(np.int64)))
+        cache = [{k: v[torch.tensor(runs[:, r])] for k, v in every.items()} for r in range(runs.shape[1])]
+    else:
+        cache = [cached(toks[r]) for r in range(toks.shape[0])]
 
     W_O = tm.p["W_O"]
 
@@ -175,10 +198,44 @@ def torch_scrub(tm, plan, run_tokens, targets) -> np.ndarray:
     return ((nll * m).sum(-1) / m.sum(-1).clamp(min=1.0)).numpy()
 
 
+def forward_counts(plan, n: int, n_runs: int) -> dict:
+    """Forwards (of one sequence) each side runs: ours, one plain forward per dataset
+    example plus one ONE-HEAD block per patched head per example; the reference, one
+    whole-model forward per resampled input column, per patched head and for the output,
+    each over all examples."""
+    patched = sum(1 for p in S._plan_nodes(plan) if isinstance(p.target, S.Head) and p.children)
+    return {"ours": {"plain_forwards": n, "one_head_blocks": patched * n},
+            "torch_hooks": {"whole_forwards": (n_runs + patched + 1) * n},
+            "torch_hooks_shared": {"whole_forwards": (1 + patched + 1) * n}}
+
+
+def profile_ours(model, tokens, hyp, targets, repeats: int) -> dict:
+    """Where our time goes (each part timed alone, best of `repeats`): host-side sampling
+    (the recursive draws), the plain runs of the dataset, the rest of `scrub` given them
+    (checks, sampling, the compiled treeified chunks: gathers, patched heads,
+    unembedding, loss)."""
+    def best(f):
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    plain = S.plain_runs(model, tokens)
+    return {
+        "sampling_s": best(lambda: S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})[1]),
+        "plain_runs_s": best(lambda: S.plain_runs(model, tokens).final),
+        "scrub_given_plain_runs_s": best(lambda: S.scrub(model, tokens, hyp, X.masked_nll, targets, plain=plain).losses),
+    }
+
+
 def main(argv=None) -> dict:
     import torch
 
     args = parse_args(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     model = X.synthetic_induction_model(args.cache / "induction_synth")
     from lens.induction import measure_induction
 
@@ -188,7 +245,6 @@ def main(argv=None) -> dict:
     hyp = X.induction_hypotheses(heads1, prev, model.config.n_heads)[args.hypothesis]
     tokens, targets = X.synthetic_data(args.examples, X.SyntheticInduction())
     plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})
-    run_tokens = tokens[runs]  # [N, R, seq]
 
     def ours():
         return S.scrub(model, tokens, hyp, X.masked_nll, targets, seeds=(0,)).losses[0]
@@ -198,28 +254,38 @@ def main(argv=None) -> dict:
     first = time.perf_counter() - t0
     tm = torch_model(model)
 
-    def reference():
+    def reference(shared=False):
         with torch.no_grad():
-            return torch_scrub(tm, plan, run_tokens, targets)
+            return torch_scrub(tm, plan, tokens, runs, targets, shared)
 
-    ref_losses = reference()
-    t_ours, t_ref = [], []
-    for _ in range(args.repeats):  # alternated, so machine load hits both alike
-        t = time.perf_counter()
-        ours()
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        reference()
-        t_ref.append(time.perf_counter() - t)
+    ref_losses, shared_losses = reference(), reference(True)
+    t_ours, t_ref, t_shared = [], [], []
+    cpu = {"ours": [], "torch_hooks": [], "torch_hooks_shared": []}  # process CPU seconds: less
+    for _ in range(args.repeats):  # alternated, so machine load hits all alike  (load-sensitive than wall)
+        for f, ts, key in ((ours, t_ours, "ours"), (reference, t_ref, "torch_hooks"),
+                           (lambda: reference(True), t_shared, "torch_hooks_shared")):
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            ts.append(time.perf_counter() - t)
+            cpu[key].append(time.process_time() - c)
+    steady = float(np.median(t_ours))
     result = {
         "examples": len(tokens), "seq": int(tokens.shape[1]), "hypothesis": args.hypothesis,
         "nodes": sum(1 for _ in hyp.walk()), "distinct_runs": int(runs.shape[1]),
         "induction_head": heads1, "previous_token_head": prev,
-        "ours_s": float(np.median(t_ours)), "torch_hooks_s": float(np.median(t_ref)),
-        "ours_first_call_s_incl_compile": first,
-        "ratio": float(np.median(t_ref) / np.median(t_ours)),
+        "ours_s": steady, "torch_hooks_s": float(np.median(t_ref)),
+        "torch_hooks_shared_s": float(np.median(t_shared)),
+        "ours_first_call_s_incl_compile": first, "compile_s_approx": first - steady,
+        "ratio": float(np.median(t_ref) / steady),
+        "ratio_vs_shared_reference": float(np.median(t_shared) / steady),
         "max_abs_loss_diff": float(np.abs(ours_losses - ref_losses).max()),
+        "max_abs_loss_diff_shared": float(np.abs(ours_losses - shared_losses).max()),
+        "cpu_s": {k: float(np.median(v)) for k, v in cpu.items()},
+        "cpu_ratio": float(np.median(cpu["torch_hooks"]) / np.median(cpu["ours"])),
+        "forwards": forward_counts(plan, len(tokens), runs.shape[1]),
+        "ours_profile": profile_ours(model, tokens, hyp, targets, args.repeats),
         "threads": {"torch": torch.get_num_threads()}, "repeats": args.repeats,
+        "load_average_1min": os.getloadavg()[0],
     }
     print(json.dumps(result, indent=1))
     if args.json:

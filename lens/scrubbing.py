@@ -25,9 +25,11 @@ along its children's paths.  The treeified run gives every path its own input:
 where resid_R(x) is the residual the reader reads in a plain run on x, plain_c(x) the
 child's direct output in that run (Head: z_h W_O; MLP: mlp_out; Embed: embeddings; Resid:
 resid_pre), and mask_c the child's `positions` (all by default).  The output's value goes
-through the final norm and unembedding.  Everything is one pure function per example,
-vmapped over the dataset and chunked by a memory budget; the loss is the caller's
-per-example `loss_fn(logits, target)`.
+through the final norm and unembedding.  Every plain run is a run of one dataset example:
+`plain_runs` computes them once (shared by every node, seed and hypothesis) and the rest
+is one pure function per example (gathers, one-head blocks for the patched heads, block
+re-runs for patched MLPs), vmapped over the dataset and chunked by a memory budget; the
+loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
               Node(HeadInput(1, 6, "k"), children=(Node(Head(0, 0)),)),)),))
@@ -122,51 +124,168 @@ def sample_runs(hypothesis: Node, n: int, rng: np.random.Generator, indexes: dic
     node), path = the labels from the root.  ref: the reference examples (default: every
     example once, in order)."""
     ref = np.arange(n) if ref is None else np.asarray(ref)
-    runs, draws = [], {}
+    runs, draws = [], {}  # runs: one column per DISTINCT draw
 
-    def visit(node: Node, parent: np.ndarray, path: tuple) -> tuple:
+    def take(sampler: Sampler, parent: np.ndarray, parent_run: int) -> tuple[np.ndarray, int]:
+        # An Exact draw IS its parent's draw (same column); any other draw is a new one.
+        # Sharing is decided by the tree, not by the values, so the plan (a static argument
+        # of the compiled scrub) is the same for every seed.
+        if isinstance(sampler, Exact):
+            return parent, parent_run
+        runs.append(_draw(sampler, parent, n, rng, indexes))
+        return runs[-1], len(runs) - 1
+
+    runs.append(ref)
+
+    def visit(node: Node, parent: np.ndarray, parent_run: int, path: tuple) -> _Plan:
         path = path + (node.label,)
-        mine = _draw(node.sampler, parent, n, rng, indexes)
-        runs.append(_draw(node.other, mine, n, rng, indexes) if node.children else mine)
-        draws[path] = (mine, runs[-1])
-        run = len(runs) - 1
-        return node.target, node.positions, run, tuple(visit(c, mine, path) for c in node.children)
+        mine, mine_run = take(node.sampler, parent, parent_run)
+        used, run = take(node.other, mine, mine_run) if node.children else (mine, mine_run)
+        draws[path] = (mine, used)
+        children = tuple(visit(c, mine, mine_run, path) for c in node.children)
+        return _Plan(node.target, node.positions, run, children)
 
-    raw = visit(hypothesis, ref, ())
-    # Nodes drawing the same inputs (Exact samplers) share one plain run.
-    # (numbered by first use, so the plan, a static argument, is the same for every seed)
-    cols = np.stack(runs, axis=1)
-    _, first, which = np.unique(cols, axis=1, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    which = rank[np.asarray(which).reshape(-1)]
-    unique = cols[:, np.sort(first)]
+    plan = visit(hypothesis, ref, 0, ())
+    # keep only the columns some node reads (a column read by no node is a draw that only
+    # seeded its children's), renumbered in order
+    read = sorted({p.run for p in _plan_nodes(plan)})
+    renumber = {r: i for i, r in enumerate(read)}
 
-    def build(r) -> _Plan:
-        return _Plan(r[0], r[1], int(which[r[2]]), tuple(build(c) for c in r[3]))
+    def relabel(p: _Plan) -> _Plan:
+        return _Plan(p.target, p.positions, renumber[p.run], tuple(relabel(c) for c in p.children))
 
-    return build(raw), unique, draws
+    return relabel(plan), np.stack([runs[r] for r in read], axis=1), draws
+
+
+def _plan_nodes(plan: _Plan):
+    yield plan
+    for c in plan.children:
+        yield from _plan_nodes(c)
 
 
 # ------------------------------------------------------------------ the treeified run
-def _plain_runs(model, runs: Int[Array, "R seq"]):
-    """Plain activations of every run (no logits): resid_pre/mid/post, head_z, mlp_out."""
-    def one(t):
-        x, qpos, valid = model.prefix(t)
-        final, _, acts = model.run_blocks(x, qpos, valid, capture=Capture(resid=True, sublayers=True, head_z=True))
-        return acts, final
+_PLAIN = Capture(resid=True, sublayers=True, head_z=True)
 
-    return jax.vmap(one)(runs)
+
+class PlainRuns(eqx.Module):
+    """Plain (unedited) activations of a batch of sequences, leading axis = the batch:
+    everything a treeified run reads from a plain run.  Every plain run of a scrub is a
+    run of one DATASET example, so `plain_runs` over the dataset once serves every node,
+    seed and hypothesis: a node's plain values are gathers, not forwards."""
+
+    resid_pre: Float[Array, "n layers seq d_model"]
+    resid_mid: Float[Array, "n layers seq d_model"]
+    head_z: Float[Array, "n layers seq heads d_head"]
+    mlp_out: Float[Array, "n layers seq d_model"] | None
+    final: Float[Array, "n seq d_model"]
+
+
+def _plain_one(model, t: Int[Array, " seq"], ids_checked: bool) -> PlainRuns:
+    x, qpos, valid = model.prefix(t, ids_checked=ids_checked)
+    final, _, acts = model.run_blocks(x, qpos, valid, capture=_PLAIN)
+    mlp = None if model.config.attn_only else acts.mlp_out
+    return PlainRuns(acts.resid_pre, acts.resid_mid, acts.head_z, mlp, final)
+
+
+@eqx.filter_jit
+def _plain_chunk(model, tokens: Int[Array, "B seq"]) -> PlainRuns:
+    return jax.vmap(lambda t: _plain_one(model, t, True))(tokens)
+
+
+CPU_CHUNK_BYTES = 16e6  # a chunk's working set on CPU: inside the last-level cache (measured:
+# 1000 examples in one chunk ran the induction bench's treeified part 2x slower than 100-200)
+
+
+def _chunk(memory_budget: float, per_example: int, n: int) -> int:
+    """Examples per compiled call: within the memory budget and, on CPU, within the cache."""
+    limit = memory_budget if jax.default_backend() != "cpu" else min(memory_budget, CPU_CHUNK_BYTES)
+    return min(n, max(1, int(limit // per_example)))
+
+
+def _plain_bytes(config, seq: int) -> int:
+    """Bytes of one example's PlainRuns (float32)."""
+    c = config
+    return 4 * seq * ((3 + 2 * c.n_layers + (0 if c.attn_only else c.n_layers)) * c.d_model
+                      + c.n_layers * c.n_heads * c.d_head)
+
+
+def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2e9) -> PlainRuns:
+    """The plain activations of every dataset example (vmapped, chunked by the budget),
+    for `scrub(..., plain=)`: computed once, shared by every node, seed and hypothesis."""
+    c = model.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+        raise ValueError(f"token ids outside [0, {c.vocab_size})")  # checked here: not in the compiled call
+    if tokens.shape[1] > c.max_seq_len:
+        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
+    seq = tokens.shape[1]
+    # a block's working set (attention scores, MLP hidden) on top of what is kept
+    work = 4 * seq * (c.n_heads * seq + 4 * c.d_model + 2 * max(c.d_mlp, 0))
+    chunk = _chunk(memory_budget, _plain_bytes(c, seq) + work, len(tokens))
+    n = len(tokens)
+    # equal chunks (the last one repeats example n-1, then is cut): one compile
+    parts = [_plain_chunk(model, tokens[np.minimum(np.arange(s, s + chunk), n - 1)]) for s in range(0, n, chunk)]
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
 
 
 def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Array, "seq vocab"]:
     """Logits of the treeified model for one example: `runs[plan.run]` is the input of each
-    plan node's plain activations (see the module docstring).  Pure; vmap over examples."""
+    plan node's plain activations (see the module docstring).  Pure; vmap over examples.
+    (`scrub` uses `treeified_logits_from`, which gathers those runs from `plain_runs`.)"""
+    plain = jax.vmap(lambda t: _plain_one(model, t, False))(runs)
+    return treeified_logits_from(model, plan, plain, jnp.arange(runs.shape[0]))
+
+
+def _patched_head(model, layer: int, head: int, q: Float[Array, "seq d_model"], k: Float[Array, "seq d_model"],
+                  v: Float[Array, "seq d_model"], qpos, valid) -> Float[Array, "seq d_head"]:
+    """z of head (layer, head) when its query / key / value read q / k / v: `block_forward`
+    on a ONE-HEAD slice of the block (its W_Q row, its kv head's W_K / W_V, no MLP), so
+    norms, rotary, q/k norms and windows are the model's own code, at 1 / n_heads of a
+    block's attention cost.  One call per head (its slice is static), vmapped by the
+    caller over examples only."""
+    from models.block import block_forward
+
     c = model.config
-    seq = runs.shape[1]
-    acts, final = _plain_runs(model, runs)
-    qpos, valid = model.default_positions(runs[0], None, None, None)
+    kv = head // (c.n_heads // c.n_kv_heads)
+    one = dataclasses.replace(c, n_heads=1, n_kv_heads=1, attn_only=True)
+    full = jax.tree.map(lambda w: w[layer], model.blocks)
+
+    def pick(a, row):  # [1, ...]: this head's own slice
+        return None if a is None else a[row:row + 1]
+
+    sliced = dataclasses.replace(
+        full, W_Q=pick(full.W_Q, head), b_Q=pick(full.b_Q, head), W_K=pick(full.W_K, kv),
+        b_K=pick(full.b_K, kv), W_V=pick(full.W_V, kv), b_V=pick(full.b_V, kv), W_O=pick(full.W_O, head))
+    local = c.local_layers
+    is_local = None if local is None else jnp.asarray(local[layer])
+    ones = jnp.ones((1, 1), q.dtype)
+    e = Edits(q_input_mix=ones, q_input_source=q, k_input_mix=ones, k_input_source=k,
+              v_input_mix=ones, v_input_source=v)
+    x = jnp.zeros_like(q)  # every input comes from a source: the residual itself is unused
+    return block_forward(one, sliced, x, qpos, jnp.where(valid, qpos, -1), model.rotary(qpos), is_local, e,
+                         Capture(head_z=True), None, None)[2].head_z[:, 0]
+
+
+def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array, " R"]) -> Float[Array, "seq vocab"]:
+    """`treeified_logits` when the plain runs are precomputed: plan node p reads the plain
+    activations `plain[index[p.run]]`.  Only what the plan reads is gathered or computed
+    (one head's output, not every head's; one block re-run per patched writer)."""
+    c = model.config
+    seq = plain.final.shape[1]
+    qpos, valid = model.default_positions(jnp.zeros((seq,), jnp.int32), None, None, None)
     blocks = model.blocks
+    memo: dict = {}
+
+    def get(field: str, r: int, layer: int | None = None):
+        key = (field, r, layer)
+        if key not in memo:  # gather once per (field, run, layer), however many nodes read it
+            a = getattr(plain, field)
+            memo[key] = a[index[r]] if layer is None else a[index[r], layer]
+        return memo[key]
 
     def mask(positions):
         m = np.zeros((seq,), np.float32)
@@ -176,25 +295,29 @@ def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Arr
     def head_out(z, layer, head):  # z [seq, heads, d_head] -> [seq, d_model]
         return jnp.einsum("sk,kd->sd", z[:, head], blocks.W_O[layer, head])
 
-    # every run's per-head outputs at once: one contraction instead of one per plan node
-    head_outs = jnp.einsum("rlshk,lhkd->rlhsd", acts.head_z, blocks.W_O)
+    def plain_head(r, layer, head):
+        key = ("head_out", r, layer, head)
+        if key not in memo:
+            memo[key] = head_out(get("head_z", r, layer), layer, head)
+        return memo[key]
+
     at_layer = lambda layer, v: jnp.asarray(np.eye(c.n_layers, dtype=np.float32)[layer])[:, None, None] * v[None]  # noqa: E731
 
     def plain_writer(t, r):
         if isinstance(t, Embed):
-            return acts.resid_pre[r, 0]
+            return get("resid_pre", r, 0)
         if isinstance(t, Head):
-            return head_outs[r, t.layer, t.head]
+            return plain_head(r, t.layer, t.head)
         if isinstance(t, MLP):
-            return acts.mlp_out[r, t.layer]
-        return acts.resid_pre[r, t.layer] if t.layer < c.n_layers else final[r]
+            return get("mlp_out", r, t.layer)
+        return get("resid_pre", r, t.layer) if t.layer < c.n_layers else get("final", r)
 
     def plain_reader(t, r):
         if isinstance(t, Output) or (isinstance(t, Resid) and t.layer == c.n_layers):
-            return final[r]
+            return get("final", r)
         if isinstance(t, MLPInput) and not c.parallel_residual:
-            return acts.resid_mid[r, t.layer]
-        return acts.resid_pre[r, t.layer]
+            return get("resid_mid", r, t.layer)
+        return get("resid_pre", r, t.layer)
 
     values: dict[int, Array] = {}  # id(plan node) -> value of a writer run with edits
 
@@ -212,32 +335,25 @@ def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Arr
         return values[id(p)]
 
     def edits_for(p: _Plan) -> dict:
-        """The Edits fields (every q/k/v / input site, mix 0 where unused, so a group stacks)
-        that make block `layer` of p's other run read p's children's values."""
-        t, layer = p.target, p.target.layer
-        x = acts.resid_pre[p.run, layer]
+        """The Edits fields that make block `layer` of p's other run give its MLP p's
+        child's value as input."""
+        layer = p.target.layer
+        x = get("resid_pre", p.run, layer)
         one = np.zeros((c.n_layers, 1), np.float32)
         one[layer] = 1.0
-        if isinstance(t, Head):
-            fields = {}
-            group = c.n_heads // c.n_kv_heads
-            given = {ch.target.which: ch for ch in p.children}
-            for which in "qkv":
-                unit, width = (t.head, c.n_heads) if which == "q" else (t.head // group, c.n_kv_heads)
-                mix = np.zeros((c.n_layers, 1, width), np.float32)
-                src = x
-                if which in given:
-                    mix[layer, 0, unit] = 1.0
-                    src = reader_value(given[which])
-                fields[f"{which}_input_mix"] = jnp.asarray(mix, x.dtype)
-                fields[f"{which}_input_source"] = at_layer(layer, src)
-            return fields
         want = reader_value(p.children[0])  # MLP: its input set through the attention output
         if c.parallel_residual:  # (or the residual when the MLP reads the block's input)
             return {"resid_mix": jnp.asarray(one, x.dtype),
                     "resid_source": at_layer(layer, want)}
         return {"attn_out_mix": jnp.asarray(one, x.dtype),
                 "attn_out_source": at_layer(layer, want - x)}
+
+    def _head_input(p: _Plan, which: str):
+        """What head p reads through `which`: its child's value, else its other run's residual."""
+        for ch in p.children:
+            if ch.target.which == which:
+                return reader_value(ch)
+        return get("resid_pre", p.run, p.target.layer)
 
     # Writers that need a forward of their block, deepest first; those of one height,
     # layer and kind share one vmapped block call (a few compiled calls, not one per node).
@@ -254,18 +370,22 @@ def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Arr
     for key in sorted(groups):
         members = groups[key]
         layer, is_head = key[1], key[2] == "Head"
+        if is_head:  # only the patched heads themselves: one-head blocks, not whole blocks
+            for p in members:
+                z = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"), qpos, valid)
+                values[id(p)] = jnp.einsum("sk,kd->sd", z, blocks.W_O[layer, p.target.head])
+            continue
         fields = [edits_for(p) for p in members]
         stacked = Edits(**{k: jnp.stack([f[k] for f in fields]) for k in fields[0]})
-        xs = jnp.stack([acts.resid_pre[p.run, layer] for p in members])
-        cap = Capture(head_z=True) if is_head else Capture(sublayers=True)
+        xs = jnp.stack([get("resid_pre", p.run, layer) for p in members])
 
-        def block(x, e, layer=layer, cap=cap):
-            return model.run_blocks(x, qpos, valid, start=layer, stop=layer + 1, edits=e, capture=cap)[2]
+        def block(x, e, layer=layer):
+            return model.run_blocks(x, qpos, valid, start=layer, stop=layer + 1, edits=e,
+                                    capture=Capture(sublayers=True))[2]
 
         out = jax.vmap(block)(xs, stacked)
         for i, p in enumerate(members):
-            values[id(p)] = (head_out(out.head_z[i, 0], layer, p.target.head) if is_head
-                             else out.mlp_out[i, 0])
+            values[id(p)] = out.mlp_out[i, 0]
 
     resid = reader_value(plan)
     logits, _ = model.unembed_resid(resid)
@@ -273,19 +393,39 @@ def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Arr
 
 
 @eqx.filter_jit
-def _chunk_losses(model, plan: _Plan, loss_fn, runs: Int[Array, "B R seq"], targets) -> Float[Array, " B"]:
-    def one(r, tgt):
-        return loss_fn(treeified_logits(model, plan, r), tgt)
+def _chunk_losses_tokens(model, plan: _Plan, loss_fn, runs: Int[Array, "B R seq"], targets) -> Float[Array, " B"]:
+    """Per-example losses computing each example's plain runs itself (when the whole
+    dataset's plain runs do not fit the memory budget)."""
+    return jax.vmap(lambda r, tgt: loss_fn(treeified_logits(model, plan, r), tgt))(runs, targets)
 
-    return jax.vmap(one)(runs, targets)
+
+def _max_runs(hypothesis: Node) -> int:
+    """An upper bound on the distinct input columns a hypothesis draws (one per node, plus
+    one per inner node's `other`, plus the reference)."""
+    return 1 + sum(1 + bool(node.children) for _, node in hypothesis.walk())
 
 
-def _bytes_per_example(config, n_runs: int, seq: int) -> int:
-    """A rough upper bound: every run's captured activations, the attention of one block
-    per run, and the logits (with their log-softmax)."""
+def plain_fits(config, shape: tuple[int, int], memory_budget: float) -> bool:
+    """Whether `plain_runs` of a [N, seq] dataset fits half the memory budget (else `scrub`
+    computes each chunk's plain runs itself: R forwards per example instead of 1)."""
+    return shape[0] * _plain_bytes(config, shape[1]) <= memory_budget / 2
+
+
+@eqx.filter_jit
+def _chunk_losses(model, plan: _Plan, loss_fn, plain: PlainRuns, index: Int[Array, "B R"], targets) -> Float[Array, " B"]:
+    def one(i, tgt):
+        return loss_fn(treeified_logits_from(model, plan, plain, i), tgt)
+
+    return jax.vmap(one)(index, targets)
+
+
+def _bytes_per_example(config, n_nodes: int, seq: int) -> int:
+    """One example's working set, roughly: per plan node a gathered plain value, its
+    difference and the sum it feeds, plus a head's scores; the logits with their
+    log-softmax; an MLP node's hidden layer."""
     c = config
-    per_run = seq * 4 * (c.n_layers * (4 * c.d_model + c.n_heads * c.d_head) + 2 * c.n_heads * seq)
-    return n_runs * 2 * per_run + 3 * seq * c.vocab_size * 4
+    per_node = 4 * seq * (3 * c.d_model + seq + max(c.d_mlp, 0))
+    return n_nodes * per_node + 3 * seq * c.vocab_size * 4
 
 
 @dataclasses.dataclass
@@ -297,19 +437,24 @@ class ScrubResult:
 
     @property
     def mean_per_seed(self) -> np.ndarray:
-        return self.losses.mean(axis=1)
+        return self.losses.astype(np.float64).mean(axis=1)  # float64: identity recovers exactly 100%
 
 
 LossFn = Callable[[Float[Array, "seq vocab"], Any], Float[Array, ""]]
 
 
 def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: LossFn, targets: Any,
-          seeds: Sequence[int] = (0,), memory_budget: float = 2e9, progress: bool = False) -> ScrubResult:
+          seeds: Sequence[int] = (0,), memory_budget: float = 2e9, progress: bool = False,
+          plain: PlainRuns | None = None) -> ScrubResult:
     """The scrubbed loss of every example, once per resampling seed.
 
     tokens: the dataset (also the pool resampled from); targets: a pytree of [N, ...]
     arrays, example i's slice passed to `loss_fn(logits [seq, vocab], target) -> scalar`
-    (a module-level function: it is a static argument of the compiled chunk)."""
+    (a module-level function: it is a static argument of the compiled chunk).  plain:
+    `plain_runs(model, tokens)` when the caller already has it (`compare` shares it across
+    hypotheses); else computed here, once for every seed.  Cost: one plain forward per
+    dataset example, then per example and seed one compiled program of gathers, one block
+    re-run per patched writer and the unembedding."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
@@ -325,18 +470,31 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
             raise ValueError(f"every targets leaf needs a leading axis of N = {n}; got {np.shape(leaf)}")
     validate(hypothesis, model.config, seq)
     indexes = feature_indexes(hypothesis, tokens)
+    if plain is None and plain_fits(model.config, tokens.shape, memory_budget):
+        plain = plain_runs(model, tokens, memory_budget / 2)
+    elif plain is not None and plain.final.shape[:2] != (n, seq):
+        raise ValueError(f"plain runs of shape {plain.final.shape[:2]} do not match the tokens {(n, seq)}")
+    n_nodes = sum(1 for _ in hypothesis.walk())
+    per_example = _bytes_per_example(model.config, n_nodes, seq)
+    if plain is None:  # the dataset's plain runs exceed the budget: each chunk runs its own
+        per_example += _max_runs(hypothesis) * 2 * _plain_bytes(model.config, seq)
+    chunk = _chunk(memory_budget / 2, per_example, n)
+    host_targets = jax.tree.map(np.asarray, targets)  # sliced on the host: no per-chunk dispatches
     all_losses, all_draws = [], []
     bar = tqdm(total=len(seeds) * n, disable=not progress, desc="scrub", dynamic_ncols=True)
     for seed in seeds:
         plan, runs, draws = sample_runs(hypothesis, n, np.random.default_rng(seed), indexes)
-        chunk = max(1, int(memory_budget // _bytes_per_example(model.config, runs.shape[1], seq)))
+        index = runs.astype(np.int32)
         out = []
         for s in range(0, n, chunk):
-            sl = slice(s, min(s + chunk, n))
-            out.append(np.asarray(_chunk_losses(model, plan, loss_fn, jnp.asarray(tokens[runs[sl]]),
-                                                jax.tree.map(lambda a: jnp.asarray(a[sl]), targets))))
-            bar.update(sl.stop - sl.start)
-        all_losses.append(np.concatenate(out))
+            # every chunk the same size (the last one repeats example n-1): one compile
+            rows = np.minimum(np.arange(s, s + chunk), n - 1)
+            tgt = jax.tree.map(lambda a: a[rows], host_targets)
+            got = (_chunk_losses(model, plan, loss_fn, plain, index[rows], tgt) if plain is not None
+                   else _chunk_losses_tokens(model, plan, loss_fn, tokens[index[rows]], tgt))
+            out.append(got[:min(chunk, n - s)])
+            bar.update(min(chunk, n - s))
+        all_losses.append(np.concatenate([np.asarray(o) for o in out]))
         all_draws.append(draws)
     bar.close()
     return ScrubResult(np.stack(all_losses), tuple(int(s) for s in seeds), all_draws)
@@ -377,9 +535,18 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
     hyps = {"identity": identity(), "empty": empty(), **hypotheses}
     if baseline not in hyps:
         raise ValueError(f"baseline {baseline!r} is not one of the hypotheses {sorted(hyps)}")
-    results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress)
+    tokens = np.asarray(tokens)
+    for h in hyps.values():  # every hypothesis checked before anything runs
+        validate(h, model.config, tokens.shape[-1])
+    plain = None
+    if tokens.ndim == 2 and np.issubdtype(tokens.dtype, np.integer) and len(tokens) >= 2 \
+            and tokens.min() >= 0 and tokens.max() < model.config.vocab_size \
+            and tokens.shape[1] <= model.config.max_seq_len:  # (else scrub raises the clear error)
+        if plain_fits(model.config, tokens.shape, memory_budget):
+            plain = plain_runs(model, tokens, memory_budget / 2)  # one plain forward, every hypothesis
+    results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain)
                for name, h in hyps.items()}
-    model_loss = float(results["identity"].losses.mean())
+    model_loss = float(results["identity"].mean_per_seed.mean())
     base = results[baseline].mean_per_seed
     out = {}
     for name, r in results.items():

@@ -269,7 +269,12 @@ def induction_hypotheses(induction_heads: list[tuple[int, int]], previous_heads:
       naive+embed-key   naive, with the key also reading the embeddings directly;
       refined           every input reads the embeddings and EVERY layer-0 head, but each
                         layer-0 head's attention pattern (its query and key) comes from a
-                        random input: only its values are the real ones.
+                        random input: only its values are the real ones;
+    and two controls that say how much the layer-0 heads matter to the induction heads:
+      embed-only        the query, key and value read the embeddings only (every layer-0
+                        head's contribution from a random input);
+      k-all-layer0      naive, with the key reading the embeddings and EVERY layer-0 head
+                        on the real input (patterns and values).
     """
     from lens.scrubbing import Embed, Exact, Head, HeadInput, Node, Output, Uncond
 
@@ -282,6 +287,7 @@ def induction_hypotheses(induction_heads: list[tuple[int, int]], previous_heads:
 
     embed = (Node(Embed(), Exact()),)
     prev = tuple(Node(Head(*p), Exact()) for p in previous_heads)
+    layer0_real = tuple(Node(Head(layer0, j), Exact()) for j in range(n_heads0))
     layer0 = tuple(Node(Head(layer0, j), Exact(), (Node(HeadInput(layer0, j, "v"), Exact()),), other=Uncond())
                    for j in range(n_heads0))
     return {
@@ -289,6 +295,8 @@ def induction_hypotheses(induction_heads: list[tuple[int, int]], previous_heads:
         "naive": root(head(*h, {"q": embed, "k": prev, "v": embed}) for h in induction_heads),
         "naive+embed-key": root(head(*h, {"q": embed, "k": embed + prev, "v": embed}) for h in induction_heads),
         "refined": root(head(*h, {w: embed + layer0 for w in "qkv"}) for h in induction_heads),
+        "embed-only": root(head(*h, {w: embed for w in "qkv"}) for h in induction_heads),
+        "k-all-layer0": root(head(*h, {"q": embed, "k": embed + layer0_real, "v": embed}) for h in induction_heads),
     }
 
 

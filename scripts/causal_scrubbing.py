@@ -85,9 +85,11 @@ def induction_example(args, n):
     effect = {}
     if not heads1:  # no head passes by attention: take the two whose output matters most
         E, U = S.Exact(), S.Uncond()
+        plain = S.plain_runs(model, tokens)  # one plain forward of the dataset for all four
         for h in range(model.config.n_heads):
             alone = S.Node(S.Output(), E, (S.Node(S.Head(1, h), U),), other=E)
-            effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,)).losses.mean())
+            effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,),
+                                      plain=plain).losses.mean())
         heads1 = [(1, h) for h in sorted(effect, key=effect.get, reverse=True)[:2]]
     hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
     info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1,

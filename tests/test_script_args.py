@@ -132,6 +132,7 @@ BAD = [
     ("causal_scrubbing", ["--example", "parens"], "the following arguments are required: --out"),
     ("scrubbing", ["--examples", "1"], "argument --examples"),
     ("scrubbing", ["--repeats", "0"], "argument --repeats"),
+    ("scrubbing", ["--torch-threads", "0"], "argument --torch-threads"),
 ]
 
 

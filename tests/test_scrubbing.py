@@ -216,3 +216,44 @@ def test_loss_recovered_and_interval():
     m, lo, hi = S.mean_interval(v)
     half = 3.182 * np.std(v, ddof=1) / 2  # t(0.975, 3 dof) * s / sqrt(4)
     assert (m, lo, hi) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+
+
+def test_scrub_from_shared_plain_runs_equals_per_example_treeified_run():
+    """scrub (plain runs of the dataset gathered, odd-sized padded chunks) == treeified_logits
+    on each example's own run tokens (the path the numpy brute force above checks)."""
+    m = tiny(attn_only=False, heads=2, layers=2)
+    tokens = np.random.default_rng(5).integers(0, V, (11, SEQ)).astype(np.int32)
+    targets = (tokens[:, 0] + 3) % V
+    U, E, Nd = S.Uncond(), S.Exact(), S.Node
+    hyp = Nd(S.Output(), E, other=U, children=(
+        Nd(S.MLP(1), E, other=U, children=(Nd(S.MLPInput(1), U, (Nd(S.Head(1, 1), E),)),)),
+        Nd(S.Head(1, 0), U, other=U, children=(Nd(S.HeadInput(1, 0, "v"), E, (Nd(S.Embed(), U),)),)),))
+    S.validate(hyp, m.config, SEQ)
+    plain = S.plain_runs(m, tokens)
+    per = S._bytes_per_example(m.config, sum(1 for _ in hyp.walk()), SEQ)
+    got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=2 * 3 * per + 1, plain=plain)
+    for i, seed in enumerate((0, 1)):
+        plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(seed), {})
+        logits = jax.jit(jax.vmap(lambda r: S.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
+        want = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[:, -1])), targets[:, None], 1)[:, 0]
+        np.testing.assert_allclose(got.losses[i], want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="do not match"):
+        S.scrub(m, tokens[:5], hyp, nll_last, targets[:5], plain=plain)
+    with pytest.raises(ValueError, match="token ids outside"):
+        S.plain_runs(m, tokens + V)
+
+
+def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
+    """A budget too small for the dataset's plain runs: each chunk runs its own (the path
+    of `treeified_logits`); same losses as the shared plain runs."""
+    m = tiny()
+    tokens = np.random.default_rng(6).integers(0, V, (9, SEQ)).astype(np.int32)
+    targets = (tokens[:, 1] + 2) % V
+    U, E, Nd = S.Uncond(), S.Exact(), S.Node
+    hyp = Nd(S.Output(), E, other=U, children=(
+        Nd(S.Head(1, 1), E, other=U, children=(Nd(S.HeadInput(1, 1, "k"), U, (Nd(S.Head(0, 0), E),)),)),))
+    small = 2 * S._plain_bytes(m.config, SEQ) * 4  # fits 4 examples' plain runs, not 9
+    assert not S.plain_fits(m.config, tokens.shape, small)
+    got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=small)
+    want = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1))
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5, atol=1e-6)
