@@ -98,41 +98,59 @@ def available() -> bool:
 # Above this many rows (e.g. 64 steering vectors x 4 prompts in one decode) the product is
 # compute-bound and XLA's float32 GEMM beats this streaming kernel: widen and dot instead.
 MAX_ROWS = 64
+PANEL = 64  # columns per panel of the packed weight (kernels/bf16_matmul.cc: kPanel)
 
 
-def _call(x: Float[Array, "rows k"], w) -> Float[Array, "rows n"]:
+def to_panels(w: Float[Array, "k n"]) -> Float[Array, "panels k 64"]:
+    """bf16 [K, N] -> [ceil(N / 64), K, 64] (zero columns past N): each 64-column panel is
+    one contiguous stream for the kernel.  Outside jit, once per model."""
+    k, n = w.shape
+    pad = -n % PANEL
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, 0), (0, pad)))
+    return jnp.transpose(w.reshape(k, (n + pad) // PANEL, PANEL), (1, 0, 2))
+
+
+def from_panels(panels: Float[Array, "panels k 64"], n: int) -> Float[Array, "k n"]:
+    """The inverse of `to_panels`."""
+    p, k, width = panels.shape
+    return jnp.transpose(panels, (1, 0, 2)).reshape(k, p * width)[:, :n]
+
+
+def _call(x: Float[Array, "rows k"], panels, n: int) -> Float[Array, "rows n"]:
     if x.shape[0] > MAX_ROWS:
-        return jnp.einsum("rk,kn->rn", x.astype(jnp.float32), w.astype(jnp.float32))
-    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), w)
+        return jnp.einsum("rk,kn->rn", x.astype(jnp.float32), from_panels(panels, n).astype(jnp.float32))
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), panels)
 
 
 @jax.custom_batching.custom_vmap
-def _matmul2d(x, w):
-    return _call(x, w)
+def _matmul2d(x, panels, n_template):
+    return _call(x, panels, n_template.shape[0])
 
 
 @_matmul2d.def_vmap
-def _matmul2d_vmap(axis_size, in_batched, x, w):
-    x_batched, w_batched = in_batched
+def _matmul2d_vmap(axis_size, in_batched, x, panels, n_template):
+    x_batched, w_batched, _ = in_batched
+    n = n_template.shape[-1]
     if w_batched:  # a weight per row (never in generation): XLA's dot, widened to float32
         x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        y = jnp.einsum("brk,bkn->brn", x.astype(jnp.float32), w.astype(jnp.float32))
-        return y, True
+        w = jax.vmap(lambda p: from_panels(p, n))(panels)
+        return jnp.einsum("brk,bkn->brn", x.astype(jnp.float32), w.astype(jnp.float32)), True
     rows, k = x.shape[1], x.shape[2]
     # The batch's rows become rows of one call: the weight is read once for all of them.
-    y = _matmul2d(x.reshape(axis_size * rows, k), w)
-    return y.reshape(axis_size, rows, w.shape[1]), True
+    y = _matmul2d(x.reshape(axis_size * rows, k), panels, jnp.zeros((n,), jnp.int8))
+    return y.reshape(axis_size, rows, n), True
 
 
-def matmul(x: Float[Array, "rows k"], w) -> Float[Array, "rows n"]:
-    """x [rows, K] (any float dtype, used as float32) times w bf16 [K, N] -> float32 [rows, N].
-
-    Jit-, vmap- and while_loop-safe.  Needs `available()`; the caller checks shapes."""
-    if w.dtype != jnp.bfloat16 or x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"matmul: x [rows, K] and bf16 w [K, N] expected, got {x.shape} and "
-                         f"{w.dtype}{w.shape}")
-    return _matmul2d(x, w)
+def matmul(x: Float[Array, "rows k"], panels: Float[Array, "panels k 64"], n: int) -> Float[Array, "rows n"]:
+    """x [rows, K] (any float dtype, used as float32) times the bf16 weight [K, n] packed by
+    `to_panels` -> float32 [rows, n].  Jit-, vmap- and while_loop-safe; needs `available()`."""
+    if (panels.dtype != jnp.bfloat16 or x.ndim != 2 or panels.ndim != 3 or panels.shape[2] != PANEL
+            or x.shape[1] != panels.shape[1] or -(-n // PANEL) != panels.shape[0]):
+        raise ValueError(f"matmul: x [rows, K] and bf16 panels [ceil(n / {PANEL}), K, {PANEL}] expected, "
+                         f"got x {x.shape}, panels {panels.dtype}{panels.shape}, n {n}")
+    # n travels as the shape of a dummy array: custom_vmap takes arrays only
+    return _matmul2d(x, panels, jnp.zeros((n,), jnp.int8))
 
 
 def enabled() -> bool:
@@ -149,44 +167,52 @@ _SPECS = ("sd,hdk->shk", "shk,hkd->sd", "sd,dm->sm", "sm,md->sd", "sd,dv->sv")
 
 
 class PackedWeight(eqx.Module):
-    """A bf16 weight stored as the [K, N] matrix `matmul` reads, standing in for a `Block`
-    matrix (or the unembedding) in the decode layout.
+    """A bf16 weight stored as the 64-column panels `matmul` reads ([K, N] matrix packed by
+    `to_panels`), standing in for a `Block` matrix (or the unembedding) in the decode layout.
 
-    kind "qkv": logical [heads, d_model, d_head], packed [d_model, heads * d_head];
-    "out": logical [heads, d_head, d_model], packed [heads * d_head, d_model];
-    "plain": logical = packed (W_in, W_gate, W_out; the unembedding packed as [d_model, vocab])."""
+    kind "qkv": logical [heads, d_model, d_head], matrix [d_model, heads * d_head];
+    "out": logical [heads, d_head, d_model], matrix [heads * d_head, d_model];
+    "plain": logical = matrix (W_in, W_gate, W_out; the unembedding as [d_model, vocab])."""
 
-    w: Array
+    panels: Array
     kind: str = eqx.field(static=True)
     heads: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
 
     @classmethod
     def pack(cls, logical: Array, kind: str) -> "PackedWeight":
         if kind == "qkv":
             h, d, k = logical.shape
-            return cls(jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k), kind, h)
-        if kind == "out":
+            matrix = jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k)
+        elif kind == "out":
             h, k, d = logical.shape
-            return cls(logical.reshape(h * k, d), kind, h)
-        return cls(logical, "plain", 0)
+            matrix = logical.reshape(h * k, d)
+        else:
+            kind, h, matrix = "plain", 0, logical
+        return cls(to_panels(matrix), kind, h, matrix.shape[1])
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
 
     def logical(self) -> Array:
         """The weight in `Block`'s layout (XLA's path: only the rare edits that need it)."""
+        w = from_panels(self.panels, self.n)
         if self.kind == "qkv":
-            d, hk = self.w.shape
-            return jnp.transpose(self.w.reshape(d, self.heads, hk // self.heads), (1, 0, 2))
+            d, hk = w.shape
+            return jnp.transpose(w.reshape(d, self.heads, hk // self.heads), (1, 0, 2))
         if self.kind == "out":
-            hk, d = self.w.shape
-            return self.w.reshape(self.heads, hk // self.heads, d)
-        return self.w
+            hk, d = w.shape
+            return w.reshape(self.heads, hk // self.heads, d)
+        return w
 
     def apply(self, x: Array, spec: str) -> Array:
         """`jnp.einsum(spec, x, logical weight)` in float32 (the caller casts)."""
         if spec not in _SPECS:  # e.g. per-head q/k/v input patching ("shd,hdk->shk")
             return jnp.einsum(spec, x, self.logical(), preferred_element_type=jnp.float32)
         if self.kind == "qkv":
-            y = matmul(x, self.w)
+            y = matmul(x, self.panels, self.n)
             return y.reshape(x.shape[0], self.heads, -1)
         if self.kind == "out":
-            return matmul(x.reshape(x.shape[0], -1), self.w)
-        return matmul(x, self.w)
+            return matmul(x.reshape(x.shape[0], -1), self.panels, self.n)
+        return matmul(x, self.panels, self.n)

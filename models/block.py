@@ -86,7 +86,7 @@ def _scale_edit(edits: Edits | None, norm: str):
 
 def _linear(x, w, b, spec):
     if isinstance(w, PackedWeight):  # the bf16 decode layout (models/decode.py): the FFI kernel
-        y = w.apply(x, spec).astype(jnp.result_type(x.dtype, w.w.dtype))
+        y = w.apply(x, spec).astype(jnp.result_type(x.dtype, w.dtype))
         return y if b is None else y + b.astype(y.dtype)
     y = jnp.einsum(spec, x, w)
     return y if b is None else y + b.astype(y.dtype)

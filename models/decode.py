@@ -101,7 +101,7 @@ def decode_weights(model) -> DecodeWeights:
             block = eqx.tree_at(lambda b: [getattr(b, n) for n in _QKV], block,
                                 [jnp.transpose(getattr(block, n), (1, 0, 2)).copy() for n in _QKV])
         layers.append(block)
-    unembed = PackedWeight(model.W_U.T.copy(), "plain", 0) if packed else None
+    unembed = PackedWeight.pack(model.W_U.T, "plain") if packed else None
     out = jax.block_until_ready(DecodeWeights(tuple(layers), unembed))
     try:
         weakref.finalize(model, _LAYOUTS.pop, key, None)

@@ -34,15 +34,18 @@ def _rel(got, ref):
     return np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max()
 
 
-# odd sizes (tail rows of w, masked tail columns), one thread (K*N < 2^18) and two (>=)
+# odd sizes (a partial last panel), one thread (< 4 panels) and two (>= 4)
 @pytest.mark.parametrize("rows,k,n", [(1, 5, 17), (3, 577, 203), (1, 576, 1536), (2, 1031, 700)])
 def test_matmul_matches_numpy_jitted_and_vmapped(rows, k, n):
     x, w, ref = _case(rows, k, n)
-    assert _rel(jax.jit(bf16_kernel.matmul)(x, w), ref) < TOL
+    panels = bf16_kernel.to_panels(w)
+    assert np.array_equal(np.asarray(bf16_kernel.from_panels(panels, n)), np.asarray(w))
+    mm = jax.jit(bf16_kernel.matmul, static_argnums=2)
+    assert _rel(mm(x, panels, n), ref) < TOL
     # vmapped over rows (generation's batch) and twice (rows x prompts): one call each
-    one_row = jax.jit(jax.vmap(lambda r: bf16_kernel.matmul(r[None], w)[0]))
+    one_row = jax.jit(jax.vmap(lambda r: bf16_kernel.matmul(r[None], panels, n)[0]))
     assert _rel(one_row(x), ref) < TOL
-    nested = jax.jit(jax.vmap(jax.vmap(lambda r: bf16_kernel.matmul(r[None], w)[0])))
+    nested = jax.jit(jax.vmap(jax.vmap(lambda r: bf16_kernel.matmul(r[None], panels, n)[0])))
     stacked = nested(jnp.stack([x, 2 * x]))
     assert _rel(stacked[0], ref) < TOL and _rel(stacked[1], 2 * ref) < TOL
 
@@ -50,18 +53,22 @@ def test_matmul_matches_numpy_jitted_and_vmapped(rows, k, n):
 def test_matmul_many_rows_and_batched_weights_fall_back():
     # more rows than MAX_ROWS: XLA's float32 dot; a weight per row: XLA's batched dot
     x, w, ref = _case(bf16_kernel.MAX_ROWS + 3, 64, 48)
-    assert _rel(jax.jit(bf16_kernel.matmul)(x, w), ref) < TOL
-    ws = jnp.stack([w, (2 * w.astype(jnp.float32)).astype(jnp.bfloat16)])
-    got = jax.jit(jax.vmap(bf16_kernel.matmul, in_axes=(None, 0)))(x[:4], ws)
+    panels = bf16_kernel.to_panels(w)
+    assert _rel(jax.jit(bf16_kernel.matmul, static_argnums=2)(x, panels, 48), ref) < TOL
+    ws = jnp.stack([panels, (2 * panels.astype(jnp.float32)).astype(jnp.bfloat16)])
+    got = jax.jit(jax.vmap(lambda p: bf16_kernel.matmul(x[:4], p, 48)))(ws)
     assert _rel(got[0], ref[:4]) < TOL and _rel(got[1], 2 * ref[:4]) < TOL
 
 
 def test_matmul_rejects_wrong_inputs():
     x, w, _ = _case(2, 8, 16)
-    with pytest.raises(ValueError, match="bf16 w"):
-        bf16_kernel.matmul(x, w.astype(jnp.float32))
-    with pytest.raises(ValueError, match="bf16 w"):
-        bf16_kernel.matmul(x[:, :5], w)
+    panels = bf16_kernel.to_panels(w)
+    with pytest.raises(ValueError, match="bf16 panels"):
+        bf16_kernel.matmul(x, panels.astype(jnp.float32), 16)
+    with pytest.raises(ValueError, match="bf16 panels"):
+        bf16_kernel.matmul(x[:, :5], panels, 16)
+    with pytest.raises(ValueError, match="bf16 panels"):
+        bf16_kernel.matmul(x, panels, 65)
 
 
 @pytest.mark.parametrize("kind,shape", [("qkv", (3, 8, 5)), ("out", (3, 5, 8)), ("plain", (8, 12))])
