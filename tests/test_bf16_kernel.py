@@ -121,3 +121,33 @@ def test_generation_with_kernel_matches_xla_dots(family, monkeypatch):
             top2 = np.sort(lb[same])[-2:]
             assert top2[1] - top2[0] < 2 * BOUND * scale
     assert os.environ[bf16_kernel.ENV_SWITCH] == "0"  # monkeypatch restores it afterwards
+
+
+GENERATE_BF16 = """
+import models, jax, jax.numpy as jnp
+from models.config import ModelConfig
+from models.decode import uses_bf16_kernel
+from models.generate import generate
+cfg = ModelConfig(architecture="llama", vocab_size=61, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16,
+                  d_mlp=96, max_seq_len=32, norm_kind="rms", norm_eps=1e-5, activation="silu", gated_mlp=True,
+                  positional="rope", tie_embeddings=True)
+model = models.init(cfg, jax.random.key(0))
+model = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, model)
+print(jax.config.jax_compilation_cache_dir, uses_bf16_kernel(model))
+print(generate(model, [[3, 4, 5], [6, 7]], 5, eos_token_ids=[]).tokens)
+"""
+
+
+def test_second_bf16_generation_process_reads_the_cache(tmp_path):
+    """The compiled decode holding the kernel's custom call is stored in JAX's persistent
+    cache: a second identical process writes no new entry (and reuses the built kernel)."""
+    from test_compile_cache import entries, run
+
+    first = run(tmp_path, GENERATE_BF16)
+    assert first[1] == "True", first  # the kernel path ran
+    after_first = entries(tmp_path / "jax")
+    kernels = entries(tmp_path / "kernels")
+    assert len(after_first) >= 3 and len(kernels) == 1, (after_first, kernels)
+    second = run(tmp_path, GENERATE_BF16)
+    assert second == first
+    assert entries(tmp_path / "jax") == after_first and entries(tmp_path / "kernels") == kernels
