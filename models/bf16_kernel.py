@@ -1,11 +1,13 @@
-"""A bfloat16-weight matrix product for the decode step: `matmul(x, w)` with w bf16 [K, N].
+"""A bfloat16-weight matrix product for the decode step: `matmul(x, to_panels(w), n)` with
+w bf16 [K, n], packed once in 64-column panels; `PackedWeight` is what generation uses.
 
 Why: XLA:CPU has no bf16 dot.  It widens every bf16 weight to a float32 copy and dots that,
 and in the decode loop it hoists the widening out of the loop, so a bf16 decode step read
 the same float32 bytes as a float32 step (docs/generation.md has the profile).  The kernel
 in `kernels/bf16_matmul.cc` reads each bf16 weight once, widens it in registers and
 accumulates in float32 (x and y stay float32), so a batch-1 decode step streams half the
-bytes.  It is an XLA FFI custom call; it runs inside jit, `lax.while_loop` and `jax.vmap`
+bytes.  Each 64-column panel of w is one contiguous stream (the prefetchers follow it) and
+its 64 outputs stay in registers.  It is an XLA FFI custom call; it runs inside jit, `lax.while_loop` and `jax.vmap`
 (batched rows become rows of one call), and the persistent compilation cache stores it.
 
 It is built on first use with the host's C++ compiler (`-O3 -march=native`, AVX-512
