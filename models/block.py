@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from models import layers
+from models.bf16_kernel import PackedWeight
 from models.config import ModelConfig
 from models.interventions import Activations, Capture, Edits
 
@@ -84,6 +85,9 @@ def _scale_edit(edits: Edits | None, norm: str):
 
 
 def _linear(x, w, b, spec):
+    if isinstance(w, PackedWeight):  # the bf16 decode layout (models/decode.py): the FFI kernel
+        y = w.apply(x, spec).astype(jnp.result_type(x.dtype, w.dtype))
+        return y if b is None else y + b.astype(y.dtype)
     y = jnp.einsum(spec, x, w)
     return y if b is None else y + b.astype(y.dtype)
 

@@ -1,0 +1,220 @@
+"""A bfloat16-weight matrix product for the decode step: `matmul(x, to_panels(w), n)` with
+w bf16 [K, n], packed once in 64-column panels; `PackedWeight` is what generation uses.
+
+Why: XLA:CPU has no bf16 dot.  It widens every bf16 weight to a float32 copy and dots that,
+and in the decode loop it hoists the widening out of the loop, so a bf16 decode step read
+the same float32 bytes as a float32 step (docs/generation.md has the profile).  The kernel
+in `kernels/bf16_matmul.cc` reads each bf16 weight once, widens it in registers and
+accumulates in float32 (x and y stay float32), so a batch-1 decode step streams half the
+bytes.  Each 64-column panel of w is one contiguous stream (the prefetchers follow it) and
+its 64 outputs stay in registers.  It is an XLA FFI custom call; it runs inside jit, `lax.while_loop` and `jax.vmap`
+(batched rows become rows of one call), and the persistent compilation cache stores it.
+
+It is built on first use with the host's C++ compiler (`-O3 -march=native`, AVX-512
+needed) into `<lens cache>/kernels/`, keyed by the source, the compiler flags and the CPU
+model.  Where it cannot be built (no compiler, no AVX-512, no jaxlib FFI headers) or with
+`LENS_BF16_KERNEL=0`, `available()` is False and generation uses XLA's dots as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+ENV_SWITCH = "LENS_BF16_KERNEL"
+TARGET = "lens_bf16_matmul"
+_SOURCE = Path(__file__).parent / "kernels" / "bf16_matmul.cc"
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
+
+
+def _build() -> Path:
+    """Compile the kernel (once per source / flags / CPU) and return the shared library."""
+    from models.embedded import cache_dir
+
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++ / c++) on PATH")
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_model().encode()
+                         + jax.__version__.encode()).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"bf16_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp_out)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+        os.replace(tmp_out, out)  # atomic: a parallel process sees the whole file or none
+    return out
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built and registered in this process (built on the first call;
+    False without AVX-512 or without a C++ compiler)."""
+    if not {"avx512f", "avx512bw"} <= _cpu_flags():
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LensBf16Matmul), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as e:
+        import warnings
+
+        warnings.warn(f"bf16 decode kernel unavailable, using XLA's dots: {e}", stacklevel=2)
+        return False
+    return True
+
+
+# Above this many rows (e.g. 64 steering vectors x 4 prompts in one decode) the product is
+# compute-bound and XLA's float32 GEMM beats this streaming kernel: widen and dot instead.
+MAX_ROWS = 64
+PANEL = 64  # columns per panel of the packed weight (kernels/bf16_matmul.cc: kPanel)
+
+
+def to_panels(w: Float[Array, "k n"]) -> Float[Array, "panels k 64"]:
+    """bf16 [K, N] -> [ceil(N / 64), K, 64] (zero columns past N): each 64-column panel is
+    one contiguous stream for the kernel.  Outside jit, once per model."""
+    k, n = w.shape
+    pad = -n % PANEL
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, 0), (0, pad)))
+    return jnp.transpose(w.reshape(k, (n + pad) // PANEL, PANEL), (1, 0, 2))
+
+
+def from_panels(panels: Float[Array, "panels k 64"], n: int) -> Float[Array, "k n"]:
+    """The inverse of `to_panels`."""
+    p, k, width = panels.shape
+    return jnp.transpose(panels, (1, 0, 2)).reshape(k, p * width)[:, :n]
+
+
+def _call(x: Float[Array, "rows k"], panels, n: int) -> Float[Array, "rows n"]:
+    if x.shape[0] > MAX_ROWS:
+        return jnp.einsum("rk,kn->rn", x.astype(jnp.float32), from_panels(panels, n).astype(jnp.float32))
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), panels)
+
+
+@jax.custom_batching.custom_vmap
+def _matmul2d(x, panels, n_template):
+    return _call(x, panels, n_template.shape[0])
+
+
+@_matmul2d.def_vmap
+def _matmul2d_vmap(axis_size, in_batched, x, panels, n_template):
+    x_batched, w_batched, _ = in_batched
+    n = n_template.shape[-1]
+    if w_batched:  # a weight per row (never in generation): XLA's dot, widened to float32
+        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        w = jax.vmap(lambda p: from_panels(p, n))(panels)
+        return jnp.einsum("brk,bkn->brn", x.astype(jnp.float32), w.astype(jnp.float32)), True
+    rows, k = x.shape[1], x.shape[2]
+    # The batch's rows become rows of one call: the weight is read once for all of them.
+    y = _matmul2d(x.reshape(axis_size * rows, k), panels, jnp.zeros((n,), jnp.int8))
+    return y.reshape(axis_size, rows, n), True
+
+
+def matmul(x: Float[Array, "rows k"], panels: Float[Array, "panels k 64"], n: int) -> Float[Array, "rows n"]:
+    """x [rows, K] (any float dtype, used as float32) times the bf16 weight [K, n] packed by
+    `to_panels` -> float32 [rows, n].  Jit-, vmap- and while_loop-safe; needs `available()`."""
+    if (panels.dtype != jnp.bfloat16 or x.ndim != 2 or panels.ndim != 3 or panels.shape[2] != PANEL
+            or x.shape[1] != panels.shape[1] or -(-n // PANEL) != panels.shape[0]):
+        raise ValueError(f"matmul: x [rows, K] and bf16 panels [ceil(n / {PANEL}), K, {PANEL}] expected, "
+                         f"got x {x.shape}, panels {panels.dtype}{panels.shape}, n {n}")
+    # n travels as the shape of a dummy array: custom_vmap takes arrays only
+    return _matmul2d(x, panels, jnp.zeros((n,), jnp.int8))
+
+
+def enabled() -> bool:
+    """Whether generation should use the kernel now: `available()` and LENS_BF16_KERNEL is
+    not 0 (read at every call, so one process can compare both paths)."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    return available()
+
+
+# The einsum specs of `models.block` (and the unembedding) the kernel runs directly, with
+# the [K, N] matrix each one's weight is packed into.
+_SPECS = ("sd,hdk->shk", "shk,hkd->sd", "sd,dm->sm", "sm,md->sd", "sd,dv->sv")
+
+
+class PackedWeight(eqx.Module):
+    """A bf16 weight stored as the 64-column panels `matmul` reads ([K, N] matrix packed by
+    `to_panels`), standing in for a `Block` matrix (or the unembedding) in the decode layout.
+
+    kind "qkv": logical [heads, d_model, d_head], matrix [d_model, heads * d_head];
+    "out": logical [heads, d_head, d_model], matrix [heads * d_head, d_model];
+    "plain": logical = matrix (W_in, W_gate, W_out; the unembedding as [d_model, vocab])."""
+
+    panels: Array
+    kind: str = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+
+    @classmethod
+    def pack(cls, logical: Array, kind: str) -> "PackedWeight":
+        if kind == "qkv":
+            h, d, k = logical.shape
+            matrix = jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k)
+        elif kind == "out":
+            h, k, d = logical.shape
+            matrix = logical.reshape(h * k, d)
+        else:
+            kind, h, matrix = "plain", 0, logical
+        return cls(to_panels(matrix), kind, h, matrix.shape[1])
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
+
+    def logical(self) -> Array:
+        """The weight in `Block`'s layout (XLA's path: only the rare edits that need it)."""
+        w = from_panels(self.panels, self.n)
+        if self.kind == "qkv":
+            d, hk = w.shape
+            return jnp.transpose(w.reshape(d, self.heads, hk // self.heads), (1, 0, 2))
+        if self.kind == "out":
+            hk, d = w.shape
+            return w.reshape(self.heads, hk // self.heads, d)
+        return w
+
+    def apply(self, x: Array, spec: str) -> Array:
+        """`jnp.einsum(spec, x, logical weight)` in float32 (the caller casts)."""
+        if spec not in _SPECS:  # e.g. per-head q/k/v input patching ("shd,hdk->shk")
+            return jnp.einsum(spec, x, self.logical(), preferred_element_type=jnp.float32)
+        if self.kind == "qkv":
+            y = matmul(x, self.panels, self.n)
+            return y.reshape(x.shape[0], self.heads, -1)
+        if self.kind == "out":
+            return matmul(x.reshape(x.shape[0], -1), self.panels, self.n)
+        return matmul(x, self.panels, self.n)
