@@ -157,8 +157,12 @@ def matmul(x: Float[Array, "rows k"], panels: Float[Array, "panels k 64"], n: in
 
 def enabled() -> bool:
     """Whether generation should use the kernel now: `available()` and LENS_BF16_KERNEL is
-    not 0 (read at every call, so one process can compare both paths)."""
+    not 0 (read at every call, so one process can compare both paths), and only when the
+    default backend is the CPU: the custom call is registered for XLA:CPU alone, and on a
+    GPU/TPU host (whose CPU may well have AVX-512) the accelerator's own dots are used."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
+        return False
+    if jax.default_backend() != "cpu":
         return False
     return available()
 
