@@ -74,7 +74,7 @@ class NGram:
             uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
         else:  # a unigram: one distribution for every position
             uniq, inverse = np.zeros((1, 0), np.int64), np.zeros(b * t, np.int64)
-        n_rows = _bucket(len(uniq), 16)
+        n_rows = min(_bucket(len(uniq), 16), max(len(uniq), b * t))  # never more rows than positions
         uniq = np.concatenate([uniq, np.full((n_rows - len(uniq), uniq.shape[1]), -1, np.int64)])
         coefs, pos, tok, val = [], [], [], []
         for j, lv in enumerate(self.levels):
