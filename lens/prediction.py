@@ -83,21 +83,27 @@ def _block_size(v: int, k: int) -> int | None:
     return block if v // block >= k and block >= 8 else None
 
 
+def _plus_zero(x):
+    """-0.0 -> +0.0 (so signed zeros tie), every other value unchanged."""
+    return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
 def top_k(x: Float[Array, "P V"], k: int) -> tuple[Float[Array, "P k"], Int[Array, "P k"]]:
     """Exactly `jax.lax.top_k` of each row (descending; ties: lower index first), in one
     pass over the row: the maxima of blocks of ~sqrt(V) entries, the top-k blocks by
     maximum (each of the row's top-k entries lies in one of them: a block ranked above
     it holds an entry ranked above it), then top-k over those k blocks only.  Candidate
-    blocks are taken in index order so ties still resolve to the lower index."""
+    blocks are taken in index order so ties still resolve to the lower index.  -0.0 counts
+    as 0.0 (lax.top_k alone ranks +0 above -0; numpy and this module's tests call them tied)."""
     p, v = x.shape
     block = _block_size(v, k)
     if block is None:
-        vals, idx = jax.lax.top_k(x, k)
+        vals, idx = jax.lax.top_k(_plus_zero(x), k)
         return vals, idx.astype(jnp.int32)
     xb = x.reshape(p, v // block, block)
-    _, bidx = jax.lax.top_k(xb.max(-1), k)
+    _, bidx = jax.lax.top_k(_plus_zero(xb.max(-1)), k)
     bidx = jnp.sort(bidx, axis=-1)  # index order: ties between candidates go to the lower id
-    cand = jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(p, k * block)
+    cand = _plus_zero(jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(p, k * block))
     vals, pos = jax.lax.top_k(cand, k)
     idx = jnp.take_along_axis(bidx, pos // block, axis=-1) * block + pos % block
     return vals, idx.astype(jnp.int32)
