@@ -28,7 +28,9 @@ jitted) with the model's top-k tokens K (sorted by the model's probability):
 The predictor's log-probs are floored at LOG_FLOOR (-100 nats) before any difference, so
 a predictor giving a token zero probability costs a large, finite error instead of inf.
 `score` streams the rows in chunks (the model's and every predictor's [B, T, V] live
-only for one chunk), so a million positions fit in memory.  `summarize` gives pass rates
+for at most two chunks: one computing, the next being prepared), so a million positions
+fit in memory; each chunk is one compiled program (`chunk_metrics`), results are read back
+once at the end.  `summarize` gives pass rates
 per tolerance and means, optionally skipping positions whose next token is among the N
 most frequent tokens (selective-pruning style), and breakdowns by the next token's
 frequency bucket and by position in the row.
@@ -256,9 +258,10 @@ class Scores:
 
 
 def chunk_rows_for(seq: int, vocab: int, n_predictors: int, budget_bytes: float = 1.5e9) -> int:
-    """Rows per chunk so the model's and the predictors' float32 [B, T, V] (and the
-    metric temporaries, ~3 more) fit `budget_bytes`."""
-    per_row = 4.0 * seq * vocab * (n_predictors + 4)
+    """Rows per chunk so the model's and the predictors' float32 [B, T, V] of two chunks
+    (`score` keeps one in flight while preparing the next) and the metric temporaries
+    (~3 more) fit `budget_bytes`."""
+    per_row = 4.0 * seq * vocab * (2 * (n_predictors + 1) + 3)
     return max(1, int(budget_bytes // per_row))
 
 
