@@ -10,8 +10,9 @@ distributions, position by position.
 A predictor is any function `rows [B, T] int32 -> log-probs [B, T, V] float32`, where
 position t is the distribution of token t + 1 given tokens[: t + 1] (the model's own
 convention); it may return a `Factored` (one row per distinct context + an index, what
-lens.ngram's predictors give) so nothing per-context is computed once per position.  Per position (one sequence: `position_metrics`, vmapped over rows and
-jitted) with the model's top-k tokens K (sorted by the model's probability):
+lens.ngram's predictors give) so nothing per-context is computed once per position.
+Per position (one sequence: `position_metrics`; `batch_metrics` / `chunk_metrics` for
+rows, jitted) with the model's top-k tokens K (sorted by the model's probability):
 
   test_err  mean over w in K of |log p_model(w) - log p_pred(w)|: the test as proposed
             (TurnTrout 2023); a position PASSES at tolerance tau when test_err <= tau

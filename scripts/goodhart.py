@@ -1,6 +1,6 @@
 """Goodharting the "predict the model" test: cheap predictors, gamed training, defences.
 
-    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU
+    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU (35 min loaded)
     .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min
     .venv/bin/python scripts/goodhart.py --out runs/gh --model runs/gpt2_ln_bpe/model
 
@@ -10,7 +10,8 @@
    (`finetune_steps`) with loss CE + lam * KL(target || model) for each lam and seed (the
    seed: the fine-tuning data order), the target being the bigram table counted on the
    train split, or a small side model trained plainly first; lam = 0 is the plain
-   continuation, so every lam is compared at the same steps.  For each run: the model's own validation loss, and the cheap
+   continuation, so every lam is compared at the same steps.  For each run: the model's
+   own validation loss, and the cheap
    predictor's pass rate on the test (mean |log p_model - log p_pred| over the model's
    top-10 <= tolerance) on prose validation rows; then the defences: exact top-10 order,
    a per-position KL threshold, only positions where the predictor's top-1 is wrong
