@@ -24,6 +24,7 @@ from pathlib import Path
 
 import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int_at_least(1), default=2048, help="positions per chunk")
     p.add_argument("--k", type=int_at_least(1), default=10)
     p.add_argument("--distinct", type=int_at_least(1), default=4, help="distinct input chunks, cycled")
-    p.add_argument("--sides", default="ours,numpy,torch")
+    p.add_argument("--sides", default="ours,ours-dense,numpy,torch",
+                   help="comma-separated subset of ours,ours-dense,numpy,torch")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -96,9 +98,17 @@ def main(argv=None) -> dict:
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     results, means = {}, {}
 
-    def ours_chunk(rows, m):
-        got = prediction.batch_metrics(jnp.asarray(m), table.log_probs(rows), args.k)
-        return {k: float(v.mean()) for k, v in got.items() if k in prediction.METRICS}, got
+    device_m = {id(m): jnp.asarray(m) for _, m in chunks}  # each side gets the model's log-probs in its own
+    # array type, converted once (torch.from_numpy shares the numpy buffer; numpy uses it as is)
+    ours_means = jax.jit(lambda got: {k: v.mean() for k, v in got.items() if k in prediction.METRICS})
+
+    def ours_chunk(rows, m):  # what lens.prediction.score runs per chunk
+        got = prediction.chunk_metrics(device_m[id(m)], (table.factored(rows),), args.k)[0]
+        return {k: float(v) for k, v in ours_means(got).items()}, got
+
+    def ours_dense_chunk(rows, m):  # the predictor's log-probs materialised per position
+        got = prediction.batch_metrics(device_m[id(m)], table.log_probs(rows), args.k)
+        return {k: float(v) for k, v in ours_means(got).items()}, got
 
     def numpy_chunk(rows, m):
         p = dense_logp[rows].reshape(-1, V)
@@ -117,19 +127,23 @@ def main(argv=None) -> dict:
             got = torch_metrics(torch, torch.from_numpy(m.reshape(-1, V)), p.clamp_min(prediction.LOG_FLOOR), args.k)
         return {k: float(v.float().mean()) for k, v in got.items()}, got
 
-    fns = {"ours": ours_chunk, "numpy": numpy_chunk, "torch": torch_chunk}
+    fns = {"ours": ours_chunk, "ours-dense": ours_dense_chunk, "numpy": numpy_chunk, "torch": torch_chunk}
     for side in sides:
         fn = fns[side]
-        fn(*chunks[0])  # warm-up (compilation for ours); float() of the means blocks
+        t0 = time.perf_counter()
+        for c in chunks:  # warm-up: ours compiles once per shape (n-gram tables bucket their sizes)
+            fn(*c)
+        warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         acc = []
         for i in range(n_chunks):
             mean, got = fn(*chunks[i % len(chunks)])
             acc.append(mean)
         secs = time.perf_counter() - t0
-        results[side] = {"seconds": secs, "tokens_per_s": positions / secs}
+        results[side] = {"seconds": secs, "tokens_per_s": positions / secs, "warm_up_seconds": warm}
         means[side] = {k: float(np.mean([a[k] for a in acc])) for k in acc[0]}
-        print(f"{side:6s} {positions:,} positions in {secs:.2f} s = {positions / secs:,.0f} tok/s", flush=True)
+        print(f"{side:10s} {positions:,} positions in {secs:.2f} s = {positions / secs:,.0f} tok/s "
+              f"(warm-up on the {len(chunks)} distinct chunks, not timed: {warm:.1f} s)", flush=True)
     if "ours" in results:
         for side in results:
             if side != "ours":

@@ -2,7 +2,8 @@
 
     table = lens.ngram.count(train_rows, order=2, vocab=4096)
     logp = table.log_probs(rows)          # [B, T, V]: position t predicts rows[:, t + 1]
-    pred = table.predictor()              # for lens.prediction.score
+    rows_u = table.factored(rows)         # the same as one row per distinct context + index
+    pred = table.predictor()              # for lens.prediction.score (gives `factored`)
 
 Counting: every n-gram INSIDE a row (rows[i, t - n + 1 : t + 1]) is counted; n-grams
 across row boundaries are not.  Each n-gram is one int64 key (context * V + next, the
@@ -30,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
+
+from lens.prediction import Factored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,30 +62,43 @@ class NGram:
     def n_entries(self) -> int:
         return int(sum(len(lv.next) for lv in self.levels))
 
-    def log_probs(self, rows: Int[np.ndarray, "B T"]) -> Float[Array, "B T V"]:
-        """Log-probabilities [B, T, V] (float32) of the token after each position of each row."""
+    def factored(self, rows: Int[np.ndarray, "B T"]) -> Factored:
+        """The log-probabilities of `log_probs`, one float32 row per DISTINCT context in
+        `rows` (a `lens.prediction.Factored`: rows of [U, V] + an index [B, T]); the
+        [U, V] table is padded to a power of two rows so chunks share compilations."""
         rows = _check(rows, self.vocab)
         b, t = rows.shape
+        if self.levels:  # the context of each position: its key at every order (the lower
+            # orders matter where the row prefix is too short for the highest)
+            keys = np.stack([_context_keys(rows, j + 2, self.vocab).ravel() for j in range(len(self.levels))], 1)
+            uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
+        else:  # a unigram: one distribution for every position
+            uniq, inverse = np.zeros((1, 0), np.int64), np.zeros(b * t, np.int64)
+        n_rows = min(_bucket(len(uniq), 16), max(len(uniq), b * t))  # never more rows than positions
+        uniq = np.concatenate([uniq, np.full((n_rows - len(uniq), uniq.shape[1]), -1, np.int64)])
         coefs, pos, tok, val = [], [], [], []
         for j, lv in enumerate(self.levels):
-            c, p, w, v = _level_entries(lv, rows, j + 2, self.vocab)
+            c, p, w, v = _level_entries(lv, uniq[:, j], self.vocab)
             coefs.append(c)
             pos.append(p)
             tok.append(w)
             val.append(v)
         size = _bucket(max([len(p) for p in pos], default=1))
         pad = lambda a, fill, dt: np.concatenate([a, np.full(size - len(a), fill, dt)]).astype(dt)  # noqa: E731
-        n_pos = b * t
-        coef = jnp.asarray(np.stack(coefs) if coefs else np.zeros((0, n_pos)), jnp.float32)
-        pos = jnp.asarray(np.stack([pad(p, n_pos, np.int32) for p in pos]) if pos else np.zeros((0, size), np.int32))
+        coef = jnp.asarray(np.stack(coefs) if coefs else np.zeros((0, n_rows)), jnp.float32)
+        pos = jnp.asarray(np.stack([pad(p, n_rows, np.int32) for p in pos]) if pos else np.zeros((0, size), np.int32))
         tok = jnp.asarray(np.stack([pad(w, 0, np.int32) for w in tok]) if tok else np.zeros((0, size), np.int32))
         val = jnp.asarray(np.stack([pad(v, 0, np.float32) for v in val]) if val else np.zeros((0, size), np.float32))
-        logp = _dense_log_probs(jnp.asarray(self.unigram, jnp.float32), coef, pos, tok, val, n_pos)
-        return logp.reshape(b, t, self.vocab)
+        table = _dense_log_probs(jnp.asarray(self.unigram, jnp.float32), coef, pos, tok, val, n_rows)
+        return Factored(table, jnp.asarray(inverse.reshape(b, t), jnp.int32))
+
+    def log_probs(self, rows: Int[np.ndarray, "B T"]) -> Float[Array, "B T V"]:
+        """Log-probabilities [B, T, V] (float32) of the token after each position of each row."""
+        return self.factored(rows).dense()
 
     def predictor(self):
-        """`rows -> log_probs(rows)` for lens.prediction.score."""
-        return lambda rows: self.log_probs(np.asarray(rows))
+        """`rows -> factored(rows)` for lens.prediction.score."""
+        return lambda rows: self.factored(np.asarray(rows))
 
     def dense_bigram(self) -> Float[np.ndarray, "V V"]:
         """The full [V, V] table p(next | previous) of a bigram model (small vocabularies
@@ -111,9 +127,9 @@ def _check(rows, vocab: int) -> np.ndarray:
     return rows.astype(np.int64)
 
 
-def _bucket(n: int) -> int:
-    """The next power of two >= n (>= 1024), so chunks of similar size share one compilation."""
-    return max(1024, 1 << int(np.ceil(np.log2(max(n, 1)))))
+def _bucket(n: int, least: int = 1024) -> int:
+    """The next power of two >= n (>= least), so chunks of similar size share one compilation."""
+    return max(least, 1 << int(np.ceil(np.log2(max(n, 1)))))
 
 
 def _context_keys(rows: np.ndarray, n: int, vocab: int) -> np.ndarray:
@@ -129,10 +145,10 @@ def _context_keys(rows: np.ndarray, n: int, vocab: int) -> np.ndarray:
     return keys
 
 
-def _level_entries(lv: Level, rows: np.ndarray, n: int, vocab: int):
-    """(coef [P], pos [E], tok [E], val [E]) of order n at every position: the lower-order
-    distribution is scaled by coef and the counts val added at (pos, tok)."""
-    keys = _context_keys(rows, n, vocab).ravel()
+def _level_entries(lv: Level, keys: np.ndarray, vocab: int):
+    """(coef [P], pos [E], tok [E], val [E]) of one order at the context `keys` [P] (-1: no
+    context of this order): the lower-order distribution is scaled by coef and the
+    counts val added at (pos, tok)."""
     if len(lv.contexts) == 0:
         return np.ones(len(keys)), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
     idx = np.searchsorted(lv.contexts, keys)

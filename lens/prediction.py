@@ -9,8 +9,10 @@ distributions, position by position.
 
 A predictor is any function `rows [B, T] int32 -> log-probs [B, T, V] float32`, where
 position t is the distribution of token t + 1 given tokens[: t + 1] (the model's own
-convention).  Per position (one sequence: `position_metrics`, vmapped over rows and
-jitted) with the model's top-k tokens K (sorted by the model's probability):
+convention); it may return a `Factored` (one row per distinct context + an index, what
+lens.ngram's predictors give) so nothing per-context is computed once per position.
+Per position (one sequence: `position_metrics`; `batch_metrics` / `chunk_metrics` for
+rows, jitted) with the model's top-k tokens K (sorted by the model's probability):
 
   test_err  mean over w in K of |log p_model(w) - log p_pred(w)|: the test as proposed
             (TurnTrout 2023); a position PASSES at tolerance tau when test_err <= tau
@@ -27,7 +29,9 @@ jitted) with the model's top-k tokens K (sorted by the model's probability):
 The predictor's log-probs are floored at LOG_FLOOR (-100 nats) before any difference, so
 a predictor giving a token zero probability costs a large, finite error instead of inf.
 `score` streams the rows in chunks (the model's and every predictor's [B, T, V] live
-only for one chunk), so a million positions fit in memory.  `summarize` gives pass rates
+for at most two chunks: one computing, the next being prepared), so a million positions
+fit in memory; each chunk is one compiled program (`chunk_metrics`), results are read back
+once at the end.  `summarize` gives pass rates
 per tolerance and means, optionally skipping positions whose next token is among the N
 most frequent tokens (selective-pruning style), and breakdowns by the next token's
 frequency bucket and by position in the row.
@@ -37,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import equinox as eqx
 import jax
@@ -53,7 +57,7 @@ METRICS = ("test_err", "top1", "recall", "jaccard", "spearman", "order", "kl")
 PER_POSITION = METRICS + ("pred_top1",)
 DEFAULT_TOLERANCES = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 
-Predictor = Callable[[Int[Array, "B T"]], Float[Array, "B T V"]]
+Predictor = Callable[[Int[Array, "B T"]], "Float[Array, 'B T V'] | Factored"]
 
 
 # ------------------------------------------------------------------ per position
@@ -71,29 +75,78 @@ def _spearman(a: Float[Array, " k"], b: Float[Array, " k"]) -> Float[Array, ""]:
     return jnp.where(den > 0, (ra * rb).sum() / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def top_k(x: Float[Array, "T V"], k: int) -> tuple[Float[Array, "T k"], Int[Array, "T k"]]:
-    """`jax.lax.top_k` (ties: lower index first) as k masked argmaxes: on XLA:CPU
-    lax.top_k over a 4k-49k vocabulary is several times slower than k linear passes."""
-    vals, idxs = [], []
-    for _ in range(k):
-        i = jnp.argmax(x, axis=-1)
-        vals.append(jnp.take_along_axis(x, i[:, None], -1)[:, 0])
-        idxs.append(i)
-        x = jnp.where(jnp.arange(x.shape[-1])[None, :] == i[:, None], -jnp.inf, x)
-    return jnp.stack(vals, -1), jnp.stack(idxs, -1).astype(jnp.int32)
+def _block_size(v: int, k: int) -> int | None:
+    """A power-of-two block dividing v, near sqrt(v) (so the block maxima and the k
+    candidate blocks are both small); None when v is too small to gain (<= 32 k)."""
+    if v <= 32 * k:
+        return None
+    block = 1 << max(0, int(round(np.log2(np.sqrt(v)))))
+    while block > 1 and v % block:
+        block //= 2
+    return block if v // block >= k and block >= 8 else None
 
 
-def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T V"],
-                     k: int) -> dict[str, Float[Array, " T"]]:
-    """The per-position metrics (module docstring) of ONE sequence's log-probs."""
-    model_logp = model_logp.astype(jnp.float32)
-    pred_logp = jnp.maximum(pred_logp.astype(jnp.float32), LOG_FLOOR)
-    m_val, m_idx = top_k(model_logp, k)  # [T, k], sorted descending
-    _, p_idx = top_k(pred_logp, k)
-    p_on_m = jnp.take_along_axis(pred_logp, m_idx, axis=-1)
+def _plus_zero(x):
+    """-0.0 -> +0.0 (so signed zeros tie), every other value unchanged."""
+    return jnp.where(x == 0, jnp.zeros_like(x), x)
+
+
+def top_k(x: Float[Array, "P V"], k: int) -> tuple[Float[Array, "P k"], Int[Array, "P k"]]:
+    """Exactly `jax.lax.top_k` of each row (descending; ties: lower index first), in one
+    pass over the row: the maxima of blocks of ~sqrt(V) entries, the top-k blocks by
+    maximum (each of the row's top-k entries lies in one of them: a block ranked above
+    it holds an entry ranked above it), then top-k over those k blocks only.  Candidate
+    blocks are taken in index order so ties still resolve to the lower index.  -0.0 counts
+    as 0.0 (lax.top_k alone ranks +0 above -0; numpy and this module's tests call them tied)."""
+    p, v = x.shape
+    block = _block_size(v, k)
+    if block is None:
+        vals, idx = jax.lax.top_k(_plus_zero(x), k)
+        return vals, idx.astype(jnp.int32)
+    xb = x.reshape(p, v // block, block)
+    _, bidx = jax.lax.top_k(_plus_zero(xb.max(-1)), k)
+    bidx = jnp.sort(bidx, axis=-1)  # index order: ties between candidates go to the lower id
+    cand = _plus_zero(jnp.take_along_axis(xb, bidx[:, :, None], axis=1).reshape(p, k * block))
+    vals, pos = jax.lax.top_k(cand, k)
+    idx = jnp.take_along_axis(bidx, pos // block, axis=-1) * block + pos % block
+    return vals, idx.astype(jnp.int32)
+
+
+class Factored(NamedTuple):
+    """A predictor's log-probs stored once per distinct context: position (b, t) has the
+    row `table[index[b, t]]` (an n-gram table needs one row per distinct context, not
+    per position).  A predictor may return this instead of the dense [B, T, V]."""
+
+    table: Float[Array, "U V"]
+    index: Int[Array, "B T"]
+
+    def dense(self) -> Float[Array, "B T V"]:
+        return self.table[self.index]
+
+
+def _model_side(model_logp: Float[Array, "P V"], k: int):
+    """What every predictor's metrics share: the model's float32 log-probs, its top-k
+    and its probabilities (one exp per chunk, however many predictors)."""
+    m = model_logp.astype(jnp.float32)
+    m_val, m_idx = top_k(m, k)  # [P, k], sorted descending
+    return m, m_val, m_idx, jnp.exp(m)
+
+
+def _pred_metrics(model_side, table: Float[Array, "U V"], index: Int[Array, " P"] | None,
+                  k: int) -> dict[str, Float[Array, " P"]]:
+    """The metrics of one predictor whose position p has row table[index[p]] (index None:
+    row p).  The predictor's top-k is computed once per row of `table`."""
+    m, m_val, m_idx, p_model = model_side
+    table = jnp.maximum(table.astype(jnp.float32), LOG_FLOOR)
+    _, p_idx = top_k(table, k)
+    if index is None:
+        p_on_m = jnp.take_along_axis(table, m_idx, axis=-1)
+        kl = (p_model * (m - table)).sum(-1)
+    else:
+        p_idx = p_idx[index]
+        p_on_m = table[index[:, None], m_idx]
+        kl = (p_model * (m - table[index])).sum(-1)  # the gather fuses into the reduction
     hits = (m_idx[:, :, None] == p_idx[:, None, :]).any(-1).sum(-1).astype(jnp.float32)
-    p_model = jnp.exp(model_logp)
-    kl = (p_model * (model_logp - pred_logp)).sum(-1)
     return {
         "test_err": jnp.abs(m_val - p_on_m).mean(-1),
         "top1": (m_idx[:, 0] == p_idx[:, 0]).astype(jnp.float32),
@@ -106,11 +159,37 @@ def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T
     }
 
 
+def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T V"],
+                     k: int) -> dict[str, Float[Array, " T"]]:
+    """The per-position metrics (module docstring) of ONE sequence's log-probs."""
+    return _pred_metrics(_model_side(model_logp, k), pred_logp, None, k)
+
+
 @functools.partial(jax.jit, static_argnames="k")
 def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],
                   k: int) -> dict[str, Float[Array, "B T"]]:
-    """`position_metrics` vmapped over rows and jitted."""
-    return jax.vmap(position_metrics, in_axes=(0, 0, None))(model_logp, pred_logp, k)
+    """`position_metrics` of every row, jitted (the rows flattened into one [B * T, V]
+    sequence: the metrics are per position, and one long sequence is cheaper than a vmap)."""
+    b, t, v = model_logp.shape
+    got = position_metrics(model_logp.reshape(b * t, v), pred_logp.reshape(b * t, v), k)
+    return {name: x.reshape(b, t) for name, x in got.items()}
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def chunk_metrics(model_logp: Float[Array, "B T V"], preds: tuple, k: int) -> tuple:
+    """Every predictor's metrics on one chunk (what `score` runs per chunk), one compiled
+    program: the model's top-k and probabilities once, then each predictor (a dense
+    [B, T, V] or a `Factored`).  Returns one {metric: [B, T]} per predictor."""
+    b, t, v = model_logp.shape
+    side = _model_side(model_logp.reshape(b * t, v), k)
+    out = []
+    for pred in preds:
+        if isinstance(pred, Factored):
+            got = _pred_metrics(side, pred.table, pred.index.reshape(b * t), k)
+        else:
+            got = _pred_metrics(side, pred.reshape(b * t, v), None, k)
+        out.append({name: x.reshape(b, t) for name, x in got.items()})
+    return tuple(out)
 
 
 # ---------------------------------------------------------------- predictors
@@ -180,9 +259,10 @@ class Scores:
 
 
 def chunk_rows_for(seq: int, vocab: int, n_predictors: int, budget_bytes: float = 1.5e9) -> int:
-    """Rows per chunk so the model's and the predictors' float32 [B, T, V] (and the
-    metric temporaries, ~3 more) fit `budget_bytes`."""
-    per_row = 4.0 * seq * vocab * (n_predictors + 4)
+    """Rows per chunk so the model's and the predictors' float32 [B, T, V] of two chunks
+    (`score` keeps one in flight while preparing the next) and the metric temporaries
+    (~3 more) fit `budget_bytes`."""
+    per_row = 4.0 * seq * vocab * (2 * (n_predictors + 1) + 3)
     return max(1, int(budget_bytes // per_row))
 
 
@@ -216,20 +296,26 @@ def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarr
     n, t = rows.shape
     chunk = min(n, chunk_rows or chunk_rows_for(t, v, len(predictors)))
     out = {name: {m: np.empty((n, t), np.float32) for m in PER_POSITION} for name in predictors}
+    names = list(predictors)
+    pending = []  # device results: converted once at the end, no host sync per chunk
     for start in tqdm(range(0, n, chunk), disable=not progress, desc="score", dynamic_ncols=True):
         batch = rows[start:start + chunk]
         if len(batch) < chunk:  # pad to the chunk so every call reuses one compilation
             batch = np.concatenate([batch, np.repeat(batch[-1:], chunk - len(batch), 0)])
         b = jnp.asarray(batch)
         m_logp = model(b)
-        for name, pred in predictors.items():
-            p_logp = pred(b)
-            if p_logp.shape != m_logp.shape:
-                raise ValueError(f"predictor {name!r} gave shape {p_logp.shape}, the model {m_logp.shape}")
-            got = batch_metrics(m_logp, p_logp, k)
-            stop = min(n, start + chunk)
+        outs = tuple(predictors[name](b) for name in names)
+        for name, got in zip(names, outs):
+            shape = got.index.shape + got.table.shape[-1:] if isinstance(got, Factored) else got.shape
+            if tuple(shape) != tuple(m_logp.shape):
+                raise ValueError(f"predictor {name!r} gave shape {tuple(shape)}, the model {m_logp.shape}")
+        if pending:  # at most two chunks in flight: async dispatch must not queue every chunk's [B, T, V]
+            jax.block_until_ready(pending[-1][2])
+        pending.append((start, min(n, start + chunk), chunk_metrics(m_logp, outs, k)))
+    for start, stop, got in pending:
+        for name, g in zip(names, got):
             for m in PER_POSITION:
-                out[name][m][start:stop] = np.asarray(got[m])[: stop - start]
+                out[name][m][start:stop] = np.asarray(g[m])[: stop - start]
     next_token = np.concatenate([rows[:, 1:], np.full((n, 1), -1, np.int32)], axis=1)
     return {name: Scores(out[name], next_token, k) for name in predictors}
 

@@ -1,13 +1,17 @@
 """Goodharting the "predict the model" test: cheap predictors, gamed training, defences.
 
-    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU
+    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU (35 min loaded)
     .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min
     .venv/bin/python scripts/goodhart.py --out runs/gh --model runs/gpt2_ln_bpe/model
 
-1. The Goodhart sweep: a small GPT-2-architecture model (BPE-4096, prose: shakespeare +
-   python-docs) trained with loss CE + lam * KL(target || model) for each lam and seed,
-   the target being the bigram table counted on the train split, or a small side model
-   trained plainly first.  For each run: the model's own validation loss, and the cheap
+1. The Goodhart sweep: a small GPT-2-architecture toy (a BPE of the preset's `vocab`,
+   512 by default, so a CPU-sized toy gets BETTER than the bigram table within minutes;
+   prose: shakespeare + python-docs) pretrained plainly once (`steps`), then fine-tuned
+   (`finetune_steps`) with loss CE + lam * KL(target || model) for each lam and seed (the
+   seed: the fine-tuning data order), the target being the bigram table counted on the
+   train split, or a small side model trained plainly first; lam = 0 is the plain
+   continuation, so every lam is compared at the same steps.  For each run: the model's
+   own validation loss, and the cheap
    predictor's pass rate on the test (mean |log p_model - log p_pred| over the model's
    top-10 <= tolerance) on prose validation rows; then the defences: exact top-10 order,
    a per-position KL threshold, only positions where the predictor's top-1 is wrong
@@ -53,6 +57,8 @@ class Preset:
     seq: int  # tokens per row the model reads (rows hold seq + 1)
     steps: int
     batch: int
+    finetune_steps: int  # the gaming (or plain, lam = 0) phase, from the pretrained base
+    vocab: int  # the toy's BPE vocabulary (SmolLM2 keeps its own)
     lambdas: tuple[float, ...]
     side_lambdas: tuple[float, ...]
     seeds: tuple[int, ...]
@@ -60,16 +66,17 @@ class Preset:
     distill_steps: int
     smollm2_rows: int  # 0: skip SmolLM2
     smollm2_distill_steps: int
+    finetune_lr: float = 1e-3
     tolerances: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     tau: float = 1.0  # the headline tolerance (nats)
     kl_threshold: float = 0.5  # the per-position KL defence (nats)
 
 
 PRESETS = {
-    "smoke": Preset(1, 32, 32, 12, 4, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
-    "default": Preset(2, 128, 64, 200, 8, (0.0, 1.0), (0.0, 1.0), (0, 1), 32, 60, 6, 12),
-    "large": Preset(4, 256, 128, 800, 8, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0), (0, 1, 2, 3, 4),
-                    128, 400, 64, 150),
+    "smoke": Preset(1, 32, 32, 12, 4, 4, 512, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
+    "default": Preset(2, 128, 64, 2000, 32, 60, 512, (0.0, 1.0, 3.0), (0.0, 1.0), (0, 1, 2), 32, 40, 4, 0),
+    "large": Preset(4, 256, 128, 3000, 32, 300, 4096, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0),
+                    (0, 1, 2, 3, 4), 128, 400, 64, 150),
 }
 
 
@@ -87,6 +94,26 @@ def train_cfg(p: Preset, steps=None) -> train.TrainConfig:
     steps = steps or p.steps
     return train.TrainConfig(steps=steps, batch_size=p.batch, lr=3e-3, warmup_steps=max(1, steps // 10),
                              eval_every=steps, eval_batches=2, checkpoint_every=max(1, steps // 2))
+
+
+def finetune_cfg(p: Preset, seed: int) -> train.TrainConfig:
+    """The gaming phase: `finetune_steps` from the base, data order `1 + seed` (the base
+    itself read order 0, so no fine-tune replays its first batches)."""
+    return dataclasses.replace(train_cfg(p, p.finetune_steps), lr=p.finetune_lr, seed=1 + seed)
+
+
+def base_model(p: Preset, tok, tr, val, out: Path, progress: bool):
+    """The plainly pretrained toy every fine-tune starts from (init seed 0)."""
+    return train.train(models.init(toy_config(p, tok), jax.random.key(0)), tr, val, train_cfg(p),
+                       out / "runs" / "base", progress=progress).model
+
+
+def finetune(base, p: Preset, tr, val, out: Path, progress: bool, seed: int, lam: float, target: str,
+             loss=None):
+    """One sweep run (lam = 0: the plain continuation, shared by both targets)."""
+    folder = out / "runs" / f"{target if lam else 'plain'}_lam{lam:g}_seed{seed}"
+    return train.train(base, tr, val, finetune_cfg(p, seed), folder, progress=progress, loss_fn=loss,
+                       run_info={"target": target if lam else "plain", "lam": lam}).model
 
 
 def rows_of(names, tok, seq, split, n=None):
@@ -116,7 +143,6 @@ def defences(scores: prediction.Scores, p: Preset) -> dict:
 
 
 def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
-    cfg = toy_config(p, tok)
     tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
     val_score, code_score = val[: p.score_rows], rows_of([HELD_OUT], tok, p.seq, "validation", p.score_rows)
     bigram = ngram.count(tr, 2, tok.vocab_size)
@@ -125,8 +151,15 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     side = train.train(models.init(side_cfg, jax.random.key(1000)), tr, val, train_cfg(p), out / "runs" / "side",
                        progress=progress).model
     cheap = {"bigram": bigram.predictor(), "side": prediction.model_predictor(side)}
-    n_eval = min(len(val), 16 * p.batch)
-    results, plain = {}, {}
+    n_eval = (min(len(val), 512) // p.batch) * p.batch
+    base = base_model(p, tok, tr, val, out, progress)
+    bigram_logp = np.asarray(table_logp)  # for the table's own validation loss
+    ev = val[:n_eval]
+    results = {"reference": {
+        "base_val_loss": train.evaluate(base, ev, p.batch), "side_val_loss": train.evaluate(side, ev, p.batch),
+        "bigram_val_loss": float(-bigram_logp[ev[:, :-1], ev[:, 1:]].mean()),
+        "val_rows": int(n_eval), "positions_per_row": int(ev.shape[1] - 1)}}
+    plain = {}
     for target, lams in (("bigram", p.lambdas), ("side", p.side_lambdas)):
         runs = []
         for lam in lams:
@@ -135,18 +168,15 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                     model = plain[seed]
                 else:
                     loss = goodhart.GoodhartLoss(lam, table_logp=table_logp if target == "bigram" else None,
-                                                 side=side if target == "side" else None)
-                    folder = out / "runs" / f"{target if lam else 'plain'}_lam{lam:g}_seed{seed}"
-                    model = train.train(models.init(cfg, jax.random.key(seed)), tr, val,
-                                        dataclasses.replace(train_cfg(p), seed=seed), folder, progress=progress,
-                                        loss_fn=loss, run_info={"target": target, "lam": lam}).model
+                                                 side=side if target == "side" else None) if lam else None
+                    model = finetune(base, p, tr, val, out, progress, seed, lam, target, loss)
                     if lam == 0:
                         plain[seed] = model
                 me = prediction.model_predictor(model)
                 s_in = prediction.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
                 s_out = prediction.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
                 d = defences(s_in, p)
-                runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, val[:n_eval], p.batch),
+                runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, ev, p.batch),
                              **d, "pass_rate_held_out_code": defences(s_out, p)["pass_rate"],
                              "pass_rate_by_tolerance": prediction.summarize(s_in, p.tolerances)["pass_rate"]})
         results[target] = runs
@@ -156,9 +186,8 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
 def plain_model(p: Preset, tok, out: Path, progress: bool, seed: int = 0):
     """The lam = 0 model of `seed` (from its finished checkpoint when the sweep ran)."""
     tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
-    return train.train(models.init(toy_config(p, tok), jax.random.key(seed)), tr, val,
-                       dataclasses.replace(train_cfg(p), seed=seed), out / "runs" / f"plain_lam0_seed{seed}",
-                       progress=progress, run_info={"target": "bigram", "lam": 0.0}).model, tr  # lam 0 = plain
+    base = base_model(p, tok, tr, val, out, progress)
+    return finetune(base, p, tr, val, out, progress, seed, 0.0, "plain"), tr
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -172,6 +201,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
             vals = np.array([r[k] for r in rs])
             row[k] = float(vals.mean())
             row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            row[k + "_min"], row[k + "_max"] = float(vals.min()), float(vals.max())
         out.append(row)
     return out
 
@@ -187,21 +217,22 @@ def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_
     preds["direct"] = prediction.direct_path(model)
     if not model.config.attn_only:
         preds["direct+mlp0"] = prediction.direct_path(model, through_first_mlp=True)
-    # distillation rows: at most 65 tokens (the teacher runs inside every step)
-    width = min(train_rows.shape[1], 65)
-    rows = train_rows[:, :width]
-    held = next(iter(eval_sets.values()))[:, :width]
-    student = goodhart.truncated_student(model, 1)
-    kl_before = goodhart.mean_kl(model, student, held, batch=4)
-    student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
-                                                                   lr=1e-3), out,
-                          progress=progress, loss_fn=goodhart.DistillLoss(model)).model
-    kl_after = goodhart.mean_kl(model, student, held, batch=4)
-    preds["distilled-1L"] = prediction.model_predictor(student)
+    res = {}
+    if distill_steps:  # distillation rows: at most 65 tokens (the teacher runs inside every step)
+        width = min(train_rows.shape[1], 65)
+        rows = train_rows[:, :width]
+        held = next(iter(eval_sets.values()))[:, :width]
+        student = goodhart.truncated_student(model, 1)
+        kl_before = goodhart.mean_kl(model, student, held, batch=4)
+        student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
+                                                                       lr=1e-3), out,
+                              progress=progress, loss_fn=goodhart.DistillLoss(model)).model
+        kl_after = goodhart.mean_kl(model, student, held, batch=4)
+        preds["distilled-1L"] = prediction.model_predictor(student)
+        res["distill"] = {"steps": distill_steps, "start": "the model's first block + its unembedding",
+                          "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}
     preds["uniform"] = prediction.uniform_predictor(v)
     me = prediction.model_predictor(model)
-    res = {"distill": {"steps": distill_steps, "start": "the model's first block + its unembedding",
-                       "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}}
     counts = tables["unigram"].unigram_counts
     for name, rows_eval in eval_sets.items():
         chunk = prediction.chunk_rows_for(rows_eval.shape[1], v, len(preds), 1.0e9)
@@ -240,10 +271,14 @@ def plots(report: dict, out: Path) -> list[str]:
     for target, rows in report["lambda_sweep"].items():
         x = [r["pass_rate"] for r in rows]
         y = [r["val_loss"] for r in rows]
-        ax.errorbar(x, y, xerr=[r["pass_rate_std"] for r in rows], yerr=[r["val_loss_std"] for r in rows],
-                    marker="o", capsize=3, label=f"pulled toward {target}")
+        span = lambda k: [[r[k] - r[k + "_min"] for r in rows], [r[k + "_max"] - r[k] for r in rows]]  # noqa: E731
+        ax.errorbar(x, y, xerr=span("pass_rate"), yerr=span("val_loss"), marker="o", capsize=3,
+                    label=f"pulled toward {target} (mean, bars: range over seeds)")
         for r in rows:
             ax.annotate(f"λ={r['lam']:g}", (r["pass_rate"], r["val_loss"]), fontsize=7)
+    ref = report.get("reference_losses", {})
+    if "bigram_val_loss" in ref:
+        ax.axhline(ref["bigram_val_loss"], color="gray", ls="--", lw=1, label="the bigram table's own loss")
     ax.set(xlabel=f"cheap predictor's pass rate (top-{K}, tol {report['settings']['tau']} nats)",
            ylabel="model validation loss (nats)")
     ax.legend(fontsize=8)
@@ -273,13 +308,19 @@ def markdown(report: dict, figs: list[str]) -> str:
                 lines.append(f"| {name} | {r['top1']:.3f} | {r['recall']:.3f} | {r['spearman']:.3f} | {r['kl']:.3f} "
                              f"| {r['pass_rate'][str(s['tau'])]:.3f} | {r['skip_10_most_common']['top1']:.3f} |")
             lines.append("")
+    ref = report.get("reference_losses")
+    if ref:
+        lines += [f"Validation loss ({ref['val_rows']} prose rows x {ref['positions_per_row']} positions): the "
+                  f"pretrained base {ref['base_val_loss']:.3f}, the bigram table itself {ref['bigram_val_loss']:.3f}, "
+                  f"the side model {ref['side_val_loss']:.3f} nats.  Sweep runs: {s['finetune_steps']} fine-tuning "
+                  f"steps from the base ({s['steps']} steps), vocabulary {s['vocab']}.", ""]
     for target, rows in report["lambda_sweep"].items():
-        lines += [f"## Gaming toward the {target} (mean ± std over seeds {rows[0]['seeds']})", "",
+        lines += [f"## Gaming toward the {target} (mean [min, max] over seeds {rows[0]['seeds']})", "",
                   "| λ | val loss | pass rate | exact top-10 order | KL<=%.1f | pass where predictor wrong | "
                   "pass, held-out code |" % s["kl_threshold"], "|---|---|---|---|---|---|---|"]
         kl_key = f"kl_below_{s['kl_threshold']}"
         for r in rows:
-            cell = lambda k: f"{r[k]:.3f} ± {r[k + '_std']:.3f}"  # noqa: E731
+            cell = lambda k: f"{r[k]:.3f} [{r[k + '_min']:.3f}, {r[k + '_max']:.3f}]"  # noqa: E731
             lines.append(f"| {r['lam']:g} | {cell('val_loss')} | {cell('pass_rate')} | {cell('exact_top10_order')} "
                          f"| {cell(kl_key)} | {cell('pass_rate_where_predictor_wrong')} "
                          f"| {cell('pass_rate_held_out_code')} |")
@@ -335,7 +376,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     from lens.bpe import corpus_tokenizer
 
-    tok = corpus_tokenizer(ALL_CORPORA, 4096)
+    tok = corpus_tokenizer(ALL_CORPORA, p.vocab)
     evals = lambda tk, seq, n: {c: rows_of([c], tk, seq, "validation", n) for c in ALL_CORPORA}  # noqa: E731
     parts, timing = {}, {}
 
@@ -373,7 +414,8 @@ def main(argv=None) -> dict:
         "machine": "CPU, 2 cores shared with other jobs (times are loaded-machine times)",
         "smoothing": "unigram add-0.1; bigram/trigram interpolated Witten-Bell; counted inside train rows",
         "predictors": parts["toy"] | parts.get("smollm2", {}),
-        "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items()},
+        "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items() if t != "reference"},
+        "reference_losses": parts["sweep"]["reference"],
         "runs": parts["sweep"],
     }
     figs = plots(report, args.out)
