@@ -12,9 +12,11 @@ statistics re-collected after each step; controls: random pruning of the same co
 pruning by forget-set activation alone; top-1 / top-10 next-token accuracy skipping the 50
 most common tokens, and loss, on the validation split of each corpus; the pruned model is
 saved and reloaded (models.save, safetensors) and its masks written as safetensors.
-(2) The "write code" steering vector (reply mean difference, code vs prose requests):
-its share in the span of the most forget-specific pruned neurons' output directions vs
-random neurons, and code_score of steered generations before / after pruning.
+(2) The main job's "write code" vector theta0 (scripts/orthogonal_steering.py: reply CAA
+of its code vs prose requests at resid_pre[source + 1], rho 0.5 of the median |x|): its
+share in the span of the most forget-specific pruned neurons' output directions vs random
+neurons, and the code score of steered greedy replies on the base model, after the first
+ratio step / every step, and after random pruning of the same counts (--steer-seeds).
 (3) MoEfication: experts of `expert_size` neurons by weight k-means, co-activation and
 random splits; centroid, trained MLP and oracle routers; loss and top-1 agreement with
 the dense model vs the fraction of experts used.  (4) Deja Vu predictors: recall vs
