@@ -8,12 +8,14 @@ with PyTorch forward hooks, side by side in one process.
 Both sides compute mean |a| per MLP neuron (the input of the down-projection) and per
 component of each head's output before W_O (the input of o_proj / c_proj), over the same
 rows of python-code text (seq 128, batches of --batch rows):
-  ours:          `activation_stats` (one jitted, vmapped forward of the blocks per batch,
-                 the |a| sums reduced inside the jit);
+  ours:          `activation_stats` (one jitted call per batch: a scan over the layers with
+                 the rows vmapped inside, each layer's |a| summed before the next runs);
   transformers:  the base model (no LM head, as ours) under no_grad, with forward
                  pre-hooks on every down_proj / c_proj and o_proj / c_proj adding
                  |input|.sum over tokens into float64 accumulators.
-Timing: one untimed warm-up batch each (compilation for ours), then the whole corpus.
+Timing: one untimed warm-up batch each (compilation for ours), then the whole corpus;
+wall seconds and this process's CPU seconds (all threads) for each side (on a loaded
+machine the CPU ratio is the steadier number).  --batch is the same for both sides.
 Peak memory: each side once more in a fresh child process (`--memory-batches` batches):
 the child's peak resident set size (ru_maxrss) minus its RSS after loading the model, so
 the weights are not counted and neither side inherits the other's allocator caches.
@@ -172,19 +174,20 @@ def main(argv=None):
         raise SystemExit(f"--tokens {args.tokens} needs {n_rows} rows; python-code has {len(all_rows)}")
     rows = all_rows[:n_rows]
     warm = rows[: args.batch]
-    activation_stats(model, warm, chunk=args.batch)  # compiles the full-batch shape
-    tail = len(rows) % args.batch
-    if tail:
-        activation_stats(model, rows[:tail], chunk=args.batch)  # and the last, smaller one
+    activation_stats(model, warm, chunk=args.batch)  # compiles (the last chunk is padded: one shape)
     hf_stats(hf, warm, args.batch)
+    c0 = time.process_time()
     ours, t_ours, m_ours = peak_rss(lambda: activation_stats(model, rows, chunk=args.batch))
+    c1 = time.process_time()
     (hn, hz), t_hf, m_hf = peak_rss(lambda: hf_stats(hf, rows, args.batch))
+    c2 = time.process_time()
     c = model.config
     diff_n = float(np.max(np.abs(ours.neurons - hn) / (np.abs(hn) + 1e-6)))
     diff_z = float(np.max(np.abs(ours.head_z.reshape(c.n_layers, -1) - hz) / (np.abs(hz) + 1e-6)))
     result = {"model": args.model, "tokens": int(rows.size), "seq": args.seq, "batch": args.batch,
               "threads_torch": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
               "ours_s": t_ours, "hf_hooks_s": t_hf, "speedup": t_hf / t_ours,
+              "ours_cpu_s": c1 - c0, "hf_hooks_cpu_s": c2 - c1, "cpu_ratio": (c2 - c1) / (c1 - c0),
               "ours_tok_s": rows.size / t_ours, "hf_tok_s": rows.size / t_hf,
               "ours_rss_increase_in_process_mb": m_ours / 2**20, "hf_rss_increase_in_process_mb": m_hf / 2**20,
               "ours_peak_child_mb": child_memory(args, "ours"), "hf_peak_child_mb": child_memory(args, "hf"),

@@ -7,8 +7,10 @@
 A neuron's activation `a` is the input of the MLP's down-projection: act(x W_in) for a
 GELU MLP, act(x W_gate) * (x W_in) for a gated (SwiGLU / GeGLU) one, exactly what
 `Capture(neurons=True)` returns.  A head's activation is its output z before W_O.
-Statistics come from ONE forward per chunk of rows (vmapped, captures reduced inside the
-jit), so nothing larger than a chunk's activations is ever held.
+Statistics come from ONE compiled call per chunk of rows: a scan over the layers (only up
+to the deepest layer asked for) with the rows vmapped inside, each layer reducing its |a|
+to per-unit sums before the next starts, so nothing larger than one layer's activations
+for one chunk is ever held.
 
 `masked_forward` is the one "sparse" forward of this package (MoEfication experts and
 Deja Vu predictors use it): per layer it asks a mask function which neurons / heads to
@@ -74,32 +76,72 @@ class ActivationStats(NamedTuple):
 
 
 @eqx.filter_jit
-def _abs_sums(model, rows):
-    def one(t):
-        # the blocks only: the statistics never need the final norm or the unembedding
-        x, qpos, valid = model.prefix(t)
-        _, _, acts = model.run_blocks(x, qpos, valid, capture=Capture(neurons=True, head_z=True))
+def _abs_sums(model, rows, weights, stop: int):
+    """Weighted |a| sums of blocks [0, stop) over a chunk of rows [B, T]: ([stop, d_mlp],
+    [stop, heads, d_head]) float32.  The scan runs over layers with the rows inside (each
+    layer's weights are read once per chunk) and each layer reduces its own activations
+    before the next starts, so no [layers, tokens, d_mlp] array ever exists.  weights [B]:
+    1 for real rows, 0 for the padding that keeps every chunk one shape (one compile)."""
+    c = model.config
+    # the blocks only: the statistics never need the final norm or the unembedding
+    x = jax.vmap(lambda t: model.prefix(t, ids_checked=True)[0])(rows)
+    # no attention mask: positions and key validity are the same for every row, so the
+    # rotary tables are built once and shared (not once per row and layer)
+    qpos, valid = model.default_positions(rows[0], None, None, None)
+    rot = model.rotary(qpos)
+    key_pos = jnp.where(valid, qpos, -1)
+    # all layers: scan the weights as they are (a slice would copy every block's weights)
+    blocks = model.blocks if stop == c.n_layers else jax.tree.map(lambda w: w[:stop], model.blocks)
+    local = None if c.local_layers is None else jnp.asarray(c.local_layers[:stop])
+    capture = Capture(neurons=True, head_z=True)
+    w = weights.astype(jnp.float32)
+
+    def step(h, xs):
+        block, is_local = xs
+
+        def one(h1):
+            return block_forward(c, block, h1, qpos, key_pos, rot, is_local, None, capture, None, None)
+
+        h, _, acts = jax.vmap(one)(h)
         # float32 sums: a bf16 model's per-token values are summed without bf16 rounding.
-        return (jnp.abs(acts.neurons.astype(jnp.float32)).sum(1),
-                jnp.abs(acts.head_z.astype(jnp.float32)).sum(1))
+        n = jnp.einsum("b,bsm->m", w, jnp.abs(acts.neurons.astype(jnp.float32)))
+        z = jnp.einsum("b,bshk->hk", w, jnp.abs(acts.head_z.astype(jnp.float32)))
+        return h, (n, z)
 
-    n, z = jax.vmap(one)(rows)
-    return n.sum(0), z.sum(0)
+    _, (n, z) = jax.lax.scan(step, x, (blocks, local))
+    return n, z
 
 
-def activation_stats(model: Transformer, rows, chunk: int = 8) -> ActivationStats:
+def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None) -> ActivationStats:
     """Mean |a| over every token of `rows` [N, T] for each MLP neuron ([layers, d_mlp]) and
-    each component of each head's output before W_O ([layers, heads, d_head])."""
+    each component of each head's output before W_O ([layers, heads, d_head]).
+
+    layers: None = every layer; else these layer indices (in this order; the result's
+    leading axis follows it) and only blocks up to the deepest of them are run.  Every
+    chunk of `chunk` rows is one call of the same compiled function (the last one padded
+    with zero-weight rows) and the sums stay on the device until the end: no recompiles
+    and no host round trip per chunk."""
     rows = check_rows(model, rows)
     c = model.config
-    n_sum = np.zeros((c.n_layers, c.d_mlp), np.float64)
-    z_sum = np.zeros((c.n_layers, c.n_heads, c.d_head), np.float64)
-    for part in _chunks(rows, chunk):
-        n, z = _abs_sums(model, jnp.asarray(part))
-        n_sum += np.asarray(n, np.float64)
-        z_sum += np.asarray(z, np.float64)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
+    chosen = list(range(c.n_layers)) if layers is None else [int(i) for i in np.atleast_1d(layers)]
+    if not chosen or any(not 0 <= i < c.n_layers for i in chosen):
+        raise ValueError(f"layers must be non-empty indices in [0, {c.n_layers}); got {layers}")
+    stop = max(chosen) + 1
+    chunk = min(chunk, len(rows))
+    n_pad = -len(rows) % chunk
+    padded = np.concatenate([rows, np.zeros((n_pad, rows.shape[1]), np.int32)]) if n_pad else rows
+    weights = np.ones(len(padded), np.float32)
+    weights[len(rows):] = 0.0
+    parts = [_abs_sums(model, jnp.asarray(padded[i:i + chunk]), jnp.asarray(weights[i:i + chunk]), stop)
+             for i in range(0, len(padded), chunk)]
+    # float64 on the host at the end: many chunks of float32 sums without float32 drift
+    n_sum = sum(np.asarray(n, np.float64) for n, _ in parts)
+    z_sum = sum(np.asarray(z, np.float64) for _, z in parts)
     tokens = rows.size
-    return ActivationStats((n_sum / tokens).astype(np.float32), (z_sum / tokens).astype(np.float32), tokens)
+    return ActivationStats((n_sum[chosen] / tokens).astype(np.float32),
+                           (z_sum[chosen] / tokens).astype(np.float32), tokens)
 
 
 def ratio(forget: np.ndarray, retain: np.ndarray, eps: float) -> np.ndarray:

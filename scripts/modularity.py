@@ -12,9 +12,11 @@ statistics re-collected after each step; controls: random pruning of the same co
 pruning by forget-set activation alone; top-1 / top-10 next-token accuracy skipping the 50
 most common tokens, and loss, on the validation split of each corpus; the pruned model is
 saved and reloaded (models.save, safetensors) and its masks written as safetensors.
-(2) The "write code" steering vector (reply mean difference, code vs prose requests):
-its share in the span of the most forget-specific pruned neurons' output directions vs
-random neurons, and code_score of steered generations before / after pruning.
+(2) The main job's "write code" vector theta0 (scripts/orthogonal_steering.py: reply CAA
+of its code vs prose requests at resid_pre[source + 1], rho 0.5 of the median |x|): its
+share in the span of the most forget-specific pruned neurons' output directions vs random
+neurons, and the code score of steered greedy replies on the base model, after the first
+ratio step / every step, and after random pruning of the same counts (--steer-seeds).
 (3) MoEfication: experts of `expert_size` neurons by weight k-means, co-activation and
 random splits; centroid, trained MLP and oracle routers; loss and top-1 agreement with
 the dense model vs the fraction of experts used.  (4) Deja Vu predictors: recall vs
@@ -50,22 +52,18 @@ from modularity_report import write_report  # noqa: E402
 
 FORGET = "python-code"
 RETAIN = ("shakespeare", "python-docs")
-CODE = ["Write a Python function that reverses a string.", "Write a Python function to check whether a number is prime.",
-        "Implement binary search in Python.", "Write a Python class for a simple stack."]
-PROSE = ["Write a short poem about the sea.", "Write a paragraph about why people enjoy autumn.",
-         "Describe the city of Paris in a few sentences.", "Explain why the sky is blue in simple words."]
-NEUTRAL = ["Sort these numbers from smallest to largest: 5, 2, 9, 1.", "How many vowels are in the word banana?",
-           "What is the sum of the numbers from 1 to 10?", "Convert 100 degrees Fahrenheit to Celsius."]
+# the main job's request and prompt lists: theta0 is built exactly as there
+from orthogonal_steering import CODE, NEUTRAL, PROSE  # noqa: E402
 
 SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
     "smoke": dict(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
                   fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
-                  steer_prompts=1, span_draws=2),
+                  steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
     "default": dict(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
                     fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64, kmeans_iters=6,
-                    gen_tokens=32, steer_prompts=4, span_draws=5),
+                    gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
 }
 
 
@@ -92,6 +90,10 @@ def parse_args(argv=None):
     ap.add_argument("--gen-tokens", type=int_at_least(1))
     ap.add_argument("--steer-prompts", type=int_at_least(1))
     ap.add_argument("--span-draws", type=int_at_least(1))
+    ap.add_argument("--reply-tokens", type=int_at_least(1), help="reply CAA: reply tokens averaged (main job: 8)")
+    ap.add_argument("--steer-rho", type=positive_float, default=0.5,
+                    help="|theta0| / median residual norm (the main job's calibrated rho: 0.5)")
+    ap.add_argument("--steer-seeds", type=int_at_least(1), help="random-pruning draws for the steering control")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--masks", default=None, help="steering without re-pruning: a masks file of an earlier run "
                     "(pruned_m0_masks.safetensors); the random control is drawn afresh with the same count")
@@ -189,31 +191,36 @@ def pruning_section(args, model, train, evals, skip, out: Path, label: str):
 
 
 def steering_section(args, model, tok, masks, train, out_scores):
-    """Share of the code vector in the span of forget-specific neurons' output directions,
-    and code_score of steered generations on the base and the pruned models."""
+    """The main job's "write code" vector theta0 (scripts/orthogonal_steering.py: reply CAA,
+    code vs prose requests, at resid_pre[source + 1], |theta0| = rho x the median residual
+    norm of the analysis prompts, first token left out), built here with the same library
+    calls: its share in the span of the most forget-specific pruned neurons' output
+    directions vs random neurons, and the code score of its greedy generations on the base
+    model, the ratio-pruned models (first step and every step) and randomly pruned models
+    with the same counts (several seeds)."""
+    from lens import melbo, steering
     from lens.metrics import code_score
-    from lens.steering import generate_with_vectors, reply_mean_difference
 
     n = model.config.n_layers
-    layer = max(1, n // 4)
-    code, prose = prompts_for(tok, CODE[:2 if args.preset == "smoke" else 4]), prompts_for(tok, PROSE[:2 if args.preset == "smoke" else 4])
-    v = np.asarray(reply_mean_difference(model, code, prose, layer, 4), np.float32)
+    source = max(0, round(n / 4) - 1)  # the main job's default source block (SmolLM2: 7)
+    layer = melbo.layer_after(source)
+    n_req = 2 if args.preset == "smoke" else len(CODE)
+    code, prose = prompts_for(tok, CODE[:n_req]), prompts_for(tok, PROSE[:n_req])
     neutral = prompts_for(tok, NEUTRAL[: args.steer_prompts])
-    from lens.capture import pad_prompts, resid_at
+    v = np.asarray(steering.reply_mean_difference(model, code, prose, layer, args.reply_tokens), np.float32)
+    # |x| as the main job measures it: 2 analysis prompts, the huge first token left out
+    toks, mask = melbo.pad_prompts(neutral[:2])
+    x_norm = melbo.median_source_norm(melbo.make_problem(model, toks, mask, source, min(source + 1, n - 1)))
+    decode = (lambda ids: tok.decode(ids))
+    theta0, calib = steering.calibrate_norm(model, {"reply": v}, neutral, layer, x_norm, [args.steer_rho],
+                                            args.gen_tokens, score=code_score, decode=decode)
+    unit = theta0 / np.linalg.norm(theta0)
 
-    toks, mask = pad_prompts(neutral)
-    x = np.asarray(resid_at(model, toks, layer, mask))
-    # the median over real tokens after the first: the first token's residual is often
-    # tens of times larger (attention sink) and would inflate the scale
-    later = np.asarray(mask).copy()
-    later[:, 0] = False
-    x_norm = float(np.median(np.linalg.norm(x[later], axis=-1)))
-    unit = v / np.linalg.norm(v)
     # Span: the n_dir most forget-specific (first-step ratio score) pruned neurons writing
     # before the vector's site (layers < layer); a span of >= d_model directions is the
     # whole space, so n_dir = d_model / 8.  Control: as many random neurons, same layers.
     W = np.asarray(model.blocks.W_out, np.float32)  # [L, d_mlp, d]
-    d = model.config.d_model
+    d, d_mlp = model.config.d_model, model.config.d_mlp
     n_dir = max(1, d // 8)
     cand = np.argwhere(masks["ratio"][:layer])
     if len(cand) == 0:
@@ -229,28 +236,46 @@ def steering_section(args, model, tok, masks, train, out_scores):
         rng = np.random.default_rng(args.seed)
         ctrl = []
         for _ in range(args.span_draws):
-            flat = rng.choice(layer * model.config.d_mlp, size=len(top), replace=False)
-            ctrl.append(share(np.stack([flat // model.config.d_mlp, flat % model.config.d_mlp], 1)))
+            flat = rng.choice(layer * d_mlp, size=len(top), replace=False)
+            ctrl.append(share(np.stack([flat // d_mlp, flat % d_mlp], 1)))
         span = {"n_directions": int(len(top)), "share_pruned": share(top), "share_random_mean": float(np.mean(ctrl)),
                 "share_random_range": [float(min(ctrl)), float(max(ctrl))],
-                "share_expected_random_subspace": len(top) / d}
-    coeffs = (0.0, 0.25, 0.5)
-    vecs = np.stack([unit * c * x_norm for c in coeffs]).astype(np.float32)
+                "share_expected_random_subspace": len(top) / d,
+                "pruned_before_layer": int(masks["ratio"][:layer].sum())}
+
+    # Code score with (theta0) and without (0) the vector, per model.  Pruned sets: the
+    # first ratio step (2%: the most code-specific neurons of the base model) and the whole
+    # run; each against random pruning of the same count, --steer-seeds draws.
+    vecs = np.stack([np.zeros_like(theta0), theta0]).astype(np.float32)
 
     def scores(m):
-        outs = generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens)
-        texts = [[tok.decode([int(t) for t in row if t >= 0]) for row in per_vec] for per_vec in outs]
-        return [float(np.mean([code_score(t) for t in per])) for per in texts], texts
+        out = steering.generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens, progress=False)
+        rows = steering.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
+        texts = [decode(r) for r in rows]
+        per = np.asarray([code_score(t) for t in texts]).reshape(len(vecs), len(neutral))
+        return {"unsteered": float(per[0].mean()), "steered": float(per[1].mean())}, texts[len(neutral)][:300]
 
+    first = M.top_unpruned(out_scores, int(args.prune_frac * out_scores.size), np.zeros(out_scores.shape, bool))
+    sets = {"first_step": first, "all_steps": masks["ratio"]}
     table, examples = {}, {}
-    for name, mdl in (("base", model), ("pruned_ratio", M.prune(model, masks["ratio"])),
-                      ("pruned_random", M.prune(model, masks["random"]))):
-        table[name], ex = scores(mdl)
-        examples[name] = {str(c): ex[i][0][:300] for i, c in enumerate(coeffs)}
-    return {"layer": layer, "method": "reply mean difference (4 reply tokens), code vs prose requests",
-            "vector_norm_raw": float(np.linalg.norm(v)), "resid_norm": x_norm, "coeffs_x_resid_norm": list(coeffs),
-            "span": span, "code_score": table, "example_steered_reply": examples,
-            "prompts": NEUTRAL[: args.steer_prompts]}
+    table["base"], examples["base"] = scores(model)
+    for name, mask in sets.items():
+        table[f"ratio_{name}"], examples[f"ratio_{name}"] = scores(M.prune(model, mask))
+        draws = []
+        for seed in range(args.steer_seeds):
+            rnd = M.random_unpruned(mask.shape, int(mask.sum()), np.zeros_like(mask), np.random.default_rng(1000 + seed))
+            sc, ex = scores(M.prune(model, rnd))
+            draws.append(sc)
+            examples.setdefault(f"random_{name}", ex)
+        table[f"random_{name}"] = {k: float(np.mean([r[k] for r in draws])) for k in ("unsteered", "steered")}
+        table[f"random_{name}"]["steered_range"] = [min(r["steered"] for r in draws), max(r["steered"] for r in draws)]
+        table[f"random_{name}"]["draws"] = draws
+    return {"layer": layer, "source_block": source, "method": f"reply CAA ({args.reply_tokens} reply tokens), "
+            f"{n_req} code vs {n_req} prose requests, |theta0| = {args.steer_rho} x median |x|",
+            "rho": args.steer_rho, "resid_norm": x_norm, "theta0_norm": float(np.linalg.norm(theta0)),
+            "calibration": calib["table"], "neurons_pruned": {k: int(m.sum()) for k, m in sets.items()},
+            "span": span, "code_score": table, "example_steered_reply": examples, "prompts": NEUTRAL[: args.steer_prompts],
+            "gen_tokens": args.gen_tokens, "steer_seeds": args.steer_seeds}
 
 
 def dense_reference(model, rows):

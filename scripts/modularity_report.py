@@ -145,17 +145,19 @@ def markdown(report, figures) -> str:
     lines += ["## Steering vector vs pruned neurons", ""]
     for name, s in report["steering"].items():
         sp = s["span"]
-        lines += [f"### {name}", "", f"Vector: {s['method']}, at resid_pre[{s['layer']}], added at "
-                  f"{s['coeffs_x_resid_norm']} x the mean residual norm ({s['resid_norm']:.1f}) on {len(s['prompts'])} neutral prompts.", ""]
+        lines += [f"### {name}", "", f"Vector theta0: {s['method']}, at resid_pre[{s['layer']}] (after block "
+                  f"{s['source_block']}), |theta0| = {s['theta0_norm']:.1f} (median |x| {s['resid_norm']:.1f}); greedy "
+                  f"{s['gen_tokens']}-token replies to {len(s['prompts'])} neutral prompts, `lens.metrics.code_score`.", ""]
         if sp.get("n_directions"):
-            lines.append(f"Share of |v|^2 in the span of the {sp['n_directions']} most forget-specific pruned neurons' output "
+            lines.append(f"Share of |theta0|^2 in the span of the {sp['n_directions']} most forget-specific pruned neurons' output "
                          f"directions (layers < {s['layer']}): **{sp['share_pruned']:.3f}**; random neurons: "
                          f"{sp['share_random_mean']:.3f} (range {sp['share_random_range'][0]:.3f}-{sp['share_random_range'][1]:.3f}); "
                          f"a random subspace of that size: {sp['share_expected_random_subspace']:.3f}.")
-        lines += ["", "| model | " + " | ".join(f"code_score at {c}" for c in s["coeffs_x_resid_norm"]) + " |",
-                  "|---|" + "---|" * len(s["coeffs_x_resid_norm"])]
+        lines += ["", f"Neurons pruned: {s['neurons_pruned']}; random rows: mean of {s['steer_seeds']} draws (steered range).", "",
+                  "| model | code score, unsteered | code score, theta0 added |", "|---|---|---|"]
         for m, vals in s["code_score"].items():
-            lines.append(f"| {m} | " + " | ".join(f"{v:.2f}" for v in vals) + " |")
+            rng = f" ({vals['steered_range'][0]:.2f}-{vals['steered_range'][1]:.2f})" if "steered_range" in vals else ""
+            lines.append(f"| {m} | {vals['unsteered']:.2f} | {vals['steered']:.2f}{rng} |")
         lines.append("")
     lines += ["## MoEfication", ""]
     for name, res in report["moefication"].items():

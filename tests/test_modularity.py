@@ -270,3 +270,20 @@ def test_contextual_sparsity_keep_all_is_dense_and_recall_is_exact():
             hits += len(true & kept)
             total += len(true)
     assert rec[1]["neuron_recall"] == pytest.approx(hits / total, abs=0.02)  # float32 ties at the cut
+
+
+def test_layer_selective_stats_equal_hooked_transformers():
+    """`layers=` runs only the blocks up to the deepest chosen layer and returns those
+    layers in the order given; 5 rows in chunks of 4 (one zero-weight padding row)."""
+    hf, model, _ = tiny("llama")
+    _, down, o_proj = FAMILIES["llama"](hf)
+    chosen = [1, 0]
+    n = loop_mean_abs(hf_inputs(hf, "llama", down, FORGET))[chosen]
+    z = loop_mean_abs(hf_inputs(hf, "llama", o_proj, FORGET))[chosen]
+    got = M.activation_stats(model, FORGET, chunk=4, layers=chosen)
+    c = model.config
+    assert got.neurons.shape == (2, c.d_mlp) and got.tokens == FORGET.size
+    np.testing.assert_allclose(got.neurons, n, rtol=RTOL)
+    np.testing.assert_allclose(got.head_z.reshape(2, -1), z, rtol=RTOL)
+    with pytest.raises(ValueError, match="layers"):
+        M.activation_stats(model, FORGET, layers=[c.n_layers])

@@ -22,6 +22,10 @@ def test_smoke_preset_writes_every_section(tmp_path):
     steps = [r["neurons_pruned"] for r in pr["methods"]["ratio"]["records"]]
     assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:]))
     assert pr["reload_max_abs_logit_diff"] < 1e-5
+    st = saved["steering"][name]
+    assert abs(st["theta0_norm"] - st["rho"] * st["resid_norm"]) < 1e-3 * st["theta0_norm"]
+    assert {"base", "ratio_first_step", "random_first_step", "ratio_all_steps", "random_all_steps"} <= set(st["code_score"])
+    assert all(0 <= v["steered"] <= 1 for v in st["code_score"].values())
     moe = saved["moefication"][name]
     full = [r for r in moe["table"] if r["fraction"] == 1.0]
     assert full and all(r["top1_agreement"] == 1.0 for r in full)  # all experts == dense

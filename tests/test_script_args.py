@@ -49,6 +49,8 @@ BAD = [
     ("modularity", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("modularity", ["--out", "x", "--fractions", "0.5,2"], "--fractions must be in (0, 1]"),
     ("modularity", ["--out", "x", "--prune-frac", "0"], "argument --prune-frac: must be > 0"),
+    ("modularity", ["--out", "x", "--steer-rho", "0"], "argument --steer-rho: must be > 0"),
+    ("modularity", ["--out", "x", "--steer-seeds", "0"], "argument --steer-seeds"),
     ("modularity", ["--out", "x", "--prune-frac", "0.5", "--prune-steps", "3"], "prunes more than every neuron"),
     ("modularity", ["--out", "x", "--expert-size", "0"], "argument --expert-size"),
     ("modularity", ["--out", "x", "--steer-prompts", "9"], "--steer-prompts: at most 4"),
