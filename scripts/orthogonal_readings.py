@@ -24,9 +24,9 @@ import numpy as np  # noqa: E402
 from lens import melbo, steering  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 from lens.melbo import stages  # noqa: E402
+from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
 
 PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
-STAGES = ("effective", "effective_first_order", "target", "last", "last_normed", "logits")
 
 
 def parse_args(argv=None):
@@ -89,56 +89,6 @@ def write_markdown(path: Path, ans: dict, settings: dict) -> None:
     path.write_text("\n".join(text) + "\n")
 
 
-def plot(path: Path, ans: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from figures import save_figure
-
-    st = [s for s in STAGES if s in ans["shared_share"]]
-    x = np.arange(len(st))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax, title in (("shared_share", axes[0], "shared share of effect energy"),
-                           ("specific_participation_ratio", axes[1], "specific (centred) PR")):
-        f = [ans[key][s]["found"] for s in st]
-        err = [[f[i] - ans[key][s]["found_lo"] for i, s in enumerate(st)],
-               [ans[key][s]["found_hi"] - f[i] for i, s in enumerate(st)]]
-        ax.errorbar(x - 0.08, f, yerr=err, fmt="o-", label="found (90% bootstrap CI)")
-        c = [ans[key][s]["control_mean"] for s in st]
-        cerr = [[c[i] - ans[key][s]["control_min"] for i, s in enumerate(st)],
-                [ans[key][s]["control_max"] - c[i] for i, s in enumerate(st)]]
-        ax.errorbar(x + 0.08, c, yerr=cerr, fmt="s--", label="random control (seed range)")
-        ax.set_xticks(x, st, rotation=30, ha="right")
-        ax.set_title(title)
-        ax.legend()
-    save_figure(fig, path.parent, path.name, [])
-
-
-def plot_k_curve(path: Path, curve: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from figures import save_figure
-
-    st = ("target", "last", "logits")
-    fig, axes = plt.subplots(1, len(st), figsize=(13, 4))
-    for ax, name in zip(axes, st):
-        for who, style in (("found", "o-"), ("control", "s--")):
-            c = curve[name][who]
-            ax.plot(c["k"], c["participation_ratio"], style, label=f"{who}: raw PR")
-            ax.plot(c["k"], c["specific_participation_ratio"], style, alpha=0.5, label=f"{who}: specific PR")
-        ks = curve[name]["found"]["k"]
-        ax.plot(ks, [k - 1 for k in ks], ":", c="grey", label="ceiling K - 1")
-        ax.set_xlabel("K (first K vectors)")
-        ax.set_title(f"distinct effects at {name}")
-        ax.legend(fontsize=7)
-    save_figure(fig, path.parent, path.name, [])
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from orthogonal_steering import NEUTRAL, load
@@ -157,11 +107,11 @@ def main(argv=None) -> dict:
     if args.k_curve:
         ks = [k for k in args.k_curve if k <= len(found)]
         ans["pr_vs_k"] = stages.k_curve(problem, found, theta0, ks, progress=True, s_factor=s_factor)
-        plot_k_curve(run / "pr_vs_k.png", ans["pr_vs_k"])
+        k_curve_plot(run / "pr_vs_k.png", ans["pr_vs_k"])
     ans["timing_s"] = round(time.time() - t0, 1)
     (run / "readings.json").write_text(json.dumps({k: v for k, v in ans.items() if k != "found_gram"}, indent=1))
     write_markdown(run / "readings.md", ans, settings)
-    plot(run / "readings.png", ans)
+    readings_plot(run / "readings.png", ans)
     print((run / "readings.md").read_text())
     print(f"wrote {run}/readings.* in {ans['timing_s']} s")
     return ans

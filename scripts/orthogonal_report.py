@@ -9,6 +9,8 @@ import numpy as np
 
 from figures import save_figure
 
+READINGS_STAGES = ("effective", "effective_first_order", "target", "last", "last_normed", "logits")
+
 
 def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
     """Cosine histograms per stage and set, degeneracy / effective cosine vs rho, code scores."""
@@ -90,17 +92,21 @@ def _summary_lines(summary: dict) -> list[str]:
 
 def readings_lines(ans: dict) -> list[str]:
     """The table of both readings per stage (`lens.melbo.stages.answer`'s dict): shared
-    component (shared share) vs few distinct effects (specific PR), found vs random
-    controls (mean and range over seeds), then the closed form and the choices."""
+    component (shared share) vs few distinct effects (specific PR; residual PR: the shared
+    direction projected out whatever each vector's amount of it), found vs random controls
+    (mean and range over seeds), then the closed form and the choices."""
     L = ["| stage | raw PR found (90% CI) | control (mean, seed range) | shared share found | control | "
-         "specific PR found (ceiling K-1) | control | cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|"]
+         "specific PR found (ceiling K-1) | control | residual PR found (ceiling K-1) | control | "
+         "cos(shared, theta0 effect) |", "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r, d: (f"{r['found']:.{d}f} ({r['found_lo']:.{d}f}-{r['found_hi']:.{d}f})",  # noqa: E731
                         f"{r['control_mean']:.{d}f} ({r['control_min']:.{d}f}-{r['control_max']:.{d}f})")
     for stage, pr in ans["participation_ratio"].items():
         a, b = fmt(pr, 1)
         c, d = fmt(ans["shared_share"][stage], 2)
         e, f = fmt(ans["specific_participation_ratio"][stage], 1)
-        L.append(f"| {stage} | {a} | {b} | {c} | {d} | {e} | {f} | {ans['shared_cos_theta0'][stage]['found']:.2f} |")
+        g, h = fmt(ans["residual_participation_ratio"][stage], 1) if "residual_participation_ratio" in ans else ("", "")
+        L.append(f"| {stage} | {a} | {b} | {c} | {d} | {e} | {f} | {g} | {h} | "
+                 f"{ans['shared_cos_theta0'][stage]['found']:.2f} |")
     cf = ans["closed_form_per_token"]
     L += ["", f"Closed form pooled per token {cf['pooled_per_token']:.4f} vs {cf['at_mean_rho']:.4f} at the mean rho "
           f"{cf['mean_rho']:.3f}. Choices: `{json.dumps(ans['choices'])}`", ""]
@@ -134,8 +140,8 @@ def _readings_lines(summary: dict) -> list[str]:
     if "shared_share" not in summary:
         return []
     ans = {"participation_ratio": summary["participation_ratio_per_token"], "choices": summary["readings_choices"],
-           **{k: summary[k] for k in ("shared_share", "specific_participation_ratio", "shared_cos_theta0",
-                                      "closed_form_per_token")}}
+           **{k: summary[k] for k in ("shared_share", "specific_participation_ratio", "residual_participation_ratio",
+                                      "shared_cos_theta0", "closed_form_per_token") if k in summary}}
     return ["## Both readings: shared component or few distinct effects?", "", *readings_lines(ans)]
 
 
@@ -207,3 +213,55 @@ def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, sam
         text = s["text"].replace("\n", " ⏎ ")[:300]
         L.append(f"- **{s['label']}** (code {s['code']:.0f}) on *{s['prompt'][:50]}*: {text}")
     (out / "report.md").write_text("\n".join(L) + "\n")
+
+
+def readings_plot(path: Path, ans: dict) -> None:
+    """Shared share and specific PR per stage, found (bootstrap CI) vs control (seed range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = [s for s in READINGS_STAGES if s in ans["shared_share"]]
+    x = np.arange(len(st))
+    panels = [("shared_share", "shared share of effect energy"), ("specific_participation_ratio", "specific (centred) PR"),
+              ("residual_participation_ratio", "residual PR (shared direction projected out)")]
+    panels = [(k, t) for k, t in panels if k in ans]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for (key, title), ax in zip(panels, axes):
+        f = [ans[key][s]["found"] for s in st]
+        err = [[f[i] - ans[key][s]["found_lo"] for i, s in enumerate(st)],
+               [ans[key][s]["found_hi"] - f[i] for i, s in enumerate(st)]]
+        ax.errorbar(x - 0.08, f, yerr=err, fmt="o-", label="found (90% bootstrap CI)")
+        c = [ans[key][s]["control_mean"] for s in st]
+        cerr = [[c[i] - ans[key][s]["control_min"] for i, s in enumerate(st)],
+                [ans[key][s]["control_max"] - c[i] for i, s in enumerate(st)]]
+        ax.errorbar(x + 0.08, c, yerr=cerr, fmt="s--", label="random control (seed range)")
+        ax.set_xticks(x, st, rotation=30, ha="right")
+        ax.set_title(title)
+        ax.legend()
+    save_figure(fig, path.parent, path.name, [])
+
+
+def k_curve_plot(path: Path, curve: dict) -> None:
+    """Raw and specific PR of the first K vectors against K, found vs control, per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    st = ("target", "last", "logits")
+    fig, axes = plt.subplots(1, len(st), figsize=(13, 4))
+    for ax, name in zip(axes, st):
+        for who, style in (("found", "o-"), ("control", "s--")):
+            c = curve[name][who]
+            ax.plot(c["k"], c["participation_ratio"], style, label=f"{who}: raw PR")
+            ax.plot(c["k"], c["specific_participation_ratio"], style, alpha=0.5, label=f"{who}: specific PR")
+            if "residual_participation_ratio" in c:
+                ax.plot(c["k"], c["residual_participation_ratio"], style, alpha=0.3, label=f"{who}: residual PR")
+        ks = curve[name]["found"]["k"]
+        ax.plot(ks, [k - 1 for k in ks], ":", c="grey", label="ceiling K - 1")
+        ax.set_xlabel("K (first K vectors)")
+        ax.set_title(f"distinct effects at {name}")
+        ax.legend(fontsize=7)
+    save_figure(fig, path.parent, path.name, [])

@@ -46,7 +46,7 @@ from lens import melbo, steering  # noqa: E402
 from lens.metrics import code_score  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.melbo import behaviour as mb, stages  # noqa: E402
-from orthogonal_report import plots, write_markdown  # noqa: E402
+from orthogonal_report import k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
 
 CODE = [
     "Write a Python function that reverses a string.",
@@ -499,6 +499,7 @@ def main(argv=None, on_checkpoint=None):
         # The two readings (see README): shared component vs few distinct effects.
         "shared_share": readings["shared_share"],
         "specific_participation_ratio": readings["specific_participation_ratio"],
+        "residual_participation_ratio": readings["residual_participation_ratio"],
         "participation_ratio_per_token": readings["participation_ratio"],
         "shared_cos_theta0": readings["shared_cos_theta0"],
         "control_spread": readings["control_spread"],
@@ -512,6 +513,11 @@ def main(argv=None, on_checkpoint=None):
     steering.save_vectors(out / "vectors.safetensors", V, meta | {"norm_base": float(np.linalg.norm(theta0))},
                           extras={"theta0": theta0, "random_control": sets["random_control"], "losses": found.losses})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
+    readings_plot(out / "readings.png", readings)  # shared share and specific PR per stage
+    summary["plots"].append("readings.png")
+    if "pr_vs_k" in readings:
+        k_curve_plot(out / "pr_vs_k.png", readings["pr_vs_k"])
+        summary["plots"].append("pr_vs_k.png")
     with open(out / "generations.jsonl", "w") as fh:
         for smp in samples:
             fh.write(json.dumps(smp) + "\n")

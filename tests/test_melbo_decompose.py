@@ -49,6 +49,37 @@ def test_the_two_readings_separate_a_shared_component_from_few_effects():
     assert b["specific_participation_ratio"] < 1.01  # few distinct: the specific parts collapse too
 
 
+def test_residual_pr_equals_the_hand_computation_on_projected_normalised_effects():
+    """The shared direction projected out of each effect in float64, by hand; jitted and
+    vmapped over a K > 1 stack of Gram matrices as well."""
+    rs = np.random.RandomState(4)
+    e = (rs.randn(K, 7, 33) + rs.uniform(0.5, 4.0, (K, 1, 1)) * rs.randn(1, 7, 33)).astype(np.float32)
+    flat = R.f64(e).reshape(K, -1)
+    m = flat.mean(0)
+    projected = flat - np.outer(flat @ m / (m @ m), m)
+    want = R.participation_ratio(projected, normalize=True)
+    assert abs(D.shared_specific(e)["residual_participation_ratio"] - want) < 1e-3
+    grams = jnp.stack([jnp.asarray(flat @ flat.T, jnp.float32), jnp.asarray(flat[::-1] @ flat[::-1].T, jnp.float32)])
+    got = jax.jit(jax.vmap(D.readings_from_gram))(grams)["residual_participation_ratio"]
+    np.testing.assert_allclose(np.asarray(got), [want, want], rtol=1e-4)  # a permutation changes no PR
+
+
+def test_residual_pr_does_not_count_different_amounts_of_the_shared_direction():
+    """Effects c_k m + s_k with orthogonal equal-norm s_k and very different amounts c_k of
+    one shared direction m: centring leaves (c_k - mean c) m in every specific part, so the
+    specific PR drops well below K - 1; projecting m out leaves the s_k: residual PR = K - 1
+    (the s_k are centred first so that their mean adds nothing along m)."""
+    rs = np.random.RandomState(5)
+    q, _ = np.linalg.qr(rs.randn(300, K + 1))
+    m, s = q[:, 0], q[:, 1:].T  # m orthogonal to every s_k
+    s = s - s.mean(0)  # equal norms, K - 1 directions, mean 0
+    c = np.linspace(0.0, 30.0, K)
+    e = (c[:, None] * m[None] + s).astype(np.float32)
+    out = D.shared_specific(e)
+    assert abs(out["residual_participation_ratio"] - (K - 1)) < 1e-2
+    assert out["specific_participation_ratio"] < 2.0  # the spread of c_k dominates the centred parts
+
+
 def test_shared_cos_reference():
     rs = np.random.RandomState(3)
     ref = rs.randn(4, 30).astype(np.float32)

@@ -62,7 +62,8 @@ def test_stage_readings_shapes_choices_and_reference():
     n_real = int(np.asarray(MASK[:2]).sum())
     assert out["target"]["units"] == n_real - 2 and out["target_with_first"]["units"] == n_real
     for name, r in out.items():
-        for key in ("participation_ratio", "specific_participation_ratio", "shared_share"):
+        for key in ("participation_ratio", "specific_participation_ratio", "residual_participation_ratio",
+                    "shared_share"):
             assert r[key]["lo"] <= r[key]["point"] <= r[key]["hi"], (name, key)
         assert -1 <= r["shared_cos_reference"] <= 1
     # the readings are those of decompose on the same effects
@@ -77,8 +78,8 @@ def test_answer_contract_and_spreads():
     # found = vectors orthogonal to theta0, so the control is the same kind of draw
     v = v - np.outer(v @ theta0, theta0) / (theta0 @ theta0)
     ans = stages.answer(problem, v, theta0, control_seeds=(0, 1, 2), n_boot=30)
-    for key in ("shared_share", "specific_participation_ratio", "participation_ratio", "control_spread",
-                "closed_form_per_token", "shared_cos_theta0"):
+    for key in ("shared_share", "specific_participation_ratio", "residual_participation_ratio", "participation_ratio",
+                "control_spread", "closed_form_per_token", "shared_cos_theta0"):
         assert key in ans
     for stage, spread in ans["control_spread"].items():
         for reading, s in spread.items():

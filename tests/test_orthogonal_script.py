@@ -21,7 +21,7 @@ REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_ma
             "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
             "degeneracy_factor", "rho_grid", "effective_cosine_vs_rho", "degeneracy_vs_rho",
             "code_score", "mode_comparison", "shared_share", "specific_participation_ratio", "control_spread",
-            "closed_form_per_token", "behaviour_per_vector", "objective_positions")
+            "residual_participation_ratio", "closed_form_per_token", "behaviour_per_vector", "objective_positions")
 STAGES = ("raw", "effective", "target", "logits")
 
 
@@ -137,6 +137,7 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
         sh, sp = report["shared_share"][stage], report["specific_participation_ratio"][stage]
         assert sh["found_lo"] <= sh["found"] <= sh["found_hi"] and 0 <= sh["found"] <= 1
         assert 0 < sp["found"] <= 3 + 1e-6  # ceiling K - 1 = 3 for K = 4
+        assert 0 < report["residual_participation_ratio"][stage]["found"] <= 3 + 1e-6
         spread = report["control_spread"][stage]["shared_share"]
         assert spread["min"] <= spread["mean"] <= spread["max"] and spread["n"] == 2
     # Values, not only keys: the raw-stage numbers and norms recomputed in float64 numpy

@@ -10,6 +10,12 @@ specific part `s_k = e_k - m`, and three numbers are reported:
                  (1/K for orthogonal equal-norm effects, 1 for identical ones);
   raw PR         PR of the normalised effects (as `cosine_stats`; reading (a) + (b));
   specific PR    PR of the normalised specific parts (ceiling K - 1; reading (b) alone).
+  residual PR    PR of the normalised parts left after projecting the shared DIRECTION
+                 out of each effect, `e_k - (e_k . m^) m^` (ceiling K - 1).  Centring
+                 leaves `(c_k - mean c) m^` in every specific part when the vectors carry
+                 different AMOUNTS c_k of the shared direction: that one direction then
+                 dominates the specific PR although it is the shared component again.  The
+                 residual PR does not count it; the two agree when the c_k are equal.
 
 Everything is computed from the per-unit Gram matrices `g_u[i, j] = e_iu . e_ju` of the
 pooling units u (positions or prompts), because a flattened effect is the concatenation of
@@ -52,14 +58,26 @@ def _centre_gram(g: Float[Array, "K K"]) -> Float[Array, "K K"]:
     return h @ g @ h
 
 
+def _project_out_mean_gram(g: Float[Array, "K K"]) -> Float[Array, "K K"]:
+    """Gram of `e_k - (e_k . m) m / |m|^2` (the shared direction m = mean_k e_k projected
+    out of every effect): `G - a a^T / |m|^2` with `a = G 1 / K` (= e_k . m) and
+    `|m|^2 = 1^T G 1 / K^2`."""
+    k = g.shape[0]
+    a = jnp.sum(g, axis=1) / k
+    m2 = jnp.sum(g) / (k * k)
+    return g - jnp.where(m2 > 0, jnp.outer(a, a) / jnp.where(m2 > 0, m2, 1.0), 0.0)
+
+
 def readings_from_gram(g: Float[Array, "K K"]) -> dict[str, Float[Array, ""]]:
-    """raw PR, specific PR and shared share from the (pooled) Gram matrix of K effects."""
+    """raw PR, specific PR, residual PR and shared share from the (pooled) Gram matrix of K
+    effects."""
     k = g.shape[0]
     total = jnp.trace(g)
     shared = jnp.sum(g) / k  # K |m|^2 = 1^T G 1 / K
     return {
         "participation_ratio": _pr_of_gram(g),
         "specific_participation_ratio": _pr_of_gram(_centre_gram(g)),
+        "residual_participation_ratio": _pr_of_gram(_project_out_mean_gram(g)),
         "shared_share": jnp.where(total > 0, shared / jnp.where(total > 0, total, 1.0), 0.0),
     }
 
@@ -68,7 +86,7 @@ def shared_specific(
     effects: Float[Array, "K U d"] | Float[Array, "K D"],
     reference: Float[Array, "U d"] | Float[Array, " D"] | None = None,
 ) -> dict[str, float]:
-    """Both readings for one stage: raw PR, specific PR, shared share and, if a reference
+    """Both readings for one stage: raw PR, specific PR, residual PR, shared share and, if a reference
     effect is given (theta0's own effect at the same stage), the cosine between the shared
     part m and it (how much of the shared component is "doing what theta0 does")."""
     e = jnp.asarray(effects, jnp.float32)

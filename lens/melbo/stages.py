@@ -199,7 +199,8 @@ def answer(
     """The main job's question, both readings, with spreads: for the found vectors and for
     random orthogonal controls (orthogonal to theta0 and each other, the found norms; one
     draw per seed), at every stage.  Keys (report.json contract): `shared_share`,
-    `specific_participation_ratio`, `participation_ratio` ({stage: {"found", "found_lo",
+    `specific_participation_ratio`, `residual_participation_ratio`, `participation_ratio`
+    ({stage: {"found", "found_lo",
     "found_hi", "control_mean", "control_min", "control_max"}}), `control_spread` ({stage:
     {reading: {mean, min, max, n}}}), `shared_cos_theta0` ({stage: {"found", "control_mean"}}),
     `closed_form_per_token`, `stages_detail` (every bootstrap), `choices` (what decides
@@ -218,9 +219,9 @@ def answer(
         ctrl = np.asarray(random_orthogonal_controls(jax.random.key(1000 + seed), theta0, norms))
         controls.append(stage_readings(problem, ctrl, theta0, chunk, n_boot, seed=seed, progress=progress,
                                        s_factor=s_factor))
-    out: dict = {"shared_share": {}, "specific_participation_ratio": {}, "participation_ratio": {},
-                 "control_spread": {}, "shared_cos_theta0": {}, "stages_detail": {"found": f, "controls": controls}}
-    readings = ("shared_share", "specific_participation_ratio", "participation_ratio")
+    readings = ("shared_share", "specific_participation_ratio", "residual_participation_ratio", "participation_ratio")
+    out: dict = {**{r: {} for r in readings}, "control_spread": {}, "shared_cos_theta0": {},
+                 "stages_detail": {"found": f, "controls": controls}}
     for stage in f:
         out["control_spread"][stage] = {r: _spread([c[stage][r]["point"] for c in controls]) for r in readings}
         for r in readings:
@@ -250,6 +251,8 @@ def answer(
         "effective": "gain * (to_sphere(x + v) - to_sphere(x)) at the steering layer's first norm, "
                      "source tokens without position 0",
         "specific": "PR of the normalised specific parts e_k - mean_k e_k (ceiling K - 1)",
+        "residual": "PR of the normalised parts e_k - (e_k . m^) m^, the shared direction m = mean_k e_k projected "
+                    "out whatever each vector's amount of it (ceiling K - 1)",
         "shared_share": "K |mean_k e_k|^2 / sum_k |e_k|^2 (1/K for orthogonal equal-norm effects)",
         "closed_form_per_token": "the idealised orthogonal-pair cosine pooled over tokens at each token's "
                                  "own rho (no gain), beside the formula at the mean rho",
