@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -74,3 +75,13 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
     flops = 2 * n**3
     return {"jax_gflops": flops / t_jax / 1e9, "torch_gflops": flops / t_torch / 1e9,
             "peak_gflops": max(flops / t_jax, flops / t_torch) / 1e9}
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write a benchmark's result dict as JSON to `path` (its folder created), or do nothing
+    when no path was given (every bench's `--json`)."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-from bench_common import load_pair  # noqa: E402
+from bench_common import load_pair, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
 
@@ -193,9 +193,7 @@ def main():
     res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     print(report(res, args))
     print(f"peak RSS: {res['peak_rss_MB']:.0f} MB")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
+    write_json(args.json, res)
 
 
 def report(r, args) -> str:

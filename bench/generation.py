@@ -281,7 +281,7 @@ def main(argv=None):
     import torch
 
     import models
-    from bench_common import load_pair
+    from bench_common import load_pair, write_json
 
     t_start = time.time()
     ours, hf, what = load_pair(False, args.model)
@@ -302,9 +302,7 @@ def main(argv=None):
         res["peak_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         res["wall_s"] = time.time() - t_start
         print(json.dumps({name: res[name]}, indent=1), flush=True)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(res, indent=1))
+        write_json(args.json, res)
     print(json.dumps(res, indent=1))
 
 

@@ -37,6 +37,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
 
@@ -194,9 +195,7 @@ def main(argv=None):
               "memory_batches": args.memory_batches,
               "max_rel_diff_neurons": diff_n, "max_rel_diff_heads": diff_z}
     print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -18,7 +18,6 @@ Reports tokens/s of each and the ratios; checks the sides agree on the means.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lens import ngram, prediction  # noqa: E402
+from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
 
@@ -154,9 +154,7 @@ def main(argv=None) -> dict:
                       + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     report = {"positions": positions, "vocab": V, "seq": T, "chunk_positions": rows_per_chunk * T, "k": args.k,
               "threads": "all the process may use", "results": results, "means": means}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report)
     return report
 
 

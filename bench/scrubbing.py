@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from lens import scrubbing as S  # noqa: E402
 from lens import scrubbing_examples as X  # noqa: E402
+from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
 
@@ -288,9 +289,7 @@ def main(argv=None) -> dict:
         "load_average_1min": os.getloadavg()[0],
     }
     print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

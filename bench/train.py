@@ -34,7 +34,7 @@ from pathlib import Path
 
 import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-from bench_common import matmul_peak  # noqa: E402
+from bench_common import matmul_peak, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
 
@@ -176,9 +176,7 @@ def main(argv=None) -> dict:
     print(f"ours / torch tokens/s: {res['speedup_ours_over_torch']:.2f}x (ours compiled in {compile_s:.1f} s)")
     print("loss ours : " + " ".join(f"{x:.4f}" for x in ours_losses))
     print("loss torch: " + " ".join(f"{x:.4f}" for x in torch_losses))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 
