@@ -34,6 +34,8 @@ from jaxtyping import Array, Float, Int
 
 from lens.prediction import Factored
 
+DENSE_BIGRAM_VOCAB = 8192  # up to here a bigram's whole [V, V] float32 table (<= 256 MB) is cached
+
 
 @dataclasses.dataclass(frozen=True)
 class Level:
@@ -57,17 +59,25 @@ class NGram:
     unigram_counts: np.ndarray
     levels: tuple[Level, ...]
     alpha: float
+    # the [V, V] bigram log-table of `factored`, built on first use (not part of the value)
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_entries(self) -> int:
         return int(sum(len(lv.next) for lv in self.levels))
 
     def factored(self, rows: Int[np.ndarray, "B T"]) -> Factored:
-        """The log-probabilities of `log_probs`, one float32 row per DISTINCT context in
-        `rows` (a `lens.prediction.Factored`: rows of [U, V] + an index [B, T]); the
-        [U, V] table is padded to a power of two rows so chunks share compilations."""
+        """The log-probabilities of `log_probs` as a `lens.prediction.Factored` (rows of
+        [U, V] + an index [B, T]).  A bigram over at most DENSE_BIGRAM_VOCAB tokens: the
+        whole [V, V] table (built once, cached on this object) indexed by the context token,
+        so nothing per context is recomputed per chunk.  Otherwise one float32 row per
+        DISTINCT context in `rows`, padded to a power of two rows so chunks share compilations."""
         rows = _check(rows, self.vocab)
         b, t = rows.shape
+        if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB:
+            if "bigram" not in self._cache:
+                self._cache["bigram"] = self._table(np.arange(self.vocab, dtype=np.int64)[:, None])
+            return Factored(self._cache["bigram"], jnp.asarray(rows, jnp.int32))
         if self.levels:  # the context of each position: its key at every order (the lower
             # orders matter where the row prefix is too short for the highest)
             keys = np.stack([_context_keys(rows, j + 2, self.vocab).ravel() for j in range(len(self.levels))], 1)
@@ -76,6 +86,12 @@ class NGram:
             uniq, inverse = np.zeros((1, 0), np.int64), np.zeros(b * t, np.int64)
         n_rows = min(_bucket(len(uniq), 16), max(len(uniq), b * t))  # never more rows than positions
         uniq = np.concatenate([uniq, np.full((n_rows - len(uniq), uniq.shape[1]), -1, np.int64)])
+        return Factored(self._table(uniq), jnp.asarray(inverse.reshape(b, t), jnp.int32))
+
+    def _table(self, uniq: np.ndarray) -> Float[Array, "U V"]:
+        """Log-probability rows [U, V] of the contexts `uniq` [U, n_levels] (each context's
+        key at every order; -1: none)."""
+        n_rows = len(uniq)
         coefs, pos, tok, val = [], [], [], []
         for j, lv in enumerate(self.levels):
             c, p, w, v = _level_entries(lv, uniq[:, j], self.vocab)
@@ -89,8 +105,7 @@ class NGram:
         pos = jnp.asarray(np.stack([pad(p, n_rows, np.int32) for p in pos]) if pos else np.zeros((0, size), np.int32))
         tok = jnp.asarray(np.stack([pad(w, 0, np.int32) for w in tok]) if tok else np.zeros((0, size), np.int32))
         val = jnp.asarray(np.stack([pad(v, 0, np.float32) for v in val]) if val else np.zeros((0, size), np.float32))
-        table = _dense_log_probs(jnp.asarray(self.unigram, jnp.float32), coef, pos, tok, val, n_rows)
-        return Factored(table, jnp.asarray(inverse.reshape(b, t), jnp.int32))
+        return _dense_log_probs(jnp.asarray(self.unigram, jnp.float32), coef, pos, tok, val, n_rows)
 
     def log_probs(self, rows: Int[np.ndarray, "B T"]) -> Float[Array, "B T V"]:
         """Log-probabilities [B, T, V] (float32) of the token after each position of each row."""

@@ -50,6 +50,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
+from lens import prediction_kernel
 from models.interventions import Edits
 
 LOG_FLOOR = -100.0
@@ -125,27 +126,16 @@ class Factored(NamedTuple):
 
 
 def _model_side(model_logp: Float[Array, "P V"], k: int):
-    """What every predictor's metrics share: the model's float32 log-probs, its top-k
-    and its probabilities (one exp per chunk, however many predictors)."""
+    """What every predictor's metrics share on the pure-JAX path: the model's float32
+    log-probs, its top-k and its probabilities (one exp per chunk, however many predictors)."""
     m = model_logp.astype(jnp.float32)
     m_val, m_idx = top_k(m, k)  # [P, k], sorted descending
     return m, m_val, m_idx, jnp.exp(m)
 
 
-def _pred_metrics(model_side, table: Float[Array, "U V"], index: Int[Array, " P"] | None,
-                  k: int) -> dict[str, Float[Array, " P"]]:
-    """The metrics of one predictor whose position p has row table[index[p]] (index None:
-    row p).  The predictor's top-k is computed once per row of `table`."""
-    m, m_val, m_idx, p_model = model_side
-    table = jnp.maximum(table.astype(jnp.float32), LOG_FLOOR)
-    _, p_idx = top_k(table, k)
-    if index is None:
-        p_on_m = jnp.take_along_axis(table, m_idx, axis=-1)
-        kl = (p_model * (m - table)).sum(-1)
-    else:
-        p_idx = p_idx[index]
-        p_on_m = table[index[:, None], m_idx]
-        kl = (p_model * (m - table[index])).sum(-1)  # the gather fuses into the reduction
+def _from_top_k(m_val, m_idx, p_on_m, p_idx, kl, k: int) -> dict[str, Float[Array, " P"]]:
+    """The metrics from the model's top-k (values, ids), the predictor's log-probs there,
+    the predictor's own top-k ids and the KL sum (both paths end here)."""
     hits = (m_idx[:, :, None] == p_idx[:, None, :]).any(-1).sum(-1).astype(jnp.float32)
     return {
         "test_err": jnp.abs(m_val - p_on_m).mean(-1),
@@ -159,37 +149,86 @@ def _pred_metrics(model_side, table: Float[Array, "U V"], index: Int[Array, " P"
     }
 
 
+def _pred_metrics(model_side, table: Float[Array, "U V"], index: Int[Array, " P"] | None,
+                  k: int) -> dict[str, Float[Array, " P"]]:
+    """The metrics of one predictor whose position p has row table[index[p]] (index None:
+    row p), pure JAX.  The predictor's top-k is computed once per row of `table`, or once
+    per position when the table has more rows than there are positions (a whole bigram
+    table indexed by the context token)."""
+    m, m_val, m_idx, p_model = model_side
+    table = jnp.maximum(table.astype(jnp.float32), LOG_FLOOR)
+    if index is None:
+        _, p_idx = top_k(table, k)
+        p_on_m = jnp.take_along_axis(table, m_idx, axis=-1)
+        kl = (p_model * (m - table)).sum(-1)
+    else:
+        if table.shape[0] > index.shape[0]:
+            _, p_idx = top_k(table[index], k)
+        else:
+            _, p_idx = top_k(table, k)
+            p_idx = p_idx[index]
+        p_on_m = table[index[:, None], m_idx]
+        kl = (p_model * (m - table[index])).sum(-1)  # the gather fuses into the reduction
+    return _from_top_k(m_val, m_idx, p_on_m, p_idx, kl, k)
+
+
+def _kernel_metrics(m: Float[Array, "P V"], table: Float[Array, "U V"], index: Int[Array, " P"] | None,
+                    k: int) -> dict[str, Float[Array, " P"]]:
+    """`_pred_metrics` through the native kernel (lens.prediction_kernel): one pass per row."""
+    if index is None:
+        index = jnp.arange(m.shape[0], dtype=jnp.int32)
+    m_val, m_idx, p_on_m, kl, p_idx = prediction_kernel.rows(m, table, index, k, LOG_FLOOR)
+    return _from_top_k(m_val, m_idx, p_on_m, p_idx[index], kl, k)
+
+
 def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T V"],
                      k: int) -> dict[str, Float[Array, " T"]]:
-    """The per-position metrics (module docstring) of ONE sequence's log-probs."""
+    """The per-position metrics (module docstring) of ONE sequence's log-probs.  Uses the
+    native kernel when `lens.prediction_kernel.enabled(k)` (same numbers; module docstring
+    there), the pure-JAX path otherwise."""
+    if prediction_kernel.enabled(k):
+        return _kernel_metrics(model_logp, pred_logp, None, k)
     return _pred_metrics(_model_side(model_logp, k), pred_logp, None, k)
 
 
-@functools.partial(jax.jit, static_argnames="k")
+@functools.partial(jax.jit, static_argnames=("k", "kernel"))
+def _batch_metrics(model_logp, pred_logp, k: int, kernel: bool):
+    b, t, v = model_logp.shape
+    m, p = model_logp.reshape(b * t, v), pred_logp.reshape(b * t, v)
+    got = _kernel_metrics(m, p, None, k) if kernel else _pred_metrics(_model_side(m, k), p, None, k)
+    return {name: x.reshape(b, t) for name, x in got.items()}
+
+
 def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],
                   k: int) -> dict[str, Float[Array, "B T"]]:
     """`position_metrics` of every row, jitted (the rows flattened into one [B * T, V]
     sequence: the metrics are per position, and one long sequence is cheaper than a vmap)."""
-    b, t, v = model_logp.shape
-    got = position_metrics(model_logp.reshape(b * t, v), pred_logp.reshape(b * t, v), k)
-    return {name: x.reshape(b, t) for name, x in got.items()}
+    return _batch_metrics(model_logp, pred_logp, k, prediction_kernel.enabled(k))
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def chunk_metrics(model_logp: Float[Array, "B T V"], preds: tuple, k: int) -> tuple:
-    """Every predictor's metrics on one chunk (what `score` runs per chunk), one compiled
-    program: the model's top-k and probabilities once, then each predictor (a dense
-    [B, T, V] or a `Factored`).  Returns one {metric: [B, T]} per predictor."""
+@functools.partial(jax.jit, static_argnames=("k", "kernel"))
+def _chunk_metrics(model_logp, preds: tuple, k: int, kernel: bool) -> tuple:
     b, t, v = model_logp.shape
-    side = _model_side(model_logp.reshape(b * t, v), k)
+    m = model_logp.reshape(b * t, v)
+    side = None if kernel else _model_side(m, k)
     out = []
     for pred in preds:
         if isinstance(pred, Factored):
-            got = _pred_metrics(side, pred.table, pred.index.reshape(b * t), k)
+            table, index = pred.table, pred.index.reshape(b * t)
         else:
-            got = _pred_metrics(side, pred.reshape(b * t, v), None, k)
+            table, index = pred.reshape(b * t, v), None
+        got = _kernel_metrics(m, table, index, k) if kernel else _pred_metrics(side, table, index, k)
         out.append({name: x.reshape(b, t) for name, x in got.items()})
     return tuple(out)
+
+
+def chunk_metrics(model_logp: Float[Array, "B T V"], preds: tuple, k: int) -> tuple:
+    """Every predictor's metrics on one chunk (what `score` runs per chunk), one compiled
+    program: each predictor is a dense [B, T, V] or a `Factored`.  With the native kernel
+    (`lens.prediction_kernel.enabled(k)`) each predictor is one pass over the model's rows;
+    without it, the model's top-k and probabilities are computed once for all predictors.
+    Returns one {metric: [B, T]} per predictor."""
+    return _chunk_metrics(model_logp, tuple(preds), k, prediction_kernel.enabled(k))
 
 
 # ---------------------------------------------------------------- predictors

@@ -56,28 +56,35 @@ def _cpu_model() -> str:
     return next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "")
 
 
-def _build() -> Path:
-    """Compile the kernel (once per source / flags / CPU) and return the shared library."""
+def build_kernel(source: Path, stem: str) -> Path:
+    """Compile a kernel source (once per source / flags / CPU / jax version) into
+    `<lens cache>/kernels/<stem>-<key>.so` and return the shared library's path (also used
+    by lens.prediction_kernel)."""
     from models.embedded import cache_dir
 
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++ / c++) on PATH")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_model().encode()
+    text = Path(source).read_bytes()
+    key = hashlib.sha256(text + " ".join(_FLAGS).encode() + _cpu_model().encode()
                          + jax.__version__.encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"bf16_matmul-{key}.so"
+    out = cache_dir() / "kernels" / f"{stem}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_out = Path(tmp) / out.name
-        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", str(tmp_out)]
+        cmd = [compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(source), "-o", str(tmp_out)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         os.replace(tmp_out, out)  # atomic: a parallel process sees the whole file or none
     return out
+
+
+def _build() -> Path:
+    """Compile the kernel (once per source / flags / CPU) and return the shared library."""
+    return build_kernel(_SOURCE, "bf16_matmul")
 
 
 @functools.cache
