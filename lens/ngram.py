@@ -2,7 +2,7 @@
 
     table = lens.ngram.count(train_rows, order=2, vocab=4096)
     logp = table.log_probs(rows)          # [B, T, V]: position t predicts rows[:, t + 1]
-    rows_u = table.factored(rows)         # the same as one row per distinct context + index
+    rows_u = table.factored(rows)         # the same as rows of a [U, V] table + an index [B, T]
     pred = table.predictor()              # for lens.prediction.score (gives `factored`)
 
 Counting: every n-gram INSIDE a row (rows[i, t - n + 1 : t + 1]) is counted; n-grams
@@ -73,11 +73,18 @@ class NGram:
         so nothing per context is recomputed per chunk.  Otherwise one float32 row per
         DISTINCT context in `rows`, padded to a power of two rows so chunks share compilations."""
         rows = _check(rows, self.vocab)
-        b, t = rows.shape
         if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB:
             if "bigram" not in self._cache:
                 self._cache["bigram"] = self._table(np.arange(self.vocab, dtype=np.int64)[:, None])
             return Factored(self._cache["bigram"], jnp.asarray(rows, jnp.int32))
+        return self.factored_by_context(rows)
+
+    def factored_by_context(self, rows: Int[np.ndarray, "B T"]) -> Factored:
+        """`factored` as one float32 row per DISTINCT context in `rows` (what `factored` gives
+        for trigrams and large vocabularies), the [U, V] table padded to a power of two rows
+        so chunks share compilations."""
+        rows = _check(rows, self.vocab)
+        b, t = rows.shape
         if self.levels:  # the context of each position: its key at every order (the lower
             # orders matter where the row prefix is too short for the highest)
             keys = np.stack([_context_keys(rows, j + 2, self.vocab).ravel() for j in range(len(self.levels))], 1)

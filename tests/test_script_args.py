@@ -60,6 +60,7 @@ BAD = [
     ("goodhart", ["--out", "x", "--parts", "sweep,nope"], "argument --parts: must be a comma-separated subset"),
     ("prediction", ["--tokens", "0"], "argument --tokens: must be an integer >= 1; got 0"),
     ("prediction", ["--vocab", "8"], "argument --vocab: must be an integer >= 16; got 8"),
+    ("prediction", ["--sides", "ours,jax"], "argument --sides: unknown side(s) ['jax']"),
     ("patching", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("patching", ["--out", "x", "--pairs", "0"], "argument --pairs"),
     ("patching", ["--out", "x", "--layers", "0"], "argument --layers"),
