@@ -31,7 +31,10 @@ a predictor giving a token zero probability costs a large, finite error instead 
 `score` streams the rows in chunks (the model's and every predictor's [B, T, V] live
 for at most two chunks: one computing, the next being prepared), so a million positions
 fit in memory; each chunk is one compiled program (`chunk_metrics`), results are read back
-once at the end.  `summarize` gives pass rates
+once at the end.  On the CPU backend the per-row work (the model's top-k, the predictor's
+log-probs there, KL, the predictor's top-k per table row) is one native pass per row
+(`lens.prediction_kernel`, k <= 64; LENS_PREDICTION_KERNEL=0 selects the pure-JAX path,
+which gives the same numbers: tests/test_prediction_kernel.py).  `summarize` gives pass rates
 per tolerance and means, optionally skipping positions whose next token is among the N
 most frequent tokens (selective-pruning style), and breakdowns by the next token's
 frequency bucket and by position in the row.
