@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from lens import prediction_kernel
 from lens.prediction import Factored
 
 DENSE_BIGRAM_VOCAB = 8192  # up to here a bigram's whole [V, V] float32 table (<= 256 MB) is cached
@@ -68,12 +69,14 @@ class NGram:
 
     def factored(self, rows: Int[np.ndarray, "B T"]) -> Factored:
         """The log-probabilities of `log_probs` as a `lens.prediction.Factored` (rows of
-        [U, V] + an index [B, T]).  A bigram over at most DENSE_BIGRAM_VOCAB tokens: the
-        whole [V, V] table (built once, cached on this object) indexed by the context token,
-        so nothing per context is recomputed per chunk.  Otherwise one float32 row per
-        DISTINCT context in `rows`, padded to a power of two rows so chunks share compilations."""
+        [U, V] + an index [B, T]).  A bigram over at most DENSE_BIGRAM_VOCAB tokens, where
+        lens.prediction runs its native kernel: the whole [V, V] table (built once, cached on
+        this object) indexed by the context token, so nothing per context is recomputed per
+        chunk (the kernel reads only the rows some position uses).  Otherwise one float32
+        row per DISTINCT context in `rows` (`factored_by_context`; on the pure-JAX path a
+        whole table would cost a top-k per position instead of per distinct context)."""
         rows = _check(rows, self.vocab)
-        if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB:
+        if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB and prediction_kernel.enabled(1):
             if "bigram" not in self._cache:
                 self._cache["bigram"] = self._table(np.arange(self.vocab, dtype=np.int64)[:, None])
             return Factored(self._cache["bigram"], jnp.asarray(rows, jnp.int32))

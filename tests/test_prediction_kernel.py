@@ -104,9 +104,10 @@ def test_kernel_refuses_bad_input():
 
 @pytest.mark.parametrize("kernel", ["1", "0"])
 def test_chunk_metrics_on_both_paths_equal_the_numpy_loop(kernel, monkeypatch):
-    """The bigram's whole cached table (U = V > positions: the JAX path takes the top-k per
-    position), a trigram's per-context rows and a dense predictor, with k = 6 and k = 65
-    (past the kernel's 64: the JAX path either way)."""
+    """The bigram's `factored` (its whole cached table with the kernel, per-context rows
+    without), a trigram's per-context rows, a dense predictor and a whole bigram table made
+    here (U = V > positions: the JAX path takes the top-k per position), with k = 6 and
+    k = 65 (past the kernel's 64: the JAX path either way)."""
     monkeypatch.setenv(prediction_kernel.ENV_SWITCH, kernel)
     assert prediction_kernel.enabled(6) == (kernel == "1") and not prediction_kernel.enabled(65)
     rng = np.random.default_rng(3)
@@ -117,9 +118,11 @@ def test_chunk_metrics_on_both_paths_equal_the_numpy_loop(kernel, monkeypatch):
     dense = np.asarray(trigram.log_probs(rows), np.float64)
     m = log_softmax_np(dense + rng.normal(size=dense.shape) * 1.5)
     m[0, 0] = dense[0, 0]  # one position where the model is the predictor
-    preds = (bigram.factored(rows), trigram.factored(rows), jnp.asarray(dense, jnp.float32))
-    assert preds[0].table.shape == (V, V) and preds[1].table.shape[0] < V
-    wants = (np.asarray(bigram.log_probs(rows), np.float64), dense, dense)
+    whole = prediction.Factored(jnp.asarray(np.log(bigram.dense_bigram()), jnp.float32), jnp.asarray(rows))
+    preds = (bigram.factored(rows), trigram.factored(rows), jnp.asarray(dense, jnp.float32), whole)
+    assert (preds[0].table.shape[0] == V) == (kernel == "1") and preds[1].table.shape[0] < V
+    bigram_logp = np.asarray(bigram.log_probs(rows), np.float64)
+    wants = (bigram_logp, dense, dense, bigram_logp)
     for k in (6, 65):
         got = prediction.chunk_metrics(jnp.asarray(m, jnp.float32), preds, k)
         per_pos = jax.vmap(prediction.position_metrics, in_axes=(0, 0, None))(
@@ -158,7 +161,8 @@ def test_both_paths_give_the_same_scores(monkeypatch):
                 np.testing.assert_array_equal(a, b, err_msg=f"{name} {metric}")
 
 
-def test_cached_bigram_table_equals_the_per_context_rows():
+def test_cached_bigram_table_equals_the_per_context_rows(monkeypatch):
+    monkeypatch.setenv(prediction_kernel.ENV_SWITCH, "1")  # the whole table: only where the kernel runs
     rng = np.random.default_rng(2)
     V = 300
     train_rows = (rng.zipf(1.2, (400, 20)) - 1) % V
