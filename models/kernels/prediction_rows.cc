@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -225,13 +226,22 @@ ffi::Error PredictionRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> m, ffi::Bu
     }
     (void)rows;  // keeps the row map alive for late helpers
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), tasks - 1);
+  // this thread + (pool size - 1) helpers: as many workers as the pool has threads
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, tasks - 1);
   for (int64_t h = 0; h < helpers; ++h) {
     auto task = work;
     pool.Schedule(std::move(task));
   }
   work();
-  while (state->finished.load(std::memory_order_acquire) < tasks) _mm_pause();
+  // Wait for the tasks other threads are in the middle of: spin briefly, then yield the core
+  // (on a loaded machine the thread we wait for may need it).
+  for (int spins = 0; state->finished.load(std::memory_order_acquire) < tasks; ++spins) {
+    if (spins < 4096) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
   return ffi::Error::Success();
 }
 
