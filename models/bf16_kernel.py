@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 
 ENV_SWITCH = "LENS_BF16_KERNEL"
 TARGET = "lens_bf16_matmul"
+GEMM_TARGET = "lens_bf16_gemm"
 _SOURCE = Path(__file__).parent / "kernels" / "bf16_matmul.cc"
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 
@@ -89,6 +90,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LensBf16Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.LensBf16Gemm), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         import warnings
 
@@ -222,3 +224,71 @@ class PackedWeight(eqx.Module):
         if self.kind == "out":
             return matmul(x.reshape(x.shape[0], -1), self.panels, self.n)
         return matmul(x, self.panels, self.n)
+
+
+# ------------------------------------------------------------------ the many-row GEMM
+# `gemm(x, to_pairs(w), n)`: the compute-bound product for thousands of rows (e.g. the
+# statistics of lens.modularity), kernels/bf16_matmul.cc: Bf16Gemm.  x is rounded to bf16
+# (round to nearest even, XLA's convert, fused with whatever produced x), w is bf16, the
+# products and sums are float32 (VDPBF16PS): twice the arithmetic rate of a float32 GEMM on
+# a CPU with avx512_bf16.  Numerically it is `x.astype(bf16) @ w.astype(bf16)` with float32
+# accumulation, which is also what `gemm_reference` computes with XLA's dot.
+
+
+def to_pairs(w: Float[Array, "k n"]) -> Float[Array, "panels pairs 64 2"]:
+    """bf16 [K, N] -> [ceil(N / 64), ceil(K / 2), 64, 2] (zeros past K and N): 64-column
+    panels whose rows are (k, k+1) pairs, the right operand of VDPBF16PS."""
+    k, n = w.shape
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, k % 2), (0, -n % PANEL)))
+    k2, n2 = w.shape
+    return jnp.transpose(w.reshape(k2 // 2, 2, n2 // PANEL, PANEL), (2, 0, 3, 1))
+
+
+def from_pairs(pairs: Float[Array, "panels pairs 64 2"], k: int, n: int) -> Float[Array, "k n"]:
+    """The inverse of `to_pairs`."""
+    p, kp, width, two = pairs.shape
+    return jnp.transpose(pairs, (1, 3, 0, 2)).reshape(kp * two, p * width)[:k, :n]
+
+
+def gemm_reference(x: Float[Array, "rows k"], w: Float[Array, "k n"]) -> Float[Array, "rows n"]:
+    """What `gemm` computes, with XLA's dot: bf16-rounded x and w, float32 products and
+    sums (on a GPU/TPU the bf16 matrix units; on a CPU without the kernel, a float32 dot)."""
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _gemm_call(x, pairs, n: int):
+    xb = x.astype(jnp.bfloat16)
+    if pairs.shape[1] * 2 != x.shape[1]:  # odd K: the packed weight has a zero row there
+        xb = jnp.pad(xb, ((0, 0), (0, 1)))
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(GEMM_TARGET, out)(xb, pairs)
+
+
+@jax.custom_batching.custom_vmap
+def _gemm2d(x, pairs, n_template):
+    return _gemm_call(x, pairs, n_template.shape[0])
+
+
+@_gemm2d.def_vmap
+def _gemm2d_vmap(axis_size, in_batched, x, pairs, n_template):
+    x_batched, w_batched, _ = in_batched
+    n, k = n_template.shape[-1], x.shape[-1]
+    if w_batched:  # a weight per row: XLA's dot on the same bf16 numbers
+        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        w = jax.vmap(lambda p: from_pairs(p, k, n))(pairs)
+        return jax.vmap(gemm_reference)(x, w), True
+    rows = x.shape[1]
+    # the batch's rows become rows of one call: one big GEMM, the weight packed once
+    y = _gemm2d(x.reshape(axis_size * rows, k), pairs, jnp.zeros((n,), jnp.int8))
+    return y.reshape(axis_size, rows, n), True
+
+
+def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n: int) -> Float[Array, "rows n"]:
+    """x [rows, K] (any float dtype; rounded to bf16) times the bf16 weight [K, n] packed by
+    `to_pairs` -> float32 [rows, n], float32 accumulation.  For many rows (compute-bound);
+    jit- and vmap-safe (vmapped rows become rows of one call); needs `available()`."""
+    if (pairs.dtype != jnp.bfloat16 or x.ndim != 2 or pairs.ndim != 4 or pairs.shape[2:] != (PANEL, 2)
+            or -(-x.shape[1] // 2) != pairs.shape[1] or -(-n // PANEL) != pairs.shape[0] or x.shape[0] < 1):
+        raise ValueError(f"gemm: x [rows >= 1, K] and bf16 pairs [ceil(n / {PANEL}), ceil(K / 2), {PANEL}, 2] "
+                         f"expected, got x {x.shape}, pairs {pairs.dtype}{pairs.shape}, n {n}")
+    return _gemm2d(x, pairs, jnp.zeros((n,), jnp.int8))
