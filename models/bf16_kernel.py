@@ -292,3 +292,91 @@ def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n:
         raise ValueError(f"gemm: x [rows >= 1, K] and bf16 pairs [ceil(n / {PANEL}), ceil(K / 2), {PANEL}, 2] "
                          f"expected, got x {x.shape}, pairs {pairs.dtype}{pairs.shape}, n {n}")
     return _gemm2d(x, pairs, jnp.zeros((n,), jnp.int8))
+
+
+def _as_matrix(logical: Array, kind: str) -> tuple[Array, int]:
+    """(the [K, N] matrix, heads) of a `Block` weight in `PackedWeight`'s kinds."""
+    if kind == "qkv":
+        h, d, k = logical.shape
+        return jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k), h
+    if kind == "out":
+        h, k, d = logical.shape
+        return logical.reshape(h * k, d), h
+    return logical, 0
+
+
+class GemmWeight(eqx.Module):
+    """A `Block` matrix for bf16 compute over many rows: `apply` rounds x to bf16 and
+    multiplies with float32 accumulation, through `gemm` (w packed by `to_pairs`) when
+    `packed`, else through XLA's dot (`gemm_reference`, w the bf16 [K, N] matrix).  Kinds
+    as `PackedWeight` ("qkv", "out", "plain")."""
+
+    w: Array
+    kind: str = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
+    k: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+    packed: bool = eqx.field(static=True)
+
+    @classmethod
+    def pack(cls, logical: Array, kind: str, packed: bool, stacked: bool = False) -> "GemmWeight":
+        """logical: one weight in `Block`'s layout, or with `stacked` every layer's on a
+        leading axis (the packing is vmapped over it; the result scans like the block)."""
+        if kind not in ("qkv", "out"):
+            kind = "plain"
+        matrix, heads = _as_matrix(logical[0] if stacked else logical, kind)
+        k, n = matrix.shape
+
+        def one(w):
+            m = _as_matrix(w, kind)[0]
+            return to_pairs(m) if packed else m.astype(jnp.bfloat16)
+
+        return cls(jax.vmap(one)(logical) if stacked else one(logical), kind, heads, k, n, packed)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(jnp.bfloat16)
+
+    def matrix(self) -> Array:
+        return from_pairs(self.w, self.k, self.n) if self.packed else self.w
+
+    def logical(self) -> Array:
+        """The bf16 weight in `Block`'s layout."""
+        w = self.matrix()
+        if self.kind == "qkv":
+            return jnp.transpose(w.reshape(self.k, self.heads, self.n // self.heads), (1, 0, 2))
+        if self.kind == "out":
+            return w.reshape(self.heads, self.k // self.heads, self.n)
+        return w
+
+    def _mm(self, x: Array) -> Array:
+        return gemm(x, self.w, self.n) if self.packed else gemm_reference(x, self.w)
+
+    def apply(self, x: Array, spec: str) -> Array:
+        """`jnp.einsum(spec, bf16(x), bf16 weight)` with float32 products and sums."""
+        if spec not in _SPECS:  # e.g. per-head q/k/v input patching: XLA, the same numbers
+            return jnp.einsum(spec, x.astype(jnp.bfloat16), self.logical(), preferred_element_type=jnp.float32)
+        if self.kind == "qkv":
+            return self._mm(x).reshape(x.shape[0], self.heads, -1)
+        if self.kind == "out":
+            return self._mm(x.reshape(x.shape[0], -1))
+        return self._mm(x)
+
+
+# Block matrices and their `GemmWeight` kinds (the same as models/decode.py's).
+_GEMM_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
+               "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
+
+
+def gemm_blocks(blocks, use_kernel: bool | None = None):
+    """A stacked `Block` (every layer on a leading axis) with each block matrix replaced by
+    a stacked `GemmWeight`: the forward then computes every block matmul in bf16 with
+    float32 accumulation (norms, softmax, activations and residuals stay in the model's
+    dtype).  use_kernel: None = `enabled()` (the kernel on the CPU backend, XLA's dot
+    elsewhere).  A second copy of the block weights, in bf16."""
+    packed = enabled() if use_kernel is None else bool(use_kernel)
+    if packed and not available():
+        raise RuntimeError("gemm_blocks: use_kernel=True but the bf16 kernel is not available")
+    names = [n for n in _GEMM_KINDS if getattr(blocks, n) is not None]
+    return eqx.tree_at(lambda b: [getattr(b, n) for n in names], blocks,
+                       [GemmWeight.pack(getattr(blocks, n), _GEMM_KINDS[n], packed, stacked=True) for n in names])
