@@ -22,6 +22,7 @@ head_mix edits.  It computes the dense block and then masks: correct, not faster
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -123,9 +124,22 @@ def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {compute_dtype!r}")
     if compute_dtype == "float32":
         return model
-    from models.bf16_kernel import gemm_blocks
+    from models import bf16_kernel
 
-    return eqx.tree_at(lambda m: m.blocks, model, gemm_blocks(model.blocks))
+    use_kernel = bf16_kernel.enabled()
+    key = (id(model), use_kernel)
+    if key not in _BF16_MODELS:
+        packed = jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, bf16_kernel.gemm_blocks(model.blocks, use_kernel)))
+        try:  # kept while the model lives: neuron_scores and repeated calls pack once
+            weakref.finalize(model, _BF16_MODELS.pop, key, None)
+        except TypeError:
+            return packed
+        _BF16_MODELS[key] = packed
+    return _BF16_MODELS[key]
+
+
+# (id(model), kernel used) -> the model with bf16-compute block weights (a bf16 copy of them)
+_BF16_MODELS: dict[tuple[int, bool], Transformer] = {}
 
 
 def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,

@@ -44,6 +44,8 @@ BAD = [
     ("dla_norm", ["--out", "x", "--prompts", "0"], "argument --prompts"),
     ("bench/modularity", ["--tokens", "5"], "argument --tokens: must be an integer >= 128"),
     ("bench/modularity", ["--batch", "0"], "argument --batch"),
+    ("bench/modularity", ["--sides", "ours,torch"], "argument --sides: choose a comma-separated subset"),
+    ("bench/modularity", ["--rounds", "0"], "argument --rounds"),
     ("bench/bf16_gemm", ["--rows", "0"], "argument --rows"),
     ("bench/bf16_gemm", ["--repeats", "0"], "argument --repeats"),
     ("modularity", [], "the following arguments are required: --out"),
