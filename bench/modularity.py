@@ -261,6 +261,7 @@ def main(argv=None):
             rss[side] = max(rss[side], peak)
             sums[side][0] += np.asarray(n, np.float64) * part.size
             sums[side][1] += np.asarray(z, np.float64) * part.size
+            print(f"round {r + 1}/{len(bounds) - 1} {side}: {part.size} tokens in {seconds:.1f} s", flush=True)
     means = {s: (v[0] / rows.size, v[1] / rows.size) for s, v in sums.items()}
     result = {"model": args.model, "tokens": int(rows.size), "seq": args.seq, "batch": args.batch,
               "rounds": len(bounds) - 1, "sides": sides, "threads_torch": torch.get_num_threads(),
