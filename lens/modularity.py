@@ -129,7 +129,8 @@ def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
     use_kernel = bf16_kernel.enabled()
     key = (id(model), use_kernel)
     if key not in _BF16_MODELS:
-        packed = jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, bf16_kernel.gemm_blocks(model.blocks, use_kernel)))
+        blocks = bf16_kernel.gemm_blocks(model.blocks, use_kernel)
+        packed = jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, blocks))
         try:  # kept while the model lives: neuron_scores and repeated calls pack once
             weakref.finalize(model, _BF16_MODELS.pop, key, None)
         except TypeError:

@@ -245,7 +245,8 @@ def to_pairs(w: Float[Array, "k n"]) -> Float[Array, "panels pairs 64 2"]:
 
 
 def from_pairs(pairs: Float[Array, "panels pairs 64 2"], k: int, n: int) -> Float[Array, "k n"]:
-    """The inverse of `to_pairs`."""
+    """The inverse of `to_pairs` (bf16; uint16 pairs are read as bf16 bits)."""
+    pairs = _as_bf16(pairs)
     p, kp, width, two = pairs.shape
     return jnp.transpose(pairs, (1, 3, 0, 2)).reshape(kp * two, p * width)[:k, :n]
 
@@ -256,12 +257,22 @@ def gemm_reference(x: Float[Array, "rows k"], w: Float[Array, "k n"]) -> Float[A
     return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
 
+def _as_bits(a: Array) -> Array:
+    """bf16 -> its uint16 bits (what the kernel takes: XLA:CPU widens a bf16 array that a
+    scan slices per layer to a float32 copy of every layer; a uint16 one it leaves alone)."""
+    return a if a.dtype == jnp.uint16 else jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _as_bf16(a: Array) -> Array:
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
 def _gemm_call(x, pairs, n: int):
     xb = x.astype(jnp.bfloat16)
     if pairs.shape[1] * 2 != x.shape[1]:  # odd K: the packed weight has a zero row there
         xb = jnp.pad(xb, ((0, 0), (0, 1)))
     out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
-    return jax.ffi.ffi_call(GEMM_TARGET, out)(xb, pairs)
+    return jax.ffi.ffi_call(GEMM_TARGET, out)(_as_bits(xb), _as_bits(pairs))
 
 
 @jax.custom_batching.custom_vmap
@@ -285,9 +296,10 @@ def _gemm2d_vmap(axis_size, in_batched, x, pairs, n_template):
 
 def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n: int) -> Float[Array, "rows n"]:
     """x [rows, K] (any float dtype; rounded to bf16) times the bf16 weight [K, n] packed by
-    `to_pairs` -> float32 [rows, n], float32 accumulation.  For many rows (compute-bound);
-    jit- and vmap-safe (vmapped rows become rows of one call); needs `available()`."""
-    if (pairs.dtype != jnp.bfloat16 or x.ndim != 2 or pairs.ndim != 4 or pairs.shape[2:] != (PANEL, 2)
+    `to_pairs` (bf16, or its uint16 bits) -> float32 [rows, n], float32 accumulation.  For
+    many rows (compute-bound); jit- and vmap-safe (vmapped rows become rows of one call);
+    needs `available()`."""
+    if (pairs.dtype not in (jnp.bfloat16, jnp.uint16) or x.ndim != 2 or pairs.ndim != 4 or pairs.shape[2:] != (PANEL, 2)
             or -(-x.shape[1] // 2) != pairs.shape[1] or -(-n // PANEL) != pairs.shape[0] or x.shape[0] < 1):
         raise ValueError(f"gemm: x [rows >= 1, K] and bf16 pairs [ceil(n / {PANEL}), ceil(K / 2), {PANEL}, 2] "
                          f"expected, got x {x.shape}, pairs {pairs.dtype}{pairs.shape}, n {n}")
@@ -329,7 +341,9 @@ class GemmWeight(eqx.Module):
 
         def one(w):
             m = _as_matrix(w, kind)[0]
-            return to_pairs(m) if packed else m.astype(jnp.bfloat16)
+            # packed: kept as uint16 bits (see `_as_bits`: a stacked bf16 weight that the
+            # layer scan slices would be widened to float32 by XLA:CPU on every call)
+            return _as_bits(to_pairs(m)) if packed else m.astype(jnp.bfloat16)
 
         return cls(jax.vmap(one)(logical) if stacked else one(logical), kind, heads, k, n, packed)
 
@@ -338,6 +352,7 @@ class GemmWeight(eqx.Module):
         return jnp.dtype(jnp.bfloat16)
 
     def matrix(self) -> Array:
+        """The bf16 [K, N] matrix."""
         return from_pairs(self.w, self.k, self.n) if self.packed else self.w
 
     def logical(self) -> Array:

@@ -174,7 +174,10 @@ void gemm_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t K2, int64
   }
 }
 
-ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+// x and w arrive as uint16 (bf16 bits, bitcast in models/bf16_kernel.py): a bf16 array that
+// a scan slices per layer is widened by XLA:CPU to a float32 copy of every layer (and
+// narrowed back per layer), which cost a third of the kernel's time; uint16 is left alone.
+ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::U16> x, ffi::Buffer<ffi::U16> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -225,6 +228,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LensBf16Matmul, Bf16Matmul,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LensBf16Gemm, Bf16Gemm,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
