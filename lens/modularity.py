@@ -209,10 +209,11 @@ def head_scores_from(forget: ActivationStats, retain: ActivationStats, eps: floa
 
 
 def head_scores(model: Transformer, forget_tokens, retain_tokens, eps: float = 1e-3,
-                chunk: int = 8) -> Float[np.ndarray, "layers heads"]:
-    """float32 [n_layers, heads]: `head_scores_from` on the two sets' statistics."""
-    return head_scores_from(activation_stats(model, forget_tokens, chunk),
-                            activation_stats(model, retain_tokens, chunk), eps)
+                chunk: int = 8, compute_dtype: str = "float32") -> Float[np.ndarray, "layers heads"]:
+    """float32 [n_layers, heads]: `head_scores_from` on the two sets' statistics
+    (compute_dtype: as `activation_stats`)."""
+    return head_scores_from(activation_stats(model, forget_tokens, chunk, compute_dtype=compute_dtype),
+                            activation_stats(model, retain_tokens, chunk, compute_dtype=compute_dtype), eps)
 
 
 def top_unpruned(scores: np.ndarray, n: int, pruned: np.ndarray) -> Bool[np.ndarray, "..."]:

@@ -106,6 +106,8 @@ def test_bf16_stats_close_to_float32_and_kernel_equals_xla(family, monkeypatch):
     np.testing.assert_allclose(bf.head_z, xla.head_z, rtol=1e-4)
     scores = M.neuron_scores(model, rows[:3], rows[3:], chunk=2, compute_dtype="bfloat16")
     assert scores.shape == (model.config.n_layers, model.config.d_mlp)
+    heads = M.head_scores(model, rows[:3], rows[3:], chunk=2, compute_dtype="bfloat16")
+    assert heads.shape == (model.config.n_layers, model.config.n_heads)
     with pytest.raises(ValueError, match="compute_dtype"):
         M.activation_stats(model, rows, compute_dtype="float16")
 
