@@ -22,6 +22,7 @@ head_mix edits.  It computes the dense block and then masks: correct, not faster
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -112,7 +113,38 @@ def _abs_sums(model, rows, weights, stop: int):
     return n, z
 
 
-def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None) -> ActivationStats:
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
+    """The model whose forward computes the statistics: itself for "float32"; for "bfloat16"
+    its block matrices as `GemmWeight`s (bf16 inputs, float32 products and sums; the bf16
+    GEMM kernel on the CPU backend, XLA's dot elsewhere)."""
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {compute_dtype!r}")
+    if compute_dtype == "float32":
+        return model
+    from models import bf16_kernel
+
+    use_kernel = bf16_kernel.enabled()
+    key = (id(model), use_kernel)
+    if key not in _BF16_MODELS:
+        blocks = bf16_kernel.gemm_blocks(model.blocks, use_kernel)
+        packed = jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, blocks))
+        try:  # kept while the model lives: neuron_scores and repeated calls pack once
+            weakref.finalize(model, _BF16_MODELS.pop, key, None)
+        except TypeError:
+            return packed
+        _BF16_MODELS[key] = packed
+    return _BF16_MODELS[key]
+
+
+# (id(model), kernel used) -> the model with bf16-compute block weights (a bf16 copy of them)
+_BF16_MODELS: dict[tuple[int, bool], Transformer] = {}
+
+
+def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,
+                     compute_dtype: str = "float32") -> ActivationStats:
     """Mean |a| over every token of `rows` [N, T] for each MLP neuron ([layers, d_mlp]) and
     each component of each head's output before W_O ([layers, heads, d_head]).
 
@@ -120,11 +152,19 @@ def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None) -> A
     leading axis follows it) and only blocks up to the deepest of them are run.  Every
     chunk of `chunk` rows is one call of the same compiled function (the last one padded
     with zero-weight rows) and the sums stay on the device until the end: no recompiles
-    and no host round trip per chunk."""
+    and no host round trip per chunk.
+
+    compute_dtype: "float32" (the model's own weights and dots) or "bfloat16": every block
+    matmul rounds its input and weight to bf16 and sums in float32 (on a CPU with
+    avx512_bf16 the kernel of models/bf16_kernel.py, about twice the float32 GEMM rate);
+    norms, softmax, activations, residuals and the |a| sums stay float32.  The statistics
+    then differ from float32 by bf16 rounding (docs and bench/README give the measured
+    size); use it for many tokens where the ranking, not the last digit, matters."""
     rows = check_rows(model, rows)
     c = model.config
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
+    model = _compute_model(model, compute_dtype)
     chosen = list(range(c.n_layers)) if layers is None else [int(i) for i in np.atleast_1d(layers)]
     if not chosen or any(not 0 <= i < c.n_layers for i in chosen):
         raise ValueError(f"layers must be non-empty indices in [0, {c.n_layers}); got {layers}")
@@ -152,12 +192,13 @@ def ratio(forget: np.ndarray, retain: np.ndarray, eps: float) -> np.ndarray:
 
 
 def neuron_scores(model: Transformer, forget_tokens, retain_tokens, eps: float = 1e-3,
-                  chunk: int = 8) -> Float[np.ndarray, "layers d_mlp"]:
+                  chunk: int = 8, compute_dtype: str = "float32") -> Float[np.ndarray, "layers d_mlp"]:
     """float32 [n_layers, d_mlp]: mean |a| over the forget tokens / (mean |a| over the
     retain tokens + eps), a = the input of the MLP's down-projection.  High = the neuron
-    works on the forget text far more than on the retain text."""
-    f = activation_stats(model, forget_tokens, chunk).neurons
-    r = activation_stats(model, retain_tokens, chunk).neurons
+    works on the forget text far more than on the retain text.  compute_dtype: as
+    `activation_stats` ("bfloat16": bf16 block matmuls, float32 everything else)."""
+    f = activation_stats(model, forget_tokens, chunk, compute_dtype=compute_dtype).neurons
+    r = activation_stats(model, retain_tokens, chunk, compute_dtype=compute_dtype).neurons
     return ratio(f, r, eps)
 
 
@@ -168,10 +209,11 @@ def head_scores_from(forget: ActivationStats, retain: ActivationStats, eps: floa
 
 
 def head_scores(model: Transformer, forget_tokens, retain_tokens, eps: float = 1e-3,
-                chunk: int = 8) -> Float[np.ndarray, "layers heads"]:
-    """float32 [n_layers, heads]: `head_scores_from` on the two sets' statistics."""
-    return head_scores_from(activation_stats(model, forget_tokens, chunk),
-                            activation_stats(model, retain_tokens, chunk), eps)
+                chunk: int = 8, compute_dtype: str = "float32") -> Float[np.ndarray, "layers heads"]:
+    """float32 [n_layers, heads]: `head_scores_from` on the two sets' statistics
+    (compute_dtype: as `activation_stats`)."""
+    return head_scores_from(activation_stats(model, forget_tokens, chunk, compute_dtype=compute_dtype),
+                            activation_stats(model, retain_tokens, chunk, compute_dtype=compute_dtype), eps)
 
 
 def top_unpruned(scores: np.ndarray, n: int, pruned: np.ndarray) -> Bool[np.ndarray, "..."]:

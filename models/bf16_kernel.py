@@ -35,6 +35,7 @@ from jaxtyping import Array, Float
 
 ENV_SWITCH = "LENS_BF16_KERNEL"
 TARGET = "lens_bf16_matmul"
+GEMM_TARGET = "lens_bf16_gemm"
 _SOURCE = Path(__file__).parent / "kernels" / "bf16_matmul.cc"
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
 
@@ -96,6 +97,7 @@ def available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LensBf16Matmul), platform="cpu")
+        jax.ffi.register_ffi_target(GEMM_TARGET, jax.ffi.pycapsule(lib.LensBf16Gemm), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         import warnings
 
@@ -229,3 +231,174 @@ class PackedWeight(eqx.Module):
         if self.kind == "out":
             return matmul(x.reshape(x.shape[0], -1), self.panels, self.n)
         return matmul(x, self.panels, self.n)
+
+
+# ------------------------------------------------------------------ the many-row GEMM
+# `gemm(x, to_pairs(w), n)`: the compute-bound product for thousands of rows (e.g. the
+# statistics of lens.modularity), kernels/bf16_matmul.cc: Bf16Gemm.  x is rounded to bf16
+# (round to nearest even, XLA's convert, fused with whatever produced x), w is bf16, the
+# products and sums are float32 (VDPBF16PS): twice the arithmetic rate of a float32 GEMM on
+# a CPU with avx512_bf16.  Numerically it is `x.astype(bf16) @ w.astype(bf16)` with float32
+# accumulation, which is also what `gemm_reference` computes with XLA's dot.
+
+
+def to_pairs(w: Float[Array, "k n"]) -> Float[Array, "panels pairs 64 2"]:
+    """bf16 [K, N] -> [ceil(N / 64), ceil(K / 2), 64, 2] (zeros past K and N): 64-column
+    panels whose rows are (k, k+1) pairs, the right operand of VDPBF16PS."""
+    k, n = w.shape
+    w = jnp.pad(w.astype(jnp.bfloat16), ((0, k % 2), (0, -n % PANEL)))
+    k2, n2 = w.shape
+    return jnp.transpose(w.reshape(k2 // 2, 2, n2 // PANEL, PANEL), (2, 0, 3, 1))
+
+
+def from_pairs(pairs: Float[Array, "panels pairs 64 2"], k: int, n: int) -> Float[Array, "k n"]:
+    """The inverse of `to_pairs` (bf16; uint16 pairs are read as bf16 bits)."""
+    pairs = _as_bf16(pairs)
+    p, kp, width, two = pairs.shape
+    return jnp.transpose(pairs, (1, 3, 0, 2)).reshape(kp * two, p * width)[:k, :n]
+
+
+def gemm_reference(x: Float[Array, "rows k"], w: Float[Array, "k n"]) -> Float[Array, "rows n"]:
+    """What `gemm` computes, with XLA's dot: bf16-rounded x and w, float32 products and
+    sums (on a GPU/TPU the bf16 matrix units; on a CPU without the kernel, a float32 dot)."""
+    return jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _as_bits(a: Array) -> Array:
+    """bf16 -> its uint16 bits (what the kernel takes: XLA:CPU widens a bf16 array that a
+    scan slices per layer to a float32 copy of every layer; a uint16 one it leaves alone)."""
+    return a if a.dtype == jnp.uint16 else jax.lax.bitcast_convert_type(a.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _as_bf16(a: Array) -> Array:
+    return jax.lax.bitcast_convert_type(a, jnp.bfloat16) if a.dtype == jnp.uint16 else a
+
+
+def _gemm_call(x, pairs, n: int):
+    xb = x.astype(jnp.bfloat16)
+    if pairs.shape[1] * 2 != x.shape[1]:  # odd K: the packed weight has a zero row there
+        xb = jnp.pad(xb, ((0, 0), (0, 1)))
+    out = jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32)
+    return jax.ffi.ffi_call(GEMM_TARGET, out)(_as_bits(xb), _as_bits(pairs))
+
+
+@jax.custom_batching.custom_vmap
+def _gemm2d(x, pairs, n_template):
+    return _gemm_call(x, pairs, n_template.shape[0])
+
+
+@_gemm2d.def_vmap
+def _gemm2d_vmap(axis_size, in_batched, x, pairs, n_template):
+    x_batched, w_batched, _ = in_batched
+    n, k = n_template.shape[-1], x.shape[-1]
+    if w_batched:  # a weight per row: XLA's dot on the same bf16 numbers
+        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        w = jax.vmap(lambda p: from_pairs(p, k, n))(pairs)
+        return jax.vmap(gemm_reference)(x, w), True
+    rows = x.shape[1]
+    # the batch's rows become rows of one call: one big GEMM, the weight packed once
+    y = _gemm2d(x.reshape(axis_size * rows, k), pairs, jnp.zeros((n,), jnp.int8))
+    return y.reshape(axis_size, rows, n), True
+
+
+def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n: int) -> Float[Array, "rows n"]:
+    """x [rows, K] (any float dtype; rounded to bf16) times the bf16 weight [K, n] packed by
+    `to_pairs` (bf16, or its uint16 bits) -> float32 [rows, n], float32 accumulation.  For
+    many rows (compute-bound); jit- and vmap-safe (vmapped rows become rows of one call);
+    needs `available()`."""
+    if (pairs.dtype not in (jnp.bfloat16, jnp.uint16) or x.ndim != 2 or pairs.ndim != 4 or pairs.shape[2:] != (PANEL, 2)
+            or -(-x.shape[1] // 2) != pairs.shape[1] or -(-n // PANEL) != pairs.shape[0] or x.shape[0] < 1):
+        raise ValueError(f"gemm: x [rows >= 1, K] and bf16 pairs [ceil(n / {PANEL}), ceil(K / 2), {PANEL}, 2] "
+                         f"expected, got x {x.shape}, pairs {pairs.dtype}{pairs.shape}, n {n}")
+    return _gemm2d(x, pairs, jnp.zeros((n,), jnp.int8))
+
+
+def _as_matrix(logical: Array, kind: str) -> tuple[Array, int]:
+    """(the [K, N] matrix, heads) of a `Block` weight in `PackedWeight`'s kinds."""
+    if kind == "qkv":
+        h, d, k = logical.shape
+        return jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k), h
+    if kind == "out":
+        h, k, d = logical.shape
+        return logical.reshape(h * k, d), h
+    return logical, 0
+
+
+class GemmWeight(eqx.Module):
+    """A `Block` matrix for bf16 compute over many rows: `apply` rounds x to bf16 and
+    multiplies with float32 accumulation, through `gemm` (w packed by `to_pairs`) when
+    `packed`, else through XLA's dot (`gemm_reference`, w the bf16 [K, N] matrix).  Kinds
+    as `PackedWeight` ("qkv", "out", "plain")."""
+
+    w: Array
+    kind: str = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
+    k: int = eqx.field(static=True)
+    n: int = eqx.field(static=True)
+    packed: bool = eqx.field(static=True)
+
+    @classmethod
+    def pack(cls, logical: Array, kind: str, packed: bool, stacked: bool = False) -> "GemmWeight":
+        """logical: one weight in `Block`'s layout, or with `stacked` every layer's on a
+        leading axis (the packing is vmapped over it; the result scans like the block)."""
+        if kind not in ("qkv", "out"):
+            kind = "plain"
+        matrix, heads = _as_matrix(logical[0] if stacked else logical, kind)
+        k, n = matrix.shape
+
+        def one(w):
+            m = _as_matrix(w, kind)[0]
+            # packed: kept as uint16 bits (see `_as_bits`: a stacked bf16 weight that the
+            # layer scan slices would be widened to float32 by XLA:CPU on every call)
+            return _as_bits(to_pairs(m)) if packed else m.astype(jnp.bfloat16)
+
+        return cls(jax.vmap(one)(logical) if stacked else one(logical), kind, heads, k, n, packed)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(jnp.bfloat16)
+
+    def matrix(self) -> Array:
+        """The bf16 [K, N] matrix."""
+        return from_pairs(self.w, self.k, self.n) if self.packed else self.w
+
+    def logical(self) -> Array:
+        """The bf16 weight in `Block`'s layout."""
+        w = self.matrix()
+        if self.kind == "qkv":
+            return jnp.transpose(w.reshape(self.k, self.heads, self.n // self.heads), (1, 0, 2))
+        if self.kind == "out":
+            return w.reshape(self.heads, self.k // self.heads, self.n)
+        return w
+
+    def _mm(self, x: Array) -> Array:
+        return gemm(x, self.w, self.n) if self.packed else gemm_reference(x, self.w)
+
+    def apply(self, x: Array, spec: str) -> Array:
+        """`jnp.einsum(spec, bf16(x), bf16 weight)` with float32 products and sums."""
+        if spec not in _SPECS:  # e.g. per-head q/k/v input patching: XLA, the same numbers
+            return jnp.einsum(spec, x.astype(jnp.bfloat16), self.logical(), preferred_element_type=jnp.float32)
+        if self.kind == "qkv":
+            return self._mm(x).reshape(x.shape[0], self.heads, -1)
+        if self.kind == "out":
+            return self._mm(x.reshape(x.shape[0], -1))
+        return self._mm(x)
+
+
+# Block matrices and their `GemmWeight` kinds (the same as models/decode.py's).
+_GEMM_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
+               "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
+
+
+def gemm_blocks(blocks, use_kernel: bool | None = None):
+    """A stacked `Block` (every layer on a leading axis) with each block matrix replaced by
+    a stacked `GemmWeight`: the forward then computes every block matmul in bf16 with
+    float32 accumulation (norms, softmax, activations and residuals stay in the model's
+    dtype).  use_kernel: None = `enabled()` (the kernel on the CPU backend, XLA's dot
+    elsewhere).  A second copy of the block weights, in bf16."""
+    packed = enabled() if use_kernel is None else bool(use_kernel)
+    if packed and not available():
+        raise RuntimeError("gemm_blocks: use_kernel=True but the bf16 kernel is not available")
+    names = [n for n in _GEMM_KINDS if getattr(blocks, n) is not None]
+    return eqx.tree_at(lambda b: [getattr(b, n) for n in names], blocks,
+                       [GemmWeight.pack(getattr(blocks, n), _GEMM_KINDS[n], packed, stacked=True) for n in names])

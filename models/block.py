@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from models import layers
-from models.bf16_kernel import PackedWeight
+from models.bf16_kernel import GemmWeight, PackedWeight
 from models.config import ModelConfig
 from models.interventions import Activations, Capture, Edits
 
@@ -85,7 +85,8 @@ def _scale_edit(edits: Edits | None, norm: str):
 
 
 def _linear(x, w, b, spec):
-    if isinstance(w, PackedWeight):  # the bf16 decode layout (models/decode.py): the FFI kernel
+    # the bf16 decode layout (models/decode.py) or bf16 compute (bf16_kernel.gemm_blocks)
+    if isinstance(w, (PackedWeight, GemmWeight)):
         y = w.apply(x, spec).astype(jnp.result_type(x.dtype, w.dtype))
         return y if b is None else y + b.astype(y.dtype)
     y = jnp.einsum(spec, x, w)

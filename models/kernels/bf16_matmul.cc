@@ -110,6 +110,112 @@ ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------- the compute-bound GEMM
+// y [M, N] f32 = x [M, K2] bf16 . w [K2, N] bf16, K2 even, for many rows (the statistics'
+// block matmuls, thousands of tokens per call).  A float32 GEMM is at the FMA peak of this
+// CPU (Zen 4: one 16-lane FMA per cycle); VDPBF16PS does two bf16 products per float32 lane
+// per instruction, accumulating in float32, so it has twice the arithmetic rate.
+// w arrives packed in 64-column panels of k-pairs: [ceil(N / 64), K2 / 2, 64, 2], element
+// (p, kk, n, t) = w[2 kk + t, 64 p + n]: one 64-byte load holds 16 columns' (k, k+1) pairs,
+// exactly VDPBF16PS's right operand; the left operand is x's (k, k+1) pair (adjacent in a
+// row-major bf16 row) broadcast to every lane.
+constexpr int kRows = 6;      // microkernel rows: 6 x 4 = 24 accumulators + 4 weights + 1 broadcast <= 32 zmm
+constexpr int64_t kBlock = 96;  // rows per work item (16 microkernels): its x stays in L2
+
+template <int R>
+inline void gemm_micro(const uint16_t* x, int64_t K2, const uint16_t* wp, int64_t KP, float* y,
+                       int64_t N, int64_t n) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int32_t* xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = reinterpret_cast<const int32_t*>(x + r * K2);
+  const uint16_t* q = wp;
+  for (int64_t kk = 0; kk < KP; ++kk, q += 2 * kPanel) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(q);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(q + 32);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(q + 64);
+    const __m512bh w3 = (__m512bh)_mm512_loadu_si512(q + 96);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(xr[r][kk]);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+      acc[r][2] = _mm512_dpbf16_ps(acc[r][2], a, w2);
+      acc[r][3] = _mm512_dpbf16_ps(acc[r][3], a, w3);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = y + r * N + n;
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(yr + 16 * j, tail_mask(n + 16 * j, N), acc[r][j]);
+  }
+}
+
+// Rows [m0, m1) of y: for each 64-column panel, every 6-row microkernel of the block (the
+// panel, K2 * 128 bytes, is re-read from L2 by each).
+void gemm_rows(const uint16_t* x, const uint16_t* w, float* y, int64_t K2, int64_t N, int64_t P,
+               int64_t m0, int64_t m1) {
+  const int64_t KP = K2 / 2;
+  for (int64_t p = 0; p < P; ++p) {
+    const uint16_t* wp = w + p * KP * 2 * kPanel;
+    const int64_t n = p * kPanel;
+    int64_t m = m0;
+    for (; m + kRows <= m1; m += kRows) gemm_micro<kRows>(x + m * K2, K2, wp, KP, y + m * N, N, n);
+    const uint16_t* xm = x + m * K2;
+    float* ym = y + m * N;
+    switch (m1 - m) {
+      case 5: gemm_micro<5>(xm, K2, wp, KP, ym, N, n); break;
+      case 4: gemm_micro<4>(xm, K2, wp, KP, ym, N, n); break;
+      case 3: gemm_micro<3>(xm, K2, wp, KP, ym, N, n); break;
+      case 2: gemm_micro<2>(xm, K2, wp, KP, ym, N, n); break;
+      case 1: gemm_micro<1>(xm, K2, wp, KP, ym, N, n); break;
+      default: break;
+    }
+  }
+}
+
+// x and w arrive as uint16 (bf16 bits, bitcast in models/bf16_kernel.py): a bf16 array that
+// a scan slices per layer is widened by XLA:CPU to a float32 copy of every layer (and
+// narrowed back per layer), which cost a third of the kernel's time; uint16 is left alone.
+ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::U16> x, ffi::Buffer<ffi::U16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || yd.size() != 2 || xd[1] % 2 != 0 || wd[1] * 2 != xd[1] ||
+      wd[2] != kPanel || wd[3] != 2 || yd[0] != xd[0] || (yd[1] + kPanel - 1) / kPanel != wd[0]) {
+    return ffi::Error::InvalidArgument(
+        "lens_bf16_gemm: expected x [M, K2] (K2 even), w [ceil(N / 64), K2 / 2, 64, 2], y [M, N]");
+  }
+  const int64_t M = xd[0], K2 = xd[1], N = yd[1], P = wd[0];
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.untyped_data());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.untyped_data());
+  float* yp = y->typed_data();
+  const int64_t items = (M + kBlock - 1) / kBlock;
+  if (pool.num_threads() < 2 || items < 2) {
+    gemm_rows(xp, wp, yp, K2, N, P, 0, M);
+    return ffi::Error::Success();
+  }
+  // Row blocks handed out one at a time to this thread and one pool task (as in Bf16Matmul:
+  // whoever is running takes the next block, so a descheduled helper costs at most a block).
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+  };
+  auto state = std::make_shared<State>();
+  auto work = [=] {
+    for (int64_t c; (c = state->next.fetch_add(1)) < items;) {
+      gemm_rows(xp, wp, yp, K2, N, P, c * kBlock, std::min(M, (c + 1) * kBlock));
+      state->finished.fetch_add(1, std::memory_order_release);
+    }
+  };
+  auto task = work;
+  pool.Schedule(std::move(task));
+  work();
+  while (state->finished.load(std::memory_order_acquire) < items) _mm_pause();
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LensBf16Matmul, Bf16Matmul,
@@ -117,4 +223,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LensBf16Matmul, Bf16Matmul,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LensBf16Gemm, Bf16Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
+                                  .Arg<ffi::Buffer<ffi::U16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
