@@ -40,6 +40,7 @@ loss is the caller's per-example `loss_fn(logits, target)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -261,14 +262,18 @@ def _plain_bytes(config, seq: int) -> int:
     return 4 * seq * (c.d_model + c.n_layers * per_layer)
 
 
-@eqx.filter_jit
-def _concat_plain(parts: list[PlainRuns], n: int) -> PlainRuns:
-    out = [jnp.concatenate([p.final for p in parts])[:n]]
-    for f in ("resid_pre", "resid_mid", "head_z", "mlp_out"):
-        got = [getattr(p, f) for p in parts]
-        out.append(None if got[0] is None else jnp.concatenate(got, axis=1)[:, :n])
-    final, pre, mid, z, mlp = out
-    return PlainRuns(pre, mid, z, mlp, final)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _concat(arrays: list, axis: int, n: int) -> Array:
+    return jax.lax.slice_in_dim(jnp.concatenate(arrays, axis=axis), 0, n, axis=axis)
+
+
+def _concat_plain(parts: list[PlainRuns], n: int, workers: int) -> PlainRuns:
+    """The chunks' PlainRuns as one (cut to n examples), a field per thread: a copy of
+    the whole cache, memory-bound, so the cores split it."""
+    fields = [f for f in ("final", "resid_pre", "resid_mid", "head_z", "mlp_out") if getattr(parts[0], f) is not None]
+    cat = lambda f: _concat([getattr(p, f) for p in parts], 0 if f == "final" else 1, n)  # noqa: E731
+    got = dict(zip(fields, _run_chunks(cat, fields, workers)))
+    return PlainRuns(*(got.get(f) for f in ("resid_pre", "resid_mid", "head_z", "mlp_out", "final")))
 
 
 def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2e9,
@@ -292,7 +297,7 @@ def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2
     parts = _run_chunks(lambda rows: _plain_chunk(model, tokens[rows]), chunks, workers)
     if len(parts) == 1:
         return parts[0]
-    return _concat_plain(parts, len(tokens))
+    return _concat_plain(parts, len(tokens), workers)
 
 
 def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Array, "seq vocab"]:
@@ -384,10 +389,28 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
 
     values: dict[int, Array] = {}  # id(plan node) -> value of a writer run with edits
 
+    zvals: dict[int, Array] = {}  # id(patched head node) -> its z [seq, d_head]
+
+    def delta(ch: _Plan, run: int):
+        """value(ch) - plain_writer(ch.target, run), or None where that is exactly zero (a
+        leaf reading the reader's own run).  A head's is (z - z_plain) W_O: linear in z,
+        one projection instead of two."""
+        t = ch.target
+        leaf = not ch.children or isinstance(t, Embed)
+        if leaf and ch.run == run:
+            return None
+        if isinstance(t, Head):
+            z = get("head_z", ch.run, t.layer)[:, t.head] if leaf else zvals[id(ch)]
+            dz = z - get("head_z", run, t.layer)[:, t.head]
+            return jnp.einsum("sk,kd->sd", dz, blocks.W_O[t.layer, t.head])
+        return writer_value(ch) - plain_writer(t, run)
+
     def reader_value(p: _Plan):
         x = plain_reader(p.target, p.run)
         for ch in p.children:
-            x = x + mask(ch.positions) * (writer_value(ch) - plain_writer(ch.target, p.run))
+            d = delta(ch, p.run)
+            if d is not None:
+                x = x + (d if ch.positions is None else mask(ch.positions) * d)
         return x
 
     def writer_value(p: _Plan):
@@ -435,8 +458,8 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
         layer, is_head = key[1], key[2] == "Head"
         if is_head:  # only the patched heads themselves: one-head blocks, not whole blocks
             for p in members:
-                z = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"), qpos, valid)
-                values[id(p)] = jnp.einsum("sk,kd->sd", z, blocks.W_O[layer, p.target.head])
+                zvals[id(p)] = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"),
+                                             qpos, valid)
             continue
         fields = [edits_for(p) for p in members]
         stacked = Edits(**{k: jnp.stack([f[k] for f in fields]) for k in fields[0]})
