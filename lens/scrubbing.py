@@ -230,9 +230,11 @@ def default_workers() -> int:
 
 def _chunks(memory_budget: float, per_example: int, n: int, workers: int) -> list[np.ndarray]:
     """Example rows of each compiled call: equal sizes (one compile; the last chunk
-    repeats example n-1, cut afterwards), as few as the memory budget (and, on CPU, the
-    cache) allows, but a multiple of `workers` so every thread gets the same work."""
-    limit = memory_budget if jax.default_backend() != "cpu" else min(memory_budget, CPU_CHUNK_BYTES)
+    repeats example n-1, cut afterwards), as few as the memory budget (shared by the
+    `workers` chunks in flight) and, on CPU, the cache allow, but a multiple of `workers`
+    so every thread gets the same work."""
+    limit = memory_budget / workers
+    limit = limit if jax.default_backend() != "cpu" else min(limit, CPU_CHUNK_BYTES)
     most = min(n, max(1, int(limit // per_example)))
     count = -(-n // most)
     count = min(n, -(-count // workers) * workers)

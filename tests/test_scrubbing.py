@@ -267,7 +267,7 @@ def test_chunks_cover_every_example_in_equal_thread_multiples():
         assert sorted(set(np.concatenate(chunks).tolist())) == list(range(n))
         assert np.concatenate(chunks).tolist()[:n] == list(range(n))  # in order, padding only at the end
         assert len(chunks) % workers == 0 or len(chunks) == n  # every thread the same work
-        assert len(chunks[0]) <= max(1, budget // per) or len(chunks) == n
+        assert len(chunks[0]) <= max(1, budget / workers // per) or len(chunks) == n  # the budget is shared
 
 
 def test_plain_runs_chunked_on_threads_equal_numpy():
