@@ -28,7 +28,9 @@ resid_pre), and mask_c the child's `positions` (all by default).  The output's v
 through the final norm and unembedding.  Every plain run is a run of one dataset example:
 `plain_runs` computes them once (shared by every node, seed and hypothesis) and the rest
 is one pure function per example (gathers, one-head blocks for the patched heads, block
-re-runs for patched MLPs), vmapped over the dataset and chunked by a memory budget; the
+re-runs for patched MLPs), vmapped over the dataset, chunked by a memory budget, the
+chunks dispatched on one thread per core (`workers`: XLA:CPU runs one small program on
+about one core); the
 loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
