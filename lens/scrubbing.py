@@ -30,8 +30,7 @@ through the final norm and unembedding.  Every plain run is a run of one dataset
 is one pure function per example (gathers, one-head blocks for the patched heads, block
 re-runs for patched MLPs), vmapped over the dataset, chunked by a memory budget, the
 chunks dispatched on one thread per core (`workers`: XLA:CPU runs one small program on
-about one core); the
-loss is the caller's per-example `loss_fn(logits, target)`.
+about one core); the loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
               Node(HeadInput(1, 6, "k"), children=(Node(Head(0, 0)),)),)),))
