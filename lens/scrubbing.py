@@ -30,7 +30,7 @@ through the final norm and unembedding.  Every plain run is a run of one dataset
 is one pure function per example (gathers, one-head blocks for the patched heads, block
 re-runs for patched MLPs), vmapped over the dataset, chunked by a memory budget, the
 chunks dispatched on one thread per core (`workers`: XLA:CPU runs one small program on
-about one core); the loss is the caller's per-example `loss_fn(logits, target)`.
+fewer than all cores); the loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
               Node(HeadInput(1, 6, "k"), children=(Node(Head(0, 0)),)),)),))
@@ -218,9 +218,10 @@ CPU_CHUNK_BYTES = 16e6  # a chunk's working set on CPU: inside the last-level ca
 
 def default_workers() -> int:
     """Threads that dispatch a scrub's chunks concurrently: on CPU one per core this
-    process may use (XLA:CPU runs a program of small ops on about one core, so chunks in
-    flight together are what uses the others); elsewhere 1 (the device runs one program
-    at a time; dispatch is already asynchronous)."""
+    process may use (XLA:CPU runs a program of small ops on fewer than all of them:
+    measured 1.2-1.6 of 2 cores for the induction bench, so a second chunk in flight fills
+    the rest); elsewhere 1 (the device runs one program at a time; dispatch is already
+    asynchronous)."""
     if jax.default_backend() != "cpu":
         return 1
     try:
