@@ -14,8 +14,11 @@ final residual): one cached forward per resampled input column, one hooked forwa
 head whose inputs are patched, one for the output, each batched over all examples.  A
 second reference variant (`torch_hooks_shared`) caches ONE forward of the dataset and
 gathers every column from it, as ours does.  Ours: one plain forward per dataset example,
-then one compiled, vmapped program (gathers, one-head blocks, unembedding), chunked.  The
-per-example losses of all three are compared; wall and process-CPU seconds reported.
+then one compiled, vmapped program (gathers, one-head blocks, unembedding), chunked, with
+`--workers` chunks in flight on Python threads (default: one per core, as `scrub` does;
+torch's intra-op threads default to one per core too); `ours_1_worker` is the same scrub
+with one chunk at a time.  The per-example losses of all three are compared; wall and
+process-CPU seconds reported.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--torch-threads", type=int_at_least(1), default=None,
                     help="torch intra-op threads (default: torch's own choice)")
+    ap.add_argument("--workers", type=int_at_least(1), default=None,
+                    help="our chunks in flight at once (default: lens.scrubbing.default_workers(), one per core)")
     return ap.parse_args(argv)
 
 
@@ -210,7 +215,7 @@ def forward_counts(plan, n: int, n_runs: int) -> dict:
             "torch_hooks_shared": {"whole_forwards": (1 + patched + 1) * n}}
 
 
-def profile_ours(model, tokens, hyp, targets, repeats: int) -> dict:
+def profile_ours(model, tokens, hyp, targets, repeats: int, workers: int) -> dict:
     """Where our time goes (each part timed alone, best of `repeats`): host-side sampling
     (the recursive draws), the plain runs of the dataset, the rest of `scrub` given them
     (checks, sampling, the compiled treeified chunks: gathers, patched heads,
@@ -223,11 +228,12 @@ def profile_ours(model, tokens, hyp, targets, repeats: int) -> dict:
             ts.append(time.perf_counter() - t)
         return min(ts)
 
-    plain = S.plain_runs(model, tokens)
+    plain = S.plain_runs(model, tokens, workers=workers)
     return {
         "sampling_s": best(lambda: S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})[1]),
-        "plain_runs_s": best(lambda: S.plain_runs(model, tokens).final),
-        "scrub_given_plain_runs_s": best(lambda: S.scrub(model, tokens, hyp, X.masked_nll, targets, plain=plain).losses),
+        "plain_runs_s": best(lambda: S.plain_runs(model, tokens, workers=workers).final),
+        "scrub_given_plain_runs_s": best(lambda: S.scrub(model, tokens, hyp, X.masked_nll, targets, plain=plain,
+                                                         workers=workers).losses),
     }
 
 
@@ -247,8 +253,10 @@ def main(argv=None) -> dict:
     tokens, targets = X.synthetic_data(args.examples, X.SyntheticInduction())
     plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})
 
-    def ours():
-        return S.scrub(model, tokens, hyp, X.masked_nll, targets, seeds=(0,)).losses[0]
+    workers = S.default_workers() if args.workers is None else args.workers
+
+    def ours(w=workers):
+        return S.scrub(model, tokens, hyp, X.masked_nll, targets, seeds=(0,), workers=w).losses[0]
 
     t0 = time.perf_counter()
     ours_losses = ours()
@@ -260,11 +268,13 @@ def main(argv=None) -> dict:
             return torch_scrub(tm, plan, tokens, runs, targets, shared)
 
     ref_losses, shared_losses = reference(), reference(True)
-    t_ours, t_ref, t_shared = [], [], []
-    cpu = {"ours": [], "torch_hooks": [], "torch_hooks_shared": []}  # process CPU seconds: less
-    for _ in range(args.repeats):  # alternated, so machine load hits all alike  (load-sensitive than wall)
+    one_losses = ours(1)  # (compiles the one-worker chunk shape)
+    t_ours, t_ref, t_shared, t_one = [], [], [], []
+    cpu = {"ours": [], "torch_hooks": [], "torch_hooks_shared": [], "ours_1_worker": []}  # process CPU seconds:
+    for _ in range(args.repeats):  # alternated, so machine load hits all alike     (less load-sensitive than wall)
         for f, ts, key in ((ours, t_ours, "ours"), (reference, t_ref, "torch_hooks"),
-                           (lambda: reference(True), t_shared, "torch_hooks_shared")):
+                           (lambda: reference(True), t_shared, "torch_hooks_shared"),
+                           (lambda: ours(1), t_one, "ours_1_worker")):
             t, c = time.perf_counter(), time.process_time()
             f()
             ts.append(time.perf_counter() - t)
@@ -275,16 +285,18 @@ def main(argv=None) -> dict:
         "nodes": sum(1 for _ in hyp.walk()), "distinct_runs": int(runs.shape[1]),
         "induction_head": heads1, "previous_token_head": prev,
         "ours_s": steady, "torch_hooks_s": float(np.median(t_ref)),
-        "torch_hooks_shared_s": float(np.median(t_shared)),
+        "torch_hooks_shared_s": float(np.median(t_shared)), "ours_1_worker_s": float(np.median(t_one)),
+        "workers": workers,
         "ours_first_call_s_incl_compile": first, "compile_s_approx": first - steady,
         "ratio": float(np.median(t_ref) / steady),
         "ratio_vs_shared_reference": float(np.median(t_shared) / steady),
         "max_abs_loss_diff": float(np.abs(ours_losses - ref_losses).max()),
         "max_abs_loss_diff_shared": float(np.abs(ours_losses - shared_losses).max()),
+        "max_abs_loss_diff_1_worker": float(np.abs(ours_losses - one_losses).max()),
         "cpu_s": {k: float(np.median(v)) for k, v in cpu.items()},
         "cpu_ratio": float(np.median(cpu["torch_hooks"]) / np.median(cpu["ours"])),
         "forwards": forward_counts(plan, len(tokens), runs.shape[1]),
-        "ours_profile": profile_ours(model, tokens, hyp, targets, args.repeats),
+        "ours_profile": profile_ours(model, tokens, hyp, targets, args.repeats, workers),
         "threads": {"torch": torch.get_num_threads()}, "repeats": args.repeats,
         "load_average_1min": os.getloadavg()[0],
     }

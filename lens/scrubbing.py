@@ -28,8 +28,9 @@ resid_pre), and mask_c the child's `positions` (all by default).  The output's v
 through the final norm and unembedding.  Every plain run is a run of one dataset example:
 `plain_runs` computes them once (shared by every node, seed and hypothesis) and the rest
 is one pure function per example (gathers, one-head blocks for the patched heads, block
-re-runs for patched MLPs), vmapped over the dataset and chunked by a memory budget; the
-loss is the caller's per-example `loss_fn(logits, target)`.
+re-runs for patched MLPs), vmapped over the dataset, chunked by a memory budget, the
+chunks dispatched on one thread per core (`workers`: XLA:CPU runs one small program on
+fewer than all cores); the loss is the caller's per-example `loss_fn(logits, target)`.
 
     hyp = Node(Output(), children=(Node(Head(1, 6), children=(
               Node(HeadInput(1, 6, "k"), children=(Node(Head(0, 0)),)),)),))
@@ -40,7 +41,10 @@ loss is the caller's per-example `loss_fn(logits, target)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
 import equinox as eqx
@@ -164,54 +168,123 @@ def _plan_nodes(plan: _Plan):
 
 
 # ------------------------------------------------------------------ the treeified run
-_PLAIN = Capture(resid=True, sublayers=True, head_z=True)
-
-
 class PlainRuns(eqx.Module):
-    """Plain (unedited) activations of a batch of sequences, leading axis = the batch:
-    everything a treeified run reads from a plain run.  Every plain run of a scrub is a
-    run of one DATASET example, so `plain_runs` over the dataset once serves every node,
-    seed and hypothesis: a node's plain values are gathers, not forwards."""
+    """Plain (unedited) activations of a batch of sequences: everything a treeified run
+    reads from a plain run.  Every plain run of a scrub is a run of one DATASET example,
+    so `plain_runs` over the dataset once serves every node, seed and hypothesis: a
+    node's plain values are gathers, not forwards.  Per-layer fields are LAYER-major
+    ([layers, n, ...]: the layout the forward's scan over layers writes, so no transpose
+    of the whole cache); resid_mid only where an MLP reads it (not attention-only, not
+    parallel residual), mlp_out only with MLPs."""
 
-    resid_pre: Float[Array, "n layers seq d_model"]
-    resid_mid: Float[Array, "n layers seq d_model"]
-    head_z: Float[Array, "n layers seq heads d_head"]
-    mlp_out: Float[Array, "n layers seq d_model"] | None
+    resid_pre: Float[Array, "layers n seq d_model"]
+    resid_mid: Float[Array, "layers n seq d_model"] | None
+    head_z: Float[Array, "layers n seq heads d_head"]
+    mlp_out: Float[Array, "layers n seq d_model"] | None
     final: Float[Array, "n seq d_model"]
 
 
-def _plain_one(model, t: Int[Array, " seq"], ids_checked: bool) -> PlainRuns:
-    x, qpos, valid = model.prefix(t, ids_checked=ids_checked)
-    final, _, acts = model.run_blocks(x, qpos, valid, capture=_PLAIN)
-    mlp = None if model.config.attn_only else acts.mlp_out
-    return PlainRuns(acts.resid_pre, acts.resid_mid, acts.head_z, mlp, final)
+def _needs_mid(config) -> bool:
+    return not config.attn_only and not config.parallel_residual
+
+
+def _plain_batch(model, tokens: Int[Array, "B seq"], ids_checked: bool) -> PlainRuns:
+    """PlainRuns of a batch: vmapped forwards whose per-layer captures stay layer-major
+    (out_axes=1), and only the captures a treeified run reads (the others are dead code
+    for XLA: a vmapped scan's [batch, layers] captures cost a transpose, and capturing
+    attn_out / resid_post / attention-only zeros cost as much as the forward itself)."""
+    c = model.config
+    cap = Capture(resid=True, head_z=True, sublayers=not c.attn_only)
+
+    def one(t):
+        x, qpos, valid = model.prefix(t, ids_checked=ids_checked)
+        final, _, acts = model.run_blocks(x, qpos, valid, capture=cap)
+        mid = acts.resid_mid if _needs_mid(c) else None
+        mlp = None if c.attn_only else acts.mlp_out
+        return final, (acts.resid_pre, mid, acts.head_z, mlp)
+
+    final, (pre, mid, z, mlp) = jax.vmap(one, out_axes=(0, 1))(tokens)
+    return PlainRuns(pre, mid, z, mlp, final)
 
 
 @eqx.filter_jit
 def _plain_chunk(model, tokens: Int[Array, "B seq"]) -> PlainRuns:
-    return jax.vmap(lambda t: _plain_one(model, t, True))(tokens)
+    return _plain_batch(model, tokens, True)
 
 
 CPU_CHUNK_BYTES = 16e6  # a chunk's working set on CPU: inside the last-level cache (measured:
 # 1000 examples in one chunk ran the induction bench's treeified part 2x slower than 100-200)
 
 
-def _chunk(memory_budget: float, per_example: int, n: int) -> int:
-    """Examples per compiled call: within the memory budget and, on CPU, within the cache."""
-    limit = memory_budget if jax.default_backend() != "cpu" else min(memory_budget, CPU_CHUNK_BYTES)
-    return min(n, max(1, int(limit // per_example)))
+def default_workers() -> int:
+    """Threads that dispatch a scrub's chunks concurrently: on CPU one per core this
+    process may use (XLA:CPU runs a program of small ops on fewer than all of them:
+    measured 1.2-1.6 of 2 cores for the induction bench, so a second chunk in flight fills
+    the rest); elsewhere 1 (the device runs one program at a time; dispatch is already
+    asynchronous)."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _chunks(memory_budget: float, per_example: int, n: int, workers: int) -> list[np.ndarray]:
+    """Example rows of each compiled call: equal sizes (one compile; the last chunk
+    repeats example n-1, cut afterwards), as few as the memory budget (shared by the
+    `workers` chunks in flight) and, on CPU, the cache allow, but a multiple of `workers`
+    so every thread gets the same work."""
+    limit = memory_budget / workers
+    limit = limit if jax.default_backend() != "cpu" else min(limit, CPU_CHUNK_BYTES)
+    most = min(n, max(1, int(limit // per_example)))
+    count = -(-n // most)
+    count = min(n, -(-count // workers) * workers)
+    size = -(-n // count)
+    return [np.minimum(np.arange(s, s + size), n - 1) for s in range(0, n, size)]
+
+
+def _run_chunks(fn: Callable, chunks: list, workers: int, bar=None) -> list:
+    """[fn(chunk) for chunk in chunks], results ready, `workers` chunks in flight at a time
+    (threads: a jitted call releases the GIL while it runs)."""
+    def ready(ch):
+        out = jax.block_until_ready(fn(ch))
+        if bar is not None:  # distinct examples (the last chunk repeats its last one)
+            bar.update(int(np.count_nonzero(ch != ch[-1])) + 1)
+        return out
+
+    if workers <= 1 or len(chunks) <= 1:
+        return [ready(ch) for ch in chunks]
+    with ThreadPoolExecutor(min(workers, len(chunks))) as pool:
+        return list(pool.map(ready, chunks))
 
 
 def _plain_bytes(config, seq: int) -> int:
     """Bytes of one example's PlainRuns (float32)."""
     c = config
-    return 4 * seq * ((3 + 2 * c.n_layers + (0 if c.attn_only else c.n_layers)) * c.d_model
-                      + c.n_layers * c.n_heads * c.d_head)
+    per_layer = (1 + _needs_mid(c) + (0 if c.attn_only else 1)) * c.d_model + c.n_heads * c.d_head
+    return 4 * seq * (c.d_model + c.n_layers * per_layer)
 
 
-def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2e9) -> PlainRuns:
-    """The plain activations of every dataset example (vmapped, chunked by the budget),
-    for `scrub(..., plain=)`: computed once, shared by every node, seed and hypothesis."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _concat(arrays: list, axis: int, n: int) -> Array:
+    return jax.lax.slice_in_dim(jnp.concatenate(arrays, axis=axis), 0, n, axis=axis)
+
+
+def _concat_plain(parts: list[PlainRuns], n: int, workers: int) -> PlainRuns:
+    """The chunks' PlainRuns as one (cut to n examples), a field per thread: a copy of
+    the whole cache, memory-bound, so the cores split it."""
+    fields = [f for f in ("final", "resid_pre", "resid_mid", "head_z", "mlp_out") if getattr(parts[0], f) is not None]
+    cat = lambda f: _concat([getattr(p, f) for p in parts], 0 if f == "final" else 1, n)  # noqa: E731
+    got = dict(zip(fields, _run_chunks(cat, fields, workers)))
+    return PlainRuns(*(got.get(f) for f in ("resid_pre", "resid_mid", "head_z", "mlp_out", "final")))
+
+
+def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2e9,
+               workers: int | None = None) -> PlainRuns:
+    """The plain activations of every dataset example (vmapped, chunked by the budget,
+    `workers` chunks in flight: default `default_workers()`), for `scrub(..., plain=)`:
+    computed once, shared by every node, seed and hypothesis."""
     c = model.config
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
@@ -221,22 +294,21 @@ def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2
     if tokens.shape[1] > c.max_seq_len:
         raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
     seq = tokens.shape[1]
+    workers = default_workers() if workers is None else workers
     # a block's working set (attention scores, MLP hidden) on top of what is kept
     work = 4 * seq * (c.n_heads * seq + 4 * c.d_model + 2 * max(c.d_mlp, 0))
-    chunk = _chunk(memory_budget, _plain_bytes(c, seq) + work, len(tokens))
-    n = len(tokens)
-    # equal chunks (the last one repeats example n-1, then is cut): one compile
-    parts = [_plain_chunk(model, tokens[np.minimum(np.arange(s, s + chunk), n - 1)]) for s in range(0, n, chunk)]
+    chunks = _chunks(memory_budget, _plain_bytes(c, seq) + work, len(tokens), workers)
+    parts = _run_chunks(lambda rows: _plain_chunk(model, tokens[rows]), chunks, workers)
     if len(parts) == 1:
         return parts[0]
-    return jax.tree.map(lambda *a: jnp.concatenate(a)[:n], *parts)
+    return _concat_plain(parts, len(tokens), workers)
 
 
 def treeified_logits(model, plan: _Plan, runs: Int[Array, "R seq"]) -> Float[Array, "seq vocab"]:
     """Logits of the treeified model for one example: `runs[plan.run]` is the input of each
     plan node's plain activations (see the module docstring).  Pure; vmap over examples.
     (`scrub` uses `treeified_logits_from`, which gathers those runs from `plain_runs`.)"""
-    plain = jax.vmap(lambda t: _plain_one(model, t, False))(runs)
+    plain = _plain_batch(model, runs, False)
     return treeified_logits_from(model, plan, plain, jnp.arange(runs.shape[0]))
 
 
@@ -284,7 +356,7 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
         key = (field, r, layer)
         if key not in memo:  # gather once per (field, run, layer), however many nodes read it
             a = getattr(plain, field)
-            memo[key] = a[index[r]] if layer is None else a[index[r], layer]
+            memo[key] = a[index[r]] if layer is None else a[layer, index[r]]
         return memo[key]
 
     def mask(positions):
@@ -321,10 +393,28 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
 
     values: dict[int, Array] = {}  # id(plan node) -> value of a writer run with edits
 
+    zvals: dict[int, Array] = {}  # id(patched head node) -> its z [seq, d_head]
+
+    def delta(ch: _Plan, run: int):
+        """value(ch) - plain_writer(ch.target, run), or None where that is exactly zero (a
+        leaf reading the reader's own run).  A head's is (z - z_plain) W_O: linear in z,
+        one projection instead of two."""
+        t = ch.target
+        leaf = not ch.children or isinstance(t, Embed)
+        if leaf and ch.run == run:
+            return None
+        if isinstance(t, Head):
+            z = get("head_z", ch.run, t.layer)[:, t.head] if leaf else zvals[id(ch)]
+            dz = z - get("head_z", run, t.layer)[:, t.head]
+            return jnp.einsum("sk,kd->sd", dz, blocks.W_O[t.layer, t.head])
+        return writer_value(ch) - plain_writer(t, run)
+
     def reader_value(p: _Plan):
         x = plain_reader(p.target, p.run)
         for ch in p.children:
-            x = x + mask(ch.positions) * (writer_value(ch) - plain_writer(ch.target, p.run))
+            d = delta(ch, p.run)
+            if d is not None:
+                x = x + (d if ch.positions is None else mask(ch.positions) * d)
         return x
 
     def writer_value(p: _Plan):
@@ -372,8 +462,8 @@ def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array
         layer, is_head = key[1], key[2] == "Head"
         if is_head:  # only the patched heads themselves: one-head blocks, not whole blocks
             for p in members:
-                z = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"), qpos, valid)
-                values[id(p)] = jnp.einsum("sk,kd->sd", z, blocks.W_O[layer, p.target.head])
+                zvals[id(p)] = _patched_head(model, layer, p.target.head, *(_head_input(p, w) for w in "qkv"),
+                                             qpos, valid)
             continue
         fields = [edits_for(p) for p in members]
         stacked = Edits(**{k: jnp.stack([f[k] for f in fields]) for k in fields[0]})
@@ -445,14 +535,15 @@ LossFn = Callable[[Float[Array, "seq vocab"], Any], Float[Array, ""]]
 
 def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: LossFn, targets: Any,
           seeds: Sequence[int] = (0,), memory_budget: float = 2e9, progress: bool = False,
-          plain: PlainRuns | None = None) -> ScrubResult:
+          plain: PlainRuns | None = None, workers: int | None = None) -> ScrubResult:
     """The scrubbed loss of every example, once per resampling seed.
 
     tokens: the dataset (also the pool resampled from); targets: a pytree of [N, ...]
     arrays, example i's slice passed to `loss_fn(logits [seq, vocab], target) -> scalar`
     (a module-level function: it is a static argument of the compiled chunk).  plain:
     `plain_runs(model, tokens)` when the caller already has it (`compare` shares it across
-    hypotheses); else computed here, once for every seed.  Cost: one plain forward per
+    hypotheses); else computed here, once for every seed.  workers: chunks in flight at
+    once (default `default_workers()`: one per CPU core).  Cost: one plain forward per
     dataset example, then per example and seed one compiled program of gathers, one block
     re-run per patched writer and the unembedding."""
     tokens = np.asarray(tokens)
@@ -471,30 +562,30 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
     validate(hypothesis, model.config, seq)
     indexes = feature_indexes(hypothesis, tokens)
     if plain is None and plain_fits(model.config, tokens.shape, memory_budget):
-        plain = plain_runs(model, tokens, memory_budget / 2)
+        plain = plain_runs(model, tokens, memory_budget / 2, workers)
     elif plain is not None and plain.final.shape[:2] != (n, seq):
         raise ValueError(f"plain runs of shape {plain.final.shape[:2]} do not match the tokens {(n, seq)}")
     n_nodes = sum(1 for _ in hypothesis.walk())
     per_example = _bytes_per_example(model.config, n_nodes, seq)
     if plain is None:  # the dataset's plain runs exceed the budget: each chunk runs its own
         per_example += _max_runs(hypothesis) * 2 * _plain_bytes(model.config, seq)
-    chunk = _chunk(memory_budget / 2, per_example, n)
+    workers = default_workers() if workers is None else workers
+    chunks = _chunks(memory_budget / 2, per_example, n, workers)
     host_targets = jax.tree.map(np.asarray, targets)  # sliced on the host: no per-chunk dispatches
     all_losses, all_draws = [], []
     bar = tqdm(total=len(seeds) * n, disable=not progress, desc="scrub", dynamic_ncols=True)
     for seed in seeds:
         plan, runs, draws = sample_runs(hypothesis, n, np.random.default_rng(seed), indexes)
         index = runs.astype(np.int32)
-        out = []
-        for s in range(0, n, chunk):
-            # every chunk the same size (the last one repeats example n-1): one compile
-            rows = np.minimum(np.arange(s, s + chunk), n - 1)
+
+        def losses(rows):
             tgt = jax.tree.map(lambda a: a[rows], host_targets)
-            got = (_chunk_losses(model, plan, loss_fn, plain, index[rows], tgt) if plain is not None
-                   else _chunk_losses_tokens(model, plan, loss_fn, tokens[index[rows]], tgt))
-            out.append(got[:min(chunk, n - s)])
-            bar.update(min(chunk, n - s))
-        all_losses.append(np.concatenate([np.asarray(o) for o in out]))
+            if plain is not None:
+                return _chunk_losses(model, plan, loss_fn, plain, index[rows], tgt)
+            return _chunk_losses_tokens(model, plan, loss_fn, tokens[index[rows]], tgt)
+
+        out = _run_chunks(losses, chunks, workers, bar)
+        all_losses.append(np.concatenate([np.asarray(o) for o in out])[:n])
         all_draws.append(draws)
     bar.close()
     return ScrubResult(np.stack(all_losses), tuple(int(s) for s in seeds), all_draws)
@@ -527,11 +618,13 @@ def loss_recovered(model_loss: float, random_losses: np.ndarray, scrubbed_losses
 
 
 def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets, seeds: Sequence[int] = (0, 1, 2),
-            memory_budget: float = 2e9, progress: bool = False, baseline: str = "empty") -> dict:
+            memory_budget: float = 2e9, progress: bool = False, baseline: str = "empty",
+            workers: int | None = None) -> dict:
     """Scrub every hypothesis (plus "identity" and "empty", always) with the same seeds;
     per hypothesis: mean loss, % loss recovered per seed with its 95% interval, and the
     per-example losses averaged over seeds.  `baseline`: the hypothesis playing L_random
-    (default "empty"; the induction study also normalises by a path-specific baseline)."""
+    (default "empty"; the induction study also normalises by a path-specific baseline).
+    workers: see `scrub`."""
     hyps = {"identity": identity(), "empty": empty(), **hypotheses}
     if baseline not in hyps:
         raise ValueError(f"baseline {baseline!r} is not one of the hypotheses {sorted(hyps)}")
@@ -543,8 +636,8 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
             and tokens.min() >= 0 and tokens.max() < model.config.vocab_size \
             and tokens.shape[1] <= model.config.max_seq_len:  # (else scrub raises the clear error)
         if plain_fits(model.config, tokens.shape, memory_budget):
-            plain = plain_runs(model, tokens, memory_budget / 2)  # one plain forward, every hypothesis
-    results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain)
+            plain = plain_runs(model, tokens, memory_budget / 2, workers)  # one plain forward, every hypothesis
+    results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain, workers)
                for name, h in hyps.items()}
     model_loss = float(results["identity"].mean_per_seed.mean())
     base = results[baseline].mean_per_seed

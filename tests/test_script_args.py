@@ -141,6 +141,7 @@ BAD = [
     ("scrubbing", ["--examples", "1"], "argument --examples"),
     ("scrubbing", ["--repeats", "0"], "argument --repeats"),
     ("scrubbing", ["--torch-threads", "0"], "argument --torch-threads"),
+    ("scrubbing", ["--workers", "0"], "argument --workers"),
 ]
 
 

@@ -257,3 +257,62 @@ def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
     got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=small)
     want = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1))
     np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ chunked, threaded dispatch
+def test_chunks_cover_every_example_in_equal_thread_multiples():
+    for n, per, budget, workers in [(11, 10, 35, 3), (1000, 1, 1e9, 2), (7, 1, 2, 2), (5, 100, 1, 4), (2, 1, 1e9, 3)]:
+        chunks = S._chunks(budget, per, n, workers)
+        assert len({len(ch) for ch in chunks}) == 1  # one compiled shape
+        assert sorted(set(np.concatenate(chunks).tolist())) == list(range(n))
+        assert np.concatenate(chunks).tolist()[:n] == list(range(n))  # in order, padding only at the end
+        assert len(chunks) % workers == 0 or len(chunks) == n  # every thread the same work
+        assert len(chunks[0]) <= max(1, budget / workers // per) or len(chunks) == n  # the budget is shared
+
+
+def test_plain_runs_chunked_on_threads_equal_numpy():
+    """Layer-major plain runs, several odd-sized chunks on 3 threads == the numpy forward."""
+    m = tiny(heads=3)
+    tokens = np.random.default_rng(7).integers(0, V, (11, SEQ)).astype(np.int32)
+    small = 3 * (S._plain_bytes(m.config, SEQ) + 4 * SEQ * (3 * SEQ + 4 * 16))  # ~3 examples a chunk
+    plain = S.plain_runs(m, tokens, memory_budget=small, workers=3)
+    assert plain.resid_mid is None and plain.mlp_out is None  # attention-only: nothing reads them
+    p = np_params(m)
+    for i, t in enumerate(tokens):
+        for layer in range(2):
+            np.testing.assert_allclose(plain.resid_pre[layer, i], resid(p, t, layer), atol=2e-5)
+            x = resid(p, t, layer)
+            for h in range(3):
+                got = np.asarray(plain.head_z[layer, i, :, h]) @ p.blocks.W_O[layer, h]
+                np.testing.assert_allclose(got, head_out(p, layer, h, x, x, x), atol=2e-5)
+        np.testing.assert_allclose(plain.final[i], resid(p, t, 2), atol=2e-5)
+
+
+def test_plain_runs_with_mlp_equal_per_example_forward_captures():
+    m = tiny(attn_only=False, heads=2, layers=2)
+    tokens = np.random.default_rng(8).integers(0, V, (5, SEQ)).astype(np.int32)
+    plain = S.plain_runs(m, tokens, memory_budget=2 * S._plain_bytes(m.config, SEQ), workers=2)
+    cap = models.Capture(resid=True, sublayers=True, head_z=True)
+    for i, t in enumerate(tokens):
+        acts = m.forward(jnp.asarray(t), capture=cap).activations
+        for field in ("resid_pre", "resid_mid", "head_z", "mlp_out"):
+            np.testing.assert_allclose(getattr(plain, field)[:, i], getattr(acts, field), atol=1e-5)
+
+
+def test_scrub_equal_for_any_workers_and_chunking():
+    """1 thread and one chunk, 3 threads with small chunks, and 2 threads each chunk running
+    its own plain runs (over budget) give the same losses."""
+    m = tiny(attn_only=False, heads=2, layers=2)
+    tokens = np.random.default_rng(9).integers(0, V, (13, SEQ)).astype(np.int32)
+    targets = (tokens[:, 2] + 1) % V
+    U, E, Nd = S.Uncond(), S.Exact(), S.Node
+    hyp = Nd(S.Output(), E, other=U, children=(
+        Nd(S.Head(1, 1), E, other=U, children=(Nd(S.HeadInput(1, 1, "q"), U, (Nd(S.Head(0, 0), E),)),)),
+        Nd(S.MLP(0), U, other=U, children=(Nd(S.MLPInput(0), E, (Nd(S.Embed(), U),)),)),))
+    one = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=1)
+    per = S._bytes_per_example(m.config, sum(1 for _ in hyp.walk()), SEQ)
+    many = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=3, memory_budget=2 * 2 * per + 1)
+    small = 2 * S._plain_bytes(m.config, SEQ) * 4
+    fallback = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=2, memory_budget=small)
+    np.testing.assert_allclose(many.losses, one.losses, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fallback.losses, one.losses, rtol=1e-5, atol=1e-6)
