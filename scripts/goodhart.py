@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -373,7 +374,7 @@ def main(argv=None) -> dict:
     p = dataclasses.replace(p, **({"steps": args.steps} if args.steps else {}), **({"tau": args.tau} if args.tau else {}))
     progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, load_at_start = time.perf_counter(), os.getloadavg()[0]
     from lens.bpe import corpus_tokenizer
 
     tok = corpus_tokenizer(ALL_CORPORA, p.vocab)
@@ -411,7 +412,8 @@ def main(argv=None) -> dict:
     report = {
         "preset": args.preset, "settings": dataclasses.asdict(p), "k": K,
         "seconds": time.perf_counter() - t0, "timing": timing,
-        "machine": "CPU, 2 cores shared with other jobs (times are loaded-machine times)",
+        "machine": f"{jax.default_backend().upper()}, {os.cpu_count()} cores; 1-min load average "
+                   f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above the cores: loaded)",
         "smoothing": "unigram add-0.1; bigram/trigram interpolated Witten-Bell; counted inside train rows",
         "predictors": parts["toy"] | parts.get("smollm2", {}),
         "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items() if t != "reference"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -120,7 +121,7 @@ def markdown(report, figures) -> str:
              f"Preset `{report['preset']}`; rows of {a['seq']} tokens; {a['collect_rows']} rows per corpus for "
              f"statistics / clustering / training, {a['eval_rows']} validation rows per corpus for every metric; "
              f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
-             f"(2 CPU cores shared with other jobs; 1-min load average at the end "
+             f"({os.cpu_count()} CPU cores; 1-min load average at the end "
              f"{report.get('load_avg_1min_at_end', float('nan')):.1f}).", ""]
     lines += ["## Selective pruning (taker)", "",
               f"Forget = python-code, retain = shakespeare + python-docs; {100 * a['prune_frac']:.0f}% of all MLP neurons "
