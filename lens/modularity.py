@@ -22,7 +22,6 @@ head_mix edits.  It computes the dense block and then masks: correct, not faster
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -33,7 +32,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 from safetensors.numpy import load_file, save_file
 
-from models import layers as model_layers
+from models import layers as model_layers, per_model
 from models.block import Rotary, block_forward
 from models.interventions import Capture, Edits
 from models.transformer import Transformer
@@ -115,6 +114,9 @@ def _abs_sums(model, rows, weights, stop: int):
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+# (id(model), kernel used) -> the model with bf16-compute block weights (a bf16 copy of them)
+_BF16_MODELS: dict[tuple[int, bool], Transformer] = {}
+
 
 def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
     """The model whose forward computes the statistics: itself for "float32"; for "bfloat16"
@@ -127,20 +129,13 @@ def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
     from models import bf16_kernel
 
     use_kernel = bf16_kernel.enabled()
-    key = (id(model), use_kernel)
-    if key not in _BF16_MODELS:
+
+    def build():
         blocks = bf16_kernel.gemm_blocks(model.blocks, use_kernel)
-        packed = jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, blocks))
-        try:  # kept while the model lives: neuron_scores and repeated calls pack once
-            weakref.finalize(model, _BF16_MODELS.pop, key, None)
-        except TypeError:
-            return packed
-        _BF16_MODELS[key] = packed
-    return _BF16_MODELS[key]
+        return jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, blocks))
 
-
-# (id(model), kernel used) -> the model with bf16-compute block weights (a bf16 copy of them)
-_BF16_MODELS: dict[tuple[int, bool], Transformer] = {}
+    # kept while the model lives: neuron_scores and repeated calls pack once
+    return per_model.cached(_BF16_MODELS, model, use_kernel, build)
 
 
 def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,

@@ -216,6 +216,24 @@ CPU_CHUNK_BYTES = 16e6  # a chunk's working set on CPU: inside the last-level ca
 # 1000 examples in one chunk ran the induction bench's treeified part 2x slower than 100-200)
 
 
+def _checked_dataset(model, tokens, least: int) -> np.ndarray:
+    """tokens as a numpy [N, seq] integer array, or a clear error: not integer ids [N, seq],
+    fewer than `least` examples, an id outside the vocabulary (a gather inside jit would
+    clamp it silently), or longer than the model's context."""
+    c = model.config
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
+    if len(tokens) < least:
+        raise ValueError(f"the dataset needs at least {least} example(s) (scrubbing resamples from it); "
+                         f"got {len(tokens)}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
+        raise ValueError(f"token ids outside [0, {c.vocab_size})")
+    if tokens.shape[1] > c.max_seq_len:
+        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
+    return tokens
+
+
 def default_workers() -> int:
     """Threads that dispatch a scrub's chunks concurrently: on CPU one per core this
     process may use (XLA:CPU runs a program of small ops on fewer than all of them:
@@ -286,13 +304,7 @@ def plain_runs(model, tokens: Int[np.ndarray, "N seq"], memory_budget: float = 2
     `workers` chunks in flight: default `default_workers()`), for `scrub(..., plain=)`:
     computed once, shared by every node, seed and hypothesis."""
     c = model.config
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
-        raise ValueError(f"token ids outside [0, {c.vocab_size})")  # checked here: not in the compiled call
-    if tokens.shape[1] > c.max_seq_len:
-        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
+    tokens = _checked_dataset(model, tokens, least=1)  # checked here: not in the compiled call
     seq = tokens.shape[1]
     workers = default_workers() if workers is None else workers
     # a block's working set (attention scores, MLP hidden) on top of what is kept
@@ -546,16 +558,8 @@ def scrub(model, tokens: Int[np.ndarray, "N seq"], hypothesis: Node, loss_fn: Lo
     once (default `default_workers()`: one per CPU core).  Cost: one plain forward per
     dataset example, then per example and seed one compiled program of gathers, one block
     re-run per patched writer and the unembedding."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ValueError(f"tokens must be integer ids [N, seq]; got {tokens.dtype} {tokens.shape}")
+    tokens = _checked_dataset(model, tokens, least=2)
     n, seq = tokens.shape
-    if n < 2:
-        raise ValueError("scrubbing resamples from the dataset: it needs at least 2 examples")
-    if tokens.min() < 0 or tokens.max() >= model.config.vocab_size:
-        raise ValueError(f"token ids outside [0, {model.config.vocab_size})")
-    if seq > model.config.max_seq_len:
-        raise ValueError(f"sequences of {seq} tokens exceed the model's context {model.config.max_seq_len}")
     for leaf in jax.tree.leaves(targets):
         if np.shape(leaf)[:1] != (n,):
             raise ValueError(f"every targets leaf needs a leading axis of N = {n}; got {np.shape(leaf)}")
@@ -631,12 +635,10 @@ def compare(model, tokens, hypotheses: dict[str, Node], loss_fn: LossFn, targets
     tokens = np.asarray(tokens)
     for h in hyps.values():  # every hypothesis checked before anything runs
         validate(h, model.config, tokens.shape[-1])
+    tokens = _checked_dataset(model, tokens, least=2)
     plain = None
-    if tokens.ndim == 2 and np.issubdtype(tokens.dtype, np.integer) and len(tokens) >= 2 \
-            and tokens.min() >= 0 and tokens.max() < model.config.vocab_size \
-            and tokens.shape[1] <= model.config.max_seq_len:  # (else scrub raises the clear error)
-        if plain_fits(model.config, tokens.shape, memory_budget):
-            plain = plain_runs(model, tokens, memory_budget / 2, workers)  # one plain forward, every hypothesis
+    if plain_fits(model.config, tokens.shape, memory_budget):
+        plain = plain_runs(model, tokens, memory_budget / 2, workers)  # one plain forward, every hypothesis
     results = {name: scrub(model, tokens, h, loss_fn, targets, seeds, memory_budget, progress, plain, workers)
                for name, h in hyps.items()}
     model_loss = float(results["identity"].mean_per_seed.mean())

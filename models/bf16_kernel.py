@@ -134,23 +134,33 @@ def _call(x: Float[Array, "rows k"], panels, n: int) -> Float[Array, "rows n"]:
     return jax.ffi.ffi_call(TARGET, out)(x.astype(jnp.float32), panels)
 
 
-@jax.custom_batching.custom_vmap
-def _matmul2d(x, panels, n_template):
-    return _call(x, panels, n_template.shape[0])
+def _rows_as_one_call(call, per_weight):
+    """`f(x [rows, K], packed w, n_template)` = `call(x, w, n)` whose vmap rule makes the
+    batch's rows rows of ONE call (the weight is read once for all of them); a weight per
+    batch element goes to `per_weight(x [rows, K], w, n)`, XLA's dot on the same numbers.
+    n travels as the shape of a dummy array: custom_vmap takes arrays only."""
+
+    @jax.custom_batching.custom_vmap
+    def f(x, w, n_template):
+        return call(x, w, n_template.shape[0])
+
+    @f.def_vmap
+    def f_vmap(axis_size, in_batched, x, w, n_template):
+        x_batched, w_batched, _ = in_batched
+        n = n_template.shape[-1]
+        if w_batched:
+            x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return jax.vmap(lambda xi, wi: per_weight(xi, wi, n))(x, w), True
+        rows, k = x.shape[1], x.shape[2]
+        y = f(x.reshape(axis_size * rows, k), w, n_template)
+        return y.reshape(axis_size, rows, n), True
+
+    return f
 
 
-@_matmul2d.def_vmap
-def _matmul2d_vmap(axis_size, in_batched, x, panels, n_template):
-    x_batched, w_batched, _ = in_batched
-    n = n_template.shape[-1]
-    if w_batched:  # a weight per row (never in generation): XLA's dot, widened to float32
-        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        w = jax.vmap(lambda p: from_panels(p, n))(panels)
-        return jnp.einsum("brk,bkn->brn", x.astype(jnp.float32), w.astype(jnp.float32)), True
-    rows, k = x.shape[1], x.shape[2]
-    # The batch's rows become rows of one call: the weight is read once for all of them.
-    y = _matmul2d(x.reshape(axis_size * rows, k), panels, jnp.zeros((n,), jnp.int8))
-    return y.reshape(axis_size, rows, n), True
+# a weight per row (never in generation): XLA's dot, widened to float32
+_matmul2d = _rows_as_one_call(_call, lambda x, panels, n: jnp.einsum(
+    "rk,kn->rn", x.astype(jnp.float32), from_panels(panels, n).astype(jnp.float32)))
 
 
 def matmul(x: Float[Array, "rows k"], panels: Float[Array, "panels k 64"], n: int) -> Float[Array, "rows n"]:
@@ -180,6 +190,34 @@ def enabled() -> bool:
 # the [K, N] matrix each one's weight is packed into.
 _SPECS = ("sd,hdk->shk", "shk,hkd->sd", "sd,dm->sm", "sm,md->sd", "sd,dv->sv")
 
+# Block matrices and the layout kind of each (`PackedWeight`, `GemmWeight`, models/decode.py).
+BLOCK_MATRIX_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
+                      "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
+
+
+def _as_matrix(logical: Array, kind: str) -> tuple[Array, int]:
+    """(the [K, N] matrix, heads) of a `Block` weight of this kind.  kind "qkv": logical
+    [heads, d_model, d_head] -> [d_model, heads * d_head]; "out": [heads, d_head, d_model]
+    -> [heads * d_head, d_model]; anything else ("plain"): logical is the matrix."""
+    if kind == "qkv":
+        h, d, k = logical.shape
+        return jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k), h
+    if kind == "out":
+        h, k, d = logical.shape
+        return logical.reshape(h * k, d), h
+    return logical, 0
+
+
+def _from_matrix(w: Array, kind: str, heads: int) -> Array:
+    """The inverse of `_as_matrix`: the [K, N] matrix back in `Block`'s layout."""
+    if kind == "qkv":
+        d, hk = w.shape
+        return jnp.transpose(w.reshape(d, heads, hk // heads), (1, 0, 2))
+    if kind == "out":
+        hk, d = w.shape
+        return w.reshape(heads, hk // heads, d)
+    return w
+
 
 class PackedWeight(eqx.Module):
     """A bf16 weight stored as the 64-column panels `matmul` reads ([K, N] matrix packed by
@@ -196,14 +234,8 @@ class PackedWeight(eqx.Module):
 
     @classmethod
     def pack(cls, logical: Array, kind: str) -> "PackedWeight":
-        if kind == "qkv":
-            h, d, k = logical.shape
-            matrix = jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k)
-        elif kind == "out":
-            h, k, d = logical.shape
-            matrix = logical.reshape(h * k, d)
-        else:
-            kind, h, matrix = "plain", 0, logical
+        kind = kind if kind in ("qkv", "out") else "plain"
+        matrix, h = _as_matrix(logical, kind)
         return cls(to_panels(matrix), kind, h, matrix.shape[1])
 
     @property
@@ -212,14 +244,7 @@ class PackedWeight(eqx.Module):
 
     def logical(self) -> Array:
         """The weight in `Block`'s layout (XLA's path: only the rare edits that need it)."""
-        w = from_panels(self.panels, self.n)
-        if self.kind == "qkv":
-            d, hk = w.shape
-            return jnp.transpose(w.reshape(d, self.heads, hk // self.heads), (1, 0, 2))
-        if self.kind == "out":
-            hk, d = w.shape
-            return w.reshape(self.heads, hk // self.heads, d)
-        return w
+        return _from_matrix(from_panels(self.panels, self.n), self.kind, self.heads)
 
     def apply(self, x: Array, spec: str) -> Array:
         """`jnp.einsum(spec, x, logical weight)` in float32 (the caller casts)."""
@@ -282,23 +307,8 @@ def _gemm_call(x, pairs, n: int):
     return jax.ffi.ffi_call(GEMM_TARGET, out)(_as_bits(xb), _as_bits(pairs))
 
 
-@jax.custom_batching.custom_vmap
-def _gemm2d(x, pairs, n_template):
-    return _gemm_call(x, pairs, n_template.shape[0])
-
-
-@_gemm2d.def_vmap
-def _gemm2d_vmap(axis_size, in_batched, x, pairs, n_template):
-    x_batched, w_batched, _ = in_batched
-    n, k = n_template.shape[-1], x.shape[-1]
-    if w_batched:  # a weight per row: XLA's dot on the same bf16 numbers
-        x = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-        w = jax.vmap(lambda p: from_pairs(p, k, n))(pairs)
-        return jax.vmap(gemm_reference)(x, w), True
-    rows = x.shape[1]
-    # the batch's rows become rows of one call: one big GEMM, the weight packed once
-    y = _gemm2d(x.reshape(axis_size * rows, k), pairs, jnp.zeros((n,), jnp.int8))
-    return y.reshape(axis_size, rows, n), True
+# a weight per row: XLA's dot on the same bf16 numbers
+_gemm2d = _rows_as_one_call(_gemm_call, lambda x, pairs, n: gemm_reference(x, from_pairs(pairs, x.shape[1], n)))
 
 
 def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n: int) -> Float[Array, "rows n"]:
@@ -311,17 +321,6 @@ def gemm(x: Float[Array, "rows k"], pairs: Float[Array, "panels pairs 64 2"], n:
         raise ValueError(f"gemm: x [rows >= 1, K] and bf16 pairs [ceil(n / {PANEL}), ceil(K / 2), {PANEL}, 2] "
                          f"expected, got x {x.shape}, pairs {pairs.dtype}{pairs.shape}, n {n}")
     return _gemm2d(x, pairs, jnp.zeros((n,), jnp.int8))
-
-
-def _as_matrix(logical: Array, kind: str) -> tuple[Array, int]:
-    """(the [K, N] matrix, heads) of a `Block` weight in `PackedWeight`'s kinds."""
-    if kind == "qkv":
-        h, d, k = logical.shape
-        return jnp.transpose(logical, (1, 0, 2)).reshape(d, h * k), h
-    if kind == "out":
-        h, k, d = logical.shape
-        return logical.reshape(h * k, d), h
-    return logical, 0
 
 
 class GemmWeight(eqx.Module):
@@ -364,12 +363,7 @@ class GemmWeight(eqx.Module):
 
     def logical(self) -> Array:
         """The bf16 weight in `Block`'s layout."""
-        w = self.matrix()
-        if self.kind == "qkv":
-            return jnp.transpose(w.reshape(self.k, self.heads, self.n // self.heads), (1, 0, 2))
-        if self.kind == "out":
-            return w.reshape(self.heads, self.k // self.heads, self.n)
-        return w
+        return _from_matrix(self.matrix(), self.kind, self.heads)
 
     def _mm(self, x: Array) -> Array:
         return gemm(x, self.w, self.n) if self.packed else gemm_reference(x, self.w)
@@ -385,11 +379,6 @@ class GemmWeight(eqx.Module):
         return self._mm(x)
 
 
-# Block matrices and their `GemmWeight` kinds (the same as models/decode.py's).
-_GEMM_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
-               "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
-
-
 def gemm_blocks(blocks, use_kernel: bool | None = None):
     """A stacked `Block` (every layer on a leading axis) with each block matrix replaced by
     a stacked `GemmWeight`: the forward then computes every block matmul in bf16 with
@@ -399,6 +388,6 @@ def gemm_blocks(blocks, use_kernel: bool | None = None):
     packed = enabled() if use_kernel is None else bool(use_kernel)
     if packed and not available():
         raise RuntimeError("gemm_blocks: use_kernel=True but the bf16 kernel is not available")
-    names = [n for n in _GEMM_KINDS if getattr(blocks, n) is not None]
+    names = [n for n in BLOCK_MATRIX_KINDS if getattr(blocks, n) is not None]
     return eqx.tree_at(lambda b: [getattr(b, n) for n in names], blocks,
-                       [GemmWeight.pack(getattr(blocks, n), _GEMM_KINDS[n], packed, stacked=True) for n in names])
+                       [GemmWeight.pack(getattr(blocks, n), BLOCK_MATRIX_KINDS[n], packed, stacked=True) for n in names])

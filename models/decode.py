@@ -25,15 +25,14 @@ persistent compilation cache can store it.
 
 from __future__ import annotations
 
-import weakref
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from models import bf16_kernel
-from models.bf16_kernel import PackedWeight
+from models import bf16_kernel, per_model
+from models.bf16_kernel import BLOCK_MATRIX_KINDS, PackedWeight
 from models.block import Block, block_forward
 from models.interventions import Capture, Edits, layer_slice
 
@@ -65,19 +64,13 @@ class LayerCache(eqx.Module):
         return cls(zeros, zeros, jnp.full((slots,), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
 
-# (id(model), packed) -> its decode layout, dropped when the model is garbage collected
-# (Modules compare by value, so they cannot be dictionary keys themselves).
+# (id(model), packed) -> its decode layout (models/per_model.py: dropped with the model).
 _LAYOUTS: dict[tuple[int, bool], DecodeWeights] = {}
-
-# Block matrices and how `PackedWeight` lays each one out.
-_PACK_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
-               "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
-
 
 def uses_bf16_kernel(model) -> bool:
     """Whether this model decodes with the bf16 kernel: every block matrix is bf16 and
     `bf16_kernel.enabled()` (built here, LENS_BF16_KERNEL not 0)."""
-    mats = [getattr(model.blocks, n) for n in _PACK_KINDS if getattr(model.blocks, n) is not None]
+    mats = [getattr(model.blocks, n) for n in BLOCK_MATRIX_KINDS if getattr(model.blocks, n) is not None]
     return all(m.dtype == jnp.bfloat16 for m in mats) and bf16_kernel.enabled()
 
 
@@ -86,29 +79,24 @@ def decode_weights(model) -> DecodeWeights:
     kept while the model lives: a second copy of the block weights, plus the unembedding
     transposed when the bf16 kernel is used)."""
     packed = uses_bf16_kernel(model)
-    key = (id(model), packed)
-    if key in _LAYOUTS:
-        return _LAYOUTS[key]
+    return per_model.cached(_LAYOUTS, model, packed, lambda: _build_decode_weights(model, packed))
+
+
+def _build_decode_weights(model, packed: bool) -> DecodeWeights:
     layers = []
     for i in range(model.config.n_layers):
         block = jax.tree.map(lambda w: w[i], model.blocks)
         if packed:
-            names = [n for n in _PACK_KINDS if getattr(block, n) is not None]
+            names = [n for n in BLOCK_MATRIX_KINDS if getattr(block, n) is not None]
             block = eqx.tree_at(lambda b: [getattr(b, n) for n in names], block,
-                                [PackedWeight.pack(getattr(block, n), _PACK_KINDS[n]) for n in names])
+                                [PackedWeight.pack(getattr(block, n), BLOCK_MATRIX_KINDS[n]) for n in names])
         else:
             # [heads, d_model, d_head] -> [d_model, heads, d_head], materialised contiguous.
             block = eqx.tree_at(lambda b: [getattr(b, n) for n in _QKV], block,
                                 [jnp.transpose(getattr(block, n), (1, 0, 2)).copy() for n in _QKV])
         layers.append(block)
     unembed = PackedWeight.pack(model.W_U.T, "plain") if packed else None
-    out = jax.block_until_ready(DecodeWeights(tuple(layers), unembed))
-    try:
-        weakref.finalize(model, _LAYOUTS.pop, key, None)
-        _LAYOUTS[key] = out
-    except TypeError:  # a model that cannot be weakly referenced: rebuilt per call
-        pass
-    return out
+    return jax.block_until_ready(DecodeWeights(tuple(layers), unembed))
 
 
 def _logical(block: Block) -> Block:
