@@ -195,21 +195,6 @@ def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T
 
 
 @functools.partial(jax.jit, static_argnames=("k", "kernel"))
-def _batch_metrics(model_logp, pred_logp, k: int, kernel: bool):
-    b, t, v = model_logp.shape
-    m, p = model_logp.reshape(b * t, v), pred_logp.reshape(b * t, v)
-    got = _kernel_metrics(m, p, None, k) if kernel else _pred_metrics(_model_side(m, k), p, None, k)
-    return {name: x.reshape(b, t) for name, x in got.items()}
-
-
-def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],
-                  k: int) -> dict[str, Float[Array, "B T"]]:
-    """`position_metrics` of every row, jitted (the rows flattened into one [B * T, V]
-    sequence: the metrics are per position, and one long sequence is cheaper than a vmap)."""
-    return _batch_metrics(model_logp, pred_logp, k, prediction_kernel.enabled(k))
-
-
-@functools.partial(jax.jit, static_argnames=("k", "kernel"))
 def _chunk_metrics(model_logp, preds: tuple, k: int, kernel: bool) -> tuple:
     b, t, v = model_logp.shape
     m = model_logp.reshape(b * t, v)
@@ -232,6 +217,14 @@ def chunk_metrics(model_logp: Float[Array, "B T V"], preds: tuple, k: int) -> tu
     without it, the model's top-k and probabilities are computed once for all predictors.
     Returns one {metric: [B, T]} per predictor."""
     return _chunk_metrics(model_logp, tuple(preds), k, prediction_kernel.enabled(k))
+
+
+def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],
+                  k: int) -> dict[str, Float[Array, "B T"]]:
+    """`position_metrics` of every row, jitted: `chunk_metrics` of one dense predictor (the
+    rows flattened into one [B * T, V] sequence: the metrics are per position, and one long
+    sequence is cheaper than a vmap)."""
+    return chunk_metrics(model_logp, (pred_logp,), k)[0]
 
 
 # ---------------------------------------------------------------- predictors
@@ -351,6 +344,11 @@ def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarr
             shape = got.index.shape + got.table.shape[-1:] if isinstance(got, Factored) else got.shape
             if tuple(shape) != tuple(m_logp.shape):
                 raise ValueError(f"predictor {name!r} gave shape {tuple(shape)}, the model {m_logp.shape}")
+            if isinstance(got, Factored):  # a gather outside the table would clamp silently
+                index, rows_u = np.asarray(got.index), got.table.shape[0]
+                if index.min() < 0 or index.max() >= rows_u:
+                    raise ValueError(f"predictor {name!r} gave a Factored index outside [0, {rows_u}) "
+                                     f"(min {index.min()}, max {index.max()})")
         if pending:  # at most two chunks in flight: async dispatch must not queue every chunk's [B, T, V]
             jax.block_until_ready(pending[-1][2])
         pending.append((start, min(n, start + chunk), chunk_metrics(m_logp, outs, k)))

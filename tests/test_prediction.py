@@ -125,6 +125,10 @@ def test_bad_rows_are_refused():
         prediction.score(me, {"x": me}, np.array([[1, 2, 3]]), k=99)
     with pytest.raises(ValueError, match="order"):
         ngram.count(np.array([[1, 2]]), 4, 29)
+    # a Factored predictor whose index points past its table: an error, not a clamped row
+    bad = lambda b: prediction.Factored(jnp.zeros((2, 29)), jnp.full(b.shape, 2, jnp.int32))  # noqa: E731
+    with pytest.raises(ValueError, match="index outside"):
+        prediction.score(me, {"bad": bad}, np.array([[1, 2, 3]]))
 
 
 # --------------------------------------------------------------------- n-grams
