@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.embedded import SMOLLM2_135M_HF_CONFIG as SMOLLM2_SHAPE  # the default model's shape
+from models.io.embedded import SMOLLM2_135M_HF_CONFIG as SMOLLM2_SHAPE  # the default model's shape
 
 def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     """(our model, the transformers model, a description), the same float32 weights."""
@@ -24,7 +24,7 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from models.families import convert_hf
-    from models.safetensors_reader import read_safetensors_folder
+    from models.io.safetensors_reader import read_safetensors_folder
 
     if random_weights:
         torch.manual_seed(0)
@@ -35,7 +35,7 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
         return ours, hf, "random weights, SmolLM2-135M shape"
 
     import models
-    from models import embedded
+    from models.io import embedded
 
     path = embedded.fetch(name)
     ours, _ = models.load(name)

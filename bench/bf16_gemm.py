@@ -18,7 +18,7 @@ the same bf16-rounded inputs (relative to the largest |y|).
 
 from __future__ import annotations
 
-import models.xla_guard  # noqa: F401  (isort: skip)
+import models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

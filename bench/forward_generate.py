@@ -11,7 +11,7 @@ both frameworks (the CPUs this process may run on, or --threads N):
   * forward:  batch 8 x 128 tokens; ours = jit(vmap(model)); transformers = model(ids)
               under no_grad.  Median of --repeats timed runs after a warm-up.
   * generate: batch 1, a 16-token prompt, 64 new tokens, greedy; ours =
-              models.generate.generate (prefill + one compiled decode loop, compiled in
+              models.generation.generate.generate (prefill + one compiled decode loop, compiled in
               a warm-up call); transformers = model.generate(do_sample=False).
   * achieved forward GFLOP/s as % of the peak, with
       FLOPs = tokens * 2 * (P_matmul + d_model * vocab) + 4 * layers * heads * d_head * B * S(S+1)/2
@@ -29,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import load_pair, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
@@ -140,7 +140,7 @@ def measure_generate(ours, hf, args) -> dict:
     import numpy as np
     import torch
 
-    from models.generate import generate
+    from models.generation.generate import generate
 
     n_new = args.new_tokens
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()

@@ -15,7 +15,7 @@ Parts (all timings after a warm-up / compile call, which is reported separately)
   * bf16 parity: N prompts greedy in float32 and in bf16 weights; identical greedy tokens
     per prompt and the max |logit diff| at the steps where both saw the same tokens.
   * steered: K vectors x P prompts x T new tokens (added at resid_pre[layer], prompt and
-    generated positions): ours `lens.steering.generate_with_vectors` (one compiled decode
+    generated positions): ours `lens.steering.vectors.generate_with_vectors` (one compiled decode
     over the K x P rows) vs a transformers hook loop (a forward pre-hook on the block, one
     vector at a time, batch of P; timed on the first --loop-vectors vectors and scaled to
     K, said so in the output) and vs transformers with the K x P rows batched and per-row
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from lens.cli import int_at_least  # noqa: E402
 
@@ -98,7 +98,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
     import numpy as np
     import torch
 
-    from models.generate import generate
+    from models.generation.generate import generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     n = args.new_tokens
@@ -150,7 +150,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
 def bf16_parity(ours, ours16, args) -> dict:
     import numpy as np
 
-    from models.generate import generate
+    from models.generation.generate import generate
 
     rs = np.random.RandomState(7)
     prompts = [rs.randint(3, ours.config.vocab_size, int(rs.randint(8, 24))).tolist()
@@ -175,8 +175,8 @@ def steered(ours, hf, tok, args) -> dict:
     import numpy as np
     import torch
 
-    from lens import steering
-    from models.generate import chat_prompt
+    from lens.steering import vectors
+    from models.generation.generate import chat_prompt
 
     texts = ["Tell me about your neighbour.", "Write one sentence about the weather.",
              "What should I cook tonight?", "Describe a walk in the park.", "Give me advice on sleep.",
@@ -185,7 +185,7 @@ def steered(ours, hf, tok, args) -> dict:
     K, P, T, layer = args.vectors, args.prompts, args.steer_tokens, args.layer
     vecs = (8.0 * np.random.RandomState(3).randn(K, ours.config.d_model) / np.sqrt(ours.config.d_model)).astype(np.float32)
     # ours: one compiled decode over K x P rows (compile = the first call, reported apart)
-    run = lambda: steering.generate_with_vectors(ours, prompts, vecs, layer, T, eos_token_ids=[],  # noqa: E731
+    run = lambda: vectors.generate_with_vectors(ours, prompts, vecs, layer, T, eos_token_ids=[],  # noqa: E731
                                                  vectors_per_call=K, progress=False)
     t0 = time.perf_counter()
     ours_tokens = run()
@@ -247,7 +247,7 @@ def profile_decode(ours, args) -> dict:
     import jax
     import numpy as np
 
-    from models.generate import generate
+    from models.generation.generate import generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     generate(ours, prompt, args.new_tokens, eos_token_ids=[])

@@ -16,7 +16,7 @@ the forward each step runs (one shared loop, `torch_reference`):
   * torch truncated (a stronger baseline the original did not have): the base model
     `hf.model` cut after layer t, without the final norm (so `hidden_states[t + 1]` is
     layer t's raw output, as in the full model), and no lm_head.
-Ours runs blocks 0..s once and differentiates only blocks s+1..t (`lens.melbo`), batched
+Ours runs blocks 0..s once and differentiates only blocks s+1..t (`lens.steering.melbo`), batched
 in blocks of B vectors (one jitted call per block; `--blocks`) or one vector at a time.
 Timings include nothing but training (JAX compile time is printed separately: the first
 call compiles and trains, the second, timed, only trains).
@@ -38,7 +38,7 @@ import argparse
 import os
 import time
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,7 +53,7 @@ def build(random_weights: bool):
     if random_weights:
         return ours, hf, list(np.random.RandomState(0).randint(0, 49152, 24))
     import models
-    from models.generate import chat_prompt
+    from models.generation.generate import chat_prompt
 
     _, tok = models.load("smollm2-135m-instruct")
     return ours, hf, chat_prompt(tok, "Tell me a short story about a lighthouse keeper.")
@@ -85,7 +85,7 @@ def torch_reference(hf, tokens, theta0, n_vectors, steps, source, target, lr, se
     """The original loop: hook + Adam + projection, one vector at a time.
     full=True: the whole CausalLM every step, as the original; False: cut after layer t.
     init: optional [n_vectors, d] raw normal draws used instead of torch.randn (the parity
-    test passes lens.melbo's draws, so both sides start from the same vectors).
+    test passes lens.steering.melbo's draws, so both sides start from the same vectors).
     Returns (training seconds, the vectors [n_vectors, d])."""
     import torch
 
@@ -173,7 +173,7 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(args.threads)
-    from lens import melbo
+    from lens.steering import melbo
 
     ours, hf, tokens = build(args.random_weights)
     c = ours.config

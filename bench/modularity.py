@@ -1,4 +1,4 @@
-"""Per-neuron statistics over a corpus: lens.modularity.activation_stats vs transformers
+"""Per-neuron statistics over a corpus: lens.modularity.pruning.activation_stats vs transformers
 with PyTorch forward hooks, side by side in one process, in float32 and in bfloat16.
 
     .venv/bin/python bench/modularity.py                                  # SmolLM2, 100k tokens
@@ -34,7 +34,7 @@ and whether selective pruning's top-2% neuron choice changes (neuron_scores on
 
 from __future__ import annotations
 
-import models.xla_guard  # noqa: F401  (isort: skip)
+import models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -83,8 +83,8 @@ def memory_child(args):
     import resource
 
     import models
-    from lens import data
-    from lens.modularity import activation_stats
+    from lens.training import data
+    from lens.modularity.pruning import activation_stats
 
     model, tok = models.load(args.model)
     rows = data.load_tokens("python-code", tok, args.seq, "train")[: args.batch * args.memory_batches]
@@ -148,7 +148,7 @@ def hf_model_for(model, name, bf16: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models import embedded
+    from models.io import embedded
 
     if name in embedded.EMBEDDED:
         path = embedded.fetch(name)
@@ -201,8 +201,8 @@ def pruning_choice(model, tok, args) -> dict:
     """neuron_scores float32 vs bfloat16 on --choice-tokens of python-code (forget) and
     shakespeare (retain): how many of the top-2% neurons (selective pruning's first step)
     differ, and the scores' relative difference."""
-    from lens import data
-    from lens.modularity import neuron_scores, top_unpruned
+    from lens.training import data
+    from lens.modularity.pruning import neuron_scores, top_unpruned
 
     n_rows = -(-args.choice_tokens // args.seq)
     forget = data.load_tokens("python-code", tok, args.seq, "validation")[:n_rows]
@@ -223,8 +223,8 @@ def main(argv=None):
     import torch
 
     import models
-    from lens import data
-    from lens.modularity import activation_stats
+    from lens.training import data
+    from lens.modularity.pruning import activation_stats
 
     model, tok = models.load(args.model)
     sides = args.sides

@@ -3,7 +3,7 @@
 The full grid of the issue: every layer x every position of --pairs IOI pairs (template 0,
 14 tokens), denoising (the corrupted run with one clean resid_pre[l][p] patched in), metric
 the logit difference at the last token, on SmolLM2-135M-Instruct (same float32 weights):
-  1. ours: lens.patching.activation_patching(site="resid") on all pairs at once (one
+  1. ours: lens.circuits.patching.activation_patching(site="resid") on all pairs at once (one
      vmapped call per memory-budget chunk, each chunk starting at its first patched layer);
   2. transformers: a forward pre-hook on decoder layer l replacing position p by the clean
      run's hidden state, one forward per (pair, layer, position) (the usual hook loop);
@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,8 +54,8 @@ def timed_twice(fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    from lens import patching as Pt
-    from lens import tasks
+    from lens.circuits import patching as Pt
+    from lens.circuits import tasks
     import models
 
     model, hf, desc = load_pair(False)

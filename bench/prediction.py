@@ -1,4 +1,4 @@
-"""Scoring a predictor on many tokens: lens.prediction + lens.ngram vs straightforward
+"""Scoring a predictor on many tokens: lens.prediction.scoring + lens.prediction.ngram vs straightforward
 numpy and torch implementations of the same test, one process, same inputs.
 
     .venv/bin/python bench/prediction.py                       # 1M tokens, vocab 4096
@@ -7,12 +7,12 @@ numpy and torch implementations of the same test, one process, same inputs.
 Per chunk of `--chunk` positions every side gets the same model log-probs (a fixed set
 of `--distinct` chunks, cycled: the model's forward is the same cost for every side and
 is not timed) and the same token rows, and computes the bigram predictor's log-probs and
-every per-position metric of lens.prediction (test error over the model's top-k, top-1,
+every per-position metric of lens.prediction.scoring (test error over the model's top-k, top-1,
 top-k recall / Jaccard, Spearman on the top-k, exact order, KL):
-  ours        what lens.prediction.score runs: NGram.factored (with the kernel, a bigram over
+  ours        what lens.prediction.scoring.score runs: NGram.factored (with the kernel, a bigram over
               <= 8,192 tokens is its whole [V, V] log-table, built once from the sparse counts
-              before timing, indexed by the context token) + lens.prediction.chunk_metrics
-              (the native one-pass-per-row kernel of lens.prediction_kernel on the CPU backend)
+              before timing, indexed by the context token) + lens.prediction.scoring.chunk_metrics
+              (the native one-pass-per-row kernel of lens.kernels.prediction_rows on the CPU backend)
   ours-sparse NGram.factored_by_context (one log-prob row per DISTINCT context in the chunk,
               rebuilt from the sparse counts every chunk: the trigram / large-vocabulary path)
               + chunk_metrics
@@ -32,13 +32,15 @@ import argparse
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import ngram, prediction, prediction_kernel  # noqa: E402
+from lens.prediction import ngram, scoring  # noqa: E402
+
+from lens.kernels import prediction_rows
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
@@ -119,23 +121,23 @@ def main(argv=None) -> dict:
 
     device_m = {id(m): jnp.asarray(m) for _, m in chunks}  # each side gets the model's log-probs in its own
     # array type, converted once (torch.from_numpy shares the numpy buffer; numpy uses it as is)
-    ours_means = jax.jit(lambda got: {k: v.mean() for k, v in got.items() if k in prediction.METRICS})
+    ours_means = jax.jit(lambda got: {k: v.mean() for k, v in got.items() if k in scoring.METRICS})
 
-    def ours_chunk(rows, m):  # what lens.prediction.score runs per chunk
-        got = prediction.chunk_metrics(device_m[id(m)], (table.factored(rows),), args.k)[0]
+    def ours_chunk(rows, m):  # what lens.prediction.scoring.score runs per chunk
+        got = scoring.chunk_metrics(device_m[id(m)], (table.factored(rows),), args.k)[0]
         return {k: float(v) for k, v in ours_means(got).items()}, got
 
     def ours_sparse_chunk(rows, m):  # one row per distinct context, rebuilt per chunk
-        got = prediction.chunk_metrics(device_m[id(m)], (table.factored_by_context(rows),), args.k)[0]
+        got = scoring.chunk_metrics(device_m[id(m)], (table.factored_by_context(rows),), args.k)[0]
         return {k: float(v) for k, v in ours_means(got).items()}, got
 
     def ours_dense_chunk(rows, m):  # the predictor's log-probs materialised per position
-        got = prediction.batch_metrics(device_m[id(m)], table.log_probs(rows), args.k)
+        got = scoring.batch_metrics(device_m[id(m)], table.log_probs(rows), args.k)
         return {k: float(v) for k, v in ours_means(got).items()}, got
 
     def numpy_chunk(rows, m):
         p = dense_logp[rows].reshape(-1, V)
-        got = numpy_metrics(m.reshape(-1, V), np.maximum(p, prediction.LOG_FLOOR), args.k)
+        got = numpy_metrics(m.reshape(-1, V), np.maximum(p, scoring.LOG_FLOOR), args.k)
         return {k: float(np.mean(v)) for k, v in got.items()}, got
 
     torch = None
@@ -147,13 +149,13 @@ def main(argv=None) -> dict:
     def torch_chunk(rows, m):
         with torch.no_grad():
             p = dense_t[torch.from_numpy(rows.reshape(-1))]
-            got = torch_metrics(torch, torch.from_numpy(m.reshape(-1, V)), p.clamp_min(prediction.LOG_FLOOR), args.k)
+            got = torch_metrics(torch, torch.from_numpy(m.reshape(-1, V)), p.clamp_min(scoring.LOG_FLOOR), args.k)
         return {k: float(v.float().mean()) for k, v in got.items()}, got
 
     t0 = time.perf_counter()
     jax.block_until_ready(table.factored(chunks[0][0]).table)  # with the kernel: the [V, V] log-table, once
     table_seconds = time.perf_counter() - t0
-    print(f"ours: native kernel {prediction_kernel.enabled(args.k)}; NGram.factored's first call (with the "
+    print(f"ours: native kernel {prediction_rows.enabled(args.k)}; NGram.factored's first call (with the "
           f"kernel: the bigram's whole [V, V] log-table, built once, not timed) {table_seconds:.2f} s", flush=True)
     fns = {"ours": ours_chunk, "ours-sparse": ours_sparse_chunk, "ours-dense": ours_dense_chunk,
            "numpy": numpy_chunk, "torch": torch_chunk}
@@ -186,7 +188,7 @@ def main(argv=None) -> dict:
                 print(f"ours / {side}: {results[side]['ours_speedup']:.1f}x faster; |mean differences| "
                       + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     report = {"positions": positions, "vocab": V, "seq": T, "chunk_positions": rows_per_chunk * T, "k": args.k,
-              "kernel": prediction_kernel.enabled(args.k), "bigram_table_build_seconds": table_seconds,
+              "kernel": prediction_rows.enabled(args.k), "bigram_table_build_seconds": table_seconds,
               "threads": "all the process may use", "results": results, "means": means}
     write_json(args.json, report)
     return report

@@ -1,12 +1,12 @@
-"""Causal scrubbing speed: `lens.scrubbing.scrub` vs a plain PyTorch forward-hook loop.
+"""Causal scrubbing speed: `lens.circuits.scrubbing.scrub` vs a plain PyTorch forward-hook loop.
 
     .venv/bin/python bench/scrubbing.py                      # 1000 examples, the naive induction hypothesis
     .venv/bin/python bench/scrubbing.py --examples 200 --json runs/bench_scrub.json
     taskset -c 1 .venv/bin/python bench/scrubbing.py --torch-threads 1   # one core each: robust to load
 
 Both sides scrub the SAME hypothesis with the SAME resampled inputs (one draw of
-`lens.scrubbing.sample_runs`) on our 2-layer attention-only induction model
-(`lens.scrubbing_examples.synthetic_induction_model`, trained into --cache if absent).  transformers
+`lens.circuits.scrubbing.sample_runs`) on our 2-layer attention-only induction model
+(`lens.circuits.scrubbing_examples.synthetic_induction_model`, trained into --cache if absent).  transformers
 has no attention-only GPT-2, so the reference is a plain PyTorch implementation of the
 same forward (LayerNorm, learned positions, tied unembedding) with TransformerLens-style
 hook points (per-head q / k / v inputs, split only in a layer where one is hooked, z, the
@@ -30,13 +30,13 @@ import os
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import scrubbing as S  # noqa: E402
-from lens import scrubbing_examples as X  # noqa: E402
+from lens.circuits import scrubbing as S  # noqa: E402
+from lens.circuits import scrubbing_examples as X  # noqa: E402
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--torch-threads", type=int_at_least(1), default=None,
                     help="torch intra-op threads (default: torch's own choice)")
     ap.add_argument("--workers", type=int_at_least(1), default=None,
-                    help="our chunks in flight at once (default: lens.scrubbing.default_workers(), one per core)")
+                    help="our chunks in flight at once (default: lens.circuits.scrubbing.default_workers(), one per core)")
     return ap.parse_args(argv)
 
 
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     model = X.synthetic_induction_model(args.cache / "induction_synth")
-    from lens.induction import measure_induction
+    from lens.circuits.induction import measure_induction
 
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=15, low=1)
     heads1 = [(1, int(np.argmax(ind.induction_score[1])))]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import resource
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402

@@ -4,7 +4,7 @@
     python bench/train.py --steps 10 --json runs/bench_train.json
 
 Both sides train the SAME model from the SAME weights on the SAME batches, in one process:
-  * ours:  `lens.train.make_step` (forward + backward + global-norm clip + AdamW with
+  * ours:  `lens.training.train.make_step` (forward + backward + global-norm clip + AdamW with
            warmup + cosine, decay on matrices), one `eqx.filter_jit` call per step;
   * torch: transformers' GPT2LMHeadModel (eager, SDPA attention) read from the folder
            `models.save` wrote for our initial weights, and nanoGPT's loop: forward,
@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import matmul_peak, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
@@ -57,7 +57,7 @@ def parse_args(argv=None):
 
 
 def config(args):
-    from models.config import ModelConfig
+    from models.core.config import ModelConfig
 
     return ModelConfig(
         architecture="gpt2", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
@@ -79,7 +79,7 @@ def ours_steps(model, tcfg, batches):
     import equinox as eqx
     import jax.numpy as jnp
 
-    from lens import train
+    from lens.training import train
 
     params, static = eqx.partition(model, eqx.is_array)
     opt = train.optimizer(tcfg, params)
@@ -99,7 +99,7 @@ def torch_steps(folder: Path, tcfg, batches):
     import torch.nn.functional as F
     from transformers import GPT2LMHeadModel
 
-    from lens import train
+    from lens.training import train
 
     model = GPT2LMHeadModel.from_pretrained(folder, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                             attn_implementation="sdpa").float().train()
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     import torch
 
     import models
-    from lens import train
+    from lens.training import train
 
     torch.manual_seed(0)
     threads = len(os.sched_getaffinity(0))

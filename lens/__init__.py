@@ -1,38 +1,44 @@
 """lens: interpretability on the pure Equinox ports in `models/`.
 
-Public contract:
+The two-function contract:
     logits, cache = lens.run_with_cache(model, tokens)      # cache.resid_pre [layers, seq, d]
     logits = lens.add_vectors(model, tokens, vectors, layer, coeff=1.0)   # [K, seq, vocab]
 
-Richer API: `lens.edits` (interventions as data: add / ablate / patch / stack),
-`lens.sweep` (K vectors x C coeffs x L layers x P prompts, prefix shared, chunked),
-`lens.steering` (ActAdd, CAA / mean difference, PCA of differences, save/load),
-`lens.sharding` (the sweep over a device mesh), `lens.geometry` (norm-aware geometry),
-`lens.patching` (activation / path / attribution patching), `lens.tasks` (IOI, facts).
+One package per research question (each `__init__` lists its modules):
+
+    lens.core         capture, edits (interventions as data), sweeps, sharding, weight folding
+    lens.steering     steering vectors (ActAdd, CAA, PCA), MELBO / MELBO-ortho, the code score
+    lens.geometry     LayerNorm / RMSNorm-aware geometry (pure math) and its readings on a model
+    lens.readout      logit lens, tuned lens (and its fitting), direct logit attribution
+    lens.circuits     IOI / fact tasks, induction, activation / path / attribution patching, scrubbing
+    lens.prediction   the predict-the-model test, n-gram predictors, the losses that game it
+    lens.modularity   selective pruning, MoEfication, contextual sparsity
+    lens.training     corpora, a small BPE tokenizer, the one training loop
+    lens.kernels      optional native CPU kernels behind one dispatch (never needed)
+    lens.cli          argparse types for scripts
 """
 
 from __future__ import annotations
 
 # First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions.
-import models.xla_guard  # noqa: F401  (isort: skip)
+import models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import importlib
-from lens import edits
-from lens.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
-from lens import sweep
-from lens.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
+
+from lens.core.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
+from lens.core.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
+
+PACKAGES = ("core", "steering", "geometry", "readout", "circuits", "prediction", "modularity", "training", "kernels")
 
 __all__ = [
-    "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep", "sweep_vectors",
-    "SweepResult", "run_edits", "edits", "steering", "sharding", "geometry", "lenses", "dla", "patching", "tasks",
+    "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep_vectors",
+    "SweepResult", "run_edits", *PACKAGES,
 ]
-
-_LAZY = {"geometry", "steering", "sharding", "lenses", "dla", "patching", "tasks"}
 
 
 def __getattr__(name: str):
-    # geometry is imported on first use so `import lens` never depends on it.
-    if name in _LAZY:
+    # The packages are imported on first use: `import lens` loads only the contract.
+    if name in PACKAGES:
         module = importlib.import_module(f"lens.{name}")
         globals()[name] = module
         return module

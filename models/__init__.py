@@ -9,16 +9,16 @@
 """
 
 # First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).
-from models import xla_guard  # noqa: F401  (isort: skip)
-from models.config import ModelConfig
-from models.convert import CheckpointError
-from models.init import init
-from models.interventions import Activations, Capture, Edits
-from models.kv_cache import KVCache
-from models.load import load
-from models.save import save
-from models.transformer import ForwardOutput, Transformer, pad_batch
-from models import compile_cache
+from models.runtime import xla_guard  # noqa: F401  (isort: skip)
+from models.core.config import ModelConfig
+from models.io.convert import CheckpointError
+from models.core.random_init import init
+from models.core.interventions import Activations, Capture, Edits
+from models.core.kv_cache import KVCache
+from models.io.load import load
+from models.io.save import save
+from models.core.transformer import ForwardOutput, Transformer, pad_batch
+from models.runtime import compile_cache
 
 compile_cache.enable()  # JAX's persistent compilation cache under $LENS_CACHE_DIR/jax
 

@@ -60,8 +60,8 @@ def _cpu_model() -> str:
 def build_kernel(source: Path, stem: str) -> Path:
     """Compile a kernel source (once per source / flags / CPU / jax version) into
     `<lens cache>/kernels/<stem>-<key>.so` and return the shared library's path (also used
-    by lens.prediction_kernel)."""
-    from models.embedded import cache_dir
+    by lens.kernels.prediction_rows)."""
+    from models.io.embedded import cache_dir
 
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
@@ -186,11 +186,11 @@ def enabled() -> bool:
     return available()
 
 
-# The einsum specs of `models.block` (and the unembedding) the kernel runs directly, with
+# The einsum specs of `models.core.block` (and the unembedding) the kernel runs directly, with
 # the [K, N] matrix each one's weight is packed into.
 _SPECS = ("sd,hdk->shk", "shk,hkd->sd", "sd,dm->sm", "sm,md->sd", "sd,dv->sv")
 
-# Block matrices and the layout kind of each (`PackedWeight`, `GemmWeight`, models/decode.py).
+# Block matrices and the layout kind of each (`PackedWeight`, `GemmWeight`, models/generation/decode.py).
 BLOCK_MATRIX_KINDS = {"W_Q": "qkv", "W_K": "qkv", "W_V": "qkv", "W_O": "out",
                       "W_in": "plain", "W_gate": "plain", "W_out": "plain"}
 
@@ -260,7 +260,7 @@ class PackedWeight(eqx.Module):
 
 # ------------------------------------------------------------------ the many-row GEMM
 # `gemm(x, to_pairs(w), n)`: the compute-bound product for thousands of rows (e.g. the
-# statistics of lens.modularity), kernels/bf16_matmul.cc: Bf16Gemm.  x is rounded to bf16
+# statistics of lens.modularity.pruning), kernels/bf16_matmul.cc: Bf16Gemm.  x is rounded to bf16
 # (round to nearest even, XLA's convert, fused with whatever produced x), w is bf16, the
 # products and sums are float32 (VDPBF16PS): twice the arithmetic rate of a float32 GEMM on
 # a CPU with avx512_bf16.  Numerically it is `x.astype(bf16) @ w.astype(bf16)` with float32

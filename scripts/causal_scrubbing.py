@@ -1,4 +1,4 @@
-"""Causal scrubbing worked examples: hypotheses scrubbed with `lens.scrubbing`.
+"""Causal scrubbing worked examples: hypotheses scrubbed with `lens.circuits.scrubbing`.
 
     .venv/bin/python scripts/causal_scrubbing.py --example induction --out runs/cs_induction
     .venv/bin/python scripts/causal_scrubbing.py --example parens --out runs/cs_parens
@@ -30,13 +30,13 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import scrubbing as S  # noqa: E402
-from lens import scrubbing_examples as X  # noqa: E402
+from lens.circuits import scrubbing as S  # noqa: E402
+from lens.circuits import scrubbing_examples as X  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 
 REFERENCE = {
@@ -74,7 +74,7 @@ def induction_example(args, n):
                                   batch_size=8) if smoke else X.SyntheticInduction())
     cache = args.out / "induction_model" if smoke else args.cache / "induction_synth"
     model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
-    from lens.induction import measure_induction
+    from lens.circuits.induction import measure_induction
 
     block = min(15, (model.config.max_seq_len - 1) // 2)
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=block, low=1)
@@ -126,7 +126,7 @@ def parens_example(args, n):
 
 def default_example(args, n):
     import models
-    from lens.induction import measure_induction, repeated_tokens
+    from lens.circuits.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)
     block = 5 if args.preset == "smoke" else 10

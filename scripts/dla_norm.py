@@ -4,9 +4,9 @@
     .venv/bin/python scripts/dla_norm.py --model runs/gpt2_ln_bpe/model --out runs/dla_ln
     .venv/bin/python scripts/dla_norm.py --preset smoke --out /tmp/dla
 
-On held-out text (the first rows of the test split of each `lens.data` corpus, --seq
+On held-out text (the first rows of the test split of each `lens.training.data` corpus, --seq
 tokens each), at the last position, the logit difference between the model's top-1 and
-top-2 tokens is attributed to the parts of the final residual (`lens.dla`):
+top-2 tokens is attributed to the parts of the final residual (`lens.readout.dla`):
   (a) frozen-scale DLA (the final norm's actual divisor held fixed; exact sum);
   (b) Shapley values of the game "logit difference of the norm of a partial sum", which
       also credits what each part does to the divisor (exact over <= 16 groups, else
@@ -28,7 +28,7 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -36,7 +36,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from lens import data, dla  # noqa: E402
+from lens.training import data  # noqa: E402
+from lens.readout import dla
 from lens.cli import int_at_least  # noqa: E402
 
 CORPORA = ("shakespeare", "python-docs", "python-code")

@@ -10,11 +10,11 @@ import argparse
 import sys
 import time
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import models  # noqa: E402
 from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
-from models.generate import chat_prompt, generate  # noqa: E402
+from models.generation.generate import chat_prompt, generate  # noqa: E402
 
 DEFAULT_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",

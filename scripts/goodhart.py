@@ -34,16 +34,17 @@ import os
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from lens import data, goodhart, ngram, prediction, train  # noqa: E402
+from lens.training import data, train  # noqa: E402
+from lens.prediction import gaming, ngram, scoring
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
+from models.core.config import ModelConfig  # noqa: E402
 
 ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
 PROSE = ("shakespeare", "python-docs")
@@ -129,7 +130,7 @@ def mixed(names, tok, seq, split, seed=0):
 
 
 # ----------------------------------------------------------------- the sweep
-def defences(scores: prediction.Scores, p: Preset) -> dict:
+def defences(scores: scoring.Scores, p: Preset) -> dict:
     """The base test and each stricter criterion: fraction of positions passing."""
     keep = scores.next_token >= 0
     wrong = keep & (scores["pred_top1"] != scores.next_token)
@@ -151,7 +152,7 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     side_cfg = toy_config(p, tok, layers=1, d=max(32, p.d_model // 2))
     side = train.train(models.init(side_cfg, jax.random.key(1000)), tr, val, train_cfg(p), out / "runs" / "side",
                        progress=progress).model
-    cheap = {"bigram": bigram.predictor(), "side": prediction.model_predictor(side)}
+    cheap = {"bigram": bigram.predictor(), "side": scoring.model_predictor(side)}
     n_eval = (min(len(val), 512) // p.batch) * p.batch
     base = base_model(p, tok, tr, val, out, progress)
     bigram_logp = np.asarray(table_logp)  # for the table's own validation loss
@@ -168,18 +169,18 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                 if lam == 0 and seed in plain:  # lam = 0 is plain training whatever the target
                     model = plain[seed]
                 else:
-                    loss = goodhart.GoodhartLoss(lam, table_logp=table_logp if target == "bigram" else None,
+                    loss = gaming.GoodhartLoss(lam, table_logp=table_logp if target == "bigram" else None,
                                                  side=side if target == "side" else None) if lam else None
                     model = finetune(base, p, tr, val, out, progress, seed, lam, target, loss)
                     if lam == 0:
                         plain[seed] = model
-                me = prediction.model_predictor(model)
-                s_in = prediction.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
-                s_out = prediction.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
+                me = scoring.model_predictor(model)
+                s_in = scoring.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
+                s_out = scoring.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
                 d = defences(s_in, p)
                 runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, ev, p.batch),
                              **d, "pass_rate_held_out_code": defences(s_out, p)["pass_rate"],
-                             "pass_rate_by_tolerance": prediction.summarize(s_in, p.tolerances)["pass_rate"]})
+                             "pass_rate_by_tolerance": scoring.summarize(s_in, p.tolerances)["pass_rate"]})
         results[target] = runs
     return results
 
@@ -215,33 +216,33 @@ def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_
     tables = {f"{n}gram": ngram.count(train_rows, order, v)
               for order, n in ((1, "uni"), (2, "bi"), (3, "tri"))}
     preds = {k: t.predictor() for k, t in tables.items()}
-    preds["direct"] = prediction.direct_path(model)
+    preds["direct"] = scoring.direct_path(model)
     if not model.config.attn_only:
-        preds["direct+mlp0"] = prediction.direct_path(model, through_first_mlp=True)
+        preds["direct+mlp0"] = scoring.direct_path(model, through_first_mlp=True)
     res = {}
     if distill_steps:  # distillation rows: at most 65 tokens (the teacher runs inside every step)
         width = min(train_rows.shape[1], 65)
         rows = train_rows[:, :width]
         held = next(iter(eval_sets.values()))[:, :width]
-        student = goodhart.truncated_student(model, 1)
-        kl_before = goodhart.mean_kl(model, student, held, batch=4)
+        student = gaming.truncated_student(model, 1)
+        kl_before = gaming.mean_kl(model, student, held, batch=4)
         student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
                                                                        lr=1e-3), out,
-                              progress=progress, loss_fn=goodhart.DistillLoss(model)).model
-        kl_after = goodhart.mean_kl(model, student, held, batch=4)
-        preds["distilled-1L"] = prediction.model_predictor(student)
+                              progress=progress, loss_fn=gaming.DistillLoss(model)).model
+        kl_after = gaming.mean_kl(model, student, held, batch=4)
+        preds["distilled-1L"] = scoring.model_predictor(student)
         res["distill"] = {"steps": distill_steps, "start": "the model's first block + its unembedding",
                           "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}
-    preds["uniform"] = prediction.uniform_predictor(v)
-    me = prediction.model_predictor(model)
+    preds["uniform"] = scoring.uniform_predictor(v)
+    me = scoring.model_predictor(model)
     counts = tables["unigram"].unigram_counts
     for name, rows_eval in eval_sets.items():
-        chunk = prediction.chunk_rows_for(rows_eval.shape[1], v, len(preds), 1.0e9)
-        scores = prediction.score(me, preds, rows_eval[:, :-1], k=K, chunk_rows=chunk, progress=progress)
-        res[name] = {k: prediction.summarize(s, p.tolerances, token_counts=counts) for k, s in scores.items()}
+        chunk = scoring.chunk_rows_for(rows_eval.shape[1], v, len(preds), 1.0e9)
+        scores = scoring.score(me, preds, rows_eval[:, :-1], k=K, chunk_rows=chunk, progress=progress)
+        res[name] = {k: scoring.summarize(s, p.tolerances, token_counts=counts) for k, s in scores.items()}
         for k, s in scores.items():  # the same without the 10 most common next tokens
             res[name][k]["skip_10_most_common"] = {
-                key: val for key, val in prediction.summarize(s, p.tolerances, counts, 10).items()
+                key: val for key, val in scoring.summarize(s, p.tolerances, counts, 10).items()
                 if key in ("n_positions", "pass_rate", "top1", "recall", "kl")}
     return res
 
@@ -375,7 +376,7 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
     t0, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    from lens.bpe import corpus_tokenizer
+    from lens.training.bpe import corpus_tokenizer
 
     tok = corpus_tokenizer(ALL_CORPORA, p.vocab)
     evals = lambda tk, seq, n: {c: rows_of([c], tk, seq, "validation", n) for c in ALL_CORPORA}  # noqa: E731

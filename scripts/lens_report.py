@@ -18,7 +18,7 @@ import argparse
 import json
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from lens.lenses import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
+from lens.readout.logit_lens import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
 
 PRESETS = {"default": {"prompt": "The capital of France is the city of", "positions": 8},
            "smoke": {"prompt": "The capital of France is", "positions": 3}}

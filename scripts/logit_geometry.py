@@ -4,7 +4,7 @@
     .venv/bin/python scripts/logit_geometry.py --model path/to/gpt2 --model path/to/pythia
     .venv/bin/python scripts/logit_geometry.py --no-default --model runs/gpt2_ln_bpe/model   # train_toy
 
-Thin: parse arguments -> `lens.geometry_report.analyse` per model -> report.md, report.json
+Thin: parse arguments -> `lens.geometry.on_model.analyse` per model -> report.md, report.json
 and PNG plots in --out DIR (default runs/logit_geometry_<timestamp>).  Per model:
   (a) top-k overlap / Spearman of rankings by cosine, token norm, Euclidean distance with
       the model's own ranking (final-norm gain folded into W_U) at each prompt's last token;
@@ -23,14 +23,14 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from figures import save_figure  # noqa: E402  (scripts/)
-from lens import geometry_report as gr  # noqa: E402
+from lens.geometry import on_model as gr  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROMPTS = [

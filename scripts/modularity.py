@@ -27,7 +27,7 @@ Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefic
 
 from __future__ import annotations
 
-import models.xla_guard  # noqa: F401  (isort: skip)
+import models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -42,12 +42,12 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lens import contextual_sparsity as CS  # noqa: E402
-from lens import data  # noqa: E402
-from lens import moefication as MOE  # noqa: E402
-from lens import modularity as M  # noqa: E402
+from lens.modularity import contextual_sparsity as CS  # noqa: E402
+from lens.training import data  # noqa: E402
+from lens.modularity import moefication as MOE  # noqa: E402
+from lens.modularity import pruning as M  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
-from lens.train import TrainConfig  # noqa: E402
+from lens.training.train import TrainConfig  # noqa: E402
 from modularity_report import write_report  # noqa: E402
 
 FORGET = "python-code"
@@ -122,8 +122,9 @@ def parse_args(argv=None):
 def smoke_models(gelu: bool):
     """A tiny random model on SmolLM2's tokenizer: gated (Llama), or GELU LayerNorm (GPT-2)."""
     import models
-    from models import embedded, gpt2, llama
-    from models.tokenizer import Tokenizer
+    from models.io import embedded
+    from models.families import gpt2, llama
+    from models.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(embedded.fetch("smollm2-135m-instruct"))
     v = tok.vocab_size if hasattr(tok, "vocab_size") else embedded.SMOLLM2_135M_HF_CONFIG["vocab_size"]
@@ -148,7 +149,7 @@ def rows_for(tok, args, split, n, seed):
 
 
 def prompts_for(tok, texts):
-    from models.generate import chat_prompt
+    from models.generation.generate import chat_prompt
 
     if getattr(tok, "chat_template", None) is None:
         return [tok.encode(t) for t in texts]
@@ -198,8 +199,8 @@ def steering_section(args, model, tok, masks, train, out_scores):
     directions vs random neurons, and the code score of its greedy generations on the base
     model, the ratio-pruned models (first step and every step) and randomly pruned models
     with the same counts (several seeds)."""
-    from lens import melbo, steering
-    from lens.metrics import code_score
+    from lens.steering import melbo, vectors
+    from lens.steering.code_score import code_score
 
     n = model.config.n_layers
     source = max(0, round(n / 4) - 1)  # the main job's default source block (SmolLM2: 7)
@@ -207,12 +208,12 @@ def steering_section(args, model, tok, masks, train, out_scores):
     n_req = 2 if args.preset == "smoke" else len(CODE)
     code, prose = prompts_for(tok, CODE[:n_req]), prompts_for(tok, PROSE[:n_req])
     neutral = prompts_for(tok, NEUTRAL[: args.steer_prompts])
-    v = np.asarray(steering.reply_mean_difference(model, code, prose, layer, args.reply_tokens), np.float32)
+    v = np.asarray(vectors.reply_mean_difference(model, code, prose, layer, args.reply_tokens), np.float32)
     # |x| as the main job measures it: 2 analysis prompts, the huge first token left out
     toks, mask = melbo.pad_prompts(neutral[:2])
     x_norm = melbo.median_source_norm(melbo.make_problem(model, toks, mask, source, min(source + 1, n - 1)))
     decode = (lambda ids: tok.decode(ids))
-    theta0, calib = steering.calibrate_norm(model, {"reply": v}, neutral, layer, x_norm, [args.steer_rho],
+    theta0, calib = vectors.calibrate_norm(model, {"reply": v}, neutral, layer, x_norm, [args.steer_rho],
                                             args.gen_tokens, score=code_score, decode=decode)
     unit = theta0 / np.linalg.norm(theta0)
 
@@ -249,8 +250,8 @@ def steering_section(args, model, tok, masks, train, out_scores):
     vecs = np.stack([np.zeros_like(theta0), theta0]).astype(np.float32)
 
     def scores(m):
-        out = steering.generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens, progress=False)
-        rows = steering.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
+        out = vectors.generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens, progress=False)
+        rows = vectors.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
         texts = [decode(r) for r in rows]
         per = np.asarray([code_score(t) for t in texts]).reshape(len(vecs), len(neutral))
         return {"unsteered": float(per[0].mean()), "steered": float(per[1].mean())}, texts[len(neutral)][:300]

@@ -148,7 +148,7 @@ def markdown(report, figures) -> str:
         sp = s["span"]
         lines += [f"### {name}", "", f"Vector theta0: {s['method']}, at resid_pre[{s['layer']}] (after block "
                   f"{s['source_block']}), |theta0| = {s['theta0_norm']:.1f} (median |x| {s['resid_norm']:.1f}); greedy "
-                  f"{s['gen_tokens']}-token replies to {len(s['prompts'])} neutral prompts, `lens.metrics.code_score`.", ""]
+                  f"{s['gen_tokens']}-token replies to {len(s['prompts'])} neutral prompts, `lens.steering.code_score.code_score`.", ""]
         if sp.get("n_directions"):
             lines.append(f"Share of |theta0|^2 in the span of the {sp['n_directions']} most forget-specific pruned neurons' output "
                          f"directions (layers < {s['layer']}): **{sp['share_pruned']:.3f}**; random neurons: "

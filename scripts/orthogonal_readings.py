@@ -3,7 +3,7 @@
     python scripts/orthogonal_readings.py --run runs/orthogonal_<time> [--controls 5]
 
 Reads the run's vectors (theta0 and the found MELBO-ortho vectors) and settings, rebuilds
-the model and the analysis prompts, and reports per stage (`lens.melbo.stages.answer`):
+the model and the analysis prompts, and reports per stage (`lens.steering.melbo.stages.answer`):
 raw PR, the shared share of effect energy and the specific (centred) PR, with bootstrap
 intervals over tokens, the same for random orthogonal controls drawn with several seeds
 (mean, min, max), the cosine of the shared part with theta0's own effect, and the closed
@@ -17,13 +17,13 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
-from lens import melbo, steering  # noqa: E402
+from lens.steering import melbo, vectors  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from lens.melbo import stages  # noqa: E402
+from lens.steering.melbo import stages  # noqa: E402
 from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
 
 PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
@@ -58,15 +58,15 @@ def _ks(text: str) -> list[int]:
 def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     """(model and layers, theta0, found vectors): from a finished run's vectors file, or
     from the checkpoint of a run still training (its first n_done vectors).  Reads the
-    files `lens.steering.save_vectors` writes, and the string-metadata files of runs made
+    files `lens.steering.vectors.save_vectors` writes, and the string-metadata files of runs made
     before it did."""
     from safetensors import safe_open
 
     finished = (run / "vectors.safetensors").is_file()
     path = run / ("vectors.safetensors" if finished else "checkpoint.safetensors")
     try:
-        found, meta = steering.load_vectors(path)
-        theta0 = steering.load_extras(path)["theta0"]
+        found, meta = vectors.load_vectors(path)
+        theta0 = vectors.load_extras(path)["theta0"]
     except ValueError:  # an older run: plain safetensors, string metadata
         with safe_open(str(path), "np") as f:
             meta = {k: json.loads(v) if v.lstrip("-").replace(".", "", 1).isdigit() else v

@@ -91,7 +91,7 @@ def _summary_lines(summary: dict) -> list[str]:
 
 
 def readings_lines(ans: dict) -> list[str]:
-    """The table of both readings per stage (`lens.melbo.stages.answer`'s dict): shared
+    """The table of both readings per stage (`lens.steering.melbo.stages.answer`'s dict): shared
     component (shared share) vs few distinct effects (specific PR; residual PR: the shared
     direction projected out whatever each vector's amount of it), found vs random controls
     (mean and range over seeds), then the closed form and the choices."""
@@ -114,7 +114,7 @@ def readings_lines(ans: dict) -> list[str]:
 
 
 def behaviour_lines(b: dict | None) -> list[str]:
-    """Do vectors with close effects write code alike (lens.melbo.behaviour)?"""
+    """Do vectors with close effects write code alike (lens.steering.melbo.behaviour)?"""
     if not b:
         return []
     sc = np.asarray(b["code_score"])

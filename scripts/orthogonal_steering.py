@@ -21,8 +21,8 @@
    participation ratio, degeneracy factor, clusters.  4. The rho sweep.  5. Generations
    and the "is this code?" score.  Output: --out DIR (report.md, report.json, PNGs,
    generations.jsonl; vectors.safetensors, base.safetensors and checkpoint.safetensors,
-   each read by `lens.steering.load_vectors`: vectors at resid_pre[s + 1] (= after block
-   s), theta0 / losses / controls by `lens.steering.load_extras`).  Also: batched vs
+   each read by `lens.steering.vectors.load_vectors`: vectors at resid_pre[s + 1] (= after block
+   s), theta0 / losses / controls by `lens.steering.vectors.load_extras`).  Also: batched vs
    sequential MELBO-ortho (losses, norms, statistics next to the sequential run-to-run
    spread), per-phase timings.
 """
@@ -36,16 +36,16 @@ import resource
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens import melbo, steering  # noqa: E402
-from lens.metrics import code_score  # noqa: E402
+from lens.steering import melbo, vectors  # noqa: E402
+from lens.steering.code_score import code_score  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
-from lens.melbo import behaviour as mb, stages  # noqa: E402
+from lens.steering.melbo import behaviour as mb, stages  # noqa: E402
 from orthogonal_report import k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
 
 CODE = [
@@ -194,13 +194,13 @@ def load(args):
 
     if args.random_weights:
         import models
-        from models.embedded import SMOLLM2_135M_HF_CONFIG
-        from models.llama import config_from_hf
+        from models.io.embedded import SMOLLM2_135M_HF_CONFIG
+        from models.families.llama import config_from_hf
 
         model = models.init(config_from_hf(SMOLLM2_135M_HF_CONFIG), jax.random.key(0))
         return model, None, random_prompt(model.config.vocab_size)
     import models
-    from models.generate import chat_prompt
+    from models.generation.generate import chat_prompt
 
     model, tok = models.load(args.model)
     if tok is None:
@@ -214,9 +214,9 @@ def load(args):
 
 def caa_vector(model, prompts_a, prompts_b, layer):
     """CAA at the last prompt token: mean over pairs of resid_pre[layer](a) - (b) at each
-    prompt's last token (`lens.steering.mean_difference`)."""
+    prompt's last token (`lens.steering.vectors.mean_difference`)."""
     (ta, ma), (tb, mb) = melbo.pad_prompts(prompts_a), melbo.pad_prompts(prompts_b)
-    return np.asarray(steering.mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
+    return np.asarray(vectors.mean_difference(model, ta, tb, layer, ma, mb, reduce="last"))
 
 
 def decoder(tok):
@@ -229,29 +229,29 @@ def steered_generate(args, model, tok, layer, prompts, vecs):
     prompt and generated token), vector-major; calls of --gen-batch // len(prompts)
     vectors, so every call of a run reuses ONE compiled prefill/decode."""
     per_call = max(1, args.gen_batch // len(prompts))
-    out = steering.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
+    out = vectors.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
                                          vectors_per_call=per_call)
     dec = decoder(tok)
-    rows = steering.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
+    rows = vectors.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
     return [dec(row) for row in rows]
 
 
 def calibrate_base(args, model, tok, make, layer, x_norm, prompts):
     """theta0: the CAA design (code requests vs prose requests; "reply" = the first reply
-    tokens, `lens.steering.reply_mean_difference`; "last" = the last prompt token) and
-    rho = |theta0| / median|x_s| chosen by `lens.steering.calibrate_norm` on the code score
+    tokens, `lens.steering.vectors.reply_mean_difference`; "last" = the last prompt token) and
+    rho = |theta0| / median|x_s| chosen by `lens.steering.vectors.calibrate_norm` on the code score
     of greedy replies to non-coding prompts ("reply" wins ties; if nothing writes code,
     "reply" at the smallest rho, and the table says so).  Returns (theta0, the report's
     calibration record)."""
     code, prose = [make(p) for p in CODE], [make(p) for p in PROSE]
-    designs = {"reply": steering.reply_mean_difference(model, code, prose, layer, args.reply_tokens),
+    designs = {"reply": vectors.reply_mean_difference(model, code, prose, layer, args.reply_tokens),
                "last": caa_vector(model, code, prose, layer)}
     cos = float(designs["reply"] @ designs["last"] / np.linalg.norm(designs["reply"]) / np.linalg.norm(designs["last"]))
     if args.base_rho is not None:
         v = designs["reply"]
         return v / np.linalg.norm(v) * args.base_rho * x_norm, {
             "design": "reply", "rho": args.base_rho, "calibrated": False, "table": [], "cos_reply_last": cos}
-    theta0, info = steering.calibrate_norm(
+    theta0, info = vectors.calibrate_norm(
         model, designs, prompts, layer, x_norm, args.base_rho_grid, args.gen_tokens,
         score=code_score, decode=decoder(tok), vectors_per_call=max(1, args.gen_batch // len(prompts)))
     table = [{"design": r["design"], "rho": r["rho"], "norm": r["norm"], "code_score": r["score"]} for r in info["table"]]
@@ -355,11 +355,11 @@ def main(argv=None, on_checkpoint=None):
     ckpt, base_file, calib_file = out / "checkpoint.safetensors", out / "base.safetensors", out / "calibration.json"
     if args.resume and calib_file.exists() and base_file.exists():
         calib = json.loads(calib_file.read_text())
-        theta0 = steering.load_vectors(base_file)[0]
+        theta0 = vectors.load_vectors(base_file)[0]
     else:
         theta0, calib = calibrate_base(args, model, tok, make, layer, x_norm, neutral[: args.calib_prompts])
         calib_file.write_text(json.dumps(calib, indent=1))
-        steering.save_vectors(base_file, theta0, {"model": args.model, "layer": layer, "site": "resid_pre",
+        vectors.save_vectors(base_file, theta0, {"model": args.model, "layer": layer, "site": "resid_pre",
                                                   "source_layer": s, "method": f"caa-{calib['design']}",
                                                   "rho": calib["rho"]})
     print(f"theta0: {calib['design']} at rho {calib['rho']} (|theta0| {np.linalg.norm(theta0):.2f}), "
@@ -372,8 +372,8 @@ def main(argv=None, on_checkpoint=None):
             "block": args.block, "mode": args.mode, "objective_positions": args.objective_positions}
     resume = None
     if args.resume and ckpt.exists():
-        saved_vectors, saved_meta = steering.load_vectors(ckpt)
-        saved = steering.load_extras(ckpt)
+        saved_vectors, saved_meta = vectors.load_vectors(ckpt)
+        saved = vectors.load_extras(ckpt)
         # Vectors trained under other settings must not be mixed into this run.
         changed = {k: (saved_meta.get(k), v) for k, v in meta.items() if saved_meta.get(k) != v}
         if changed or not np.array_equal(saved["theta0"], theta0):
@@ -384,7 +384,7 @@ def main(argv=None, on_checkpoint=None):
         print(f"resuming from {len(resume.vectors)} vectors")
 
     def checkpoint(result):
-        steering.save_vectors(ckpt, result.vectors, meta | {"n_done": len(result.vectors)},
+        vectors.save_vectors(ckpt, result.vectors, meta | {"n_done": len(result.vectors)},
                               extras={"theta0": theta0, "losses": result.losses})
         if on_checkpoint is not None:
             on_checkpoint(len(result.vectors))
@@ -421,7 +421,7 @@ def main(argv=None, on_checkpoint=None):
               for name in ("found", "random_control")}
     t0 = lap("rho_sweep", t0)
 
-    # 4b. Both readings of a downstream collapse, per stage (lens.melbo.stages): a shared
+    # 4b. Both readings of a downstream collapse, per stage (lens.steering.melbo.stages): a shared
     # component (shared share) vs few distinct effects (specific PR), with controls over
     # several seeds and bootstrap intervals over every real token of the readings prompts.
     toks_r, mask_r = melbo.pad_prompts(neutral[: args.readings_prompts])
@@ -510,7 +510,7 @@ def main(argv=None, on_checkpoint=None):
     }
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
                              "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
-    steering.save_vectors(out / "vectors.safetensors", V, meta | {"norm_base": float(np.linalg.norm(theta0))},
+    vectors.save_vectors(out / "vectors.safetensors", V, meta | {"norm_base": float(np.linalg.norm(theta0))},
                           extras={"theta0": theta0, "random_control": sets["random_control"], "losses": found.losses})
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
     readings_plot(out / "readings.png", readings)  # shared share and specific PR per stage
@@ -536,7 +536,7 @@ def main(argv=None, on_checkpoint=None):
 def behaviour_per_vector(args, V, scores, readings):
     """Do vectors whose (centred) effects are close also write code alike?  The first
     `gen_vectors` found vectors, clustered by specific effect at the target and logit
-    stages (lens.melbo.behaviour); None with fewer than 4 scored vectors."""
+    stages (lens.steering.melbo.behaviour); None with fewer than 4 scored vectors."""
     g = min(args.gen_vectors, len(V))
     if g < 4:
         return None

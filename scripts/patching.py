@@ -5,15 +5,15 @@ AtP / AtP* against true patching.
     .venv/bin/python scripts/patching.py --out runs/patching_smoke --preset smoke   # < 3 min
 
 1. Does the model do each task?  Clean / corrupted logit differences and accuracy over
-   --perf-prompts prompts of every template (lens.tasks.performance).
+   --perf-prompts prompts of every template (lens.circuits.tasks.performance).
 2. For each task, --pairs token-aligned pairs of ONE template (positions line up across
    pairs): the normalised logit difference (LD - LD_corr) / (LD_clean - LD_corr) as the
    metric, denoising (corrupted run, clean activation patched in); for every site the true
-   patching grid (lens.patching.activation_patching, one vmapped call), AtP, AtP with the QK
+   patching grid (lens.circuits.patching.activation_patching, one vmapped call), AtP, AtP with the QK
    fix (q/k inputs) and AtP* (QK fix + GradDrop, unsigned), compared: Pearson correlation
    of the pair-mean effects, top-k overlap by |effect|, the worst false negatives.
 3. Path patching (IOI): every sender head -> the queries of the --receivers heads with the
-   largest denoising effect (Wang et al.'s definition, noising, lens.patching.path_patching).
+   largest denoising effect (Wang et al.'s definition, noising, lens.circuits.patching.path_patching).
 Writes report.md, report.json (`grid`: per task and site the patching grid, its axes, the
 AtP / AtP* grids beside it) and PNGs (heatmaps, AtP-vs-patching scatters) into --out.
 """
@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
@@ -106,7 +106,7 @@ def first_blocks(model, n: int):
 def effect_stats(effect, atp, qk, star, topk):
     """Comparison of each estimate with the true effects (pair means; AtP* is unsigned so it
     is compared with the pair mean of |effect|)."""
-    from lens.patching import compare
+    from lens.circuits.patching import compare
 
     out = {"atp": compare(effect.mean(0), atp.mean(0), topk)}
     if qk is not None:
@@ -164,8 +164,8 @@ def scatter(path, effect, estimates, title):
 
 
 def run_task(model, tok, task, p: Preset, args, log):
-    from lens import patching as Pt
-    from lens import tasks
+    from lens.circuits import patching as Pt
+    from lens.circuits import tasks
 
     make = tasks.ioi_pairs if task == "ioi" else tasks.factual_pairs
     pairs = make(tok, p.pairs, seed=args.seed + 1, templates=[TEMPLATE[task]])
@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
 
     import models
-    from lens import tasks
+    from lens.circuits import tasks
 
     model, tok = models.load(args.model)
     if tok is None:

@@ -3,10 +3,10 @@
     .venv/bin/python scripts/steer.py                       # default model and prompts
     .venv/bin/python scripts/steer.py --coeffs 0 4 8 --layer 12 --out runs/love
 
-Thin: parse arguments -> lens.steering (CAA mean difference, or ActAdd) -> lens sweep of
-the coefficients (KL to the unsteered run) -> every coefficient's generations in one call (`lens.steering.generate_with_vectors`,
+Thin: parse arguments -> lens.steering.vectors (CAA mean difference, or ActAdd) -> lens sweep of
+the coefficients (KL to the unsteered run) -> every coefficient's generations in one call (`lens.steering.vectors.generate_with_vectors`,
 coeff x vector added to the prompt and every generated token; with --no-steer-prompt /
---no-steer-generated, models.generate per coefficient) -> a side by
+--no-steer-generated, models.generation.generate per coefficient) -> a side by
 side listing, also written to --out DIR (generations.json, vector.safetensors).
 """
 
@@ -16,15 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import lens  # noqa: E402
 from lens.cli import finite_float, int_at_least, nonnegative_float  # noqa: E402
 import models  # noqa: E402
-from lens import edits as E, steering  # noqa: E402
-from models.generate import chat_prompt, generate  # noqa: E402
+from lens.core import edits as E  # noqa: E402
+from lens.steering import vectors
+from models.generation.generate import chat_prompt, generate  # noqa: E402
 
 POSITIVE = ["I love you", "You are wonderful", "What a beautiful day", "I adore this"]
 NEGATIVE = ["I hate you", "You are terrible", "What an awful day", "I despise this"]
@@ -72,9 +73,9 @@ def main(argv=None):
     pos, pos_mask = encode_padded(tok, args.positive)
     neg, neg_mask = encode_padded(tok, args.negative)
     if args.method == "caa":
-        vector = steering.mean_difference(model, pos, neg, layer, pos_mask, neg_mask, args.reduce)
+        vector = vectors.mean_difference(model, pos, neg, layer, pos_mask, neg_mask, args.reduce)
     else:
-        vector = steering.actadd(model, pos[0][pos_mask[0]], neg[0][neg_mask[0]], layer)
+        vector = vectors.actadd(model, pos[0][pos_mask[0]], neg[0][neg_mask[0]], layer)
     print(f"{args.method} vector at layer {layer}: norm {float(np.linalg.norm(vector)):.2f}")
 
     chats = [chat_prompt(tok, text) for text in args.prompts]
@@ -90,9 +91,9 @@ def main(argv=None):
     else:
         # every coefficient at once: coeff * vector as K vectors, one compiled decode
         vecs = np.asarray(args.coeffs, np.float32)[:, None] * np.asarray(vector, np.float32)[None]
-        out = steering.generate_with_vectors(model, chats, vecs, layer, args.max_new_tokens,
+        out = vectors.generate_with_vectors(model, chats, vecs, layer, args.max_new_tokens,
                                              temperature=args.temperature)
-        outs = steering.new_token_lists(out, model.config.eos_token_ids)
+        outs = vectors.new_token_lists(out, model.config.eos_token_ids)
     for ci, coeff in enumerate(args.coeffs):
         kl = np.asarray(res.kl[0, ci, 0])
         for i, text in enumerate(args.prompts):
@@ -106,7 +107,7 @@ def main(argv=None):
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "generations.json").write_text(json.dumps(rows, indent=1))
-        steering.save_vectors(args.out / "vector.safetensors", vector, {
+        vectors.save_vectors(args.out / "vector.safetensors", vector, {
             "model": args.model, "layer": layer, "site": "resid_pre", "method": args.method,
             "positive": args.positive, "negative": args.negative})
         print(f"\nwrote {args.out}/generations.json and vector.safetensors")

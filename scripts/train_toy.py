@@ -10,9 +10,9 @@ Presets (all GPT-2 architecture: LayerNorm with bias, learned positions, tied em
   attn-only-2l   2 layers, d 256, 8 heads, no MLPs, context 128; the same text and
                  tokenizer; 500 steps; induction heads measured
   smoke          1 layer, d 32, context 32; shakespeare; a few steps (tests)
-Tokenizers: "bpe4096" is `lens.bpe.corpus_tokenizer(corpora, 4096)`, a byte-level BPE
+Tokenizers: "bpe4096" is `lens.training.bpe.corpus_tokenizer(corpora, 4096)`, a byte-level BPE
 trained on the train split of the preset's corpora (the 49k-id unembedding of SmolLM2's
-tokenizer was ~80% of a CPU step: see lens/bpe.py); "smollm2" is SmolLM2's (49,152 ids,
+tokenizer was ~80% of a CPU step: see lens/training/bpe.py); "smollm2" is SmolLM2's (49,152 ids,
 the embedded default model's).  Either's EOS separates documents; --tokenizer overrides.
 
 Writes to --out: model/ (models.save: transformers-readable for the MLP presets, native
@@ -28,18 +28,18 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-import models.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from lens import data, train  # noqa: E402
+from lens.training import data, train  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from lens.induction import measure_induction  # noqa: E402
-from models.config import ModelConfig  # noqa: E402
+from lens.circuits.induction import measure_induction  # noqa: E402
+from models.core.config import ModelConfig  # noqa: E402
 
 TOKENIZER = "smollm2-135m-instruct"
 SAMPLE_PROMPTS = ["ROMEO.\n", "def read_file(path):\n", "The module"]
@@ -86,11 +86,11 @@ def model_config(p: Preset, tokenizer) -> ModelConfig:
 
 def load_tokenizer(name: str, corpora: tuple[str, ...]):
     if name == "bpe4096":
-        from lens.bpe import corpus_tokenizer
+        from lens.training.bpe import corpus_tokenizer
 
         return corpus_tokenizer(corpora, 4096)
-    from models.embedded import fetch
-    from models.tokenizer import Tokenizer
+    from models.io.embedded import fetch
+    from models.io.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(fetch(TOKENIZER))  # the tokenizer only, not the 135M weights
 
@@ -106,7 +106,7 @@ def interleave(parts: dict[str, np.ndarray], seed: int) -> np.ndarray:
 
 
 def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
-    from models.generate import generate
+    from models.generation.generate import generate
 
     prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
     n_tokens = min(n_tokens, model.config.max_seq_len - max(map(len, prompts)))

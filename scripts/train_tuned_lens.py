@@ -5,8 +5,8 @@
         --steps 300 --batch 8 --seq 128
     .venv/bin/python scripts/train_tuned_lens.py --preset smoke --out /tmp/tl
 
-Trains on the train split of `lens.data` corpora (shakespeare, python-docs, python-code,
-rows interleaved), validates on their validation split inside `lens.train`'s loop
+Trains on the train split of `lens.training.data` corpora (shakespeare, python-docs, python-code,
+rows interleaved), validates on their validation split inside `lens.training.train`'s loop
 (checkpoints every --checkpoint-every steps; the same command resumes), and scores the
 logit lens (also with frozen final-norm statistics) and the tuned lens per layer on their
 test split: KL(model || lens), top-1
@@ -18,7 +18,7 @@ layer's lens cost ~20x the model's own forward per token, so tokens are few):
   smoke    2 steps of 2 x 8 tokens, scored on 2 x 8 (tests)
 The reference trains 250 steps of 2^18 tokens; state --steps/--batch/--seq when quoting.
 
-Writes to --out: tuned_lens.safetensors (`lens.lenses.load_tuned_lens`), report.json,
+Writes to --out: tuned_lens.safetensors (`lens.readout.logit_lens.load_tuned_lens`), report.json,
 report.md, lens_scores.png, log.json, checkpoint.safetensors.
 """
 
@@ -30,15 +30,15 @@ import json
 import time
 from pathlib import Path
 
-import models.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from lens import data, train  # noqa: E402
+from lens.training import data, train  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from lens.lenses import TunedLens, save_tuned_lens  # noqa: E402
-from lens.tuned_training import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
+from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
+from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
 
 CORPORA = ("shakespeare", "python-docs", "python-code")

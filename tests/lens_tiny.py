@@ -11,7 +11,7 @@ import transformers as tf
 
 from hf_tiny import save_tiny
 from models.families import convert_hf
-from models.safetensors_reader import read_safetensors_folder
+from models.io.safetensors_reader import read_safetensors_folder
 
 VOCAB = 61
 CONFIGS = {
@@ -49,9 +49,9 @@ def tiny_text_model(folder: Path) -> Path:
     import jax
 
     import models
-    from models.config import ModelConfig
-    from models.embedded import fetch
-    from models.tokenizer import Tokenizer
+    from models.core.config import ModelConfig
+    from models.io.embedded import fetch
+    from models.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))  # the tokenizer only
     c = ModelConfig(architecture="gpt2", vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2,

@@ -8,6 +8,7 @@ union-find instead of boolean matrix powers), so a shared mistake is unlikely.
 from __future__ import annotations
 
 import numpy as np
+import scipy.stats
 
 
 def f64(a) -> np.ndarray:
@@ -174,3 +175,21 @@ def top_k_set(s, k):
 def rel_err(ours, ref) -> float:
     ours, ref = f64(ours), f64(ref)
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# ------------------------------------------------------------------ the predict-the-model metrics
+def log_softmax_np(x):
+    x = np.asarray(x, np.float64)
+    z = x - x.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def metrics_np(m, p, k):
+    """One position, float64, written from the definitions."""
+    order_m = np.argsort(-m, kind="stable")[:k]
+    order_p = np.argsort(-p, kind="stable")[:k]
+    hits = len(set(order_m) & set(order_p))
+    rho = scipy.stats.spearmanr(m[order_m], p[order_m]).statistic if np.ptp(p[order_m]) > 0 else 0.0
+    return {"test_err": np.mean(np.abs(m[order_m] - p[order_m])), "top1": float(order_m[0] == order_p[0]),
+            "recall": hits / k, "jaccard": hits / len(set(order_m) | set(order_p)), "spearman": rho,
+            "order": float(list(order_m) == list(order_p)), "kl": float(np.sum(np.exp(m) * (m - p)))}

@@ -2,7 +2,7 @@
 independent float64 computation.
 
 Why: XLA:CPU once miscompiled a jitted, vmapped `v - y (y.v)/d` (16% wrong) while every eager
-test passed (see `models/xla_guard.py`).  Each row below runs the function the way the
+test passed (see `models/runtime/xla_guard.py`).  Each row below runs the function the way the
 library and the scripts do (under `jax.jit`, with a `jax.vmap` over K > 1 and odd sizes)
 and compares it with NumPy float64 (`np_reference.py`: formulas, finite differences,
 eigenvalues, union-find) or with transformers + PyTorch in float64 on the same weights.
@@ -29,20 +29,20 @@ import torch
 import lens
 import models
 import np_reference as R
-from lens import folding
+from lens.core import folding
 from lens import geometry as G
-from lens.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
-from lens.melbo import analysis as A
-from lens.melbo.problem import make_problem
+from lens.core.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
+from lens.steering.melbo import analysis as A
+from lens.steering.melbo.problem import make_problem
 from lens_tiny import VOCAB, tiny
 
 ROWS: dict[str, callable] = {}
 # Public functions with no numeric result to compare, and why.
 EXEMPT = {
-    "lens.sweep.chunk_size_for": "a memory heuristic (how many vectors fit a chunk), not a numeric result",
-    "lens.melbo.analysis.analysis_mesh": "device bookkeeping (which mesh to use), no numbers",
+    "lens.core.sweep.chunk_size_for": "a memory heuristic (how many vectors fit a chunk), not a numeric result",
+    "lens.steering.melbo.analysis.analysis_mesh": "device bookkeeping (which mesh to use), no numbers",
 }
-COVERED_MODULES = ("lens.geometry", "lens.folding", "lens.capture", "lens.sweep", "lens.melbo.analysis")
+COVERED_MODULES = ("lens.geometry", "lens.core.folding", "lens.core.capture", "lens.core.sweep", "lens.steering.melbo.analysis")
 K = 16
 EPS = 1e-5
 
@@ -545,7 +545,7 @@ def _(name):
             close(real(logits[i], i), hf_run(hf, p)[0], TOL_MODEL, fam)
 
 
-@row("lens.capture.pad_prompts")
+@row("lens.core.capture.pad_prompts")
 def _(name):
     tok, mask = pad_prompts(PROMPTS, pad_id=5)
     for i, p in enumerate(PROMPTS):
@@ -553,7 +553,7 @@ def _(name):
         assert mask[i].sum() == len(p) and mask[i, : len(p)].all()
 
 
-@row("lens.capture.run_with_cache")
+@row("lens.core.capture.run_with_cache")
 def _(name):
     for fam in ("llama", "gpt2"):
         hf, ours = hf64(fam)
@@ -566,7 +566,7 @@ def _(name):
             close(real(np.asarray(cache.resid_post[i, -1]), i), final_in, TOL_MODEL, fam)
 
 
-@row("lens.capture.resid_at")
+@row("lens.core.capture.resid_at")
 def _(name):
     hf, ours = hf64("llama")
     refs = [hf_run(hf, p) for p in PROMPTS]
@@ -588,7 +588,7 @@ def _hf_head_outputs(hf, tokens, layer):
     return np.stack([z[:, h * dh:(h + 1) * dh] @ W[:, h * dh:(h + 1) * dh].T for h in range(hf.config.num_attention_heads)], 1)
 
 
-@row("lens.capture.head_outputs", "lens.capture.head_output")
+@row("lens.core.capture.head_outputs", "lens.core.capture.head_output")
 def _(name):
     hf, ours = hf64("llama")
     _, cache = run_with_cache(ours, TOK, attention_mask=MASK)
@@ -615,7 +615,7 @@ def steer_vectors(d, k=3, seed=4):
     return (np.random.RandomState(seed).randn(k, d) * 2.0).astype(np.float32)
 
 
-@row("lens.sweep.sweep_vectors")
+@row("lens.core.sweep.sweep_vectors")
 def _(name):
     hf, ours = hf64("llama")
     v = steer_vectors(ours.config.d_model)
@@ -635,7 +635,7 @@ def _(name):
                     assert np.abs(np.asarray(res.logprob_delta[k, ci, li, i]) - dlp).max() < 1e-5
 
 
-@row("lens.sweep.add_vectors")
+@row("lens.core.sweep.add_vectors")
 def _(name):
     for fam in ("llama", "gpt2"):
         hf, ours = hf64(fam)
@@ -647,10 +647,10 @@ def _(name):
                 close(real(got[k, i], i), ref, TOL_MODEL, (fam, k))
 
 
-@row("lens.sweep.run_edits")
+@row("lens.core.sweep.run_edits")
 def _(name):
     hf, ours = hf64("llama")
-    from lens import edits as E
+    from lens.core import edits as E
 
     heads = [{1: [0]}, {1: [3, 5]}, {2: [2]}]
     stacked = E.stack_edits([E.ablate_heads(ours, h) for h in heads])
@@ -671,16 +671,16 @@ def _(name):
             close(real(got[k, i], i), hf_run(hf, p, hooks=hooks)[0], TOL_MODEL, (k, i))
 
 
-@row("lens.sweep.sweep_edits")
+@row("lens.core.sweep.sweep_edits")
 def _(name):
     """K = 3 stacked edits of different kinds (head ablation, a vector, both) vs hooks."""
     hf, ours = hf64("llama")
-    from lens import edits as E
+    from lens.core import edits as E
 
     v = steer_vectors(ours.config.d_model)
     stacked = E.stack_edits([E.ablate_heads(ours, {1: [2]}), E.add(ours, v[0], [2]),
                              E.combine(E.ablate_heads(ours, {1: [4]}), E.add(ours, v[1], [1]))])
-    res = lens.sweep.sweep_edits(ours, TOK, stacked, attention_mask=MASK, targets=[3, 17],
+    res = lens.core.sweep.sweep_edits(ours, TOK, stacked, attention_mask=MASK, targets=[3, 17],
                                  keep_logits=True, chunk_size=2, progress=False)
     dh = hf.config.head_dim
 
@@ -704,12 +704,12 @@ def _(name):
             assert np.abs(np.asarray(res.logprob_delta[k, i]) - dlp).max() < 1e-5
 
 
-@row("lens.capture.last_real_index")
+@row("lens.core.capture.last_real_index")
 def _(name):
     rs = np.random.RandomState(12)
     masks = rs.rand(5, 7, 13) > 0.4  # arbitrary holes, left and right padding alike
     masks[0, 0] = False  # an all-padding row
-    got = np.asarray(jax.jit(jax.vmap(lens.capture.last_real_index))(masks))
+    got = np.asarray(jax.jit(jax.vmap(lens.core.capture.last_real_index))(masks))
     for b in range(5):
         for r in range(7):
             real_idx = [t for t in range(13) if masks[b, r, t]]
@@ -717,8 +717,8 @@ def _(name):
 
 
 # ------------------------------------------------------------------------------- folding rows
-@row("lens.folding.fold_norms", "lens.folding.centre_writers", "lens.folding.centre_unembed",
-     "lens.folding.fold_and_centre")
+@row("lens.core.folding.fold_norms", "lens.core.folding.centre_writers", "lens.core.folding.centre_unembed",
+     "lens.core.folding.fold_and_centre")
 def _(name):
     fn = getattr(folding, name.rsplit(".", 1)[1])
     for fam in ("gpt2", "neox", "llama"):
@@ -731,7 +731,7 @@ def _(name):
             ref = hf_run(hf, p)[0]
             # centring the unembedding shifts every position's logits by one constant
             close(R.log_softmax(real(logits[i], i)), R.log_softmax(ref), TOL_MODEL, (fam, i))
-            if "unembed" not in name and name != "lens.folding.fold_and_centre":
+            if "unembed" not in name and name != "lens.core.folding.fold_and_centre":
                 close(real(logits[i], i), ref, TOL_MODEL, (fam, i))
 
 
@@ -778,7 +778,7 @@ def _ref_effects(refs, skip_first=True):
     return np.stack(tgt), np.stack(last), np.stack(logits), base_logits
 
 
-@row("lens.melbo.analysis.steered_effects")
+@row("lens.steering.melbo.analysis.steered_effects")
 def _(name):
     _, _, problem, vectors, refs = melbo_setup()
     eff = A.steered_effects(problem, vectors, chunk=3)  # chunks of 3, padded last chunk
@@ -799,7 +799,7 @@ def _source_x(refs):
     return np.concatenate([b[1][S + 1][1: len(PROMPTS[i])] for i, b in enumerate(refs["base"])])
 
 
-@row("lens.melbo.analysis.source_activations", "lens.melbo.analysis.median_source_norm")
+@row("lens.steering.melbo.analysis.source_activations", "lens.steering.melbo.analysis.median_source_norm")
 def _(name):
     _, _, problem, _, refs = melbo_setup()
     x = _source_x(refs)
@@ -814,7 +814,7 @@ def _ref_stats(c):
     return off.mean(), lam.sum() ** 2 / (lam ** 2).sum()
 
 
-@row("lens.melbo.analysis.analyse_vectors")
+@row("lens.steering.melbo.analysis.analyse_vectors")
 def _(name):
     hf, ours, problem, vectors, refs = melbo_setup()
     out = A.analyse_vectors(problem, vectors, top_k=5, chunk=3)
@@ -846,7 +846,7 @@ def _(name):
     assert abs(out["closed_form_cosine"] - R.closed_form(rho.mean())) < 1e-6
 
 
-@row("lens.melbo.analysis.cosine_stats")
+@row("lens.steering.melbo.analysis.cosine_stats")
 def _(name):
     for s in range(3):
         c = R.cosine_matrix(_clustered_effects(s))
@@ -858,7 +858,7 @@ def _(name):
             assert out["clusters"][str(th)] == R.clusters(c, th)[0]
 
 
-@row("lens.melbo.analysis.rescale")
+@row("lens.steering.melbo.analysis.rescale")
 def _(name):
     v = steer_vectors(577, k=K)
     norms = np.linspace(1, 40, K).astype(np.float32)
@@ -866,7 +866,7 @@ def _(name):
     close(got, R.f64(v) / np.linalg.norm(R.f64(v), axis=1, keepdims=True) * norms[:, None], 1e-6)
 
 
-@row("lens.melbo.analysis.random_orthogonal_controls")
+@row("lens.steering.melbo.analysis.random_orthogonal_controls")
 def _(name):
     theta0 = steer_vectors(576, k=1)[0]
     norms = np.linspace(50, 90, K).astype(np.float32)
@@ -879,7 +879,7 @@ def _(name):
     assert np.abs(sets[0] - sets[1]).max() > 1.0  # different keys, different draws
 
 
-@row("lens.melbo.analysis.rho_sweep")
+@row("lens.steering.melbo.analysis.rho_sweep")
 def _(name):
     hf, ours, problem, vectors, refs = melbo_setup()
     grid = [0.1, 1.0]

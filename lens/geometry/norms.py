@@ -33,7 +33,7 @@ from lens.geometry._common import Scalar, centre_last, check_kind, compute_dtype
 def _sphere_parts(x: Float[Array, "*batch d"], kind: str, eps: Scalar):
     """(y, 1/sigma, sigma) in the compute dtype; y = P x / sigma (or x / rms).
 
-    Mirrors `models.layers.apply_norm` operation for operation (mean of squares, then
+    Mirrors `models.core.layers.apply_norm` operation for operation (mean of squares, then
     sqrt, then divide), so that `apply_norm` here equals the model's bit for bit.  Where
     sigma = 0 (only possible with eps = 0) y, 1/sigma and sigma are all set to 0; the
     double `where` keeps the gradient finite there.
@@ -98,7 +98,7 @@ def apply_norm(
     """The norm exactly as the model computes it: `gamma * to_sphere(x) + beta`.
 
     Everything (including the gain and bias) in float32, cast back to x's dtype once at
-    the end, like `models.layers.apply_norm` (same arguments, same order; that one also
+    the end, like `models.core.layers.apply_norm` (same arguments, same order; that one also
     returns the divisor).  Gemma's `(1 + w)` gain must be passed as
     `gamma = 1 + w` (the model folds it at load time).  At `P x = 0` with eps = 0 this
     returns `beta` (or 0) where the model would return NaN.

@@ -1,4 +1,4 @@
-// One pass per row of the "predict the model" metrics (lens/prediction.py):
+// One pass per row of the "predict the model" metrics (lens/prediction/scoring.py):
 //
 //   m      [..., P, V] float32  the model's log-probs, one row per position
 //   table  [..., U, V] float32  the predictor's log-probs, one row per distinct context
@@ -16,8 +16,8 @@
 // vectorised well, the gathered predictor row), ~25 ns per element of m on this machine; here each
 // row of m is read once, exp is a 16-lane polynomial, and the top-k keeps k <= 64 sorted entries,
 // touched only by an element above the current k-th (a vector compare per 16 elements).
-// -0.0 ties with +0.0 (values come back as +0.0), as in lens.prediction.top_k.
-// Built by lens/prediction_kernel.py with the host compiler (-march=native); needs AVX-512.
+// -0.0 ties with +0.0 (values come back as +0.0), as in lens.prediction.scoring.top_k.
+// Built by lens/kernels/prediction_rows.py with the host compiler (-march=native); needs AVX-512.
 #include <immintrin.h>
 
 #include <algorithm>

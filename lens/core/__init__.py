@@ -1,0 +1,3 @@
+"""Core machinery: capture activations, build edits (interventions as data), run vmapped sweeps,
+shard them over devices, fold norm weights.
+"""

@@ -1,0 +1,2 @@
+"""Modularity: capability-selective neuron pruning, MoEfication, contextual sparsity (Deja Vu).
+"""

@@ -1,0 +1,52 @@
+"""MELBO and MELBO-ortho steering vectors, and the analysis of how distinct they are.
+
+    from lens.steering import melbo
+    problem = melbo.make_problem(model, tokens, mask, source=7, target=15)
+    found = melbo.melbo(problem, 16, melbo.MelboConfig(radius=8.0))
+    ortho = melbo.melbo_ortho(problem, theta0, 32, melbo.OrthoConfig(steps=1000),
+                              mode="batched", block_size=8, on_block=save)
+    # several devices: each block is sharded over them (mesh= to choose, see train.py)
+
+Modules: `problem` (the split forward and the objectives), `train` (jitted optax loops,
+sequential and batched, checkpoint/resume), `analysis` (raw / effective / downstream /
+logit similarity of a set of vectors, controls, the norm-ratio sweep).
+"""
+
+from lens.steering.melbo.problem import (
+    MelboProblem,
+    make_problem,
+    masked_mean_positions,
+    melbo_loss,
+    ortho_loss,
+    ortho_reference,
+    pad_prompts,
+    layer_after,
+    steered_run,
+    steered_target,
+    without_first_position,
+)
+from lens.steering.melbo.train import (
+    MelboConfig,
+    OrthoConfig,
+    TrainResult,
+    block_mesh,
+    extend_basis,
+    gram_schmidt,
+    melbo,
+    melbo_ortho,
+    project_off,
+    train_vectors,
+    vector_key,
+)
+from lens.steering.melbo.analysis import (
+    SteeredEffects,
+    analyse_vectors,
+    analysis_mesh,
+    cosine_stats,
+    median_source_norm,
+    random_orthogonal_controls,
+    rescale,
+    rho_sweep,
+    source_activations,
+    steered_effects,
+)

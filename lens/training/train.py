@@ -1,0 +1,272 @@
+"""The one training loop: next-token loss on packed rows, AdamW, checkpoints, resume.
+
+    result = lens.training.train.train(model, train_rows, val_rows, TrainConfig(steps=1000, batch_size=16),
+                              out_dir="runs/x")
+    result.model, result.log            # trained Transformer, list of JSON-able records
+
+One compiled step (forward + backward + clip + AdamW with warmup and cosine decay) per
+batch; batch i is `lens.training.data.batch_at(train_rows, batch_size, seed, i)`, so the data
+position of a run is its step count.  Every `checkpoint_every` steps the params, the
+optimiser state, the step and the log go to `out_dir/checkpoint.safetensors` (written
+atomically); a run started again with the same settings continues from it and ends with
+exactly the weights of an uninterrupted run (same compiled step, same batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, Int
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from lens.training.data import batch_at
+
+CHECKPOINT = "checkpoint.safetensors"
+# Leaves decayed by AdamW: matrices.  Norm gains and biases are not (nanoGPT, GPT-2).
+_DECAYED = {"embed", "pos_embed", "unembed", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at `steps`
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    seed: int = 0  # the data order
+    bf16: bool = False  # forward/backward matmuls in bfloat16, float32 master weights
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1 (got {self.steps}, {self.batch_size})")
+        if self.eval_every < 1 or self.checkpoint_every < 1:
+            raise ValueError("eval_every and checkpoint_every must be >= 1")
+
+
+LossFn = Callable[[eqx.Module, Int[Array, "batch seq"]], Float[Array, ""]]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: eqx.Module
+    log: list[dict]
+
+
+def next_token_loss(model, rows: Int[Array, "batch seq"]) -> Float[Array, ""]:
+    """Mean cross-entropy of predicting rows[:, 1:] from rows[:, :-1] (float32)."""
+    logits = jax.vmap(model)(rows[:, :-1]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    target = jnp.take_along_axis(logp, rows[:, 1:, None], axis=-1)[..., 0]
+    return -target.mean()
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at the last step."""
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)  # a short run still gets a decay phase
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(cfg.steps, warmup + 1),
+                                              cfg.lr * cfg.min_lr_ratio)
+
+
+def optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (decaying matrices only) on warmup + cosine."""
+    def decayed(path, leaf):
+        return getattr(path[-1], "name", None) in _DECAYED
+
+    mask = jax.tree_util.tree_map_with_path(decayed, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(lr_schedule(cfg), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=mask),
+    )
+
+
+def _compute_model(params, static, bf16: bool):
+    model = eqx.combine(params, static)
+    if bf16:  # norms and softmax still run in float32 inside the forward
+        model = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model)
+    return model
+
+
+def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: LossFn | None = None):
+    """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm)."""
+    loss_fn = loss_fn or next_token_loss
+
+    # loss_fn is an argument of the compiled step, not a closure: a loss that is an
+    # eqx.Module holding a frozen model (a tuned lens's) then passes the model's weights
+    # as traced arguments instead of baking hundreds of MB into the program as constants.
+    @eqx.filter_jit
+    def step(params, opt_state, rows, loss_fn):
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(_compute_model(p, static, bf16), rows))(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+
+    return lambda params, opt_state, rows: step(params, opt_state, rows, loss_fn)
+
+
+def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None) -> float:
+    """Mean loss (next-token by default, else `loss_fn(model, rows)`) over `rows` in full
+    batches (the remainder rows are skipped)."""
+    n = (len(rows) // batch_size) * batch_size
+    if n == 0:
+        raise ValueError(f"{len(rows)} evaluation rows are fewer than one batch of {batch_size}")
+    params, static = eqx.partition(model, eqx.is_array)
+    losses = [float(_eval_loss(params, static, jnp.asarray(rows[i:i + batch_size]), bf16, loss_fn or next_token_loss))
+              for i in range(0, n, batch_size)]
+    return float(np.mean(losses))
+
+
+@eqx.filter_jit  # module level, so repeated evaluations reuse one compilation (per loss_fn)
+def _eval_loss(params, static, rows, bf16, loss_fn):
+    return loss_fn(_compute_model(params, static, bf16), rows)
+
+
+# --------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, params, opt_state, step: int, log: list[dict], settings: dict) -> None:
+    """Params + optimiser state (flattened leaves) + step + log, written atomically."""
+    arrays = {f"params/{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(params))}
+    arrays |= {f"opt/{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    meta = {"step": str(step), "data_position": str(step), "log": json.dumps(log),
+            "settings": json.dumps(settings, sort_keys=True)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(arrays, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # a kill during the write leaves the previous checkpoint intact
+
+
+def load_checkpoint(path: Path, params, opt_state, settings: dict):
+    """(params, opt_state, step, log) from `path`, checked against the run's templates.
+
+    A checkpoint from other settings (another model, data, optimiser) is refused, naming
+    the differences, so a resume never silently mixes two runs.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["settings"])
+    diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if diff:
+        raise ValueError(f"{path}: checkpoint was written with other settings {diff}; "
+                         "use another --out folder or delete the checkpoint")
+    arrays = load_file(str(path))
+
+    def restore(prefix, template):
+        leaves, treedef = jax.tree.flatten(template)
+        got = [arrays[f"{prefix}/{i:05d}"] for i in range(len(leaves))]
+        for i, (a, b) in enumerate(zip(got, leaves)):
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ValueError(f"{path}: {prefix} leaf {i} is {a.shape} {a.dtype}, expected {b.shape} {b.dtype}")
+        return jax.tree.unflatten(treedef, [jnp.asarray(a) for a in got])
+
+    return restore("params", params), restore("opt", opt_state), int(meta["step"]), json.loads(meta["log"])
+
+
+# --------------------------------------------------------------------------- loop
+def train(
+    model,
+    train_rows: np.ndarray,
+    val_rows: np.ndarray,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = True,
+    progress: bool = True,
+    on_checkpoint: Callable[[int], None] | None = None,
+    run_info: dict | None = None,
+    loss_fn: LossFn | None = None,
+    opt: optax.GradientTransformation | None = None,
+    rows_config=None,
+    lr_fn: optax.Schedule | None = None,
+) -> TrainResult:
+    """Train `model` on `train_rows` [N, seq]; evaluate on `val_rows` every `eval_every` steps.
+
+    By default `model` is a Transformer trained on next-token loss with AdamW
+    (`optimizer(cfg)`).  Any other trainable eqx.Module (a tuned lens, a router, a
+    distilled student) trains through the same loop, checkpoints and resume by passing
+    `loss_fn(module, rows) -> scalar` (a frozen model closed over; it must be a
+    module-level function or a stable object so the step compiles once), `opt` (an optax
+    transformation; its description belongs in `run_info`), and `rows_config` (the
+    config whose vocabulary and context the token rows must fit, when `model` has none),
+    and `lr_fn` (step -> learning rate of that `opt`, for the log's `lr` column).
+
+    Writes out_dir/checkpoint.safetensors every `checkpoint_every` steps and at the end,
+    and out_dir/log.json (one record per evaluation: step, train_loss, val_loss, lr,
+    grad_norm, tokens_per_s).  `run_info` (model and data descriptions) is part of the
+    settings a resumed checkpoint must match.
+    """
+    rows_config = rows_config if rows_config is not None else getattr(model, "config", None)
+    if rows_config is None:
+        raise ValueError("train: `model` has no .config; pass rows_config= (the config the token rows must fit)")
+    train_rows = _check_rows(train_rows, "train_rows", rows_config)
+    val_rows = _check_rows(val_rows, "val_rows", rows_config)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params, static = eqx.partition(model, eqx.is_array)
+    opt = opt if opt is not None else optimizer(cfg, params)
+    opt_state = opt.init(params)
+    described = getattr(model, "config", None) or type(model).__name__
+    settings = {"train": dataclasses.asdict(cfg), "model": repr(described), "train_rows": list(train_rows.shape),
+                "train_rows_sum": int(train_rows.astype(np.int64).sum()), **(run_info or {})}
+    start, log = 0, []
+    ckpt = out_dir / CHECKPOINT
+    if resume and ckpt.exists():
+        params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
+    step_fn = make_step(static, opt, cfg.bf16, loss_fn)
+    schedule_lr = lr_fn if lr_fn is not None else lr_schedule(cfg)
+    tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
+    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    timed_tokens, timed_s, loss, gnorm = 0, 0.0, math.nan, math.nan
+    for step in range(start, cfg.steps):
+        batch = jnp.asarray(batch_at(train_rows, cfg.batch_size, cfg.seed, step))
+        t0 = time.perf_counter()
+        params, opt_state, loss, gnorm = step_fn(params, opt_state, batch)
+        loss = float(loss)  # blocks, so the timing below is the step's real time
+        if step > start:  # the first step of a process includes compilation
+            timed_tokens += tokens_per_step
+            timed_s += time.perf_counter() - t0
+        tok_s = timed_tokens / timed_s if timed_s else math.nan
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = evaluate(eqx.combine(params, static), val_rows[: cfg.eval_batches * cfg.batch_size],
+                           cfg.batch_size, cfg.bf16, loss_fn)
+            log.append({"step": done, "train_loss": loss, "val_loss": val, "lr": float(schedule_lr(step)),
+                        "grad_norm": float(gnorm), "tokens_per_s": None if math.isnan(tok_s) else tok_s})
+            bar.write(f"step {done}: train {loss:.4f}  val {val:.4f}  {tok_s:,.0f} tok/s")
+            (out_dir / "log.json").write_text(json.dumps(log, indent=1) + "\n")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_checkpoint(ckpt, params, opt_state, done, log, settings)
+            if on_checkpoint is not None:
+                on_checkpoint(done)
+    bar.close()
+    return TrainResult(eqx.combine(params, static), log)
+
+
+def _check_rows(rows, name: str, config) -> np.ndarray:
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
+        raise ValueError(f"{name} must be integer token rows [N, seq]; got {rows.dtype} {rows.shape}")
+    if rows.shape[1] - 1 > config.max_seq_len or rows.shape[1] < 2:
+        raise ValueError(f"{name}: rows of {rows.shape[1]} tokens need 2 <= seq <= max_seq_len + 1 "
+                         f"= {config.max_seq_len + 1}")
+    if rows.size and (rows.min() < 0 or rows.max() >= config.vocab_size):
+        raise ValueError(f"{name}: token ids outside [0, {config.vocab_size})")
+    return rows.astype(np.int32)

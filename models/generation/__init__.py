@@ -1,0 +1,2 @@
+"""Generation: greedy and sampled decoding with the pure KV cache.
+"""

@@ -1,0 +1,353 @@
+"""Tokenizers built with the `tokenizers` library, from a GGUF or an HF folder.
+
+    tok = Tokenizer.from_gguf("model.gguf")
+    ids = tok.encode("Hello")                              # no BOS unless asked
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
+    ids = tok.chat_tokens([{"role": "user", "content": "Hi"}])
+    text = tok.decode(ids, skip_special_tokens=True)
+
+A GGUF carries no tokenizer.json, only llama.cpp's vocabulary metadata.  `from_gguf`
+rebuilds exactly what transformers' GGUF loader builds (`integrations/gguf/
+gguf_tokenizer_mapping.py`), and tests/models/test_tokenizer.py checks the two encode alike:
+
+  * "gpt2" vocabularies (SmolLM2): byte-level BPE from the file's tokens and merges;
+  * "llama" vocabularies of Gemma 3: SentencePiece-style BPE with byte fallback, whose
+    merges (absent from the file) are recovered from the vocabulary in file order.
+
+Tokens the file marks as control become special added tokens (matched whole, dropped by
+`skip_special_tokens`); user-defined ones become plain added tokens.  Chat templates are
+rendered in a sandboxed jinja2 environment set up like transformers'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as _HFTokenizer
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map for byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus special ids and a chat template."""
+
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
+        pad_token_id: int | None,
+        chat_template: str | None = None,
+        add_bos_token: bool = False,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        # {"bos_token": "<s>", ...}: handed to chat templates, as transformers does.
+        self.special_tokens = dict(special_tokens or {})
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, "
+            f"eos={self.eos_token_ids}, pad={self.pad_token_id}, chat_template={self.chat_template is not None})"
+        )
+
+    # ------------------------------------------------------------------ encode/decode
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`; add_special_tokens=True prepends BOS where the model wants it."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.backend.id_to_token(int(i))
+
+    # ---------------------------------------------------------------------- chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt string for `messages` ([{"role": ..., "content": ...}, ...])."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this tokenizer has no chat template (a base model?); format the prompt yourself"
+            )
+        template = _compile(self.chat_template)
+        context = {**self.special_tokens, **kwargs}
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+
+    def chat_tokens(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the chat prompt (the template writes any BOS itself)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    # ------------------------------------------------------------------ builders
+    def to_dict(self) -> dict:
+        return {
+            "backend": self.backend.to_str(), "bos_token_id": self.bos_token_id,
+            "eos_token_ids": list(self.eos_token_ids), "pad_token_id": self.pad_token_id,
+            "chat_template": self.chat_template, "add_bos_token": self.add_bos_token,
+            "special_tokens": self.special_tokens,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        d = dict(d)
+        backend = _HFTokenizer.from_str(d.pop("backend"))
+        d["eos_token_ids"] = tuple(d["eos_token_ids"])
+        return cls(backend, **d)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, use_cache: bool = True) -> "Tokenizer":
+        """Rebuild the tokenizer a GGUF describes (its `tokenizer.ggml.*` metadata).
+
+        Recovering Gemma's 500k merges takes seconds, so the result is cached as JSON in
+        the lens cache dir (see models/io/embedded.py), keyed by file name, size and mtime.
+        """
+        cache = _cache_path(Path(path)) if use_cache else None
+        if cache is not None and cache.exists():
+            try:
+                return cls.from_dict(json.loads(cache.read_text()))
+            except Exception:  # noqa: BLE001 -- a stale or corrupt cache is simply rebuilt
+                pass
+        tok = cls._build_from_gguf(path)
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(tok.to_dict()))
+                os.replace(tmp, cache)
+            except OSError:
+                pass  # an unwritable cache only costs time
+        return tok
+
+    @classmethod
+    def _build_from_gguf(cls, path: str | Path) -> "Tokenizer":
+        from models.io.gguf_reader import read_metadata
+
+        meta = read_metadata(path)
+        kind = meta.get("tokenizer.ggml.model")
+        arch = meta.get("general.architecture")
+        tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+        if not tokens:
+            raise ValueError(f"{Path(path).name}: the GGUF has no tokenizer vocabulary")
+        types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))]
+        if kind == "gpt2":
+            backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [])
+            add_bos_default = False
+        elif kind == "llama" and arch in ("gemma", "gemma2", "gemma3"):
+            backend = _gemma_bpe(tokens)
+            add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+        else:
+            raise NotImplementedError(
+                f"{Path(path).name}: building a tokenizer for GGUF tokenizer model {kind!r} "
+                f"(architecture {arch!r}) is not implemented; supported: 'gpt2' (byte-level BPE) "
+                "and gemma's 'llama' (SentencePiece BPE)"
+            )
+        _add_gguf_special_tokens(backend, tokens, types, byte_level=kind == "gpt2")
+
+        def tok(key: str) -> int | None:
+            v = meta.get(f"tokenizer.ggml.{key}")
+            return None if v is None else int(v)
+
+        bos, eos, pad, unk = tok("bos_token_id"), tok("eos_token_id"), tok("padding_token_id"), tok("unknown_token_id")
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+        _set_post_processor(backend, tokens[bos] if bos is not None else None, bos, add_bos)
+        names = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_ids=() if eos is None else (eos,),
+            pad_token_id=pad,
+            chat_template=meta.get("tokenizer.chat_template"),
+            add_bos_token=add_bos,
+            special_tokens={k: tokens[v] for k, v in names.items() if v is not None},
+        )
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer | None":
+        """From an HF folder's tokenizer.json (+ tokenizer_config.json); None if absent."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").exists():
+            return None
+        backend = _HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+        template = cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        special = {}
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            value = cfg.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value is not None:
+                special[key] = value
+        ids = {k: backend.token_to_id(v) for k, v in special.items()}
+        return cls(
+            backend,
+            bos_token_id=ids.get("bos_token"),
+            eos_token_ids=() if ids.get("eos_token") is None else (ids["eos_token"],),
+            pad_token_id=ids.get("pad_token"),
+            chat_template=template,
+            add_bos_token=bool(cfg.get("add_bos_token", False)),
+            special_tokens=special,
+        )
+
+
+# ---------------------------------------------------------------------- GGUF builders
+_CACHE_VERSION = 1  # bump when the builders change, to invalidate cached tokenizers
+
+
+def _cache_path(path: Path) -> Path | None:
+    from models.io.embedded import cache_dir
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-v{_CACHE_VERSION}.tokenizer.json"
+    return cache_dir() / "tokenizers" / key
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[str]) -> _HFTokenizer:
+    """transformers' `byte_level_tokenizer` + `GPT2Tokenizer`: byte-level BPE, no normaliser."""
+    spelling = bytes_to_unicode()
+    alphabet = set(spelling.values())
+    vocab = {
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
+    bpe = models.BPE(
+        vocab=vocab,
+        merges=[tuple(m.split(" ")) for m in merges],
+        dropout=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+    )
+    backend = _HFTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _gemma_merges(tokens: list[str]) -> list[tuple[str, str]]:
+    """Merges implied by a vocabulary, best first (transformers' `generate_merges`).
+
+    Gemma's scores do not follow its merge order; the order tokens appear in the file
+    does, so each token's "score" is minus its index.  Every split of a token into two
+    vocabulary pieces is a merge; within one token, longer left pieces come first.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    scores = {t: -i for i, t in enumerate(tokens)}
+    merges = []
+    for merge, score in scores.items():
+        local = [
+            (merge[:k], merge[k:], score)
+            for k in range(1, len(merge))
+            if merge[:k] in vocab and merge[k:] in vocab
+        ]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _gemma_bpe(tokens: list[str]) -> _HFTokenizer:
+    """transformers' `gemma_tokenizer` + `GemmaTokenizer`: SentencePiece-style BPE."""
+    # Whitespace-only tokens of 2+ spaces are stored with real spaces; the normaliser
+    # turns spaces into U+2581, so respell them to match.
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(
+        vocab=vocab, merges=_gemma_merges(tokens), fuse_unk=True, unk_token="<unk>", dropout=None,
+        byte_fallback=True,
+    )
+    backend = _HFTokenizer(bpe)
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend
+
+
+def _add_gguf_special_tokens(backend: _HFTokenizer, tokens: list[str], types: list[int], byte_level: bool) -> None:
+    """Control tokens -> special added tokens; user-defined -> plain added tokens.
+
+    In a byte-level vocabulary a "control" token spelled outside the byte alphabet is a
+    llama.cpp mislabel (adding it would grow the vocabulary), so it is skipped, as
+    transformers does.
+    """
+    spelled = set(bytes_to_unicode().values()) if byte_level else None
+    control = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types)
+        if ty == CONTROL and (spelled is None or set(t) <= spelled)
+    ]
+    if control:
+        backend.add_special_tokens(control)
+    vocab = backend.get_vocab()
+    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)
+
+
+def _set_post_processor(backend: _HFTokenizer, bos: str | None, bos_id: int | None, add_bos: bool) -> None:
+    if add_bos and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+    else:
+        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
+
+
+# ---------------------------------------------------------------------- chat templates
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """A sandboxed jinja2 template, with transformers' environment settings."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template)

@@ -1,0 +1,2 @@
+"""Runtime policy: the XLA:CPU guard, the persistent compilation cache, per-model caches.
+"""

@@ -1,0 +1,283 @@
+"""lens.readout.logit_lens / lens.readout.tuned_lens_fit: the logit lens against a float64 numpy computation from
+captured residuals (jitted, vmapped over K = 3 prompts of odd length) and against a
+transformers run (hidden_states through the HF final norm + lm_head); a zero-initialised
+tuned lens is the logit lens; the tuned-lens loss and its hand-written gradient against
+plain autodiff and numpy; training lowers held-out KL; an interrupted training resumes
+to the uninterrupted lens (in-process, and by a real SIGKILL of the script); save/load; the
+script's smoke preset end to end."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lens
+from lens.readout import logit_lens, tuned_lens_fit as tt
+from lens.training import train
+from lens_tiny import tiny
+
+FAMILIES = ["llama", "gpt2", "neox", "gemma3"]
+
+
+def np_decode(model, x, scale=None):
+    """float64 final norm + unembedding + soft-cap + log_softmax, from the weights."""
+    c = model.config
+    x = np.asarray(x, np.float64)
+    if c.norm_kind == "layer":
+        x = x - x.mean(-1, keepdims=True)
+    s = np.sqrt((x * x).mean(-1, keepdims=True) + c.norm_eps) if scale is None else np.asarray(scale)[..., None]
+    y = x / s * np.asarray(model.final_norm_w, np.float64)
+    if model.final_norm_b is not None:
+        y = y + np.asarray(model.final_norm_b, np.float64)
+    logits = y @ np.asarray(model.W_U, np.float64).T
+    if model.unembed_b is not None:
+        logits = logits + np.asarray(model.unembed_b, np.float64)
+    if c.final_logit_softcap is not None:
+        logits = c.final_logit_softcap * np.tanh(logits / c.final_logit_softcap)
+    logits = logits - logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def prompts(k=3, seq=7, vocab=61, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, (k, seq)).astype(np.int32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logit_lens_jit_vmap_equals_numpy_from_captured_residuals(family):
+    _, model, _ = tiny(family)
+    toks = prompts()
+    run = jax.jit(jax.vmap(lambda t, m, frozen: logit_lens.logit_lens(m, t, frozen_scale=frozen),
+                           in_axes=(0, None, None)), static_argnums=2)
+    got = np.asarray(run(toks, model, False))
+    got_frozen = np.asarray(run(toks, model, True))
+    assert got.shape == (3, model.config.n_layers + 1, 7, 61) and got.dtype == np.float32
+    logits, cache = lens.run_with_cache(model, toks)
+    for k in range(3):
+        stack = np.concatenate([np.asarray(cache.resid_pre[k]), np.asarray(cache.resid_post[k, -1:])])
+        want = np_decode(model, stack)
+        np.testing.assert_allclose(got[k], want, atol=2e-4, rtol=0)  # float32 vs float64
+        # the last entry is the model's own log-probs
+        np.testing.assert_allclose(got[k, -1], np.asarray(jax.nn.log_softmax(logits[k])), atol=2e-5, rtol=0)
+        # frozen: every layer divided by the final layer's divisor (centred for LayerNorm)
+        final = stack[-1].astype(np.float64)
+        final = final - final.mean(-1, keepdims=True) if model.config.norm_kind == "layer" else final
+        s_final = np.sqrt((final * final).mean(-1) + model.config.norm_eps)
+        np.testing.assert_allclose(got_frozen[k], np_decode(model, stack, np.broadcast_to(s_final, stack.shape[:2])),
+                                   atol=2e-4, rtol=0)
+        np.testing.assert_allclose(got_frozen[k, -1], got[k, -1], atol=1e-5, rtol=0)
+    assert not np.allclose(got_frozen[:, 0], got[:, 0], atol=1e-3)  # the variants differ below the top
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logit_lens_equals_transformers_hidden_states_through_its_head(family):
+    hf, model, _ = tiny(family)
+    toks = prompts(1, 9)[0]
+    with torch.no_grad():
+        out = hf(input_ids=torch.as_tensor(toks[None].astype(np.int64)), output_hidden_states=True)
+        base = hf.model if family == "llama" else hf.transformer
+        norm = base.norm if family == "llama" else base.ln_f
+        # hidden_states[l] for l < n_layers is what enters block l; the last is already normed
+        hs = [hf.lm_head(norm(h)) for h in out.hidden_states[:-1]] + [out.logits]
+        want = torch.log_softmax(torch.cat(hs).float(), -1).numpy()
+    got = np.asarray(logit_lens.logit_lens(model, toks))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_zero_initialised_tuned_lens_is_the_logit_lens():
+    _, model, _ = tiny("gemma3")
+    toks = prompts(2, 5)
+    tuned = logit_lens.TunedLens.init(model.config)
+    got = jax.vmap(lambda t: logit_lens.tuned_lens(model, tuned, t))(toks)
+    want = jax.vmap(lambda t: logit_lens.logit_lens(model, t))(toks)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        logit_lens.tuned_lens(tiny("llama")[1], tuned, toks[0])
+
+
+def random_lens(config, scale=0.05, seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    n, d = config.n_layers, config.d_model
+    return logit_lens.TunedLens(scale * jax.random.normal(k1, (n, d, d)), scale * jax.random.normal(k2, (n, d)))
+
+
+def test_loss_and_its_hand_written_gradient_against_numpy_and_autodiff():
+    _, model, _ = tiny("llama")
+    rows = prompts(3, 6)
+    tuned = random_lens(model.config)
+    loss_fn = tt.TunedLensLoss(model)
+    got, grad = jax.jit(jax.value_and_grad(lambda t, r: loss_fn(t, r)))(tuned, rows)
+    # numpy: sum over layers of the mean KL(model || lens) on rows[:, :-1]
+    _, cache = lens.run_with_cache(model, rows[:, :-1])
+    total = 0.0
+    for layer in range(model.config.n_layers):
+        kls = []
+        for k in range(3):
+            h = np.asarray(cache.resid_pre[k, layer], np.float64)
+            moved = h + h @ np.asarray(tuned.weight[layer], np.float64).T + np.asarray(tuned.bias[layer], np.float64)
+            p = np_decode(model, np.asarray(cache.resid_post[k, -1]))
+            kls.append((np.exp(p) * (p - np_decode(model, moved))).sum(-1))
+        total += np.mean(kls)
+    assert float(got) == pytest.approx(total, rel=1e-4)
+
+    def plain(t):  # the same loss through ordinary autodiff (no custom_vjp)
+        stack, target = loss_fn.targets(rows)
+        out = 0.0
+        for layer in range(model.config.n_layers):
+            h = jax.vmap(lambda x: t.translate(x, layer))(stack[:, layer])
+            out = out + tt._decoded_kl(h, target, model)
+        return out
+
+    want = jax.grad(plain)(tuned)
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def test_reference_optimizer_is_torch_sgd_nesterov():
+    """optax chain == torch.optim.SGD(lr 0.1, momentum 0.9, nesterov, weight_decay 1e-3) after
+    clip_grad_norm_(1.0), with the linear decay, on the same gradients."""
+    steps = 5
+    opt, lr_fn = tt.reference_optimizer(steps)
+    rng = np.random.default_rng(0)
+    p0 = rng.normal(size=(4, 3)).astype(np.float32)
+    grads = [rng.normal(size=(4, 3)).astype(np.float32) * 3 for _ in range(steps)]
+    params, state = jnp.asarray(p0), opt.init(jnp.asarray(p0))
+    for g in grads:
+        upd, state = opt.update(jnp.asarray(g), state, params)
+        params = params + upd
+    w = torch.nn.Parameter(torch.tensor(p0))
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: max(0.0, (steps - i) / steps))
+    for g in grads:
+        w.grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_([w], 1.0)
+        sgd.step()
+        sched.step()
+    np.testing.assert_allclose(np.asarray(params), w.detach().numpy(), atol=1e-6)
+    assert float(lr_fn(0)) == pytest.approx(0.1) and float(lr_fn(steps)) == 0.0
+
+
+class Killed(Exception):
+    pass
+
+
+def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
+    _, model, _ = tiny("gpt2")
+    rng = np.random.default_rng(1)
+    rows, val = rng.integers(0, 61, (32, 9)), rng.integers(0, 61, (8, 9))
+    opt, lr_fn = tt.reference_optimizer(12, lr_scale=4.0)
+    cfg = train.TrainConfig(steps=12, batch_size=4, eval_every=12, eval_batches=2, checkpoint_every=4)
+    kw = dict(loss_fn=tt.TunedLensLoss(model), opt=opt, rows_config=model.config, lr_fn=lr_fn, progress=False)
+    zero = logit_lens.TunedLens.init(model.config)
+    full = train.train(zero, rows, val, cfg, tmp_path / "a", **kw)
+    before = tt.lens_scores(model, None, val)
+    after = tt.lens_scores(model, full.model, val)
+    assert after["kl"][0] < 0.8 * before["kl"][0] and after["kl"][1] < 0.8 * before["kl"][1]
+    assert after["kl"][-1] == pytest.approx(0.0, abs=1e-6) and after["top1"][-1] == 1.0
+    assert full.log[-1]["lr"] == pytest.approx(float(lr_fn(11)))
+
+    def kill(step):
+        if step == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.train(zero, rows, val, cfg, tmp_path / "b", on_checkpoint=kill, **kw)
+    resumed = train.train(zero, rows, val, cfg, tmp_path / "b", **kw)
+    for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    # save / load round trip, refused for another model
+    path = logit_lens.save_tuned_lens(full.model, tmp_path / "lens.safetensors", model, {"steps": 12})
+    back, meta = logit_lens.load_tuned_lens(path, model)
+    assert eqx.tree_equal(back, full.model) and meta["info"]["steps"] == 12
+    with pytest.raises(ValueError, match="does not fit|another unembedding"):
+        logit_lens.load_tuned_lens(path, tiny("neox")[1])
+
+
+def test_scores_count_bytes_and_match_a_loop():
+    _, model, _ = tiny("llama")
+    rows = prompts(3, 5)
+    s = tt.lens_scores(model, None, rows, n_bytes=40, batch_size=2)  # a short last batch
+    lp = np.stack([np_decode(model, np.concatenate([np.asarray(c.resid_pre), np.asarray(c.resid_post[-1:])]))
+                   for c in [lens.run_with_cache(model, r[:-1])[1] for r in rows]])  # [K, L+1, T, V]
+    ce = -np.take_along_axis(lp, rows[:, None, 1:, None], -1)[..., 0].mean((0, 2))
+    np.testing.assert_allclose(s["ce"], ce, rtol=1e-4)
+    np.testing.assert_allclose(s["ce_bits_per_byte"], ce * 12 / 40 / np.log(2), rtol=1e-4)
+    top = lp[:, -1].argmax(-1)
+    np.testing.assert_allclose(s["top1"], (lp.argmax(-1) == top[:, None]).mean((0, 2)))
+    # the frozen-statistics variant: KL of each layer over the final divisor, against numpy
+    fz = tt.lens_scores(model, None, rows, frozen_scale=True, batch_size=3)
+    kl = []
+    for r in rows:
+        c = lens.run_with_cache(model, r[:-1])[1]
+        stack = np.concatenate([np.asarray(c.resid_pre), np.asarray(c.resid_post[-1:])]).astype(np.float64)
+        s_final = np.sqrt((stack[-1] ** 2).mean(-1) + model.config.norm_eps)  # RMSNorm: no centring
+        q = np_decode(model, stack, np.broadcast_to(s_final, stack.shape[:2]))
+        kl.append((np.exp(q[-1]) * (q[-1] - q)).sum(-1).mean(-1))
+    np.testing.assert_allclose(fz["kl"], np.mean(kl, 0), rtol=1e-3, atol=1e-5)
+    assert fz["kl"][0] != pytest.approx(s["kl"][0], rel=1e-3)
+
+
+def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
+    """Both scripts end to end (smoke presets) on a tiny random model with SmolLM2's tokenizer:
+    the lens the first writes is read by the second."""
+    import json
+
+    import lens_report
+    import models
+    import train_tuned_lens
+    from lens_tiny import tiny_text_model
+
+    folder = str(tiny_text_model(tmp_path / "m"))
+    report = train_tuned_lens.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "o"),
+                                    "--no-progress", "--corpora", "shakespeare"])
+    saved = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert saved["settings"] == report["settings"] and len(saved["tuned_lens"]["kl"]) == 3
+    assert (tmp_path / "o" / "lens_scores.png").stat().st_size > 1000
+    logit_lens.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(folder)[0])
+    r = lens_report.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
+                          "--tuned", str(tmp_path / "o" / "tuned_lens.safetensors")])
+    assert set(r["lenses"]) == {"logit lens", "tuned lens"}
+    assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
+    assert (tmp_path / "r" / "lens_report.png").stat().st_size > 1000
+
+
+# A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
+# kill at a known step, no polling race), then the same command resumes in this process.
+KILL_AT_2 = (
+    "import os, signal, sys; sys.path.insert(0, 'scripts'); import train_tuned_lens; "
+    "train_tuned_lens.main(sys.argv[1:], on_checkpoint=lambda s: s == 2 and os.kill(os.getpid(), signal.SIGKILL))"
+)
+
+
+def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    import train_tuned_lens
+    from lens_tiny import tiny_text_model
+
+    root = Path(__file__).resolve().parents[1]
+    folder = str(tiny_text_model(tmp_path / "m"))
+    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
+            "--corpora", "shakespeare"]
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_2, *args, "--out", str(killed)], cwd=root,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (killed / train.CHECKPOINT).exists() and not (killed / "tuned_lens.safetensors").exists()
+    resumed = train_tuned_lens.main(args + ["--out", str(killed)])
+    whole = train_tuned_lens.main(args + ["--out", str(full)])
+    assert [r["step"] for r in resumed["train_log"]] == [4]  # one eval, at the end
+    a = load_file(str(killed / "tuned_lens.safetensors"))
+    b = load_file(str(full / "tuned_lens.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed["tuned_lens"]["kl"] == whole["tuned_lens"]["kl"]

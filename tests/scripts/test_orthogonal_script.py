@@ -1,0 +1,246 @@
+"""scripts/orthogonal_steering.py end to end on tiny random HF folders (no tokenizer:
+prompts are seeded random ids): a run killed after its first checkpoint and resumed gives
+the same vectors as an uninterrupted run, and report.json holds every key the issue lists.
+The kill is simulated in-process (an exception from the checkpoint hook, Llama) and done
+for real (SIGKILL to the script's process in the middle of training, Qwen2)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_max_abs", "norms",
+            "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
+            "degeneracy_factor", "rho_grid", "effective_cosine_vs_rho", "degeneracy_vs_rho",
+            "code_score", "mode_comparison", "shared_share", "specific_participation_ratio", "control_spread",
+            "residual_participation_ratio", "closed_form_per_token", "behaviour_per_vector", "objective_positions")
+STAGES = ("raw", "effective", "target", "logits")
+
+
+class Killed(Exception):
+    pass
+
+
+def assert_every_vector_file_loads(out: Path):
+    """Every .safetensors the main job writes is a `lens.steering.vectors` vector file: vectors at
+    resid_pre[layer] = after block source_layer, metadata as JSON."""
+    from lens.steering.vectors import load_extras, load_vectors
+
+    files = sorted(out.glob("*.safetensors"))
+    assert {f.name for f in files} == {"base.safetensors", "checkpoint.safetensors", "vectors.safetensors"}
+    for f in files:
+        v, meta = load_vectors(f)
+        assert meta["site"] == "resid_pre" and meta["layer"] == meta["source_layer"] + 1, f.name
+        assert v.shape[-1] == 24 and np.isfinite(v).all(), f.name
+        if f.name != "base.safetensors":
+            assert load_extras(f)["theta0"].shape == (24,), f.name
+
+
+@pytest.fixture(scope="module")
+def qwen2_folder(tmp_path_factory):
+    """Qwen2 (Llama plus q/k/v biases): the architecture of the full-scale run."""
+    from transformers import Qwen2Config
+
+    from hf_tiny import save_tiny
+
+    cfg = Qwen2Config(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny_qwen2_script")
+    save_tiny(cfg, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from hf_tiny import save_tiny, tiny_llama_config
+
+    cfg = tiny_llama_config(4, max_positions=64)
+    folder = tmp_path_factory.mktemp("tiny_llama_script")
+    save_tiny(cfg, folder)
+    return folder
+
+
+def argv(folder, out, *extra):
+    return ["--model", str(folder), "--out", str(out), "--k", "4", "--block", "2", "--steps", "5",
+            "--rho-grid", "0.3,1", "--base-rho-grid", "0.5,1", "--gen-tokens", "3", "--gen-vectors", "4",
+            "--gen-prompts", "1", "--gen-batch", "12", "--calib-prompts", "2", "--compare-k", "2",
+            "--compare-seeds", "2", "--chunk", "4", "--control-seeds", "2", "--n-boot", "30",
+            "--readings-prompts", "2", *extra]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
+    import orthogonal_steering as script
+    from lens.steering.vectors import load_extras, load_vectors
+
+    full = script.main(argv(tiny_folder, tmp_path / "full"))
+
+    def kill(n_done):
+        raise Killed(n_done)  # the run dies right after writing its first checkpoint
+
+    with pytest.raises(Killed):
+        script.main(argv(tiny_folder, tmp_path / "killed"), on_checkpoint=kill)
+    saved, meta = load_vectors(tmp_path / "killed" / "checkpoint.safetensors")
+    assert meta["n_done"] == 2 and saved.shape == (2, 24)
+    assert not (tmp_path / "killed" / "report.json").exists()
+
+    # resuming with other training settings is refused, and the checkpoint is left as it was
+    before = (tmp_path / "killed" / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="steps: checkpoint 5 vs now 6"):
+        script.main(argv(tiny_folder, tmp_path / "killed", "--resume", "--steps", "6"))
+    assert (tmp_path / "killed" / "checkpoint.safetensors").read_bytes() == before
+
+    resumed = script.main(argv(tiny_folder, tmp_path / "killed", "--resume"))
+    a, b = (load_vectors(tmp_path / run / "vectors.safetensors")[0] for run in ("full", "killed"))
+    np.testing.assert_array_equal(b, a)
+    ea, eb = (load_extras(tmp_path / run / "vectors.safetensors") for run in ("full", "killed"))
+    np.testing.assert_array_equal(eb["theta0"], ea["theta0"])
+    np.testing.assert_array_equal(eb["losses"], ea["losses"])
+    assert_every_vector_file_loads(tmp_path / "killed")
+    assert resumed["raw_cosine_max_abs"] <= 1e-5 and full["k_vectors"] == 4
+
+    report = json.loads((tmp_path / "killed" / "report.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert {"base", "found_mean"} <= set(report["norms"])
+    assert {"exact", "first_order"} <= set(report["effective_cosine_mean"])
+    for key in ("participation_ratio", "degeneracy_factor"):
+        assert set(STAGES) <= set(report[key]), key
+    assert len(report["effective_cosine_vs_rho"]["exact"]) == len(report["rho_grid"]) == 2
+    assert {"base", "ortho_mean", "random_control", "unsteered"} <= set(report["code_score"])
+    mc = report["mode_comparison"]
+    assert len(mc["runs"]["sequential"]) == 2 and len(mc["runs"]["batched"]) == 2
+    assert {"loss_last", "norm_mean", "effective_exact_degeneracy"} <= set(mc["summary"])
+    assert len(report["base_vector"]["table"]) == 4  # 2 designs x 2 rho
+    for png in report["plots"]:
+        assert (tmp_path / "killed" / png).stat().st_size > 0
+    assert "Batched vs sequential" in (tmp_path / "killed" / "report.md").read_text()
+    assert "Both readings" in (tmp_path / "killed" / "report.md").read_text()
+    # Behaviour per vector: every found vector scored, clustered by its specific effect.
+    beh = report["behaviour_per_vector"]
+    assert len(beh["code_score"]) == 4 and report["objective_positions"] == "all"
+    for stage in ("target", "logits"):
+        assert sum(beh[stage]["cluster_sizes"]) == 4 and len(beh[stage]["labels"]) == 4
+        assert 0 < beh[stage]["within_abs_diff"]["p"] <= 1
+    assert "Behaviour per vector" in (tmp_path / "killed" / "report.md").read_text()
+    # The readings: the raw-vector stage has no shared part beyond 1/K for these orthogonal
+    # vectors only after the norm; every stage reports found and control spreads.
+    for stage in ("effective", "target", "last", "last_normed", "logits", "target_with_first"):
+        sh, sp = report["shared_share"][stage], report["specific_participation_ratio"][stage]
+        assert sh["found_lo"] <= sh["found"] <= sh["found_hi"] and 0 <= sh["found"] <= 1
+        assert 0 < sp["found"] <= 3 + 1e-6  # ceiling K - 1 = 3 for K = 4
+        assert 0 < report["residual_participation_ratio"][stage]["found"] <= 3 + 1e-6
+        spread = report["control_spread"][stage]["shared_share"]
+        assert spread["min"] <= spread["mean"] <= spread["max"] and spread["n"] == 2
+    # Values, not only keys: the raw-stage numbers and norms recomputed in float64 numpy
+    # from the saved vectors (the downstream stages are checked against transformers +
+    # PyTorch hooks in test_analysis_reference.py).
+    found, theta0 = b.astype(np.float64), eb["theta0"].astype(np.float64)
+    u = found / np.linalg.norm(found, axis=1, keepdims=True)
+    cos = u @ u.T
+    both = np.concatenate([theta0[None], found])
+    ub = both / np.linalg.norm(both, axis=1, keepdims=True)
+    assert report["raw_cosine_max_abs"] == pytest.approx(np.abs(ub @ ub.T - np.eye(5)).max(), abs=1e-6)
+    norms = np.linalg.norm(found, axis=1)
+    assert report["norms"]["base"] == pytest.approx(np.linalg.norm(theta0), rel=1e-6)
+    assert report["norms"]["found_mean"] == pytest.approx(norms.mean(), rel=1e-6)
+    pr = 16 / np.sum(cos ** 2)  # K^2 / ||C||_F^2, K = 4; measured agreement ~1e-7
+    assert report["participation_ratio"]["raw"] == pytest.approx(pr, rel=1e-5)
+    assert report["degeneracy_factor"]["raw"] == pytest.approx(4 / pr, rel=1e-5)
+
+
+# A fast pipeline around a training phase long enough to kill in the middle of: 4 blocks of
+# 2 vectors, each block STEPS steps (~0.5-1.5 s on a tiny model); no calibration
+# generations (--base-rho), no mode comparison, one rho.
+STEPS = "300"
+FAST = ("--k", "8", "--steps", STEPS, "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
+        "--gen-tokens", "1", "--gen-vectors", "1", "--control-seeds", "1", "--n-boot", "10",
+        "--readings-prompts", "1")
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
+
+
+def run_script(args, log, cache):
+    """The script in its own process (the product's default float settings, as in this
+    one), with a persistent compilation cache `cache` shared by this test's three processes.
+    This checkout goes first on PYTHONPATH (what `pip install -e .` gives a fresh clone),
+    so the code under test is this tree's even where another checkout is installed."""
+    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
+               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_path):
+    """A real kill (SIGKILL in the middle of training) on a tiny Qwen2 folder, which is also
+    the Qwen2 smoke test of the whole script (report.json's keys)."""
+    from lens.steering.vectors import load_extras, load_vectors
+
+    out, cache = tmp_path / "killed", tmp_path / "jax_cache"
+    ckpt = out / "checkpoint.safetensors"
+
+    def log_tail(name):
+        return (tmp_path / f"{name}.log").read_text()[-3000:]
+
+    def run_to_end(name, args):
+        with open(tmp_path / f"{name}.log", "w") as log:
+            rc = run_script(args, log, cache).wait(timeout=300)
+        assert rc == 0, log_tail(name)
+
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = run_script(argv(qwen2_folder, out, *FAST), log, cache)
+        n_done, deadline = 0, time.time() + 120
+        try:
+            while n_done < 2:
+                if proc.poll() is not None:
+                    pytest.fail(f"the script exited (rc {proc.returncode}) before it could be killed "
+                                f"after its first checkpoint: raise STEPS\n{log_tail('killed')}")
+                if time.time() > deadline:
+                    pytest.fail(f"no checkpoint with n_done >= 2 after 120 s\n{log_tail('killed')}")
+                if ckpt.exists():
+                    try:
+                        n_done = int(load_vectors(ckpt)[1]["n_done"])
+                    except Exception:  # noqa: BLE001 (a file being replaced: read again)
+                        pass
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    _, meta = load_vectors(ckpt)
+    assert 2 <= int(meta["n_done"]) < 8, f"killed after training (n_done {meta['n_done']}): raise STEPS"
+    assert not (out / "report.json").exists()
+
+    run_to_end("resumed", argv(qwen2_folder, out, *FAST, "--resume"))
+    assert f"resuming from {meta['n_done']}" in log_tail("resumed")
+    report = json.loads((out / "report.json").read_text())
+    for key in REQUIRED:
+        assert key in report, key
+    assert report["k_vectors"] == 8 and report["raw_cosine_max_abs"] <= 1e-5
+
+    # The uninterrupted run, given the killed run's theta0 files so that it skips the
+    # calibration (theta0's determinism is the in-process test's business): a --resume
+    # with no checkpoint trains all 8 vectors in one go.
+    full = tmp_path / "full"
+    full.mkdir()
+    for name in ("base.safetensors", "calibration.json"):
+        shutil.copy(out / name, full / name)
+    run_to_end("full", argv(qwen2_folder, full, *FAST, "--resume"))
+    assert "resuming from" not in log_tail("full")
+    a, b = (load_vectors(run / "vectors.safetensors")[0] for run in (full, out))
+    ea, eb = (load_extras(run / "vectors.safetensors") for run in (full, out))
+    np.testing.assert_array_equal(eb["theta0"], ea["theta0"])
+    np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(eb["losses"], ea["losses"])
+    assert_every_vector_file_loads(out)
