@@ -164,7 +164,7 @@ STEPS = "300"
 FAST = ("--k", "8", "--steps", STEPS, "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
         "--gen-tokens", "1", "--gen-vectors", "1", "--control-seeds", "1", "--n-boot", "10",
         "--readings-prompts", "1")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
 
 

@@ -153,7 +153,7 @@ def _module(script):
     from importlib import util as importlib_util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / f"{script}.py"
+    path = Path(__file__).resolve().parents[2] / f"{script}.py"
     spec = importlib_util.spec_from_file_location(script.replace("/", "_"), path)
     module = importlib_util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -345,7 +345,7 @@ def test_patching_script_smoke(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
     import patching as script
 
     script.main(["--out", str(tmp_path), "--preset", "smoke"])

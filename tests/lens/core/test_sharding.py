@@ -46,7 +46,7 @@ for name, (mesh, m) in runs.items():
 
 def test_sharded_sweep_equals_single_device():
     _, _, folder = tiny()
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
     proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], env=env, cwd=root,

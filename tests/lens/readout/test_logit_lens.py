@@ -263,7 +263,7 @@ def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_pat
     import train_tuned_lens
     from lens_tiny import tiny_text_model
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     folder = str(tiny_text_model(tmp_path / "m"))
     args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
             "--corpora", "shakespeare"]

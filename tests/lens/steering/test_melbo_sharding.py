@@ -117,7 +117,7 @@ def test_sharded_batched_ortho_equals_single_device(tmp_path):
     np.savez(ref, vectors=res.vectors, losses=res.losses, target=eff.target, last=eff.last,
              logits=eff.logits)
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
     proc = subprocess.run(
