@@ -75,8 +75,9 @@ class NGram:
         one float32 row per DISTINCT context in `rows` (`factored_by_context`).  Measured on
         the 2-core CPU (2,048-position chunks, V = 4,096, k = 10): with the native kernel the
         whole table is 3.7x faster per chunk (28 vs 104 ms: the per-chunk rows cost more than
-        the metrics); on the pure-JAX CPU path it is 1.5x slower (440 vs 290 ms: a top-k per
-        position instead of per distinct context)."""
+        the metrics); on the pure-JAX CPU path between equal (bench/prediction.py, load 12:
+        15.1 vs 15.5 s per 131,072 positions) and 1.5x slower (a chunk alone: 440 vs 290 ms;
+        a top-k per position instead of per distinct context)."""
         rows = _check(rows, self.vocab)
         if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB:
             if "bigram" not in self._cache:
