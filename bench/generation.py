@@ -7,9 +7,8 @@
 Parts (all timings after a warm-up / compile call, which is reported separately):
   * bandwidth: this machine's memory bandwidth in this run (the best of a jitted sum over
     a --bandwidth-mb float32 array: bytes read / time), the floor a decode step can reach.
-  * greedy, batch 1, a 16-token prompt, 64 new tokens: ours float32, ours with bf16
-    weights (with the bf16 kernel, models/bf16_kernel.py, where it builds) and ours with
-    bf16 weights on XLA's dots (LENS_BF16_KERNEL=0) vs transformers `generate` float32.  Decode step = (t(64 new) - t(1 new)) / 63;
+  * greedy, batch 1, a 16-token prompt, 64 new tokens: ours float32 and ours with bf16
+    weights (XLA's dots) vs transformers `generate` float32.  Decode step = (t(64 new) - t(1 new)) / 63;
     bytes per step = every weight (+ the KV cache); fraction of the bandwidth floor =
     (bytes / bandwidth) / step time.
   * bf16 parity: N prompts greedy in float32 and in bf16 weights; identical greedy tokens
@@ -30,7 +29,6 @@ import argparse
 import collections
 import gzip
 import json
-import os
 import resource
 import tempfile
 import time
@@ -103,16 +101,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     n = args.new_tokens
     res = {}
-    from models import bf16_kernel
-
-    # bf16 twice: with the bf16 kernel (the default where it builds) and on XLA's dots
-    # (LENS_BF16_KERNEL=0: XLA widens every weight to a float32 copy first).
-    variants = [("ours_fp32", ours, "1"), ("ours_bf16", ours16, "1"), ("ours_bf16_xla", ours16, "0")]
-    if not bf16_kernel.available():
-        variants = variants[:1] + [("ours_bf16", ours16, "0")]
-    saved = os.environ.get(bf16_kernel.ENV_SWITCH)
-    for name, m, switch in variants:
-        os.environ[bf16_kernel.ENV_SWITCH] = switch
+    for name, m in (("ours_fp32", ours), ("ours_bf16", ours16)):
         t0 = time.perf_counter()
         toks = generate(m, prompt, n, eos_token_ids=[]).tokens[0]
         generate(m, prompt, 1, eos_token_ids=[])
@@ -127,11 +116,6 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
         res[name] = {"s": t_full, "tok_per_s": n / t_full, "first_call_s": compile_s, "step_ms": 1e3 * step,
                      "bytes_per_step": nbytes, "floor_ms": 1e3 * nbytes / bw,
                      "fraction_of_floor": nbytes / bw / step, "tokens": toks}
-    if saved is None:
-        os.environ.pop(bf16_kernel.ENV_SWITCH)
-    else:
-        os.environ[bf16_kernel.ENV_SWITCH] = saved
-    res["bf16_kernel"] = bf16_kernel.available()
     ids = torch.tensor([prompt])
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, min_new_tokens=n,
               pad_token_id=ours.config.pad_token_id or 0)
@@ -141,7 +125,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
     res["hf_fp32"] = {"s": t_hf, "tok_per_s": n / t_hf}
     res["same_tokens_fp32_vs_hf"] = res["ours_fp32"]["tokens"] == hf_tokens
     res["speedup_fp32"] = t_hf / res["ours_fp32"]["s"]
-    for name, _, _ in variants:
+    for name in ("ours_fp32", "ours_bf16"):
         res[name.replace("ours", "speedup")] = t_hf / res[name]["s"]
         res[name].pop("tokens")
     return res

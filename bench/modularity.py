@@ -11,8 +11,8 @@ rows of python-code text (seq 128, batches of --batch rows):
   ours:          `activation_stats` (one jitted call per batch: a scan over the layers with
                  the rows vmapped inside, each layer's |a| summed before the next runs);
   ours-bf16:     the same with compute_dtype="bfloat16": every block matmul rounds its
-                 input and weight to bf16 and sums in float32 (the VDPBF16PS GEMM of
-                 models/bf16_kernel.py on a CPU with avx512_bf16); norms, softmax,
+                 input and weight to bf16 and sums in float32 (XLA's dot: no faster
+                 than float32 on a CPU, where XLA widens to float32); norms, softmax,
                  activations and the |a| sums stay float32;
   hf:            the transformers base model in float32 (no LM head, as ours) under
                  no_grad, with forward pre-hooks on every down_proj / c_proj and o_proj /

@@ -9,10 +9,11 @@ of `--distinct` chunks, cycled: the model's forward is the same cost for every s
 is not timed) and the same token rows, and computes the bigram predictor's log-probs and
 every per-position metric of lens.prediction.scoring (test error over the model's top-k, top-1,
 top-k recall / Jaccard, Spearman on the top-k, exact order, KL):
-  ours        what lens.prediction.scoring.score runs: NGram.factored (with the kernel, a bigram over
-              <= 8,192 tokens is its whole [V, V] log-table, built once from the sparse counts
-              before timing, indexed by the context token) + lens.prediction.scoring.chunk_metrics
-              (the native one-pass-per-row kernel of lens.kernels.prediction_rows on the CPU backend)
+  ours        what lens.prediction.scoring.score runs: NGram.factored (a bigram over <= 8,192
+              tokens is its whole [V, V] log-table, built once from the sparse counts before
+              timing, indexed by the context token) + lens.prediction.scoring.chunk_metrics
+              (the optional native one-pass-per-row kernel, lens.kernels.prediction_rows_kernel,
+              on the CPU backend)
   ours-sparse NGram.factored_by_context (one log-prob row per DISTINCT context in the chunk,
               rebuilt from the sparse counts every chunk: the trigram / large-vocabulary path)
               + chunk_metrics
@@ -21,7 +22,7 @@ top-k recall / Jaccard, Spearman on the top-k, exact order, KL):
   torch       the dense log-table gathered, torch.topk, argsort ranks (ordinal: no ties in data)
 The references are unchanged from the first version of this bench: straightforward
 per-position implementations (the dense log-table they gather is built before timing,
-as ours is).  LENS_PREDICTION_KERNEL=0 times ours on its pure-JAX path.
+as ours is).  LENS_KERNELS=0 times ours on its pure-JAX path.
 Reports tokens/s of each (the fastest run of a side named twice in --sides) and the
 ratios; checks the sides agree on the means.
 """
@@ -38,9 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+import lens.kernels  # noqa: E402
 from lens.prediction import ngram, scoring  # noqa: E402
-
-from lens.kernels import prediction_rows
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 
@@ -153,10 +153,11 @@ def main(argv=None) -> dict:
         return {k: float(v.float().mean()) for k, v in got.items()}, got
 
     t0 = time.perf_counter()
-    jax.block_until_ready(table.factored(chunks[0][0]).table)  # with the kernel: the [V, V] log-table, once
+    jax.block_until_ready(table.factored(chunks[0][0]).table)  # the [V, V] log-table, once
     table_seconds = time.perf_counter() - t0
-    print(f"ours: native kernel {prediction_rows.enabled(args.k)}; NGram.factored's first call (with the "
-          f"kernel: the bigram's whole [V, V] log-table, built once, not timed) {table_seconds:.2f} s", flush=True)
+    kernel = lens.kernels.prediction_rows_kernel(jax.default_backend(), args.k)
+    print(f"ours: native kernel {kernel.fn is not None} {kernel.reason}; NGram.factored's first call (the "
+          f"bigram's whole [V, V] log-table, built once, not timed) {table_seconds:.2f} s", flush=True)
     fns = {"ours": ours_chunk, "ours-sparse": ours_sparse_chunk, "ours-dense": ours_dense_chunk,
            "numpy": numpy_chunk, "torch": torch_chunk}
     for side in sides:  # a side named twice is timed twice (alternate sides on a loaded machine): min kept
@@ -188,7 +189,7 @@ def main(argv=None) -> dict:
                 print(f"ours / {side}: {results[side]['ours_speedup']:.1f}x faster; |mean differences| "
                       + ", ".join(f"{k} {v:.1e}" for k, v in agree.items()))
     report = {"positions": positions, "vocab": V, "seq": T, "chunk_positions": rows_per_chunk * T, "k": args.k,
-              "kernel": prediction_rows.enabled(args.k), "bigram_table_build_seconds": table_seconds,
+              "kernel": kernel.fn is not None, "bigram_table_build_seconds": table_seconds,
               "threads": "all the process may use", "results": results, "means": means}
     write_json(args.json, report)
     return report

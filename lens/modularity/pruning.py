@@ -35,7 +35,7 @@ from safetensors.numpy import load_file, save_file
 from models.core import layers as model_layers
 
 from models.runtime import per_model_cache as per_model
-from models.core.block import Rotary, block_forward
+from models.core.block import Rotary, bf16_matmul_blocks, block_forward
 from models.core.interventions import Capture, Edits
 from models.core.transformer import Transformer
 
@@ -116,28 +116,25 @@ def _abs_sums(model, rows, weights, stop: int):
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
-# (id(model), kernel used) -> the model with bf16-compute block weights (a bf16 copy of them)
-_BF16_MODELS: dict[tuple[int, bool], Transformer] = {}
+# (id(model), "bfloat16") -> the model with bf16-compute block weights (a bf16 copy of them)
+_BF16_MODELS: dict[tuple[int, str], Transformer] = {}
 
 
 def _compute_model(model: Transformer, compute_dtype: str) -> Transformer:
     """The model whose forward computes the statistics: itself for "float32"; for "bfloat16"
-    its block matrices as `GemmWeight`s (bf16 inputs, float32 products and sums; the bf16
-    GEMM kernel on the CPU backend, XLA's dot elsewhere)."""
+    its block matrices as `models.core.block.Bf16Matmul`s (bf16 inputs, float32 products
+    and sums, XLA's dot)."""
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {compute_dtype!r}")
     if compute_dtype == "float32":
         return model
-    from models import bf16_kernel
-
-    use_kernel = bf16_kernel.enabled()
 
     def build():
-        blocks = bf16_kernel.gemm_blocks(model.blocks, use_kernel)
+        blocks = bf16_matmul_blocks(model.blocks)
         return jax.block_until_ready(eqx.tree_at(lambda m: m.blocks, model, blocks))
 
-    # kept while the model lives: neuron_scores and repeated calls pack once
-    return per_model.cached(_BF16_MODELS, model, use_kernel, build)
+    # kept while the model lives: neuron_scores and repeated calls cast once
+    return per_model.cached(_BF16_MODELS, model, compute_dtype, build)
 
 
 def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,
@@ -152,8 +149,8 @@ def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,
     and no host round trip per chunk.
 
     compute_dtype: "float32" (the model's own weights and dots) or "bfloat16": every block
-    matmul rounds its input and weight to bf16 and sums in float32 (on a CPU with
-    avx512_bf16 the kernel of models/bf16_kernel.py, about twice the float32 GEMM rate);
+    matmul rounds its input and weight to bf16 and sums in float32 (XLA's dot: the bf16
+    matrix units of a GPU/TPU; no faster than float32 on a CPU, where XLA widens to float32);
     norms, softmax, activations, residuals and the |a| sums stay float32.  The statistics
     then differ from float32 by bf16 rounding (docs and bench/README give the measured
     size); use it for many tokens where the ranking, not the last digit, matters."""

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from lens.kernels import prediction_rows
 from lens.prediction.scoring import Factored
 
 DENSE_BIGRAM_VOCAB = 8192  # up to here a bigram's whole [V, V] float32 table (<= 256 MB) is cached
@@ -69,14 +68,18 @@ class NGram:
 
     def factored(self, rows: Int[np.ndarray, "B T"]) -> Factored:
         """The log-probabilities of `log_probs` as a `lens.prediction.scoring.Factored` (rows of
-        [U, V] + an index [B, T]).  A bigram over at most DENSE_BIGRAM_VOCAB tokens, where
-        lens.prediction.scoring runs its native kernel: the whole [V, V] table (built once, cached on
-        this object) indexed by the context token, so nothing per context is recomputed per
-        chunk (the kernel reads only the rows some position uses).  Otherwise one float32
-        row per DISTINCT context in `rows` (`factored_by_context`; on the pure-JAX path a
-        whole table would cost a top-k per position instead of per distinct context)."""
+        [U, V] + an index [B, T]), decided by the table alone (never by which path
+        lens.prediction.scoring runs).  A bigram over at most DENSE_BIGRAM_VOCAB tokens: the
+        whole [V, V] table (built once, cached on this object, kept on the device) indexed by
+        the context token, so nothing per context is rebuilt on the host per chunk.  Otherwise
+        one float32 row per DISTINCT context in `rows` (`factored_by_context`).  Measured on
+        the 2-core CPU (2,048-position chunks, V = 4,096, k = 10): with the native kernel the
+        whole table is 3.7x faster per chunk (28 vs 104 ms: the per-chunk rows cost more than
+        the metrics); on the pure-JAX CPU path between equal (bench/prediction.py, load 12:
+        15.1 vs 15.5 s per 131,072 positions) and 1.5x slower (a chunk alone: 440 vs 290 ms;
+        a top-k per position instead of per distinct context)."""
         rows = _check(rows, self.vocab)
-        if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB and prediction_rows.enabled(1):
+        if self.order == 2 and self.vocab <= DENSE_BIGRAM_VOCAB:
             if "bigram" not in self._cache:
                 self._cache["bigram"] = self._table(np.arange(self.vocab, dtype=np.int64)[:, None])
             return Factored(self._cache["bigram"], jnp.asarray(rows, jnp.int32))

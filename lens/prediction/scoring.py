@@ -33,8 +33,8 @@ for at most two chunks: one computing, the next being prepared), so a million po
 fit in memory; each chunk is one compiled program (`chunk_metrics`), results are read back
 once at the end.  On the CPU backend the per-row work (the model's top-k, the predictor's
 log-probs there, KL, the predictor's top-k per table row) is one native pass per row
-(`lens.kernels.prediction_rows`, k <= 64; LENS_PREDICTION_KERNEL=0 selects the pure-JAX path,
-which gives the same numbers: tests/lens/prediction/test_prediction_rows_kernel.py).  `summarize` gives pass rates
+(the optional `lens.kernels.prediction_rows_kernel`, k <= 64; LENS_KERNELS=0 selects the pure-JAX
+path, which gives the same numbers: tests/lens/prediction/test_prediction_kernel.py).  `summarize` gives pass rates
 per tolerance and means, optionally skipping positions whose next token is among the N
 most frequent tokens (selective-pruning style), and breakdowns by the next token's
 frequency bucket and by position in the row.
@@ -53,7 +53,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
-from lens.kernels import prediction_rows
+import lens.kernels
 from models.core.interventions import Edits
 
 LOG_FLOOR = -100.0
@@ -175,37 +175,44 @@ def _pred_metrics(model_side, table: Float[Array, "U V"], index: Int[Array, " P"
     return _from_top_k(m_val, m_idx, p_on_m, p_idx, kl, k)
 
 
-def _kernel_metrics(m: Float[Array, "P V"], table: Float[Array, "U V"], index: Int[Array, " P"] | None,
+def _kernel_metrics(rows_fn, m: Float[Array, "P V"], table: Float[Array, "U V"], index: Int[Array, " P"] | None,
                     k: int) -> dict[str, Float[Array, " P"]]:
-    """`_pred_metrics` through the native kernel (lens.kernels.prediction_rows): one pass per row."""
+    """`_pred_metrics` through the native kernel `rows_fn` (`lens.kernels.prediction_rows_kernel`):
+    one pass per row."""
     if index is None:
         index = jnp.arange(m.shape[0], dtype=jnp.int32)
-    m_val, m_idx, p_on_m, kl, p_idx = prediction_rows.rows(m, table, index, k, LOG_FLOOR)
+    m_val, m_idx, p_on_m, kl, p_idx = rows_fn(m, table, index, k, LOG_FLOOR)
     return _from_top_k(m_val, m_idx, p_on_m, p_idx[index], kl, k)
 
 
 def position_metrics(model_logp: Float[Array, "T V"], pred_logp: Float[Array, "T V"],
                      k: int) -> dict[str, Float[Array, " T"]]:
     """The per-position metrics (module docstring) of ONE sequence's log-probs.  Uses the
-    native kernel when `lens.kernels.prediction_rows.enabled(k)` (same numbers; module docstring
-    there), the pure-JAX path otherwise."""
-    if prediction_rows.enabled(k):
-        return _kernel_metrics(model_logp, pred_logp, None, k)
+    native kernel when `lens.kernels.prediction_rows_kernel` gives one (same numbers; module
+    docstring of lens/kernels/prediction_rows.py), the pure-JAX path otherwise."""
+    rows_fn = _rows_kernel(k)
+    if rows_fn is not None:
+        return _kernel_metrics(rows_fn, model_logp, pred_logp, None, k)
     return _pred_metrics(_model_side(model_logp, k), pred_logp, None, k)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "kernel"))
-def _chunk_metrics(model_logp, preds: tuple, k: int, kernel: bool) -> tuple:
+def _rows_kernel(k: int):
+    """The native per-row kernel for this k on the default backend, or None (pure JAX)."""
+    return lens.kernels.prediction_rows_kernel(jax.default_backend(), k).fn
+
+
+@functools.partial(jax.jit, static_argnames=("k", "rows_fn"))
+def _chunk_metrics(model_logp, preds: tuple, k: int, rows_fn) -> tuple:
     b, t, v = model_logp.shape
     m = model_logp.reshape(b * t, v)
-    side = None if kernel else _model_side(m, k)
+    side = None if rows_fn is not None else _model_side(m, k)
     out = []
     for pred in preds:
         if isinstance(pred, Factored):
             table, index = pred.table, pred.index.reshape(b * t)
         else:
             table, index = pred.reshape(b * t, v), None
-        got = _kernel_metrics(m, table, index, k) if kernel else _pred_metrics(side, table, index, k)
+        got = _kernel_metrics(rows_fn, m, table, index, k) if rows_fn is not None else _pred_metrics(side, table, index, k)
         out.append({name: x.reshape(b, t) for name, x in got.items()})
     return tuple(out)
 
@@ -213,10 +220,10 @@ def _chunk_metrics(model_logp, preds: tuple, k: int, kernel: bool) -> tuple:
 def chunk_metrics(model_logp: Float[Array, "B T V"], preds: tuple, k: int) -> tuple:
     """Every predictor's metrics on one chunk (what `score` runs per chunk), one compiled
     program: each predictor is a dense [B, T, V] or a `Factored`.  With the native kernel
-    (`lens.kernels.prediction_rows.enabled(k)`) each predictor is one pass over the model's rows;
+    (`lens.kernels.prediction_rows_kernel`) each predictor is one pass over the model's rows;
     without it, the model's top-k and probabilities are computed once for all predictors.
     Returns one {metric: [B, T]} per predictor."""
-    return _chunk_metrics(model_logp, tuple(preds), k, prediction_rows.enabled(k))
+    return _chunk_metrics(model_logp, tuple(preds), k, _rows_kernel(k))
 
 
 def batch_metrics(model_logp: Float[Array, "B T V"], pred_logp: Float[Array, "B T V"],

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from models.core import layers
-from models.bf16_kernel import GemmWeight, PackedWeight
 from models.core.config import ModelConfig
 from models.core.interventions import Activations, Capture, Edits
 
@@ -47,6 +46,34 @@ class Block(eqx.Module):
 
 
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(Block))
+BLOCK_MATRICES = ("W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out")
+
+
+class Bf16Matmul(eqx.Module):
+    """A `Block` matrix whose products are computed in bf16 by XLA: the input is rounded to
+    bf16 and multiplied by `w` (the weight in bf16, `Block`'s layout) with float32 products
+    and sums, then cast to the input's dtype (on a GPU/TPU the bf16 matrix units; on a CPU
+    XLA widens to float32, the same numbers).  See `bf16_matmul_blocks`."""
+
+    w: Array
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    def apply(self, x: Array, spec: str) -> Array:
+        """`jnp.einsum(spec, bf16(x), w)` summed in float32."""
+        return jnp.einsum(spec, x.astype(jnp.bfloat16), self.w, preferred_element_type=jnp.float32)
+
+
+def bf16_matmul_blocks(blocks: Block) -> Block:
+    """`blocks` (one layer, or every layer stacked) with each matrix of BLOCK_MATRICES a
+    `Bf16Matmul`: the forward then computes every block matmul in bf16 with float32 sums,
+    while norms, softmax, activations and residuals stay in the model's dtype.  A bf16 copy
+    of the block matrices (lens.modularity.pruning's compute_dtype="bfloat16")."""
+    names = [n for n in BLOCK_MATRICES if getattr(blocks, n) is not None]
+    return eqx.tree_at(lambda b: [getattr(b, n) for n in names], blocks,
+                       [Bf16Matmul(getattr(blocks, n).astype(jnp.bfloat16)) for n in names])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,8 +112,7 @@ def _scale_edit(edits: Edits | None, norm: str):
 
 
 def _linear(x, w, b, spec):
-    # the bf16 decode layout (models/generation/decode.py) or bf16 compute (bf16_kernel.gemm_blocks)
-    if isinstance(w, (PackedWeight, GemmWeight)):
+    if isinstance(w, Bf16Matmul):  # bf16 compute (`bf16_matmul_blocks`)
         y = w.apply(x, spec).astype(jnp.result_type(x.dtype, w.dtype))
         return y if b is None else y + b.astype(y.dtype)
     y = jnp.einsum(spec, x, w)

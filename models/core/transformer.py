@@ -311,21 +311,17 @@ class Transformer(eqx.Module):
 
     def unembed_resid(
         self, x: Float[Array, "seq d_model"], capture: Capture = Capture(),
-        edits: Edits | None = None, packed_unembed=None,
+        edits: Edits | None = None,
     ) -> tuple[Float[Array, "seq vocab"], tuple]:
         """Final norm and unembedding; logits in float32.  `edits`: only the final norm's
-        fields are read (final_scale_mix / _source).  `packed_unembed`: W_U as a
-        `models.bf16_kernel.PackedWeight` [d_model, vocab] (the bf16 decode layout)."""
+        fields are read (final_scale_mix / _source)."""
         c = self.config
         final = final_part(edits)
         scale_edit = None if final is None else (final.final_scale_mix, final.final_scale_source)
         y, scale = layers.apply_norm(x, c.norm_kind, self.final_norm_w, self.final_norm_b,
                                      c.norm_eps, scale_edit)
         w_u = self.embed if self.unembed is None else self.unembed
-        if packed_unembed is None:
-            logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
-        else:
-            logits = packed_unembed.apply(y, "sd,dv->sv")
+        logits = jnp.einsum("sd,vd->sv", y, w_u, preferred_element_type=jnp.float32)
         if self.unembed_b is not None:
             logits = logits + self.unembed_b.astype(jnp.float32)
         if c.final_logit_softcap is not None:

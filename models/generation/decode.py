@@ -31,10 +31,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from models import bf16_kernel
-
 from models.runtime import per_model_cache as per_model
-from models.bf16_kernel import BLOCK_MATRIX_KINDS, PackedWeight
 from models.core.block import Block, block_forward
 from models.core.interventions import Capture, Edits, layer_slice
 
@@ -42,12 +39,9 @@ _QKV = ("W_Q", "W_K", "W_V")
 
 
 class DecodeWeights(eqx.Module):
-    """One `Block` per layer (separate buffers), W_Q/W_K/W_V stored [d_model, heads, d_head];
-    for bf16 models with the kernel (models/bf16_kernel.py), every block matrix and the
-    unembedding ([d_model, vocab]) are `PackedWeight`s instead."""
+    """One `Block` per layer (separate buffers), W_Q/W_K/W_V stored [d_model, heads, d_head]."""
 
     layers: tuple[Block, ...]
-    unembed: PackedWeight | None = None
 
 
 class LayerCache(eqx.Module):
@@ -59,53 +53,30 @@ class LayerCache(eqx.Module):
     positions: Int[Array, " slots"]
     length: Int[Array, ""]
 
-    @classmethod
-    def empty(cls, config, slots: int, dtype) -> "LayerCache":
-        shape = (slots, config.n_kv_heads, config.d_head)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-        return cls(zeros, zeros, jnp.full((slots,), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
-
-# (id(model), packed) -> its decode layout (models/runtime/per_model_cache.py: dropped with the model).
-_LAYOUTS: dict[tuple[int, bool], DecodeWeights] = {}
-
-def uses_bf16_kernel(model) -> bool:
-    """Whether this model decodes with the bf16 kernel: every block matrix is bf16 and
-    `bf16_kernel.enabled()` (built here, LENS_BF16_KERNEL not 0)."""
-    mats = [getattr(model.blocks, n) for n in BLOCK_MATRIX_KINDS if getattr(model.blocks, n) is not None]
-    return all(m.dtype == jnp.bfloat16 for m in mats) and bf16_kernel.enabled()
+# id(model) -> its decode layout (models/runtime/per_model_cache.py: dropped with the model).
+_LAYOUTS: dict[tuple[int, str], DecodeWeights] = {}
 
 
 def decode_weights(model) -> DecodeWeights:
     """The model's blocks split per layer in the decode layout (built once per model and
-    kept while the model lives: a second copy of the block weights, plus the unembedding
-    transposed when the bf16 kernel is used)."""
-    packed = uses_bf16_kernel(model)
-    return per_model.cached(_LAYOUTS, model, packed, lambda: _build_decode_weights(model, packed))
+    kept while the model lives: a second copy of the block weights)."""
+    return per_model.cached(_LAYOUTS, model, "decode", lambda: _build_decode_weights(model))
 
 
-def _build_decode_weights(model, packed: bool) -> DecodeWeights:
+def _build_decode_weights(model) -> DecodeWeights:
     layers = []
     for i in range(model.config.n_layers):
         block = jax.tree.map(lambda w: w[i], model.blocks)
-        if packed:
-            names = [n for n in BLOCK_MATRIX_KINDS if getattr(block, n) is not None]
-            block = eqx.tree_at(lambda b: [getattr(b, n) for n in names], block,
-                                [PackedWeight.pack(getattr(block, n), BLOCK_MATRIX_KINDS[n]) for n in names])
-        else:
-            # [heads, d_model, d_head] -> [d_model, heads, d_head], materialised contiguous.
-            block = eqx.tree_at(lambda b: [getattr(b, n) for n in _QKV], block,
-                                [jnp.transpose(getattr(block, n), (1, 0, 2)).copy() for n in _QKV])
+        # [heads, d_model, d_head] -> [d_model, heads, d_head], materialised contiguous.
+        block = eqx.tree_at(lambda b: [getattr(b, n) for n in _QKV], block,
+                            [jnp.transpose(getattr(block, n), (1, 0, 2)).copy() for n in _QKV])
         layers.append(block)
-    unembed = PackedWeight.pack(model.W_U.T, "plain") if packed else None
-    return jax.block_until_ready(DecodeWeights(tuple(layers), unembed))
+    return jax.block_until_ready(DecodeWeights(tuple(layers)))
 
 
 def _logical(block: Block) -> Block:
-    """Back to [heads, d_model, d_head] (a transpose XLA folds into the dot); packed
-    weights stay as they are (the kernel reads them)."""
-    if isinstance(block.W_Q, PackedWeight):
-        return block
+    """Back to [heads, d_model, d_head] (a transpose XLA folds into the dot)."""
     return eqx.tree_at(lambda b: [getattr(b, n) for n in _QKV], block,
                        [jnp.transpose(getattr(block, n), (1, 0, 2)) for n in _QKV])
 
@@ -142,7 +113,7 @@ def forward_cached(
                                      edits_i, Capture(), (cache.k[i], cache.v[i]), cache.length)
         ks.append(k)
         vs.append(v)
-    logits, _ = model.unembed_resid(x[-1:], edits=edits, packed_unembed=weights.unembed)
+    logits, _ = model.unembed_resid(x[-1:], edits=edits)
     return logits[0], LayerCache(tuple(ks), tuple(vs), positions, cache.length + seq)
 
 
@@ -152,22 +123,14 @@ def prefill(
     valid: Bool[Array, " seq"],
     slots: int,
     edits: Edits | None,
-    weights: DecodeWeights | None = None,
 ) -> tuple[Float[Array, " vocab"], LayerCache]:
     """One row's prompt into a fresh cache of `slots` slots: (last position's logits, cache).
-
-    With bf16 weights in the kernel's layout (`weights.unembed` set) the prompt runs
-    through `forward_cached` on an empty cache instead: the scan below would widen every
-    stacked bf16 weight to a float32 copy first (XLA:CPU has no bf16 dot).
 
     The prompt is many tokens at once, so the per-layer weight copies of `lax.scan` are a
     small share of it; it scans the stacked blocks (one block compiled instead of
     n_layers) and then lays the prompt's keys and values out per layer.  Same positions and edits as `forward_cached` (tested against it and
     against the full forward)."""
     config = model.config
-    if weights is not None and weights.unembed is not None:
-        return forward_cached(model, weights, tokens, valid,
-                              LayerCache.empty(config, slots, model.embed.dtype), edits)
     seq = tokens.shape[0]
     qpos = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32)) - 1, 0)
     key_pos = jnp.where(valid, qpos, -1).astype(jnp.int32)

@@ -170,7 +170,7 @@ def generate(
 
     weights = decode_weights(model)
     logits, cache = _prefill(
-        model, weights, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
+        model, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
         prompt_len + max_new_tokens,
     )
     key = jax.random.key(seed)
@@ -339,12 +339,12 @@ def _choose(state: _State, logits, sampler, params) -> _State:
 
 
 @eqx.filter_jit
-def _prefill(model, weights, tokens, mask, edits, edits_axis, slots: int):
+def _prefill(model, tokens, mask, edits, edits_axis, slots: int):
     """Run the left-padded prompts into fresh caches: (last-position logits, caches).
     Left padding puts every prompt's last real token at the end: only it is unembedded."""
 
     def one(tokens, mask, edits):
-        return prefill(model, tokens, mask, slots, edits, weights)
+        return prefill(model, tokens, mask, slots, edits)
 
     return jax.vmap(one, in_axes=(0, 0, edits_axis))(tokens, mask, edits)
 

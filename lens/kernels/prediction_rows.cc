@@ -17,7 +17,8 @@
 // row of m is read once, exp is a 16-lane polynomial, and the top-k keeps k <= 64 sorted entries,
 // touched only by an element above the current k-th (a vector compare per 16 elements).
 // -0.0 ties with +0.0 (values come back as +0.0), as in lens.prediction.scoring.top_k.
-// Built by lens/kernels/prediction_rows.py with the host compiler (-march=native); needs AVX-512.
+// Built by lens/kernels/build.py on first use (host compiler, -march=native); needs AVX-512F
+// (every intrinsic here is AVX-512F; lens/kernels/prediction_rows.py checks the CPU for it).
 #include <immintrin.h>
 
 #include <algorithm>
