@@ -2,7 +2,7 @@
 
 Why not `model.forward(..., kv_cache=...)` under `lax.scan` (what generation ran before):
 a decode step is one token, so its time is the time to stream the weights from memory
-(SmolLM2-135M float32: 538 MB per step).  The profile of that step (docs/generation.md)
+(SmolLM2-135M float32: 538 MB per step).  The profile of that step (bench/README.md)
 showed 58% of it spent COPYING weights, not multiplying by them:
   * `lax.scan` over the stacked [layers, ...] weights slices each layer's matrices out of
     the stack with a dynamic-slice, which XLA:CPU materialises (a copy of every weight

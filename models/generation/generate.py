@@ -7,7 +7,7 @@
     result.sequences[i]   # prompt i followed by its new ids
 
 How it runs (two big compiled calls, whatever the number of steps; the forward both run is
-`models.generation.decode`: per-layer weight buffers and a per-layer cache, see docs/generation.md):
+`models.generation.decode`: per-layer weight buffers and a per-layer cache, see docs/models.md):
   1. prefill: prompts are LEFT-padded into one [batch, prompt_len] array with a mask;
      `jax.vmap` over the batch of the single-sequence `models.generation.decode.prefill` (the
      blocks scanned, as `model.forward(..., kv_cache=...)` does) fills a cache of `prompt_len + max_new_tokens` slots and yields the first new token
