@@ -29,6 +29,9 @@ import numpy as np  # noqa: E402
 
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 # SmolLM2-135M: q / o (576 x 576), up / gate (576 x 1536), down (1536 x 576), k / v (576 x 192)
 SHAPES = ((576, 1536), (1536, 576), (576, 576), (576, 192))

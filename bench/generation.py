@@ -39,6 +39,9 @@ from pathlib import Path
 import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 PARTS = ("greedy", "bf16_parity", "profile", "steered")

@@ -45,6 +45,9 @@ import numpy as np  # noqa: E402
 
 from bench_common import load_pair, matmul_peak  # noqa: E402
 from lens.cli import int_at_least, positive_ints as int_list  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def build(random_weights: bool):

@@ -61,7 +61,7 @@ def build_kernel(source: Path, stem: str) -> Path:
     """Compile a kernel source (once per source / flags / CPU / jax version) into
     `<lens cache>/kernels/<stem>-<key>.so` and return the shared library's path (also used
     by lens.kernels.prediction_rows)."""
-    from models.io.embedded import cache_dir
+    from models.runtime.paths import cache_dir
 
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:

@@ -15,6 +15,9 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 import models  # noqa: E402
 from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
 from models.generation.generate import chat_prompt, generate  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 DEFAULT_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",

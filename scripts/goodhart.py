@@ -45,6 +45,9 @@ from lens.training import data, train  # noqa: E402
 from lens.prediction import gaming, ngram, scoring
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
 PROSE = ("shakespeare", "python-docs")

@@ -54,6 +54,9 @@ FORGET = "python-code"
 RETAIN = ("shakespeare", "python-docs")
 # the main job's request and prompt lists: theta0 is built exactly as there
 from orthogonal_steering import CODE, NEUTRAL, PROSE  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {

@@ -47,6 +47,9 @@ from lens.steering.code_score import code_score  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering.melbo import behaviour as mb, stages  # noqa: E402
 from orthogonal_report import k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CODE = [
     "Write a Python function that reverses a string.",

@@ -26,6 +26,9 @@ import models  # noqa: E402
 from lens.core import edits as E  # noqa: E402
 from lens.steering import vectors
 from models.generation.generate import chat_prompt, generate  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 POSITIVE = ["I love you", "You are wonderful", "What a beautiful day", "I adore this"]
 NEGATIVE = ["I hate you", "You are terrible", "What an awful day", "I despise this"]

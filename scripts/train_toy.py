@@ -40,6 +40,9 @@ from lens.training import data, train  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 from lens.circuits.induction import measure_induction  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 TOKENIZER = "smollm2-135m-instruct"
 SAMPLE_PROMPTS = ["ROMEO.\n", "def read_file(path):\n", "The module"]

@@ -40,6 +40,9 @@ from lens.cli import int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
 from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CORPORA = ("shakespeare", "python-docs", "python-code")
 

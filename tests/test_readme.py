@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 

@@ -125,6 +125,8 @@ def test_generation_with_kernel_matches_xla_dots(family, monkeypatch):
 
 GENERATE_BF16 = """
 import models, jax, jax.numpy as jnp
+from models.runtime import compile_cache
+compile_cache.enable()
 from models.core.config import ModelConfig
 from models.generation.decode import uses_bf16_kernel
 from models.generation.generate import generate

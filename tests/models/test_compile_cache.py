@@ -1,14 +1,21 @@
-"""The persistent compilation cache: a second identical process compiles nothing new."""
+"""The persistent compilation cache: a second identical process compiles nothing new, and
+`import models` alone turns nothing on (the scripts call `compile_cache.enable()`)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import models, jax, jax.numpy as jnp
+from models.runtime import compile_cache
+compile_cache.enable()
 from lens import geometry as G
 x = jnp.ones((87, 576)) + jnp.arange(576.0) / 576
 v = jnp.eye(16, 576)
@@ -19,6 +26,8 @@ print(float(jax.jit(lambda x, v: G.effective_cosine_matrix(x, v, "rms", 1e-5, "f
 
 GENERATE = """
 import models, jax
+from models.runtime import compile_cache
+compile_cache.enable()
 from models.core.config import ModelConfig
 from models.generation.generate import generate
 from lens.steering import vectors
@@ -69,6 +78,14 @@ def test_second_generation_process_compiles_nothing(tmp_path):
     second = run(tmp_path, GENERATE)
     assert second == first
     assert entries(tmp_path / "jax") == after_first
+
+
+def test_import_alone_enables_nothing(tmp_path):
+    """A library import changes no JAX setting and writes no cache entry."""
+    child = CHILD.replace("from models.runtime import compile_cache\ncompile_cache.enable()\n", "")
+    assert "enable" not in child
+    out = run(tmp_path, child)
+    assert out[0] == "None" and not entries(tmp_path / "jax")
 
 
 def test_cache_can_be_turned_off(tmp_path):

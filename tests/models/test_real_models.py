@@ -23,6 +23,8 @@ import pytest
 import models
 from models.generation import generate  # a broken project import fails, never skips
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -23,6 +23,8 @@ from transformers.generation.logits_process import (
 from lens_tiny import tiny
 from models.generation.generate import generate
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 N_DRAWS = 4000
 PROMPT = [3, 17, 42]
 

@@ -11,6 +11,10 @@ from pathlib import Path
 
 from lens_tiny import tiny
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 CHILD = r"""
 import sys
 import lens  # first: its compiler guard must see XLA_FLAGS before JAX starts

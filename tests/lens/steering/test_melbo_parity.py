@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 
 S, T, STEPS, K = 1, 2, 25, 3
 

@@ -29,6 +29,10 @@ from lens_tiny import tiny
 from models.families import convert_hf
 from models.io.safetensors_reader import read_safetensors_folder
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 K, BLOCK, STEPS = 4, 4, 30
 
 
