@@ -143,11 +143,11 @@ def measure_generate(ours, hf, args) -> dict:
     import numpy as np
     import torch
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     n_new = args.new_tokens
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
-    run = lambda: generate(ours, prompt, n_new, eos_token_ids=[])  # noqa: E731
+    run = lambda: generate(ours, prompt, GenerationConfig(n_new, eos_token_ids=()))  # noqa: E731
     t0 = time.perf_counter()
     ours_tokens = run().tokens[0]
     compile_s = time.perf_counter() - t0

@@ -191,7 +191,7 @@ def main(argv=None):
 
     def timed(n, mode, block):
         t = time.perf_counter()
-        melbo.melbo_ortho(problem, theta0, n, cfg, mode=mode, block_size=block)
+        melbo.melbo_ortho(problem, theta0, n, cfg, run=melbo.MelboRunConfig(mode=mode, block_size=block))
         return time.perf_counter() - t
 
     peak = matmul_peak(args.matmul_n)["peak_gflops"]

@@ -68,8 +68,8 @@ def main(argv=None):
     out = {}
 
     def ours():
-        out["r"] = lens.sweep_vectors(model, prompts, vecs, [1.0], [layer], progress=False,
-                                      keep_logits=True)
+        out["r"] = lens.sweep_vectors(model, prompts, vecs, coeffs=[1.0], layers=[layer],
+                                      config=lens.SweepConfig(progress=False, keep_logits=True))
         out["r"].logits.block_until_ready()
 
     t_ours = timed(ours, args.repeats)

@@ -158,8 +158,9 @@ def main(argv=None, on_checkpoint=None) -> dict:
             "optimizer": "clip 1.0 -> add_decayed_weights 1e-3 -> sgd nesterov 0.9, linear decay to 0"}
     t0 = time.perf_counter()
     result = train.train(TunedLens.init(model.config), train_rows, val_rows, cfg, args.out,
-                         progress=not args.no_progress, on_checkpoint=on_checkpoint, run_info=info,
-                         loss_fn=TunedLensLoss(model), opt=opt, rows_config=model.config, lr_fn=lr_fn)
+                         train.TrainOptions(progress=not args.no_progress, on_checkpoint=on_checkpoint,
+                                            run_info=info, loss_fn=TunedLensLoss(model), opt=opt,
+                                            rows_config=model.config, lr_fn=lr_fn))
     train_s = time.perf_counter() - t0
     n_bytes = row_bytes(tok, test_rows)
     t0 = time.perf_counter()

@@ -101,16 +101,16 @@ def test_generation_with_kernel_matches_xla_dots(family, monkeypatch):
     path without the kernel) and against the float32 model, within test_bf16's bound."""
     from test_bf16 import BOUND, N_NEW, TOKENS, bf16_pair, torch_logits
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     ours, _, hf32 = bf16_pair(family)
     scale = np.abs(torch_logits(hf32, TOKENS)).max()
     monkeypatch.setenv(bf16_kernel.ENV_SWITCH, "1")
     assert uses_bf16_kernel(ours) and decode_weights(ours).unembed is not None
-    with_kernel = generate(ours, [TOKENS, TOKENS[:7]], N_NEW, eos_token_ids=[], return_logits=True)
+    with_kernel = generate(ours, [TOKENS, TOKENS[:7]], GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True))
     monkeypatch.setenv(bf16_kernel.ENV_SWITCH, "0")
     assert not uses_bf16_kernel(ours) and decode_weights(ours).unembed is None
-    xla = generate(ours, [TOKENS, TOKENS[:7]], N_NEW, eos_token_ids=[], return_logits=True)
+    xla = generate(ours, [TOKENS, TOKENS[:7]], GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True))
     for row in range(2):
         a, b = with_kernel.tokens[row], xla.tokens[row]
         # identical until a near-tie (bf16 noise may pick either), logits within bf16's bound
@@ -129,14 +129,14 @@ from models.runtime import compile_cache
 compile_cache.enable()
 from models.core.config import ModelConfig
 from models.generation.decode import uses_bf16_kernel
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 cfg = ModelConfig(architecture="llama", vocab_size=61, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16,
                   d_mlp=96, max_seq_len=32, norm_kind="rms", norm_eps=1e-5, activation="silu", gated_mlp=True,
                   positional="rope", tie_embeddings=True)
 model = models.init(cfg, jax.random.key(0))
 model = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, model)
 print(jax.config.jax_compilation_cache_dir, uses_bf16_kernel(model))
-print(generate(model, [[3, 4, 5], [6, 7]], 5, eos_token_ids=[]).tokens)
+print(generate(model, [[3, 4, 5], [6, 7]], GenerationConfig(5, eos_token_ids=())).tokens)
 """
 
 

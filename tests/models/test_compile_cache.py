@@ -29,7 +29,7 @@ import models, jax
 from models.runtime import compile_cache
 compile_cache.enable()
 from models.core.config import ModelConfig
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 from lens.steering import vectors
 import numpy as np
 cfg = ModelConfig(architecture="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8,
@@ -38,9 +38,9 @@ cfg = ModelConfig(architecture="gpt2", vocab_size=61, d_model=32, n_layers=2, n_
                   norm_bias=True, tie_embeddings=True)
 model = models.init(cfg, jax.random.key(0))
 print(jax.config.jax_compilation_cache_dir)
-print(generate(model, [[3, 4, 5], [6, 7]], 5, eos_token_ids=[]).tokens)
+print(generate(model, [[3, 4, 5], [6, 7]], GenerationConfig(5, eos_token_ids=())).tokens)
 v = np.ones((3, 32), np.float32)
-print(vectors.generate_with_vectors(model, [[3, 4, 5]], v, 1, 4, eos_token_ids=[], progress=False).tolist())
+print(vectors.generate_with_vectors(model, [[3, 4, 5]], v, 1, GenerationConfig(4, eos_token_ids=()), progress=False).tolist())
 from lens.core.capture import resid_at
 print(round(float(resid_at(model, np.array([[3, 4, 5], [6, 7, 8]]), 1).sum()), 4))
 """

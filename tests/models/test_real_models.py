@@ -99,7 +99,7 @@ def test_logits_match_transformers(real):
 
 def test_greedy_generation_matches_transformers(real):
     prompts = real.prompt_ids()[:2]
-    result = generate.generate(real.model, prompts, max_new_tokens=N_NEW, eos_token_ids=[])
+    result = generate.generate(real.model, prompts, generate.GenerationConfig(N_NEW, eos_token_ids=()))
     for ids, ours in zip(prompts, result.tokens):
         ref = real.hf_greedy(ids, N_NEW)
         assert list(ours) == ref, (

@@ -287,3 +287,25 @@ def test_layer_selective_stats_equal_hooked_transformers():
     np.testing.assert_allclose(got.head_z.reshape(2, -1), z, rtol=RTOL)
     with pytest.raises(ValueError, match="layers"):
         M.activation_stats(model, FORGET, layers=[c.n_layers])
+
+
+def test_selective_pruning_config_counts_and_records():
+    """PruningConfig drives the loop: every step prunes int(neuron_frac * all neurons) new
+    live neurons, on_step sees each record, and the last record is next_token_metrics of
+    the model pruned by the returned masks (recomputed here from the masks alone)."""
+    _, model, _ = tiny("gpt2")
+    c = model.config
+    config = M.PruningConfig(steps=2, method="forget", neuron_frac=0.1, chunk=2)
+    seen = []
+    records, nm, hm = M.selective_pruning(model, FORGET, RETAIN, {"retain": RETAIN}, [], config, on_step=seen.append)
+    per_step = int(0.1 * c.n_layers * c.d_mlp)
+    assert [r["neurons_pruned"] for r in records] == [0, per_step, 2 * per_step] and not hm.any()
+    assert seen == records[1:] and int(nm.sum()) == 2 * per_step
+    again = M.next_token_metrics(M.prune(model, nm, hm), RETAIN, [], chunk=2)
+    assert records[-1]["retain"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
+    for bad, match in ((dict(steps=0), "steps"), (dict(steps=1, method="magnitude"), "method"),
+                       (dict(steps=1, neuron_frac=1.5), "neuron_frac"), (dict(steps=1, chunk=0), "chunk")):
+        with pytest.raises(ValueError, match=match):
+            M.PruningConfig(**bad)
+    with pytest.raises(TypeError, match="PruningConfig"):
+        M.selective_pruning(model, FORGET, RETAIN, {}, [], 2)

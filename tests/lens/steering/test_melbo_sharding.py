@@ -50,7 +50,8 @@ def setup(folder):
 def run(problem, theta0, K, block, steps, **kw):
     """Batched MELBO-ortho (blocks of `block`) and the found vectors' steered effects."""
     cfg = melbo.OrthoConfig(steps=steps, lr=0.01)
-    res = melbo.melbo_ortho(problem, theta0, K, cfg, mode="batched", block_size=block, seed=5, **kw)
+    run = melbo.MelboRunConfig(mode="batched", block_size=block, seed=5, **kw)
+    res = melbo.melbo_ortho(problem, theta0, K, cfg, run=run)
     eff = melbo.steered_effects(problem, res.vectors, chunk=3, **kw)
     return res, eff
 
