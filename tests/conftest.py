@@ -7,7 +7,8 @@ controller process points LENS_CACHE_DIR at a fresh temporary folder for the run
 LENS_DOWNLOAD_DIR at the user's download folder (verified, content-addressed downloads:
 the embedded GGUFs and corpora are fetched once and shared with normal use).  pytest-xdist
 workers and subprocess-driven tests inherit both through the environment, so every process
-of one run shares one derived folder; the controller deletes it at the end.  Set
+of one run shares one derived folder (JAX's persistent compilation cache included, turned on
+here as the scripts turn it on); the controller deletes it at the end.  Set
 LENS_TEST_CACHE_DIR to keep derived data in a folder of your choice instead (not deleted).
 """
 
@@ -46,6 +47,18 @@ def _derive_into_run_dir() -> None:
 
 
 _derive_into_run_dir()  # at import: before any test module (or xdist worker) starts
+
+
+def _share_compilations() -> None:
+    """The suite is a program too: it turns JAX's persistent compilation cache on, in the
+    run's folder, so xdist workers and later modules (after `jax.clear_caches()` below)
+    load executables compiled once instead of compiling them again."""
+    from models.runtime import compile_cache
+
+    compile_cache.enable()
+
+
+_share_compilations()
 
 
 def pytest_unconfigure(config):

@@ -176,9 +176,9 @@ def generate(
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a GenerationConfig; got {type(config).__name__}")
     progress = Progress.of(progress)
-    max_new_tokens, temperature, top_k, top_p = config.max_new_tokens, config.temperature, config.top_k, config.top_p
-    return_logits = config.return_logits
-    gen, config = config, model.config
+    gen, config = config, model.config  # the GenerationConfig; below, `config` is the model's
+    max_new_tokens, temperature, top_k, top_p = gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p
+    return_logits = gen.return_logits
     rows = _as_prompts(prompts, config.vocab_size)
     _check_length(config, rows, max_new_tokens)
     if edits is not None:

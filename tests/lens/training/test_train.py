@@ -22,7 +22,7 @@ import models
 from lens.training import data, train
 from models.core.config import ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def tiny_gpt2(vocab=61) -> ModelConfig:
