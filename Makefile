@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench install install-test
+.PHONY: run test test-fast bench install install-test
 
 # The pinned requirements first, then this checkout as an editable package (`import lens,
 # models` from any directory) with --no-deps: pip resolves nothing a second time.
@@ -28,6 +28,10 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests $(ARGS)
+
+# The suite without the tests marked slow (real weights, subprocesses, the scripts end to end).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests $(ARGS)
 
 bench: $(VENV)/.test
 	$(PY) bench/forward_generate.py $(ARGS)

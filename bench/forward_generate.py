@@ -33,6 +33,9 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 
 from bench_common import load_pair, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def parse_args(argv=None):
@@ -140,11 +143,11 @@ def measure_generate(ours, hf, args) -> dict:
     import numpy as np
     import torch
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     n_new = args.new_tokens
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
-    run = lambda: generate(ours, prompt, n_new, eos_token_ids=[])  # noqa: E731
+    run = lambda: generate(ours, prompt, GenerationConfig(n_new, eos_token_ids=()))  # noqa: E731
     t0 = time.perf_counter()
     ours_tokens = run().tokens[0]
     compile_s = time.perf_counter() - t0

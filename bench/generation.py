@@ -37,6 +37,9 @@ from pathlib import Path
 import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 PARTS = ("greedy", "bf16_parity", "profile", "steered")
@@ -96,18 +99,18 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
     import numpy as np
     import torch
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     n = args.new_tokens
     res = {}
     for name, m in (("ours_fp32", ours), ("ours_bf16", ours16)):
         t0 = time.perf_counter()
-        toks = generate(m, prompt, n, eos_token_ids=[]).tokens[0]
-        generate(m, prompt, 1, eos_token_ids=[])
+        toks = generate(m, prompt, GenerationConfig(n, eos_token_ids=())).tokens[0]
+        generate(m, prompt, GenerationConfig(1, eos_token_ids=()))
         compile_s = time.perf_counter() - t0
-        t_full = best(lambda: generate(m, prompt, n, eos_token_ids=[]), args.repeats)
-        t_one = best(lambda: generate(m, prompt, 1, eos_token_ids=[]), args.repeats)
+        t_full = best(lambda: generate(m, prompt, GenerationConfig(n, eos_token_ids=())), args.repeats)
+        t_one = best(lambda: generate(m, prompt, GenerationConfig(1, eos_token_ids=())), args.repeats)
         step = (t_full - t_one) / (n - 1)
         c = m.config
         slots = -(-args.prompt_len // 8) * 8 + n
@@ -134,14 +137,14 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
 def bf16_parity(ours, ours16, args) -> dict:
     import numpy as np
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     rs = np.random.RandomState(7)
     prompts = [rs.randint(3, ours.config.vocab_size, int(rs.randint(8, 24))).tolist()
                for _ in range(args.parity_prompts)]
     n = args.parity_tokens
-    a = generate(ours, prompts, n, eos_token_ids=[], return_logits=True)
-    b = generate(ours16, prompts, n, eos_token_ids=[], return_logits=True)
+    a = generate(ours, prompts, GenerationConfig(n, eos_token_ids=(), return_logits=True))
+    b = generate(ours16, prompts, GenerationConfig(n, eos_token_ids=(), return_logits=True))
     same, diffs, agreed_steps = 0, [], 0
     for ta, tb, la, lb in zip(a.tokens, b.tokens, a.logits, b.logits):
         same += ta == tb
@@ -160,7 +163,7 @@ def steered(ours, hf, tok, args) -> dict:
     import torch
 
     from lens.steering import vectors
-    from models.generation.generate import chat_prompt
+    from models.generation.generate import GenerationConfig, chat_prompt
 
     texts = ["Tell me about your neighbour.", "Write one sentence about the weather.",
              "What should I cook tonight?", "Describe a walk in the park.", "Give me advice on sleep.",
@@ -169,7 +172,7 @@ def steered(ours, hf, tok, args) -> dict:
     K, P, T, layer = args.vectors, args.prompts, args.steer_tokens, args.layer
     vecs = (8.0 * np.random.RandomState(3).randn(K, ours.config.d_model) / np.sqrt(ours.config.d_model)).astype(np.float32)
     # ours: one compiled decode over K x P rows (compile = the first call, reported apart)
-    run = lambda: vectors.generate_with_vectors(ours, prompts, vecs, layer, T, eos_token_ids=[],  # noqa: E731
+    run = lambda: vectors.generate_with_vectors(ours, prompts, vecs, layer, GenerationConfig(T, eos_token_ids=()),  # noqa: E731
                                                  vectors_per_call=K, progress=False)
     t0 = time.perf_counter()
     ours_tokens = run()
@@ -231,13 +234,13 @@ def profile_decode(ours, args) -> dict:
     import jax
     import numpy as np
 
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
-    generate(ours, prompt, args.new_tokens, eos_token_ids=[])
+    generate(ours, prompt, GenerationConfig(args.new_tokens, eos_token_ids=()))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            generate(ours, prompt, args.new_tokens, eos_token_ids=[])
+            generate(ours, prompt, GenerationConfig(args.new_tokens, eos_token_ids=()))
         files = sorted(Path(d).rglob("*.json.gz"))
         if not files:
             return {"error": "no perfetto trace written"}

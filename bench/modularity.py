@@ -47,6 +47,9 @@ import numpy as np  # noqa: E402
 
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 SIDES = ("ours", "ours-bf16", "hf", "hf-bf16")

@@ -28,6 +28,9 @@ import torch  # noqa: E402
 
 from bench_common import load_pair  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def parse_args(argv=None):

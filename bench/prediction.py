@@ -43,6 +43,9 @@ import lens.kernels  # noqa: E402
 from lens.prediction import ngram, scoring  # noqa: E402
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 SIDES = ("ours", "ours-sparse", "ours-dense", "numpy", "torch")

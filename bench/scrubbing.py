@@ -39,6 +39,9 @@ from lens.circuits import scrubbing as S  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def parse_args(argv=None):

@@ -30,6 +30,9 @@ from models import Capture  # noqa: E402
 
 from bench_common import best_time as timed, load_pair  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def parse_args(argv=None):
@@ -65,8 +68,8 @@ def main(argv=None):
     out = {}
 
     def ours():
-        out["r"] = lens.sweep_vectors(model, prompts, vecs, [1.0], [layer], progress=False,
-                                      keep_logits=True)
+        out["r"] = lens.sweep_vectors(model, prompts, vecs, coeffs=[1.0], layers=[layer],
+                                      config=lens.SweepConfig(progress=False, keep_logits=True))
         out["r"].logits.block_until_ready()
 
     t_ours = timed(ours, args.repeats)

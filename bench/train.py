@@ -36,6 +36,9 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 
 from bench_common import matmul_peak, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 
 def parse_args(argv=None):

@@ -26,13 +26,13 @@ import models.runtime.xla_guard  # noqa: F401  (isort: skip)
 import importlib
 
 from lens.core.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
-from lens.core.sweep import SweepResult, add_vectors, run_edits, sweep_vectors
+from lens.core.sweep import SweepConfig, SweepResult, add_vectors, run_edits, sweep_vectors
 
 PACKAGES = ("core", "steering", "geometry", "readout", "circuits", "prediction", "modularity", "training", "kernels")
 
 __all__ = [
     "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep_vectors",
-    "SweepResult", "run_edits", *PACKAGES,
+    "SweepConfig", "SweepResult", "run_edits", *PACKAGES,
 ]
 
 

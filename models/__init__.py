@@ -18,9 +18,6 @@ from models.core.kv_cache import KVCache
 from models.io.load import load
 from models.io.save import save
 from models.core.transformer import ForwardOutput, Transformer, pad_batch
-from models.runtime import compile_cache
-
-compile_cache.enable()  # JAX's persistent compilation cache under $LENS_CACHE_DIR/jax
 
 __all__ = [
     "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",

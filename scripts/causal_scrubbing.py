@@ -38,6 +38,9 @@ import numpy as np  # noqa: E402
 from lens.circuits import scrubbing as S  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 REFERENCE = {
     "induction": {"naive": 0.35, "refined": 0.89,

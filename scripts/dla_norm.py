@@ -39,6 +39,9 @@ import models  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.readout import dla
 from lens.cli import int_at_least  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CORPORA = ("shakespeare", "python-docs", "python-code")
 PRESETS = {"default": {"prompts": 12, "seq": 32, "permutations": 512},

@@ -14,7 +14,10 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 
 import models  # noqa: E402
 from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
-from models.generation.generate import chat_prompt, generate  # noqa: E402
+from models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 DEFAULT_PROMPTS = [
     "Write a Python function that checks whether a number is prime.",
@@ -49,9 +52,9 @@ def main(argv=None) -> None:
     texts = args.prompt or DEFAULT_PROMPTS
     prompts = [tok.encode(t) if args.raw else chat_prompt(tok, t) for t in texts]
     t0 = time.perf_counter()
-    out = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, eos_token_ids=tok.eos_token_ids,
-                   pad_token_id=tok.pad_token_id)
+    out = generate(model, prompts, GenerationConfig(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                                    seed=args.seed, eos_token_ids=tok.eos_token_ids,
+                                                    pad_token_id=tok.pad_token_id))
     dt = time.perf_counter() - t0
     n_new = sum(len(t) for t in out.tokens)
     for text, new in zip(texts, out.tokens):

@@ -45,6 +45,9 @@ from lens.training import data, train  # noqa: E402
 from lens.prediction import gaming, ngram, scoring
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
 PROSE = ("shakespeare", "python-docs")
@@ -106,16 +109,17 @@ def finetune_cfg(p: Preset, seed: int) -> train.TrainConfig:
 
 def base_model(p: Preset, tok, tr, val, out: Path, progress: bool):
     """The plainly pretrained toy every fine-tune starts from (init seed 0)."""
-    return train.train(models.init(toy_config(p, tok), jax.random.key(0)), tr, val, train_cfg(p),
-                       out / "runs" / "base", progress=progress).model
+    return train.train(models.init(toy_config(p, tok), jax.random.key(0)), tr, val, train_cfg(p), out / "runs" / "base",
+                       train.TrainOptions(progress=progress)).model
 
 
 def finetune(base, p: Preset, tr, val, out: Path, progress: bool, seed: int, lam: float, target: str,
              loss=None):
     """One sweep run (lam = 0: the plain continuation, shared by both targets)."""
     folder = out / "runs" / f"{target if lam else 'plain'}_lam{lam:g}_seed{seed}"
-    return train.train(base, tr, val, finetune_cfg(p, seed), folder, progress=progress, loss_fn=loss,
-                       run_info={"target": target if lam else "plain", "lam": lam}).model
+    return train.train(base, tr, val, finetune_cfg(p, seed), folder,
+                       train.TrainOptions(progress=progress, loss_fn=loss,
+                                          run_info={"target": target if lam else "plain", "lam": lam})).model
 
 
 def rows_of(names, tok, seq, split, n=None):
@@ -151,7 +155,7 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     table_logp = jnp.log(jnp.asarray(bigram.dense_bigram(), jnp.float32))
     side_cfg = toy_config(p, tok, layers=1, d=max(32, p.d_model // 2))
     side = train.train(models.init(side_cfg, jax.random.key(1000)), tr, val, train_cfg(p), out / "runs" / "side",
-                       progress=progress).model
+                       train.TrainOptions(progress=progress)).model
     cheap = {"bigram": bigram.predictor(), "side": scoring.model_predictor(side)}
     n_eval = (min(len(val), 512) // p.batch) * p.batch
     base = base_model(p, tok, tr, val, out, progress)
@@ -228,7 +232,7 @@ def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_
         kl_before = gaming.mean_kl(model, student, held, batch=4)
         student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
                                                                        lr=1e-3), out,
-                              progress=progress, loss_fn=gaming.DistillLoss(model)).model
+                              train.TrainOptions(progress=progress, loss_fn=gaming.DistillLoss(model))).model
         kl_after = gaming.mean_kl(model, student, held, batch=4)
         preds["distilled-1L"] = scoring.model_predictor(student)
         res["distill"] = {"steps": distill_steps, "start": "the model's first block + its unembedding",

@@ -27,6 +27,9 @@ import numpy as np  # noqa: E402
 import models  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 from lens.readout.logit_lens import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 PRESETS = {"default": {"prompt": "The capital of France is the city of", "positions": 8},
            "smoke": {"prompt": "The capital of France is", "positions": 3}}

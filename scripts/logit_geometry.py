@@ -31,6 +31,9 @@ import models  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from figures import save_figure  # noqa: E402  (scripts/)
 from lens.geometry import on_model as gr  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 PROMPTS = [

@@ -54,6 +54,10 @@ FORGET = "python-code"
 RETAIN = ("shakespeare", "python-docs")
 # the main job's request and prompt lists: theta0 is built exactly as there
 from orthogonal_steering import CODE, NEUTRAL, PROSE  # noqa: E402
+from models.generation.generate import GenerationConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {
@@ -165,15 +169,17 @@ def pruning_section(args, model, train, evals, skip, out: Path, label: str):
     masks = {}
     for method in ("ratio", "forget"):
         t0 = time.perf_counter()
-        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, args.prune_steps, method,
-                                          args.prune_frac, chunk=8, progress=lambda r: print(f"  {method} step {r['step']}: "
-                                          + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
+        config = M.PruningConfig(args.prune_steps, method, args.prune_frac, chunk=8)
+        recs, nm, _ = M.selective_pruning(
+            model, forget, retain, evals, skip, config,
+            on_step=lambda r: print(f"  {method} step {r['step']}: "
+                                    + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
         result["methods"][method] = {"records": recs, "seconds": time.perf_counter() - t0}
         masks[method] = nm
     draws = []
     for d in range(args.random_draws):
-        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, args.prune_steps, "random",
-                                          args.prune_frac, seed=args.seed + d, chunk=8)
+        config = M.PruningConfig(args.prune_steps, "random", args.prune_frac, seed=args.seed + d, chunk=8)
+        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config)
         draws.append(recs)
         masks.setdefault("random", nm)
     result["methods"]["random"] = {"draws": draws}
@@ -250,7 +256,7 @@ def steering_section(args, model, tok, masks, train, out_scores):
     vecs = np.stack([np.zeros_like(theta0), theta0]).astype(np.float32)
 
     def scores(m):
-        out = vectors.generate_with_vectors(m, neutral, vecs, layer, args.gen_tokens, progress=False)
+        out = vectors.generate_with_vectors(m, neutral, vecs, layer, GenerationConfig(args.gen_tokens), progress=False)
         rows = vectors.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
         texts = [decode(r) for r in rows]
         per = np.asarray([code_score(t) for t in texts]).reshape(len(vecs), len(neutral))

@@ -25,6 +25,9 @@ from lens.steering import melbo, vectors  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 from lens.steering.melbo import stages  # noqa: E402
 from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
 

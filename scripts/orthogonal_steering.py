@@ -47,6 +47,10 @@ from lens.steering.code_score import code_score  # noqa: E402
 from lens.cli import int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering.melbo import behaviour as mb, stages  # noqa: E402
 from orthogonal_report import k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
+from models.generation.generate import GenerationConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CODE = [
     "Write a Python function that reverses a string.",
@@ -229,8 +233,8 @@ def steered_generate(args, model, tok, layer, prompts, vecs):
     prompt and generated token), vector-major; calls of --gen-batch // len(prompts)
     vectors, so every call of a run reuses ONE compiled prefill/decode."""
     per_call = max(1, args.gen_batch // len(prompts))
-    out = vectors.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer, args.gen_tokens,
-                                         vectors_per_call=per_call)
+    out = vectors.generate_with_vectors(model, prompts, np.asarray(vecs, np.float32), layer,
+                                         GenerationConfig(args.gen_tokens), vectors_per_call=per_call)
     dec = decoder(tok)
     rows = vectors.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
     return [dec(row) for row in rows]
@@ -295,8 +299,8 @@ def mode_comparison(args, problem, analysis_problem, theta0, found, found_effect
                                            e.first_share_target[:kk], e.first_share_last[:kk])
                 a = melbo.analyse_vectors(analysis_problem, res.vectors, effects=eff)
             else:
-                res = melbo.melbo_ortho(problem, jnp.asarray(theta0), kk, cfg, mode=mode, block_size=args.block,
-                                        seed=seed, progress=True)
+                run = melbo.MelboRunConfig(mode=mode, block_size=args.block, seed=seed, progress=True)
+                res = melbo.melbo_ortho(problem, jnp.asarray(theta0), kk, cfg, run=run)
                 a = melbo.analyse_vectors(analysis_problem, res.vectors, chunk=args.chunk)
             runs[mode].append(row(res.vectors, res.losses, a, seed))
             if seed == args.seed:
@@ -391,8 +395,8 @@ def main(argv=None, on_checkpoint=None):
 
     found = melbo.melbo_ortho(
         problem, jnp.asarray(theta0), args.k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
-        mode=args.mode, block_size=args.block, seed=args.seed, resume=resume,
-        on_block=checkpoint, progress=True,
+        run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=args.seed, progress=True),
+        resume=resume, on_block=checkpoint,
     )
     t0 = lap("train", t0)
     V = found.vectors

@@ -31,6 +31,9 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 import numpy as np  # noqa: E402
 
 from lens.cli import int_at_least, positive_float  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 SITES = ("resid", "attn_out", "mlp_out", "heads", "q_input", "k_input", "v_input")
 

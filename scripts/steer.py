@@ -25,7 +25,10 @@ from lens.cli import finite_float, int_at_least, nonnegative_float  # noqa: E402
 import models  # noqa: E402
 from lens.core import edits as E  # noqa: E402
 from lens.steering import vectors
-from models.generation.generate import chat_prompt, generate  # noqa: E402
+from models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 POSITIVE = ["I love you", "You are wonderful", "What a beautiful day", "I adore this"]
 NEGATIVE = ["I hate you", "You are terrible", "What an awful day", "I despise this"]
@@ -80,19 +83,19 @@ def main(argv=None):
 
     chats = [chat_prompt(tok, text) for text in args.prompts]
     ptoks, pmask = encode_padded(tok, chats)
-    res = lens.sweep_vectors(model, ptoks, np.asarray(vector)[None], args.coeffs, [layer],
-                             attention_mask=pmask, progress=False)
+    res = lens.sweep_vectors(model, ptoks, np.asarray(vector)[None], coeffs=args.coeffs, layers=[layer],
+                             attention_mask=pmask, config=lens.SweepConfig(progress=False))
     rows = []
     if args.no_steer_prompt or args.no_steer_generated:
         # steering only part of the sequence: one generate per coefficient
-        outs = [generate(model, chats, args.max_new_tokens, temperature=args.temperature,
+        outs = [generate(model, chats, GenerationConfig(args.max_new_tokens, temperature=args.temperature),
                          edits=E.add(model, vector, layer, coeff), steer_prompt=not args.no_steer_prompt,
                          steer_generated=not args.no_steer_generated).tokens for coeff in args.coeffs]
     else:
         # every coefficient at once: coeff * vector as K vectors, one compiled decode
         vecs = np.asarray(args.coeffs, np.float32)[:, None] * np.asarray(vector, np.float32)[None]
-        out = vectors.generate_with_vectors(model, chats, vecs, layer, args.max_new_tokens,
-                                             temperature=args.temperature)
+        out = vectors.generate_with_vectors(model, chats, vecs, layer,
+                                             GenerationConfig(args.max_new_tokens, temperature=args.temperature))
         outs = vectors.new_token_lists(out, model.config.eos_token_ids)
     for ci, coeff in enumerate(args.coeffs):
         kl = np.asarray(res.kl[0, ci, 0])

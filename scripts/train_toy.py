@@ -40,6 +40,9 @@ from lens.training import data, train  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
 from lens.circuits.induction import measure_induction  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 TOKENIZER = "smollm2-135m-instruct"
 SAMPLE_PROMPTS = ["ROMEO.\n", "def read_file(path):\n", "The module"]
@@ -106,11 +109,11 @@ def interleave(parts: dict[str, np.ndarray], seed: int) -> np.ndarray:
 
 
 def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
-    from models.generation.generate import generate
+    from models.generation.generate import GenerationConfig, generate
 
     prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
     n_tokens = min(n_tokens, model.config.max_seq_len - max(map(len, prompts)))
-    out = generate(model, prompts, max_new_tokens=n_tokens, temperature=0.8, top_k=40, seed=0)
+    out = generate(model, prompts, GenerationConfig(n_tokens, temperature=0.8, top_k=40, seed=0))
     return {s: tokenizer.decode(t) for s, t in zip(SAMPLE_PROMPTS, out.tokens)}
 
 
@@ -143,9 +146,10 @@ def main(argv=None, on_checkpoint=None) -> dict:
     val_rows = interleave(val_parts, args.seed)
     model = models.init(cfg, jax.random.key(args.seed))
     start = time.perf_counter()
-    result = train.train(model, train_rows, val_rows, tcfg, args.out, progress=not args.no_progress,
-                         on_checkpoint=on_checkpoint,
-                         run_info={"preset": args.preset, "seed": args.seed, "tokenizer": data.tokenizer_fingerprint(tok)})
+    result = train.train(model, train_rows, val_rows, tcfg, args.out,
+                         train.TrainOptions(progress=not args.no_progress, on_checkpoint=on_checkpoint,
+                                            run_info={"preset": args.preset, "seed": args.seed,
+                                                      "tokenizer": data.tokenizer_fingerprint(tok)}))
     seconds = time.perf_counter() - start
     models.save(result.model, args.out / "model", tokenizer=tok)
 

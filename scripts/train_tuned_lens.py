@@ -40,6 +40,9 @@ from lens.cli import int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
 from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
+from models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CORPORA = ("shakespeare", "python-docs", "python-code")
 
@@ -155,8 +158,9 @@ def main(argv=None, on_checkpoint=None) -> dict:
             "optimizer": "clip 1.0 -> add_decayed_weights 1e-3 -> sgd nesterov 0.9, linear decay to 0"}
     t0 = time.perf_counter()
     result = train.train(TunedLens.init(model.config), train_rows, val_rows, cfg, args.out,
-                         progress=not args.no_progress, on_checkpoint=on_checkpoint, run_info=info,
-                         loss_fn=TunedLensLoss(model), opt=opt, rows_config=model.config, lr_fn=lr_fn)
+                         train.TrainOptions(progress=not args.no_progress, on_checkpoint=on_checkpoint,
+                                            run_info=info, loss_fn=TunedLensLoss(model), opt=opt,
+                                            rows_config=model.config, lr_fn=lr_fn))
     train_s = time.perf_counter() - t0
     n_bytes = row_bytes(tok, test_rows)
     t0 = time.perf_counter()

@@ -620,8 +620,8 @@ def _(name):
     hf, ours = hf64("llama")
     v = steer_vectors(ours.config.d_model)
     coeffs, layers, targets = [0.5, 2.0], [1, 2], [3, 17]
-    res = lens.sweep_vectors(ours, TOK, v, coeffs, layers, attention_mask=MASK, targets=targets,
-                             keep_logits=True, chunk_size=2, progress=False)  # K = 3 in chunks of 2
+    res = lens.sweep_vectors(ours, TOK, v, coeffs=coeffs, layers=layers, attention_mask=MASK, targets=targets,
+                             config=lens.SweepConfig(keep_logits=True, chunk_size=2, progress=False))  # K = 3 in chunks of 2
     for i, p in enumerate(PROMPTS):
         base = hf_run(hf, p)[0][-1]
         for k in range(3):
@@ -681,7 +681,7 @@ def _(name):
     stacked = E.stack_edits([E.ablate_heads(ours, {1: [2]}), E.add(ours, v[0], [2]),
                              E.combine(E.ablate_heads(ours, {1: [4]}), E.add(ours, v[1], [1]))])
     res = lens.core.sweep.sweep_edits(ours, TOK, stacked, attention_mask=MASK, targets=[3, 17],
-                                 keep_logits=True, chunk_size=2, progress=False)
+                                      config=lens.SweepConfig(keep_logits=True, chunk_size=2, progress=False))
     dh = hf.config.head_dim
 
     def zero_head(h):

@@ -272,8 +272,8 @@ def run_from(model: Transformer, x: Float[Array, "seq d_model"], tokens: Int[Arr
     def body(i, h):
         block = jax.tree.map(lambda w: w[i], model.blocks)
         e = None if edits is None else jax.tree.map(lambda a: a[i], edits)
-        h, _, _ = block_forward(c, block, h, qpos, key_pos, rot, None if local is None else local[i],
-                                e, Capture(), None, None)
+        h, _, _ = block_forward(c, block, h, qpos, key_pos=key_pos, rotary=rot,
+                                is_local=None if local is None else local[i], edits=e)
         return h
 
     x = jax.lax.fori_loop(start, c.n_layers, body, x)

@@ -350,8 +350,8 @@ def _patched_head(model, layer: int, head: int, q: Float[Array, "seq d_model"], 
     e = Edits(q_input_mix=ones, q_input_source=q, k_input_mix=ones, k_input_source=k,
               v_input_mix=ones, v_input_source=v)
     x = jnp.zeros_like(q)  # every input comes from a source: the residual itself is unused
-    return block_forward(one, sliced, x, qpos, jnp.where(valid, qpos, -1), model.rotary(qpos), is_local, e,
-                         Capture(head_z=True), None, None)[2].head_z[:, 0]
+    return block_forward(one, sliced, x, qpos, key_pos=jnp.where(valid, qpos, -1), rotary=model.rotary(qpos),
+                         is_local=is_local, edits=e, capture=Capture(head_z=True))[2].head_z[:, 0]
 
 
 def treeified_logits_from(model, plan: _Plan, plain: PlainRuns, index: Int[Array, " R"]) -> Float[Array, "seq vocab"]:

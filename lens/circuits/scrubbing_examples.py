@@ -103,9 +103,9 @@ def induction_model(out_dir: str | Path, setup: InductionSetup = InductionSetup(
                              warmup_steps=50, eval_every=100, eval_batches=8, checkpoint_every=100,
                              seed=setup.seed)
     model = models.init(cfg, jax.random.key(setup.seed))
-    result = train.train(model, train_rows, val_rows, tcfg, out_dir, progress=progress,
-                         run_info={"setup": dataclasses.asdict(setup),
-                                   "tokenizer": data.tokenizer_fingerprint(tok)})
+    result = train.train(model, train_rows, val_rows, tcfg, out_dir,
+                         train.TrainOptions(progress=progress, run_info={"setup": dataclasses.asdict(setup),
+                                                                         "tokenizer": data.tokenizer_fingerprint(tok)}))
     models.save(result.model, out_dir / "model", tokenizer=tok)
     (out_dir / "setup.json").write_text(json.dumps(dataclasses.asdict(setup)) + "\n")
     return result.model, tok
@@ -244,8 +244,9 @@ def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress:
                              eval_every=250, eval_batches=8, checkpoint_every=250, seed=setup.seed,
                              weight_decay=0.01)
     model = models.init(cfg, jax.random.key(setup.seed))
-    result = train.train(model, train_rows, val_rows, tcfg, out_dir, progress=progress, loss_fn=paren_loss,
-                         run_info={"setup": dataclasses.asdict(setup), "task": "parens"})
+    result = train.train(model, train_rows, val_rows, tcfg, out_dir,
+                         train.TrainOptions(progress=progress, loss_fn=paren_loss,
+                                            run_info={"setup": dataclasses.asdict(setup), "task": "parens"}))
     models.save(result.model, out_dir / "model", format="native")
     return result.model
 
@@ -389,7 +390,8 @@ def synthetic_induction_model(out_dir: str | Path, s: SyntheticInduction = Synth
     tcfg = train.TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=50, eval_every=250,
                              eval_batches=8, checkpoint_every=250, seed=s.seed, weight_decay=0.01)
     result = train.train(models.init(cfg, jax.random.key(s.seed)), train_rows, val_rows, tcfg, out_dir,
-                         progress=progress, run_info={"setup": dataclasses.asdict(s), "task": "synthetic induction"})
+                         train.TrainOptions(progress=progress,
+                                            run_info={"setup": dataclasses.asdict(s), "task": "synthetic induction"}))
     models.save(result.model, out_dir / "model", format="native")
     return result.model
 

@@ -2,7 +2,7 @@
 a `jax.sharding.Mesh`; weights replicated, or sharded for models too big for one device.
 
     mesh = lens.core.sharding.make_mesh(vectors=4)                 # 4 devices on the K axis
-    res = lens.sweep_vectors(model, prompts, vecs, layers=[6], mesh=mesh)
+    res = lens.sweep_vectors(model, prompts, vecs, layers=[6], config=lens.SweepConfig(mesh=mesh))
 
     mesh = lens.core.sharding.make_mesh(vectors=2, batch=2)        # 2 x 2: K and prompts
     model = lens.core.sharding.shard_weights(model, mesh)          # optional (see below)

@@ -8,12 +8,17 @@ and (option `last_only`) unembeds only each prompt's last real token: the unembe
 49k vocabulary is a third of a small model's compute per position.
 
     res = lens.sweep_vectors(model, prompts, vectors, coeffs=[0, 4, 8], layers=[6, 12])
+    res = lens.sweep_vectors(model, prompts, vectors, layers=[6],
+                             config=SweepConfig(keep_logits=True, memory_budget=4e9, progress=False))
     res.kl             # [K, C, L, P]   KL(steered || unsteered) at the last token
     res.logprob_delta  # [K, C, L, P, T] log p(target) steered - unsteered
 
 The K axis is processed in chunks sized from a memory budget (a tqdm bar counts them);
-the last chunk is zero-padded so every chunk reuses one compilation.  `mesh=` shards the
-vector axis (and optionally the prompts) over devices: see lens/core/sharding.py.
+the last chunk is zero-padded so every chunk reuses one compilation.  `SweepConfig.mesh`
+shards the vector axis (and optionally the prompts) over devices: see lens/core/sharding.py.
+The research question (prompts, vectors, coeffs, layers, positions, targets) is spelled out
+at the call; how it runs and what it keeps (chunking, memory, mesh, progress, last_only,
+keep_logits, capture_layer) is one `SweepConfig`.
 
 Every steered run goes through `Edits` (the vectors become `edits.add` edits inside the
 vmap) and the one split of the forward (`Transformer.prefix` / `run_blocks`).
@@ -24,6 +29,7 @@ return the logits of such K edited runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -32,12 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
-from tqdm.auto import tqdm
 
 from lens.core import edits as E
 from lens.core.capture import last_real_index, resid_at
 from models.core.interventions import Edits, fields_set, final_part
 from models.core.transformer import Transformer
+from models.runtime.progress import Progress
 
 
 class SweepResult(eqx.Module):
@@ -54,6 +60,41 @@ class SweepResult(eqx.Module):
     base_logits: Float[Array, "P *seq vocab"]
     activations: Float[Array, "K C L P seq d_model"] | None
     layers: tuple = eqx.field(static=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """How a sweep runs and what it keeps (`sweep_vectors`, `sweep_edits`); checked at construction.
+
+    last_only: evaluate only each prompt's last real token (no seq axis in the results).
+    keep_logits: also return the steered logits.
+    capture_layer: also return the residual stream leaving this block (`sweep_vectors` only).
+    chunk_size: vectors (or edits) per compiled call; None = as many as fit `memory_budget`.
+    memory_budget: bytes one chunk's tail may use (> 0), when chunk_size is None.
+    mesh: a `jax.sharding.Mesh` sharding each chunk (`sweep_vectors` only; lens/core/sharding.py).
+    progress: a tqdm bar over chunks (a bool or a `models.runtime.progress.Progress`).
+    """
+
+    last_only: bool = True
+    keep_logits: bool = False
+    capture_layer: int | None = None
+    chunk_size: int | None = None
+    memory_budget: float = 2**30
+    mesh: "jax.sharding.Mesh | None" = None
+    progress: bool | Progress = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "progress", Progress.of(self.progress))
+        for name in ("last_only", "keep_logits"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"SweepConfig.{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("chunk_size", "capture_layer"):
+            v = getattr(self, name)
+            low = 1 if name == "chunk_size" else 0
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low):
+                raise ValueError(f"SweepConfig.{name} must be None or an int >= {low}; got {v!r}")
+        if not (isinstance(self.memory_budget, (int, float, np.number)) and self.memory_budget > 0):
+            raise ValueError(f"SweepConfig.memory_budget must be a number of bytes > 0; got {self.memory_budget!r}")
 
 
 def _prepare(model, tokens, attention_mask):
@@ -178,18 +219,13 @@ def sweep_vectors(
     model: Transformer,
     prompts: Int[Array, "P seq"],
     vectors: Float[Array, "K d_model"],
+    *,
     coeffs: Sequence[float] | Float[Array, " C"] = (1.0,),
     layers: int | Sequence[int] = 0,
-    attention_mask: Bool[Array, "P seq"] | None = None,
     positions: int | Sequence[int] | None = None,
-    last_only: bool = True,
     targets: Sequence[int] | Int[Array, " T"] | None = None,
-    keep_logits: bool = False,
-    capture_layer: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget: float = 2**30,
-    mesh: "jax.sharding.Mesh | None" = None,
-    progress: bool = True,
+    attention_mask: Bool[Array, "P seq"] | None = None,
+    config: SweepConfig = SweepConfig(),
 ) -> SweepResult:
     """Steer every prompt with every (vector, coefficient, layer) and measure the effect.
 
@@ -198,10 +234,15 @@ def sweep_vectors(
     `Edits(resid_add=...)` would.  Returns a `SweepResult` of arrays [K, C, L, P, ...]:
     KL to the unsteered run, log-prob changes of `targets`, optionally the logits and the
     residual stream leaving block `capture_layer` ([.., seq, d_model]; for layers steered
-    after it this is the unsteered stream).  last_only evaluates only each prompt's last
-    real token (attention_mask False marks padding).  K is chunked so one chunk's tail
-    fits `memory_budget` bytes (or `chunk_size` vectors); `mesh` shards the chunk.
+    after it this is the unsteered stream).  attention_mask False marks padding.
+    `config` (a `SweepConfig`): last_only evaluates only each prompt's last real token; K is
+    chunked so one chunk's tail fits `memory_budget` bytes (or `chunk_size` vectors); `mesh`
+    shards the chunk.
     """
+    if not isinstance(config, SweepConfig):
+        raise TypeError(f"config must be a SweepConfig; got {type(config).__name__}")
+    last_only, keep_logits, capture_layer = config.last_only, config.keep_logits, config.capture_layer
+    chunk_size, mesh = config.chunk_size, config.mesh
     tokens, mask = _prepare(model, prompts, attention_mask)
     P, seq = tokens.shape
     vectors = E.check_vectors(model, jnp.atleast_2d(jnp.asarray(vectors, jnp.float32)))
@@ -220,7 +261,7 @@ def sweep_vectors(
     K = vectors.shape[0]
     if chunk_size is None:
         chunk_size = chunk_size_for(model, len(coeffs), len(layer_list), P, seq, last_only,
-                                    keep_logits, capture_layer is not None, memory_budget)
+                                    keep_logits, capture_layer is not None, config.memory_budget)
     chunk = min(chunk_size, K)
     place = lambda name, a: a  # noqa: E731
     to_host = np.asarray
@@ -238,7 +279,7 @@ def sweep_vectors(
     args = [place("entries", entries), place("prompts", tokens), place("prompts", mask)]
     outs = []
     n_chunks = math.ceil(K / chunk)
-    for i in tqdm(range(n_chunks), desc="sweep", unit="chunk", disable=not progress):
+    for i in config.progress.bar("sweep", iterable=range(n_chunks), unit="chunk"):
         v = vectors[i * chunk:(i + 1) * chunk]
         if v.shape[0] < chunk:
             v = jnp.concatenate([v, jnp.zeros((chunk - v.shape[0], v.shape[1]), v.dtype)])
@@ -291,20 +332,23 @@ def sweep_edits(
     model: Transformer,
     prompts: Int[Array, "P seq"],
     edits: Edits,
-    attention_mask: Bool[Array, "P seq"] | None = None,
-    last_only: bool = True,
+    *,
     targets: Sequence[int] | Int[Array, " T"] | None = None,
-    keep_logits: bool = False,
-    chunk_size: int | None = None,
-    memory_budget: float = 2**30,
-    progress: bool = True,
+    attention_mask: Bool[Array, "P seq"] | None = None,
+    config: SweepConfig = SweepConfig(),
 ) -> EditsSweep:
     """Run every prompt under each of K stacked edits (`edits.stack_edits`: additions,
     ablations, patches, norm freezing, any mix) and measure the effect as `sweep_vectors`
     does: KL to the unedited run, log-prob changes of `targets`, optionally the logits.
     The blocks before the first edited layer run once per prompt; K is chunked (the last
     chunk padded with copies of edit 0, one compilation).  Position axes of the edits must
-    be 1 or the prompts' (padded) length."""
+    be 1 or the prompts' (padded) length.  `config`: a `SweepConfig` without mesh or
+    capture_layer (last_only, keep_logits, chunk_size, memory_budget, progress)."""
+    if not isinstance(config, SweepConfig):
+        raise TypeError(f"config must be a SweepConfig; got {type(config).__name__}")
+    if config.mesh is not None or config.capture_layer is not None:
+        raise ValueError("sweep_edits supports neither SweepConfig.mesh nor capture_layer (sweep_vectors does)")
+    last_only, keep_logits, chunk_size = config.last_only, config.keep_logits, config.chunk_size
     tokens, mask = _prepare(model, prompts, attention_mask)
     P, seq = tokens.shape
     E.check_edits(model, edits, seq, batch_dims=1)
@@ -314,12 +358,12 @@ def sweep_edits(
     tgt = _targets(model, targets)
     K = jax.tree.leaves(edits)[0].shape[0]
     if chunk_size is None:
-        chunk_size = chunk_size_for(model, 1, 1, P, seq, last_only, keep_logits, False, memory_budget)
+        chunk_size = chunk_size_for(model, 1, 1, P, seq, last_only, keep_logits, False, config.memory_budget)
     chunk = min(chunk_size, K)
     entry, base_logits = _prefix(model, tokens, mask, (start,), last_only)
     entry = entry[0]
     outs = []
-    for i in tqdm(range(math.ceil(K / chunk)), desc="sweep", unit="chunk", disable=not progress):
+    for i in config.progress.bar("sweep", iterable=range(math.ceil(K / chunk)), unit="chunk"):
         e = jax.tree.map(lambda a: a[i * chunk:(i + 1) * chunk], edits)
         used = jax.tree.leaves(e)[0].shape[0]
         if used < chunk:
@@ -348,9 +392,9 @@ def run_edits(
 ) -> Float[Array, "K *P seq vocab"]:
     """Logits of K edited forwards (edits stacked with a leading [K] axis, `stack_edits`),
     computing the layers before the first edited one once for all K (`sweep_edits`)."""
-    res = sweep_edits(model, tokens, edits, attention_mask, last_only=False, keep_logits=True,
-                      chunk_size=jax.tree.leaves(edits)[0].shape[0] if fields_set(edits) else 1,
-                      progress=False)
+    chunk = jax.tree.leaves(edits)[0].shape[0] if fields_set(edits) else 1
+    res = sweep_edits(model, tokens, edits, attention_mask=attention_mask,
+                      config=SweepConfig(last_only=False, keep_logits=True, chunk_size=chunk, progress=False))
     return res.logits[:, 0] if np.ndim(tokens) == 1 else res.logits
 
 

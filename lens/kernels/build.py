@@ -1,7 +1,7 @@
 """Compiling a native kernel on first use, once per machine: `build(source, stem)`.
 
 The shared library goes to `<lens cache>/kernels/<stem>-<key>.so` (the lens cache is
-`models.io.embedded.cache_dir()`: $LENS_CACHE_DIR or the user cache dir), content-addressed:
+`models.runtime.paths.cache_dir()`: $LENS_CACHE_DIR or the user cache dir), content-addressed:
 the key hashes the source, the compiler flags, the compiler's path, the CPU model and the jax
 version (its FFI headers).  A build that fails leaves `<stem>-<key>.failed` holding the
 compiler's message; while it exists, `build` raises `BuildError` with that message at once,
@@ -63,7 +63,7 @@ def compiler() -> str | None:
 
 def cache_root() -> Path:
     """`<lens cache>/kernels/`, where built kernels and remembered failures live."""
-    from models.io.embedded import cache_dir
+    from models.runtime.paths import cache_dir
 
     return cache_dir() / "kernels"
 

@@ -113,13 +113,14 @@ def train_predictors(model: Transformer, pred: Predictors, train_rows, val_rows,
     """Train with AdamW (weight decay 0.01, as the reference) through `lens.training.train.train`."""
     import optax
 
-    from lens.training.train import train
+    from lens.training.train import TrainOptions, train
 
     opt = optax.adamw(cfg.lr, weight_decay=0.01)
-    result = train(pred, train_rows, val_rows, cfg, out_dir, loss_fn=PredictorLoss(model, label_frac, head_frac),
-                   opt=opt, rows_config=model.config, progress=progress,
-                   run_info={"predictor": "dejavu", "label_frac": label_frac, "head_frac": head_frac,
-                             "rank": int(pred.mlp_a.shape[-1])})
+    result = train(pred, train_rows, val_rows, cfg, out_dir,
+                   TrainOptions(loss_fn=PredictorLoss(model, label_frac, head_frac), opt=opt,
+                                rows_config=model.config, progress=progress,
+                                run_info={"predictor": "dejavu", "label_frac": label_frac, "head_frac": head_frac,
+                                          "rank": int(pred.mlp_a.shape[-1])}))
     return result.model, result.log
 
 

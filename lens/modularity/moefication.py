@@ -287,12 +287,13 @@ def train_routers(model: Transformer, labels_list, train_rows, val_rows, cfg, ou
     Routers, log)."""
     import optax
 
-    from lens.training.train import train
+    from lens.training.train import TrainOptions, train
 
     labs = [check_labels(model, lab) for lab in labels_list]
     rset = RouterSet(tuple(mlp_routers(model, lab) for lab in labs))
     digest = [int((lab.astype(np.int64) * (1 + np.arange(lab.size)).reshape(lab.shape)).sum() % 1_000_003) for lab in labs]
-    result = train(rset, train_rows, val_rows, cfg, out_dir, loss_fn=RouterLoss(model, tuple(expert_onehot(lab) for lab in labs)),
-                   opt=optax.adam(cfg.lr), rows_config=model.config, progress=progress,
-                   run_info={"router": "moefication-mlp", "labels_digest": digest})
+    result = train(rset, train_rows, val_rows, cfg, out_dir,
+                   TrainOptions(loss_fn=RouterLoss(model, tuple(expert_onehot(lab) for lab in labs)),
+                                opt=optax.adam(cfg.lr), rows_config=model.config, progress=progress,
+                                run_info={"router": "moefication-mlp", "labels_digest": digest}))
     return list(result.model.routers), result.log

@@ -21,6 +21,7 @@ head_mix edits.  It computes the dense block and then masks: correct, not faster
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -102,7 +103,7 @@ def _abs_sums(model, rows, weights, stop: int):
         block, is_local = xs
 
         def one(h1):
-            return block_forward(c, block, h1, qpos, key_pos, rot, is_local, None, capture, None, None)
+            return block_forward(c, block, h1, qpos, key_pos=key_pos, rotary=rot, is_local=is_local, capture=capture)
 
         h, _, acts = jax.vmap(one)(h)
         # float32 sums: a bf16 model's per-token values are summed without bf16 rounding.
@@ -336,21 +337,58 @@ def next_token_metrics(model: Transformer, rows, skip_ids, chunk: int = 8, edits
 METHODS = ("ratio", "forget", "random")
 
 
-def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: dict, skip_ids,
-                      steps: int, method: str = "ratio", neuron_frac: float = 0.02, head_frac: float = 0.0,
-                      eps: float = 1e-3, seed: int = 0, chunk: int = 8, progress=None):
-    """Iterative pruning as in taker: each step collects the statistics on the CURRENT
-    pruned model, scores, removes `neuron_frac` of all MLP neurons (and `head_frac` of all
-    heads) chosen globally across layers among the live ones, and evaluates.
+@dataclasses.dataclass(frozen=True)
+class PruningConfig:
+    """The settings of one `selective_pruning` run (checked at construction).
 
+    steps: pruning steps (an int >= 1); each removes `neuron_frac` of all MLP neurons and
+        `head_frac` of all heads (fractions in [0, 1]) among the live ones.
     method: "ratio" (forget / (retain + eps), the reference), "forget" (forget-set mean
-    |a| alone, the control that ignores what the retain text needs), "random" (same
-    counts drawn uniformly).  eval_sets: name -> rows.  Returns (records, neuron mask,
-    head mask); record 0 is the unpruned model."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if not 0 <= neuron_frac <= 1 or not 0 <= head_frac <= 1:
-        raise ValueError("neuron_frac and head_frac must be in [0, 1]")
+        |a| alone, the control that ignores what the retain text needs), "random" (same
+        counts drawn uniformly, with `seed`).
+    eps: the ratio's denominator floor (> 0).
+    chunk: rows per compiled call of the statistics and the evaluation (an int >= 1).
+    """
+
+    steps: int
+    method: str = "ratio"
+    neuron_frac: float = 0.02
+    head_frac: float = 0.0
+    eps: float = 1e-3
+    seed: int = 0
+    chunk: int = 8
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not is_int(self.steps) or self.steps < 1:
+            raise ValueError(f"steps must be an int >= 1; got {self.steps!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}; got {self.method!r}")
+        if not 0 <= self.neuron_frac <= 1 or not 0 <= self.head_frac <= 1:
+            raise ValueError("neuron_frac and head_frac must be in [0, 1]")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0; got {self.eps!r}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int; got {self.seed!r}")
+        if not is_int(self.chunk) or self.chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1; got {self.chunk!r}")
+
+
+def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: dict, skip_ids,
+                      config: PruningConfig, *, on_step: Callable[[dict], None] | None = None):
+    """Iterative pruning as in taker: each step collects the statistics on the CURRENT
+    pruned model, scores, removes `config.neuron_frac` of all MLP neurons (and
+    `config.head_frac` of all heads) chosen globally across layers among the live ones,
+    and evaluates (`PruningConfig` for the method and the rest).
+
+    eval_sets: name -> rows.  on_step(record) is called after every step.  Returns
+    (records, neuron mask, head mask); record 0 is the unpruned model."""
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"config must be a PruningConfig; got {type(config).__name__}")
+    steps, method, eps, chunk = config.steps, config.method, config.eps, config.chunk
+    neuron_frac, head_frac, seed = config.neuron_frac, config.head_frac, config.seed
     c = model.config
     n_mask = np.zeros((c.n_layers, c.d_mlp), bool)
     h_mask = np.zeros((c.n_layers, c.n_heads), bool)
@@ -381,8 +419,8 @@ def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: d
         h_mask |= new_h
         current = prune(model, n_mask, h_mask)
         records.append(evaluate(step))
-        if progress is not None:
-            progress(records[-1])
+        if on_step is not None:
+            on_step(records[-1])
     return records, n_mask, h_mask
 
 
@@ -417,7 +455,7 @@ def masked_forward(model: Transformer, tokens: Int[Array, " seq"], mask_fn: Mask
 
     def step(h, xs):
         block, is_local, p, layer = xs
-        _, _, acts = block_forward(c, block, h, qpos, key_pos, rot, is_local, None, capture, None, None)
+        _, _, acts = block_forward(c, block, h, qpos, key_pos=key_pos, rotary=rot, is_local=is_local, capture=capture)
         mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
         h2, _ = model_layers.apply_norm(mlp_in, c.norm_kind, block.ln2_w, block.ln2_b, c.norm_eps)
         head_out = jnp.einsum("shk,hkd->shd", acts.head_z, block.W_O)
@@ -426,7 +464,7 @@ def masked_forward(model: Transformer, tokens: Int[Array, " seq"], mask_fn: Mask
         keep_n, keep_h = mask_fn(p, view)
         edits = Edits(neuron_mix=None if keep_n is None else 1.0 - keep_n.astype(jnp.float32),
                       head_mix=None if keep_h is None else 1.0 - keep_h.astype(jnp.float32))
-        h, _, _ = block_forward(c, block, h, qpos, key_pos, rot, is_local, edits, Capture(), None, None)
+        h, _, _ = block_forward(c, block, h, qpos, key_pos=key_pos, rotary=rot, is_local=is_local, edits=edits)
         return h, None
 
     x, _ = jax.lax.scan(step, x, (model.blocks, local, params, jnp.arange(c.n_layers)))

@@ -1,7 +1,7 @@
 """Gaming the "predict the model" test, and the side models it is gamed with.
 
     loss = GoodhartLoss(lam=1.0, table_logp=jnp.log(bigram.dense_bigram()))
-    result = lens.training.train.train(model, rows, val_rows, cfg, out, loss_fn=loss)
+    result = lens.training.train.train(model, rows, val_rows, cfg, out, TrainOptions(loss_fn=loss))
 
 `GoodhartLoss`: next-token cross-entropy + lam * KL(target || model), the target being
 the next-token distribution of a bigram table (row `table_logp[previous token]`) or of a

@@ -2,8 +2,8 @@
 
     loss = TunedLensLoss(model)                         # frozen model, closed over as data
     opt, lr_fn = reference_optimizer(steps)             # the reference's SGD recipe
-    result = lens.training.train.train(TunedLens.init(model.config), rows, val_rows, cfg, out,
-                              loss_fn=loss, opt=opt, rows_config=model.config, lr_fn=lr_fn)
+    options = TrainOptions(loss_fn=loss, opt=opt, rows_config=model.config, lr_fn=lr_fn)
+    result = lens.training.train.train(TunedLens.init(model.config), rows, val_rows, cfg, out, options)
     scores = lens_scores(model, result.model, test_rows)   # per layer, logit vs tuned lens
 
 The reference's recipe, reproduced:

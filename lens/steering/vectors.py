@@ -37,6 +37,8 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.capture import last_real_index, resid_at
 from models.core.transformer import Transformer
+from models.generation.generate import GenerationConfig
+from models.runtime.progress import Progress
 
 REQUIRED_METADATA = ("model", "layer", "site", "method")
 
@@ -227,12 +229,12 @@ def generate_with_vectors(
     prompts: Sequence[Sequence[int]],
     vectors: Float[Array, "K d_model"],
     layer: int,
-    max_new_tokens: int,
+    config: GenerationConfig,
+    *,
     coeff: float = 1.0,
     vectors_per_call: int | None = None,
     memory_budget: float = 2**30,
-    progress: bool = True,
-    **sampling,
+    progress: bool | Progress = True,
 ) -> Int[np.ndarray, "K P max_new_tokens"]:
     """Generate from every prompt under each of K steering vectors at once.
 
@@ -240,11 +242,10 @@ def generate_with_vectors(
     prompt and generated position (`edits.add`); the K x P rows (vector-major) run as ONE
     `models.generation.generate.generate` call with per-row (vmapped) edits, so one compiled prefill
     and decode serve them all.  Row (k, p) draws its random numbers as prompt p does (the
-    `row_ids` of generate), so it equals a separate `generate(model, prompts,
-    edits=edits.add(model, vectors[k], layer, coeff), **sampling)` row p token for token,
-    greedy or sampled with the same seed (tested), however the vectors are chunked.
-    `sampling`: generate's keyword arguments (temperature, top_k, top_p, seed,
-    eos_token_ids, pad_token_id, ...).
+    `row_ids` of generate), so it equals a separate `generate(model, prompts, config,
+    edits=edits.add(model, vectors[k], layer, coeff))` row p token for token, greedy or
+    sampled with the same seed (tested), however the vectors are chunked.  `config`:
+    generate's `GenerationConfig` (length, sampling, stop / pad ids; return_logits must be off).
 
     Returns int32 [K, P, max_new_tokens]: each row's new tokens, its EOS kept, and the
     generation's pad id (pad_token_id, else the model's pad id, else its first EOS) after
@@ -253,9 +254,17 @@ def generate_with_vectors(
     vectors_per_call: vectors per compiled call (calls of exactly that many x P rows, the
     last one padded with zero vectors, so every call of a program reuses one compiled
     prefill/decode).  Default: as many as fit `memory_budget` bytes of cache and
-    activations (`vectors_per_call_for`).  progress: a tqdm bar per call."""
+    activations (`vectors_per_call_for`).  progress: a tqdm bar per call (`Progress` or a bool;
+    its title names the call's vectors unless it has one)."""
     from lens.core import edits as E
     from models.generation.generate import generate
+
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a models.generation.generate.GenerationConfig; got {type(config).__name__}")
+    if config.return_logits:
+        raise ValueError("generate_with_vectors returns tokens only; use a config with return_logits=False")
+    max_new_tokens = config.max_new_tokens
+    progress = Progress.of(progress)
 
     vectors = E.check_vectors(model, np.atleast_2d(np.asarray(vectors, np.float32)))
     if vectors.ndim != 2:
@@ -280,8 +289,8 @@ def generate_with_vectors(
         stacked = E.stack_edits([E.add(model, v, layer, coeff) for v in padded[start: start + n]])
         per_row = jax.tree.map(lambda a: jnp.repeat(a, P, axis=0), stacked)  # [n * P, ...]
         desc = f"vectors {start + 1}-{min(start + n, K)} of {K}"
-        res = generate(model, rows, max_new_tokens, edits=per_row, edits_batched=True, row_ids=row_ids,
-                       progress=progress, progress_desc=desc, **sampling)
+        res = generate(model, rows, config, edits=per_row, edits_batched=True, row_ids=row_ids,
+                       progress=progress.titled(desc))
         pad = res.pad_token_id
         out = np.full((n * P, max_new_tokens), pad, np.int32)
         for i, toks in enumerate(res.tokens):
@@ -357,7 +366,8 @@ def calibrate_norm(
         units[name] = v / np.linalg.norm(v)  # in the design's own dtype (the main job: float32)
     settings = [(name, rho) for name in units for rho in grid]
     vecs = np.stack([units[name] * rho * reference_norm for name, rho in settings]).astype(np.float32)
-    tokens = generate_with_vectors(model, prompts, vecs, layer, max_new_tokens, vectors_per_call=vectors_per_call)
+    tokens = generate_with_vectors(model, prompts, vecs, layer, GenerationConfig(max_new_tokens),
+                                   vectors_per_call=vectors_per_call)
     table, examples = [], {}
     for (name, rho), rows in zip(settings, new_token_lists(tokens, model.config.eos_token_ids)):
         texts = [decode(row) for row in rows]
@@ -395,7 +405,7 @@ def reply_mean_difference(
 
     def reply_resid(prompts):
         prompts = [list(p) for p in prompts]
-        replies = generate(model, prompts, n_tokens, eos_token_ids=[]).tokens
+        replies = generate(model, prompts, GenerationConfig(n_tokens, eos_token_ids=())).tokens
         toks, mask = pad_prompts([p + list(r) for p, r in zip(prompts, replies)])
         x = np.asarray(resid_at(model, toks, layer, mask))
         return np.stack([x[i, len(p) - 1: len(p) - 1 + n_tokens].mean(0) for i, p in enumerate(prompts)])

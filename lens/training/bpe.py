@@ -32,7 +32,7 @@ from tokenizers import decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 
 from lens.training import data
-from models.io.embedded import cache_dir
+from models.runtime.paths import cache_dir
 from models.io.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"

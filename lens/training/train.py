@@ -1,7 +1,9 @@
 """The one training loop: next-token loss on packed rows, AdamW, checkpoints, resume.
 
     result = lens.training.train.train(model, train_rows, val_rows, TrainConfig(steps=1000, batch_size=16),
-                              out_dir="runs/x")
+                                       out_dir="runs/x")
+    result = train(lens_module, rows, val_rows, cfg, "runs/y",
+                   TrainOptions(loss_fn=my_loss, opt=optax.adam(1e-3), progress=False))
     result.model, result.log            # trained Transformer, list of JSON-able records
 
 One compiled step (forward + backward + clip + AdamW with warmup and cosine decay) per
@@ -10,6 +12,11 @@ position of a run is its step count.  Every `checkpoint_every` steps the params,
 optimiser state, the step and the log go to `out_dir/checkpoint.safetensors` (written
 atomically); a run started again with the same settings continues from it and ends with
 exactly the weights of an uninterrupted run (same compiled step, same batches).
+
+`TrainConfig` holds the hyperparameters (recorded in the checkpoint; a resume must match
+them); `TrainOptions` holds everything else a run is given: what it trains (loss_fn, opt,
+lr_fn, rows_config for modules without a config), how it reports (progress,
+on_checkpoint), whether it resumes, and run_info (descriptions a resume must also match).
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 from safetensors.numpy import load_file, save_file
-from tqdm.auto import tqdm
 
 from lens.training.data import batch_at
+from models.runtime.progress import Progress
 
 CHECKPOINT = "checkpoint.safetensors"
 # Leaves decayed by AdamW: matrices.  Norm gains and biases are not (nanoGPT, GPT-2).
@@ -180,40 +187,84 @@ def load_checkpoint(path: Path, params, opt_state, settings: dict):
 
 
 # --------------------------------------------------------------------------- loop
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """Everything `train` is given besides the hyperparameters (checked at construction).
+
+    loss_fn: `loss_fn(module, rows) -> scalar`; None = next-token loss of a Transformer.
+        A frozen model is closed over; it must be a module-level function or a stable
+        object so the step compiles once.
+    opt: an optax transformation; None = AdamW with warmup and cosine decay from the
+        TrainConfig (`optimizer(cfg)`).  Describe a custom one in `run_info`.
+    lr_fn: step -> learning rate of that `opt`, for the log's `lr` column; None = the
+        TrainConfig's schedule.
+    rows_config: the config whose vocabulary and context the token rows must fit, when the
+        trained module has no `.config` (a tuned lens, a router).
+    resume: continue from out_dir's checkpoint when there is one.
+    progress: a tqdm bar over steps (a bool or a `models.runtime.progress.Progress`).
+    on_checkpoint: called with the step after every checkpoint is written.
+    run_info: JSON-able descriptions (model, data, optimiser) a resumed checkpoint must match.
+    """
+
+    loss_fn: LossFn | None = None
+    opt: optax.GradientTransformation | None = None
+    lr_fn: optax.Schedule | None = None
+    rows_config: object | None = None
+    resume: bool = True
+    progress: bool | Progress = True
+    on_checkpoint: Callable[[int], None] | None = None
+    run_info: dict | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "progress", Progress.of(self.progress))
+        for name in ("loss_fn", "lr_fn", "on_checkpoint"):
+            v = getattr(self, name)
+            if v is not None and not callable(v):
+                raise TypeError(f"TrainOptions.{name} must be callable or None; got {v!r}")
+        if self.opt is not None and not (hasattr(self.opt, "init") and hasattr(self.opt, "update")):
+            raise TypeError(f"TrainOptions.opt must be an optax.GradientTransformation; got {self.opt!r}")
+        if self.rows_config is not None and not (hasattr(self.rows_config, "vocab_size")
+                                                 and hasattr(self.rows_config, "max_seq_len")):
+            raise TypeError("TrainOptions.rows_config must have vocab_size and max_seq_len (a ModelConfig)")
+        if not isinstance(self.resume, (bool, np.bool_)):
+            raise TypeError(f"TrainOptions.resume must be a bool; got {self.resume!r}")
+        if self.run_info is not None:
+            if not isinstance(self.run_info, dict):
+                raise TypeError(f"TrainOptions.run_info must be a dict or None; got {type(self.run_info).__name__}")
+            try:
+                json.dumps(self.run_info)
+            except TypeError as e:
+                raise TypeError(f"TrainOptions.run_info must be JSON-able: {e}") from None
+
+
 def train(
     model,
     train_rows: np.ndarray,
     val_rows: np.ndarray,
     cfg: TrainConfig,
     out_dir: str | Path,
-    resume: bool = True,
-    progress: bool = True,
-    on_checkpoint: Callable[[int], None] | None = None,
-    run_info: dict | None = None,
-    loss_fn: LossFn | None = None,
-    opt: optax.GradientTransformation | None = None,
-    rows_config=None,
-    lr_fn: optax.Schedule | None = None,
+    options: TrainOptions = TrainOptions(),
 ) -> TrainResult:
     """Train `model` on `train_rows` [N, seq]; evaluate on `val_rows` every `eval_every` steps.
 
     By default `model` is a Transformer trained on next-token loss with AdamW
     (`optimizer(cfg)`).  Any other trainable eqx.Module (a tuned lens, a router, a
-    distilled student) trains through the same loop, checkpoints and resume by passing
-    `loss_fn(module, rows) -> scalar` (a frozen model closed over; it must be a
-    module-level function or a stable object so the step compiles once), `opt` (an optax
-    transformation; its description belongs in `run_info`), and `rows_config` (the
-    config whose vocabulary and context the token rows must fit, when `model` has none),
-    and `lr_fn` (step -> learning rate of that `opt`, for the log's `lr` column).
+    distilled student) trains through the same loop, checkpoints and resume, given its
+    `TrainOptions` (loss_fn, opt, lr_fn, rows_config).
 
     Writes out_dir/checkpoint.safetensors every `checkpoint_every` steps and at the end,
     and out_dir/log.json (one record per evaluation: step, train_loss, val_loss, lr,
-    grad_norm, tokens_per_s).  `run_info` (model and data descriptions) is part of the
-    settings a resumed checkpoint must match.
+    grad_norm, tokens_per_s).  `options.run_info` (model and data descriptions) is part of
+    the settings a resumed checkpoint must match.
     """
-    rows_config = rows_config if rows_config is not None else getattr(model, "config", None)
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig; got {type(cfg).__name__}")
+    if not isinstance(options, TrainOptions):
+        raise TypeError(f"options must be a TrainOptions; got {type(options).__name__}")
+    loss_fn, opt, lr_fn, run_info = options.loss_fn, options.opt, options.lr_fn, options.run_info
+    rows_config = options.rows_config if options.rows_config is not None else getattr(model, "config", None)
     if rows_config is None:
-        raise ValueError("train: `model` has no .config; pass rows_config= (the config the token rows must fit)")
+        raise ValueError("train: `model` has no .config; pass TrainOptions(rows_config=...) (the config the token rows must fit)")
     train_rows = _check_rows(train_rows, "train_rows", rows_config)
     val_rows = _check_rows(val_rows, "val_rows", rows_config)
     out_dir = Path(out_dir)
@@ -226,12 +277,12 @@ def train(
                 "train_rows_sum": int(train_rows.astype(np.int64).sum()), **(run_info or {})}
     start, log = 0, []
     ckpt = out_dir / CHECKPOINT
-    if resume and ckpt.exists():
+    if options.resume and ckpt.exists():
         params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
     step_fn = make_step(static, opt, cfg.bf16, loss_fn)
     schedule_lr = lr_fn if lr_fn is not None else lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train", dynamic_ncols=True)
+    bar = options.progress.bar("train", total=cfg.steps, initial=start, dynamic_ncols=True)
     timed_tokens, timed_s, loss, gnorm = 0, 0.0, math.nan, math.nan
     for step in range(start, cfg.steps):
         batch = jnp.asarray(batch_at(train_rows, cfg.batch_size, cfg.seed, step))
@@ -254,8 +305,8 @@ def train(
             (out_dir / "log.json").write_text(json.dumps(log, indent=1) + "\n")
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             save_checkpoint(ckpt, params, opt_state, done, log, settings)
-            if on_checkpoint is not None:
-                on_checkpoint(done)
+            if options.on_checkpoint is not None:
+                options.on_checkpoint(done)
     bar.close()
     return TrainResult(eqx.combine(params, static), log)
 

@@ -124,13 +124,14 @@ def block_forward(
     block: Block,
     x: Float[Array, "seq d_model"],
     query_pos: Int[Array, " seq"],
+    *,
     key_pos: Int[Array, " keys"],
     rotary: Rotary,
-    is_local: Bool[Array, ""] | None,
-    edits: Edits | None,
-    capture: Capture,
-    kv: tuple[Array, Array] | None,
-    write_index: Int[Array, ""] | None,
+    is_local: Bool[Array, ""] | None = None,
+    edits: Edits | None = None,
+    capture: Capture = Capture(),
+    kv: tuple[Array, Array] | None = None,
+    write_index: Int[Array, ""] | None = None,
 ) -> tuple[Float[Array, "seq d_model"], tuple[Array, Array] | None, Activations]:
     """Run one block on one sequence.
 

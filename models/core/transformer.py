@@ -265,8 +265,8 @@ class Transformer(eqx.Module):
         def block(h, xs):
             block, local_l, edits_l, kv_l, _ = xs
             return block_forward(
-                self.config, block, h, query_pos, key_pos, rot, local_l, edits_l, capture,
-                kv_l, write_index,
+                self.config, block, h, query_pos, key_pos=key_pos, rotary=rot, is_local=local_l,
+                edits=edits_l, capture=capture, kv=kv_l, write_index=write_index,
             )
 
         xs = (blocks, is_local, edits, kv_layers, jnp.arange(stop - start))

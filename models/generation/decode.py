@@ -33,7 +33,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from models.runtime import per_model_cache as per_model
 from models.core.block import Block, block_forward
-from models.core.interventions import Capture, Edits, layer_slice
+from models.core.interventions import Edits, layer_slice
 
 _QKV = ("W_Q", "W_K", "W_V")
 
@@ -109,8 +109,9 @@ def forward_cached(
     for i, block in enumerate(weights.layers):
         edits_i = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
         is_local = None if local is None else jnp.asarray(local[i])
-        x, (k, v), _ = block_forward(config, _logical(block), x, qpos, positions, rot, is_local,
-                                     edits_i, Capture(), (cache.k[i], cache.v[i]), cache.length)
+        x, (k, v), _ = block_forward(config, _logical(block), x, qpos, key_pos=positions, rotary=rot,
+                                     is_local=is_local, edits=edits_i, kv=(cache.k[i], cache.v[i]),
+                                     write_index=cache.length)
         ks.append(k)
         vs.append(v)
     logits, _ = model.unembed_resid(x[-1:], edits=edits)
@@ -142,8 +143,8 @@ def prefill(
 
     def step(h, xs):
         block, local_l, edits_l = xs
-        h, kv, _ = block_forward(config, block, h, qpos, key_pos, rot, local_l, edits_l, Capture(),
-                                 (empty, empty), jnp.zeros((), jnp.int32))
+        h, kv, _ = block_forward(config, block, h, qpos, key_pos=key_pos, rotary=rot, is_local=local_l,
+                                 edits=edits_l, kv=(empty, empty), write_index=jnp.zeros((), jnp.int32))
         return h, kv
 
     x, (ks, vs) = jax.lax.scan(step, x, (model.blocks, is_local, layer_slice(edits)))

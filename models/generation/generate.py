@@ -1,8 +1,8 @@
 """Greedy and sampled generation with the pure KV cache, batched with left padding.
 
-    from models.generation.generate import generate, chat_prompt
-    result = generate(model, [ids_a, ids_b], max_new_tokens=32)             # greedy
-    result = generate(model, ids, 64, temperature=0.7, top_p=0.9, seed=1)   # sampled
+    from models.generation.generate import GenerationConfig, chat_prompt, generate
+    result = generate(model, [ids_a, ids_b], GenerationConfig(max_new_tokens=32))   # greedy
+    result = generate(model, ids, GenerationConfig(64, temperature=0.7, top_p=0.9, seed=1))  # sampled
     result.tokens[i]      # the new ids of prompt i, cut after its first EOS (inclusive)
     result.sequences[i]   # prompt i followed by its new ids
 
@@ -18,7 +18,8 @@ How it runs (two big compiled calls, whatever the number of steps; the forward b
   2. decode: ONE jit-compiled `lax.while_loop`, one token per step
      (`models.generation.decode.forward_cached`, layers unrolled), the cache carried through the
      loop and donated (updated in place).  It stops early once every row has emitted
-     an EOS.  With `progress=True` the same compiled loop runs in chunks of steps so a
+     an EOS.  With `progress` on (a `models.runtime.progress.Progress` or True) the same
+     compiled loop runs in chunks of `Progress.chunk` steps so a
      tqdm bar can advance between them (no retracing: the chunk end is a traced value).
 
 Sampling: temperature == 0 is greedy (argmax, first index on ties, as transformers).
@@ -51,9 +52,61 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from models.core.interventions import Edits, check_edits
 from models.generation.decode import LayerCache, decode_weights, forward_cached, prefill
 from models.core.transformer import pad_batch
+from models.runtime.progress import Progress
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
 _PAD_MULTIPLE = 8
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """What to generate: length, sampling rule, stop and pad ids (checked at construction).
+
+    max_new_tokens: new tokens per prompt, an int >= 1 (fewer when a row stops on an EOS).
+    temperature: 0 = greedy (argmax); > 0 samples (finite).
+    top_k (int >= 1) / top_p (in (0, 1]): restrict sampling; ignored when greedy.
+    seed: sampling is a deterministic function of (seed, row, step).
+    eos_token_ids: stop ids; None = the model config's `eos_token_ids`; () = never stop
+        (an int or any sequence of ints is stored as a tuple).
+    pad_token_id: id written into left padding and after EOS (never attended to, never
+        returned); None = config pad id, else the first EOS, else 0.
+    return_logits: also return the float32 logits that chose every new token.
+
+    The checks against a model (context length, id ranges) run in `generate`.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    eos_token_ids: tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    return_logits: bool = False
+
+    def __post_init__(self):
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float, np.number)) or not (
+            np.isfinite(self.temperature) and self.temperature >= 0
+        ):
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy); got {self.temperature!r}")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            raise ValueError(f"top_k must be an int >= 1 or None; got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] or None; got {self.top_p}")
+        if not is_int(self.seed):
+            raise ValueError(f"seed must be an int; got {self.seed!r}")
+        if self.eos_token_ids is not None:
+            ids = (self.eos_token_ids,) if is_int(self.eos_token_ids) else tuple(self.eos_token_ids)
+            if not all(is_int(e) for e in ids):
+                raise ValueError(f"eos_token_ids must be ints; got {self.eos_token_ids!r}")
+            object.__setattr__(self, "eos_token_ids", tuple(int(e) for e in ids))
+        if self.pad_token_id is not None and not is_int(self.pad_token_id):
+            raise ValueError(f"pad_token_id must be an int or None; got {self.pad_token_id!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
@@ -99,51 +152,41 @@ class _State(eqx.Module):
 def generate(
     model,
     prompts,
-    max_new_tokens: int,
+    config: GenerationConfig,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    eos_token_ids: Sequence[int] | int | None = None,
-    pad_token_id: int | None = None,
     edits: Edits | None = None,
     edits_batched: bool = False,
     steer_prompt: bool = True,
     steer_generated: bool = True,
-    return_logits: bool = False,
-    progress: bool = False,
-    progress_chunk: int = 16,
-    progress_desc: str = "generate",
     row_ids: Sequence[int] | None = None,
+    progress: bool | Progress = False,
 ) -> GenerationResult:
-    """Generate up to `max_new_tokens` tokens after each prompt (see the module docstring).
+    """Generate up to `config.max_new_tokens` tokens after each prompt (see the module docstring).
 
     prompts: one prompt (a list / 1-D array of token ids) or a list of them, of any
         lengths; a batch is left-padded internally.  The result always holds a list per
         prompt, so a single prompt's new ids are `result.tokens[0]`.
-    temperature: 0 = greedy; > 0 samples.  top_k (>= 1) and top_p (in (0, 1]) restrict
-        sampling and are ignored when greedy.
-    seed: sampling is a deterministic function of (seed, row, step).
-    eos_token_ids: stop ids; None = the model config's `eos_token_ids`; [] = never stop.
-    pad_token_id: id written into left padding and after EOS (never attended to, never
-        returned); None = config pad id, else the first EOS, else 0.
+    config: a `GenerationConfig` (length, sampling, stop / pad ids, return_logits).
     edits / edits_batched / steer_prompt / steer_generated: steering, see module docstring.
-    return_logits: also return the float32 logits that chose every new token.
-    progress: show a tqdm bar, decoding in chunks of `progress_chunk` steps.
     row_ids: the index each row draws its random numbers with (default 0, 1, ...): row i
         samples with the keys of row row_ids[i], so e.g. K steered copies of P prompts can
         each draw exactly as the P prompts alone would (`lens.steering.vectors.generate_with_vectors`).
+    progress: a tqdm bar (`Progress`, or a bool), decoding in chunks of `progress.chunk` steps.
     """
-    config = model.config
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(f"config must be a GenerationConfig; got {type(config).__name__}")
+    progress = Progress.of(progress)
+    gen, config = config, model.config  # the GenerationConfig; below, `config` is the model's
+    max_new_tokens, temperature, top_k, top_p = gen.max_new_tokens, gen.temperature, gen.top_k, gen.top_p
+    return_logits = gen.return_logits
     rows = _as_prompts(prompts, config.vocab_size)
-    _check_args(config, rows, max_new_tokens, temperature, top_k, top_p, progress_chunk)
+    _check_length(config, rows, max_new_tokens)
     if edits is not None:
         # every position axis must be 1 here: the edit applies at every position
         check_edits(edits, config, seq_len=None, batch_dims=int(edits_batched),
                     batch=len(rows) if edits_batched else None)
-    eos = _eos_ids(eos_token_ids, config)
-    pad = _pad_id(pad_token_id, config, eos)
+    eos = list(config.eos_token_ids) if gen.eos_token_ids is None else list(gen.eos_token_ids)
+    pad = _pad_id(gen.pad_token_id, config, eos)
     if row_ids is not None and np.shape(row_ids) != (len(rows),):
         raise ValueError(f"row_ids must hold one int per prompt ({len(rows)}); got shape {np.shape(row_ids)}")
 
@@ -173,18 +216,16 @@ def generate(
         model, jnp.asarray(tokens), jnp.asarray(mask), prompt_edits, edits_axis,
         prompt_len + max_new_tokens,
     )
-    key = jax.random.key(seed)
+    key = jax.random.key(gen.seed)
     ids = jnp.arange(batch, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
     state = _start((max_new_tokens, return_logits, sampler, params, key, ids), logits, cache)
     fixed = (model, weights, decode_edits, edits_axis, sampler, params)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=max_new_tokens, unit="tok", desc=progress_desc)
+    if progress.enabled:
+        bar = progress.bar("generate", total=max_new_tokens, unit="tok")
         bar.update(1)
         done_steps = 1
         while done_steps < max_new_tokens and not bool(state.done.all()):
-            stop = min(done_steps + progress_chunk, max_new_tokens)
+            stop = min(done_steps + progress.chunk, max_new_tokens)
             state = _decode(fixed, state, jnp.asarray(stop))
             bar.update(int(state.step) - done_steps)
             done_steps = int(state.step)
@@ -251,31 +292,13 @@ def _as_prompts(prompts, vocab: int) -> list[list[int]]:
     return rows
 
 
-def _check_args(config, rows, max_new_tokens, temperature, top_k, top_p, progress_chunk):
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}")
+def _check_length(config, rows, max_new_tokens):
     longest = max(len(r) for r in rows)
     if longest + max_new_tokens > config.max_seq_len:
         raise ValueError(
             f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"model's context of {config.max_seq_len}"
         )
-    if not np.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy); got {temperature}")
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1 or None; got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None; got {top_p}")
-    if not isinstance(progress_chunk, (int, np.integer)) or progress_chunk < 1:
-        raise ValueError(f"progress_chunk must be an int >= 1; got {progress_chunk!r}")
-
-
-def _eos_ids(eos_token_ids, config) -> list[int]:
-    if eos_token_ids is None:
-        return list(config.eos_token_ids)
-    if isinstance(eos_token_ids, (int, np.integer)):
-        return [int(eos_token_ids)]
-    return [int(e) for e in eos_token_ids]
 
 
 def _stop_ids(eos: list[int]) -> Int[Array, " n"]:

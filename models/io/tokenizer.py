@@ -230,7 +230,7 @@ _CACHE_VERSION = 1  # bump when the builders change, to invalidate cached tokeni
 
 
 def _cache_path(path: Path) -> Path | None:
-    from models.io.embedded import cache_dir
+    from models.runtime.paths import cache_dir
 
     try:
         st = path.stat()

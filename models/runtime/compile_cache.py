@@ -1,10 +1,19 @@
-"""JAX's persistent compilation cache under `$LENS_CACHE_DIR/jax`, on by default.
+"""JAX's persistent compilation cache under `<lens cache>/jax`, turned on by the scripts.
 
 Every run of a script used to pay the same XLA compilations again (several seconds per
-shape).  `import models` points JAX's persistent cache at `<lens cache>/jax` so a second
-process with the same shapes, code and XLA flags loads the executables instead (JAX keys
-entries by the computation, the jaxlib version, the device and the XLA flags, so the
-compiler guard's flag gives separate entries).
+shape).  `enable()` points JAX's persistent cache at `cache_dir() / "jax"`
+(`models.runtime.paths`: $LENS_CACHE_DIR, else ~/.cache/lens) so a second process with the
+same shapes, code and XLA flags loads the executables instead (JAX keys entries by the
+computation, the jaxlib version, the device and the XLA flags, so the compiler guard's flag
+gives separate entries).
+
+It is a policy of the program, not of the library: `import models` changes no JAX setting
+(beyond the XLA:CPU guard's flag), and every entry point in scripts/ and bench/ calls
+
+    from models.runtime import compile_cache
+    compile_cache.enable()
+
+once after its imports.  A notebook or another program opts in the same way.
 
 Limitation (measured): JAX never writes an executable that contains a host callback, and
 the model forward validates token ids under jit with `eqx.error_if` (a callback), so
@@ -16,7 +25,7 @@ second process and sees no new entry) are.
 
 Turn it off with `LENS_COMPILATION_CACHE=0`; a cache directory the user already chose
 (`JAX_COMPILATION_CACHE_DIR` or `jax.config.update("jax_compilation_cache_dir", ...)`
-before importing models) is left alone.
+before calling `enable`) is left alone.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ ENV_SWITCH = "LENS_COMPILATION_CACHE"
 
 
 def cache_path() -> Path:
-    from models.io.embedded import cache_dir
+    from models.runtime.paths import cache_dir
 
     return cache_dir() / "jax"
 

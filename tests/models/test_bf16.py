@@ -22,7 +22,7 @@ import torch
 from lens_tiny import VOCAB, tiny
 from models import Capture
 from models.families import convert_hf
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 from models.io.safetensors_reader import read_safetensors_folder
 
 FAMILIES = ["llama", "gpt2", "neox", "gemma3"]
@@ -71,7 +71,7 @@ def test_bf16_forward_matches_transformers_bf16(family):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_bf16_generation_and_cache_match_transformers_bf16(family):
     ours, hf16, hf32 = bf16_pair(family)
-    res = generate(ours, [TOKENS], N_NEW, eos_token_ids=[], return_logits=True)
+    res = generate(ours, [TOKENS], GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True))
     ids = torch.as_tensor([TOKENS])
     with torch.no_grad():
         ref = hf16.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,

@@ -1,14 +1,21 @@
-"""The persistent compilation cache: a second identical process compiles nothing new."""
+"""The persistent compilation cache: a second identical process compiles nothing new, and
+`import models` alone turns nothing on (the scripts call `compile_cache.enable()`)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import models, jax, jax.numpy as jnp
+from models.runtime import compile_cache
+compile_cache.enable()
 from lens import geometry as G
 x = jnp.ones((87, 576)) + jnp.arange(576.0) / 576
 v = jnp.eye(16, 576)
@@ -19,8 +26,10 @@ print(float(jax.jit(lambda x, v: G.effective_cosine_matrix(x, v, "rms", 1e-5, "f
 
 GENERATE = """
 import models, jax
+from models.runtime import compile_cache
+compile_cache.enable()
 from models.core.config import ModelConfig
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 from lens.steering import vectors
 import numpy as np
 cfg = ModelConfig(architecture="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8,
@@ -29,9 +38,9 @@ cfg = ModelConfig(architecture="gpt2", vocab_size=61, d_model=32, n_layers=2, n_
                   norm_bias=True, tie_embeddings=True)
 model = models.init(cfg, jax.random.key(0))
 print(jax.config.jax_compilation_cache_dir)
-print(generate(model, [[3, 4, 5], [6, 7]], 5, eos_token_ids=[]).tokens)
+print(generate(model, [[3, 4, 5], [6, 7]], GenerationConfig(5, eos_token_ids=())).tokens)
 v = np.ones((3, 32), np.float32)
-print(vectors.generate_with_vectors(model, [[3, 4, 5]], v, 1, 4, eos_token_ids=[], progress=False).tolist())
+print(vectors.generate_with_vectors(model, [[3, 4, 5]], v, 1, GenerationConfig(4, eos_token_ids=()), progress=False).tolist())
 from lens.core.capture import resid_at
 print(round(float(resid_at(model, np.array([[3, 4, 5], [6, 7, 8]]), 1).sum()), 4))
 """
@@ -69,6 +78,14 @@ def test_second_generation_process_compiles_nothing(tmp_path):
     second = run(tmp_path, GENERATE)
     assert second == first
     assert entries(tmp_path / "jax") == after_first
+
+
+def test_import_alone_enables_nothing(tmp_path):
+    """A library import changes no JAX setting and writes no cache entry."""
+    child = CHILD.replace("from models.runtime import compile_cache\ncompile_cache.enable()\n", "")
+    assert "enable" not in child
+    out = run(tmp_path, child)
+    assert out[0] == "None" and not entries(tmp_path / "jax")
 
 
 def test_cache_can_be_turned_off(tmp_path):

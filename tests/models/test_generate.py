@@ -21,7 +21,8 @@ from hf_tiny import save_tiny
 
 from models import Edits
 from models.families import convert_hf
-from models.generation.generate import chat_prompt, generate
+from models.generation.generate import GenerationConfig, chat_prompt, generate
+from models.runtime.progress import Progress
 from models.io.safetensors_reader import read_safetensors_folder
 
 VOCAB, EOS, N_NEW = 101, 7, 10
@@ -53,7 +54,7 @@ def _build(family: str, tmp_path_factory):
         model = convert_hf(*read_safetensors_folder(folder), jnp.float32)
         rng = np.random.RandomState(0)
         prompts = [rng.randint(8, VOCAB, size=n).tolist() for n in PROMPT_LENS]  # no EOS inside
-        result = generate(model, prompts, N_NEW, eos_token_ids=[], return_logits=True)
+        result = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True))
         _BUILT[family] = (model, hf, prompts, result)
     return _BUILT[family]
 
@@ -117,7 +118,7 @@ def test_batch_with_left_padding_equals_alone(llama):
     """Prompts padded by 11 and 13 in the batch (to 16) vs by 3 and 5 alone (to 8)."""
     model, _, prompts, r = llama
     for i in (0, 2):
-        alone = generate(model, prompts[i], N_NEW, eos_token_ids=[], return_logits=True)
+        alone = generate(model, prompts[i], GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True))
         assert alone.tokens[0] == r.tokens[i]
         np.testing.assert_allclose(alone.logits[0], r.logits[i], rtol=0, atol=1e-5)
 
@@ -125,27 +126,27 @@ def test_batch_with_left_padding_equals_alone(llama):
 def test_sampling_deterministic_and_top_k_1_is_greedy(llama):
     model, _, prompts, r = llama
     kw = dict(eos_token_ids=[], temperature=1.3, top_k=20, top_p=0.9)
-    a = generate(model, prompts, N_NEW, seed=3, **kw)
-    b = generate(model, prompts, N_NEW, seed=3, progress=True, progress_chunk=4, **kw)
-    c = generate(model, prompts, N_NEW, seed=4, **kw)
+    a = generate(model, prompts, GenerationConfig(N_NEW, seed=3, **kw))
+    b = generate(model, prompts, GenerationConfig(N_NEW, seed=3, **kw), progress=Progress(True, chunk=4))
+    c = generate(model, prompts, GenerationConfig(N_NEW, seed=4, **kw))
     assert a.tokens == b.tokens  # same seed, also when decoded in chunks
     assert a.tokens != c.tokens
     assert a.tokens != r.tokens  # it really sampled
-    one = generate(model, prompts, N_NEW, eos_token_ids=[], temperature=0.7, top_k=1, seed=9)
+    one = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=(), temperature=0.7, top_k=1, seed=9))
     assert one.tokens == r.tokens
 
 
 def test_top_p_tiny_is_greedy(llama):
     model, _, prompts, r = llama
-    out = generate(model, prompts, N_NEW, eos_token_ids=[], temperature=2.0, top_k=20, top_p=1e-6,
-                   seed=1)
+    out = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=(), temperature=2.0, top_k=20, top_p=1e-6,
+                                                    seed=1))
     assert out.tokens == r.tokens
 
 
 def test_eos_cuts_each_row(llama):
     model, _, prompts, r = llama
     eos = r.tokens[0][3]  # a token prompt 0 emits at step 3 (maybe earlier too)
-    out = generate(model, prompts, N_NEW, eos_token_ids=[eos], return_logits=True)
+    out = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=[eos], return_logits=True))
     for full, new, done in zip(r.tokens, out.tokens, out.finished):
         if eos in full:
             assert new == full[: full.index(eos) + 1] and done
@@ -153,7 +154,7 @@ def test_eos_cuts_each_row(llama):
             assert new == full and not done
     # Default stop ids are the config's.
     assert model.config.eos_token_ids == (EOS,)
-    default = generate(model, prompts, N_NEW, return_logits=True)
+    default = generate(model, prompts, GenerationConfig(N_NEW, return_logits=True))
     for full, new in zip(r.tokens, default.tokens):
         assert new == (full[: full.index(EOS) + 1] if EOS in full else full)
 
@@ -164,13 +165,13 @@ def test_steering_equals_full_forward_with_same_edits(llama):
     c = model.config
     add = 3.0 * jax.random.normal(jax.random.key(0), (c.n_layers, 1, c.d_model))
     edits = Edits(resid_add=add)
-    out = generate(model, prompts, N_NEW, eos_token_ids=[], edits=edits, return_logits=True)
+    out = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True), edits=edits)
     assert out.tokens != r.tokens  # the edit matters
     for p, full, logits in zip(prompts, full_logits(model, out.sequences, edits), out.logits):
         np.testing.assert_allclose(logits, full[len(p) - 1 : -1], rtol=0, atol=1e-5)
     # Steering only the generated tokens: the first token comes from the plain prompt.
-    gen_only = generate(model, prompts, N_NEW, eos_token_ids=[], edits=edits,
-                        steer_prompt=False, return_logits=True)
+    gen_only = generate(model, prompts, GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True), edits=edits,
+                        steer_prompt=False)
     for lg, ref in zip(gen_only.logits, r.logits):
         np.testing.assert_allclose(lg[0], ref[0], rtol=0, atol=1e-5)
 
@@ -180,10 +181,10 @@ def test_batched_edits_equal_separate(llama):
     model, _, prompts, _ = llama
     c = model.config
     adds = 3.0 * jax.random.normal(jax.random.key(1), (len(prompts), c.n_layers, 1, c.d_model))
-    kw = dict(eos_token_ids=[], return_logits=True)
-    both = generate(model, prompts, N_NEW, edits=Edits(resid_add=adds), edits_batched=True, **kw)
+    config = GenerationConfig(N_NEW, eos_token_ids=(), return_logits=True)
+    both = generate(model, prompts, config, edits=Edits(resid_add=adds), edits_batched=True)
     for k in range(len(prompts)):
-        shared = generate(model, prompts, N_NEW, edits=Edits(resid_add=adds[k]), **kw)
+        shared = generate(model, prompts, config, edits=Edits(resid_add=adds[k]))
         assert both.tokens[k] == shared.tokens[k]
         np.testing.assert_allclose(both.logits[k], shared.logits[k], rtol=0, atol=1e-5)
 
@@ -211,10 +212,40 @@ def test_batched_edits_equal_separate(llama):
     ],
 )
 def test_bad_input(llama, kwargs, error, match):
+    """Config errors are raised when the GenerationConfig is built, the rest by generate."""
     model = llama[0]
     args = dict(prompts=[1, 2, 3], max_new_tokens=5) | kwargs
+    steer = {k: args.pop(k) for k in ("edits", "edits_batched") if k in args}
     with pytest.raises(error, match=match):
-        generate(model, args.pop("prompts"), args.pop("max_new_tokens"), **args)
+        generate(model, args.pop("prompts"), GenerationConfig(**args), **steer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=2.0), "max_new_tokens"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(top_k=1.5), "top_k"),
+        (dict(seed="0"), "seed"),
+        (dict(eos_token_ids=["2"]), "eos_token_ids"),
+        (dict(pad_token_id=1.0), "pad_token_id"),
+    ],
+)
+def test_config_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**(dict(max_new_tokens=5) | kwargs))
+
+
+def test_config_and_progress_types():
+    assert GenerationConfig(3, eos_token_ids=2).eos_token_ids == (2,)
+    assert GenerationConfig(3, eos_token_ids=[4, 5]).eos_token_ids == (4, 5)
+    with pytest.raises(TypeError, match="GenerationConfig"):
+        generate(None, [[1]], 5)
+    with pytest.raises(ValueError, match="chunk"):
+        Progress(True, chunk=0)
+    with pytest.raises(TypeError, match="progress"):
+        Progress.of("yes")
+    assert Progress.of(True) == Progress(enabled=True) and Progress.of(None) == Progress()
 
 
 class _FakeTokenizer:

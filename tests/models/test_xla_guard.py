@@ -119,6 +119,21 @@ def test_every_entry_point_imports_the_guard_before_jax():
         assert first_jax is None or guard < first_jax, f"{path.name}: imports JAX before the guard"
 
 
+def test_every_jax_entry_point_enables_the_compilation_cache():
+    """`import models` changes no JAX setting; the programs opt in to the persistent cache
+    (models.runtime.compile_cache) with one line after their imports."""
+    import models.runtime.compile_cache  # noqa: F401  (the module the scripts call)
+
+    def uses_jax(text):  # the report / figure scripts read JSON and draw; they import neither package
+        return any(f"\n{kw} {pkg}" in text for kw in ("import", "from") for pkg in ("lens", "models"))
+
+    entry_points = [p for p in sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
+                    if "__main__" in p.read_text() and uses_jax(p.read_text())]
+    assert len(entry_points) >= 5
+    for path in entry_points:
+        assert "\ncompile_cache.enable()" in path.read_text(), f"{path.name}: no compile_cache.enable() after its imports"
+
+
 def test_guard_is_in_the_package_inits():
     assert models.runtime.xla_guard is xla_guard
     for init in ("models/__init__.py", "lens/__init__.py"):

@@ -4,6 +4,10 @@ classifier trained in seconds): report.json's contract and the plots."""
 import importlib
 import json
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 
 def test_parens_smoke_writes_the_contract(tmp_path):
     script = importlib.import_module("causal_scrubbing")

@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
 

@@ -8,6 +8,8 @@ import pytest
 from lens.steering import vectors
 from lens_tiny import tiny
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 
 def fake_run(tmp_path, n_done=4):
     _, model, folder = tiny("llama")

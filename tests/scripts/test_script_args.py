@@ -7,6 +7,8 @@ import importlib.util
 
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 GOOD = {
     "orthogonal_steering": [],
     "steer": [],

@@ -4,8 +4,8 @@
     problem = melbo.make_problem(model, tokens, mask, source=7, target=15)
     found = melbo.melbo(problem, 16, melbo.MelboConfig(radius=8.0))
     ortho = melbo.melbo_ortho(problem, theta0, 32, melbo.OrthoConfig(steps=1000),
-                              mode="batched", block_size=8, on_block=save)
-    # several devices: each block is sharded over them (mesh= to choose, see train.py)
+                              run=melbo.MelboRunConfig(mode="batched", block_size=8), on_block=save)
+    # several devices: each block is sharded over them (MelboRunConfig.mesh to choose, see train.py)
 
 Modules: `problem` (the split forward and the objectives), `train` (jitted optax loops,
 sequential and batched, checkpoint/resume), `analysis` (raw / effective / downstream /
@@ -27,6 +27,7 @@ from lens.steering.melbo.problem import (
 )
 from lens.steering.melbo.train import (
     MelboConfig,
+    MelboRunConfig,
     OrthoConfig,
     TrainResult,
     block_mesh,

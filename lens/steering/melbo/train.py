@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from lens.core import sharding
+from models.runtime.progress import Progress
 from lens.steering.melbo.problem import (
     HIGHEST,
     MelboProblem,
@@ -274,6 +275,38 @@ def block_mesh(mesh: Mesh | None, block_size: int) -> Mesh | None:
     return None if m == 1 else sharding.make_mesh(vectors=m)
 
 
+@dataclasses.dataclass(frozen=True)
+class MelboRunConfig:
+    """How a MELBO / MELBO-ortho training runs (the objective's own knobs are in
+    `MelboConfig` / `OrthoConfig`); checked at construction.
+
+    mode: "sequential" (one vector at a time, the original algorithm) or "batched"
+        (blocks of `block_size` vectors vmapped and jointly orthogonalised).
+    block_size: vectors per block in batched mode (an int >= 1).
+    seed: vector i starts from normal(fold_in(key(seed), i)).
+    mesh: batched mode only: shard every block over the mesh's "vectors" axis, which must
+        divide `block_size`; None = automatic (`block_mesh`).
+    progress: a tqdm bar over vectors (a bool or a `models.runtime.progress.Progress`).
+    """
+
+    mode: str = "batched"
+    block_size: int = 8
+    seed: int = 0
+    mesh: Mesh | None = None
+    progress: bool | Progress = False
+
+    def __post_init__(self):
+        if self.mode not in ("sequential", "batched"):
+            raise ValueError(f"mode must be 'sequential' or 'batched', got {self.mode!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1; got {self.block_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int; got {self.seed!r}")
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh or None; got {type(self.mesh).__name__}")
+        object.__setattr__(self, "progress", Progress.of(self.progress))
+
+
 def train_vectors(
     problem: MelboProblem,
     objective: Objective,
@@ -282,29 +315,27 @@ def train_vectors(
     *,
     fixed: Float[Array, "n_fixed d_model"] | None = None,
     ref_norm: float = 1.0,
-    mode: str = "batched",
-    block_size: int = 8,
-    seed: int = 0,
+    run: MelboRunConfig = MelboRunConfig(),
     resume: TrainResult | None = None,
     on_block: Callable[[TrainResult], None] | None = None,
-    progress: bool = False,
-    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Train `n_vectors` mutually orthogonal vectors (also orthogonal to `fixed` rows).
 
-    mode "sequential": one vector at a time (the original algorithm); "batched": blocks
-    of `block_size` vectors vmapped and jointly orthogonalised.  `aux` is the objective's
-    data (h_t(0) for MELBO, the theta0 reference for MELBO-ortho).  `on_block(result)` is
-    called after every finished block (every vector in sequential mode) with everything
-    trained so far, for checkpointing; `resume` continues from such a result.
+    `run` (a `MelboRunConfig`): mode "sequential": one vector at a time (the original
+    algorithm); "batched": blocks of `block_size` vectors vmapped and jointly
+    orthogonalised; seed, progress.  `aux` is the objective's data (h_t(0) for MELBO, the
+    theta0 reference for MELBO-ortho).  `on_block(result)` is called after every finished
+    block (every vector in sequential mode) with everything trained so far, for
+    checkpointing; `resume` continues from such a result.
 
-    `mesh` (batched mode only; sequential mode runs on the default device): shard every
+    `run.mesh` (batched mode only; sequential mode runs on the default device): shard every
     block over the mesh's "vectors" axis, which must divide `block_size`; None = automatic
     (`block_mesh`: all devices that divide the block, nothing on one device).  A last
     block smaller than the rest that does not split evenly runs replicated on the mesh."""
-    if mode not in ("sequential", "batched"):
-        raise ValueError(f"mode must be 'sequential' or 'batched', got {mode!r}")
-    mesh = block_mesh(mesh, block_size) if mode == "batched" else None
+    if not isinstance(run, MelboRunConfig):
+        raise TypeError(f"run must be a MelboRunConfig; got {type(run).__name__}")
+    mode, block_size, seed = run.mode, run.block_size, run.seed
+    mesh = block_mesh(run.mesh, block_size) if mode == "batched" else None
     d = problem.x_src.shape[-1]
     n_fixed = 0 if fixed is None else int(np.asarray(fixed).shape[0])
     if n_fixed + n_vectors > d:
@@ -319,10 +350,8 @@ def train_vectors(
         n_basis = extend_basis(basis, n_basis, vectors)
     size = 1 if mode == "sequential" else block_size
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=n_vectors, initial=len(vectors), desc=f"{type(objective).__name__} {mode}")
+    if run.progress.enabled:
+        bar = run.progress.bar(f"{type(objective).__name__} {mode}", total=n_vectors, initial=len(vectors))
     ref_norm = jnp.asarray(ref_norm, jnp.float32)
     put = lambda tree: tree  # noqa: E731
     to_host = np.asarray
@@ -361,12 +390,19 @@ def train_vectors(
 
 
 def melbo(
-    problem: MelboProblem, n_vectors: int, config: MelboConfig, **kwargs
+    problem: MelboProblem,
+    n_vectors: int,
+    config: MelboConfig,
+    *,
+    run: MelboRunConfig = MelboRunConfig(),
+    resume: TrainResult | None = None,
+    on_block: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
-    """MELBO vectors of norm `config.radius` (vectors [K, d_model]); kwargs as `train_vectors`."""
+    """MELBO vectors of norm `config.radius` (vectors [K, d_model]); run / resume /
+    on_block as `train_vectors`."""
     d = problem.x_src.shape[-1]
     unsteered = jax.jit(steered_target)(problem, jnp.zeros((d,), jnp.float32))
-    return train_vectors(problem, config, n_vectors, unsteered, **kwargs)
+    return train_vectors(problem, config, n_vectors, unsteered, run=run, resume=resume, on_block=on_block)
 
 
 def melbo_ortho(
@@ -374,13 +410,17 @@ def melbo_ortho(
     theta0: Float[Array, " d_model"],
     n_vectors: int,
     config: OrthoConfig,
-    **kwargs,
+    *,
+    run: MelboRunConfig = MelboRunConfig(),
+    resume: TrainResult | None = None,
+    on_block: Callable[[TrainResult], None] | None = None,
 ) -> TrainResult:
     """MELBO-ortho vectors [K, d_model], orthogonal to theta0 and to each other, each
-    trained to reproduce theta0's mean target-layer activation; kwargs as `train_vectors`."""
+    trained to reproduce theta0's mean target-layer activation; run / resume / on_block
+    as `train_vectors`."""
     theta0 = jnp.asarray(theta0, jnp.float32)
     reference = jax.jit(ortho_reference)(problem, theta0)
     return train_vectors(
         problem, config, n_vectors, reference, fixed=theta0[None],
-        ref_norm=float(jnp.linalg.norm(theta0)), **kwargs,
+        ref_norm=float(jnp.linalg.norm(theta0)), run=run, resume=resume, on_block=on_block,
     )

@@ -208,8 +208,8 @@ def test_sweep_matches_hooks_per_prompt(family):
     prompts = RNG.randint(0, VOCAB, size=(2, 8))
     mask = np.ones(prompts.shape, bool)
     mask[1, -3:] = False
-    res = lens.sweep_vectors(model, prompts, vectors, coeffs, steer_layers, attention_mask=mask,
-                             keep_logits=True, chunk_size=2, progress=False)
+    res = lens.sweep_vectors(model, prompts, vectors, coeffs=coeffs, layers=steer_layers, attention_mask=mask,
+                             config=lens.SweepConfig(keep_logits=True, chunk_size=2, progress=False))
     for p, n in enumerate((8, 5)):
         base = hooked(hf, [], prompts[p, :n])[-1]
         np.testing.assert_allclose(res.base_logits[p], base, atol=TOL, rtol=0)

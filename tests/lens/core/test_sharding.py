@@ -11,8 +11,12 @@ from pathlib import Path
 
 from lens_tiny import tiny
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 CHILD = r"""
-import sys
+import dataclasses, sys
 import lens  # first: its compiler guard must see XLA_FLAGS before JAX starts
 import jax, jax.numpy as jnp, numpy as np
 assert jax.device_count() == 4, jax.devices()
@@ -25,8 +29,9 @@ model = convert_hf(config, tensors, jnp.float32)
 rng = np.random.RandomState(0)
 prompts = rng.randint(0, config["vocab_size"], size=(2, 6))
 vectors = rng.randn(6, model.config.d_model).astype(np.float32)
-kw = dict(coeffs=[1.0, 3.0], layers=[1], targets=[2, 5], keep_logits=True, progress=False)
-single = lens.sweep_vectors(model, prompts, vectors, chunk_size=4, **kw)
+kw = dict(coeffs=[1.0, 3.0], layers=[1], targets=[2, 5])
+config = lens.SweepConfig(keep_logits=True, chunk_size=4, progress=False)
+single = lens.sweep_vectors(model, prompts, vectors, config=config, **kw)
 runs = {
     "vectors x4": (sharding.make_mesh(vectors=4), model),
     "vectors x2 + tensor-parallel weights": (
@@ -34,7 +39,7 @@ runs = {
         sharding.shard_weights(model, sharding.make_mesh(vectors=2, batch=2))),
 }
 for name, (mesh, m) in runs.items():
-    res = lens.sweep_vectors(m, prompts, vectors, chunk_size=4, mesh=mesh, **kw)
+    res = lens.sweep_vectors(m, prompts, vectors, config=dataclasses.replace(config, mesh=mesh), **kw)
     for field in ("kl", "logprob_delta", "logits"):
         a, b = np.asarray(getattr(res, field)), np.asarray(getattr(single, field))
         assert a.shape == b.shape, (name, field, a.shape, b.shape)

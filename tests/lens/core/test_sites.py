@@ -229,13 +229,13 @@ def test_sweep_of_ablations_and_patches_equals_loop():
         E.ablate_heads(model, {1: [h], 2: [(h + 1) % c.n_heads]}) for h in range(3)
     ]
     res = lens.core.sweep.sweep_edits(model, prompts, E.stack_edits(each), attention_mask=mask,
-                                 keep_logits=True, chunk_size=2, progress=False)
+                                      config=lens.SweepConfig(keep_logits=True, chunk_size=2, progress=False))
     assert res.start == 1 and res.kl.shape == (3, 2)
     patches = [E.patch(model, cache, s, layers=[2], positions=[1, 3])
                for s in ("attn_out", "mlp_out", "resid")]
     patches = [E.combine(p, E.patch(model, cache, "q_input", layers=[2], heads=[0])) for p in patches]
     res2 = lens.core.sweep.sweep_edits(model, prompts, E.stack_edits(patches), attention_mask=mask,
-                                  last_only=False, keep_logits=True, progress=False)
+                                       config=lens.SweepConfig(last_only=False, keep_logits=True, progress=False))
     last = [7, 4]
     for edits_list, r, last_only in ((each, res, True), (patches, res2, False)):
         for k, e in enumerate(edits_list):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import lens.geometry as g
 
 EPS32 = float(np.finfo(np.float32).eps)
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=25)  # on top of the derandomised profile of tests/conftest.py
 K, DIM = 6, 24  # one shape for most tests: one compile each
 
 _pr = jax.jit(g.participation_ratio, static_argnames="normalize")

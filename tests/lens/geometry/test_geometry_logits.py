@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import lens.geometry as g
 
 EPS32 = float(np.finfo(np.float32).eps)
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=25)  # on top of the derandomised profile of tests/conftest.py
 D, VOCAB, SEQ, K = 16, 64, 3, 4
 
 _decompose = jax.jit(g.decompose_logits)

@@ -22,7 +22,7 @@ from models.core import layers  # a broken project import fails the suite, never
 
 EPS32 = float(np.finfo(np.float32).eps)
 KINDS = ("layer", "rms")
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=25)  # on top of the derandomised profile of tests/conftest.py
 
 
 def _ref_sphere(x: np.ndarray, kind: str, eps: float) -> np.ndarray:

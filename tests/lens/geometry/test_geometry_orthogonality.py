@@ -17,7 +17,7 @@ import lens.geometry as g
 
 EPS32 = float(np.finfo(np.float32).eps)
 KINDS = ("layer", "rms")
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=25)  # on top of the derandomised profile of tests/conftest.py
 D = 16
 
 _cos = jax.jit(g.effective_cosine_matrix, static_argnames=("kind", "order"))

@@ -39,6 +39,8 @@ import models
 from lens.geometry import on_model as gr
 from models.core import layers
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return a +"]
 RHOS = np.array([0.1, 0.3, 1.0, 3.0, 10.0], np.float32)
 

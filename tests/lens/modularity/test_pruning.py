@@ -330,3 +330,25 @@ def test_bf16_compute_stats_close_to_float32(family):
     assert heads.shape == (model.config.n_layers, model.config.n_heads)
     with pytest.raises(ValueError, match="compute_dtype"):
         M.activation_stats(model, rows, compute_dtype="float16")
+
+
+def test_selective_pruning_config_counts_and_records():
+    """PruningConfig drives the loop: every step prunes int(neuron_frac * all neurons) new
+    live neurons, on_step sees each record, and the last record is next_token_metrics of
+    the model pruned by the returned masks (recomputed here from the masks alone)."""
+    _, model, _ = tiny("gpt2")
+    c = model.config
+    config = M.PruningConfig(steps=2, method="forget", neuron_frac=0.1, chunk=2)
+    seen = []
+    records, nm, hm = M.selective_pruning(model, FORGET, RETAIN, {"retain": RETAIN}, [], config, on_step=seen.append)
+    per_step = int(0.1 * c.n_layers * c.d_mlp)
+    assert [r["neurons_pruned"] for r in records] == [0, per_step, 2 * per_step] and not hm.any()
+    assert seen == records[1:] and int(nm.sum()) == 2 * per_step
+    again = M.next_token_metrics(M.prune(model, nm, hm), RETAIN, [], chunk=2)
+    assert records[-1]["retain"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
+    for bad, match in ((dict(steps=0), "steps"), (dict(steps=1, method="magnitude"), "method"),
+                       (dict(steps=1, neuron_frac=1.5), "neuron_frac"), (dict(steps=1, chunk=0), "chunk")):
+        with pytest.raises(ValueError, match=match):
+            M.PruningConfig(**bad)
+    with pytest.raises(TypeError, match="PruningConfig"):
+        M.selective_pruning(model, FORGET, RETAIN, {}, [], 2)

@@ -204,7 +204,8 @@ def test_distillation_lowers_held_out_kl(tmp_path):
     before = gaming.mean_kl(teacher, student, held_out)
     cfg = train.TrainConfig(steps=60, batch_size=8, lr=1e-2, warmup_steps=5, eval_every=60, eval_batches=1,
                             checkpoint_every=60)
-    out = train.train(student, rows, held_out, cfg, tmp_path, progress=False, loss_fn=gaming.DistillLoss(teacher))
+    out = train.train(student, rows, held_out, cfg, tmp_path,
+                      train.TrainOptions(progress=False, loss_fn=gaming.DistillLoss(teacher)))
     after = gaming.mean_kl(teacher, out.model, held_out)
     assert after < 0.7 * before, (before, after)
 
@@ -225,9 +226,10 @@ def test_goodhart_term_equals_numpy_and_lam_zero_is_plain_training(tmp_path):
     assert got == pytest.approx(ce + lam * kl, rel=1e-5)
     cfg = train.TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=6, eval_batches=1,
                             checkpoint_every=6)
-    plain = train.train(model, rows, val, cfg, tmp_path / "plain", progress=False).model
-    zero = train.train(model, rows, val, cfg, tmp_path / "zero", progress=False,
-                       loss_fn=gaming.GoodhartLoss(0.0, jnp.log(jnp.asarray(table, jnp.float32)))).model
+    plain = train.train(model, rows, val, cfg, tmp_path / "plain", train.TrainOptions(progress=False)).model
+    zero = train.train(model, rows, val, cfg, tmp_path / "zero",
+                       train.TrainOptions(progress=False,
+                                          loss_fn=gaming.GoodhartLoss(0.0, jnp.log(jnp.asarray(table, jnp.float32))))).model
     for a, b in zip(jax.tree.leaves(eqx.filter(plain, eqx.is_array)), jax.tree.leaves(eqx.filter(zero, eqx.is_array))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit
 

@@ -6,6 +6,8 @@ plain autodiff and numpy; training lowers held-out KL; an interrupted training r
 to the uninterrupted lens (in-process, and by a real SIGKILL of the script); save/load; the
 script's smoke preset end to end."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -168,9 +170,10 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
     rows, val = rng.integers(0, 61, (32, 9)), rng.integers(0, 61, (8, 9))
     opt, lr_fn = tt.reference_optimizer(12, lr_scale=4.0)
     cfg = train.TrainConfig(steps=12, batch_size=4, eval_every=12, eval_batches=2, checkpoint_every=4)
-    kw = dict(loss_fn=tt.TunedLensLoss(model), opt=opt, rows_config=model.config, lr_fn=lr_fn, progress=False)
+    options = train.TrainOptions(loss_fn=tt.TunedLensLoss(model), opt=opt, rows_config=model.config, lr_fn=lr_fn,
+                                 progress=False)
     zero = logit_lens.TunedLens.init(model.config)
-    full = train.train(zero, rows, val, cfg, tmp_path / "a", **kw)
+    full = train.train(zero, rows, val, cfg, tmp_path / "a", options)
     before = tt.lens_scores(model, None, val)
     after = tt.lens_scores(model, full.model, val)
     assert after["kl"][0] < 0.8 * before["kl"][0] and after["kl"][1] < 0.8 * before["kl"][1]
@@ -182,8 +185,8 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
             raise Killed
 
     with pytest.raises(Killed):
-        train.train(zero, rows, val, cfg, tmp_path / "b", on_checkpoint=kill, **kw)
-    resumed = train.train(zero, rows, val, cfg, tmp_path / "b", **kw)
+        train.train(zero, rows, val, cfg, tmp_path / "b", dataclasses.replace(options, on_checkpoint=kill))
+    resumed = train.train(zero, rows, val, cfg, tmp_path / "b", options)
     for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

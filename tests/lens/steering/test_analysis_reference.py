@@ -25,6 +25,8 @@ import transformers as tf
 
 from lens.steering import melbo
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 D, N_LAYERS, S, T = 576, 4, 1, 2  # source = after block 1, target = after block 2, last = block 3
 LENGTHS = (45, 38)
 K = 8

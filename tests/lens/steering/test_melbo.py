@@ -64,8 +64,8 @@ CFG = melbo.OrthoConfig(steps=12, lr=0.01)
 
 
 def test_ortho_batched_block_of_one_is_sequential_and_orthogonal(problem, theta0):
-    seq = melbo.melbo_ortho(problem, theta0, 3, CFG, mode="sequential", seed=3)
-    one = melbo.melbo_ortho(problem, theta0, 3, CFG, mode="batched", block_size=1, seed=3)
+    seq = melbo.melbo_ortho(problem, theta0, 3, CFG, run=melbo.MelboRunConfig(mode="sequential", seed=3))
+    one = melbo.melbo_ortho(problem, theta0, 3, CFG, run=melbo.MelboRunConfig(mode="batched", block_size=1, seed=3))
     # Same seeds, same algorithm; vmap over a block of one may only reorder float32 sums.
     np.testing.assert_allclose(one.vectors, seq.vectors, rtol=0, atol=1e-5)
     np.testing.assert_allclose(one.losses, seq.losses, rtol=1e-5)
@@ -75,7 +75,7 @@ def test_ortho_batched_block_of_one_is_sequential_and_orthogonal(problem, theta0
 
 
 def test_ortho_batched_joint_orthogonality_and_resume(problem, theta0):
-    full = melbo.melbo_ortho(problem, theta0, 4, CFG, mode="batched", block_size=2, seed=5)
+    full = melbo.melbo_ortho(problem, theta0, 4, CFG, run=melbo.MelboRunConfig(mode="batched", block_size=2, seed=5))
     assert max_abs_cos(np.concatenate([np.asarray(theta0)[None], full.vectors])) <= 1e-6
 
     saved = []
@@ -85,18 +85,27 @@ def test_ortho_batched_joint_orthogonality_and_resume(problem, theta0):
         raise KeyboardInterrupt  # the run dies right after its first checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        melbo.melbo_ortho(problem, theta0, 4, CFG, mode="batched", block_size=2, seed=5,
+        melbo.melbo_ortho(problem, theta0, 4, CFG, run=melbo.MelboRunConfig(mode="batched", block_size=2, seed=5),
                           on_block=killed_after_first_block)
     assert saved[0].vectors.shape == (2, 24)
-    resumed = melbo.melbo_ortho(problem, theta0, 4, CFG, mode="batched", block_size=2, seed=5,
+    resumed = melbo.melbo_ortho(problem, theta0, 4, CFG, run=melbo.MelboRunConfig(mode="batched", block_size=2, seed=5),
                                 resume=saved[0])
     np.testing.assert_array_equal(resumed.vectors, full.vectors)
     np.testing.assert_array_equal(resumed.losses, full.losses)
 
 
+def test_run_config_refused_at_construction():
+    with pytest.raises(ValueError, match="mode"):
+        melbo.MelboRunConfig(mode="parallel")
+    with pytest.raises(ValueError, match="block_size"):
+        melbo.MelboRunConfig(block_size=0)
+    with pytest.raises(TypeError, match="Mesh"):
+        melbo.MelboRunConfig(mesh="vectors")
+
+
 def test_melbo_loss_decreases_norm_and_orthogonality(problem):
     cfg = melbo.MelboConfig(radius=2.0, steps=15, lr=0.05)
-    res = melbo.melbo(problem, 2, cfg, mode="sequential", seed=0)
+    res = melbo.melbo(problem, 2, cfg, run=melbo.MelboRunConfig(mode="sequential", seed=0))
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), 2.0, rtol=1e-5)
     assert max_abs_cos(res.vectors) <= 1e-6
     assert np.all(res.losses[:, -1] < res.losses[:, 0])

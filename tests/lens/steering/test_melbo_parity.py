@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 
 S, T, STEPS, K = 1, 2, 25, 3
 
@@ -38,7 +40,7 @@ def test_sequential_ortho_equals_the_original_torch_loop(models_pair):
     d = ours.config.d_model
     theta0 = np.asarray(3.0 * jax.random.normal(jax.random.PRNGKey(7), (d,)), np.float32)
     cfg = melbo.OrthoConfig(steps=STEPS, lr=0.05)
-    res = melbo.melbo_ortho(problem, jnp.asarray(theta0), K, cfg, mode="sequential", seed=3)
+    res = melbo.melbo_ortho(problem, jnp.asarray(theta0), K, cfg, run=melbo.MelboRunConfig(mode="sequential", seed=3))
     # the raw draws lens.steering.melbo starts vector i from (before projection and scaling)
     draws = np.stack([np.asarray(jax.random.normal(melbo.vector_key(3, i), (d,), jnp.float32)) for i in range(K)])
     _, ref = torch_reference(hf, tokens, theta0, K, STEPS, S, T, 0.05, 0, full=True, init=draws)
@@ -114,7 +116,7 @@ def test_sequential_melbo_equals_the_original_torch_loop(models_pair):
     problem = melbo.make_problem(ours, toks, mask, S, T)
     d, radius, lr = ours.config.d_model, 2.0, 0.02
     cfg = melbo.MelboConfig(radius=radius, steps=STEPS, lr=lr, p=2.0, q=1.0)
-    res = melbo.melbo(problem, K, cfg, mode="sequential", seed=5)
+    res = melbo.melbo(problem, K, cfg, run=melbo.MelboRunConfig(mode="sequential", seed=5))
     draws = np.stack([np.asarray(jax.random.normal(melbo.vector_key(5, i), (d,), jnp.float32)) for i in range(K)])
     ref = original_melbo_torch(hf, tokens, radius, K, STEPS, S, T, draws, lr=lr)
 

@@ -29,6 +29,10 @@ from lens_tiny import tiny
 from models.families import convert_hf
 from models.io.safetensors_reader import read_safetensors_folder
 
+import pytest
+
+pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+
 K, BLOCK, STEPS = 4, 4, 30
 
 
@@ -46,7 +50,8 @@ def setup(folder):
 def run(problem, theta0, K, block, steps, **kw):
     """Batched MELBO-ortho (blocks of `block`) and the found vectors' steered effects."""
     cfg = melbo.OrthoConfig(steps=steps, lr=0.01)
-    res = melbo.melbo_ortho(problem, theta0, K, cfg, mode="batched", block_size=block, seed=5, **kw)
+    run = melbo.MelboRunConfig(mode="batched", block_size=block, seed=5, **kw)
+    res = melbo.melbo_ortho(problem, theta0, K, cfg, run=run)
     eff = melbo.steered_effects(problem, res.vectors, chunk=3, **kw)
     return res, eff
 

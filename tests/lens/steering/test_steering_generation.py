@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from lens.core import edits as E
-from lens.steering import vectors
+from lens.steering import vectors as V
 from lens_tiny import VOCAB, tiny
-from models.generation.generate import generate
+from models.generation.generate import GenerationConfig, generate
 
 RNG = np.random.RandomState(5)
 PROMPTS = [list(RNG.randint(0, VOCAB, size=n)) for n in (5, 9, 7)]  # odd lengths, padded
@@ -53,26 +53,26 @@ def test_generate_with_vectors_equals_separate_runs(sampling):
     padded with a zero vector).  Tolerance: exact token ids."""
     _, model, _ = tiny()
     vectors = 3.0 * RNG.randn(3, model.config.d_model).astype(np.float32)
-    out = vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5,
-                                         eos_token_ids=[], progress=False, **sampling)
+    config = GenerationConfig(6, eos_token_ids=(), **sampling)
+    out = V.generate_with_vectors(model, PROMPTS, vectors, 1, config, coeff=1.5, progress=False)
     assert out.shape == (3, 3, 6) and out.dtype == np.int32
     for k in range(3):
         for p, prompt in enumerate(PROMPTS):
             ref = reference_generation(model, prompt, vectors[k], 1, 6, 1.5, p, **sampling)
             assert out[k, p].tolist() == ref, (k, p)
-    chunked = vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5, eos_token_ids=[],
-                                             vectors_per_call=2, progress=False, **sampling)
+    chunked = V.generate_with_vectors(model, PROMPTS, vectors, 1, config, coeff=1.5,
+                                      vectors_per_call=2, progress=False)
     np.testing.assert_array_equal(chunked, out)
-    unsteered = vectors.generate_with_vectors(model, PROMPTS[:1], np.zeros((1, model.config.d_model)), 0, 4,
-                                               eos_token_ids=[], progress=False)
+    unsteered = V.generate_with_vectors(model, PROMPTS[:1], np.zeros((1, model.config.d_model)), 0,
+                                        GenerationConfig(4, eos_token_ids=()), progress=False)
     assert unsteered[0, 0].tolist() == reference_generation(model, PROMPTS[0], np.zeros(model.config.d_model),
                                                             0, 4, 1.0, 0)
     with pytest.raises(ValueError, match="d_model"):
-        vectors.generate_with_vectors(model, PROMPTS, np.ones((2, 5)), 1, 3)
+        V.generate_with_vectors(model, PROMPTS, np.ones((2, 5)), 1, GenerationConfig(3))
     with pytest.raises(ValueError, match="layer index"):
-        vectors.generate_with_vectors(model, PROMPTS, vectors, 7, 3)
+        V.generate_with_vectors(model, PROMPTS, vectors, 7, GenerationConfig(3))
     with pytest.raises(ValueError, match="vectors_per_call"):
-        vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 3, vectors_per_call=0)
+        V.generate_with_vectors(model, PROMPTS, vectors, 1, GenerationConfig(3), vectors_per_call=0)
 
 
 def test_generate_with_vectors_pads_after_eos_and_chunks_by_memory():
@@ -80,33 +80,34 @@ def test_generate_with_vectors_pads_after_eos_and_chunks_by_memory():
     per call with the same tokens."""
     _, model, _ = tiny()
     vectors = 2.0 * RNG.randn(4, model.config.d_model).astype(np.float32)
-    free = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False)
+    free = V.generate_with_vectors(model, PROMPTS, vectors, 2, GenerationConfig(5, eos_token_ids=()),
+                                   progress=False)
     eos = int(free[0, 0, 1])  # make row (0, 0)'s second token an EOS
-    out = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[eos], pad_token_id=0,
-                                         progress=False)
+    out = V.generate_with_vectors(model, PROMPTS, vectors, 2, GenerationConfig(5, eos_token_ids=[eos], pad_token_id=0),
+                                  progress=False)
     for k in range(4):
         for p in range(3):
             row = free[k, p].tolist()
             stop = next((j + 1 for j, t in enumerate(row) if t == eos), 5)
             assert out[k, p].tolist() == row[:stop] + [0] * (5 - stop), (k, p)
     first = free[0, 0].tolist()
-    assert vectors.new_token_lists(out, [eos])[0][0] == first[: first.index(eos) + 1]
-    assert vectors.vectors_per_call_for(model, 3, 9, 5, memory_budget=1.0) == 1
-    small = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False,
-                                           memory_budget=1.0)
+    assert V.new_token_lists(out, [eos])[0][0] == first[: first.index(eos) + 1]
+    assert V.vectors_per_call_for(model, 3, 9, 5, memory_budget=1.0) == 1
+    small = V.generate_with_vectors(model, PROMPTS, vectors, 2, GenerationConfig(5, eos_token_ids=()), progress=False,
+                                    memory_budget=1.0)
     np.testing.assert_array_equal(small, free)
 
 
 def test_reply_mean_difference_reads_the_reply_positions():
     _, model, _ = tiny()
     a, b = PROMPTS[:2], PROMPTS[1:]
-    v = vectors.reply_mean_difference(model, a, b, 2, 3)
+    v = V.reply_mean_difference(model, a, b, 2, 3)
     # independent: generate each reply alone, read resid_pre[2] of prompt + reply
     def mean_of(prompts):
         rows = []
         for p in prompts:
-            r = generate(model, p, 3, eos_token_ids=[]).tokens[0]
-            x = np.asarray(vectors.resid_at(model, np.asarray(p + r, np.int32), 2))
+            r = generate(model, p, GenerationConfig(3, eos_token_ids=())).tokens[0]
+            x = np.asarray(V.resid_at(model, np.asarray(p + r, np.int32), 2))
             rows.append(x[len(p) - 1: len(p) + 2].mean(0))
         return np.mean(rows, 0)
     np.testing.assert_allclose(v, mean_of(a) - mean_of(b), atol=1e-5)
@@ -124,13 +125,13 @@ def test_calibrate_norm_picks_by_the_score_of_separate_generations():
     decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     score = lambda text: float(np.mean([int(t) % 3 == 0 for t in text.split()]))  # noqa: E731
 
-    vec, info = vectors.calibrate_norm(model, designs, PROMPTS[:2], layer, ref_norm, grid, n, score, decode,
+    vec, info = V.calibrate_norm(model, designs, PROMPTS[:2], layer, ref_norm, grid, n, score, decode,
                                         vectors_per_call=4)
     expect = {}
     for name, v in designs.items():
         for rho in grid:
             e = E.add(model, v / np.linalg.norm(v) * rho * ref_norm, layer)
-            texts = [decode(generate(model, p, n, edits=e).tokens[0]) for p in PROMPTS[:2]]
+            texts = [decode(generate(model, p, GenerationConfig(n), edits=e).tokens[0]) for p in PROMPTS[:2]]
             expect[(name, rho)] = np.mean([score(t) for t in texts])
     got = {(r["design"], r["rho"]): r["score"] for r in info["table"]}
     assert got.keys() == expect.keys()
@@ -143,14 +144,14 @@ def test_calibrate_norm_picks_by_the_score_of_separate_generations():
     np.testing.assert_allclose(vec, v / np.linalg.norm(v) * best[1] * ref_norm, rtol=1e-6)
     assert set(info["examples"]) == {f"{k}@{r}" for k, r in expect}
 
-    vec0, info0 = vectors.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, grid, 2,
+    vec0, info0 = V.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, grid, 2,
                                           lambda text: 0.0, decode)
     assert (info0["design"], info0["rho"], info0["scored"]) == ("a", 0.5, False)
     np.testing.assert_allclose(np.linalg.norm(vec0), 0.5 * ref_norm, rtol=1e-6)
     with pytest.raises(ValueError, match="rho_grid"):
-        vectors.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, [0.0, 1.0], 2, score, decode)
+        V.calibrate_norm(model, designs, PROMPTS[:1], layer, ref_norm, [0.0, 1.0], 2, score, decode)
     with pytest.raises(ValueError, match="zero vector"):
-        vectors.calibrate_norm(model, {"z": np.zeros(d)}, PROMPTS[:1], layer, ref_norm, grid, 2, score, decode)
+        V.calibrate_norm(model, {"z": np.zeros(d)}, PROMPTS[:1], layer, ref_norm, grid, 2, score, decode)
 
 
 def test_vector_files_hold_extras_and_json_metadata(tmp_path):
@@ -158,21 +159,21 @@ def test_vector_files_hold_extras_and_json_metadata(tmp_path):
     losses = np.arange(12, dtype=np.float32).reshape(3, 4)
     meta = {"model": "m", "layer": 3, "site": "resid_pre", "method": "melbo-ortho", "lr": 0.3, "n_done": 3}
     path = tmp_path / "run.safetensors"
-    vectors.save_vectors(path, v, meta, extras={"losses": losses, "theta0": v[0]})
-    got, m = vectors.load_vectors(path)
+    V.save_vectors(path, v, meta, extras={"losses": losses, "theta0": v[0]})
+    got, m = V.load_vectors(path)
     np.testing.assert_array_equal(got, v)
     assert {k: m[k] for k in meta} == meta  # types survive: int 3, float 0.3
-    ex = vectors.load_extras(path)
+    ex = V.load_extras(path)
     assert set(ex) == {"losses", "theta0"}
     np.testing.assert_array_equal(ex["losses"], losses)
     assert [p.name for p in tmp_path.iterdir()] == ["run.safetensors"]  # no temporary left
     with pytest.raises(ValueError, match="'vectors'"):
-        vectors.save_vectors(path, v, meta, extras={"vectors": v})
+        V.save_vectors(path, v, meta, extras={"vectors": v})
     from safetensors.numpy import save_file
 
     save_file({"theta0": v[0]}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="no 'vectors' tensor"):
-        vectors.load_vectors(tmp_path / "other.safetensors")
+        V.load_vectors(tmp_path / "other.safetensors")
 
 
 FORBIDDEN = ("bench", "torch", "transformers")

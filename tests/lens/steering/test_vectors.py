@@ -30,9 +30,9 @@ def test_sweep_equals_loop_of_single_runs():
     coeffs, layers, targets = [0.0, 2.5], [2, 1], [3, 11]
     mask = np.ones(PROMPTS.shape, bool)
     mask[1, -2:] = False  # prompt 1 right-padded: its last real token is position 5
-    res = lens.sweep_vectors(model, PROMPTS, vectors, coeffs, layers, attention_mask=mask,
-                             targets=targets, keep_logits=True, capture_layer=1,
-                             chunk_size=2, progress=False)  # 2 chunks, the last padded
+    config = lens.SweepConfig(keep_logits=True, capture_layer=1, chunk_size=2, progress=False)  # 2 chunks, the last padded
+    res = lens.sweep_vectors(model, PROMPTS, vectors, coeffs=coeffs, layers=layers, attention_mask=mask,
+                             targets=targets, config=config)
     assert res.layers == (1, 2) and res.kl.shape == (3, 2, 2, 2)
     assert res.logprob_delta.shape == (3, 2, 2, 2, 2) and res.logits.shape == (3, 2, 2, 2, VOCAB)
     assert res.activations.shape == (3, 2, 2, 2, 8, d)
@@ -54,8 +54,8 @@ def test_sweep_equals_loop_of_single_runs():
                     np.testing.assert_allclose(res.activations[k, ci, li, p], post[1], atol=1e-5)
     assert np.abs(res.kl[:, 0]).max() < 1e-5  # coefficient 0 steers nothing
     # all positions rather than the last: the same numbers at the last real token
-    full = lens.sweep_vectors(model, PROMPTS, vectors[:1], [2.5], [1], attention_mask=mask,
-                              last_only=False, progress=False)
+    full = lens.sweep_vectors(model, PROMPTS, vectors[:1], coeffs=[2.5], layers=[1], attention_mask=mask,
+                              config=lens.SweepConfig(last_only=False, progress=False))
     assert full.kl.shape == (1, 1, 1, 2, 8)
     np.testing.assert_allclose(full.kl[0, 0, 0, 0, 7], res.kl[0, 1, 0, 0], atol=1e-5)
 

