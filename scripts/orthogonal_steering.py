@@ -65,8 +65,6 @@ PRESETS = {
 }
 
 
-
-
 def parse_args(argv=None):
     """The command line, every value checked before anything is loaded (argparse's message
     and exit status 2 on a bad one).  The source / target blocks are checked against the
@@ -121,7 +119,12 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     ap.set_defaults(**PRESETS[preset])
-    args = ap.parse_args(argv)
+    return checked(ap, ap.parse_args(argv))
+
+
+def checked(ap, args):
+    """Preset strings through the flags' own types, and the checks across flags (ap.error)."""
+    n_prompts = len(NEUTRAL)
     if isinstance(args.base_rho_grid, str):  # preset strings go through the same types
         args.base_rho_grid = positive_floats(args.base_rho_grid)
     if isinstance(args.rho_grid, str):
@@ -149,8 +152,6 @@ def layers(args, n: int) -> tuple[int, int]:
         raise SystemExit(f"--source {s} / --target {t}: this model has blocks 0..{n - 1}; "
                          "need 0 <= source < target <= " + str(n - 1))
     return s, t
-
-
 
 
 def load(args):

@@ -185,3 +185,29 @@ def test_orthogonal_steering_presets():
     smoke = parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
     assert smoke.k == 6 and smoke.steps == 10 and smoke.base_rho_grid == [0.35, 0.5]
     assert parse_args([]).k == 16
+
+
+def test_no_test_imports_a_script_or_benchmark():
+    """Tests import only lens, models and tests/ helpers: scripts/ and bench/ are driven by
+    their command line (tests/script_entry.py), so a static scan of every test's imports
+    (at any depth) finds none of their module names, and no test puts them on sys.path."""
+    import ast
+
+    from script_entry import ROOT
+
+    entry_names = {p.stem for folder in ("scripts", "bench") for p in (ROOT / folder).glob("*.py")}
+    bad = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        names, path_edits = set(), 0
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("insert", "append") and ast.unparse(node.func.value) == "sys.path"):
+                path_edits += 1
+        hit = sorted(names & entry_names) + (["sys.path"] if path_edits and path.name != "script_entry.py" else [])
+        if hit:
+            bad[str(path.relative_to(ROOT))] = hit
+    assert not bad, bad

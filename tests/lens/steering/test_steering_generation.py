@@ -15,7 +15,7 @@ from models.generation.generate import generate
 
 RNG = np.random.RandomState(5)
 PROMPTS = [list(RNG.randint(0, VOCAB, size=n)) for n in (5, 9, 7)]  # odd lengths, padded
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the repository root
 
 
 def reference_generation(model, prompt, vector, layer, n, coeff, row, temperature=0.0, top_k=None, seed=0):
