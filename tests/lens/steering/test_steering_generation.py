@@ -52,15 +52,15 @@ def test_generate_with_vectors_equals_separate_runs(sampling):
     and draw for draw (sampled, row p's keys); the same in calls of 2 vectors (the last
     padded with a zero vector).  Tolerance: exact token ids."""
     _, model, _ = tiny()
-    vectors = 3.0 * RNG.randn(3, model.config.d_model).astype(np.float32)
-    out = vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5,
+    vecs = 3.0 * RNG.randn(3, model.config.d_model).astype(np.float32)
+    out = vectors.generate_with_vectors(model, PROMPTS, vecs, 1, 6, coeff=1.5,
                                          eos_token_ids=[], progress=False, **sampling)
     assert out.shape == (3, 3, 6) and out.dtype == np.int32
     for k in range(3):
         for p, prompt in enumerate(PROMPTS):
-            ref = reference_generation(model, prompt, vectors[k], 1, 6, 1.5, p, **sampling)
+            ref = reference_generation(model, prompt, vecs[k], 1, 6, 1.5, p, **sampling)
             assert out[k, p].tolist() == ref, (k, p)
-    chunked = vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 6, coeff=1.5, eos_token_ids=[],
+    chunked = vectors.generate_with_vectors(model, PROMPTS, vecs, 1, 6, coeff=1.5, eos_token_ids=[],
                                              vectors_per_call=2, progress=False, **sampling)
     np.testing.assert_array_equal(chunked, out)
     unsteered = vectors.generate_with_vectors(model, PROMPTS[:1], np.zeros((1, model.config.d_model)), 0, 4,
@@ -70,19 +70,19 @@ def test_generate_with_vectors_equals_separate_runs(sampling):
     with pytest.raises(ValueError, match="d_model"):
         vectors.generate_with_vectors(model, PROMPTS, np.ones((2, 5)), 1, 3)
     with pytest.raises(ValueError, match="layer index"):
-        vectors.generate_with_vectors(model, PROMPTS, vectors, 7, 3)
+        vectors.generate_with_vectors(model, PROMPTS, vecs, 7, 3)
     with pytest.raises(ValueError, match="vectors_per_call"):
-        vectors.generate_with_vectors(model, PROMPTS, vectors, 1, 3, vectors_per_call=0)
+        vectors.generate_with_vectors(model, PROMPTS, vecs, 1, 3, vectors_per_call=0)
 
 
 def test_generate_with_vectors_pads_after_eos_and_chunks_by_memory():
     """Rows that hit an EOS hold the pad id after it; a tiny memory budget gives one vector
     per call with the same tokens."""
     _, model, _ = tiny()
-    vectors = 2.0 * RNG.randn(4, model.config.d_model).astype(np.float32)
-    free = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False)
+    vecs = 2.0 * RNG.randn(4, model.config.d_model).astype(np.float32)
+    free = vectors.generate_with_vectors(model, PROMPTS, vecs, 2, 5, eos_token_ids=[], progress=False)
     eos = int(free[0, 0, 1])  # make row (0, 0)'s second token an EOS
-    out = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[eos], pad_token_id=0,
+    out = vectors.generate_with_vectors(model, PROMPTS, vecs, 2, 5, eos_token_ids=[eos], pad_token_id=0,
                                          progress=False)
     for k in range(4):
         for p in range(3):
@@ -92,7 +92,7 @@ def test_generate_with_vectors_pads_after_eos_and_chunks_by_memory():
     first = free[0, 0].tolist()
     assert vectors.new_token_lists(out, [eos])[0][0] == first[: first.index(eos) + 1]
     assert vectors.vectors_per_call_for(model, 3, 9, 5, memory_budget=1.0) == 1
-    small = vectors.generate_with_vectors(model, PROMPTS, vectors, 2, 5, eos_token_ids=[], progress=False,
+    small = vectors.generate_with_vectors(model, PROMPTS, vecs, 2, 5, eos_token_ids=[], progress=False,
                                            memory_budget=1.0)
     np.testing.assert_array_equal(small, free)
 
