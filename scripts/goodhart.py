@@ -42,8 +42,10 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
-from lens.prediction import gaming, ngram, scoring
-from lens.cli import int_at_least, positive_float  # noqa: E402
+from lens.prediction import defences as defence_lib  # noqa: E402
+from lens.prediction import gaming, ngram, scoring  # noqa: E402
+from lens.prediction.defences import K, aggregate, defences  # noqa: E402
+from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
@@ -52,35 +54,28 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
 PROSE = ("shakespeare", "python-docs")
 HELD_OUT = "python-code"
-K = 10
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    layers: int
-    d_model: int
-    seq: int  # tokens per row the model reads (rows hold seq + 1)
-    steps: int
-    batch: int
-    finetune_steps: int  # the gaming (or plain, lam = 0) phase, from the pretrained base
-    vocab: int  # the toy's BPE vocabulary (SmolLM2 keeps its own)
-    lambdas: tuple[float, ...]
-    side_lambdas: tuple[float, ...]
-    seeds: tuple[int, ...]
-    score_rows: int  # validation rows per corpus scored
-    distill_steps: int
-    smollm2_rows: int  # 0: skip SmolLM2
-    smollm2_distill_steps: int
-    finetune_lr: float = 1e-3
-    tolerances: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
-    tau: float = 1.0  # the headline tolerance (nats)
-    kl_threshold: float = 0.5  # the per-position KL defence (nats)
+def preset(layers: int, d_model: int, seq: int, steps: int, batch: int, finetune_steps: int, vocab: int,
+           lambdas: tuple[float, ...], side_lambdas: tuple[float, ...], seeds: tuple[int, ...], score_rows: int,
+           distill_steps: int, smollm2_rows: int, smollm2_distill_steps: int, finetune_lr: float = 1e-3,
+           tolerances: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0), tau: float = 1.0,
+           kl_threshold: float = 0.5) -> Preset:
+    """This script's preset fields, in report order.  seq: tokens per row the model reads
+    (rows hold seq + 1); finetune_steps: the gaming (or plain, lam = 0) phase, from the
+    pretrained base; vocab: the toy's BPE vocabulary (SmolLM2 keeps its own); score_rows:
+    validation rows per corpus scored; smollm2_rows 0: skip SmolLM2; tau: the headline
+    tolerance (nats); kl_threshold: the per-position KL defence (nats)."""
+    return Preset(layers=layers, d_model=d_model, seq=seq, steps=steps, batch=batch, finetune_steps=finetune_steps,
+                  vocab=vocab, lambdas=lambdas, side_lambdas=side_lambdas, seeds=seeds, score_rows=score_rows,
+                  distill_steps=distill_steps, smollm2_rows=smollm2_rows, smollm2_distill_steps=smollm2_distill_steps,
+                  finetune_lr=finetune_lr, tolerances=tolerances, tau=tau, kl_threshold=kl_threshold)
 
 
 PRESETS = {
-    "smoke": Preset(1, 32, 32, 12, 4, 4, 512, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
-    "default": Preset(2, 128, 64, 2000, 32, 60, 512, (0.0, 1.0, 3.0), (0.0, 1.0), (0, 1, 2), 32, 40, 4, 0),
-    "large": Preset(4, 256, 128, 3000, 32, 300, 4096, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0),
+    "smoke": preset(1, 32, 32, 12, 4, 4, 512, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
+    "default": preset(2, 128, 64, 2000, 32, 60, 512, (0.0, 1.0, 3.0), (0.0, 1.0), (0, 1, 2), 32, 40, 4, 0),
+    "large": preset(4, 256, 128, 3000, 32, 300, 4096, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0),
                     (0, 1, 2, 3, 4), 128, 400, 64, 150),
 }
 
@@ -134,20 +129,6 @@ def mixed(names, tok, seq, split, seed=0):
 
 
 # ----------------------------------------------------------------- the sweep
-def defences(scores: scoring.Scores, p: Preset) -> dict:
-    """The base test and each stricter criterion: fraction of positions passing."""
-    keep = scores.next_token >= 0
-    wrong = keep & (scores["pred_top1"] != scores.next_token)
-    return {
-        "pass_rate": float((scores["test_err"][keep] <= p.tau).mean()),
-        "exact_top10_order": float(scores["order"][keep].mean()),
-        "top1": float(scores["top1"][keep].mean()),
-        f"kl_below_{p.kl_threshold}": float((scores["kl"][keep] <= p.kl_threshold).mean()),
-        "pass_rate_where_predictor_wrong": float((scores["test_err"][wrong] <= p.tau).mean()),
-        "fraction_predictor_wrong": float(wrong.sum() / keep.sum()),
-    }
-
-
 def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
     val_score, code_score = val[: p.score_rows], rows_of([HELD_OUT], tok, p.seq, "validation", p.score_rows)
@@ -181,9 +162,9 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                 me = scoring.model_predictor(model)
                 s_in = scoring.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
                 s_out = scoring.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
-                d = defences(s_in, p)
+                d = defences(s_in, p.tau, p.kl_threshold)
                 runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, ev, p.batch),
-                             **d, "pass_rate_held_out_code": defences(s_out, p)["pass_rate"],
+                             **d, "pass_rate_held_out_code": defences(s_out, p.tau, p.kl_threshold)["pass_rate"],
                              "pass_rate_by_tolerance": scoring.summarize(s_in, p.tolerances)["pass_rate"]})
         results[target] = runs
     return results
@@ -196,59 +177,12 @@ def plain_model(p: Preset, tok, out: Path, progress: bool, seed: int = 0):
     return finetune(base, p, tr, val, out, progress, seed, 0.0, "plain"), tr
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
-    """Per lam: mean and std over seeds of every number."""
-    out = []
-    for lam in sorted({r["lam"] for r in runs}):
-        rs = [r for r in runs if r["lam"] == lam]
-        keys = [k for k, v in rs[0].items() if isinstance(v, float) and k != "lam"]
-        row = {"lam": lam, "seeds": [r["seed"] for r in rs]}
-        for k in keys:
-            vals = np.array([r[k] for r in rs])
-            row[k] = float(vals.mean())
-            row[k + "_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-            row[k + "_min"], row[k + "_max"] = float(vals.min()), float(vals.max())
-        out.append(row)
-    return out
-
-
-# ------------------------------------------------------------- predictors
-def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_steps: int, out: Path,
+def predictor_table(model, train_rows, eval_sets: dict, p: Preset, distill_steps: int, out: Path,
                     progress: bool) -> dict:
-    """{corpus: {predictor: summary}} for the model against every cheap predictor."""
-    v = model.config.vocab_size
-    tables = {f"{n}gram": ngram.count(train_rows, order, v)
-              for order, n in ((1, "uni"), (2, "bi"), (3, "tri"))}
-    preds = {k: t.predictor() for k, t in tables.items()}
-    preds["direct"] = scoring.direct_path(model)
-    if not model.config.attn_only:
-        preds["direct+mlp0"] = scoring.direct_path(model, through_first_mlp=True)
-    res = {}
-    if distill_steps:  # distillation rows: at most 65 tokens (the teacher runs inside every step)
-        width = min(train_rows.shape[1], 65)
-        rows = train_rows[:, :width]
-        held = next(iter(eval_sets.values()))[:, :width]
-        student = gaming.truncated_student(model, 1)
-        kl_before = gaming.mean_kl(model, student, held, batch=4)
-        student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
-                                                                       lr=1e-3), out,
-                              train.TrainOptions(progress=progress, loss_fn=gaming.DistillLoss(model))).model
-        kl_after = gaming.mean_kl(model, student, held, batch=4)
-        preds["distilled-1L"] = scoring.model_predictor(student)
-        res["distill"] = {"steps": distill_steps, "start": "the model's first block + its unembedding",
-                          "held_out_kl_before": kl_before, "held_out_kl_after": kl_after}
-    preds["uniform"] = scoring.uniform_predictor(v)
-    me = scoring.model_predictor(model)
-    counts = tables["unigram"].unigram_counts
-    for name, rows_eval in eval_sets.items():
-        chunk = scoring.chunk_rows_for(rows_eval.shape[1], v, len(preds), 1.0e9)
-        scores = scoring.score(me, preds, rows_eval[:, :-1], k=K, chunk_rows=chunk, progress=progress)
-        res[name] = {k: scoring.summarize(s, p.tolerances, token_counts=counts) for k, s in scores.items()}
-        for k, s in scores.items():  # the same without the 10 most common next tokens
-            res[name][k]["skip_10_most_common"] = {
-                key: val for key, val in scoring.summarize(s, p.tolerances, counts, 10).items()
-                if key in ("n_positions", "pass_rate", "top1", "recall", "kl")}
-    return res
+    """`lens.prediction.defences.predictor_table` with the preset's tolerances and student
+    training (`distill_steps` of the preset's schedule, batch 4, lr 1e-3; 0: no student)."""
+    distill = (dataclasses.replace(train_cfg(p, distill_steps), batch_size=4, lr=1e-3) if distill_steps else None)
+    return defence_lib.predictor_table(model, train_rows, eval_sets, p.tolerances, distill, out, progress, k=K)
 
 
 # ------------------------------------------------------------------ report
@@ -376,7 +310,7 @@ def main(argv=None) -> dict:
     if args.model is not None and not args.model.exists():
         raise SystemExit(f"--model {args.model}: no such folder")
     p = PRESETS[args.preset]
-    p = dataclasses.replace(p, **({"steps": args.steps} if args.steps else {}), **({"tau": args.tau} if args.tau else {}))
+    p = p.replace(**({"steps": args.steps} if args.steps else {}), **({"tau": args.tau} if args.tau else {}))
     progress = not args.no_progress
     args.out.mkdir(parents=True, exist_ok=True)
     t0, load_at_start = time.perf_counter(), os.getloadavg()[0]
@@ -398,24 +332,24 @@ def main(argv=None) -> dict:
             if args.model is not None:
                 ref, ref_tok = models.load(args.model)
                 return {str(args.model): predictor_table(
-                    ref, ref_tok, rows_of(ALL_CORPORA, ref_tok, p.seq, "train"), evals(ref_tok, p.seq, p.score_rows),
+                    ref, rows_of(ALL_CORPORA, ref_tok, p.seq, "train"), evals(ref_tok, p.seq, p.score_rows),
                     p, p.distill_steps, args.out / "runs" / "distill_model", progress)}
             ref, ref_train = plain_model(p, tok, args.out, progress)
-            return {"toy (λ=0, seed 0)": predictor_table(ref, tok, ref_train, evals(tok, p.seq, p.score_rows), p,
+            return {"toy (λ=0, seed 0)": predictor_table(ref, ref_train, evals(tok, p.seq, p.score_rows), p,
                                                          p.distill_steps, args.out / "runs" / "distill_toy", progress)}
         timed("toy", toy)
     if "smollm2" in args.parts and p.smollm2_rows:
         def smollm2():
             smol, smol_tok = models.load("smollm2-135m-instruct")
             return {"SmolLM2-135M-Instruct": predictor_table(
-                smol, smol_tok, rows_of(ALL_CORPORA, smol_tok, 128, "train"), evals(smol_tok, 128, p.smollm2_rows),
+                smol, rows_of(ALL_CORPORA, smol_tok, 128, "train"), evals(smol_tok, 128, p.smollm2_rows),
                 p, p.smollm2_distill_steps, args.out / "runs" / "distill_smollm2", progress)}
         timed("smollm2", smollm2)
     if not {"sweep", "toy"} <= set(parts):
         print(f"parts {sorted(parts)} done; run again with every part for the report")
         return parts
     report = {
-        "preset": args.preset, "settings": dataclasses.asdict(p), "k": K,
+        "preset": args.preset, "settings": p.as_dict(), "k": K,
         "seconds": time.perf_counter() - t0, "timing": timing,
         "machine": f"{jax.default_backend().upper()}, {os.cpu_count()} cores; 1-min load average "
                    f"{load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above the cores: loaded)",

@@ -25,14 +25,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import models  # noqa: E402
-from lens.cli import int_at_least  # noqa: E402
+from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from lens.readout.logit_lens import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
-PRESETS = {"default": {"prompt": "The capital of France is the city of", "positions": 8},
-           "smoke": {"prompt": "The capital of France is", "positions": 3}}
+PRESETS = {"default": Preset(prompt="The capital of France is the city of", positions=8),
+           "smoke": Preset(prompt="The capital of France is", positions=3)}
 
 
 def nonempty(text: str) -> str:
@@ -52,9 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--tuned", type=Path, default=None, help="a tuned_lens.safetensors of this model")
     ap.add_argument("--frozen-scale", action="store_true", help="logit lens with the last layer's norm divisor")
     args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_from_preset(args, PRESETS[args.preset])
     if args.tuned is not None and not args.tuned.is_file():
         ap.error(f"--tuned {args.tuned}: no such file")
     return args

@@ -46,15 +46,14 @@ from lens.modularity import contextual_sparsity as CS  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.modularity import moefication as MOE  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
-from lens.cli import int_at_least, positive_float, positive_floats  # noqa: E402
+from lens.cli import Preset, fill_from_preset, int_at_least, positive_float, positive_floats  # noqa: E402
 from lens.training.train import TrainConfig  # noqa: E402
+from lens.modularity import steering as PS  # noqa: E402
+from lens.steering.prompts import CODE, NEUTRAL, PROSE, prompt_maker  # noqa: E402
 from modularity_report import write_report  # noqa: E402
 
 FORGET = "python-code"
 RETAIN = ("shakespeare", "python-docs")
-# the main job's request and prompt lists: theta0 is built exactly as there
-from orthogonal_steering import CODE, NEUTRAL, PROSE  # noqa: E402
-from models.generation.generate import GenerationConfig  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
@@ -62,10 +61,10 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
-    "smoke": dict(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
+    "smoke": Preset(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
                   fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
                   steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
-    "default": dict(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
+    "default": Preset(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
                     fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64, kmeans_iters=6,
                     gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
 }
@@ -110,9 +109,7 @@ def parse_args(argv=None):
         ap.error(f"--sections: choose from {','.join(SECTIONS)}; got {bad or 'nothing'}")
     if "steering" in args.sections and "selective_pruning" not in args.sections and args.masks is None:
         ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons) or --masks")
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, positive_floats(v) if k == "fractions" else v)
+    fill_from_preset(args, PRESETS[args.preset], convert={"fractions": positive_floats})
     if any(f > 1 for f in args.fractions):
         ap.error(f"--fractions must be in (0, 1]; got {args.fractions}")
     if args.prune_frac * args.prune_steps > 1:
@@ -150,14 +147,6 @@ def rows_for(tok, args, split, n, seed):
         r = data.load_tokens(name, tok, args.seq, split)
         out[name] = r[np.sort(rng.choice(len(r), size=min(n, len(r)), replace=False))]
     return out
-
-
-def prompts_for(tok, texts):
-    from models.generation.generate import chat_prompt
-
-    if getattr(tok, "chat_template", None) is None:
-        return [tok.encode(t) for t in texts]
-    return [chat_prompt(tok, t) for t in texts]
 
 
 # ------------------------------------------------------------------ the sections
@@ -198,85 +187,40 @@ def pruning_section(args, model, train, evals, skip, out: Path, label: str):
 
 
 def steering_section(args, model, tok, masks, train, out_scores):
-    """The main job's "write code" vector theta0 (scripts/orthogonal_steering.py: reply CAA,
-    code vs prose requests, at resid_pre[source + 1], |theta0| = rho x the median residual
-    norm of the analysis prompts, first token left out), built here with the same library
-    calls: its share in the span of the most forget-specific pruned neurons' output
-    directions vs random neurons, and the code score of its greedy generations on the base
-    model, the ratio-pruned models (first step and every step) and randomly pruned models
-    with the same counts (several seeds)."""
-    from lens.steering import melbo, vectors
-    from lens.steering.code_score import code_score
+    """The main job's "write code" vector theta0 (`lens.steering.melbo.base_vector.code_theta0`,
+    the "reply" design at --steer-rho x the median residual norm of 2 analysis prompts),
+    its share in the span of the most forget-specific pruned neurons' output directions vs
+    random neurons (`lens.modularity.steering.span_share`), and the code score of its greedy
+    generations on the base model, the ratio-pruned models (first step and every step)
+    and randomly pruned models with the same counts (`pruned_steering_table`)."""
+    from lens.steering import melbo
+    from lens.steering.melbo.base_vector import code_theta0
 
     n = model.config.n_layers
     source = max(0, round(n / 4) - 1)  # the main job's default source block (SmolLM2: 7)
     layer = melbo.layer_after(source)
     n_req = 2 if args.preset == "smoke" else len(CODE)
-    code, prose = prompts_for(tok, CODE[:n_req]), prompts_for(tok, PROSE[:n_req])
-    neutral = prompts_for(tok, NEUTRAL[: args.steer_prompts])
-    v = np.asarray(vectors.reply_mean_difference(model, code, prose, layer, args.reply_tokens), np.float32)
+    make = prompt_maker(tok)
+    code, prose = [make(p) for p in CODE[:n_req]], [make(p) for p in PROSE[:n_req]]
+    neutral = [make(p) for p in NEUTRAL[: args.steer_prompts]]
     # |x| as the main job measures it: 2 analysis prompts, the huge first token left out
     toks, mask = melbo.pad_prompts(neutral[:2])
     x_norm = melbo.median_source_norm(melbo.make_problem(model, toks, mask, source, min(source + 1, n - 1)))
     decode = (lambda ids: tok.decode(ids))
-    theta0, calib = vectors.calibrate_norm(model, {"reply": v}, neutral, layer, x_norm, [args.steer_rho],
-                                            args.gen_tokens, score=code_score, decode=decode)
+    theta0, calib = code_theta0(model, code, prose, neutral, layer, x_norm, [args.steer_rho], args.reply_tokens,
+                                args.gen_tokens, decode, designs=("reply",))
     unit = theta0 / np.linalg.norm(theta0)
-
-    # Span: the n_dir most forget-specific (first-step ratio score) pruned neurons writing
-    # before the vector's site (layers < layer); a span of >= d_model directions is the
-    # whole space, so n_dir = d_model / 8.  Control: as many random neurons, same layers.
     W = np.asarray(model.blocks.W_out, np.float32)  # [L, d_mlp, d]
-    d, d_mlp = model.config.d_model, model.config.d_mlp
-    n_dir = max(1, d // 8)
-    cand = np.argwhere(masks["ratio"][:layer])
-    if len(cand) == 0:
-        span = {"n_directions": 0}
-    else:
-        s = out_scores[:layer][masks["ratio"][:layer]]
-        top = cand[np.argsort(-s)[:n_dir]]
-
-        def share(idx):
-            q, _ = np.linalg.qr(W[idx[:, 0], idx[:, 1]].T)
-            return float(np.sum((q.T @ unit) ** 2))
-
-        rng = np.random.default_rng(args.seed)
-        ctrl = []
-        for _ in range(args.span_draws):
-            flat = rng.choice(layer * d_mlp, size=len(top), replace=False)
-            ctrl.append(share(np.stack([flat // d_mlp, flat % d_mlp], 1)))
-        span = {"n_directions": int(len(top)), "share_pruned": share(top), "share_random_mean": float(np.mean(ctrl)),
-                "share_random_range": [float(min(ctrl)), float(max(ctrl))],
-                "share_expected_random_subspace": len(top) / d,
-                "pruned_before_layer": int(masks["ratio"][:layer].sum())}
-
-    # Code score with (theta0) and without (0) the vector, per model.  Pruned sets: the
-    # first ratio step (2%: the most code-specific neurons of the base model) and the whole
-    # run; each against random pruning of the same count, --steer-seeds draws.
-    vecs = np.stack([np.zeros_like(theta0), theta0]).astype(np.float32)
-
-    def scores(m):
-        out = vectors.generate_with_vectors(m, neutral, vecs, layer, GenerationConfig(args.gen_tokens), progress=False)
-        rows = vectors.new_token_lists(out.reshape(-1, out.shape[-1]), model.config.eos_token_ids)
-        texts = [decode(r) for r in rows]
-        per = np.asarray([code_score(t) for t in texts]).reshape(len(vecs), len(neutral))
-        return {"unsteered": float(per[0].mean()), "steered": float(per[1].mean())}, texts[len(neutral)][:300]
-
+    span = PS.span_share(W, masks["ratio"], out_scores, unit, layer, args.span_draws, args.seed)
+    # Pruned sets: the first ratio step (2%: the most code-specific neurons of the base
+    # model) and the whole run; each against random pruning of the same count.
     first = M.top_unpruned(out_scores, int(args.prune_frac * out_scores.size), np.zeros(out_scores.shape, bool))
     sets = {"first_step": first, "all_steps": masks["ratio"]}
-    table, examples = {}, {}
-    table["base"], examples["base"] = scores(model)
-    for name, mask in sets.items():
-        table[f"ratio_{name}"], examples[f"ratio_{name}"] = scores(M.prune(model, mask))
-        draws = []
-        for seed in range(args.steer_seeds):
-            rnd = M.random_unpruned(mask.shape, int(mask.sum()), np.zeros_like(mask), np.random.default_rng(1000 + seed))
-            sc, ex = scores(M.prune(model, rnd))
-            draws.append(sc)
-            examples.setdefault(f"random_{name}", ex)
-        table[f"random_{name}"] = {k: float(np.mean([r[k] for r in draws])) for k in ("unsteered", "steered")}
-        table[f"random_{name}"]["steered_range"] = [min(r["steered"] for r in draws), max(r["steered"] for r in draws)]
-        table[f"random_{name}"]["draws"] = draws
+
+    def scores(m):
+        return PS.steered_code_scores(m, neutral, theta0, layer, args.gen_tokens, decode, model.config.eos_token_ids)
+
+    table, examples = PS.pruned_steering_table(model, sets, scores, args.steer_seeds)
     return {"layer": layer, "source_block": source, "method": f"reply CAA ({args.reply_tokens} reply tokens), "
             f"{n_req} code vs {n_req} prose requests, |theta0| = {args.steer_rho} x median |x|",
             "rho": args.steer_rho, "resid_norm": x_norm, "theta0_norm": float(np.linalg.norm(theta0)),
@@ -288,12 +232,6 @@ def steering_section(args, model, tok, masks, train, out_scores):
 def dense_reference(model, rows):
     logits = np.asarray(jax.vmap(model)(jnp.asarray(rows)), np.float32)
     return logits
-
-
-def _loss_and_agreement(logits, dense, rows):
-    logp = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), -1)
-    nll = -np.take_along_axis(np.asarray(logp), rows[:, 1:, None], -1)[..., 0]
-    return float(nll.mean()), float((logits.argmax(-1) == dense.argmax(-1)).mean())
 
 
 def moe_section(args, model, train, eval_rows, out: Path, label: str):
@@ -316,7 +254,7 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
                                      out / f"routers_{label}", progress=False)
     t_train = time.perf_counter() - t0
     dense = dense_reference(model, eval_rows)
-    dense_loss, _ = _loss_and_agreement(dense, dense, eval_rows)
+    dense_loss, _ = PS.loss_and_agreement(dense, dense, eval_rows)
     table = []
     t0 = time.perf_counter()
     for (split, lab), mlp in zip(splits.items(), trained):
@@ -325,7 +263,7 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
             for f in args.fractions:
                 k = max(1, int(round(f * E)))
                 logits = np.asarray(MOE.expert_forward(model, eval_rows, lab, r, k), np.float32)
-                loss, agree = _loss_and_agreement(logits, dense, eval_rows)
+                loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
                 table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss, "top1_agreement": agree})
     return {"expert_size": args.expert_size, "experts_per_layer": E, "dense_loss": dense_loss, "table": table,
             "router_training": {"steps": args.router_steps, "batch": bs, "log": log, "seconds": t_train},
@@ -347,13 +285,13 @@ def dejavu_section(args, model, train, eval_rows, out: Path, label: str):
     t_train = time.perf_counter() - t0
     recall = {"trained": CS.recall_at(model, pred, eval_rows), "untrained": CS.recall_at(model, init, eval_rows)}
     dense = dense_reference(model, eval_rows)
-    dense_loss, _ = _loss_and_agreement(dense, dense, eval_rows)
+    dense_loss, _ = PS.loss_and_agreement(dense, dense, eval_rows)
     sparse = []
     for name, p in (("trained", pred), ("untrained", init)):
         for f in args.fractions:
             for hf in (1.0, 0.3):
                 logits = np.asarray(CS.predicted_sparse_forward(model, eval_rows, p, f, hf), np.float32)
-                loss, agree = _loss_and_agreement(logits, dense, eval_rows)
+                loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
                 sparse.append({"predictor": name, "neuron_frac": f, "head_frac": hf, "loss": loss, "top1_agreement": agree})
     return {"rank": rank, "label_frac": 0.1, "head_label_frac": 0.3, "input": "resid_pre / rms",
             "training": {"steps": args.predictor_steps, "batch": bs, "log": log, "seconds": t_train},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -22,14 +23,17 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 import numpy as np  # noqa: E402
 
 from lens.steering import melbo, vectors  # noqa: E402
-from lens.cli import int_at_least  # noqa: E402
+from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from lens.steering.melbo import stages  # noqa: E402
+from lens.steering.prompts import NEUTRAL, load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report writer, also under runpy
 from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
-PRESETS = {"smoke": dict(controls=1, n_boot=20, prompts=2), "default": dict(controls=5, n_boot=200, prompts=4)}
+PRESETS = {"smoke": Preset(controls=1, n_boot=20, prompts=2), "default": Preset(controls=5, n_boot=200, prompts=4)}
 
 
 def parse_args(argv=None):
@@ -42,9 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--n-boot", type=int_at_least(10), help="bootstrap draws (default: preset)")
     p.add_argument("--prompts", type=int_at_least(1), help="analysis prompts, every real token counts (default: preset)")
     args = p.parse_args(argv)
-    for name, value in PRESETS[args.preset].items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    fill_from_preset(args, PRESETS[args.preset])
     run = Path(args.run)
     if not ((run / "vectors.safetensors").is_file() or (run / "checkpoint.safetensors").is_file()):
         p.error(f"--run {run}: neither vectors.safetensors nor checkpoint.safetensors "
@@ -94,13 +96,11 @@ def write_markdown(path: Path, ans: dict, settings: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from orthogonal_steering import NEUTRAL, load
-
     run = Path(args.run)
     t0 = time.time()
     report, theta0, found = read_run(run)
     settings = {"model": report["model"], "random_weights": args.random_weights, "k_found": len(found)}
-    model, _, make = load(argparse.Namespace(model=report["model"], random_weights=args.random_weights))
+    model, _, make = load_model(report["model"], args.random_weights)
     s, t = report["source_layer"], report["target_layer"]
     toks, mask = melbo.pad_prompts([make(p) for p in NEUTRAL[: args.prompts]])
     problem = melbo.make_problem(model, toks, mask, s, t)

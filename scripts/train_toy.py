@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
-from lens.cli import int_at_least  # noqa: E402
+from lens.cli import Preset, int_at_least  # noqa: E402
 from lens.circuits.induction import measure_induction  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
@@ -48,18 +48,16 @@ TOKENIZER = "smollm2-135m-instruct"
 SAMPLE_PROMPTS = ["ROMEO.\n", "def read_file(path):\n", "The module"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    n_layers: int
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    attn_only: bool
-    seq_len: int  # model context; rows hold seq_len + 1 tokens (inputs + shifted targets)
-    corpora: tuple[str, ...]
-    train: train.TrainConfig
-    measure_induction: bool = False
-    tokenizer: str = "bpe4096"
+# Preset fields: n_layers, d_model, n_heads, d_mlp, attn_only, seq_len (model context; rows
+# hold seq_len + 1 tokens: inputs + shifted targets), corpora, train (a TrainConfig),
+# measure_induction, tokenizer.
+def preset(n_layers: int, d_model: int, n_heads: int, d_mlp: int, attn_only: bool, seq_len: int,
+           corpora: tuple[str, ...], train_cfg: train.TrainConfig, measure_induction: bool = False,
+           tokenizer: str = "bpe4096") -> Preset:
+    """This script's preset fields (see above)."""
+    return Preset(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_mlp=d_mlp, attn_only=attn_only,
+                  seq_len=seq_len, corpora=corpora, train=train_cfg, measure_induction=measure_induction,
+                  tokenizer=tokenizer)
 
 
 # CPU-sized for a shared 2-core machine: ~15-20 min for gpt2-small-ln, ~5-8 for attn-only-2l.
@@ -67,10 +65,10 @@ _TRAIN = train.TrainConfig(steps=800, batch_size=8, lr=2e-3, warmup_steps=40, ev
                            eval_batches=8, checkpoint_every=50)
 _TEXT = ("shakespeare", "python-docs", "python-code")
 PRESETS = {
-    "gpt2-small-ln": Preset(4, 256, 4, 1024, False, 128, _TEXT, _TRAIN),
-    "attn-only-2l": Preset(2, 256, 8, 0, True, 128, _TEXT, dataclasses.replace(_TRAIN, steps=500, lr=3e-3),
+    "gpt2-small-ln": preset(4, 256, 4, 1024, False, 128, _TEXT, _TRAIN),
+    "attn-only-2l": preset(2, 256, 8, 0, True, 128, _TEXT, dataclasses.replace(_TRAIN, steps=500, lr=3e-3),
                            measure_induction=True),
-    "smoke": Preset(1, 32, 2, 64, False, 32, ("shakespeare",),
+    "smoke": preset(1, 32, 2, 64, False, 32, ("shakespeare",),
                     train.TrainConfig(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, eval_every=6,
                                       eval_batches=2, checkpoint_every=3), tokenizer="smollm2"),
 }

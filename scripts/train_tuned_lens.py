@@ -25,7 +25,6 @@ report.md, lens_scores.png, log.json, checkpoint.safetensors.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
-from lens.cli import int_at_least, positive_float  # noqa: E402
+from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
 from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
@@ -47,16 +46,9 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 CORPORA = ("shakespeare", "python-docs", "python-code")
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    steps: int
-    batch: int
-    seq: int
-    eval_rows: int  # test rows scored (split evenly over the corpora)
-    checkpoint_every: int
-
-
-PRESETS = {"default": Preset(16, 4, 64, 8, 4), "smoke": Preset(2, 2, 8, 2, 1)}
+# eval_rows: test rows scored (split evenly over the corpora)
+PRESETS = {"default": Preset(steps=16, batch=4, seq=64, eval_rows=8, checkpoint_every=4),
+           "smoke": Preset(steps=2, batch=2, seq=8, eval_rows=2, checkpoint_every=1)}
 
 
 def parse_args(argv=None):
@@ -76,11 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="data order")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    p = PRESETS[args.preset]
-    for name in ("steps", "batch", "seq", "eval_rows", "checkpoint_every"):
-        if getattr(args, name) is None:
-            setattr(args, name, getattr(p, name))
-    return args
+    return fill_from_preset(args, PRESETS[args.preset])
 
 
 def corpus_rows(tokenizer, corpora, seq: int, split: str, seed: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import pytest
 import models
 from models.runtime import xla_guard
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 REPRO = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp

@@ -1,17 +1,17 @@
 """scripts/causal_scrubbing.py end to end on its smoke preset (a tiny parentheses
 classifier trained in seconds): report.json's contract and the plots."""
 
-import importlib
 import json
 
 import pytest
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 
+from script_entry import script_namespace
+
 
 def test_parens_smoke_writes_the_contract(tmp_path):
-    script = importlib.import_module("causal_scrubbing")
-    script.main(["--example", "parens", "--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
+    script_namespace("causal_scrubbing")["main"](["--example", "parens", "--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
     report = json.loads((tmp_path / "report.json").read_text())
     hs = report["hypotheses"]
     assert {"identity", "empty", "label-only", "two-tests"} <= set(hs)

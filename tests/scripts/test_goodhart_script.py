@@ -2,29 +2,17 @@
 numbers are in range, and the figures are written.  (The smoke preset's models are tiny
 and barely trained: this checks the pipeline, not the findings.)"""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("goodhart_script", ROOT / "scripts" / "goodhart.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["goodhart_script"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+from script_entry import script_namespace
 
 
 def test_smoke_preset_writes_the_contracted_report(tmp_path):
-    script = load_script()
-    script.main(["--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
+    script_namespace("goodhart")["main"](["--out", str(tmp_path), "--preset", "smoke", "--no-progress"])
     report = json.loads((tmp_path / "report.json").read_text())
     assert (tmp_path / "report.md").read_text().startswith("# Goodharting")
     assert (tmp_path / "pass_rate_vs_tolerance.png").stat().st_size > 1000

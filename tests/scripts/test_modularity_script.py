@@ -3,20 +3,16 @@ SmolLM2's tokenizer and the real corpora): report.json holds the issue's section
 report and figures are written, the pruned model reloads."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from script_entry import script_namespace
 
 
 def test_smoke_preset_writes_every_section(tmp_path):
-    import modularity
-
-    report = modularity.main(["--out", str(tmp_path), "--preset", "smoke"])
+    report = script_namespace("modularity")["main"](["--out", str(tmp_path), "--preset", "smoke"])
     saved = json.loads((tmp_path / "report.json").read_text())
     for key in ("moefication", "contextual_sparsity", "selective_pruning", "steering"):
         assert saved[key], key

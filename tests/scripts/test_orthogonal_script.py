@@ -2,21 +2,21 @@
 prompts are seeded random ids): a run killed after its first checkpoint and resumed gives
 the same vectors as an uninterrupted run, and report.json holds every key the issue lists.
 The kill is simulated in-process (an exception from the checkpoint hook, Llama) and done
-for real (SIGKILL to the script's process in the middle of training, Qwen2)."""
+for real (the script's process SIGKILLs itself right after its second checkpoint, Qwen2).
+The script runs through runpy (tests/script_entry.py), never imported."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+from script_entry import ROOT, cli_env, entry, run_killed_at, script_namespace
 
 
 REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_max_abs", "norms",
@@ -80,16 +80,16 @@ def argv(folder, out, *extra):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
-    import orthogonal_steering as script
     from lens.steering.vectors import load_extras, load_vectors
 
-    full = script.main(argv(tiny_folder, tmp_path / "full"))
+    main = script_namespace("orthogonal_steering")["main"]
+    full = main(argv(tiny_folder, tmp_path / "full"))
 
     def kill(n_done):
         raise Killed(n_done)  # the run dies right after writing its first checkpoint
 
     with pytest.raises(Killed):
-        script.main(argv(tiny_folder, tmp_path / "killed"), on_checkpoint=kill)
+        main(argv(tiny_folder, tmp_path / "killed"), on_checkpoint=kill)
     saved, meta = load_vectors(tmp_path / "killed" / "checkpoint.safetensors")
     assert meta["n_done"] == 2 and saved.shape == (2, 24)
     assert not (tmp_path / "killed" / "report.json").exists()
@@ -97,10 +97,10 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     # resuming with other training settings is refused, and the checkpoint is left as it was
     before = (tmp_path / "killed" / "checkpoint.safetensors").read_bytes()
     with pytest.raises(SystemExit, match="steps: checkpoint 5 vs now 6"):
-        script.main(argv(tiny_folder, tmp_path / "killed", "--resume", "--steps", "6"))
+        main(argv(tiny_folder, tmp_path / "killed", "--resume", "--steps", "6"))
     assert (tmp_path / "killed" / "checkpoint.safetensors").read_bytes() == before
 
-    resumed = script.main(argv(tiny_folder, tmp_path / "killed", "--resume"))
+    resumed = main(argv(tiny_folder, tmp_path / "killed", "--resume"))
     a, b = (load_vectors(tmp_path / run / "vectors.safetensors")[0] for run in ("full", "killed"))
     np.testing.assert_array_equal(b, a)
     ea, eb = (load_extras(tmp_path / run / "vectors.safetensors") for run in ("full", "killed"))
@@ -159,73 +159,49 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     assert report["degeneracy_factor"]["raw"] == pytest.approx(4 / pr, rel=1e-5)
 
 
-# A fast pipeline around a training phase long enough to kill in the middle of: 4 blocks of
-# 2 vectors, each block STEPS steps (~0.5-1.5 s on a tiny model); no calibration
+# A fast pipeline around the training phase: 4 blocks of 2 vectors; no calibration
 # generations (--base-rho), no mode comparison, one rho.
-STEPS = "300"
-FAST = ("--k", "8", "--steps", STEPS, "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
+FAST = ("--k", "8", "--steps", "5", "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
         "--gen-tokens", "1", "--gen-vectors", "1", "--control-seeds", "1", "--n-boot", "10",
         "--readings-prompts", "1")
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "orthogonal_steering.py"
+SCRIPT = entry("orthogonal_steering")
 
 
-def run_script(args, log, cache):
-    """The script in its own process (the product's default float settings, as in this
-    one), with a persistent compilation cache `cache` shared by this test's three processes.
-    This checkout goes first on PYTHONPATH (what `pip install -e .` gives a fresh clone),
-    so the code under test is this tree's even where another checkout is installed."""
-    path = os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path,
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+def cache_env(cache):
+    """A persistent compilation cache `cache` shared by this test's three processes."""
+    return cli_env(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_path):
-    """A real kill (SIGKILL in the middle of training) on a tiny Qwen2 folder, which is also
-    the Qwen2 smoke test of the whole script (report.json's keys)."""
+    """A real kill (the process SIGKILLs itself after 2 of 8 vectors) on a tiny Qwen2
+    folder, which is also the Qwen2 smoke test of the whole script (report.json's keys)."""
     from lens.steering.vectors import load_extras, load_vectors
 
     out, cache = tmp_path / "killed", tmp_path / "jax_cache"
     ckpt = out / "checkpoint.safetensors"
-
-    def log_tail(name):
-        return (tmp_path / f"{name}.log").read_text()[-3000:]
+    logs = {}
 
     def run_to_end(name, args):
-        with open(tmp_path / f"{name}.log", "w") as log:
-            rc = run_script(args, log, cache).wait(timeout=300)
-        assert rc == 0, log_tail(name)
+        proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=cache_env(cache),
+                              capture_output=True, text=True, timeout=300)
+        logs[name] = proc.stdout + proc.stderr
+        assert proc.returncode == 0, logs[name][-3000:]
 
-    with open(tmp_path / "killed.log", "w") as log:
-        proc = run_script(argv(qwen2_folder, out, *FAST), log, cache)
-        n_done, deadline = 0, time.time() + 120
-        try:
-            while n_done < 2:
-                if proc.poll() is not None:
-                    pytest.fail(f"the script exited (rc {proc.returncode}) before it could be killed "
-                                f"after its first checkpoint: raise STEPS\n{log_tail('killed')}")
-                if time.time() > deadline:
-                    pytest.fail(f"no checkpoint with n_done >= 2 after 120 s\n{log_tail('killed')}")
-                if ckpt.exists():
-                    try:
-                        n_done = int(load_vectors(ckpt)[1]["n_done"])
-                    except Exception:  # noqa: BLE001 (a file being replaced: read again)
-                        pass
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    def log_tail(name):
+        return logs[name]
+
+    # the process SIGKILLs itself right after the checkpoint with 2 of 8 vectors done
+    proc = run_killed_at("orthogonal_steering", 2, argv(qwen2_folder, out, *FAST),
+                         JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    assert proc.returncode == -signal.SIGKILL, (proc.stdout + proc.stderr)[-3000:]
     _, meta = load_vectors(ckpt)
-    assert 2 <= int(meta["n_done"]) < 8, f"killed after training (n_done {meta['n_done']}): raise STEPS"
+    assert int(meta["n_done"]) == 2
     assert not (out / "report.json").exists()
 
     run_to_end("resumed", argv(qwen2_folder, out, *FAST, "--resume"))
-    assert f"resuming from {meta['n_done']}" in log_tail("resumed")
+    assert "resuming from 2 vectors" in log_tail("resumed")
     report = json.loads((out / "report.json").read_text())
     for key in REQUIRED:
         assert key in report, key

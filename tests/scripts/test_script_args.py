@@ -1,13 +1,12 @@
 """Every script (scripts/ and the benchmarks in bench/) refuses a bad command-line value up
 front, with argparse's message naming the flag (exit status 2), before loading any model;
-good values parse.  Only the parsers run here (no model, no data)."""
-
-import importlib
-import importlib.util
+good values parse.  Only the parsers run here (no model, no data): each file is executed
+with runpy (tests/script_entry.py), never imported."""
 
 import pytest
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
+from script_entry import script_namespace
 
 GOOD = {
     "orthogonal_steering": [],
@@ -148,23 +147,13 @@ BAD = [
 
 
 def _module(script):
-    """An entry point by module name, or by path for a bench file whose name a script's
-    shadows on the path (bench/modularity.py vs scripts/modularity.py)."""
-    if "/" not in script:
-        return importlib.import_module(script)
-    from importlib import util as importlib_util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / f"{script}.py"
-    spec = importlib_util.spec_from_file_location(script.replace("/", "_"), path)
-    module = importlib_util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The entry point's globals (scripts/ first, "bench/<name>" for a bench file a script shadows)."""
+    return script_namespace(script)
 
 
 @pytest.mark.parametrize("script,argv,message", BAD, ids=[f"{s}{' '.join(a)}" for s, a, _ in BAD])
 def test_bad_value_is_refused_with_a_clear_message(script, argv, message, capsys):
-    parse_args = _module(script).parse_args
+    parse_args = _module(script)["parse_args"]
     with pytest.raises(SystemExit) as e:
         parse_args(argv)
     assert e.value.code == 2
@@ -173,26 +162,53 @@ def test_bad_value_is_refused_with_a_clear_message(script, argv, message, capsys
 
 @pytest.mark.parametrize("script", sorted(GOOD))
 def test_defaults_parse(script):
-    assert _module(script).parse_args(GOOD[script]) is not None
+    assert _module(script)["parse_args"](GOOD[script]) is not None
 
 
 def test_orthogonal_steering_grids_parse_to_numbers():
-    args = importlib.import_module("orthogonal_steering").parse_args(["--rho-grid", "0.1, 3", "--k", "2"])
+    args = _module("orthogonal_steering")["parse_args"](["--rho-grid", "0.1, 3", "--k", "2"])
     assert args.rho_grid == [0.1, 3.0] and args.base_rho_grid == [0.25, 0.35, 0.5, 0.75] and args.k == 2
 
 
 def test_orthogonal_steering_checks_blocks_against_the_model():
-    script = importlib.import_module("orthogonal_steering")
-    assert script.layers(script.parse_args([]), 30) == (7, 15)  # the default model's 30 blocks
+    script = _module("orthogonal_steering")
+    layers, parse_args = script["layers"], script["parse_args"]
+    assert layers(parse_args([]), 30) == (7, 15)  # the default model's 30 blocks
     with pytest.raises(SystemExit, match="blocks 0..3"):
-        script.layers(script.parse_args(["--target", "4"]), 4)
+        layers(parse_args(["--target", "4"]), 4)
 
 
 def test_orthogonal_steering_presets():
-    script = importlib.import_module("orthogonal_steering")
-    large = script.parse_args(["--preset", "large"])
+    parse_args = _module("orthogonal_steering")["parse_args"]
+    large = parse_args(["--preset", "large"])
     assert large.k == 256 and large.k_curve == [2, 4, 8, 16, 32, 64, 128, 192, 256] and large.rho_grid == [1.0]
     assert large.gen_vectors == large.k  # every vector scored (behaviour per vector)
-    smoke = script.parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
+    smoke = parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
     assert smoke.k == 6 and smoke.steps == 10 and smoke.base_rho_grid == [0.35, 0.5]
-    assert script.parse_args([]).k == 16
+    assert parse_args([]).k == 16
+
+
+def test_no_test_imports_a_script_or_benchmark():
+    """Tests import only lens, models and tests/ helpers: scripts/ and bench/ are driven by
+    their command line (tests/script_entry.py), so a static scan of every test's imports
+    (at any depth) finds none of their module names, and no test puts them on sys.path."""
+    import ast
+
+    from script_entry import ROOT
+
+    entry_names = {p.stem for folder in ("scripts", "bench") for p in (ROOT / folder).glob("*.py")}
+    bad = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        names, path_edits = set(), 0
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("insert", "append") and ast.unparse(node.func.value) == "sys.path"):
+                path_edits += 1
+        hit = sorted(names & entry_names) + (["sys.path"] if path_edits and path.name != "script_entry.py" else [])
+        if hit:
+            bad[str(path.relative_to(ROOT))] = hit
+    assert not bad, bad

@@ -227,19 +227,18 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     the lens the first writes is read by the second."""
     import json
 
-    import lens_report
     import models
-    import train_tuned_lens
     from lens_tiny import tiny_text_model
+    from script_entry import script_namespace
 
     folder = str(tiny_text_model(tmp_path / "m"))
-    report = train_tuned_lens.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "o"),
+    report = script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "o"),
                                     "--no-progress", "--corpora", "shakespeare"])
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["settings"] == report["settings"] and len(saved["tuned_lens"]["kl"]) == 3
     assert (tmp_path / "o" / "lens_scores.png").stat().st_size > 1000
     logit_lens.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(folder)[0])
-    r = lens_report.main(["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
+    r = script_namespace("lens_report")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
                           "--tuned", str(tmp_path / "o" / "tuned_lens.safetensors")])
     assert set(r["lenses"]) == {"logit lens", "tuned lens"}
     assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
@@ -248,35 +247,24 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
 
 # A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
 # kill at a known step, no polling race), then the same command resumes in this process.
-KILL_AT_2 = (
-    "import os, signal, sys; sys.path.insert(0, 'scripts'); import train_tuned_lens; "
-    "train_tuned_lens.main(sys.argv[1:], on_checkpoint=lambda s: s == 2 and os.kill(os.getpid(), signal.SIGKILL))"
-)
-
-
 def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_path):
-    import os
     import signal
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from safetensors.numpy import load_file
 
-    import train_tuned_lens
     from lens_tiny import tiny_text_model
+    from script_entry import run_killed_at, script_namespace
 
-    root = Path(__file__).resolve().parents[3]
+    main = script_namespace("train_tuned_lens")["main"]
     folder = str(tiny_text_model(tmp_path / "m"))
     args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
             "--corpora", "shakespeare"]
     killed, full = tmp_path / "killed", tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_2, *args, "--out", str(killed)], cwd=root,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300)
+    proc = run_killed_at("train_tuned_lens", 2, args + ["--out", str(killed)])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (killed / train.CHECKPOINT).exists() and not (killed / "tuned_lens.safetensors").exists()
-    resumed = train_tuned_lens.main(args + ["--out", str(killed)])
-    whole = train_tuned_lens.main(args + ["--out", str(full)])
+    resumed = main(args + ["--out", str(killed)])
+    whole = main(args + ["--out", str(full)])
     assert [r["step"] for r in resumed["train_log"]] == [4]  # one eval, at the end
     a = load_file(str(killed / "tuned_lens.safetensors"))
     b = load_file(str(full / "tuned_lens.safetensors"))

@@ -1,5 +1,5 @@
 """Sequential MELBO-ortho reproduces the original algorithm: lens.steering.melbo against the
-PyTorch loop of bench/melbo.py (transformers + a forward hook adding theta after block s,
+PyTorch loop of tests/torch_melbo.py (transformers + a forward hook adding theta after block s,
 torch.optim.Adam, the iterate projected off theta0 and earlier vectors after every step,
 the whole CausalLM run every step as the original does), on the same tiny random Llama,
 from the same initial draws."""
@@ -29,9 +29,8 @@ def models_pair(tmp_path_factory):
 
 
 def test_sequential_ortho_equals_the_original_torch_loop(models_pair):
-    from melbo import torch_reference  # bench/melbo.py
-
     from lens.steering import melbo
+    from torch_melbo import torch_melbo_ortho
 
     ours, hf = models_pair
     tokens = [int(t) for t in np.random.RandomState(0).randint(0, 61, 9)]
@@ -43,7 +42,7 @@ def test_sequential_ortho_equals_the_original_torch_loop(models_pair):
     res = melbo.melbo_ortho(problem, jnp.asarray(theta0), K, cfg, run=melbo.MelboRunConfig(mode="sequential", seed=3))
     # the raw draws lens.steering.melbo starts vector i from (before projection and scaling)
     draws = np.stack([np.asarray(jax.random.normal(melbo.vector_key(3, i), (d,), jnp.float32)) for i in range(K)])
-    _, ref = torch_reference(hf, tokens, theta0, K, STEPS, S, T, 0.05, 0, full=True, init=draws)
+    ref = torch_melbo_ortho(hf, tokens, theta0, STEPS, S, T, 0.05, init=draws)
 
     # Tolerance: both sides are float32 with different summation orders (XLA vs torch), and
     # Adam divides by sqrt(second moment), which amplifies relative gradient differences

@@ -2,13 +2,8 @@
 run killed mid-training (in-process, and by a real SIGKILL of scripts/train_toy.py)
 resumes to exactly the weights of an uninterrupted run."""
 
-import importlib.util
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -21,8 +16,8 @@ from safetensors.numpy import load_file
 import models
 from lens.training import data, train
 from models.core.config import ModelConfig
+from script_entry import run_killed_at, script_namespace
 
-ROOT = Path(__file__).resolve().parents[3]
 
 
 def tiny_gpt2(vocab=61) -> ModelConfig:
@@ -115,41 +110,25 @@ def test_bad_rows_are_clear_errors(tmp_path):
 
 # ---------------------------------------------------------- a real SIGKILL of the script
 SMOKE = ["--preset", "smoke", "--steps", "6", "--checkpoint-every", "2", "--no-progress"]
-# train_toy.main in a fresh interpreter that SIGKILLs itself right after the step-2
-# checkpoint: a hard kill (no cleanup, no atexit) at a known step, without polling races.
-KILL_AT_2 = (
-    "import os, signal, sys; sys.path.insert(0, 'scripts'); import train_toy; "
-    "train_toy.main(sys.argv[1:], on_checkpoint=lambda s: s == 2 and os.kill(os.getpid(), signal.SIGKILL))"
-)
-
-
-def load_train_toy():
-    spec = importlib.util.spec_from_file_location("train_toy", ROOT / "scripts" / "train_toy.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("train_toy", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sigkilled_train_toy_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     """Killed in its own process after 2 of 6 steps; resumed and run uninterrupted here
     (same XLA flags: this process imported `models` first); the smallest preset and the
     fewest steps that still resume from a checkpoint left by a dead process."""
     killed, full = tmp_path / "killed", tmp_path / "full"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")  # with this process's XLA_FLAGS (the guard's)
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_2, *SMOKE, "--out", str(killed)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    # a fresh interpreter (runpy) that SIGKILLs itself right after the step-2 checkpoint,
+    # with this process's XLA_FLAGS (the guard's)
+    proc = run_killed_at("train_toy", 2, SMOKE + ["--out", str(killed)])
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
     with safe_open(str(killed / train.CHECKPOINT), "numpy") as f:
         assert f.metadata()["step"] == "2"
     assert not (killed / "report.json").exists() and not (killed / "model").exists()
 
-    toy = load_train_toy()
+    toy_main = script_namespace("train_toy")["main"]
     seen = []  # the batch indices each run trains on: the resumed one starts at 2
     monkeypatch.setattr(train, "batch_at", lambda *a: seen.append(a[3]) or data.batch_at(*a))
-    ra = toy.main(SMOKE + ["--out", str(killed)])
+    ra = toy_main(SMOKE + ["--out", str(killed)])
     assert seen == [2, 3, 4, 5]
-    rb = toy.main(SMOKE + ["--out", str(full)])
+    rb = toy_main(SMOKE + ["--out", str(full)])
     assert seen == [2, 3, 4, 5, 0, 1, 2, 3, 4, 5]
     a = load_file(str(killed / "model" / "model.safetensors"))
     b = load_file(str(full / "model" / "model.safetensors"))
