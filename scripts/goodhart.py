@@ -45,6 +45,7 @@ from lens.training import data, train  # noqa: E402
 from lens.prediction import gaming, ngram, scoring
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from models.core.config import ModelConfig  # noqa: E402
+from models.core.transformer import first_blocks  # noqa: E402
 
 ALL_CORPORA = ("shakespeare", "python-docs", "python-code")
 PROSE = ("shakespeare", "python-docs")
@@ -119,14 +120,11 @@ def finetune(base, p: Preset, tr, val, out: Path, progress: bool, seed: int, lam
 
 
 def rows_of(names, tok, seq, split, n=None):
-    parts = [data.load_tokens(c, tok, seq + 1, split) for c in names]
-    rows = np.concatenate(parts)
-    return rows if n is None else rows[:n]
+    return data.mixed_rows(names, tok, seq + 1, split, n_rows=n, seed=None)
 
 
 def mixed(names, tok, seq, split, seed=0):
-    rows = rows_of(names, tok, seq, split)
-    return rows[np.random.default_rng(seed).permutation(len(rows))]
+    return data.mixed_rows(names, tok, seq + 1, split, seed=seed)
 
 
 # ----------------------------------------------------------------- the sweep
@@ -224,7 +222,7 @@ def predictor_table(model, tok, train_rows, eval_sets: dict, p: Preset, distill_
         width = min(train_rows.shape[1], 65)
         rows = train_rows[:, :width]
         held = next(iter(eval_sets.values()))[:, :width]
-        student = gaming.truncated_student(model, 1)
+        student = first_blocks(model, 1)
         kl_before = gaming.mean_kl(model, student, held, batch=4)
         student = train.train(student, rows, held, dataclasses.replace(train_cfg(p, distill_steps), batch_size=4,
                                                                        lr=1e-3), out,

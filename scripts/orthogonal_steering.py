@@ -289,7 +289,7 @@ def mode_comparison(args, problem, analysis_problem, theta0, found, found_effect
     for seed in seeds:
         for mode in ("sequential", "batched"):
             if mode == "batched" and seed == args.seed:
-                res = melbo.TrainResult(found.vectors[:kk], found.losses[:kk])
+                res = melbo.MelboResult(found.vectors[:kk], found.losses[:kk])
                 e = found_effects
                 eff = melbo.SteeredEffects(e.target[:kk], e.last[:kk], e.logits[:kk], e.base_logits,
                                            e.first_share_target[:kk], e.first_share_last[:kk])
@@ -380,7 +380,7 @@ def main(argv=None, on_checkpoint=None):
             what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items()) or "theta0 differs"
             raise SystemExit(f"--resume: {ckpt} was trained with other settings ({what}); "
                              "resume with the same flags, or use a new --out")
-        resume = melbo.TrainResult(saved_vectors, saved["losses"])
+        resume = melbo.MelboResult(saved_vectors, saved["losses"])
         print(f"resuming from {len(resume.vectors)} vectors")
 
     def checkpoint(result):

@@ -28,7 +28,7 @@ from lens.steering.melbo.problem import (
 from lens.steering.melbo.train import (
     MelboConfig,
     OrthoConfig,
-    TrainResult,
+    MelboResult,
     block_mesh,
     extend_basis,
     gram_schmidt,

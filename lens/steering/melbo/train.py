@@ -242,7 +242,7 @@ def _init_block(obj: Objective, keys, basis, ref_norm):
 
 # ------------------------------------------------------------------ driver
 @dataclasses.dataclass
-class TrainResult:
+class MelboResult:
     """vectors [n, d] in training order; losses [n, steps] (loss of the iterate at each
     step, before that step's update)."""
 
@@ -285,11 +285,11 @@ def train_vectors(
     mode: str = "batched",
     block_size: int = 8,
     seed: int = 0,
-    resume: TrainResult | None = None,
-    on_block: Callable[[TrainResult], None] | None = None,
+    resume: MelboResult | None = None,
+    on_block: Callable[[MelboResult], None] | None = None,
     progress: bool = False,
     mesh: Mesh | None = None,
-) -> TrainResult:
+) -> MelboResult:
     """Train `n_vectors` mutually orthogonal vectors (also orthogonal to `fixed` rows).
 
     mode "sequential": one vector at a time (the original algorithm); "batched": blocks
@@ -354,15 +354,15 @@ def train_vectors(
             bar.update(b)
             bar.set_postfix(loss=f"{float(new_loss[:, -1].mean()):.4g}")
         if on_block is not None:
-            on_block(TrainResult(vectors, losses))
+            on_block(MelboResult(vectors, losses))
     if bar is not None:
         bar.close()
-    return TrainResult(vectors, losses)
+    return MelboResult(vectors, losses)
 
 
 def melbo(
     problem: MelboProblem, n_vectors: int, config: MelboConfig, **kwargs
-) -> TrainResult:
+) -> MelboResult:
     """MELBO vectors of norm `config.radius` (vectors [K, d_model]); kwargs as `train_vectors`."""
     d = problem.x_src.shape[-1]
     unsteered = jax.jit(steered_target)(problem, jnp.zeros((d,), jnp.float32))
@@ -375,7 +375,7 @@ def melbo_ortho(
     n_vectors: int,
     config: OrthoConfig,
     **kwargs,
-) -> TrainResult:
+) -> MelboResult:
     """MELBO-ortho vectors [K, d_model], orthogonal to theta0 and to each other, each
     trained to reproduce theta0's mean target-layer activation; kwargs as `train_vectors`."""
     theta0 = jnp.asarray(theta0, jnp.float32)
