@@ -8,7 +8,9 @@ interventions is `jax.vmap` over a K-stacked `Edits`.  No Python callbacks, no s
 Each field is declared ONCE below, with its axes and its role as data on the field
 (`SITES`); validation (`check_edits`), combining, stacking, "first edited layer",
 slicing to a range of blocks and generation's position check are derived from that
-declaration.  Adding a site = one declaration here + the line in models/core/block.py (or
+declaration.  The activation-patching sites (`PATCH_SITES`: the Activations field each
+reads, the Edits pair it writes; axes, unit and layering derived) are declared here
+too.  Adding a site = one declaration here + the line in models/core/block.py (or
 models/core/transformer.py for the final norm) where it applies.
 
 Order inside block l (documented because it matters when edits are combined):
