@@ -36,6 +36,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lens.circuits import scrubbing as S  # noqa: E402
+from lens.circuits import scrubbing_runs as R  # noqa: E402
+from lens.circuits import scrubbing_sampling as Sm  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
@@ -212,7 +214,7 @@ def forward_counts(plan, n: int, n_runs: int) -> dict:
     example plus one ONE-HEAD block per patched head per example; the reference, one
     whole-model forward per resampled input column, per patched head and for the output,
     each over all examples."""
-    patched = sum(1 for p in S._plan_nodes(plan) if isinstance(p.target, S.Head) and p.children)
+    patched = sum(1 for p in Sm.plan_nodes(plan) if isinstance(p.target, S.Head) and p.children)
     return {"ours": {"plain_forwards": n, "one_head_blocks": patched * n},
             "torch_hooks": {"whole_forwards": (n_runs + patched + 1) * n},
             "torch_hooks_shared": {"whole_forwards": (1 + patched + 1) * n}}
@@ -231,10 +233,10 @@ def profile_ours(model, tokens, hyp, targets, repeats: int, workers: int) -> dic
             ts.append(time.perf_counter() - t)
         return min(ts)
 
-    plain = S.plain_runs(model, tokens, workers=workers)
+    plain = R.plain_runs(model, tokens, workers=workers)
     return {
-        "sampling_s": best(lambda: S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})[1]),
-        "plain_runs_s": best(lambda: S.plain_runs(model, tokens, workers=workers).final),
+        "sampling_s": best(lambda: Sm.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})[1]),
+        "plain_runs_s": best(lambda: R.plain_runs(model, tokens, workers=workers).final),
         "scrub_given_plain_runs_s": best(lambda: S.scrub(model, tokens, hyp, X.masked_nll, targets, plain=plain,
                                                          workers=workers).losses),
     }
@@ -254,9 +256,9 @@ def main(argv=None) -> dict:
     prev = [(0, int(np.argmax(ind.previous_token_score[0])))]
     hyp = X.induction_hypotheses(heads1, prev, model.config.n_heads)[args.hypothesis]
     tokens, targets = X.synthetic_data(args.examples, X.SyntheticInduction())
-    plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})
+    plan, runs, _ = Sm.sample_runs(hyp, len(tokens), np.random.default_rng(0), {})
 
-    workers = S.default_workers() if args.workers is None else args.workers
+    workers = R.default_workers() if args.workers is None else args.workers
 
     def ours(w=workers):
         return S.scrub(model, tokens, hyp, X.masked_nll, targets, seeds=(0,), workers=w).losses[0]

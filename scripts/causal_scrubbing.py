@@ -36,6 +36,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lens.circuits import scrubbing as S  # noqa: E402
+from lens.circuits import scrubbing_runs as R  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
@@ -88,7 +89,7 @@ def induction_example(args, n):
     effect = {}
     if not heads1:  # no head passes by attention: take the two whose output matters most
         E, U = S.Exact(), S.Uncond()
-        plain = S.plain_runs(model, tokens)  # one plain forward of the dataset for all four
+        plain = R.plain_runs(model, tokens)  # one plain forward of the dataset for all four
         for h in range(model.config.n_heads):
             alone = S.Node(S.Output(), E, (S.Node(S.Head(1, h), U),), other=E)
             effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,),

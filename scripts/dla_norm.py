@@ -66,25 +66,8 @@ def parse_args(argv=None):
     return args
 
 
-def windows(tokenizer, n: int, seq: int) -> np.ndarray:
-    per = [n // len(CORPORA) + (i < n % len(CORPORA)) for i in range(len(CORPORA))]
-    return np.concatenate([data.load_tokens(c, tokenizer, seq, "test")[:k] for c, k in zip(CORPORA, per) if k])
-
-
-def ranks(x):
-    return np.argsort(np.argsort(x)).astype(np.float64)
-
-
 def disagreement(a: np.ndarray, b: np.ndarray) -> dict:
-    """Per-prompt measures between attributions a (reference) and b over the same parts."""
-    top_a = np.argsort(-np.abs(a))
-    k5, k10 = min(5, len(a)), min(10, len(a))
-    top_b = set(np.argsort(-np.abs(b))[:k5].tolist())
-    return {"rel_l1": float(np.abs(a - b).sum() / np.abs(a).sum()),
-            "abs_ratio": float(np.abs(b).sum() / np.abs(a).sum()),
-            "spearman": float(np.corrcoef(ranks(a), ranks(b))[0, 1]),
-            "top5_overlap": len(top_b & set(top_a[:k5].tolist())) / k5,
-            "top10_sign_flips": float(np.mean(np.sign(a[top_a[:k10]]) != np.sign(b[top_a[:k10]])))}
+    return {k: float(v) for k, v in dla.disagreement(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)).items()}
 
 
 @eqx.filter_jit
@@ -128,7 +111,7 @@ def main(argv=None) -> dict:
     group_names, member = dla.layer_groups(model.config)
     part_names = dla.part_names(model.config)
     exact = len(group_names) <= EXACT_MAX_GROUPS
-    rows = windows(tok, args.prompts, args.seq)
+    rows = data.mixed_rows(CORPORA, tok, args.seq, "test", n_rows=args.prompts, seed=None, even=True)
     t0 = time.perf_counter()
     keys = jax.random.split(jax.random.key(args.seed), len(rows))
     per_prompt, m_groups, m_parts, c_groups, c_parts, frozen_err = [], [], [], [], [], []

@@ -118,14 +118,11 @@ def finetune(base, p: Preset, tr, val, out: Path, progress: bool, seed: int, lam
 
 
 def rows_of(names, tok, seq, split, n=None):
-    parts = [data.load_tokens(c, tok, seq + 1, split) for c in names]
-    rows = np.concatenate(parts)
-    return rows if n is None else rows[:n]
+    return data.mixed_rows(names, tok, seq + 1, split, n_rows=n, seed=None)
 
 
 def mixed(names, tok, seq, split, seed=0):
-    rows = rows_of(names, tok, seq, split)
-    return rows[np.random.default_rng(seed).permutation(len(rows))]
+    return data.mixed_rows(names, tok, seq + 1, split, seed=seed)
 
 
 # ----------------------------------------------------------------- the sweep

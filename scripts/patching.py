@@ -13,7 +13,7 @@ AtP / AtP* against true patching.
    fix (q/k inputs) and AtP* (QK fix + GradDrop, unsigned), compared: Pearson correlation
    of the pair-mean effects, top-k overlap by |effect|, the worst false negatives.
 3. Path patching (IOI): every sender head -> the queries of the --receivers heads with the
-   largest denoising effect (Wang et al.'s definition, noising, lens.circuits.patching.path_patching).
+   largest denoising effect (Wang et al.'s definition, noising, lens.circuits.path_patching).
 Writes report.md, report.json (`grid`: per task and site the patching grid, its axes, the
 AtP / AtP* grids beside it) and PNGs (heatmaps, AtP-vs-patching scatters) into --out.
 """
@@ -30,12 +30,13 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 
 import numpy as np  # noqa: E402
 
+from lens.circuits import patching as Pt  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
-SITES = ("resid", "attn_out", "mlp_out", "heads", "q_input", "k_input", "v_input")
+SITES = tuple(Pt.SITES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,30 +95,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def first_blocks(model, n: int):
-    """The model with only its first n blocks (then the final norm and unembedding)."""
-    import jax
-
-    c = model.config
-    if n > c.n_layers:
-        raise SystemExit(f"--layers {n} exceeds the model's {c.n_layers} blocks")
-    local = None if c.local_layers is None else c.local_layers[:n]
-    return dataclasses.replace(model, config=dataclasses.replace(c, n_layers=n, local_layers=local),
-                               blocks=jax.tree.map(lambda w: w[:n], model.blocks))
-
-
-def effect_stats(effect, atp, qk, star, topk):
-    """Comparison of each estimate with the true effects (pair means; AtP* is unsigned so it
-    is compared with the pair mean of |effect|)."""
-    from lens.circuits.patching import compare
-
-    out = {"atp": compare(effect.mean(0), atp.mean(0), topk)}
-    if qk is not None:
-        out["atp_qk_fix"] = compare(effect.mean(0), qk.mean(0), topk)
-    out["atp_star"] = compare(np.abs(effect).mean(0), star.mean(0), topk)
-    return out
-
-
 def heatmap(path, panels, axes, title, labels=None):
     import matplotlib
 
@@ -167,8 +144,9 @@ def scatter(path, effect, estimates, title):
 
 
 def run_task(model, tok, task, p: Preset, args, log):
-    from lens.circuits import patching as Pt
     from lens.circuits import tasks
+    from lens.circuits.attribution import atp_star, attribution_patching, effect_stats
+    from lens.circuits.path_patching import path_patching
 
     make = tasks.ioi_pairs if task == "ioi" else tasks.factual_pairs
     pairs = make(tok, p.pairs, seed=args.seed + 1, templates=[TEMPLATE[task]])
@@ -185,12 +163,12 @@ def run_task(model, tok, task, p: Preset, args, log):
         grid = np.asarray(Pt.activation_patching(model, clean, corrupted, metric, site=site,
                                                  memory_budget=budget, progress=True))
         t1 = time.perf_counter()
-        atp = np.asarray(Pt.attribution_patching(model, clean, corrupted, metric, site=site))
+        atp = np.asarray(attribution_patching(model, clean, corrupted, metric, site=site))
         t2 = time.perf_counter()
         qk = None
         if site in ("q_input", "k_input"):
-            qk = np.asarray(Pt.attribution_patching(model, clean, corrupted, metric, site=site, qk_fix=True))
-        star = np.asarray(Pt.atp_star(model, clean, corrupted, metric, site=site))
+            qk = np.asarray(attribution_patching(model, clean, corrupted, metric, site=site, qk_fix=True))
+        star = np.asarray(atp_star(model, clean, corrupted, metric, site=site))
         t3 = time.perf_counter()
         # normalised: the corrupted (base) run's value is 0, so effect = patched value
         base = np.zeros(grid.shape[:1] + (1,) * (grid.ndim - 1))
@@ -231,7 +209,7 @@ def run_task(model, tok, task, p: Preset, args, log):
         met = Pt.normalized_metric(model, clean[:n], corrupted[:n],
                                    Pt.logit_diff_metric(correct[:n], wrong[:n], clean.shape[1] - 1))
         t0 = time.perf_counter()
-        pg = np.asarray(Pt.path_patching(model, clean[:n], corrupted[:n], met, receivers, "q",
+        pg = np.asarray(path_patching(model, clean[:n], corrupted[:n], met, receivers, "q",
                                          direction="noise", memory_budget=budget))
         effect = pg.mean(0) - 1.0  # noising: 1 = the clean run's value
         out["path"] = {"receivers": receivers, "receiver_input": "q", "direction": "noise",
@@ -305,11 +283,14 @@ def main(argv=None) -> dict:
 
     import models
     from lens.circuits import tasks
+    from models.core.transformer import first_blocks
 
     model, tok = models.load(args.model)
     if tok is None:
         raise SystemExit(f"{args.model} has no tokenizer: the tasks need one")
     if p.layers is not None:
+        if p.layers > model.config.n_layers:
+            raise SystemExit(f"--layers {p.layers} exceeds the model's {model.config.n_layers} blocks")
         model = first_blocks(model, p.layers)
     log = print
     result = {"model": str(args.model) + (f" (first {p.layers} blocks)" if p.layers else ""),

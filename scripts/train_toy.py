@@ -100,12 +100,6 @@ def rows_for(p: Preset, tokenizer, split: str) -> dict[str, np.ndarray]:
     return {name: data.load_tokens(name, tokenizer, p.seq_len + 1, split) for name in p.corpora}
 
 
-def interleave(parts: dict[str, np.ndarray], seed: int) -> np.ndarray:
-    """One training array from several corpora (batches are drawn at random anyway)."""
-    rows = np.concatenate([parts[k] for k in sorted(parts)])
-    return rows[np.random.default_rng(seed).permutation(len(rows))]
-
-
 def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
     from models.generation.generate import GenerationConfig, generate
 
@@ -139,9 +133,9 @@ def main(argv=None, on_checkpoint=None) -> dict:
     tok_name = args.tokenizer or p.tokenizer
     tok = load_tokenizer(tok_name, p.corpora)
     cfg = model_config(p, tok)
-    train_rows = interleave(rows_for(p, tok, "train"), args.seed)
+    train_rows = data.mixed_rows(sorted(p.corpora), tok, p.seq_len + 1, "train", seed=args.seed)
     val_parts = rows_for(p, tok, "validation")
-    val_rows = interleave(val_parts, args.seed)
+    val_rows = data.mixed_rows(sorted(p.corpora), tok, p.seq_len + 1, "validation", seed=args.seed)
     model = models.init(cfg, jax.random.key(args.seed))
     start = time.perf_counter()
     result = train.train(model, train_rows, val_rows, tcfg, args.out,

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-import numpy as np  # noqa: E402
 
 import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
@@ -69,18 +68,6 @@ def parse_args(argv=None):
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     return fill_from_preset(args, PRESETS[args.preset])
-
-
-def corpus_rows(tokenizer, corpora, seq: int, split: str, seed: int) -> np.ndarray:
-    rows = np.concatenate([data.load_tokens(c, tokenizer, seq + 1, split) for c in corpora])
-    return rows[np.random.default_rng(seed).permutation(len(rows))]
-
-
-def eval_rows(tokenizer, corpora, seq: int, n: int) -> np.ndarray:
-    """n test rows, as even a share of each corpus as n allows (the first rows of each)."""
-    per = [n // len(corpora) + (i < n % len(corpora)) for i in range(len(corpora))]
-    parts = [data.load_tokens(c, tokenizer, seq + 1, "test")[:k] for c, k in zip(corpora, per) if k]
-    return np.concatenate(parts)
 
 
 def report_lines(report: dict) -> list[str]:
@@ -135,9 +122,10 @@ def main(argv=None, on_checkpoint=None) -> dict:
     if args.seq > model.config.max_seq_len:
         raise SystemExit(f"--seq {args.seq} exceeds the model's context {model.config.max_seq_len}")
     corpora = tuple(args.corpora)
-    train_rows = corpus_rows(tok, corpora, args.seq, "train", args.seed)
-    val_rows = corpus_rows(tok, corpora, args.seq, "validation", args.seed)[: args.batch]
-    test_rows = eval_rows(tok, corpora, args.seq, args.eval_rows)
+    train_rows = data.mixed_rows(corpora, tok, args.seq + 1, "train", seed=args.seed)
+    val_rows = data.mixed_rows(corpora, tok, args.seq + 1, "validation", seed=args.seed, n_rows=args.batch)
+    # the test rows: as even a share of each corpus as eval_rows allows (the first rows of each)
+    test_rows = data.mixed_rows(corpora, tok, args.seq + 1, "test", n_rows=args.eval_rows, seed=None, even=True)
     opt, lr_fn = reference_optimizer(args.steps, args.lr_scale)
     cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch, lr=float(lr_fn(0)), warmup_steps=0,
                             weight_decay=WEIGHT_DECAY, eval_every=args.steps, eval_batches=1,

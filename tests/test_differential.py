@@ -30,6 +30,7 @@ import lens
 import models
 import np_reference as R
 from lens.core import folding
+from lens.core import stats as St
 from lens import geometry as G
 from lens.core.capture import head_output, head_outputs, pad_prompts, resid_at, run_with_cache
 from lens.steering.melbo import analysis as A
@@ -42,7 +43,8 @@ EXEMPT = {
     "lens.core.sweep.chunk_size_for": "a memory heuristic (how many vectors fit a chunk), not a numeric result",
     "lens.steering.melbo.analysis.analysis_mesh": "device bookkeeping (which mesh to use), no numbers",
 }
-COVERED_MODULES = ("lens.geometry", "lens.core.folding", "lens.core.capture", "lens.core.sweep", "lens.steering.melbo.analysis")
+COVERED_MODULES = ("lens.geometry", "lens.core.folding", "lens.core.capture", "lens.core.sweep", "lens.core.stats",
+                   "lens.steering.melbo.analysis")
 K = 16
 EPS = 1e-5
 
@@ -321,6 +323,37 @@ def _(case, x, v, gamma, beta):
     close(out.act_norm, act, 2e-6, case)
     close(out.cosine, np.einsum("bsd,vd->bsv", R.f64(sets), gw) / tok / act[..., None], 1e-5, case)
     close(jax.vmap(lambda o: o.reconstruct())(out), ref_logits, 2e-6, case)
+
+
+@row("lens.core.stats.ranks", "lens.core.stats.spearman", "lens.core.stats.kl_divergence")
+def _(name):
+    # jitted and vmapped over K = 3 sets of 4 rows of an odd length 1001, with ties; float64
+    # numpy references: ordinal ranks (stable argsort), average ranks (mean position of each
+    # tied value), Pearson of average ranks, sum p (log p - log q).  Ranks are exact; 1e-5
+    # on Spearman and on KL relative to its largest entry (float32 sums of 1001 terms).
+    rs = np.random.RandomState(12)
+    a = rs.randn(3, 4, 1001).astype(np.float32)
+    b = rs.randn(3, 4, 1001).astype(np.float32)
+    a[:, :, :60] = 0.5
+    b[:, :, 30:90] = -1.0
+    ordinal = np.asarray(jax.jit(jax.vmap(lambda x: St.ranks(x, ties="ordinal")))(a))
+    average = np.asarray(jax.jit(jax.vmap(St.ranks))(a))
+    sp = np.asarray(jax.jit(jax.vmap(St.spearman))(a, b))
+    lp, lq = R.log_softmax(a).astype(np.float32), R.log_softmax(b).astype(np.float32)
+    kl = np.asarray(jax.jit(jax.vmap(St.kl_divergence))(lp, lq))
+
+    def avg_ranks(x):
+        r = R.ranks(x)
+        return np.array([r[x == v].mean() for v in x])
+
+    for n in range(3):
+        for i in range(4):
+            assert (ordinal[n, i] == R.ranks(a[n, i])).all(), (n, i)
+            assert (average[n, i] == avg_ranks(a[n, i])).all(), (n, i)
+            ref = np.corrcoef(avg_ranks(a[n, i]), avg_ranks(b[n, i]))[0, 1]
+            assert abs(sp[n, i] - ref) < 1e-5, (n, i, sp[n, i], ref)
+    p64, q64 = R.log_softmax(a), R.log_softmax(b)
+    close(kl, (np.exp(p64) * (p64 - q64)).sum(-1), 1e-5, "kl")
 
 
 @row("lens.geometry.ranking_agreement")
@@ -915,7 +948,7 @@ def public_functions() -> set[str]:
         mod = __import__(mod_name, fromlist=["_"])
         public = getattr(mod, "__all__", None) or [n for n in vars(mod) if not n.startswith("_")]
         for n in public:
-            obj = getattr(mod, n)
+            obj = inspect.unwrap(getattr(mod, n))  # a jax.jit-decorated function counts too
             if inspect.isfunction(obj) and (mod_name == "lens.geometry" or obj.__module__ == mod_name):
                 names.add(f"{mod_name}.{n}")
     return names

@@ -12,7 +12,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,8 +63,7 @@ def text_tokenizer():
 
 def text_rows(tokenizer, seq_len: int, split: str, seed: int = 0) -> Int[np.ndarray, "N seq"]:
     """Rows of seq_len + 1 tokens from the three corpora, shuffled together."""
-    rows = np.concatenate([data.load_tokens(n, tokenizer, seq_len + 1, split) for n in TEXT])
-    return rows[np.random.default_rng(seed).permutation(len(rows))]
+    return data.mixed_rows(TEXT, tokenizer, seq_len + 1, split, seed=seed)
 
 
 def with_repeats(rows: np.ndarray, frac: float, seed: int, random_frac: float = 0.0,
@@ -109,33 +107,6 @@ def induction_model(out_dir: str | Path, setup: InductionSetup = InductionSetup(
     models.save(result.model, out_dir / "model", tokenizer=tok)
     (out_dir / "setup.json").write_text(json.dumps(dataclasses.asdict(setup)) + "\n")
     return result.model, tok
-
-
-def induction_positions(rows: Int[np.ndarray, "N seq1"]) -> np.ndarray:
-    """[N, seq] mask of positions i whose bigram (rows[i], rows[i+1]) occurred earlier in
-    the row (at j < i): where copying what followed the earlier occurrence is right."""
-    n, width = rows.shape
-    mask = np.zeros((n, width - 1), bool)
-    for r in range(n):
-        seen = set()
-        for i in range(width - 1):
-            pair = (rows[r, i], rows[r, i + 1])
-            mask[r, i] = pair in seen
-            seen.add(pair)
-    return mask
-
-
-def induction_data(tokenizer, n: int, seq_len: int, min_positions: int = 2, seed: int = 0):
-    """(tokens [n, seq_len], targets {"next", "mask"}): validation rows with at least
-    `min_positions` induction positions; the loss is read only there."""
-    rows = text_rows(tokenizer, seq_len, "validation", seed)
-    mask = induction_positions(rows)
-    keep = np.nonzero(mask.sum(1) >= min_positions)[0][:n]
-    if len(keep) < n:
-        raise ValueError(f"only {len(keep)} validation rows have >= {min_positions} induction positions")
-    rows = rows[keep]
-    return rows[:, :-1].astype(np.int32), {"next": rows[:, 1:].astype(np.int32),
-                                            "mask": mask[keep].astype(np.float32)}
 
 
 def masked_nll(logits: Float[Array, "seq vocab"], target) -> Float[Array, ""]:

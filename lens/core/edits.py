@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from models.core.interventions import SITES, Activations, Edits, combine_two, fields_set, site_widths
+from models.core.interventions import (
+    PATCH_SITES,
+    SITES,
+    Activations,
+    Edits,
+    combine_two,
+    fields_set,
+    site_widths,
+)
 from models.core.interventions import check_edits as _check
 from models.core.interventions import first_edited_layer as _first
 from models.core.transformer import Transformer
@@ -262,10 +270,8 @@ def _unit_ablation(model, spec, width, what, field, kind, cache, key, positions,
     return jnp.asarray(mix, dt), None if source is None else source.astype(dt)
 
 
-# cache field -> its axes after [layers, seq] (a cache of one sequence, or a batch of them)
-_CACHE_TAILS = {"resid_pre": ("d_model",), "head_z": ("heads", "d_head"), "neurons": ("d_mlp",),
-                "attn_out": ("d_model",), "mlp_out": ("d_model",), "ln1_scale": (),
-                "ln2_scale": (), "final_scale": ()}
+# cache field -> a patch site reading it (its axes after [layers, seq], whether it is layered)
+_CACHE_FIELDS = {s.field: s for s in PATCH_SITES.values()}
 
 
 def _checked_field(model: Transformer, cache: Activations, field: str) -> Array:
@@ -279,8 +285,8 @@ def _checked_field(model: Transformer, cache: Activations, field: str) -> Array:
 def _checked_shape(model: Transformer, a, field: str, what: str) -> Array:
     c = model.config
     widths = site_widths(c)
-    tail = tuple(widths[t] for t in _CACHE_TAILS[field])
-    layered = field != "final_scale"
+    tail = tuple(widths[t] for t in _CACHE_FIELDS[field].axes[1:])
+    layered = _CACHE_FIELDS[field].layered
     shape = tuple(np.shape(a))
     lead = 1 + int(layered)  # [layers,] seq
     ok = len(shape) in (lead + len(tail), lead + 1 + len(tail))
@@ -293,22 +299,6 @@ def _checked_shape(model: Transformer, a, field: str, what: str) -> Array:
             f"{''.join(', %d' % t for t in tail)}): a cache from a different model?"
         )
     return a
-
-
-# patch site -> (cache field read by default, Edits field base, axis of the unit chosen by heads=)
-PATCH_SITES = {
-    "resid": ("resid_pre", "resid", None),
-    "heads": ("head_z", "head", "heads"),
-    "neurons": ("neurons", "neuron", None),
-    "attn_out": ("attn_out", "attn_out", None),
-    "mlp_out": ("mlp_out", "mlp_out", None),
-    "q_input": ("resid_pre", "q_input", "heads"),
-    "k_input": ("resid_pre", "k_input", "kv_heads"),
-    "v_input": ("resid_pre", "v_input", "kv_heads"),
-    "ln1_scale": ("ln1_scale", "ln1_scale", None),
-    "ln2_scale": ("ln2_scale", "ln2_scale", None),
-    "final_scale": ("final_scale", "final_scale", None),
-}
 
 
 def patch(
@@ -342,7 +332,8 @@ def patch(
     """
     if site not in PATCH_SITES:
         raise ValueError(f"site must be one of {sorted(PATCH_SITES)}; got {site!r}")
-    field, base, unit = PATCH_SITES[site]
+    spec = PATCH_SITES[site]
+    field, base, unit, layered = spec.field, spec.base, spec.unit, spec.layered
     if source is not None:
         src = _checked_shape(model, source, field, "source")
     elif cache is None:
@@ -350,8 +341,7 @@ def patch(
     else:
         src = _checked_field(model, cache, field)
     c = model.config
-    layered = site != "final_scale"
-    if np.ndim(src) != len(_CACHE_TAILS[field]) + 1 + int(layered):
+    if np.ndim(src) != len(spec.axes) + int(layered):
         raise ValueError(f"patch takes one sequence's activations; {field} is {np.shape(src)}")
     cache_seq = np.shape(src)[1 if layered else 0]
     if seq_len is not None and seq_len != cache_seq:

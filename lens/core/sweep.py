@@ -41,6 +41,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lens.core import edits as E
 from lens.core.capture import last_real_index, resid_at
+from lens.core.stats import kl_divergence
 from models.core.interventions import Edits, fields_set, final_part
 from models.core.transformer import Transformer
 from models.runtime.progress import Progress
@@ -168,7 +169,7 @@ def _steered(model, start, x, t, m, e, blp, targets, last_only, keep_logits, cap
         x, _, _ = model.run_blocks(x, qpos, valid, start=start, edits=e)
     logits = _unembed(model, x, m, last_only, e)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    kl = jnp.sum(jnp.exp(logp) * (logp - blp), axis=-1)
+    kl = kl_divergence(logp, blp)
     delta = None if targets is None else (logp - blp)[..., targets]
     return kl, delta, logits if keep_logits else None, act
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from lens.core.stats import kl_divergence, ranks
 from lens.geometry._common import HIGHEST, compute_dtype, safe_inverse, safe_norm
 from lens.geometry.orthogonality import cosine_matrix
 
@@ -92,14 +93,6 @@ class RankingAgreement(eqx.Module):
         return self.topk_overlap[i, j], self.spearman[i, j]
 
 
-def _ordinal_ranks(scores: Float[Array, "M vocab"]) -> Float[Array, "M vocab"]:
-    """Rank 0 = lowest score; ties broken by token index (stable sort)."""
-    m, n = scores.shape
-    order = jnp.argsort(scores, axis=-1, stable=True)
-    ranks = jnp.zeros((m, n), jnp.int32).at[jnp.arange(m)[:, None], order].set(jnp.arange(n))
-    return ranks.astype(jnp.float32)
-
-
 def topk_members(scores: Float[Array, "*rows vocab"], k: int) -> Float[Array, "*rows vocab"]:
     """1.0 where a token is among its row's top k scores (`jax.lax.top_k`), else 0.0."""
     flat = scores.reshape(-1, scores.shape[-1])
@@ -119,8 +112,8 @@ def spearman(a: Float[Array, "M vocab"], b: Float[Array, "N vocab"]) -> Float[Ar
     coefficient when there are no ties: `1 - 6 sum (r_i - r_j)^2 / (n (n^2 - 1))`, computed
     as the Pearson correlation of centred ranks; clipped to [-1, 1] against rounding."""
     n = a.shape[-1]
-    ca = _ordinal_ranks(a) - (n - 1) / 2.0
-    cb = _ordinal_ranks(b) - (n - 1) / 2.0
+    ca = ranks(a, ties="ordinal") - (n - 1) / 2.0
+    cb = ranks(b, ties="ordinal") - (n - 1) / 2.0
     denom = n * (n * n - 1) / 12.0  # sum of squared centred ranks (Python float)
     return jnp.clip(jnp.einsum("iv,jv->ij", ca, cb, precision=HIGHEST) / max(denom, 1.0), -1.0, 1.0)
 
@@ -206,17 +199,15 @@ def logit_effect_similarity(
 
     logp = jax.nn.log_softmax(steered, axis=-1)
     logq = jax.nn.log_softmax(base, axis=-1)
-    p = jnp.exp(logp)
-    kl_from_base = jnp.mean(jnp.sum(p * (logp - logq), axis=-1), axis=-1)
+    kl_from_base = jnp.mean(kl_divergence(logp, logq), axis=-1)
 
-    def row(args):
-        logp_i, p_i = args  # [P, vocab]
-        kl = jnp.sum(p_i * (logp_i - logp), axis=-1)  # [K, P]
+    def row(logp_i):  # [P, vocab]
+        kl = kl_divergence(logp_i, logp)  # [K, P]
         logm = jnp.logaddexp(logp_i, logp) - jnp.log(2.0)
-        js = 0.5 * jnp.sum(p_i * (logp_i - logm) + p * (logp - logm), axis=-1)
+        js = 0.5 * (kl_divergence(logp_i, logm) + kl_divergence(logp, logm))
         return jnp.mean(kl, axis=-1), jnp.mean(js, axis=-1)
 
-    kl, js = jax.lax.map(row, (logp, p))
+    kl, js = jax.lax.map(row, logp)
     # The diagonals are exactly 0 mathematically; logaddexp(a, a) - ln 2 may miss a by an ulp.
     off_diag = 1.0 - jnp.eye(n_vec, dtype=cdt)
     kl, js = kl * off_diag, 0.5 * (js + js.T) * off_diag  # JS is symmetric; remove rounding

@@ -1,2 +1,15 @@
 """Modularity: capability-selective neuron pruning, MoEfication, contextual sparsity (Deja Vu).
+
+Modules:
+  neurons              check_neuron_rows(model, rows) -> int32 [N, T]; chunks; masked_forward(model,
+                       tokens [seq], mask_fn, params [layers, ...]) -> logits [seq, vocab]; LayerView;
+                       top_k_mask(scores [*rows, n], k) -> bool [*rows, n]
+  pruning              activation_stats -> ActivationStats; neuron_scores -> [layers, d_mlp]; head_scores ->
+                       [layers, heads]; top_unpruned / random_unpruned -> masks; prune / pruning_edits;
+                       save_masks / load_masks; next_token_metrics; selective_pruning (the iterative loop)
+  moefication          split_by_weights / split_by_coactivation / split_random -> labels [layers, d_mlp];
+                       centroid_routers / mlp_routers / train_routers -> Routers; expert_forward(model, tokens,
+                       labels, routers, k) -> logits [*batch, seq, vocab]; balanced_kmeans
+  contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
+                       predicted_sparse_forward -> logits [*batch, seq, vocab]
 """

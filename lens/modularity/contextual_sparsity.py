@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from lens.modularity.pruning import LayerView, check_rows, masked_forward, top_k_mask
+from lens.modularity.neurons import LayerView, check_neuron_rows, masked_forward, top_k_mask
 from models.core.interventions import Capture
 from models.core.transformer import Transformer
 
@@ -148,7 +148,7 @@ def recall_at(model: Transformer, pred: Predictors, rows, fractions=(0.05, 0.1, 
               label_frac: float = 0.1, head_frac: float = 0.3, chunk: int = 4) -> list[dict]:
     """For each kept fraction f (the predicted top f of the units per token): recall of the
     labelled neurons, share of the |a| mass kept, recall of the labelled heads."""
-    rows = check_rows(model, rows)
+    rows = check_neuron_rows(model, rows)
     fr = tuple(float(f) for f in fractions)
     tot = None
     for i in range(0, len(rows), chunk):
@@ -178,6 +178,6 @@ def predicted_sparse_forward(model: Transformer, tokens, pred: Predictors, neuro
     `head_frac` of its heads per token (1.0 = all), the rest zero-ablated."""
     if not (0 < neuron_frac <= 1 and 0 < head_frac <= 1):
         raise ValueError("neuron_frac and head_frac must be in (0, 1]")
-    rows = check_rows(model, tokens)
+    rows = check_neuron_rows(model, tokens)
     out = _sparse_logits(model, pred, jnp.asarray(rows), jnp.float32(neuron_frac), jnp.float32(head_frac))
     return out[0] if np.asarray(tokens).ndim == 1 else out

@@ -33,7 +33,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 from scipy.optimize import linear_sum_assignment
 
-from lens.modularity.pruning import LayerView, check_rows, masked_forward, top_k_mask
+from lens.modularity.neurons import LayerView, check_neuron_rows, masked_forward, top_k_mask
 from models.core.interventions import Capture
 from models.core.layers import apply_norm
 from models.core.transformer import Transformer
@@ -129,7 +129,7 @@ def _coact_chunk(model, rows, active_frac):
 
 def coactivation(model: Transformer, rows, active_frac: float = 0.1, chunk: int = 4) -> Float[np.ndarray, "layers d_mlp d_mlp"]:
     """Per layer, how many tokens of `rows` have both neurons active (see the module doc)."""
-    rows = check_rows(model, rows)
+    rows = check_neuron_rows(model, rows)
     if not 0 < active_frac <= 1:
         raise ValueError(f"active_frac must be in (0, 1]; got {active_frac}")
     total = None
@@ -230,7 +230,7 @@ def expert_forward(model: Transformer, tokens, labels, routers: Routers | None, 
     e = int(lab.max()) + 1
     if not 1 <= k <= e:
         raise ValueError(f"k must be in [1, {e}]; got {k}")
-    rows = check_rows(model, tokens)
+    rows = check_neuron_rows(model, tokens)
     single = np.asarray(tokens).ndim == 1
     out = _expert_logits(model, jnp.asarray(rows), expert_onehot(lab), routers, jnp.asarray(k, jnp.int32))
     return out[0] if single else out

@@ -11,12 +11,6 @@ Statistics come from ONE compiled call per chunk of rows: a scan over the layers
 to the deepest layer asked for) with the rows vmapped inside, each layer reducing its |a|
 to per-unit sums before the next starts, so nothing larger than one layer's activations
 for one chunk is ever held.
-
-`masked_forward` is the one "sparse" forward of this package (MoEfication experts and
-Deja Vu predictors use it): per layer it asks a mask function which neurons / heads to
-keep, given what the block sees in THIS run (so masks at layer l depend on the sparse
-outputs of layers < l, as in a real sparse model), and applies them as neuron_mix /
-head_mix edits.  It computes the dense block and then masks: correct, not faster.
 """
 
 from __future__ import annotations
@@ -24,49 +18,20 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Bool, Float, Int
 from safetensors.numpy import load_file, save_file
 
-from models.core import layers as model_layers
-
+from lens.modularity.neurons import check_neuron_rows, chunks
 from models.runtime import per_model_cache as per_model
-from models.core.block import Rotary, bf16_matmul_blocks, block_forward
+from models.core.block import bf16_matmul_blocks, block_forward
 from models.core.interventions import Capture, Edits
 from models.core.transformer import Transformer
-
-
-# ------------------------------------------------------------------ input checks
-def check_rows(model: Transformer, rows, name: str = "tokens") -> np.ndarray:
-    """Token rows [N, T] (or one row [T]) as int32, refused with a clear message when the
-    ids, the length or the shape do not fit `model`."""
-    a = np.asarray(rows)
-    if a.ndim == 1:
-        a = a[None]
-    if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ValueError(f"{name} must be token rows [N, T] with N, T >= 1; got shape {a.shape}")
-    if not np.issubdtype(a.dtype, np.integer):
-        raise TypeError(f"{name} must be integer token ids; got dtype {a.dtype}")
-    vocab = model.config.vocab_size
-    if a.min() < 0 or a.max() >= vocab:
-        raise ValueError(f"{name}: token id out of range [0, {vocab}): min {a.min()}, max {a.max()}")
-    if a.shape[1] > model.config.max_seq_len:
-        raise ValueError(f"{name}: rows of {a.shape[1]} tokens exceed the context {model.config.max_seq_len}")
-    if model.config.attn_only:
-        raise ValueError("this model has no MLP (attn_only): it has no neurons to score")
-    return a.astype(np.int32)
-
-
-def _chunks(rows: np.ndarray, chunk: int):
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1; got {chunk}")
-    for i in range(0, len(rows), chunk):
-        yield rows[i:i + chunk]
 
 
 # ------------------------------------------------------------------ statistics
@@ -155,7 +120,7 @@ def activation_stats(model: Transformer, rows, chunk: int = 8, layers=None,
     norms, softmax, activations, residuals and the |a| sums stay float32.  The statistics
     then differ from float32 by bf16 rounding (docs and bench/README give the measured
     size); use it for many tokens where the ranking, not the last digit, matters."""
-    rows = check_rows(model, rows)
+    rows = check_neuron_rows(model, rows)
     c = model.config
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
@@ -321,12 +286,12 @@ def next_token_metrics(model: Transformer, rows, skip_ids, chunk: int = 8, edits
     """loss (mean next-token cross-entropy over every predicted token), top1 / top10 (the
     share of predictions whose target is the top / in the top 10 logits, over targets not
     in `skip_ids`), and the token counts."""
-    rows = check_rows(model, rows, "rows")
+    rows = check_neuron_rows(model, rows, "rows")
     if rows.shape[1] < 2:
         raise ValueError("rows need >= 2 tokens to predict a next token")
     skip = jnp.asarray(np.asarray(skip_ids, np.int32).reshape(-1))
     tot = np.zeros(4, np.float64)
-    for part in _chunks(rows, chunk):
+    for part in chunks(rows, chunk):
         tot += np.asarray([float(v) for v in _metric_sums(model, jnp.asarray(part), skip, edits)])
     n_pred = rows.shape[0] * (rows.shape[1] - 1)
     return {"loss": tot[0] / n_pred, "top1": tot[1] / max(tot[3], 1), "top10": tot[2] / max(tot[3], 1),
@@ -422,58 +387,3 @@ def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: d
         if on_step is not None:
             on_step(records[-1])
     return records, n_mask, h_mask
-
-
-# ------------------------------------------------------------------ masked forward
-MaskFn = Callable[..., tuple[Array | None, Array | None]]
-
-
-class LayerView(NamedTuple):
-    """What a mask function sees at one layer of THIS run (all [seq, ...])."""
-
-    layer: Array  # the layer index (traced)
-    resid_pre: Float[Array, "seq d_model"]
-    mlp_in: Float[Array, "seq d_model"]  # the MLP's normalised input (ln2 output)
-    neurons: Float[Array, "seq d_mlp"]  # the dense activations (what an oracle would see)
-    head_out_norm: Float[Array, "seq heads"]  # || z_h W_O[h] || per head
-
-
-def masked_forward(model: Transformer, tokens: Int[Array, " seq"], mask_fn: MaskFn, params) -> Float[Array, "seq vocab"]:
-    """Logits of one sequence where, at each layer l, `mask_fn(params_l, view)` returns
-    (neuron keep [seq, d_mlp] or None, head keep [seq, heads] or None) and the block is run
-    with the dropped units zero-ablated (neuron_mix / head_mix = 1 - keep).  `params` is a
-    pytree with a leading [layers] axis (scanned with the weights).  The dense block is
-    run once to build the view, then again with the masks (so: no compute saved)."""
-    c = model.config
-    tokens = model.check_tokens(tokens)
-    qpos, valid = model.default_positions(tokens, None, None, None)
-    x = model.embed_tokens(tokens, qpos)
-    rot: Rotary = model.rotary(qpos)
-    key_pos = jnp.where(valid, qpos, -1)
-    local = None if c.local_layers is None else jnp.asarray(c.local_layers)
-    capture = Capture(resid=True, head_z=True, neurons=True)
-
-    def step(h, xs):
-        block, is_local, p, layer = xs
-        _, _, acts = block_forward(c, block, h, qpos, key_pos=key_pos, rotary=rot, is_local=is_local, capture=capture)
-        mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
-        h2, _ = model_layers.apply_norm(mlp_in, c.norm_kind, block.ln2_w, block.ln2_b, c.norm_eps)
-        head_out = jnp.einsum("shk,hkd->shd", acts.head_z, block.W_O)
-        view = LayerView(layer, acts.resid_pre, h2, acts.neurons,
-                         jnp.linalg.norm(head_out.astype(jnp.float32), axis=-1))
-        keep_n, keep_h = mask_fn(p, view)
-        edits = Edits(neuron_mix=None if keep_n is None else 1.0 - keep_n.astype(jnp.float32),
-                      head_mix=None if keep_h is None else 1.0 - keep_h.astype(jnp.float32))
-        h, _, _ = block_forward(c, block, h, qpos, key_pos=key_pos, rotary=rot, is_local=is_local, edits=edits)
-        return h, None
-
-    x, _ = jax.lax.scan(step, x, (model.blocks, local, params, jnp.arange(c.n_layers)))
-    return model.unembed_resid(x)[0]
-
-
-def top_k_mask(scores: Float[Array, "*rows n"], k) -> Bool[Array, "*rows n"]:
-    """True at each row's k highest scores, exactly k per row (ties to the lower index).
-    k may be traced: the mask is rank < k, so one compilation serves every k."""
-    order = jnp.argsort(-scores, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)
-    return rank < k

@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Int
 
 from lens.prediction import gaming, ngram, scoring
+from models.core.transformer import first_blocks
 
 K = 10  # the test's top-k
 
@@ -78,7 +79,7 @@ def predictor_table(model, train_rows: Int[np.ndarray, "N T"], eval_sets: dict[s
         width = min(train_rows.shape[1], 65)
         rows = train_rows[:, :width]
         held = next(iter(eval_sets.values()))[:, :width]
-        student = gaming.truncated_student(model, 1)
+        student = first_blocks(model, 1)
         kl_before = gaming.mean_kl(model, student, held, batch=4)
         student = train.train(student, rows, held, distill_cfg, out,
                               train.TrainOptions(progress=progress, loss_fn=gaming.DistillLoss(model))).model

@@ -12,12 +12,11 @@ is plain training (the term is computed and multiplied by 0).
 
 `DistillLoss`: KL(teacher || student) per position, for training a small student on a
 model's logits through lens.training.train (a side model a test-taker could run instead of the
-model).  `truncated_student` starts a student from the teacher's own first blocks.
+model); `models.core.transformer.first_blocks` starts one from the teacher's own first blocks.
 """
 
 from __future__ import annotations
 
-import dataclasses
 
 import equinox as eqx
 import jax
@@ -25,12 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from lens.core.stats import kl_divergence
 from lens.training.train import next_token_loss
-
-
-def _kl(target_logp: Float[Array, "... V"], logp: Float[Array, "... V"]) -> Float[Array, "..."]:
-    """KL(target || p) per position, float32."""
-    return (jnp.exp(target_logp) * (target_logp - logp)).sum(-1)
 
 
 def _student_logp(model, rows: Int[Array, "B T"]) -> Float[Array, "B T V"]:
@@ -63,7 +58,7 @@ class GoodhartLoss(eqx.Module):
         if self.lam == 0:  # static: the plain step, compiled as such
             return ce
         inputs = rows[:, :-1]
-        kl = _kl(self.target_logp(inputs), _student_logp(model, inputs)).mean()
+        kl = kl_divergence(self.target_logp(inputs), _student_logp(model, inputs)).mean()
         return ce + self.lam * kl
 
 
@@ -75,31 +70,9 @@ class DistillLoss(eqx.Module):
     def __call__(self, student, rows: Int[Array, "B T"]) -> Float[Array, ""]:
         inputs = rows[:, :-1]
         t = jax.lax.stop_gradient(_student_logp(self.teacher, inputs))
-        return _kl(t, _student_logp(student, inputs)).mean()
+        return kl_divergence(t, _student_logp(student, inputs)).mean()
 
 
-def truncated_student(model, n_layers: int):
-    """The teacher's first `n_layers` blocks, final norm and unembedding, as a model of its
-    own (a start for distillation that already holds the teacher's direct path)."""
-    n = model.config.n_layers
-    if not 1 <= n_layers <= n:
-        raise ValueError(f"n_layers must be in [1, {n}], got {n_layers}")
-    local = model.config.local_layers
-    config = dataclasses.replace(model.config, n_layers=n_layers,
-                                 **({"local_layers": tuple(local[:n_layers])} if local is not None else {}))
-    blocks = jax.tree.map(lambda w: w[:n_layers], model.blocks)
-    student = eqx.tree_at(lambda m: m.blocks, model, blocks)
-    return _with_config(student, config)  # config is static: tree_at cannot replace it
-
-
-def _with_config(model, config):
-    """A copy of `model` with another (static) config."""
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
-    fields["config"] = config
-    return type(model)(**fields)
-
-
-@eqx.filter_jit
 def _distill_loss(teacher, student, rows):
     return DistillLoss(teacher)(student, rows)
 

@@ -54,6 +54,7 @@ from jaxtyping import Array, Float, Int
 from tqdm.auto import tqdm
 
 import lens.kernels
+from lens.core.stats import spearman
 from models.core.interventions import Edits
 
 LOG_FLOOR = -100.0
@@ -65,20 +66,6 @@ Predictor = Callable[[Int[Array, "B T"]], "Float[Array, 'B T V'] | Factored"]
 
 
 # ------------------------------------------------------------------ per position
-def _average_ranks(x: Float[Array, " k"]) -> Float[Array, " k"]:
-    """Ranks 0..k-1 with ties sharing their average rank (pairwise counts: k is small)."""
-    less = (x[None, :] < x[:, None]).sum(axis=1)
-    equal = (x[None, :] == x[:, None]).sum(axis=1)
-    return less + (equal - 1) / 2.0
-
-
-def _spearman(a: Float[Array, " k"], b: Float[Array, " k"]) -> Float[Array, ""]:
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = jnp.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return jnp.where(den > 0, (ra * rb).sum() / jnp.where(den > 0, den, 1.0), 0.0)
-
-
 def _block_size(v: int, k: int) -> int | None:
     """A power-of-two block dividing v, near sqrt(v) (so the block maxima and the k
     candidate blocks are both small); None when v is too small to gain (<= 32 k)."""
@@ -145,7 +132,7 @@ def _from_top_k(m_val, m_idx, p_on_m, p_idx, kl, k: int) -> dict[str, Float[Arra
         "top1": (m_idx[:, 0] == p_idx[:, 0]).astype(jnp.float32),
         "recall": hits / k,
         "jaccard": hits / (2 * k - hits),
-        "spearman": jax.vmap(_spearman)(m_val, p_on_m),
+        "spearman": spearman(m_val, p_on_m),
         "order": (m_idx == p_idx).all(-1).astype(jnp.float32),
         "kl": jnp.maximum(kl, 0.0),  # float32 rounding can give -1e-7 for identical rows
         "pred_top1": p_idx[:, 0].astype(jnp.float32),  # ids < 2^24: exact in float32

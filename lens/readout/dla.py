@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from lens.core.stats import spearman
 from models.core import layers
 from models.core.config import ModelConfig
 from models.core.interventions import Capture
@@ -257,3 +258,25 @@ def pre_softcap_logits(model: Transformer, logits: Float[Array, "... vocab"]) ->
     """Undo Gemma-style final soft-capping (identity when the config has none)."""
     cap = model.config.final_logit_softcap
     return logits if cap is None else cap * jnp.arctanh(logits / cap)
+
+
+@jax.jit
+def disagreement(a: Float[Array, " parts"], b: Float[Array, " parts"]) -> dict[str, Float[Array, ""]]:
+    """How far attribution `b` is from the reference `a` over the same parts (jit/vmap-able):
+    `rel_l1` sum|a - b| / sum|a|; `abs_ratio` sum|b| / sum|a|; `spearman` rank correlation
+    (`lens.core.stats.spearman`); `top5_overlap` the share of the top-5 parts by |a| also
+    in the top-5 by |b|; `top10_sign_flips` the share of the top-10 parts by |a| whose sign
+    b flips (5 and 10 capped at the number of parts)."""
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"disagreement takes two attributions of the same parts; got {a.shape}, {b.shape}")
+    n = a.shape[0]
+    k5, k10 = min(5, n), min(10, n)
+    top_a = jax.lax.top_k(jnp.abs(a), k10)[1]
+    top_b = jax.lax.top_k(jnp.abs(b), k5)[1]
+    shared = (top_a[:k5, None] == top_b[None, :]).any(-1).sum()
+    abs_a = jnp.abs(a).sum()
+    return {"rel_l1": jnp.abs(a - b).sum() / abs_a,
+            "abs_ratio": jnp.abs(b).sum() / abs_a,
+            "spearman": spearman(a, b),
+            "top5_overlap": shared / k5,
+            "top10_sign_flips": jnp.mean(jnp.sign(a[top_a]) != jnp.sign(b[top_a]))}

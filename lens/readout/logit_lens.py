@@ -17,7 +17,7 @@ re-implements the head of the model.  Layer l of a lens always means `resid_pre[
 The tuned lens follows AlignmentResearch/tuned-lens (`tuned_lens/nn/lenses.py`): one affine
 translator per layer, applied residually `h + (h W^T + b)`, W and b zero-initialised (weight
 decay pulls it back to the logit lens, not to zero); the final layer has no translator.
-Training (`lens.tuned_lens_train`) fits it to forward KL(model || lens) at the same position.
+Training (`lens.readout.tuned_lens_fit`) fits it to forward KL(model || lens) at the same position.
 Saved as safetensors with the reference's state-dict names (`{i}.weight`, `{i}.bias`) and
 its `TunedLensConfig` fields as JSON metadata.
 """

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int
 
+from lens.core.stats import kl_divergence
 from lens.readout.logit_lens import TunedLens, check_lens_fits, decode, residual_stack
 from models.core.transformer import Transformer
 
@@ -56,7 +57,7 @@ def reference_optimizer(steps: int, lr_scale: float = 1.0, momentum: float = MOM
 def _kl(target_logp: Float[Array, "... vocab"], logits: Float[Array, "... vocab"]) -> Float[Array, "..."]:
     """KL(p || q) per position, p given as log-probs, q as logits (float32)."""
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.sum(jnp.exp(target_logp) * (target_logp - logq), axis=-1)
+    return kl_divergence(target_logp, logq)
 
 
 @jax.custom_vjp
@@ -136,7 +137,7 @@ def _batch_sums(model: Transformer, tuned: TunedLens | None, rows, frozen_scale:
         def layer(x):
             lg = decode(model, x, final_scale if frozen_scale else None)
             logq = jax.nn.log_softmax(lg, axis=-1)
-            kl = jnp.sum(jnp.exp(target) * (target - logq), axis=-1).sum()
+            kl = kl_divergence(target, logq).sum()
             agree = (jnp.argmax(lg, axis=-1) == top).sum()
             ce = -jnp.take_along_axis(logq, targets[:, None], axis=-1)[:, 0].sum()
             return jnp.stack([kl, agree.astype(jnp.float32), ce])

@@ -2,6 +2,7 @@
 
     rows = lens.training.data.load_tokens("shakespeare", tokenizer, seq_len=128, split="train")
     rows.dtype, rows.shape            # int32, (N, 128)
+    mixed = lens.training.data.mixed_rows(["shakespeare", "python-code"], tokenizer, 129, "train", seed=0)
     for batch in lens.training.data.iterate_batches(rows, batch_size=16, seed=0): ...
 
 Corpora (`CORPORA`), all from sources every machine with a package registry has:
@@ -38,7 +39,7 @@ import sysconfig
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from jaxtyping import Int
@@ -293,6 +294,42 @@ def document_names(name: str, split: str) -> list[str]:
     _check_name(name)
     _check_split(split)
     return split_documents(list(CORPORA[name]()))[split]
+
+
+def mixed_rows(corpora: Sequence[str], tokenizer, seq_len: int, split: str = "train", *,
+               n_rows: int | None = None, seed: int | None = 0, even: bool = False) -> Int[np.ndarray, "N seq_len"]:
+    """Rows of several corpora in one array: each corpus's `load_tokens(c, tokenizer,
+    seq_len, split)`, concatenated in the order given, then shuffled by
+    `default_rng(seed).permutation` (seed None: not shuffled), then the first `n_rows`
+    (None: all).
+
+    even=True takes an even share instead: `n_rows // len(corpora)` rows from the start of
+    each corpus (the first `n_rows % len(corpora)` corpora one more), concatenated, then
+    shuffled as above.  Refused: no corpora, even without n_rows, n_rows < 1, or a corpus
+    with fewer rows than its share."""
+    corpora = list(corpora)
+    if not corpora:
+        raise ValueError("mixed_rows needs at least one corpus")
+    if n_rows is not None and (not isinstance(n_rows, (int, np.integer)) or n_rows < 1):
+        raise ValueError(f"n_rows must be a positive int or None, got {n_rows!r}")
+    if even:
+        if n_rows is None:
+            raise ValueError("even=True needs n_rows (the total to share out)")
+        c = len(corpora)
+        share = [n_rows // c + (i < n_rows % c) for i in range(c)]
+        parts = []
+        for name, k in zip(corpora, share):
+            if k:
+                rows = load_tokens(name, tokenizer, seq_len, split)
+                if len(rows) < k:
+                    raise ValueError(f"{name} {split} has {len(rows)} rows of {seq_len}, fewer than its share {k}")
+                parts.append(rows[:k])
+    else:
+        parts = [load_tokens(name, tokenizer, seq_len, split) for name in corpora]
+    rows = np.concatenate(parts)
+    if seed is not None:
+        rows = rows[np.random.default_rng(seed).permutation(len(rows))]
+    return rows if n_rows is None else rows[:n_rows]
 
 
 # ----------------------------------------------------------------------- batches

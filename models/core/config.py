@@ -1,7 +1,7 @@
 """The one frozen config every family converts into.
 
 Families differ only through these typed fields; the forward never branches on an
-architecture name (STYLE.md: variants are flags, not `if arch == ...`).
+architecture name: variants are typed flags here, never `if arch == ...` in the forward.
 
 Axis vocabulary used in annotations and einsum strings throughout `models/` and `lens/`:
   seq (positions of one sequence), d_model, heads (query heads), kv_heads, d_head,

@@ -8,7 +8,9 @@ interventions is `jax.vmap` over a K-stacked `Edits`.  No Python callbacks, no s
 Each field is declared ONCE below, with its axes and its role as data on the field
 (`SITES`); validation (`check_edits`), combining, stacking, "first edited layer",
 slicing to a range of blocks and generation's position check are derived from that
-declaration.  Adding a site = one declaration here + the line in models/core/block.py (or
+declaration.  The activation-patching sites (`PATCH_SITES`: the Activations field each
+reads, the Edits pair it writes; axes, unit and layering derived) are declared here
+too.  Adding a site = one declaration here + the line in models/core/block.py (or
 models/core/transformer.py for the final norm) where it applies.
 
 Order inside block l (documented because it matters when edits are combined):
@@ -282,3 +284,48 @@ class Activations(eqx.Module):
     final_norm_in: Float[Array, "seq d_model"] | None = None
     final_norm_out: Float[Array, "seq d_model"] | None = None
     final_scale: Float[Array, " seq"] | None = None
+
+
+class PatchSite(NamedTuple):
+    """An activation-patching site: the `Activations` field its source is read from and the
+    `Edits` field pair it writes (`{base}_mix` / `{base}_source`).  Everything else is
+    derived from the Edits declaration: the source's axes after [layers] (`axes`), the mix's
+    unit axis (`unit`: "heads" / "kv_heads" where a patch may pick heads, else None) and
+    whether the site has a [layers] axis (`layered`)."""
+
+    name: str
+    field: str
+    base: str
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """The source's axes after [layers]: ("S", ...) with S = positions."""
+        return SITES[f"{self.base}_source"].axes
+
+    @property
+    def unit(self) -> str | None:
+        mix = SITES[f"{self.base}_mix"].axes
+        return mix[1] if len(mix) == 2 and mix[1] in ("heads", "kv_heads") else None
+
+    @property
+    def layered(self) -> bool:
+        return SITES[f"{self.base}_mix"].layered
+
+
+# Declared ONCE: every patching tool (lens.core.edits.patch, lens.circuits.patching) reads
+# this table.  The q/k/v inputs read resid_pre: what the head would have read in that run.
+PATCH_SITES: dict[str, PatchSite] = {
+    name: PatchSite(name, field, base) for name, field, base in (
+        ("resid", "resid_pre", "resid"),
+        ("heads", "head_z", "head"),
+        ("neurons", "neurons", "neuron"),
+        ("attn_out", "attn_out", "attn_out"),
+        ("mlp_out", "mlp_out", "mlp_out"),
+        ("q_input", "resid_pre", "q_input"),
+        ("k_input", "resid_pre", "k_input"),
+        ("v_input", "resid_pre", "v_input"),
+        ("ln1_scale", "ln1_scale", "ln1_scale"),
+        ("ln2_scale", "ln2_scale", "ln2_scale"),
+        ("final_scale", "final_scale", "final_scale"),
+    )
+}

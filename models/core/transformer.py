@@ -11,6 +11,8 @@ and padding").  Everything a researcher reads or edits goes through `forward`:
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -333,3 +335,18 @@ class Transformer(eqx.Module):
     def W_U(self) -> Float[Array, "vocab d_model"]:
         """The unembedding matrix (the embedding when tied)."""
         return self.embed if self.unembed is None else self.unembed
+
+
+def first_blocks(model: Transformer, n: int) -> Transformer:
+    """The model with only its first `n` blocks, then its own final norm and unembedding (a
+    model of its own: `first_blocks(m, n)(tokens)` is `m.unembed_resid` of the residual
+    after block n - 1).  The config follows: `n_layers = n` and Gemma's per-layer
+    `local_layers` (sliding-window vs global) cut to the blocks kept, so each kept block
+    keeps its window and its rotary theta."""
+    c = model.config
+    if not isinstance(n, int) or not 1 <= n <= c.n_layers:
+        raise ValueError(f"n must be an int in [1, n_layers={c.n_layers}], got {n!r}")
+    local = None if c.local_layers is None else tuple(c.local_layers[:n])
+    config = dataclasses.replace(c, n_layers=n, local_layers=local)
+    # config is a static field (eqx.tree_at cannot replace it): rebuild the module
+    return dataclasses.replace(model, config=config, blocks=jax.tree.map(lambda w: w[:n], model.blocks))

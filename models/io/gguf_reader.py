@@ -1,6 +1,7 @@
 """Read a GGUF file into (HF config dict, {HF tensor name: float32 ndarray}).
 
-The same family converter then serves GGUF and safetensors alike (STYLE.md practice 6).
+The same family converter then serves GGUF and safetensors alike: both readers produce
+{HF tensor name: ndarray}, so there is one name map per family, not one per format.
 What this module owns is the translation from llama.cpp's conventions to HF's:
 
   * metadata `{arch}.*` keys -> an HF `config.json`-style dict, as transformers' own GGUF

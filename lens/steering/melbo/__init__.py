@@ -29,7 +29,7 @@ from lens.steering.melbo.train import (
     MelboConfig,
     MelboRunConfig,
     OrthoConfig,
-    TrainResult,
+    MelboResult,
     block_mesh,
     extend_basis,
     gram_schmidt,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from jaxtyping import Float, Int
 
+from lens.core.stats import spearman
+
 
 def specific_cosines(gram: Float[np.ndarray, "K K"]) -> Float[np.ndarray, "K K"]:
     """Cosines between the specific parts `e_k - mean(e)` of K effects with Gram `gram`
@@ -74,24 +76,7 @@ def _pair_stats(cos: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tupl
     same = (labels[:, None] == labels[None, :])[iu]
     within = float(diff[same].mean()) if same.any() else float("nan")
     across = float(diff[~same].mean()) if (~same).any() else float("nan")
-    return within, across, _spearman(cos[iu], -diff)
-
-
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _ranks(a), _ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else 0.0
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks with ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x), np.float64)
-    r[order] = np.arange(len(x), dtype=np.float64)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=r)
-    return (sums / counts)[inverse]
+    return within, across, float(spearman(cos[iu], -diff))
 
 
 def behaviour_vs_effect(

@@ -19,7 +19,7 @@ from lens.steering.code_score import code_score
 from lens.steering.melbo import behaviour as mb
 from lens.steering.melbo.analysis import SteeredEffects, analyse_vectors
 from lens.steering.melbo.problem import MelboProblem
-from lens.steering.melbo.train import MelboRunConfig, OrthoConfig, TrainResult, melbo_ortho
+from lens.steering.melbo.train import MelboRunConfig, OrthoConfig, MelboResult, melbo_ortho
 
 # Rescaled and random-control generations: at most this many (the found vectors: all of
 # gen_vectors, for the per-vector behaviour).
@@ -29,7 +29,7 @@ STAGE_KEYS = {"raw": "raw", "effective": "effective_exact", "effective_first_ord
               "target": "target", "last": "last", "logits": "logits"}
 
 
-def resume_checkpoint(ckpt: Path, meta: dict, theta0: Float[np.ndarray, "d_model"]) -> TrainResult:
+def resume_checkpoint(ckpt: Path, meta: dict, theta0: Float[np.ndarray, "d_model"]) -> MelboResult:
     """The vectors and losses of a MELBO-ortho checkpoint (`lens.steering.vectors` file with
     extras theta0 and losses), refused (SystemExit naming every difference) when it was
     trained under other settings `meta` or another theta0: such vectors must not be mixed
@@ -41,11 +41,11 @@ def resume_checkpoint(ckpt: Path, meta: dict, theta0: Float[np.ndarray, "d_model
         what = ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in changed.items()) or "theta0 differs"
         raise SystemExit(f"--resume: {ckpt} was trained with other settings ({what}); "
                          "resume with the same flags, or use a new --out")
-    return TrainResult(saved_vectors, saved["losses"])
+    return MelboResult(saved_vectors, saved["losses"])
 
 
 def mode_comparison(problem: MelboProblem, analysis_problem: MelboProblem, theta0: Float[np.ndarray, "d_model"],
-                    found: TrainResult, found_effects: SteeredEffects, *, k: int, steps: int, lr: float,
+                    found: MelboResult, found_effects: SteeredEffects, *, k: int, steps: int, lr: float,
                     block: int, seed: int, n_seeds: int, chunk: int) -> dict:
     """Batched vs sequential MELBO-ortho, like with like: runs of the FIRST `k` vectors
     (later vectors are constrained by more earlier ones and reach higher losses, so they
@@ -76,7 +76,7 @@ def mode_comparison(problem: MelboProblem, analysis_problem: MelboProblem, theta
     for s in seeds:
         for mode in ("sequential", "batched"):
             if mode == "batched" and s == seed:
-                res = TrainResult(found.vectors[:kk], found.losses[:kk])
+                res = MelboResult(found.vectors[:kk], found.losses[:kk])
                 e = found_effects
                 eff = SteeredEffects(e.target[:kk], e.last[:kk], e.logits[:kk], e.base_logits,
                                      e.first_share_target[:kk], e.first_share_last[:kk])
@@ -184,7 +184,7 @@ def mean_score(scores: dict[str, float], prefix: str) -> float | None:
 
 
 def summary_record(*, model_name: str, source: int, target: int, n_layers: int, objective_positions: str,
-                   theta0, found: TrainResult, x_norm: float, calib: dict, analyses: dict, sweeps: dict,
+                   theta0, found: MelboResult, x_norm: float, calib: dict, analyses: dict, sweeps: dict,
                    rho_grid, scores: dict, comparison, behaviour, readings: dict, timing: dict) -> dict:
     """The main job's report.json record (before plots and peak memory are added)."""
     V = found.vectors

@@ -243,7 +243,7 @@ def _init_block(obj: Objective, keys, basis, ref_norm):
 
 # ------------------------------------------------------------------ driver
 @dataclasses.dataclass
-class TrainResult:
+class MelboResult:
     """vectors [n, d] in training order; losses [n, steps] (loss of the iterate at each
     step, before that step's update)."""
 
@@ -316,9 +316,9 @@ def train_vectors(
     fixed: Float[Array, "n_fixed d_model"] | None = None,
     ref_norm: float = 1.0,
     run: MelboRunConfig = MelboRunConfig(),
-    resume: TrainResult | None = None,
-    on_block: Callable[[TrainResult], None] | None = None,
-) -> TrainResult:
+    resume: MelboResult | None = None,
+    on_block: Callable[[MelboResult], None] | None = None,
+) -> MelboResult:
     """Train `n_vectors` mutually orthogonal vectors (also orthogonal to `fixed` rows).
 
     `run` (a `MelboRunConfig`): mode "sequential": one vector at a time (the original
@@ -383,10 +383,10 @@ def train_vectors(
             bar.update(b)
             bar.set_postfix(loss=f"{float(new_loss[:, -1].mean()):.4g}")
         if on_block is not None:
-            on_block(TrainResult(vectors, losses))
+            on_block(MelboResult(vectors, losses))
     if bar is not None:
         bar.close()
-    return TrainResult(vectors, losses)
+    return MelboResult(vectors, losses)
 
 
 def melbo(
@@ -395,9 +395,9 @@ def melbo(
     config: MelboConfig,
     *,
     run: MelboRunConfig = MelboRunConfig(),
-    resume: TrainResult | None = None,
-    on_block: Callable[[TrainResult], None] | None = None,
-) -> TrainResult:
+    resume: MelboResult | None = None,
+    on_block: Callable[[MelboResult], None] | None = None,
+) -> MelboResult:
     """MELBO vectors of norm `config.radius` (vectors [K, d_model]); run / resume /
     on_block as `train_vectors`."""
     d = problem.x_src.shape[-1]
@@ -412,9 +412,9 @@ def melbo_ortho(
     config: OrthoConfig,
     *,
     run: MelboRunConfig = MelboRunConfig(),
-    resume: TrainResult | None = None,
-    on_block: Callable[[TrainResult], None] | None = None,
-) -> TrainResult:
+    resume: MelboResult | None = None,
+    on_block: Callable[[MelboResult], None] | None = None,
+) -> MelboResult:
     """MELBO-ortho vectors [K, d_model], orthogonal to theta0 and to each other, each
     trained to reproduce theta0's mean target-layer activation; run / resume / on_block
     as `train_vectors`."""

@@ -24,7 +24,9 @@ import torch
 import lens
 from hf_tiny import hooked, pre_edit, record
 from lens.core import edits as E
+from lens.circuits import attribution as At
 from lens.circuits import patching as Pt
+from lens.circuits.path_patching import path_patching
 from lens_tiny import VOCAB, tiny
 from models import Capture, Edits
 
@@ -176,7 +178,7 @@ def test_atp_equals_central_finite_differences(site):
     m = model()
     pair, eps = 1, 1e-2
     met = one(METRIC, pair)
-    atp = np.asarray(Pt.attribution_patching(m, CLEAN[pair], CORRUPT[pair], met, site=site))
+    atp = np.asarray(At.attribution_patching(m, CLEAN[pair], CORRUPT[pair], met, site=site))
     base_value = float(met(m(jnp.asarray(CORRUPT[pair]))))
     src = cache(tuple(CLEAN[pair]))
     cells = [(0, 2), (1, 4), (2, 6), (1, 2)] if site == "resid" else [(0, 1), (1, 3), (2, 5)]
@@ -219,9 +221,9 @@ def test_qk_fix_pattern_and_estimate_match_transformers():
     _, s = lens.run_with_cache(m, clean, Capture(resid=True))
     qpos = jnp.arange(SEQ)
     valid = jnp.ones(SEQ, bool)
-    own = Pt.attention_pattern(m, 1, b.resid_pre[1], b.resid_pre[1], qpos, valid)
+    own = At.attention_pattern(m, 1, b.resid_pre[1], b.resid_pre[1], qpos, valid)
     np.testing.assert_allclose(own, b.attn_pattern[1], atol=TOL)
-    mine = Pt.attention_pattern(m, 1, s.resid_pre[1], b.resid_pre[1], qpos, valid)[h]
+    mine = At.attention_pattern(m, 1, s.resid_pre[1], b.resid_pre[1], qpos, valid)[h]
     np.testing.assert_allclose(mine, a_fixed, atol=TOL)
     # the estimate: derivative along z' - z for head h at layer 1, z' = A'_h v
     v = np.asarray(b.v[layer])[:, h // (c.n_heads // c.n_kv_heads)]  # [seq, d_head]
@@ -235,7 +237,7 @@ def test_qk_fix_pattern_and_estimate_match_transformers():
         e = Edits(head_mix=jnp.asarray(mix), head_source=jnp.asarray(z_fixed))
         vals.append(float(met(_forward(m, jnp.asarray(corrupt), e))))
     fd = (vals[0] - vals[1]) / (2 * eps)
-    fixed = np.asarray(Pt.attribution_patching(m, clean, corrupt, met, site="q_input", qk_fix=True))
+    fixed = np.asarray(At.attribution_patching(m, clean, corrupt, met, site="q_input", qk_fix=True))
     base_value = float(met(m(jnp.asarray(corrupt))))
     assert abs(fixed[layer, h] - base_value - fd) < FD_TOL
 
@@ -253,9 +255,9 @@ def test_graddrop_last_layer_nodes_keep_their_atp():
     AtP*'s 1/(L-1) sum_l |AtP_l| is |AtP| there; earlier layers' nodes differ."""
     m = model()
     met = one(METRIC, 1)
-    atp = np.asarray(Pt.attribution_patching(m, CLEAN[1], CORRUPT[1], met, site="heads"))
+    atp = np.asarray(At.attribution_patching(m, CLEAN[1], CORRUPT[1], met, site="heads"))
     base_value = float(met(m(jnp.asarray(CORRUPT[1]))))
-    star = np.asarray(Pt.atp_star(m, CLEAN[1], CORRUPT[1], met, site="heads"))
+    star = np.asarray(At.atp_star(m, CLEAN[1], CORRUPT[1], met, site="heads"))
     np.testing.assert_allclose(star[-1], np.abs(atp[-1] - base_value), atol=1e-5)
     assert (star >= 0).all()
     assert not np.allclose(star[0], np.abs(atp[0] - base_value), atol=1e-4)
@@ -288,7 +290,7 @@ def test_path_patching_equals_its_steps_by_hand():
     met = one(METRIC, 1)
     clean, corrupt = CLEAN[1], CORRUPT[1]
     receivers = [(2, 1), (2, 4)]
-    g = np.asarray(Pt.path_patching(m, clean, corrupt, met, receivers, receiver_input="q", chunk_size=4))
+    g = np.asarray(path_patching(m, clean, corrupt, met, receivers, receiver_input="q", chunk_size=4))
     _, zb = lens.run_with_cache(m, clean, Capture(head_z=True))
     _, zs = lens.run_with_cache(m, corrupt, Capture(head_z=True))
     for sl, sh in [(0, 0), (1, 5)]:
@@ -318,20 +320,20 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="out of range"):
         Pt.activation_patching(m, CLEAN[0] + VOCAB, CORRUPT[0], one(METRIC, 0))
     with pytest.raises(ValueError, match="qk_fix"):
-        Pt.attribution_patching(m, CLEAN[0], CORRUPT[0], one(METRIC, 0), site="resid", qk_fix=True)
+        At.attribution_patching(m, CLEAN[0], CORRUPT[0], one(METRIC, 0), site="resid", qk_fix=True)
     with pytest.raises(ValueError, match="nothing to normalise"):
         Pt.normalized_metric(m, CLEAN[0], CLEAN[0], one(METRIC, 0))
     with pytest.raises(ValueError, match="receiver"):
-        Pt.path_patching(m, CLEAN[0], CORRUPT[0], one(METRIC, 0), [(3, 0)])
+        path_patching(m, CLEAN[0], CORRUPT[0], one(METRIC, 0), [(3, 0)])
 
 
 def test_compare_counts_overlap_and_false_negatives():
     effect = np.array([[5.0, 0.1], [-4.0, 0.0]])
     estimate = np.array([[4.0, 3.0], [0.0, 0.2]])  # the -4 site is missed (rank 3)
-    r = Pt.compare(effect, estimate, k=2, n_false_negatives=1)
+    r = At.compare_estimate(effect, estimate, k=2, n_false_negatives=1)
     assert r["topk_overlap"] == 0.5
     assert r["topk_overlap_ties"] == 0.5  # 0.1 is not within 5% of 5 of the 2nd largest, 4
-    tied = Pt.compare(np.array([1.0, 0.99, 0.98, 0.0]), np.array([0.0, 0.1, 0.5, 0.0]), k=2)
+    tied = At.compare_estimate(np.array([1.0, 0.99, 0.98, 0.0]), np.array([0.0, 0.1, 0.5, 0.0]), k=2)
     assert tied["topk_overlap"] == 0.5 and tied["topk_overlap_ties"] == 1.0
     assert r["worst_false_negatives"][0]["effect"] == -4.0
     assert r["worst_false_negatives"][0]["estimate_rank"] == 3
@@ -342,13 +344,17 @@ def test_patching_script_smoke(tmp_path):
     """scripts/patching.py --preset smoke end to end (SmolLM2's first 2 blocks, 1 pair):
     report.md, report.json with a grid per site and its AtP / AtP* grids, PNGs."""
     import json
+    import runpy
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-    import patching as script
-
-    script.main(["--out", str(tmp_path), "--preset", "smoke"])
+    script = Path(__file__).resolve().parents[3] / "scripts" / "patching.py"
+    argv = sys.argv
+    sys.argv = [str(script), "--out", str(tmp_path), "--preset", "smoke"]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
     report = json.loads((tmp_path / "report.json").read_text())
     grid = report["grid"]["ioi"]
     assert set(grid) == {"resid", "heads", "q_input"}
@@ -378,3 +384,17 @@ def test_kl_metric_grid():
     assert ref > 1e-3
     np.testing.assert_allclose(g[0, 2], 0.0, atol=TOL)
     np.testing.assert_allclose(g[0, [0, 1, 3, 4, 5, 6]], ref, rtol=1e-4, atol=TOL)
+
+
+def test_effect_stats_compares_each_estimate_with_the_pair_mean_effect():
+    """An exact AtP and an AtP* equal to |effect| correlate perfectly (Pearson 1 to 1e-12 in
+    float64) and share the top-k; an estimate of the negated effect correlates at -1."""
+    rng = np.random.default_rng(0)
+    effect = rng.normal(size=(3, 4, 5))
+    r = At.effect_stats(effect, effect.copy(), -effect, np.abs(effect), topk=3)
+    assert set(r) == {"atp", "atp_qk_fix", "atp_star"}
+    assert r["atp"]["pearson"] == pytest.approx(1.0, abs=1e-12) and r["atp"]["topk_overlap"] == 1.0
+    assert r["atp_qk_fix"]["pearson"] == pytest.approx(-1.0, abs=1e-12)
+    want = np.corrcoef(np.abs(effect).mean(0).ravel(), np.abs(effect).mean(0).ravel())[0, 1]
+    assert r["atp_star"]["pearson"] == pytest.approx(want, abs=1e-12)
+    assert "atp_qk_fix" not in At.effect_stats(effect, effect, None, np.abs(effect), topk=3)

@@ -12,6 +12,8 @@ import pytest
 
 import models
 from lens.circuits import scrubbing as S
+from lens.circuits import scrubbing_runs as R
+from lens.circuits import scrubbing_sampling as Sm
 from models.core.config import ModelConfig
 
 V, SEQ, N = 23, 7, 5  # odd sizes on purpose
@@ -94,9 +96,9 @@ def test_treeified_run_equals_brute_force_per_path_jit_vmap():
     ))
     S.validate(hyp, m.config, SEQ)
     tokens = np.random.default_rng(0).integers(0, V, (11, SEQ)).astype(np.int32)
-    plan, runs, draws = S.sample_runs(hyp, len(tokens), np.random.default_rng(3), {}, ref=np.arange(N))
+    plan, runs, draws = Sm.sample_runs(hyp, len(tokens), np.random.default_rng(3), {}, ref=np.arange(N))
     assert len({tuple(r) for r in runs.T}) > 5  # the paths really drew different inputs
-    got = eqx.filter_jit(lambda m, p, r: jax.vmap(lambda x: S.treeified_logits(m, p, x))(r))(
+    got = eqx.filter_jit(lambda m, p, r: jax.vmap(lambda x: R.treeified_logits(m, p, x))(r))(
         m, plan, jnp.asarray(tokens[runs]))
 
     p = np_params(m)
@@ -132,9 +134,9 @@ def test_every_path_same_input_equals_plain_forward_with_mlp():
     S.validate(tree, m.config, SEQ)
     row = np.random.default_rng(1).integers(0, V, (1, SEQ)).astype(np.int32)
     tokens = np.repeat(row, 4, axis=0)
-    plan, runs, _ = S.sample_runs(tree, 4, np.random.default_rng(0), {})
+    plan, runs, _ = Sm.sample_runs(tree, 4, np.random.default_rng(0), {})
     assert runs.shape[1] > 20
-    got = jax.jit(jax.vmap(lambda r: S.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
+    got = jax.jit(jax.vmap(lambda r: R.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
     np.testing.assert_allclose(np.asarray(got), np.asarray(jax.vmap(m)(tokens)), atol=1e-5)
 
 
@@ -168,9 +170,9 @@ def test_resampling_respects_the_feature():
         S.Node(S.Head(1, 0), first, other=S.Uncond(), children=(
             S.Node(S.HeadInput(1, 0, "k"), pair, children=(S.Node(S.Embed(), first),)),)),))
     S.validate(hyp, config(), SEQ)
-    idx = S.feature_indexes(hyp, tokens)
+    idx = Sm.feature_indexes(hyp, tokens)
     for seed in range(3):
-        _, _, draws = S.sample_runs(hyp, len(tokens), np.random.default_rng(seed), idx)
+        _, _, draws = Sm.sample_runs(hyp, len(tokens), np.random.default_rng(seed), idx)
         head, kin, emb = (draws[p][0] for p in [("out", "a1.h0"), ("out", "a1.h0", "a1.h0.k"),
                                                 ("out", "a1.h0", "a1.h0.k", "embed")])
         ref = np.arange(len(tokens))
@@ -178,7 +180,7 @@ def test_resampling_respects_the_feature():
         assert (tokens[kin, -2:] % 2 == tokens[head, -2:] % 2).all()
         assert (tokens[emb, 0] % 3 == tokens[kin, 0] % 3).all()
         # every member of a class gets drawn sometimes (uniform within the class, not a fixed pick)
-    many = np.concatenate([S.sample_runs(hyp, len(tokens), np.random.default_rng(s), idx)[2][("out", "a1.h0")][0]
+    many = np.concatenate([Sm.sample_runs(hyp, len(tokens), np.random.default_rng(s), idx)[2][("out", "a1.h0")][0]
                            for s in range(30)])
     assert len(np.unique(many)) == len(tokens)
 
@@ -206,7 +208,7 @@ def test_clear_errors():
     tokens = np.arange(3 * SEQ).reshape(3, SEQ).astype(np.int32) % V
     lonely = S.Cond("first", lambda t: t[:, 0])
     with pytest.raises(S.HypothesisError, match=r"3 of 3 examples hold a value no other example shares \(example 0"):
-        S.feature_indexes(Nd(S.Output(), children=(Nd(S.Embed(), lonely),)), tokens)
+        Sm.feature_indexes(Nd(S.Output(), children=(Nd(S.Embed(), lonely),)), tokens)
 
 
 def test_loss_recovered_and_interval():
@@ -229,18 +231,18 @@ def test_scrub_from_shared_plain_runs_equals_per_example_treeified_run():
         Nd(S.MLP(1), E, other=U, children=(Nd(S.MLPInput(1), U, (Nd(S.Head(1, 1), E),)),)),
         Nd(S.Head(1, 0), U, other=U, children=(Nd(S.HeadInput(1, 0, "v"), E, (Nd(S.Embed(), U),)),)),))
     S.validate(hyp, m.config, SEQ)
-    plain = S.plain_runs(m, tokens)
+    plain = R.plain_runs(m, tokens)
     per = S._bytes_per_example(m.config, sum(1 for _ in hyp.walk()), SEQ)
     got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=2 * 3 * per + 1, plain=plain)
     for i, seed in enumerate((0, 1)):
-        plan, runs, _ = S.sample_runs(hyp, len(tokens), np.random.default_rng(seed), {})
-        logits = jax.jit(jax.vmap(lambda r: S.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
+        plan, runs, _ = Sm.sample_runs(hyp, len(tokens), np.random.default_rng(seed), {})
+        logits = jax.jit(jax.vmap(lambda r: R.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
         want = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits[:, -1])), targets[:, None], 1)[:, 0]
         np.testing.assert_allclose(got.losses[i], want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="do not match"):
         S.scrub(m, tokens[:5], hyp, nll_last, targets[:5], plain=plain)
     with pytest.raises(ValueError, match="token ids outside"):
-        S.plain_runs(m, tokens + V)
+        R.plain_runs(m, tokens + V)
 
 
 def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
@@ -252,7 +254,7 @@ def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
     U, E, Nd = S.Uncond(), S.Exact(), S.Node
     hyp = Nd(S.Output(), E, other=U, children=(
         Nd(S.Head(1, 1), E, other=U, children=(Nd(S.HeadInput(1, 1, "k"), U, (Nd(S.Head(0, 0), E),)),)),))
-    small = 2 * S._plain_bytes(m.config, SEQ) * 4  # fits 4 examples' plain runs, not 9
+    small = 2 * R.plain_bytes(m.config, SEQ) * 4  # fits 4 examples' plain runs, not 9
     assert not S.plain_fits(m.config, tokens.shape, small)
     got = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), memory_budget=small)
     want = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1))
@@ -262,7 +264,7 @@ def test_over_budget_dataset_falls_back_to_per_chunk_plain_runs():
 # ------------------------------------------------------------------ chunked, threaded dispatch
 def test_chunks_cover_every_example_in_equal_thread_multiples():
     for n, per, budget, workers in [(11, 10, 35, 3), (1000, 1, 1e9, 2), (7, 1, 2, 2), (5, 100, 1, 4), (2, 1, 1e9, 3)]:
-        chunks = S._chunks(budget, per, n, workers)
+        chunks = R.chunk_indices(budget, per, n, workers)
         assert len({len(ch) for ch in chunks}) == 1  # one compiled shape
         assert sorted(set(np.concatenate(chunks).tolist())) == list(range(n))
         assert np.concatenate(chunks).tolist()[:n] == list(range(n))  # in order, padding only at the end
@@ -274,8 +276,8 @@ def test_plain_runs_chunked_on_threads_equal_numpy():
     """Layer-major plain runs, several odd-sized chunks on 3 threads == the numpy forward."""
     m = tiny(heads=3)
     tokens = np.random.default_rng(7).integers(0, V, (11, SEQ)).astype(np.int32)
-    small = 3 * (S._plain_bytes(m.config, SEQ) + 4 * SEQ * (3 * SEQ + 4 * 16))  # ~3 examples a chunk
-    plain = S.plain_runs(m, tokens, memory_budget=small, workers=3)
+    small = 3 * (R.plain_bytes(m.config, SEQ) + 4 * SEQ * (3 * SEQ + 4 * 16))  # ~3 examples a chunk
+    plain = R.plain_runs(m, tokens, memory_budget=small, workers=3)
     assert plain.resid_mid is None and plain.mlp_out is None  # attention-only: nothing reads them
     p = np_params(m)
     for i, t in enumerate(tokens):
@@ -291,7 +293,7 @@ def test_plain_runs_chunked_on_threads_equal_numpy():
 def test_plain_runs_with_mlp_equal_per_example_forward_captures():
     m = tiny(attn_only=False, heads=2, layers=2)
     tokens = np.random.default_rng(8).integers(0, V, (5, SEQ)).astype(np.int32)
-    plain = S.plain_runs(m, tokens, memory_budget=2 * S._plain_bytes(m.config, SEQ), workers=2)
+    plain = R.plain_runs(m, tokens, memory_budget=2 * R.plain_bytes(m.config, SEQ), workers=2)
     cap = models.Capture(resid=True, sublayers=True, head_z=True)
     for i, t in enumerate(tokens):
         acts = m.forward(jnp.asarray(t), capture=cap).activations
@@ -312,7 +314,7 @@ def test_scrub_equal_for_any_workers_and_chunking():
     one = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=1)
     per = S._bytes_per_example(m.config, sum(1 for _ in hyp.walk()), SEQ)
     many = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=3, memory_budget=2 * 2 * per + 1)
-    small = 2 * S._plain_bytes(m.config, SEQ) * 4
+    small = 2 * R.plain_bytes(m.config, SEQ) * 4
     fallback = S.scrub(m, tokens, hyp, nll_last, targets, seeds=(0, 1), workers=2, memory_budget=small)
     np.testing.assert_allclose(many.losses, one.losses, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fallback.losses, one.losses, rtol=1e-5, atol=1e-6)

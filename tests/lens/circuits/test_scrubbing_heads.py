@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from lens.circuits import scrubbing as S
+from lens.circuits import scrubbing_runs as R
+from lens.circuits import scrubbing_sampling as Sm
 from lens_tiny import VOCAB, tiny
 from models.core.interventions import Capture, Edits
 
@@ -37,8 +39,8 @@ def test_same_draws_equal_transformers_forward(name):
     heads = (0, c.n_heads - 1)  # first and last query head: different kv heads under GQA
     tree = head_tree(1, heads, S.Exact())
     tokens = np.random.default_rng(0).integers(0, VOCAB, (3, SEQ)).astype(np.int32)
-    plan, runs, _ = S.sample_runs(tree, len(tokens), np.random.default_rng(0), {})
-    got = jax.jit(jax.vmap(lambda r: S.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
+    plan, runs, _ = Sm.sample_runs(tree, len(tokens), np.random.default_rng(0), {})
+    got = jax.jit(jax.vmap(lambda r: R.treeified_logits(m, plan, r)))(jnp.asarray(tokens[runs]))
     with torch.no_grad():
         want = hf(torch.tensor(tokens.astype(np.int64))).logits.numpy()
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=0)  # float32, two implementations
@@ -53,7 +55,7 @@ def test_patched_heads_equal_whole_block_path_patching(name, layer):
     srcs = {w: jnp.asarray(rng.normal(size=(len(heads), SEQ, c.d_model)), jnp.float32) for w in "qkv"}
     base = jnp.asarray(rng.normal(size=(SEQ, c.d_model)), jnp.float32)
     qpos, valid = m.default_positions(jnp.zeros((SEQ,), jnp.int32), None, None, None)
-    one = jax.jit(lambda h, s: jax.vmap(lambda q, k, v: S._patched_head(m, layer, h, q, k, v, qpos, valid))(
+    one = jax.jit(lambda h, s: jax.vmap(lambda q, k, v: R._patched_head(m, layer, h, q, k, v, qpos, valid))(
         s["q"], s["k"], s["v"]), static_argnums=0)  # vmapped over members, as under the scrub's vmap
 
     group = c.n_heads // c.n_kv_heads

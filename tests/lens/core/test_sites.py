@@ -277,3 +277,25 @@ def test_site_declaration_drives_validation():
     assert E.first_edited_layer(model, E.stack_edits([a, a])) == 1
     final = E.stack_edits([E.patch(model, cache, "final_scale")])
     assert E.first_edited_layer(model, final) == n
+
+
+def test_patch_sites_agree_with_the_activations_they_read():
+    """models.core.interventions.PATCH_SITES is the one patch-site table: each site's source
+    axes (derived from the Edits declaration) are the axes of the Activations field it reads
+    (Activations' own annotations, after [layers]); the unit a patch may pick is the head
+    axis of the per-head sites only; only the final norm's site has no [layers] axis; and
+    lens.circuits.patching takes a subset of it."""
+    import typing
+
+    from lens.circuits import patching as Pt
+    from models.core.interventions import PATCH_SITES, Activations
+
+    hints = typing.get_type_hints(Activations)
+    per_head = {"heads": "heads", "q_input": "heads", "k_input": "kv_heads", "v_input": "kv_heads"}
+    for name, site in PATCH_SITES.items():
+        dims = typing.get_args(hints[site.field])[0].dim_str.split()  # e.g. "layers seq d_model"
+        dims = dims[1:] if dims[0] == "layers" else dims
+        assert dims[0] == "seq" and tuple(dims[1:]) == site.axes[1:], (name, dims, site.axes)
+        assert site.unit == per_head.get(name), name
+        assert site.layered == (name != "final_scale"), name
+    assert set(Pt.SITES) <= set(PATCH_SITES) and all(Pt.SITES[k] is PATCH_SITES[k] for k in Pt.SITES)

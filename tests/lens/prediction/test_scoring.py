@@ -232,14 +232,3 @@ def test_goodhart_term_equals_numpy_and_lam_zero_is_plain_training(tmp_path):
                                           loss_fn=gaming.GoodhartLoss(0.0, jnp.log(jnp.asarray(table, jnp.float32))))).model
     for a, b in zip(jax.tree.leaves(eqx.filter(plain, eqx.is_array)), jax.tree.leaves(eqx.filter(zero, eqx.is_array))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bit for bit
-
-
-def test_truncated_student_is_the_first_blocks():
-    model = peaked(tiny_llama(), seed=2)
-    student = gaming.truncated_student(model, 1)
-    tokens = jnp.arange(10, dtype=jnp.int32)
-    x, qpos, valid = model.prefix(tokens, stop=1)
-    want = model.unembed_resid(x)[0]
-    np.testing.assert_allclose(np.asarray(student(tokens)), np.asarray(want), rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="n_layers"):
-        gaming.truncated_student(model, 4)

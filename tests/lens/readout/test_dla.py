@@ -135,12 +135,49 @@ def test_layer_groups_partition_the_parts_and_bad_tokens_are_refused():
         dla.logit_direction(tiny("llama")[1], 61)
 
 
-def test_dla_norm_smoke_preset(tmp_path):
-    import dla_norm
+def _disagreement_numpy(a, b):
+    """The measures written out in float64 numpy, scipy's Spearman (independent of lens)."""
+    from scipy.stats import spearmanr
+
+    top_a = np.argsort(-np.abs(a), kind="stable")
+    k5, k10 = min(5, len(a)), min(10, len(a))
+    top_b = set(np.argsort(-np.abs(b), kind="stable")[:k5].tolist())
+    return {"rel_l1": np.abs(a - b).sum() / np.abs(a).sum(), "abs_ratio": np.abs(b).sum() / np.abs(a).sum(),
+            "spearman": spearmanr(a, b).statistic, "top5_overlap": len(top_b & set(top_a[:k5].tolist())) / k5,
+            "top10_sign_flips": np.mean(np.sign(a[top_a[:k10]]) != np.sign(b[top_a[:k10]]))}
+
+
+@pytest.mark.parametrize("n", [3, 23])
+def test_disagreement_against_numpy_jitted_and_vmapped(n):
+    """Tolerance 1e-5: float32 sums of <= 23 terms of size ~1 (the numpy side is float64)."""
+    rng = np.random.default_rng(n)
+    a = rng.normal(size=(4, n)).astype(np.float32)
+    b = (a + rng.normal(scale=0.7, size=(4, n))).astype(np.float32)
+    batched = jax.vmap(dla.disagreement)(jnp.asarray(a), jnp.asarray(b))
+    for i in range(4):
+        want = _disagreement_numpy(a[i].astype(np.float64), b[i].astype(np.float64))
+        for k, v in want.items():
+            assert float(batched[k][i]) == pytest.approx(v, abs=1e-5), k
+    same = dla.disagreement(jnp.asarray(a[0]), jnp.asarray(a[0]))
+    assert float(same["rel_l1"]) == 0.0 and float(same["spearman"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(same["top5_overlap"]) == 1.0 and float(same["top10_sign_flips"]) == 0.0
+    with pytest.raises(ValueError, match="same parts"):
+        dla.disagreement(jnp.ones(3), jnp.ones(4))
+
+
+def test_dla_norm_smoke_preset(tmp_path, monkeypatch):
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+
     from lens_tiny import tiny_text_model
 
-    r = dla_norm.main(["--model", str(tiny_text_model(tmp_path / "m")), "--preset", "smoke",
-                       "--out", str(tmp_path / "o")])
+    script = Path(__file__).resolve().parents[3] / "scripts" / "dla_norm.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_text_model(tmp_path / "m")),
+                                      "--preset", "smoke", "--out", str(tmp_path / "o")])
+    runpy.run_path(str(script), run_name="__main__")
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["settings"]["group_shapley"] == "exact" and len(r["prompts"]) == 2
     assert r["frozen_shapley_vs_a_max_abs"] < 1e-5
     for p in r["prompts"]:  # both attributions are complete

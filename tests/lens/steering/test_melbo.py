@@ -81,7 +81,7 @@ def test_ortho_batched_joint_orthogonality_and_resume(problem, theta0):
     saved = []
 
     def killed_after_first_block(result):
-        saved.append(melbo.TrainResult(result.vectors.copy(), result.losses.copy()))
+        saved.append(melbo.MelboResult(result.vectors.copy(), result.losses.copy()))
         raise KeyboardInterrupt  # the run dies right after its first checkpoint
 
     with pytest.raises(KeyboardInterrupt):

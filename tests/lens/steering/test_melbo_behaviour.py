@@ -72,7 +72,8 @@ def test_pair_statistics_equal_a_double_loop():
     assert out["across_abs_diff"]["value"] == pytest.approx(np.mean(across), abs=1e-12)
     from scipy.stats import spearmanr
 
-    assert out["spearman_cos_vs_similarity"]["value"] == pytest.approx(spearmanr(xs, ys).statistic, abs=1e-9)
+    # 1e-6: lens.core.stats.spearman runs in float32 (JAX), scipy in float64, over 0.5 K^2 pairs
+    assert out["spearman_cos_vs_similarity"]["value"] == pytest.approx(spearmanr(xs, ys).statistic, abs=1e-6)
     assert out["cluster_sizes"] == np.bincount(labels).tolist()
 
 

@@ -162,3 +162,48 @@ def test_real_corpora_documents():
     code = data.python_code_documents()
     assert "json/decoder.py" in code and not any(k.startswith(("test/", "site-packages/")) for k in code)
     assert "class JSONDecoder" in code["json/decoder.py"]
+
+
+@pytest.fixture
+def fake_corpora(monkeypatch):
+    """load_tokens stubbed: corpus c's row i is [c, i, split id] (so every row says where it came from)."""
+    sizes = {"a": 7, "b": 4, "c": 5}
+    calls = []
+
+    def load(name, tokenizer, seq_len, split="train"):
+        calls.append(name)
+        s = {"train": 0, "validation": 1, "test": 2}[split]
+        return np.array([[ord(name), i, s] + [0] * (seq_len - 3) for i in range(sizes[name])], np.int32)
+
+    monkeypatch.setattr(data, "load_tokens", load)
+    return calls
+
+
+def test_mixed_rows_is_concat_then_seeded_permutation(fake_corpora):
+    got = data.mixed_rows(["b", "a", "c"], None, 4, "validation", seed=3)
+    concat = np.array([[ord(c), i, 1, 0] for c, n in (("b", 4), ("a", 7), ("c", 5)) for i in range(n)], np.int32)
+    np.testing.assert_array_equal(got, concat[np.random.default_rng(3).permutation(16)])
+    np.testing.assert_array_equal(data.mixed_rows(["b", "a", "c"], None, 4, "validation", seed=None), concat)
+    np.testing.assert_array_equal(data.mixed_rows(["b", "a", "c"], None, 4, "validation", seed=3, n_rows=5), got[:5])
+
+
+def test_mixed_rows_even_share_takes_the_first_rows_of_each(fake_corpora):
+    got = data.mixed_rows(["a", "b", "c"], None, 3, "test", n_rows=8, seed=None, even=True)  # shares 3, 3, 2
+    want = [[ord("a"), i, 2] for i in range(3)] + [[ord("b"), i, 2] for i in range(3)] + [[ord("c"), i, 2] for i in range(2)]
+    np.testing.assert_array_equal(got, np.array(want, np.int32))
+    fake_corpora.clear()
+    one = data.mixed_rows(["a", "b", "c"], None, 3, "test", n_rows=1, seed=None, even=True)
+    assert one.tolist() == [[ord("a"), 0, 2]] and fake_corpora == ["a"]  # a zero share is not loaded
+    shuffled = data.mixed_rows(["a", "b", "c"], None, 3, "test", n_rows=8, seed=5, even=True)
+    np.testing.assert_array_equal(shuffled, np.array(want, np.int32)[np.random.default_rng(5).permutation(8)])
+
+
+def test_mixed_rows_refuses_bad_requests(fake_corpora):
+    with pytest.raises(ValueError, match="at least one corpus"):
+        data.mixed_rows([], None, 4)
+    with pytest.raises(ValueError, match="needs n_rows"):
+        data.mixed_rows(["a"], None, 4, even=True)
+    with pytest.raises(ValueError, match="n_rows"):
+        data.mixed_rows(["a"], None, 4, n_rows=0)
+    with pytest.raises(ValueError, match="fewer than its share"):
+        data.mixed_rows(["a", "b"], None, 4, n_rows=12, even=True)
