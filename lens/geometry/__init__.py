@@ -13,6 +13,8 @@ Modules:
   logits         logit decomposition, ranking agreement (spearman, topk_overlap), logit-effect similarity
   sphere         geodesic angle, tangent projection, exp/log maps, slerp, rotate_towards
   diagnostics    residual-norm statistics per layer/position, |v|/|x| ratios
+  on_model       the same geometry measured on a model (logit rankings, residual norms, effective
+                 cosines at real activations): the one module here that imports `models`
 
 Conventions: pure functions of arrays, jit/vmap-able; `kind` ("layer" | "rms") and sizes
 such as `k` are static Python values (unknown kinds raise ValueError).  Arithmetic is float32

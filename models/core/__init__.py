@@ -1,3 +1,16 @@
-"""The model core: config, stateless layers, the block, the transformer, interventions as data,
-the KV cache, random initialisation.
+"""The model core: what one forward computes.
+
+Modules:
+  config        ModelConfig: the one frozen config every family converts into (typed flags, no
+                architecture names in the forward)
+  layers        norms (float32), rotary, attention, MLP activations: stateless functions
+  block         Block (one layer's weights) and block_forward(config, block, x [seq, d], query_pos,
+                *, key_pos, rotary, ...) -> (x [seq, d], kv, Activations)
+  transformer   Transformer: embed -> lax.scan over stacked blocks -> final norm -> unembed;
+                __call__(tokens [seq]) -> logits [seq, vocab], forward -> ForwardOutput;
+                pad_batch; first_blocks(model, n) -> a model of its first n blocks
+  interventions Edits (interventions as data, [layers, ...] arrays), Capture (what to record),
+                Activations (the typed cache); PATCH_SITES: every patchable site, declared once
+  kv_cache      KVCache: arrays passed into the forward and returned updated
+  random_init   init(config, key) -> Transformer with transformers' initialisation conventions
 """

