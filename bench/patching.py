@@ -57,7 +57,7 @@ def timed_twice(fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    from lens.circuits import patching as Pt
+    from lens.circuits import attribution as AtP, patching as Pt
     from lens.circuits import tasks
     import models
 
@@ -104,7 +104,7 @@ def main(argv=None):
     t_hf = (time.perf_counter() - t0) * P / n_ref  # = the measured time when n_ref == P
     err = float(np.abs(grid[:n_ref] - ref).max())
 
-    atp_first, t_atp, _ = timed_twice(lambda: np.asarray(Pt.attribution_patching(
+    atp_first, t_atp, _ = timed_twice(lambda: np.asarray(AtP.attribution_patching(
         model, clean, corrupted, metric, site="resid")))
     print(f"\n{'method':<58}{'seconds':>9}{'runs/s':>9}{'vs ours':>9}")
     runs = P * n * seq
@@ -113,7 +113,7 @@ def main(argv=None):
              t_hf),
             ("ours: attribution_patching (AtP) resid (2nd call)", t_atp)]
     if not args.no_atp_star:
-        star_first, t_star, _ = timed_twice(lambda: np.asarray(Pt.atp_star(
+        star_first, t_star, _ = timed_twice(lambda: np.asarray(AtP.atp_star(
             model, clean, corrupted, metric, site="resid", memory_budget=budget)))
         rows.append(("ours: atp_star (GradDrop, 30 backwards) resid (2nd call)", t_star))
     for name, t in rows:

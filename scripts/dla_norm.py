@@ -38,14 +38,14 @@ import numpy as np  # noqa: E402
 import models  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.readout import dla
-from lens.cli import int_at_least  # noqa: E402
+from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 CORPORA = ("shakespeare", "python-docs", "python-code")
-PRESETS = {"default": {"prompts": 12, "seq": 32, "permutations": 512},
-           "smoke": {"prompts": 2, "seq": 8, "permutations": 16}}
+PRESETS = {"default": Preset(prompts=12, seq=32, permutations=512),
+           "smoke": Preset(prompts=2, seq=8, permutations=16)}
 EXACT_MAX_GROUPS = 16
 
 
@@ -60,10 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--permutations", type=int_at_least(2), default=None, help="sampled orders (override)")
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     args = ap.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return fill_from_preset(args, PRESETS[args.preset])
 
 
 def disagreement(a: np.ndarray, b: np.ndarray) -> dict:

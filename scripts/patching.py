@@ -21,7 +21,6 @@ AtP / AtP* grids beside it) and PNGs (heatmaps, AtP-vs-patching scatters) into -
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fu
 import numpy as np  # noqa: E402
 
 from lens.circuits import patching as Pt  # noqa: E402
-from lens.cli import int_at_least, positive_float  # noqa: E402
+from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
 from models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
@@ -39,25 +38,19 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 SITES = tuple(Pt.SITES)
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    pairs: int  # pairs per task for the grids
-    perf_prompts: int  # prompts for the "does the model do it" measurement
-    sites: tuple[str, ...]
-    tasks: tuple[str, ...]
-    path_pairs: int  # pairs for path patching (0: skipped)
-    heads_per_position: bool
-    layers: int | None = None  # keep only the first blocks (smoke: a quick run-through)
-
-
+# pairs: per task for the grids; perf_prompts: for the "does the model do it" measurement;
+# path_pairs: pairs for path patching (0: skipped); layers: keep only the first blocks
+# (None: all; smoke: a quick run-through)
 PRESETS = {
     # smoke: the first 2 of SmolLM2's 30 blocks (the truncated model does not do the tasks;
     # it exercises every step end to end in under 3 minutes)
-    "smoke": Preset(1, 8, ("resid", "heads", "q_input"), ("ioi",), 1, False, layers=2),
+    "smoke": Preset(pairs=1, perf_prompts=8, sites=("resid", "heads", "q_input"), tasks=("ioi",), path_pairs=1,
+                    heads_per_position=False, layers=2),
     # default: the README's IOI tables (3 pairs, every site, path patching on 2 pairs;
     # 54 min on the loaded 2-core machine).  The README's factual-recall table is the
     # override `--tasks fact --pairs 2 --perf-prompts 111 --sites resid,heads,q_input,k_input`.
-    "default": Preset(3, 120, SITES, ("ioi",), 2, False),
+    "default": Preset(pairs=3, perf_prompts=120, sites=SITES, tasks=("ioi",), path_pairs=2, heads_per_position=False,
+                      layers=None),
 }
 TEMPLATE = {"ioi": 0, "fact": 1}  # the template of the grids' pairs
 
@@ -273,11 +266,11 @@ def write_report(out_dir: Path, result: dict):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     p = PRESETS[args.preset]
-    p = dataclasses.replace(p, **({"pairs": args.pairs} if args.pairs else {}),
-                            **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
-                            **({"layers": args.layers} if args.layers else {}),
-                            **({"tasks": args.tasks} if args.tasks else {}),
-                            **({"sites": args.sites} if args.sites else {}))
+    p = p.replace(**({"pairs": args.pairs} if args.pairs else {}),
+                  **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
+                  **({"layers": args.layers} if args.layers else {}),
+                  **({"tasks": args.tasks} if args.tasks else {}),
+                  **({"sites": args.sites} if args.sites else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -294,7 +287,7 @@ def main(argv=None) -> dict:
         model = first_blocks(model, p.layers)
     log = print
     result = {"model": str(args.model) + (f" (first {p.layers} blocks)" if p.layers else ""),
-              "preset": args.preset, "config": dataclasses.asdict(p),
+              "preset": args.preset, "config": p.as_dict(),
               "performance": {}, "tasks": {}}
     for task in p.tasks:
         make = tasks.ioi_pairs if task == "ioi" else tasks.factual_pairs

@@ -46,7 +46,7 @@ FAMILY_MODULE = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2", "neox": "ne
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_MODULE))
 def model(request, tmp_path_factory):
-    importlib.import_module("models." + FAMILY_MODULE[request.param])  # must import: never a skip
+    importlib.import_module("models.families." + FAMILY_MODULE[request.param])  # must import: never a skip
     folder = tmp_path_factory.mktemp(request.param)
     save_tiny(_configs()[request.param], folder)
     return convert_hf(*read_safetensors_folder(folder), jnp.float32)
