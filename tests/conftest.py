@@ -25,6 +25,10 @@ import pytest
 # `make run` runs; on XLA:CPU it is full float32, checked in test_differential.py).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Memory: XLA's many threads each get a glibc malloc arena, and freed model weights stay in
+# them; two arenas per process (inherited by the xdist workers and script subprocesses, which
+# start after this import) and a trim after every module (below) hand freed memory back.
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 
 _RUN_DIR_ENV = "LENS_TEST_RUN_DIR"  # set by the controller: the run's derived-data folder
 _created_here: list[str] = []
@@ -93,3 +97,15 @@ def _release_memory_after_module(request):
     if "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise, so a long-lived xdist
+    worker's RSS only grows); a no-op where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
