@@ -12,7 +12,6 @@ here as the scripts turn it on); the controller deletes it at the end.  Set
 LENS_TEST_CACHE_DIR to keep derived data in a folder of your choice instead (not deleted).
 """
 
-import contextlib
 import functools
 import gc
 import os
@@ -84,50 +83,14 @@ except ImportError:  # hypothesis is a test requirement; its absence fails the m
     pass
 
 
-# Modules that hold a real model (ours and transformers') or run a script in a subprocess:
-# 2-5 GB each.  Two of them at once, one per xdist worker, made the suite's peak RSS ~10-12 GB;
-# under `-n 2` they take turns (a lock file in the run's folder), while the other worker keeps
-# running the light modules.
-HEAVY_MODULES = frozenset({
-    "models/test_real_models.py", "models/test_sampling.py", "lens/geometry/test_geometry_real.py",
-    "lens/steering/test_analysis_reference.py", "lens/readout/test_dla.py", "lens/readout/test_logit_lens.py",
-    "lens/circuits/test_patching.py", "lens/training/test_train.py", "test_docs.py",
-    "scripts/test_goodhart_script.py", "scripts/test_modularity_script.py", "scripts/test_orthogonal_script.py",
-    "scripts/test_orthogonal_readings.py", "scripts/test_causal_scrubbing_script.py",
-})
-_TESTS = os.path.dirname(os.path.abspath(__file__))
-
-
-@contextlib.contextmanager
-def _heavy_turn(module_file: str):
-    """Hold the run's heavy-module lock while a heavy module runs under xdist."""
-    rel = os.path.relpath(os.path.abspath(module_file), _TESTS).replace(os.sep, "/")
-    if rel not in HEAVY_MODULES or not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    import fcntl
-
-    with open(os.path.join(os.environ[_RUN_DIR_ENV], "heavy-module.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _release_memory_after_module(request):
-    """A heavy module waits for its turn (above), before any of its fixtures load a model.
-    After each test module: drop its module-level `functools.lru_cache`s (tiny models,
+    """After each test module: drop its module-level `functools.lru_cache`s (tiny models,
     converted pairs, geometry data), JAX's in-memory executables and tracing caches, and
     collect.  A module's cached models otherwise stay alive for the whole run (modules stay
     in sys.modules), which is what made the suite's peak RSS grow with the number of files."""
-    with _heavy_turn(request.module.__file__):
-        yield
-        _release(request.module)
-
-
-def _release(module) -> None:
+    yield
+    module = request.module
     for value in list(vars(module).values()):
         if isinstance(value, functools._lru_cache_wrapper) and getattr(value, "__module__", None) == module.__name__:
             value.cache_clear()
