@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real tokenizers (GGUF and transformers) of both embedded models
+
 from models.io import embedded
 from models.io.tokenizer import Tokenizer
 

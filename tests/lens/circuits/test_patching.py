@@ -340,6 +340,7 @@ def test_compare_counts_overlap_and_false_negatives():
     np.testing.assert_allclose(r["pearson"], np.corrcoef(effect.ravel(), estimate.ravel())[0, 1])
 
 
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_patching_script_smoke(tmp_path):
     """scripts/patching.py --preset smoke end to end (SmolLM2's first 2 blocks, 1 pair):
     report.md, report.json with a grid per site and its AtP / AtP* grids, PNGs."""

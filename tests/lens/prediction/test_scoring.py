@@ -196,6 +196,7 @@ def test_direct_path_equals_the_model_with_every_block_output_zeroed(config):
 
 
 # ------------------------------------------------------------ training terms
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_distillation_lowers_held_out_kl(tmp_path):
     teacher = peaked(tiny_gpt2(), seed=7)
     rng = np.random.default_rng(8)
@@ -210,6 +211,7 @@ def test_distillation_lowers_held_out_kl(tmp_path):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_goodhart_term_equals_numpy_and_lam_zero_is_plain_training(tmp_path):
     config = tiny_gpt2(layers=1)
     rng = np.random.default_rng(10)

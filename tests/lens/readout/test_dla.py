@@ -165,6 +165,7 @@ def test_disagreement_against_numpy_jitted_and_vmapped(n):
         dla.disagreement(jnp.ones(3), jnp.ones(4))
 
 
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_dla_norm_smoke_preset(tmp_path, monkeypatch):
     import json
     import runpy

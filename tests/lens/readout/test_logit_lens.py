@@ -222,6 +222,7 @@ def test_scores_count_bytes_and_match_a_loop():
     assert fz["kl"][0] != pytest.approx(s["kl"][0], rel=1e-3)
 
 
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     """Both scripts end to end (smoke presets) on a tiny random model with SmolLM2's tokenizer:
     the lens the first writes is read by the second."""
@@ -247,6 +248,7 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
 
 # A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
 # kill at a known step, no polling race), then the same command resumes in this process.
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_path):
     import signal
 

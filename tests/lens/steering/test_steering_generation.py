@@ -113,6 +113,7 @@ def test_reply_mean_difference_reads_the_reply_positions():
     np.testing.assert_allclose(v, mean_of(a) - mean_of(b), atol=1e-5)
 
 
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_calibrate_norm_picks_by_the_score_of_separate_generations():
     """Every design x rho scored from generations run one at a time (`generate` with
     `edits.add`), then the rule: best mean score, then smallest rho, then earlier design;

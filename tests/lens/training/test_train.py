@@ -110,6 +110,7 @@ def test_bad_rows_are_clear_errors(tmp_path):
 
 # ---------------------------------------------------------- a real SIGKILL of the script
 SMOKE = ["--preset", "smoke", "--steps", "6", "--checkpoint-every", "2", "--no-progress"]
+@pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_sigkilled_train_toy_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     """Killed in its own process after 2 of 6 steps; resumed and run uninterrupted here
     (same XLA flags: this process imported `models` first); the smallest preset and the
