@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.io.embedded import SMOLLM2_135M_HF_CONFIG as SMOLLM2_SHAPE  # the default model's shape
+from lens.models.io.embedded import SMOLLM2_135M_HF_CONFIG as SMOLLM2_SHAPE  # the default model's shape
 
 def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     """(our model, the transformers model, a description), the same float32 weights."""
@@ -23,8 +23,8 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from models.families import convert_hf
-    from models.io.safetensors_reader import read_safetensors_folder
+    from lens.models.families import convert_hf
+    from lens.models.io.safetensors_reader import read_safetensors_folder
 
     if random_weights:
         torch.manual_seed(0)
@@ -34,8 +34,8 @@ def load_pair(random_weights: bool, name: str = "smollm2-135m-instruct"):
             ours = convert_hf(*read_safetensors_folder(Path(d)), jnp.float32)
         return ours, hf, "random weights, SmolLM2-135M shape"
 
-    import models
-    from models.io import embedded
+    from lens import models
+    from lens.models.io import embedded
 
     path = embedded.fetch(name)
     ours, _ = models.load(name)

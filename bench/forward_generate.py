@@ -29,11 +29,11 @@ import statistics
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import load_pair, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -143,7 +143,7 @@ def measure_generate(ours, hf, args) -> dict:
     import numpy as np
     import torch
 
-    from models.generation.generate import GenerationConfig, generate
+    from lens.models.generation.generate import GenerationConfig, generate
 
     n_new = args.new_tokens
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()

@@ -34,10 +34,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from lens.cli import int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -99,7 +99,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
     import numpy as np
     import torch
 
-    from models.generation.generate import GenerationConfig, generate
+    from lens.models.generation.generate import GenerationConfig, generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     n = args.new_tokens
@@ -137,7 +137,7 @@ def greedy(ours, ours16, hf, args, bw) -> dict:
 def bf16_parity(ours, ours16, args) -> dict:
     import numpy as np
 
-    from models.generation.generate import GenerationConfig, generate
+    from lens.models.generation.generate import GenerationConfig, generate
 
     rs = np.random.RandomState(7)
     prompts = [rs.randint(3, ours.config.vocab_size, int(rs.randint(8, 24))).tolist()
@@ -163,7 +163,7 @@ def steered(ours, hf, tok, args) -> dict:
     import torch
 
     from lens.steering import vectors
-    from models.generation.generate import GenerationConfig, chat_prompt
+    from lens.models.generation.generate import GenerationConfig, chat_prompt
 
     texts = ["Tell me about your neighbour.", "Write one sentence about the weather.",
              "What should I cook tonight?", "Describe a walk in the park.", "Give me advice on sleep.",
@@ -234,7 +234,7 @@ def profile_decode(ours, args) -> dict:
     import jax
     import numpy as np
 
-    from models.generation.generate import GenerationConfig, generate
+    from lens.models.generation.generate import GenerationConfig, generate
 
     prompt = np.random.RandomState(1).randint(3, ours.config.vocab_size, args.prompt_len).tolist()
     generate(ours, prompt, GenerationConfig(args.new_tokens, eos_token_ids=()))
@@ -267,7 +267,7 @@ def main(argv=None):
     import jax.numpy as jnp
     import torch
 
-    import models
+    from lens import models
     from bench_common import load_pair, write_json
 
     t_start = time.time()

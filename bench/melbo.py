@@ -38,14 +38,14 @@ import argparse
 import os
 import time
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_common import load_pair, matmul_peak  # noqa: E402
 from lens.cli import int_at_least, positive_ints as int_list  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -55,8 +55,8 @@ def build(random_weights: bool):
     ours, hf, _ = load_pair(random_weights)
     if random_weights:
         return ours, hf, list(np.random.RandomState(0).randint(0, 49152, 24))
-    import models
-    from models.generation.generate import chat_prompt
+    from lens import models
+    from lens.models.generation.generate import chat_prompt
 
     _, tok = models.load("smollm2-135m-instruct")
     return ours, hf, chat_prompt(tok, "Tell me a short story about a lighthouse keeper.")

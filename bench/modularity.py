@@ -34,7 +34,7 @@ and whether selective pruning's top-2% neuron choice changes (neuron_scores on
 
 from __future__ import annotations
 
-import models.runtime.xla_guard  # noqa: F401  (isort: skip)
+import lens.models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -85,7 +85,7 @@ def memory_child(args):
     """Run one side on --memory-batches batches; print its peak RSS above the loaded model."""
     import resource
 
-    import models
+    from lens import models
     from lens.training import data
     from lens.modularity.pruning import activation_stats
 
@@ -151,7 +151,7 @@ def hf_model_for(model, name, bf16: bool = False):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from models.io import embedded
+    from lens.models.io import embedded
 
     if name in embedded.EMBEDDED:
         path = embedded.fetch(name)
@@ -225,7 +225,7 @@ def main(argv=None):
         return memory_child(args)
     import torch
 
-    import models
+    from lens import models
     from lens.training import data
     from lens.modularity.pruning import activation_stats
 

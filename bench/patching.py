@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from bench_common import load_pair  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -59,7 +59,7 @@ def main(argv=None):
     args = parse_args(argv)
     from lens.circuits import attribution as AtP, patching as Pt
     from lens.circuits import tasks
-    import models
+    from lens import models
 
     model, hf, desc = load_pair(False)
     _, tok = models.load("smollm2-135m-instruct")

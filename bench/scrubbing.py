@@ -30,7 +30,7 @@ import os
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,7 +41,7 @@ from lens.circuits import scrubbing_sampling as Sm  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from bench_common import write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import resource
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
@@ -25,12 +25,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lens  # noqa: E402
-from models import Capture  # noqa: E402
+from lens.models import Capture  # noqa: E402
 
 
 from bench_common import best_time as timed, load_pair  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

@@ -32,11 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 from bench_common import matmul_peak, write_json  # noqa: E402
 from lens.cli import int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -60,7 +60,7 @@ def parse_args(argv=None):
 
 
 def config(args):
-    from models.core.config import ModelConfig
+    from lens.models.core.config import ModelConfig
 
     return ModelConfig(
         architecture="gpt2", vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers,
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     import numpy as np
     import torch
 
-    import models
+    from lens import models
     from lens.training import train
 
     torch.manual_seed(0)

@@ -1,4 +1,7 @@
-"""lens: interpretability on the pure Equinox ports in `models/`.
+"""lens: interpretability on the pure Equinox ports in `models/` (imported as `lens.models`).
+
+    from lens import models                  # the ports; see lens/_models_path.py
+    model, tokenizer = models.load("smollm2-135m-instruct")
 
 The two-function contract:
     logits, cache = lens.run_with_cache(model, tokens)      # cache.resid_pre [layers, seq, d]
@@ -20,8 +23,12 @@ One package per research question (each `__init__` lists its modules):
 
 from __future__ import annotations
 
-# First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions.
-import models.runtime.xla_guard  # noqa: F401  (isort: skip)
+# First: the ports, as `lens.models` (never the top-level name `models`, which a user's own
+# `models.py` may hold; see lens/_models_path.py).  Their first import is the XLA:CPU guard,
+# before anything starts JAX's backend.
+from lens._models_path import register as _register_models  # isort: skip
+
+models = _register_models()
 
 import importlib
 
@@ -32,7 +39,7 @@ PACKAGES = ("core", "steering", "geometry", "readout", "circuits", "prediction",
 
 __all__ = [
     "run_with_cache", "add_vectors", "head_outputs", "head_output", "resid_at", "pad_prompts", "sweep_vectors",
-    "SweepConfig", "SweepResult", "run_edits", *PACKAGES,
+    "SweepConfig", "SweepResult", "run_edits", "models", *PACKAGES,
 ]
 
 

@@ -1,6 +1,6 @@
 """Pure Equinox ports of transformer language models, checked against transformers.
 
-    import models
+    from lens import models
     model, tokenizer = models.load("smollm2-135m-instruct")
     logits = model(tokens)              # int32 [seq] -> float32 [seq, vocab]
     logits = jax.vmap(model)(batch)     # batches are vmap
@@ -19,22 +19,29 @@ Packages:
     models.runtime     the XLA:CPU guard (imported first), the opt-in compilation cache, cache
                        paths, per-model derived caches, progress bars
 
-`import models` sets no policy beyond the guard: the persistent compilation cache is one call,
+`from lens import models` sets no policy beyond the guard: the persistent compilation cache is one call,
 `models.runtime.compile_cache.enable()`, made by the scripts and left to your program.
 """
 
-# First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).
-from models.runtime import xla_guard  # noqa: F401  (isort: skip)
-from models.core.config import ModelConfig
-from models.io.convert import CheckpointError
-from models.core.random_init import init
-from models.core.interventions import Activations, Capture, Edits
-from models.core.kv_cache import KVCache
-from models.io.load import load
-from models.io.save import save
-from models.core.transformer import ForwardOutput, Transformer, pad_batch
+if __name__ == "models":
+    # Imported under the folder's own name (a checkout on sys.path): become an alias of the
+    # canonical `lens.models`, so there is one copy of every module and class.
+    from lens._models_path import alias_top_level
 
-__all__ = [
-    "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
-    "ForwardOutput", "CheckpointError", "xla_guard", "pad_batch",
-]
+    alias_top_level()
+else:
+    # First, before anything starts JAX's backend: no miscompiling XLA:CPU fusions (see the module).
+    from .runtime import xla_guard  # noqa: F401  (isort: skip)
+    from .core.config import ModelConfig
+    from .io.convert import CheckpointError
+    from .core.random_init import init
+    from .core.interventions import Activations, Capture, Edits
+    from .core.kv_cache import KVCache
+    from .io.load import load
+    from .io.save import save
+    from .core.transformer import ForwardOutput, Transformer, pad_batch
+
+    __all__ = [
+        "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
+        "ForwardOutput", "CheckpointError", "xla_guard", "pad_batch",
+    ]

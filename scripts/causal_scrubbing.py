@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,7 +39,7 @@ from lens.circuits import scrubbing as S  # noqa: E402
 from lens.circuits import scrubbing_runs as R  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -129,7 +129,7 @@ def parens_example(args, n):
 
 
 def default_example(args, n):
-    import models
+    from lens import models
     from lens.circuits.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)

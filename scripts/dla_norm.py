@@ -28,18 +28,18 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.readout import dla
 from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

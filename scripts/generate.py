@@ -10,12 +10,12 @@ import argparse
 import sys
 import time
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.cli import int_at_least, nonnegative_float, probability  # noqa: E402
-from models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

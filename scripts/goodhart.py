@@ -34,20 +34,20 @@ import os
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.prediction import defences as defence_lib  # noqa: E402
 from lens.prediction import gaming, ngram, scoring  # noqa: E402
 from lens.prediction.defences import K, aggregate, defences  # noqa: E402
 from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
-from models.core.config import ModelConfig  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.core.config import ModelConfig  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

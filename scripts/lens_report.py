@@ -18,16 +18,16 @@ import argparse
 import json
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from lens.readout.logit_lens import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

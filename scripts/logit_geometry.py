@@ -23,15 +23,15 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from figures import save_figure  # noqa: E402  (scripts/)
 from lens.geometry import on_model as gr  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

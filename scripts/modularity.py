@@ -27,7 +27,7 @@ Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefic
 
 from __future__ import annotations
 
-import models.runtime.xla_guard  # noqa: F401  (isort: skip)
+import lens.models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -54,7 +54,7 @@ from modularity_report import write_report  # noqa: E402
 
 FORGET = "python-code"
 RETAIN = ("shakespeare", "python-docs")
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -122,10 +122,10 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------ models and data
 def smoke_models(gelu: bool):
     """A tiny random model on SmolLM2's tokenizer: gated (Llama), or GELU LayerNorm (GPT-2)."""
-    import models
-    from models.io import embedded
-    from models.families import gpt2, llama
-    from models.io.tokenizer import Tokenizer
+    from lens import models
+    from lens.models.io import embedded
+    from lens.models.families import gpt2, llama
+    from lens.models.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(embedded.fetch("smollm2-135m-instruct"))
     v = tok.vocab_size if hasattr(tok, "vocab_size") else embedded.SMOLLM2_135M_HF_CONFIG["vocab_size"]
@@ -173,7 +173,7 @@ def pruning_section(args, model, train, evals, skip, out: Path, label: str):
         masks.setdefault("random", nm)
     result["methods"]["random"] = {"draws": draws}
     # The pruned model saves and reloads: the weights file, and the mask as its own file.
-    import models
+    from lens import models
 
     pruned = M.prune(model, masks["ratio"])
     folder = models.save(pruned, out / f"pruned_{label}")
@@ -304,13 +304,13 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     if args.model:
-        import models
+        from lens import models
 
         entries = [(name, *models.load(name)) for name in args.model]
     elif args.preset == "smoke":
         entries = smoke_models(args.smoke_gelu)
     else:
-        import models
+        from lens import models
 
         entries = [("smollm2-135m-instruct", *models.load("smollm2-135m-instruct"))]
     report = {"preset": args.preset, "args": {k: v for k, v in vars(args).items() if k != "model"},

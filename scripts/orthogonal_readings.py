@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
@@ -29,7 +29,7 @@ from lens.steering.prompts import NEUTRAL, load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report writer, also under runpy
 from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -47,7 +47,7 @@ from lens.cli import Preset, int_at_least, positive_float, positive_floats, posi
 from lens.steering import melbo, vectors  # noqa: E402
 from lens.steering.melbo import base_vector, experiment, stages  # noqa: E402
 from lens.steering.prompts import CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

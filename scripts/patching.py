@@ -25,13 +25,13 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 from lens.circuits import patching as Pt  # noqa: E402
 from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -274,9 +274,9 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    import models
+    from lens import models
     from lens.circuits import tasks
-    from models.core.transformer import first_blocks
+    from lens.models.core.transformer import first_blocks
 
     model, tok = models.load(args.model)
     if tok is None:

@@ -16,17 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import numpy as np  # noqa: E402
 
 import lens  # noqa: E402
 from lens.cli import finite_float, int_at_least, nonnegative_float  # noqa: E402
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.core import edits as E  # noqa: E402
 from lens.steering import vectors
-from models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.generation.generate import GenerationConfig, chat_prompt, generate  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

@@ -28,19 +28,19 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
-import models.runtime.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: E402,F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, int_at_least  # noqa: E402
 from lens.circuits.induction import measure_induction  # noqa: E402
-from models.core.config import ModelConfig  # noqa: E402
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.core.config import ModelConfig  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -90,8 +90,8 @@ def load_tokenizer(name: str, corpora: tuple[str, ...]):
         from lens.training.bpe import corpus_tokenizer
 
         return corpus_tokenizer(corpora, 4096)
-    from models.io.embedded import fetch
-    from models.io.tokenizer import Tokenizer
+    from lens.models.io.embedded import fetch
+    from lens.models.io.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(fetch(TOKENIZER))  # the tokenizer only, not the 135M weights
 
@@ -101,7 +101,7 @@ def rows_for(p: Preset, tokenizer, split: str) -> dict[str, np.ndarray]:
 
 
 def samples(model, tokenizer, n_tokens: int = 48) -> dict[str, str]:
-    from models.generation.generate import GenerationConfig, generate
+    from lens.models.generation.generate import GenerationConfig, generate
 
     prompts = [tokenizer.encode(s) for s in SAMPLE_PROMPTS]
     n_tokens = min(n_tokens, model.config.max_seq_len - max(map(len, prompts)))

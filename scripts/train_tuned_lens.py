@@ -29,16 +29,16 @@ import json
 import time
 from pathlib import Path
 
-import models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
+import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 
-import models  # noqa: E402
+from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
 from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
-from models.runtime import compile_cache  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 

@@ -36,7 +36,7 @@ _created_here: list[str] = []
 
 def _derive_into_run_dir() -> None:
     """In the first process of a run (the controller): choose the folders, once."""
-    from models.runtime.paths import CACHE_ENV, DOWNLOAD_ENV, download_dir
+    from lens.models.runtime.paths import CACHE_ENV, DOWNLOAD_ENV, download_dir
 
     if os.environ.get(_RUN_DIR_ENV):  # an xdist worker, or a nested pytest: already chosen
         return
@@ -57,7 +57,7 @@ def _share_compilations() -> None:
     """The suite is a program too: it turns JAX's persistent compilation cache on, in the
     run's folder, so xdist workers and later modules (after `jax.clear_caches()` below)
     load executables compiled once instead of compiling them again."""
-    from models.runtime import compile_cache
+    from lens.models.runtime import compile_cache
 
     compile_cache.enable()
 

@@ -16,7 +16,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _vocab_gpt2(n: int):
-    from models.io.tokenizer import bytes_to_unicode
+    from lens.models.io.tokenizer import bytes_to_unicode
 
     tokens = ["<|endoftext|>"] + list(bytes_to_unicode().values()) + ["\u0120t", "he"]
     tokens += [f"<extra_{i}>" for i in range(n - len(tokens))]
@@ -68,7 +68,7 @@ def tiny_llama(folder, gguf_path, tie: bool = False):
     )
     hf = save_tiny(cfg, folder)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-    inv = {v: k for k, v in __import__("models.families.llama", fromlist=["x"]).GGUF_LAYER_NAMES.items()}
+    inv = {v: k for k, v in __import__("lens.models.families.llama", fromlist=["x"]).GGUF_LAYER_NAMES.items()}
     tensors = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not tie:
         tensors["output.weight"] = sd["lm_head.weight"]
@@ -112,7 +112,7 @@ def tiny_gemma3(folder, gguf_path):
     )
     hf = save_tiny(cfg, folder)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
-    from models.families import gemma3
+    from lens.models.families import gemma3
 
     inv = {h: g for g, h in gemma3.GGUF_LAYER_NAMES.items()}
     plus1 = lambda name, a: a + 1.0 if name.endswith("norm.weight") else a  # noqa: E731

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import transformers as tf
 
 from hf_tiny import save_tiny
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 VOCAB = 61
 CONFIGS = {
@@ -48,10 +48,10 @@ def tiny_text_model(folder: Path) -> Path:
     `folder`: what the scripts' smoke tests load with --model (real corpora, tiny compute)."""
     import jax
 
-    import models
-    from models.core.config import ModelConfig
-    from models.io.embedded import fetch
-    from models.io.tokenizer import Tokenizer
+    from lens import models
+    from lens.models.core.config import ModelConfig
+    from lens.models.io.embedded import fetch
+    from lens.models.io.tokenizer import Tokenizer
 
     tok = Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))  # the tokenizer only
     c = ModelConfig(architecture="gpt2", vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=2,

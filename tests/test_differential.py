@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import lens
-import models
+from lens import models
 import np_reference as R
 from lens.core import folding
 from lens.core import stats as St

@@ -26,9 +26,9 @@ from jaxtyping import Array, Float, Int
 from lens.circuits.patching import SITES, SOURCE_CAPTURE, check_inputs, mix_shape, site_edits, to_grid
 from lens.core.capture import run_with_cache
 from lens.core.sweep import chunk_size_for
-from models.core import layers as L
-from models.core.interventions import Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.core import layers as L
+from lens.models.core.interventions import Capture, Edits
+from lens.models.core.transformer import Transformer
 
 
 @eqx.filter_jit

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from models.core.interventions import Capture
+from lens.models.core.interventions import Capture
 
 
 @dataclasses.dataclass(frozen=True)

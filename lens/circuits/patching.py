@@ -46,9 +46,9 @@ from tqdm.auto import tqdm
 from lens.core.capture import run_with_cache
 from lens.core.stats import kl_divergence
 from lens.core.sweep import chunk_size_for
-from models.core.block import block_forward
-from models.core.interventions import PATCH_SITES, Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.core.block import block_forward
+from lens.models.core.interventions import PATCH_SITES, Capture, Edits
+from lens.models.core.transformer import Transformer
 
 DIRECTIONS = ("denoise", "noise")
 

@@ -20,8 +20,8 @@ from jaxtyping import Array, Float, Int
 from lens.circuits.patching import DIRECTIONS, check_metric, check_pair
 from lens.core.capture import run_with_cache
 from lens.core.sweep import chunk_size_for
-from models.core.interventions import Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.core.interventions import Capture, Edits
+from lens.models.core.transformer import Transformer
 
 
 def path_patching(

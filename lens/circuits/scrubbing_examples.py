@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-import models
+from lens import models
 from lens.training import data, train
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 
 TEXT = ("shakespeare", "python-docs", "python-code")
 

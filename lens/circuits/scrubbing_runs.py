@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, Int
 
 from lens.circuits.scrubbing_nodes import MLP, Embed, Head, MLPInput, Output, Resid
 from lens.circuits.scrubbing_sampling import Plan
-from models.core.interventions import Capture, Edits
+from lens.models.core.interventions import Capture, Edits
 
 
 # ------------------------------------------------------------------ the treeified run
@@ -192,7 +192,7 @@ def _patched_head(model, layer: int, head: int, q: Float[Array, "seq d_model"], 
     norms, rotary, q/k norms and windows are the model's own code, at 1 / n_heads of a
     block's attention cost.  One call per head (its slice is static), vmapped by the
     caller over examples only."""
-    from models.core.block import block_forward
+    from lens.models.core.block import block_forward
 
     c = model.config
     kv = head // (c.n_heads // c.n_kv_heads)

@@ -18,8 +18,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.edits import check_edits
-from models.core.interventions import Activations, Capture, Edits
-from models.core.transformer import Transformer, pad_batch
+from lens.models.core.interventions import Activations, Capture, Edits
+from lens.models.core.transformer import Transformer, pad_batch
 
 DEFAULT_CAPTURE = Capture(resid=True, sublayers=True, head_z=True, neurons=True, norms=True)
 

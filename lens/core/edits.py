@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float
 
-from models.core.interventions import (
+from lens.models.core.interventions import (
     PATCH_SITES,
     SITES,
     Activations,
@@ -37,9 +37,9 @@ from models.core.interventions import (
     fields_set,
     site_widths,
 )
-from models.core.interventions import check_edits as _check
-from models.core.interventions import first_edited_layer as _first
-from models.core.transformer import Transformer
+from lens.models.core.interventions import check_edits as _check
+from lens.models.core.interventions import first_edited_layer as _first
+from lens.models.core.transformer import Transformer
 
 LayerSpec = int | Sequence[int] | None
 

@@ -24,7 +24,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from models.core.transformer import Transformer
+from lens.models.core.transformer import Transformer
 
 
 def _fold_into(w, b, weight, bias, spec_w, spec_b):

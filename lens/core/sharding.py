@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array
 
-from models.core.transformer import Transformer
+from lens.models.core.transformer import Transformer
 
 VECTORS, BATCH = "vectors", "batch"
 

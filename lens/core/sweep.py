@@ -42,9 +42,9 @@ from jaxtyping import Array, Bool, Float, Int
 from lens.core import edits as E
 from lens.core.capture import last_real_index, resid_at
 from lens.core.stats import kl_divergence
-from models.core.interventions import Edits, fields_set, final_part
-from models.core.transformer import Transformer
-from models.runtime.progress import Progress
+from lens.models.core.interventions import Edits, fields_set, final_part
+from lens.models.core.transformer import Transformer
+from lens.models.runtime.progress import Progress
 
 
 class SweepResult(eqx.Module):

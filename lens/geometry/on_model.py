@@ -30,9 +30,9 @@ from jaxtyping import Array, Bool, Float, Int
 import lens.geometry as geo
 from lens.geometry._common import HIGHEST
 from lens.core.capture import last_real_index, pad_prompts
-import models
-from models.core import layers
-from models.core.transformer import Transformer
+from lens import models
+from lens.models.core import layers
+from lens.models.core.transformer import Transformer
 
 
 # Rankings compared against the model's own (the actual logits).

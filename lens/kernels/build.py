@@ -63,7 +63,7 @@ def compiler() -> str | None:
 
 def cache_root() -> Path:
     """`<lens cache>/kernels/`, where built kernels and remembered failures live."""
-    from models.runtime.paths import cache_dir
+    from lens.models.runtime.paths import cache_dir
 
     return cache_dir() / "kernels"
 

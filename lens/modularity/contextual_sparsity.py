@@ -25,8 +25,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lens.modularity.neurons import LayerView, check_neuron_rows, masked_forward, top_k_mask
-from models.core.interventions import Capture
-from models.core.transformer import Transformer
+from lens.models.core.interventions import Capture
+from lens.models.core.transformer import Transformer
 
 
 class Predictors(eqx.Module):

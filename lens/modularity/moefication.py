@@ -34,9 +34,9 @@ from jaxtyping import Array, Float, Int
 from scipy.optimize import linear_sum_assignment
 
 from lens.modularity.neurons import LayerView, check_neuron_rows, masked_forward, top_k_mask
-from models.core.interventions import Capture
-from models.core.layers import apply_norm
-from models.core.transformer import Transformer
+from lens.models.core.interventions import Capture
+from lens.models.core.layers import apply_norm
+from lens.models.core.transformer import Transformer
 
 SPLITS = ("weights", "coact", "random")
 

@@ -24,10 +24,10 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.stats import ranks
-from models.core import layers as model_layers
-from models.core.block import Rotary, block_forward
-from models.core.interventions import Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.core import layers as model_layers
+from lens.models.core.block import Rotary, block_forward
+from lens.models.core.interventions import Capture, Edits
+from lens.models.core.transformer import Transformer
 
 
 # ------------------------------------------------------------------ input checks

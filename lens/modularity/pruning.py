@@ -28,10 +28,10 @@ from jaxtyping import Bool, Float, Int
 from safetensors.numpy import load_file, save_file
 
 from lens.modularity.neurons import check_neuron_rows, chunks
-from models.runtime import per_model_cache as per_model
-from models.core.block import bf16_matmul_blocks, block_forward
-from models.core.interventions import Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.runtime import per_model_cache as per_model
+from lens.models.core.block import bf16_matmul_blocks, block_forward
+from lens.models.core.interventions import Capture, Edits
+from lens.models.core.transformer import Transformer
 
 
 # ------------------------------------------------------------------ statistics

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Bool, Float, Int
 
-from models.generation.generate import GenerationConfig
+from lens.models.generation.generate import GenerationConfig
 from lens.modularity import pruning as M
 from lens.steering import vectors
 from lens.steering.code_score import code_score

@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Int
 
 from lens.prediction import gaming, ngram, scoring
-from models.core.transformer import first_blocks
+from lens.models.core.transformer import first_blocks
 
 K = 10  # the test's top-k
 

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 import lens.kernels
 from lens.core.stats import spearman
-from models.core.interventions import Edits
+from lens.models.core.interventions import Edits
 
 LOG_FLOOR = -100.0
 METRICS = ("test_err", "top1", "recall", "jaccard", "spearman", "order", "kl")

@@ -42,10 +42,10 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.stats import spearman
-from models.core import layers
-from models.core.config import ModelConfig
-from models.core.interventions import Capture
-from models.core.transformer import Transformer
+from lens.models.core import layers
+from lens.models.core.config import ModelConfig
+from lens.models.core.interventions import Capture
+from lens.models.core.transformer import Transformer
 
 
 def part_names(config: ModelConfig) -> list[str]:

@@ -35,9 +35,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 from safetensors.numpy import load_file, save_file
 
-from models.core.config import ModelConfig
-from models.core.interventions import Capture, Edits
-from models.core.transformer import Transformer
+from lens.models.core.config import ModelConfig
+from lens.models.core.interventions import Capture, Edits
+from lens.models.core.transformer import Transformer
 
 
 # ------------------------------------------------------------------------- decoding

@@ -34,7 +34,7 @@ from jaxtyping import Array, Float, Int
 
 from lens.core.stats import kl_divergence
 from lens.readout.logit_lens import TunedLens, check_lens_fits, decode, residual_stack
-from models.core.transformer import Transformer
+from lens.models.core.transformer import Transformer
 
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3

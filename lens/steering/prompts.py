@@ -63,7 +63,7 @@ def random_prompt_maker(vocab: int) -> PromptMaker:
 def prompt_maker(tok) -> PromptMaker:
     """Text -> ids: the chat template's user turn, or the plain text for a tokenizer
     without a chat template (a base model)."""
-    from models.generation.generate import chat_prompt
+    from lens.models.generation.generate import chat_prompt
 
     if getattr(tok, "chat_template", None) is None:
         return lambda text: tok.encode(text)
@@ -76,11 +76,11 @@ def load_model(name: str, random_weights: bool = False):
     pipeline check).  Without a tokenizer the prompts are `random_prompt_maker`'s."""
     import jax
 
-    import models
+    from lens import models
 
     if random_weights:
-        from models.families.llama import config_from_hf
-        from models.io.embedded import SMOLLM2_135M_HF_CONFIG
+        from lens.models.families.llama import config_from_hf
+        from lens.models.io.embedded import SMOLLM2_135M_HF_CONFIG
 
         model = models.init(config_from_hf(SMOLLM2_135M_HF_CONFIG), jax.random.key(0))
         return model, None, random_prompt_maker(model.config.vocab_size)

@@ -36,9 +36,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.capture import last_real_index, resid_at
-from models.core.transformer import Transformer
-from models.generation.generate import GenerationConfig
-from models.runtime.progress import Progress
+from lens.models.core.transformer import Transformer
+from lens.models.generation.generate import GenerationConfig
+from lens.models.runtime.progress import Progress
 
 REQUIRED_METADATA = ("model", "layer", "site", "method")
 
@@ -257,7 +257,7 @@ def generate_with_vectors(
     activations (`vectors_per_call_for`).  progress: a tqdm bar per call (`Progress` or a bool;
     its title names the call's vectors unless it has one)."""
     from lens.core import edits as E
-    from models.generation.generate import generate
+    from lens.models.generation.generate import generate
 
     if not isinstance(config, GenerationConfig):
         raise TypeError(f"config must be a models.generation.generate.GenerationConfig; got {type(config).__name__}")
@@ -398,7 +398,7 @@ def reply_mean_difference(
     this is the "I am starting to write code" state, which steers far better than CAA at
     the last prompt token alone (the main job's calibration table)."""
     from lens.core.capture import pad_prompts
-    from models.generation.generate import generate
+    from lens.models.generation.generate import generate
 
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be >= 1; got {n_tokens}")

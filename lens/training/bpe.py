@@ -32,8 +32,8 @@ from tokenizers import decoders, pre_tokenizers, trainers
 from tokenizers import models as tok_models
 
 from lens.training import data
-from models.runtime.paths import cache_dir
-from models.io.tokenizer import Tokenizer
+from lens.models.runtime.paths import cache_dir
+from lens.models.io.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the recipe changes, to invalidate cached tokenizers

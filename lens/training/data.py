@@ -44,8 +44,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from jaxtyping import Int
 
-from models.io.embedded import is_verified, sha256_file
-from models.runtime.paths import cache_dir, download_dir
+from lens.models.io.embedded import is_verified, sha256_file
+from lens.models.runtime.paths import cache_dir, download_dir
 
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 1234  # the document split is part of the corpus definition: never change it

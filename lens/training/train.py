@@ -38,7 +38,7 @@ from jaxtyping import Array, Float, Int
 from safetensors.numpy import load_file, save_file
 
 from lens.training.data import batch_at
-from models.runtime.progress import Progress
+from lens.models.runtime.progress import Progress
 
 CHECKPOINT = "checkpoint.safetensors"
 # Leaves decayed by AdamW: matrices.  Norm gains and biases are not (nanoGPT, GPT-2).

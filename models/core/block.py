@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from models.core import layers
-from models.core.config import ModelConfig
-from models.core.interventions import Activations, Capture, Edits
+from . import layers
+from .config import ModelConfig
+from .interventions import Activations, Capture, Edits
 
 
 class Block(eqx.Module):

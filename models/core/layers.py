@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from models.core.config import ModelConfig, NormKind, RopeScaling
+from .config import ModelConfig, NormKind, RopeScaling
 
 # Masked attention scores use the most negative finite float rather than -inf, so a
 # query that sees no key at all (a padding query) gets a uniform softmax, not NaN.

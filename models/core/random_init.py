@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.core.config import ModelConfig
-from models.io.convert import assemble, expected_shapes
-from models.core.transformer import Transformer
+from .config import ModelConfig
+from ..io.convert import assemble, expected_shapes
+from .transformer import Transformer
 
 # Families whose HF `_init_weights` rescales the residual projections (transformers'
 # GPT2PreTrainedModel); the others use one std for every matrix.

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from models.core import layers
-from models.core.block import Block, Rotary, block_forward
-from models.core.config import ModelConfig
-from models.core.interventions import Activations, Capture, Edits, final_part, layer_slice
-from models.core.kv_cache import KVCache
+from . import layers
+from .block import Block, Rotary, block_forward
+from .config import ModelConfig
+from .interventions import Activations, Capture, Edits, final_part, layer_slice
+from .kv_cache import KVCache
 
 
 def pad_batch(

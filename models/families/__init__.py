@@ -6,12 +6,12 @@ import importlib
 
 # model_type (as in config.json) -> module under models/ with config_from_hf + convert.
 FAMILIES = {
-    "llama": "models.families.llama",
-    "qwen2": "models.families.llama",
-    "gpt2": "models.families.gpt2",
-    "gpt_neox": "models.families.neox",
-    "gemma3_text": "models.families.gemma3",
-    "lens": "models.io.native",  # our own format, for configs no HF family expresses
+    "llama": "lens.models.families.llama",
+    "qwen2": "lens.models.families.llama",
+    "gpt2": "lens.models.families.gpt2",
+    "gpt_neox": "lens.models.families.neox",
+    "gemma3_text": "lens.models.families.gemma3",
+    "lens": "lens.models.io.native",  # our own format, for configs no HF family expresses
 }
 
 

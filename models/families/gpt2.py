@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown
-from models.io.convert import TensorTaker, assemble, heads_bias
+from ..core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown
+from ..io.convert import TensorTaker, assemble, heads_bias
 
 GPT2_FIELDS = GENERIC_HF_FIELDS | {
     "vocab_size", "n_positions", "n_ctx", "n_embd", "n_layer", "n_head", "n_inner",

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown, rope_from_hf
-from models.io.convert import TensorTaker, assemble, take_unembedding, heads_bias, heads_in, heads_out
+from ..core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown, rope_from_hf
+from ..io.convert import TensorTaker, assemble, take_unembedding, heads_bias, heads_in, heads_out
 
 LLAMA_FIELDS = GENERIC_HF_FIELDS | {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown, rope_from_hf
-from models.io.convert import CheckpointError, TensorTaker, assemble, heads_out
+from ..core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown, rope_from_hf
+from ..io.convert import CheckpointError, TensorTaker, assemble, heads_out
 
 NEOX_FIELDS = GENERIC_HF_FIELDS | {
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",

@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from models.runtime import per_model_cache as per_model
-from models.core.block import Block, block_forward
-from models.core.interventions import Edits, layer_slice
+from ..runtime import per_model_cache as per_model
+from ..core.block import Block, block_forward
+from ..core.interventions import Edits, layer_slice
 
 _QKV = ("W_Q", "W_K", "W_V")
 

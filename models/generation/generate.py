@@ -1,6 +1,6 @@
 """Greedy and sampled generation with the pure KV cache, batched with left padding.
 
-    from models.generation.generate import GenerationConfig, chat_prompt, generate
+    from .generate import GenerationConfig, chat_prompt, generate
     result = generate(model, [ids_a, ids_b], GenerationConfig(max_new_tokens=32))   # greedy
     result = generate(model, ids, GenerationConfig(64, temperature=0.7, top_p=0.9, seed=1))  # sampled
     result.tokens[i]      # the new ids of prompt i, cut after its first EOS (inclusive)
@@ -49,10 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from models.core.interventions import Edits, check_edits
-from models.generation.decode import LayerCache, decode_weights, forward_cached, prefill
-from models.core.transformer import pad_batch
-from models.runtime.progress import Progress
+from ..core.interventions import Edits, check_edits
+from .decode import LayerCache, decode_weights, forward_cached, prefill
+from ..core.transformer import pad_batch
+from ..runtime.progress import Progress
 
 # Padded prompt lengths are rounded up to a multiple of this (fewer recompilations).
 _PAD_MULTIPLE = 8

@@ -12,9 +12,9 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
-from models.core.block import BLOCK_FIELDS, Block
-from models.core.config import ModelConfig
-from models.core.transformer import Transformer
+from ..core.block import BLOCK_FIELDS, Block
+from ..core.config import ModelConfig
+from ..core.transformer import Transformer
 
 
 class CheckpointError(ValueError):

@@ -25,7 +25,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from models.runtime.paths import download_dir
+from ..runtime.paths import download_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 

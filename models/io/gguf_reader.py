@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
-from models.io.convert import CheckpointError
+from .convert import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types: fixed-size scalars by struct format; 8 = string, 9 = array.
@@ -303,8 +303,8 @@ def _gemma3_config(meta: dict, tensors: dict) -> dict:
 # general.architecture -> (config builder, family module, undo Llama's Q/K permutation,
 #                          subtract 1 from norm gains)
 _ARCHITECTURES = {
-    "llama": (_llama_config, "models.families.llama", True, False),
-    "gemma3": (_gemma3_config, "models.families.gemma3", False, True),
+    "llama": (_llama_config, "lens.models.families.llama", True, False),
+    "gemma3": (_gemma3_config, "lens.models.families.gemma3", False, True),
 }
 
 

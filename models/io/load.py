@@ -11,14 +11,14 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder, refuse_pickle
+from ..families import convert_hf
+from .safetensors_reader import read_safetensors_folder, refuse_pickle
 
 
 def load(name_or_path: str | Path, dtype=jnp.float32):
     """Return (model, tokenizer); tokenizer is None for a folder without one."""
-    from models.io import embedded, gguf_reader
-    from models.io.tokenizer import Tokenizer
+    from . import embedded, gguf_reader
+    from .tokenizer import Tokenizer
 
     key = str(name_or_path)
     if key in embedded.EMBEDDED:

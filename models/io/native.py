@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from models.core.block import BLOCK_FIELDS
-from models.core.config import ModelConfig, RopeScaling
-from models.io.convert import CheckpointError, TensorTaker, assemble, expected_shapes
+from ..core.block import BLOCK_FIELDS
+from ..core.config import ModelConfig, RopeScaling
+from .convert import CheckpointError, TensorTaker, assemble, expected_shapes
 
 MODEL_TYPE = "lens"
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from models.families import gpt2, llama, neox
+from ..families import gpt2, llama, neox
 
-from models.io import native
-from models.core.config import ModelConfig
+from . import native
+from ..core.config import ModelConfig
 
 
 def _common(c: ModelConfig) -> dict:

@@ -151,7 +151,7 @@ class Tokenizer:
 
     @classmethod
     def _build_from_gguf(cls, path: str | Path) -> "Tokenizer":
-        from models.io.gguf_reader import read_metadata
+        from .gguf_reader import read_metadata
 
         meta = read_metadata(path)
         kind = meta.get("tokenizer.ggml.model")
@@ -230,7 +230,7 @@ _CACHE_VERSION = 1  # bump when the builders change, to invalidate cached tokeni
 
 
 def _cache_path(path: Path) -> Path | None:
-    from models.runtime.paths import cache_dir
+    from ..runtime.paths import cache_dir
 
     try:
         st = path.stat()

@@ -10,7 +10,7 @@ gives separate entries).
 It is a policy of the program, not of the library: `import models` changes no JAX setting
 (beyond the XLA:CPU guard's flag), and every entry point in scripts/ and bench/ calls
 
-    from models.runtime import compile_cache
+    from . import compile_cache
     compile_cache.enable()
 
 once after its imports.  A notebook or another program opts in the same way.
@@ -37,7 +37,7 @@ ENV_SWITCH = "LENS_COMPILATION_CACHE"
 
 
 def cache_path() -> Path:
-    from models.runtime.paths import cache_dir
+    from .paths import cache_dir
 
     return cache_dir() / "jax"
 

@@ -1,6 +1,6 @@
 """Where lens keeps files on disk: what it downloads apart from what it derives.
 
-    from models.runtime.paths import cache_dir, download_dir
+    from .paths import cache_dir, download_dir
 
     download_dir()   content-addressed downloads, each checked against a pinned sha256
                      (the embedded GGUFs, `corpora/`):

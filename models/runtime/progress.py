@@ -1,6 +1,6 @@
 """One progress option for every long loop (generation, sweeps, training, MELBO).
 
-    from models.runtime.progress import Progress
+    from .progress import Progress
     generate(model, prompts, GenerationConfig(64), progress=Progress(True, chunk=8))
     sweep_vectors(model, prompts, vectors, ..., config=SweepConfig(progress=False))
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from lens_tiny import VOCAB, tiny
-from models import Capture
-from models.families import convert_hf
-from models.generation.generate import GenerationConfig, generate
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models import Capture
+from lens.models.families import convert_hf
+from lens.models.generation.generate import GenerationConfig, generate
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 FAMILIES = ["llama", "gpt2", "neox", "gemma3"]
 BOUND = 4 * 2.0 ** -7

@@ -13,8 +13,9 @@ pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subproce
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 CHILD = """
-import models, jax, jax.numpy as jnp
-from models.runtime import compile_cache
+import jax, jax.numpy as jnp
+from lens import models
+from lens.models.runtime import compile_cache
 compile_cache.enable()
 from lens import geometry as G
 x = jnp.ones((87, 576)) + jnp.arange(576.0) / 576
@@ -25,11 +26,12 @@ print(float(jax.jit(lambda x, v: G.effective_cosine_matrix(x, v, "rms", 1e-5, "f
 
 
 GENERATE = """
-import models, jax
-from models.runtime import compile_cache
+import jax
+from lens import models
+from lens.models.runtime import compile_cache
 compile_cache.enable()
-from models.core.config import ModelConfig
-from models.generation.generate import GenerationConfig, generate
+from lens.models.core.config import ModelConfig
+from lens.models.generation.generate import GenerationConfig, generate
 from lens.steering import vectors
 import numpy as np
 cfg = ModelConfig(architecture="gpt2", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_head=8,
@@ -82,7 +84,7 @@ def test_second_generation_process_compiles_nothing(tmp_path):
 
 def test_import_alone_enables_nothing(tmp_path):
     """A library import changes no JAX setting and writes no cache entry."""
-    child = CHILD.replace("from models.runtime import compile_cache\ncompile_cache.enable()\n", "")
+    child = CHILD.replace("from lens.models.runtime import compile_cache\ncompile_cache.enable()\n", "")
     assert "enable" not in child
     out = run(tmp_path, child)
     assert out[0] == "None" and not entries(tmp_path / "jax")

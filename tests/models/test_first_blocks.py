@@ -14,7 +14,7 @@ import pytest
 
 from hf_tiny import hf_forward
 from lens_tiny import tiny
-from models.core.transformer import first_blocks
+from lens.models.core.transformer import first_blocks
 
 
 @pytest.mark.parametrize("family, n", [("llama", 1), ("llama", 2), ("gemma3", 1)])

@@ -19,11 +19,11 @@ import pytest
 import torch
 from hf_tiny import save_tiny
 
-from models import Edits
-from models.families import convert_hf
-from models.generation.generate import GenerationConfig, chat_prompt, generate
-from models.runtime.progress import Progress
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models import Edits
+from lens.models.families import convert_hf
+from lens.models.generation.generate import GenerationConfig, chat_prompt, generate
+from lens.models.runtime.progress import Progress
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 VOCAB, EOS, N_NEW = 101, 7, 10
 PROMPT_LENS = (5, 9, 3)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from lens_tiny import VOCAB, tiny
-from models.generation.decode import decode_weights
-from models.generation.generate import GenerationConfig, generate
+from lens.models.generation.decode import decode_weights
+from lens.models.generation.generate import GenerationConfig, generate
 
 
 @pytest.mark.parametrize("family", ["gemma3", "neox"])

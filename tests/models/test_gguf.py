@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.io import gguf_reader
+from lens import models
+from lens.models.io import gguf_reader
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.core.config import ModelConfig
+from lens import models
+from lens.models.core.config import ModelConfig
 
 TOKENS = np.array([3, 17, 0, 42, 5, 9, 60, 11, 2, 33, 7], np.int32)
 

@@ -9,10 +9,10 @@ import zipfile
 
 import pytest
 
-import models
-from models.io import embedded
-from models.io.convert import CheckpointError
-from models.io.safetensors_reader import UnsafeCheckpointError
+from lens import models
+from lens.models.io import embedded
+from lens.models.io.convert import CheckpointError
+from lens.models.io.safetensors_reader import UnsafeCheckpointError
 
 tf = pytest.importorskip("transformers")
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import transformers as tf
 
-import models
+from lens import models
 from hf_tiny import hf_forward, save_tiny
-from models.io.convert import CheckpointError
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.io.convert import CheckpointError
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 TOL = 1e-5
 VOCAB, SEQ, PAD = 97, 16, 4
@@ -281,7 +281,7 @@ def test_neox_embed_out_name(built):
 def test_gemma3_old_and_new_config_styles_agree():
     """rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern (older
     configs) describe the same model as rope_parameters / layer_types."""
-    from models.families import gemma3
+    from lens.models.families import gemma3
 
     common = dict(
         model_type="gemma3_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=48,

@@ -2,7 +2,7 @@
 
 import gc
 
-from models.runtime import per_model_cache as per_model
+from lens.models.runtime import per_model_cache as per_model
 
 
 class _Model:  # any weakly referenceable object stands in for a Transformer

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models.generation import generate  # a broken project import fails, never skips
+from lens import models
+from lens.models.generation import generate  # a broken project import fails, never skips
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 
@@ -39,7 +39,7 @@ PROMPTS = [
 
 class Loaded:
     def __init__(self, name: str):
-        from models.io import embedded
+        from lens.models.io import embedded
 
         self.path = embedded.fetch(name)
         self.model, self.tokenizer = models.load(name)

@@ -21,7 +21,7 @@ from transformers.generation.logits_process import (
 )
 
 from lens_tiny import tiny
-from models.generation.generate import GenerationConfig, generate
+from lens.models.generation.generate import GenerationConfig, generate
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 

@@ -11,8 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # real tokenizers (GGUF and transformers) of both embedded models
 
-from models.io import embedded
-from models.io.tokenizer import Tokenizer
+from lens.models.io import embedded
+from lens.models.io.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import jax
 import pytest
 
-import models
-from models.runtime import xla_guard
+from lens import models
+from lens.models.runtime import xla_guard
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
@@ -105,24 +105,23 @@ def test_a_user_flag_enabling_ynn_fusions_is_refused():
 
 def test_every_entry_point_imports_the_guard_before_jax():
     """Scripts and benchmarks import `models`/`lens` (which install the guard) before any
-    JAX computation: a static check that `import models.runtime.xla_guard` or `import lens` /
-    `import models` comes before the first `jax` import in each entry point."""
+    JAX computation: a static check that `import lens.models.runtime.xla_guard` comes before the first `jax` import in each entry point."""
     entry_points = [p for p in sorted((ROOT / "scripts").glob("*.py")) + sorted((ROOT / "bench").glob("*.py"))
                     if "__main__" in p.read_text()]
     assert len(entry_points) >= 5
     for path in entry_points:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
-        guard = next((i for i, ln in enumerate(lines) if ln.startswith("import models.runtime.xla_guard")), None)
+        guard = next((i for i, ln in enumerate(lines) if ln.startswith("import lens.models.runtime.xla_guard")), None)
         first_jax = next((i for i, ln in enumerate(lines)
                           if ln.startswith(("import jax", "from jax", "import equinox", "import optax"))), None)
-        assert guard is not None, f"{path.name}: no `import models.runtime.xla_guard` at the top"
+        assert guard is not None, f"{path.name}: no `import lens.models.runtime.xla_guard` at the top"
         assert first_jax is None or guard < first_jax, f"{path.name}: imports JAX before the guard"
 
 
 def test_every_jax_entry_point_enables_the_compilation_cache():
     """`import models` changes no JAX setting; the programs opt in to the persistent cache
     (models.runtime.compile_cache) with one line after their imports."""
-    import models.runtime.compile_cache  # noqa: F401  (the module the scripts call)
+    import lens.models.runtime.compile_cache  # noqa: F401  (the module the scripts call)
 
     def uses_jax(text):  # the report / figure scripts read JSON and draw; they import neither package
         return any(f"\n{kw} {pkg}" in text for kw in ("import", "from") for pkg in ("lens", "models"))
@@ -135,10 +134,14 @@ def test_every_jax_entry_point_enables_the_compilation_cache():
 
 
 def test_guard_is_in_the_package_inits():
+    """models/__init__ (run as `lens.models`) imports the guard first; lens/__init__ first loads
+    `lens.models` (lens/_models_path.py), before any other import."""
     assert models.runtime.xla_guard is xla_guard
-    for init in ("models/__init__.py", "lens/__init__.py"):
+    expected = {"models/__init__.py": "xla_guard", "lens/__init__.py": "_models_path"}
+    for init, needle in expected.items():
         code = (ROOT / init).read_text()
         body = code.split('"""', 2)[2]  # after the module docstring
-        first_import = next(ln for ln in body.splitlines()
-                            if ln.startswith(("import ", "from ")) and "__future__" not in ln)
-        assert "xla_guard" in first_import, (init, first_import)
+        branch = body.split("\nelse:\n", 1)[-1]  # models/__init__: its canonical branch
+        first_import = next(ln.strip() for ln in branch.splitlines()
+                            if ln.strip().startswith(("import ", "from ")) and "__future__" not in ln)
+        assert needle in first_import, (init, first_import)

@@ -33,7 +33,7 @@ from lens import geometry
 from lens.core import sharding
 from lens.core.capture import last_real_index
 from lens.steering.melbo.problem import MelboProblem, steered_run
-from models.core.interventions import Capture
+from lens.models.core.interventions import Capture
 
 
 class SteeredEffects(eqx.Module):

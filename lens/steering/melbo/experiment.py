@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Float
 
-from models.generation.generate import GenerationConfig
+from lens.models.generation.generate import GenerationConfig
 from lens.steering import vectors
 from lens.steering.code_score import code_score
 from lens.steering.melbo import behaviour as mb

@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, Int
 from lens.core import edits as E
 from lens.core.capture import pad_prompts  # noqa: F401  (re-exported as melbo.pad_prompts)
 from lens.geometry._common import HIGHEST
-from models.core.interventions import Activations, Capture
+from lens.models.core.interventions import Activations, Capture
 
 
 def layer_after(block: int) -> int:

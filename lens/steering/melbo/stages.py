@@ -35,7 +35,7 @@ from lens.core import edits as E
 from lens import geometry
 from lens.steering.melbo import decompose
 from lens.steering.melbo.problem import MelboProblem, steered_run
-from models.core import layers as model_layers
+from lens.models.core import layers as model_layers
 
 TOKEN_STAGES = ("target", "last", "last_normed", "logits")
 
@@ -60,7 +60,7 @@ def _final_normed(model, h):
 @eqx.filter_jit
 def _runs(problem: MelboProblem, vectors, s_factor):
     """[K, P, T, d] target, last, last-normed and logit-metric states for a chunk."""
-    from models.core.interventions import Capture
+    from lens.models.core.interventions import Capture
 
     def one(v):
         h, acts = steered_run(problem, v, capture=Capture(resid=True, layers=(problem.target,)))

@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from lens.core import sharding
-from models.runtime.progress import Progress
+from lens.models.runtime.progress import Progress
 from lens.steering.melbo.problem import (
     HIGHEST,
     MelboProblem,

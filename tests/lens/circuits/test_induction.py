@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from lens import models
 from lens.circuits.induction import measure_induction, repeated_tokens, scores_from_patterns
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 
 V, P = 40, 41  # vocab, context (probes of 1 + 2*20 tokens)
 T = 20

@@ -28,7 +28,7 @@ from lens.circuits import attribution as At
 from lens.circuits import patching as Pt
 from lens.circuits.path_patching import path_patching
 from lens_tiny import VOCAB, tiny
-from models import Capture, Edits
+from lens.models import Capture, Edits
 
 TOL = 1e-5
 FD_TOL = 2e-3

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from lens import models
 from lens.circuits import scrubbing as S
 from lens.circuits import scrubbing_runs as R
 from lens.circuits import scrubbing_sampling as Sm
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 
 V, SEQ, N = 23, 7, 5  # odd sizes on purpose
 

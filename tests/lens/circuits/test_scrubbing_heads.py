@@ -14,7 +14,7 @@ from lens.circuits import scrubbing as S
 from lens.circuits import scrubbing_runs as R
 from lens.circuits import scrubbing_sampling as Sm
 from lens_tiny import VOCAB, tiny
-from models.core.interventions import Capture, Edits
+from lens.models.core.interventions import Capture, Edits
 
 SEQ = 9  # > the gemma3 sliding window (4): the local layer's window matters
 

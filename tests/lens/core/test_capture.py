@@ -6,7 +6,7 @@ import pytest
 import lens
 from hf_tiny import hf_forward
 from lens_tiny import CONFIGS, VOCAB, tiny
-from models import Capture
+from lens.models import Capture
 
 TOKENS = np.random.RandomState(0).randint(0, VOCAB, size=8)
 
@@ -63,7 +63,7 @@ def test_batched_cache_and_bad_input():
 def test_pad_batch_is_the_one_padding():
     """models.pad_batch: right (the readers, lens.pad_prompts) or left (generation) padding
     to a given length; each row reads its tokens and a mask; bad input is refused."""
-    import models
+    from lens import models
 
     rows = [[5, 6, 7], [8], [9, 10]]
     t, m = models.pad_batch(rows, pad_id=2, side="left", length=5)

@@ -13,7 +13,7 @@ from hf_tiny import pre_edit, record
 import lens
 from lens.core import edits as E
 from lens_tiny import VOCAB, tiny
-from models import Capture, Edits
+from lens.models import Capture, Edits
 
 RNG = np.random.RandomState(0)
 TOKENS = RNG.randint(0, VOCAB, size=8)

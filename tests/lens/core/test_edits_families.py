@@ -25,7 +25,7 @@ import lens
 from lens.core import edits as E
 from lens.steering import melbo
 from lens_tiny import VOCAB, tiny
-from models import Edits
+from lens.models import Edits
 
 FAMILIES = ["gpt2", "neox", "gemma3"]
 RNG = np.random.RandomState(5)

@@ -16,8 +16,8 @@ import pytest
 
 from hf_tiny import save_tiny
 from lens.core.folding import centre_unembed, centre_writers, fold_and_centre, fold_norms
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 TINY = dict(vocab_size=97, max_position_embeddings=32)
 
@@ -46,7 +46,7 @@ FAMILY_MODULE = {"llama": "llama", "qwen2": "llama", "gpt2": "gpt2", "neox": "ne
 
 @pytest.fixture(scope="module", params=sorted(FAMILY_MODULE))
 def model(request, tmp_path_factory):
-    importlib.import_module("models.families." + FAMILY_MODULE[request.param])  # must import: never a skip
+    importlib.import_module("lens.models.families." + FAMILY_MODULE[request.param])  # must import: never a skip
     folder = tmp_path_factory.mktemp(request.param)
     save_tiny(_configs()[request.param], folder)
     return convert_hf(*read_safetensors_folder(folder), jnp.float32)

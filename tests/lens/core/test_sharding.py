@@ -21,8 +21,8 @@ import lens  # first: its compiler guard must see XLA_FLAGS before JAX starts
 import jax, jax.numpy as jnp, numpy as np
 assert jax.device_count() == 4, jax.devices()
 from lens.core import sharding
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 config, tensors = read_safetensors_folder(sys.argv[1])
 model = convert_hf(config, tensors, jnp.float32)

@@ -14,7 +14,7 @@ import torch
 import lens
 from lens.core import edits as E
 from lens_tiny import VOCAB, tiny
-from models import Capture, Edits
+from lens.models import Capture, Edits
 
 RNG = np.random.RandomState(3)
 TOKENS = RNG.randint(0, VOCAB, size=8)
@@ -288,7 +288,7 @@ def test_patch_sites_agree_with_the_activations_they_read():
     import typing
 
     from lens.circuits import patching as Pt
-    from models.core.interventions import PATCH_SITES, Activations
+    from lens.models.core.interventions import PATCH_SITES, Activations
 
     hints = typing.get_type_hints(Activations)
     per_head = {"heads": "heads", "q_input": "heads", "k_input": "kv_heads", "v_input": "kv_heads"}

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lens.geometry as g
-from models.core import layers  # a broken project import fails the suite, never skips
+from lens.models.core import layers  # a broken project import fails the suite, never skips
 
 EPS32 = float(np.finfo(np.float32).eps)
 KINDS = ("layer", "rms")

@@ -35,9 +35,9 @@ import numpy as np
 import pytest
 
 import lens.geometry as geo
-import models
+from lens import models
 from lens.geometry import on_model as gr
-from models.core import layers
+from lens.models.core import layers
 
 pytestmark = pytest.mark.slow  # make test-fast skips it (real weights, subprocesses or long runs)
 

@@ -17,7 +17,7 @@ from lens.modularity import contextual_sparsity as CS
 from lens.modularity import pruning as M
 from lens.modularity import moefication as MOE
 from lens_tiny import VOCAB, tiny
-from models import Edits
+from lens.models import Edits
 
 RNG = np.random.RandomState(11)
 FORGET = RNG.randint(0, VOCAB, size=(5, 9))  # odd sizes; chunk=2 gives vmapped chunks of 2 and 1
@@ -212,7 +212,7 @@ def test_oracle_routing_equals_a_layer_by_layer_rerun():
     t = jnp.asarray(FORGET[1])
     mix = np.zeros((c.n_layers, len(FORGET[1]), c.d_mlp), np.float32)
     for layer in range(c.n_layers):
-        from models import Capture
+        from lens.models import Capture
 
         e = Edits(neuron_mix=jnp.asarray(mix))
         a = np.abs(np.asarray(model.forward(t, edits=e, capture=Capture(neurons=True)).activations.neurons[layer]))
@@ -253,7 +253,7 @@ def test_contextual_sparsity_keep_all_is_dense_and_recall_is_exact():
     hf, _, _ = tiny("gpt2")
     acts = hf_inputs(hf, "gpt2", lambda L: L.mlp.c_proj, FORGET)
     from lens.core.capture import run_with_cache
-    from models import Capture
+    from lens.models import Capture
 
     _, cache = run_with_cache(model, jnp.asarray(FORGET), Capture(resid=True))
     x = np.asarray(cache.resid_pre, np.float64)  # [rows, layers, seq, d]
@@ -293,7 +293,7 @@ def test_bf16_matmul_weight_applies_every_block_spec():
     """models.core.block.Bf16Matmul (compute_dtype="bfloat16"): bf16-rounded input and weight,
     float32 sums, against a float64 numpy product of the same bf16-rounded numbers.  Its
     only error is float32 summation over <= 21 terms: asserted 2e-5 * (|x| @ |w|)."""
-    from models.core.block import Bf16Matmul
+    from lens.models.core.block import Bf16Matmul
 
     def bf16(a):
         return np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from lens import models
 from lens.prediction import scoring
 from lens.prediction.defences import aggregate, defences, predictor_table
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 
 
 def fake_scores(seed=0, n=3, t=7, vocab=11):

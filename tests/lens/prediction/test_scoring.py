@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-import models
+from lens import models
 from lens.prediction import gaming, ngram, scoring
 from lens.training import train
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 
 
 def tiny_gpt2(vocab=29, layers=2, d=16, seq=16) -> ModelConfig:

@@ -228,7 +228,7 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     the lens the first writes is read by the second."""
     import json
 
-    import models
+    from lens import models
     from lens_tiny import tiny_text_model
     from script_entry import script_namespace
 

@@ -36,8 +36,8 @@ TOP_K = 5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     from hf_tiny import save_tiny
-    from models.families import convert_hf
-    from models.io.safetensors_reader import read_safetensors_folder
+    from lens.models.families import convert_hf
+    from lens.models.io.safetensors_reader import read_safetensors_folder
 
     cfg = tf.LlamaConfig(
         vocab_size=61, hidden_size=D, intermediate_size=128, num_hidden_layers=N_LAYERS,

@@ -9,7 +9,7 @@ import pytest
 from lens import geometry
 
 from lens.steering import melbo
-from models import Capture, Edits
+from lens.models import Capture, Edits
 
 S, T = 0, 1  # source = after block 0, target = after block 1 (of 3)
 
@@ -22,8 +22,8 @@ def prompt_tokens():
 @pytest.fixture(scope="module")
 def problem(tmp_path_factory):
     from hf_tiny import save_tiny, tiny_llama_config
-    from models.families import convert_hf
-    from models.io.safetensors_reader import read_safetensors_folder
+    from lens.models.families import convert_hf
+    from lens.models.io.safetensors_reader import read_safetensors_folder
 
     cfg = tiny_llama_config(3)
     folder = tmp_path_factory.mktemp("tiny_llama")

@@ -18,8 +18,8 @@ S, T, STEPS, K = 1, 2, 25, 3
 @pytest.fixture(scope="module")
 def models_pair(tmp_path_factory):
     from hf_tiny import save_tiny, tiny_llama_config
-    from models.families import convert_hf
-    from models.io.safetensors_reader import read_safetensors_folder
+    from lens.models.families import convert_hf
+    from lens.models.io.safetensors_reader import read_safetensors_folder
 
     cfg = tiny_llama_config(4)
     folder = tmp_path_factory.mktemp("tiny_llama_parity")

@@ -26,8 +26,8 @@ import numpy as np
 
 from lens.steering import melbo
 from lens_tiny import tiny
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 
 import pytest
 
@@ -59,8 +59,8 @@ def run(problem, theta0, K, block, steps, **kw):
 HEADER = r"""
 import jax, jax.numpy as jnp, numpy as np
 from lens.steering import melbo
-from models.families import convert_hf
-from models.io.safetensors_reader import read_safetensors_folder
+from lens.models.families import convert_hf
+from lens.models.io.safetensors_reader import read_safetensors_folder
 """
 
 

@@ -11,7 +11,7 @@ import pytest
 from lens.core import edits as E
 from lens.steering import vectors as V
 from lens_tiny import VOCAB, tiny
-from models.generation.generate import GenerationConfig, generate
+from lens.models.generation.generate import GenerationConfig, generate
 
 RNG = np.random.RandomState(5)
 PROMPTS = [list(RNG.randint(0, VOCAB, size=n)) for n in (5, 9, 7)]  # odd lengths, padded

@@ -11,7 +11,7 @@ import lens
 from lens.core import edits as E
 from lens.steering import vectors
 from lens_tiny import VOCAB, tiny
-from models import Capture
+from lens.models import Capture
 
 RNG = np.random.RandomState(1)
 PROMPTS = RNG.randint(0, VOCAB, size=(2, 8))

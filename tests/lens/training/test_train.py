@@ -13,9 +13,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-import models
+from lens import models
 from lens.training import data, train
-from models.core.config import ModelConfig
+from lens.models.core.config import ModelConfig
 from script_entry import run_killed_at, script_namespace
 
 
