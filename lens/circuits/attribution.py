@@ -195,7 +195,7 @@ def attention_pattern(
     if c.has_local_layers:
         window = jnp.where(is_local, c.sliding_window, jnp.iinfo(jnp.int32).max)
     allowed = L.attention_allowed(query_pos, jnp.where(valid, query_pos, -1), window)
-    return L.attention_weights(q, k, allowed, c.scale)
+    return L.attention_weights(q, k, allowed, c.scale, c.attn_logit_softcap)
 
 
 def atp_star(

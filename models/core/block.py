@@ -183,7 +183,7 @@ def block_forward(
         big = jnp.iinfo(jnp.int32).max
         window = jnp.where(is_local, c.sliding_window, big)
     allowed = layers.attention_allowed(query_pos, key_pos, window)
-    pattern = layers.attention_weights(q, k, allowed, c.scale)
+    pattern = layers.attention_weights(q, k, allowed, c.scale, c.attn_logit_softcap)
     z = layers.attend(pattern, v)
     if edits is not None:
         z = edits.mixed(z, "head")

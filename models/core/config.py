@@ -52,8 +52,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rotary_dim: int | None = None  # partial rotary (NeoX), as transformers' `dim`; None = whole head
     rope_scaling: RopeScaling | None = None
-    # Gemma 3: local (sliding-window) layers use their own theta; `local_layers[l]`
-    # says which layers are local.  None = every layer is global.
+    # Sliding-window attention: layer l with `local_layers[l]` True sees only keys with
+    # query_pos - key_pos < sliding_window (Gemma 2/3 alternate local and global layers;
+    # Mistral, Phi-3 and Qwen3 may make every layer local).  None = every layer is global.
+    # Gemma 3's local layers also use their own rope theta (None = the global tables).
     rope_local_theta: float | None = None
     sliding_window: int | None = None
     local_layers: tuple[bool, ...] | None = None
@@ -69,6 +71,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     unembed_bias: bool = False  # a per-token logit bias (also what folding a final LayerNorm bias creates)
     final_logit_softcap: float | None = None
+    # Gemma 2: attention scores (after the query scale, before the mask) become
+    # cap * tanh(score / cap).  None = no capping.
+    attn_logit_softcap: float | None = None
     # TransformerLens's attn_only models: blocks without MLP (and without ln2); d_mlp unused.
     attn_only: bool = False
     bos_token_id: int | None = None
@@ -84,6 +89,13 @@ class ModelConfig:
             raise ValueError(
                 f"local_layers has {len(self.local_layers)} entries for {self.n_layers} layers"
             )
+        if self.has_local_layers and not (self.sliding_window or 0) > 0:
+            raise ValueError(f"local (sliding-window) layers need sliding_window >= 1; got "
+                             f"{self.sliding_window!r}")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            cap = getattr(self, name)
+            if cap is not None and not cap > 0:
+                raise ValueError(f"{name} must be > 0 or None; got {cap!r}")
         if self.rotary_dim is not None and not 0 <= self.rotated_channels <= self.d_head:
             raise ValueError(
                 f"rotary_dim={self.rotary_dim} rotates {self.rotated_channels} channels, more than "

@@ -125,13 +125,18 @@ def attention_weights(
     k: Float[Array, "k kv_heads d_head"],
     allowed: Bool[Array, "q k"],
     scale: float,
+    softcap: float | None = None,
 ) -> Float[Array, "heads q k"]:
-    """Softmax attention pattern (float32), grouped-query aware."""
+    """Softmax attention pattern (float32), grouped-query aware.  softcap (Gemma 2): the
+    scaled scores become `softcap * tanh(score / softcap)` before masking, as transformers'
+    eager attention does."""
     n_heads, n_kv = q.shape[1], k.shape[1]
     group = n_heads // n_kv
     qg = q.reshape(q.shape[0], n_kv, group, q.shape[2])
     scores = jnp.einsum("qkgd,Kkd->kgqK", qg, k, preferred_element_type=jnp.float32) * scale
     scores = scores.reshape(n_heads, q.shape[0], k.shape[0])
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(allowed[None], scores, MASKED_SCORE)
     return jax.nn.softmax(scores, axis=-1)
 

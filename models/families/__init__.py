@@ -11,6 +11,10 @@ FAMILIES = {
     "gpt2": "lens.models.families.gpt2",
     "gpt_neox": "lens.models.families.neox",
     "gemma3_text": "lens.models.families.gemma3",
+    "gemma2": "lens.models.families.gemma2",
+    "mistral": "lens.models.families.mistral",
+    "qwen3": "lens.models.families.qwen3",
+    "phi3": "lens.models.families.phi3",
     "lens": "lens.models.io.native",  # our own format, for configs no HF family expresses
 }
 

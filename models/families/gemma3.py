@@ -160,7 +160,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
-    """HF-named tensors -> Transformer, walking the key map above."""
+    """HF-named tensors -> Transformer, walking the key map above (also Gemma 2's, whose
+    config has qk_norm=False: then no q_norm / k_norm tensors are read)."""
     t = TensorTaker(tensors, ignore=lambda k: k.endswith("rotary_emb.inv_freq"))
     c = config
     d, h, kv, dh, m = c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp
@@ -179,8 +180,6 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
             "W_K": heads_in(t.take(a + "k_proj.weight", (kv * dh, d)), kv),
             "W_V": heads_in(t.take(a + "v_proj.weight", (kv * dh, d)), kv),
             "W_O": heads_out(t.take(a + "o_proj.weight", (d, h * dh)), h),
-            "q_norm_w": norm(a + "q_norm.weight", dh),
-            "k_norm_w": norm(a + "k_norm.weight", dh),
             "post_attn_w": norm(p + "post_attention_layernorm.weight", d),
             "ln2_w": norm(p + "pre_feedforward_layernorm.weight", d),
             "W_in": t.take(p + "mlp.up_proj.weight", (m, d)).T,
@@ -188,6 +187,9 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
             "W_out": t.take(p + "mlp.down_proj.weight", (d, m)).T,
             "post_mlp_w": norm(p + "post_feedforward_layernorm.weight", d),
         }
+        if c.qk_norm:  # Gemma 3 (Gemma 2, which shares this key map, has none)
+            layer["q_norm_w"] = norm(a + "q_norm.weight", dh)
+            layer["k_norm_w"] = norm(a + "k_norm.weight", dh)
         if c.attn_bias:
             layer["b_Q"] = heads_bias(t.take(a + "q_proj.bias", (h * dh,)), h)
             layer["b_K"] = heads_bias(t.take(a + "k_proj.bias", (kv * dh,)), kv)

@@ -1,4 +1,5 @@
-"""Llama family (SmolLM2, Llama 2/3) and Qwen2 (Llama plus q/k/v biases).
+"""Llama family (SmolLM2, Llama 2/3) and Qwen2 (Llama plus q/k/v biases); its key map and
+config reading also serve Mistral, Qwen3 and Phi-3 (their own small files).
 
 RMSNorm, RoPE (config theta and scaling), GQA/MQA, SwiGLU, tied or untied embeddings,
 explicit head_dim.  HF key map (per layer i, prefix `model.layers.{i}.`):
@@ -7,6 +8,7 @@ explicit head_dim.  HF key map (per layer i, prefix `model.layers.{i}.`):
     self_attn.{q,k,v}_proj.weight     -> W_Q / W_K / W_V   [heads, d_model, d_head]
     self_attn.{q,k,v}_proj.bias       -> b_Q / b_K / b_V   (Qwen2, attention_bias)
     self_attn.o_proj.weight (+ bias)  -> W_O [heads, d_head, d_model] (b_O)
+    self_attn.{q,k}_norm.weight       -> q_norm_w / k_norm_w [d_head]  (Qwen3, qk_norm)
     post_attention_layernorm.weight   -> ln2_w
     mlp.up_proj / gate_proj / down_proj (+ biases if mlp_bias) -> W_in / W_gate / W_out
                                          (b_in / b_gate / b_out)
@@ -41,20 +43,33 @@ def config_from_hf(hf: dict) -> ModelConfig:
             raise ValueError("qwen2: use_sliding_window=true is not supported")
         if any(t != "full_attention" for t in hf.get("layer_types") or []):
             raise ValueError("qwen2: only full_attention layers are supported")
+    qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
+    return ModelConfig(**llama_fields(hf, family), attn_bias=qkv_bias,
+                       attn_out_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
+                       mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+def llama_fields(hf: dict, family: str, partial_rotary: bool = False) -> dict:
+    """The ModelConfig keyword arguments every Llama-like family (Llama, Qwen2/3, Mistral,
+    Phi-3) reads the same way; biases and window flags are the caller's.  Refuses rope
+    types `rope_from_hf` does not know, and partial rotary unless `partial_rotary`."""
     theta, scaling, partial = rope_from_hf(hf, family)
-    if partial not in (None, 1.0):
-        raise ValueError(f"{family}: partial_rotary_factor={partial} is not supported")
     n_heads = hf["num_attention_heads"]
     d_model = hf["hidden_size"]
-    qkv_bias = True if family == "qwen2" else bool(hf.get("attention_bias", False))
-    return ModelConfig(
+    d_head = hf.get("head_dim") or d_model // n_heads
+    rotary_dim = None
+    if partial not in (None, 1.0):
+        if not partial_rotary:
+            raise ValueError(f"{family}: partial_rotary_factor={partial} is not supported")
+        rotary_dim = int(d_head * partial)  # transformers' `dim` for the default rope
+    return dict(
         architecture=family,
         vocab_size=hf["vocab_size"],
         d_model=d_model,
         n_layers=hf["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_head=hf.get("head_dim") or d_model // n_heads,
+        d_head=d_head,
         d_mlp=hf["intermediate_size"],
         max_seq_len=hf["max_position_embeddings"],
         norm_kind="rms",
@@ -64,14 +79,39 @@ def config_from_hf(hf: dict) -> ModelConfig:
         positional="rope",
         rope_theta=theta,
         rope_scaling=scaling,
-        attn_bias=qkv_bias,
-        attn_out_bias=family != "qwen2" and bool(hf.get("attention_bias", False)),
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        rotary_dim=rotary_dim,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids(hf),
         pad_token_id=hf.get("pad_token_id"),
     )
+
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def window_fields(family: str, n_layers: int, window, layer_types) -> dict:
+    """`sliding_window` / `local_layers` for ModelConfig from an HF window and layer_types.
+
+    layer_types None: every layer is local when `window` is set (Mistral, Phi-3), none
+    otherwise.  Given: layer l is local iff layer_types[l] == "sliding_attention", which
+    then needs a window.  Anything else is refused, naming the field."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"{family}: sliding_window={window!r} must be a positive int or null")
+    if layer_types is None:
+        local = (True,) * n_layers if window is not None else None
+    else:
+        if len(layer_types) != n_layers:
+            raise ValueError(f"{family}: layer_types has {len(layer_types)} entries for {n_layers} layers")
+        bad = sorted(set(layer_types) - set(LAYER_TYPES))
+        if bad:
+            raise ValueError(f"{family}: layer_types {bad} are not supported (only {list(LAYER_TYPES)})")
+        local = tuple(t == "sliding_attention" for t in layer_types)
+        if any(local) and window is None:
+            raise ValueError(f"{family}: layer_types has sliding_attention layers but no sliding_window")
+    if local is None or not any(local):
+        return {"sliding_window": None, "local_layers": None}
+    return {"sliding_window": int(window), "local_layers": local}
 
 
 def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
@@ -94,6 +134,9 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
             "W_gate": t.take(p + "mlp.gate_proj.weight", (m, d)).T,
             "W_out": t.take(p + "mlp.down_proj.weight", (d, m)).T,
         }
+        if c.qk_norm:  # Qwen3: RMSNorm over each head's d_head channels, before RoPE
+            layer["q_norm_w"] = t.take(a + "q_norm.weight", (dh,))
+            layer["k_norm_w"] = t.take(a + "k_norm.weight", (dh,))
         if c.attn_bias:
             layer["b_Q"] = heads_bias(t.take(a + "q_proj.bias", (h * dh,)), h)
             layer["b_K"] = heads_bias(t.take(a + "k_proj.bias", (kv * dh,)), kv)
