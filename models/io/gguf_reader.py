@@ -11,7 +11,10 @@ What this module owns is the translation from llama.cpp's conventions to HF's:
   * quantised blocks -> float32 via `gguf.quants.dequantize` (already [out, in]);
   * Llama: llama.cpp permutes the rows of Q and K (interleaved -> half-split rotary
     pairs); undo it per head so the weights equal the HF checkpoint's;
-  * Gemma 3: llama.cpp stores every norm gain as (1 + w); subtract 1 (HF stores w).
+  * Gemma 2 / 3: llama.cpp stores every norm gain as (1 + w); subtract 1 (HF stores w).
+  * Mistral: llama.cpp writes it as arch "llama" (and runs it without a sliding window),
+    so a Mistral GGUF loads as the Llama model llama.cpp runs.
+  * Qwen3: not permuted (llama.cpp runs Qwen's rotary NeoX-style, HF's layout).
 
 The header is parsed here with `struct` on a memory map rather than `gguf.GGUFReader`,
 which builds a numpy view per vocabulary string (seconds for a 262k vocabulary).
@@ -220,7 +223,12 @@ _COMMON_KEYS = {
     "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
     "vocab_size", "attention.key_length", "attention.value_length",
 }
-_ARCH_KEYS = {"llama": _COMMON_KEYS, "gemma3": _COMMON_KEYS | {"attention.sliding_window"}}
+_ARCH_KEYS = {
+    "llama": _COMMON_KEYS,
+    "qwen3": _COMMON_KEYS,
+    "gemma2": _COMMON_KEYS | {"attention.sliding_window", "attn_logit_softcapping", "final_logit_softcapping"},
+    "gemma3": _COMMON_KEYS | {"attention.sliding_window"},
+}
 
 
 def _check_arch_keys(meta: dict, arch: str) -> None:
@@ -233,14 +241,14 @@ def _check_arch_keys(meta: dict, arch: str) -> None:
         )
 
 
-def _llama_config(meta: dict, tensors: dict) -> dict:
-    a = "llama"
+def _llama_config(meta: dict, tensors: dict, arch: str = "llama") -> dict:
+    a = arch
     d = int(_get(meta, f"{a}.embedding_length"))
     heads = int(_get(meta, f"{a}.attention.head_count"))
     head_dim = int(_get(meta, f"{a}.attention.key_length", d // heads))
     rot = int(_get(meta, f"{a}.rope.dimension_count", head_dim))
     if rot != head_dim or int(_get(meta, f"{a}.attention.value_length", head_dim)) != head_dim:
-        raise ValueError(f"GGUF llama: rope.dimension_count={rot} / value_length differ from head_dim={head_dim}")
+        raise ValueError(f"GGUF {a}: rope.dimension_count={rot} / value_length differ from head_dim={head_dim}")
     return {
         "model_type": "llama",
         "vocab_size": int(_get(meta, f"{a}.vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None)),
@@ -300,12 +308,78 @@ def _gemma3_config(meta: dict, tensors: dict) -> dict:
     }
 
 
+def _qwen3_config(meta: dict, tensors: dict) -> dict:
+    """As `_llama_config` (same keys), for transformers' Qwen3: q/k norms, no biases."""
+    hf = _llama_config(meta, tensors, arch="qwen3")
+    hf["model_type"] = "qwen3"
+    del hf["mlp_bias"]
+    return hf
+
+
+def _gemma2_config(meta: dict, tensors: dict) -> dict:
+    a = "gemma2"
+    n_layers = int(_get(meta, f"{a}.block_count"))
+    d = int(_get(meta, f"{a}.embedding_length"))
+    heads = int(_get(meta, f"{a}.attention.head_count"))
+    key_length = int(_get(meta, f"{a}.attention.key_length", d // heads))
+    if int(_get(meta, f"{a}.attention.value_length", key_length)) != key_length:
+        raise ValueError("GGUF gemma2: attention.value_length != key_length is not supported")
+    return {
+        "model_type": "gemma2",
+        "vocab_size": int(_get(meta, f"{a}.vocab_size", len(meta.get("tokenizer.ggml.tokens", [])) or None)),
+        "hidden_size": d,
+        "intermediate_size": int(_get(meta, f"{a}.feed_forward_length")),
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(_get(meta, f"{a}.attention.head_count_kv", heads)),
+        "head_dim": key_length,
+        # llama.cpp's gemma2 query scale: 1/sqrt(d_model / heads) for the 27B (46 layers),
+        # 1/sqrt(key_length) otherwise (google's query_pre_attn_scalar of each size).
+        "query_pre_attn_scalar": d // heads if n_layers == 46 else key_length,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "max_position_embeddings": int(_get(meta, f"{a}.context_length")),
+        "rms_norm_eps": float(_get(meta, f"{a}.attention.layer_norm_rms_epsilon")),
+        "rope_parameters": _rope(meta, a, 10000.0),
+        # llama.cpp's defaults when a key is absent: window 4096, caps 50 and 30.
+        "sliding_window": int(_get(meta, f"{a}.attention.sliding_window", 4096)),
+        # llama.cpp's gemma2: layers alternate sliding-window (even) and global (odd).
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+        "attn_logit_softcapping": float(_get(meta, f"{a}.attn_logit_softcapping", 50.0)),
+        "final_logit_softcapping": float(_get(meta, f"{a}.final_logit_softcapping", 30.0)),
+        "attention_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        **_token_ids(meta),
+    }
+
+
 # general.architecture -> (config builder, family module, undo Llama's Q/K permutation,
 #                          subtract 1 from norm gains)
 _ARCHITECTURES = {
     "llama": (_llama_config, "lens.models.families.llama", True, False),
     "gemma3": (_gemma3_config, "lens.models.families.gemma3", False, True),
+    "gemma2": (_gemma2_config, "lens.models.families.gemma2", False, True),
+    "qwen3": (_qwen3_config, "lens.models.families.qwen3", False, False),
 }
+
+
+def gguf_tensor_names(message: str, hf_config: dict) -> str:
+    """`message` with each HF tensor name it quotes followed by its GGUF name, so an error
+    the shared converter raises about a GGUF's tensor names the tensor in the file."""
+    import importlib
+
+    from ..families import FAMILIES
+
+    family = importlib.import_module(FAMILIES[hf_config["model_type"]])
+    layer = {v: k for k, v in family.GGUF_LAYER_NAMES.items()}
+    top = {v: k for k, v in family.GGUF_TOP_NAMES.items()}
+
+    def name(m: re.Match) -> str:
+        hf_name = m.group(1)
+        b = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        gguf = f"blk.{b.group(1)}.{layer[b.group(2)]}" if b and b.group(2) in layer else top.get(hf_name)
+        return m.group(0) if gguf is None else f"{m.group(0)} (GGUF tensor {gguf!r})"
+
+    return re.sub(r"'((?:model|lm_head)[\w.]*)'", name, message)
 
 
 def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:

@@ -43,5 +43,11 @@ def load(name_or_path: str | Path, dtype=jnp.float32):
 
 
 def _load_gguf(path, dtype, gguf_reader, Tokenizer):
+    from .convert import CheckpointError
+
     hf_config, tensors = gguf_reader.read_gguf(path)
-    return convert_hf(hf_config, tensors, dtype), Tokenizer.from_gguf(path)
+    try:
+        model = convert_hf(hf_config, tensors, dtype)
+    except CheckpointError as e:  # name the tensor as the GGUF file does, too
+        raise CheckpointError(f"{Path(path).name}: {gguf_reader.gguf_tensor_names(str(e), hf_config)}") from None
+    return model, Tokenizer.from_gguf(path)

@@ -123,14 +123,16 @@ def test_awkward_settings_really_bind(built):
                          ("phi3_window_gqa", dict(local_layers=None, sliding_window=None))]:
         _, model, _, _ = built(name)
         other = dataclasses.replace(model, config=dataclasses.replace(model.config, **change))
-        assert _err(model(tokens), other(tokens)) > 1e-2, (name, change)
+        assert _err(_forward(model, tokens).logits, _forward(other, tokens).logits) > 1e-2, (name, change)
     assert built("qwen3_head_dim_sliding_layers")[1].config.local_layers == (False, True, True)
     assert built("gemma2_window_softcaps")[1].config.local_layers == (True, False, True)
 
 
-@pytest.mark.parametrize("name", ["gemma2_window_softcaps", "gemma2_untied_bias_layer_types",
-                                  "mistral_window_head_dim", "qwen3_head_dim_sliding_layers",
-                                  "phi3_window_gqa"])
+@pytest.mark.parametrize("name", [
+    "gemma2_window_softcaps", "mistral_window_head_dim",
+    # ~13 s each (two compiled programs per model): the same cache path, run by `make test`
+    pytest.param("qwen3_head_dim_sliding_layers", marks=pytest.mark.slow),
+    pytest.param("phi3_window_gqa", marks=pytest.mark.slow)])
 def test_greedy_generation_past_the_window_equals_transformers(built, name):
     """32 new tokens after a 6-token prompt: the cached decode runs ~30 positions past a
     window of 4-5, so keys that slid out must be ignored exactly as transformers does."""

@@ -12,8 +12,10 @@ The real files are checked the same way in test_real_models.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +28,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
-from gguf_tiny import llama_cpp_permute, tiny_gemma3, tiny_llama, write_gguf  # noqa: E402,F401
+from gguf_tiny import (  # noqa: E402,F401
+    llama_cpp_permute, tiny_gemma2, tiny_gemma3, tiny_llama, tiny_mistral, tiny_qwen3, write_gguf)
 
 
 def assert_same_config(from_gguf, from_folder) -> None:
@@ -98,3 +101,81 @@ def test_header_metadata(tmp_path):
     assert meta["tokenizer.ggml.tokens"][0] == "<|endoftext|>"
     hf_config, _ = gguf_reader.read_gguf(tmp_path / "tiny.gguf")
     assert hf_config["tie_word_embeddings"] is False and hf_config["head_dim"] == 8
+
+
+# ------------------------------------------- Gemma 2, Qwen3, Mistral (llama.cpp conventions)
+@pytest.mark.parametrize("family", ["gemma2", "qwen3", "mistral"])
+def test_gemma2_qwen3_mistral_gguf_equal_safetensors(tmp_path, family):
+    """Every tensor name is one gguf's own table lists for the arch; transformers' own GGUF
+    loader recovers the original weights (Gemma 2's +1 norms, Mistral's Q/K permutation;
+    it cannot read a Qwen3 head_dim other than 128, so Qwen3 skips that step); ours loads the
+    same model as the safetensors folder, and its logits equal transformers' (1e-5).  A
+    Mistral GGUF is arch "llama" (as llama.cpp writes it): the same weights, read as Llama."""
+    from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
+
+    folder, path = tmp_path / "hf", tmp_path / "tiny.gguf"
+    hf = {"gemma2": tiny_gemma2, "qwen3": tiny_qwen3, "mistral": tiny_mistral}[family](folder, path)
+    arch = {"gemma2": "gemma2", "qwen3": "qwen3", "mistral": "llama"}[family]
+    arch_id = next(a for a, n in MODEL_ARCH_NAMES.items() if n == arch)
+    allowed = {TENSOR_NAMES[t] for t in MODEL_TENSORS[arch_id]}
+    _, raw = gguf_reader.read_raw_tensors(path)
+    for name in raw:
+        assert re.sub(r"^blk\.\d+\.", "blk.{bid}.", name.rsplit(".", 1)[0]) in allowed, name
+    if family != "qwen3":
+        back = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+        ref = hf.state_dict()
+        for k, v in back.state_dict().items():
+            np.testing.assert_allclose(v.numpy(), ref[k].numpy(), atol=2e-7, rtol=0, err_msg=k)
+    from_gguf, tok = models.load(path)
+    from_folder, _ = models.load(folder)
+    if family == "mistral":
+        assert from_gguf.config.architecture == "llama"
+        assert_same_config(from_gguf.config, dataclasses.replace(from_folder.config, architecture="llama"))
+    else:
+        assert_same_config(from_gguf.config, from_folder.config)
+    chex.assert_trees_all_close(
+        jax.tree_util.tree_leaves(from_gguf), jax.tree_util.tree_leaves(from_folder), atol=2e-7, rtol=0)
+    tokens = np.random.RandomState(0).randint(0, 262, size=12)
+    with torch.no_grad():
+        want = hf(input_ids=torch.as_tensor(tokens[None])).logits[0].numpy()
+    np.testing.assert_allclose(np.asarray(eqx.filter_jit(lambda m, t: m(t))(from_gguf, jnp.asarray(tokens))), want, atol=1e-5, rtol=0)
+    if family == "gemma2":
+        c = from_gguf.config
+        assert (c.attn_logit_softcap, c.final_logit_softcap, c.sliding_window) == (5.0, 3.0, 4)
+        assert c.local_layers == (True, False, True, False)
+
+
+def test_gguf_tensor_that_does_not_fit_is_named(tmp_path):
+    """A misshaped Qwen3 q/k norm, a Gemma-3-only tensor in a Gemma 2 file, and an unknown
+    metadata key: errors naming the GGUF tensor / key."""
+    from lens.models.io.convert import CheckpointError
+
+    def bad_norm(t):
+        t["blk.1.attn_k_norm.weight"] = np.ones(13, np.float32)
+
+    tiny_qwen3(tmp_path / "q", tmp_path / "q.gguf", tensor_fix=bad_norm)
+    with pytest.raises(CheckpointError, match=r"blk\.1\.attn_k_norm\.weight.*shape|shape.*blk\.1\.attn_k_norm"):
+        models.load(tmp_path / "q.gguf")
+
+    def missing(t):
+        del t["blk.0.attn_q_norm.weight"]
+
+    tiny_qwen3(tmp_path / "m", tmp_path / "m.gguf", tensor_fix=missing)
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q_norm\.weight"):
+        models.load(tmp_path / "m.gguf")
+
+    tiny_gemma2(tmp_path / "g", tmp_path / "g.gguf")
+    meta, raw = gguf_reader.read_raw_tensors(tmp_path / "g.gguf")
+    raw["blk.0.attn_q_norm.weight"] = np.ones(8, np.float32)  # a Gemma 3 tensor
+    from gguf_tiny import _vocab_spm
+
+    tokens, types = _vocab_spm(270)
+    keys = {k.split("gemma2.", 1)[1]: (float(v) if isinstance(v, (float, np.floating)) else int(v))
+            for k, v in meta.items() if k.startswith("gemma2.")}
+    write_gguf(tmp_path / "g2.gguf", "gemma2", keys, raw,
+               {"model": "llama", "tokens": tokens, "types": types, "bos": 2, "eos": 1, "pad": 0})
+    with pytest.raises(CheckpointError, match=r"blk\.0\.attn_q_norm\.weight"):
+        models.load(tmp_path / "g2.gguf")
+    tiny_gemma2(tmp_path / "k", tmp_path / "k.gguf", meta_extra={"attention.surprise_key": 1})
+    with pytest.raises(ValueError, match="surprise_key"):
+        models.load(tmp_path / "k.gguf")
