@@ -31,6 +31,26 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
         layer_types=["sliding_attention", "full_attention"], sliding_window=4,
         initializer_range=0.1),
+    # The dense families of issue 28, each with its awkward setting inside 8 tokens:
+    # Gemma 2 window 4 and caps of 2 that bind; Mistral / Phi-3 windows of 5 in every layer;
+    # Qwen3 head_dim 8 != 24 / 4 with q/k norms.
+    "gemma2": lambda: tf.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        sliding_window=4, attn_logit_softcapping=2.0, final_logit_softcapping=2.0,
+        query_pre_attn_scalar=6, initializer_range=0.1),
+    "mistral": lambda: tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        sliding_window=5, initializer_range=0.1),
+    "qwen3": lambda: tf.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=32,
+        initializer_range=0.1),
+    "phi3": lambda: tf.Phi3Config(
+        vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        sliding_window=5, pad_token_id=0, eos_token_id=1, initializer_range=0.1),
 }
 
 

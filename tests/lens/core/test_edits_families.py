@@ -1,9 +1,9 @@
-"""Edits, the steering sweep and MELBO's gradients on GPT-2, GPT-NeoX and Gemma 3, each
-against PyTorch forward hooks doing the same thing in transformers (test_edits.py does
-Llama).  One table says where each family's residual stream, head outputs z (the input
+"""Edits, the steering sweep and MELBO's gradients on GPT-2, GPT-NeoX, Gemma 3, Gemma 2,
+Mistral, Qwen3 and Phi-3, each against PyTorch forward hooks doing the same thing in
+transformers (test_edits.py does Llama).  One table says where each family's residual stream, head outputs z (the input
 of W_O), MLP neurons (the input of W_out) and writers live in transformers.
 
-Writers: what a block ADDS to the residual stream.  For Gemma 3 that is the output of
+Writers: what a block ADDS to the residual stream.  For Gemma 2 and 3 that is the output of
 the sandwich norms (post_attention_layernorm, post_feedforward_layernorm), not of o_proj
 / down_proj: `writer_ablate` acts after the post-norm (models/core/block.py), so the stream
 never holds the direction; projecting it out of o_proj's output instead would let the
@@ -27,7 +27,10 @@ from lens.steering import melbo
 from lens_tiny import VOCAB, tiny
 from lens.models import Edits
 
-FAMILIES = ["gpt2", "neox", "gemma3"]
+FAMILIES = ["gpt2", "neox", "gemma3", "gemma2", "mistral", "qwen3", "phi3"]
+# The sweep and MELBO tests compile several programs per family: the newer Llama-like
+# families (same block path as Llama and Gemma 3) run there only in `make test` (slow).
+SLOW = [pytest.param(f, marks=pytest.mark.slow) for f in ("mistral", "qwen3", "phi3")]
 RNG = np.random.RandomState(5)
 TOKENS = RNG.randint(0, VOCAB, size=8)
 OTHER = RNG.randint(0, VOCAB, size=8)
@@ -42,6 +45,11 @@ SITES = {  # family -> (decoder layers, W_O module, W_out module, writer modules
                         lambda L: L.mlp.dense_4h_to_h, lambda L: [L.attention.dense, L.mlp]),
     "gemma3": lambda hf: (hf.model.layers, lambda L: L.self_attn.o_proj, lambda L: L.mlp.down_proj,
                           lambda L: [L.post_attention_layernorm, L.post_feedforward_layernorm]),
+    "gemma2": lambda hf: (hf.model.layers, lambda L: L.self_attn.o_proj, lambda L: L.mlp.down_proj,
+                          lambda L: [L.post_attention_layernorm, L.post_feedforward_layernorm]),
+    # Phi-3's fused gate_up_proj still feeds down_proj the neurons up * act(gate)
+    **{f: lambda hf: (hf.model.layers, lambda L: L.self_attn.o_proj, lambda L: L.mlp.down_proj,
+                      lambda L: [L.self_attn.o_proj, L.mlp]) for f in ("mistral", "qwen3", "phi3")},
 }
 
 
@@ -126,7 +134,7 @@ def test_add_and_directional_ablation_match_hooks(family):
     _, cache = run_cache(model, E.ablate_direction(model, dirs, where="writers"))
     # the stream never holds the directions: measured |x . u| <= 1e-6 against |x| ~ 1..50
     assert np.abs(np.asarray(cache.resid_post) @ u.T).max() < 1e-4
-    if family == "gemma3":
+    if family in ("gemma3", "gemma2"):
         # ablating before the sandwich norm instead (o_proj / down_proj outputs) differs
         early = [(layers[0], "pre_", pre_edit(project_out(u)))]
         for layer in layers:
@@ -197,7 +205,7 @@ def test_activation_patching_matches_hooks(family):
     check(ours, hooked(hf, [(down(layers[0]), "pre_", patch_from(nrn, [0, 1, 2, 3]))]), base)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["gpt2", "neox", "gemma3", "gemma2"] + SLOW)
 def test_sweep_matches_hooks_per_prompt(family):
     # The prefix-sharing vmapped sweep (2 chunks, the last padded; a right-padded prompt)
     # against transformers with a pre-hook, each prompt run alone at its real length.
@@ -226,7 +234,7 @@ def test_sweep_matches_hooks_per_prompt(family):
     assert res.kl[:, 1].min() > 1e-4  # coefficient 2.5 really steered
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["gpt2", "neox", "gemma3", "gemma2"] + SLOW)
 def test_melbo_gradients_match_torch_autograd(family):
     # MELBO's and MELBO-ortho's objectives and their gradients in theta (what every training
     # step uses) against torch autograd through a hook adding theta after block s.
