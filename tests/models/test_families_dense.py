@@ -83,8 +83,9 @@ def built(tmp_path_factory):
 
 
 @eqx.filter_jit
-def _forward(model, tokens):
-    return model.forward(tokens, capture=models.Capture(resid=True))
+def _forward(model, tokens, mask=None):
+    mask = jnp.ones(tokens.shape, bool) if mask is None else mask  # one compiled shape per model
+    return model.forward(tokens, attention_mask=mask, capture=models.Capture(resid=True))
 
 
 def _tokens(n, seed=0):
@@ -109,23 +110,44 @@ def test_logits_and_every_residual_match_transformers(built, name):
     assert logit_err < TOL, f"{name}: logits differ by {logit_err:.3g}"
 
 
+@pytest.mark.parametrize("name", ["gemma2_window_softcaps", "mistral_window_head_dim", "qwen3_head_dim_sliding_layers"])
+def test_left_padding_with_a_window_matches_transformers(built, name):
+    """4 pads then 12 real tokens (window 4-5 < 12): the window counts positions of real
+    tokens only; transformers gets the same mask and position_ids = cumsum(mask) - 1."""
+    hf, model, _, _ = built(name)
+    pad = 4
+    mask = np.arange(SEQ) >= pad
+    tokens = np.concatenate([np.zeros(pad, np.int32), _tokens(SEQ - pad, seed=1)])
+    ours = _forward(model, jnp.asarray(tokens), jnp.asarray(mask)).logits
+    ref, _ = hf_forward(hf, tokens, mask.astype(np.int64), np.maximum(np.cumsum(mask) - 1, 0))
+    alone, _ = hf_forward(hf, tokens[pad:])
+    assert _err(ours[pad:], ref[pad:]) < TOL
+    assert _err(ours[pad:], alone) < TOL
+
+
 def test_awkward_settings_really_bind(built):
-    """The window, the caps and head_dim change the model: turning each off moves the
-    logits by far more than TOL (so the parity above tests them)."""
+    """The window and the attention cap change the model: turning each off moves the
+    logits by far more than TOL (so the parity above tests them); the final cap of 2
+    bends transformers' uncapped logits (up to 2.15 here) by more than 0.1."""
     import dataclasses
 
     tokens = jnp.asarray(_tokens(SEQ))
     for name, change in [("gemma2_window_softcaps", dict(attn_logit_softcap=None)),
-                         ("gemma2_window_softcaps", dict(final_logit_softcap=None)),
                          ("gemma2_window_softcaps", dict(local_layers=None, sliding_window=None)),
-                         ("mistral_window_head_dim", dict(local_layers=None, sliding_window=None)),
-                         ("qwen3_head_dim_sliding_layers", dict(local_layers=None, sliding_window=None)),
-                         ("phi3_window_gqa", dict(local_layers=None, sliding_window=None))]:
+                         ("mistral_window_head_dim", dict(local_layers=None, sliding_window=None))]:
         _, model, _, _ = built(name)
         other = dataclasses.replace(model, config=dataclasses.replace(model.config, **change))
         assert _err(_forward(model, tokens).logits, _forward(other, tokens).logits) > 1e-2, (name, change)
+    hf, _, _, _ = built("gemma2_window_softcaps")
+    hf.config.final_logit_softcapping = None  # transformers' own uncapped logits
+    try:
+        uncapped, _ = hf_forward(hf, np.asarray(tokens))
+    finally:
+        hf.config.final_logit_softcapping = 2.0
+    assert np.abs(uncapped - 2.0 * np.tanh(uncapped / 2.0)).max() > 0.1  # measured 0.57
     assert built("qwen3_head_dim_sliding_layers")[1].config.local_layers == (False, True, True)
     assert built("gemma2_window_softcaps")[1].config.local_layers == (True, False, True)
+    assert built("phi3_window_gqa")[1].config.local_layers == (True,) * 3
 
 
 @pytest.mark.parametrize("name", [
@@ -212,3 +234,55 @@ def test_phi3_fused_weights_are_split_in_order(built):
     gate_up = tensors["model.layers.0.mlp.gate_up_proj.weight"]
     np.testing.assert_array_equal(np.asarray(model.blocks.W_gate[0]), gate_up[: c.d_mlp].T)
     np.testing.assert_array_equal(np.asarray(model.blocks.W_in[0]), gate_up[c.d_mlp:].T)
+
+
+# Field sets of the published config.json files (sizes shrunk): each must convert, not be
+# refused for a field it legitimately carries.
+REAL_STYLE = {
+    "gemma-2-2b": dict(
+        architectures=["Gemma2ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+        attn_logit_softcapping=50.0, bos_token_id=2, cache_implementation="hybrid", eos_token_id=[1, 107],
+        final_logit_softcapping=30.0, head_dim=16, hidden_act="gelu_pytorch_tanh",
+        hidden_activation="gelu_pytorch_tanh", hidden_size=32, initializer_range=0.02, intermediate_size=48,
+        max_position_embeddings=64, model_type="gemma2", num_attention_heads=4, num_hidden_layers=2,
+        num_key_value_heads=2, pad_token_id=0, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+        rope_theta=10000.0, sliding_window=4096, torch_dtype="float32", transformers_version="4.42.4",
+        use_cache=True, vocab_size=VOCAB),
+    "Mistral-7B-v0.1": dict(
+        architectures=["MistralForCausalLM"], bos_token_id=1, eos_token_id=2, hidden_act="silu",
+        hidden_size=32, initializer_range=0.02, intermediate_size=48, max_position_embeddings=64,
+        model_type="mistral", num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False,
+        torch_dtype="bfloat16", transformers_version="4.34.0.dev0", use_cache=True, vocab_size=VOCAB),
+    "Qwen3-0.6B": dict(
+        architectures=["Qwen3ForCausalLM"], attention_bias=False, attention_dropout=0.0, bos_token_id=1,
+        eos_token_id=2, head_dim=16, hidden_act="silu", hidden_size=32, initializer_range=0.02,
+        intermediate_size=48, max_position_embeddings=64, max_window_layers=28, model_type="qwen3",
+        num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, rms_norm_eps=1e-6,
+        rope_scaling=None, rope_theta=1000000, sliding_window=None, tie_word_embeddings=True,
+        torch_dtype="bfloat16", transformers_version="4.51.0", use_cache=True, use_sliding_window=False,
+        vocab_size=VOCAB),
+    "Phi-3-mini-4k-instruct": dict(
+        architectures=["Phi3ForCausalLM"], attention_bias=False, attention_dropout=0.0,
+        auto_map={"AutoConfig": "configuration_phi3.Phi3Config"}, bos_token_id=1, embd_pdrop=0.0,
+        eos_token_id=32000, hidden_act="silu", hidden_size=32, initializer_range=0.02, intermediate_size=48,
+        max_position_embeddings=64, model_type="phi3", num_attention_heads=4, num_hidden_layers=2,
+        num_key_value_heads=4, original_max_position_embeddings=64, pad_token_id=32000, resid_pdrop=0.0,
+        rms_norm_eps=1e-5, rope_scaling=None, rope_theta=10000.0, sliding_window=2047,
+        tie_word_embeddings=False, torch_dtype="bfloat16", transformers_version="4.40.2", use_cache=True,
+        vocab_size=VOCAB),
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_STYLE))
+def test_published_config_field_sets_convert(name):
+    from lens.models.families import family_module
+
+    hf = REAL_STYLE[name]
+    c = family_module(hf).config_from_hf(hf)
+    assert (c.d_model, c.n_layers, c.vocab_size) == (32, 2, VOCAB)
+    window = {"gemma-2-2b": 4096, "Mistral-7B-v0.1": 4096, "Qwen3-0.6B": None, "Phi-3-mini-4k-instruct": 2047}
+    assert c.sliding_window == window[name]
+    if name == "gemma-2-2b":
+        assert (c.attn_logit_softcap, c.final_logit_softcap, c.local_layers) == (50.0, 30.0, (True, False))
+        assert c.eos_token_ids == (1, 107) and c.scale == 16**-0.5
