@@ -286,3 +286,19 @@ def test_published_config_field_sets_convert(name):
     if name == "gemma-2-2b":
         assert (c.attn_logit_softcap, c.final_logit_softcap, c.local_layers) == (50.0, 30.0, (True, False))
         assert c.eos_token_ids == (1, 107) and c.scale == 16**-0.5
+
+
+def test_attribution_attention_pattern_is_the_capped_windowed_pattern(built):
+    """lens.circuits.attribution recomputes a block's pattern outside the forward: for
+    Gemma 2 it must apply the same soft-cap and window (layer 0 local, layer 1 global)."""
+    from lens.circuits import attribution
+
+    _, model, _, _ = built("gemma2_window_softcaps")
+    tokens = jnp.asarray(_tokens(SEQ))
+    out = eqx.filter_jit(lambda m, t: m.forward(t, capture=models.Capture(resid=True, attn_pattern=True)))(
+        model, tokens)
+    qpos, valid = jnp.arange(SEQ), jnp.ones(SEQ, bool)
+    for layer in (0, 1):
+        resid = out.activations.resid_pre[layer]
+        mine = attribution.attention_pattern(model, layer, resid, resid, qpos, valid)
+        np.testing.assert_allclose(mine, out.activations.attn_pattern[layer], atol=1e-6, rtol=0)
