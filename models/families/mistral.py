@@ -7,15 +7,17 @@ and in generation alike: the KV cache keeps every slot and the mask, decided by 
 `sliding_window` null = full causal attention (Mistral 7B v0.2 and later).
 
 HF key map: exactly Llama's (models/families/llama.py), no biases.  transformers'
-MistralModel ignores `layer_types` (it masks every layer with the window when one is
-set), so a `layer_types` field is accepted only when it says the same, and refused
-otherwise (a Ministral-style alternating config is another model).
+MistralModel ignores `layer_types` (it masks every layer with the window when one is set;
+MistralConfig saves the field with a warning to use Ministral for alternation), so we do
+what transformers computes, and warn (naming the field) when layer_types says otherwise.
 
 GGUF: llama.cpp writes Mistral as `general.architecture = "llama"` and runs it without a
 window; see models/io/gguf_reader.py.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from ..core.config import GENERIC_HF_FIELDS, ModelConfig, refuse_unknown
 from .llama import convert, llama_fields, window_fields  # noqa: F401  (convert: Llama's key map)
@@ -37,8 +39,8 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if types is not None:
         expected = ["sliding_attention" if window is not None else "full_attention"] * n
         if list(types) != expected:
-            raise ValueError(
-                f"mistral: layer_types={list(types)} differs from what transformers' MistralModel "
-                f"computes ({'every layer sliding' if window is not None else 'every layer full'}: "
-                "it ignores layer_types); refusing a possibly different model")
+            warnings.warn(
+                f"mistral: layer_types={list(types)} is ignored, as transformers' MistralModel ignores "
+                f"it: every layer uses sliding_window={window} (use a Ministral checkpoint for "
+                "alternating layers)", stacklevel=2)
     return ModelConfig(**llama_fields(hf, "mistral"), **window_fields("mistral", n, window, None))

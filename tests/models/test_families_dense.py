@@ -208,7 +208,6 @@ def test_missing_and_misshaped_tensors_are_refused(built, name):
     ("gemma2_window_softcaps", "layer_types", ["sliding_attention", "chunked_attention", "full_attention"]),
     ("gemma2_window_softcaps", "attn_logit_softcapping", -1.0),
     ("qwen3_head_dim_sliding_layers", "sliding_window", None),
-    ("mistral_window_head_dim", "layer_types", ["full_attention", "sliding_attention", "full_attention"]),
     ("phi3_window_gqa", "attention_bias", True),
 ])
 def test_unsupported_values_are_refused_naming_them(built, name, field, value):
@@ -220,6 +219,16 @@ def test_unsupported_values_are_refused_naming_them(built, name, field, value):
                "rope_scaling": "su"}.get(field) or field
     with pytest.raises(ValueError, match=pattern):
         convert_hf(config, tensors, jnp.float32)
+
+
+def test_mistral_layer_types_follow_transformers(built):
+    """MistralConfig saves layer_types but MistralModel ignores it (every layer sliding when
+    a window is set): we compute what transformers computes and warn, naming the field."""
+    _, model, config, tensors = built("mistral_window_head_dim")
+    with pytest.warns(UserWarning, match="layer_types"):
+        other = convert_hf({**config, "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+                           tensors, jnp.float32)
+    assert other.config == model.config
 
 
 def test_phi3_fused_weights_are_split_in_order(built):
