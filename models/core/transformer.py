@@ -70,6 +70,23 @@ class Transformer(eqx.Module):
     unembed: Float[Array, "vocab d_model"] | None  # None: tied to `embed`
     unembed_b: Float[Array, " vocab"] | None = None
 
+    def __hash__(self):
+        # `jax.jit(model)` hashes the function it wraps; a module holding arrays has no hash.
+        # Say so, with the idiom, instead of "unhashable type: 'jaxlib._jax.ArrayImpl'".
+        # (Making it hashable would let jax.jit bake every weight into the program as a
+        # constant: a huge, slow compile for a real model.)
+        try:
+            return super().__hash__()
+        except TypeError:
+            raise TypeError(
+                "jax.jit(model) cannot wrap the model itself (its weights are arrays, not a "
+                "hashable function). Pass the model as an argument instead:\n"
+                "    run = jax.jit(lambda model, tokens: model(tokens))   # once\n"
+                "    logits = run(model, tokens)                          # compiles once per shape\n"
+                "or use eqx.filter_jit(model)(tokens).  The same holds for model.forward: "
+                "jax.jit(lambda model, tokens: model.forward(tokens, ...))."
+            ) from None
+
     # ----------------------------------------------------------------- public API
     def __call__(
         self,
