@@ -265,6 +265,7 @@ class Transformer(eqx.Module):
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise ValueError(f"block range [{start}, {stop}) is not inside [0, {n})")
+        custom = None if edits is None else edits.resid_fn  # not scanned: bound per block
         edits = layer_slice(edits, start, stop)
         blocks = jax.tree.map(lambda w: w[start:stop], self.blocks)
         local = self.config.local_layers
@@ -282,7 +283,9 @@ class Transformer(eqx.Module):
             kv_layers = (kv_cache.k, kv_cache.v)
 
         def block(h, xs):
-            block, local_l, edits_l, kv_l, _ = xs
+            block, local_l, edits_l, kv_l, index = xs
+            if custom is not None:
+                edits_l = dataclasses.replace(edits_l, resid_fn=custom.at(start + index, query_pos))
             return block_forward(
                 self.config, block, h, query_pos, key_pos=key_pos, rotary=rot, is_local=local_l,
                 edits=edits_l, capture=capture, kv=kv_l, write_index=write_index,
