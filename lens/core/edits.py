@@ -42,6 +42,7 @@ from lens.models.core.interventions import (
     site_widths,
 )
 from lens.models.core.interventions import check_edits as _check
+from lens.models.core.ranges import check_index, layer_context, position_context, range_error
 from lens.models.core.interventions import first_edited_layer as _first
 from lens.models.core.transformer import Transformer
 
@@ -57,10 +58,7 @@ def check_layers(model: Transformer, layers: LayerSpec, n: int | None = None) ->
         return list(range(n))
     out = []
     for layer in [layers] if np.ndim(layers) == 0 else list(np.asarray(layers).ravel()):
-        layer = int(layer)
-        if not -n <= layer < n:
-            raise ValueError(f"layer index {layer} out of range for a model with {n} layers")
-        out.append(layer % n)
+        out.append(check_index("layer", layer, n, negative=True, context=layer_context(n)))
     if len(set(out)) != len(out):
         raise ValueError(f"repeated layer index in {out}")
     return out
@@ -74,10 +72,7 @@ def check_positions(positions: int | Sequence[int] | None, seq_len: int | None) 
         raise ValueError("chosen positions need seq_len (the length of the tokens edited)")
     out = []
     for p in [positions] if np.ndim(positions) == 0 else list(np.asarray(positions).ravel()):
-        p = int(p)
-        if not -seq_len <= p < seq_len:
-            raise ValueError(f"position {p} is beyond a sequence of {seq_len} tokens")
-        out.append(p % seq_len)
+        out.append(check_index("position", p, seq_len, negative=True, context=position_context(seq_len)))
     return out
 
 
@@ -227,11 +222,10 @@ def _mask_from(spec, n_layers: int, width: int, what: str) -> np.ndarray:
     if isinstance(spec, Mapping):
         mask = np.zeros((n_layers, width), np.float32)
         for layer, idx in spec.items():
-            if not -n_layers <= int(layer) < n_layers:
-                raise ValueError(f"layer index {layer} out of range for {n_layers} layers")
+            check_index("layer", layer, n_layers, negative=True, context=layer_context(n_layers))
             idx = np.atleast_1d(np.asarray(idx, np.int64))
             if idx.size and (idx.min() < 0 or idx.max() >= width):
-                raise ValueError(f"{what} index out of range [0, {width}) at layer {layer}: {idx}")
+                raise range_error(what, idx, 0, width, f"at layer {layer}")
             mask[int(layer), idx] = 1.0
         return mask
     mask = np.asarray(spec, np.float32)
@@ -417,8 +411,10 @@ def patch(
         unit_sel = np.ones((width,), np.float32)
         if heads is not None:
             h = np.atleast_1d(np.asarray(heads))
-            if h.size == 0 or h.min() < 0 or h.max() >= width:
-                raise ValueError(f"head index out of range [0, {width}) for site {site!r}: {h}")
+            if h.size == 0:
+                raise ValueError(f"heads is empty for site {site!r}: name at least one")
+            if h.min() < 0 or h.max() >= width:
+                raise range_error("head", h, 0, width, f"at site {site!r}")
             unit_sel[:] = 0.0
             unit_sel[h] = 1.0
         mix = mix[..., None] * unit_sel

@@ -82,7 +82,7 @@ class SweepConfig:
     chunk_size: int | None = None
     memory_budget: float = 2**30
     mesh: "jax.sharding.Mesh | None" = None
-    progress: bool | Progress = True
+    progress: bool | Progress = False  # the library default (models.runtime.progress)
 
     def __post_init__(self):
         object.__setattr__(self, "progress", Progress.of(self.progress))

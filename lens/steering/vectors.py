@@ -39,6 +39,7 @@ from lens.core.capture import last_real_index, resid_at
 from lens.models.core.transformer import Transformer
 from lens.models.generation.generate import GenerationConfig
 from lens.models.runtime.progress import Progress
+from lens.models.core.ranges import check_index, position_context, range_error
 
 REQUIRED_METADATA = ("model", "layer", "site", "method")
 
@@ -90,14 +91,13 @@ def actadd(
         return xa.mean(0) - xb.mean(0)
     if np.ndim(position) == 0:
         for n in (xa.shape[0], xb.shape[0]):
-            if not -n <= int(position) < n:
-                raise ValueError(f"position {position} is beyond a sequence of {n} tokens")
+            check_index("position", position, n, negative=True, context=position_context(n))
         return xa[int(position)] - xb[int(position)]
     pos = np.asarray(position)
     if xa.shape[0] != xb.shape[0]:
         raise ValueError("per-position ActAdd needs prompts of the same length (pad them)")
     if pos.min() < -xa.shape[0] or pos.max() >= xa.shape[0]:
-        raise ValueError(f"positions {pos} beyond a sequence of {xa.shape[0]} tokens")
+        raise range_error("positions", pos, -xa.shape[0], xa.shape[0], position_context(xa.shape[0]))
     return xa[pos] - xb[pos]
 
 
@@ -246,7 +246,7 @@ def generate_with_vectors(
     coeff: float = 1.0,
     vectors_per_call: int | None = None,
     memory_budget: float = 2**30,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
 ) -> Int[np.ndarray, "K P max_new_tokens"]:
     """Generate from every prompt under each of K steering vectors at once.
 

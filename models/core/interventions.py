@@ -58,6 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from .ranges import check_index
+
 # The axis vocabulary of the sites.  "S": positions, 1 (every position) or seq; "n": a
 # free count (ablated directions, concatenated by `combine`); the rest are model widths.
 _WIDTHS = ("d_model", "heads", "kv_heads", "d_head", "d_mlp")
@@ -288,8 +290,7 @@ def check_resid_fn(custom, n_layers: int, generation: bool = False) -> None:
     if not custom.layers:
         raise ValueError("edits.resid_fn.layers is empty: name the layers it edits")
     for layer in custom.layers:
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"edits.resid_fn: layer {layer} out of range [0, {n_layers})")
+        check_index("edits.resid_fn: layer", layer, n_layers, context=f"(the model has {n_layers} layers)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .block import Block, Rotary, block_forward
 from .config import ModelConfig
 from .interventions import Activations, Capture, Edits, final_part, layer_slice
 from .kv_cache import KVCache
+from .ranges import range_error
 
 
 def pad_batch(
@@ -234,7 +235,7 @@ class Transformer(eqx.Module):
         ids_checked: see `check_tokens` (callers that range-checked the ids on the host)."""
         n = self.config.n_layers
         if not 0 <= stop <= n:
-            raise ValueError(f"prefix stop {stop} out of range [0, {n}]")
+            raise range_error("prefix stop", stop, 0, n + 1, f"(a model of {n} layers; {n} = every block)")
         tokens = self.check_tokens(tokens, ids_checked)
         query_pos, key_valid = self.default_positions(tokens, attention_mask, None, None)
         x = self.embed_tokens(tokens, query_pos)
