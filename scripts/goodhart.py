@@ -200,7 +200,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set(title=f"{m}: {c}", xlabel="tolerance (nats)", ylabel="pass rate", ylim=(0, 1.02))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "pass_rate_vs_tolerance.png", dpi=110)
+    fig.savefig(out / "pass_rate_vs_tolerance.png", dpi=110, bbox_inches="tight")
     names.append("pass_rate_vs_tolerance.png")
     plt.close(fig)
 
@@ -220,7 +220,7 @@ def plots(report: dict, out: Path) -> list[str]:
            ylabel="model validation loss (nats)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_pass_rate.png", dpi=110)
+    fig.savefig(out / "loss_vs_pass_rate.png", dpi=110, bbox_inches="tight")
     names.append("loss_vs_pass_rate.png")
     plt.close(fig)
     return names

@@ -51,7 +51,7 @@ def plot_pruning(report, out: Path) -> list[str]:
         fig.suptitle(f"selective pruning, forget = python-code: {name}", fontsize=9)
         fig.tight_layout()
         f = f"pruning_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files
@@ -80,7 +80,7 @@ def plot_moe(report, out: Path) -> list[str]:
         ax.legend(fontsize=6)
         fig.tight_layout()
         f = f"moefication_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files
@@ -105,7 +105,7 @@ def plot_dejavu(report, out: Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         f = f"dejavu_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files

@@ -110,7 +110,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(report["model"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

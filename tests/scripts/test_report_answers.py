@@ -1,0 +1,36 @@
+"""Reports open with their answer, and with a 'pipeline check only' verdict where the model
+cannot do the task or the mechanism is absent (synthetic report dicts; the scripts' smoke
+tests run them end to end)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from script_entry import script_namespace
+
+
+def _hyp(loss, rec, lo, hi):
+    return {"loss_mean": loss, "loss_recovered_mean": rec, "loss_recovered_interval": [lo, hi]}
+
+
+def test_causal_scrubbing_answer_and_verdict():
+    answer = script_namespace("causal_scrubbing")["answer"]
+    hs = {"identity": _hyp(1.0, 1.0, 1.0, 1.0), "empty": _hyp(2.0, 0.0, 0.0, 0.0),
+          "two-tests": _hyp(1.2, 0.8, 0.7, 0.9), "label-only": _hyp(1.6, 0.4, 0.3, 0.5)}
+    lines = answer({"hypotheses": hs, "baseline": "empty", "model_loss": 1.0})
+    assert lines[0].startswith("**Answer.**") and "`two-tests` recovers the most loss: 80.0%" in lines[0]
+    assert not any("Verdict" in x for x in lines)
+    flat = {k: dict(h, loss_mean=1.005) for k, h in hs.items()}
+    lines = answer({"hypotheses": flat, "baseline": "empty", "model_loss": 1.0})
+    assert "**Verdict: pipeline check only.**" in lines[2] and "0.005 nats" in lines[2]
+
+
+def test_lens_report_answer_and_verdict():
+    answer = script_namespace("lens_report")["answer"]
+    words = [["a", "x"], ["b", " Paris"], ["c", " Paris"], ["d", " Paris"]]  # 3 layers + output
+    strong = answer([("logit lens", words, np.array([[0.1, 0.1], [0.1, 0.2], [0.1, 0.5], [0.1, 0.9]]))])
+    assert strong[0] == ("**Answer.** the model predicts ' Paris' (p = 0.90) after the prompt; the logit "
+                         "lens reads it from layer 1 of 3.")
+    assert len(strong) == 2  # no verdict
+    weak = answer([("logit lens", words, np.full((4, 2), 0.01))])
+    assert weak[2].startswith("**Verdict: pipeline check only.** the model's own top-1 probability is 0.01")
