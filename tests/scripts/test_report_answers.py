@@ -34,3 +34,13 @@ def test_lens_report_answer_and_verdict():
     assert len(strong) == 2  # no verdict
     weak = answer([("logit lens", words, np.full((4, 2), 0.01))])
     assert weak[2].startswith("**Verdict: pipeline check only.** the model's own top-1 probability is 0.01")
+
+
+def test_logit_geometry_answer():
+    answer = script_namespace("logit_geometry")["answer"]
+    r = {"rankings": {"scores": ["logit", "cosine"], "spearman_mean": [0.9, 0.4]},
+         "effective_cosine": {"rho": [0.5, 1.0, 2.0], "closed_form": [0.1, 0.146, 0.3], "layer": 6,
+                              "orthogonal": {"with_gain": [0.1, 0.2, 0.3], "max_abs_err_vs_closed": [1e-4, 3e-4]}}}
+    (line, blank) = answer(r)
+    assert line.startswith("**Answer.** `logit` ranks") and "Spearman 0.900" in line
+    assert "effective cosine of 0.200 at layer 6 (closed form on the sphere 0.146" in line and "3.0e-04" in line
