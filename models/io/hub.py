@@ -139,14 +139,24 @@ def resolve(key: str) -> Path:
                 f"{where}: the cached snapshot {folder} is incomplete (an interrupted download?) "
                 f"and the Hub cannot be reached. {_next_step(repo_id, revision)}") from None
     except LocalEntryNotFoundError as e:
-        reason = ("offline mode is on (HF_HUB_OFFLINE=1)" if offline()
-                  else f"the Hub could not be reached ({str(e).splitlines()[0][:200]})")
-        raise HubError(
-            f"{where} is not in the Hugging Face cache ({cache_dir()}) and {reason}. "
-            f"{_next_step(repo_id, revision)}") from None
+        # A cache copied by hand may lack refs/main: one snapshot folder is then unambiguous.
+        folder = _only_snapshot(repo_id) if revision is None else None
+        if folder is None:
+            reason = ("offline mode is on (HF_HUB_OFFLINE=1)" if offline()
+                      else f"the Hub could not be reached ({str(e).splitlines()[0][:200]})")
+            raise HubError(
+                f"{where} is not in the Hugging Face cache ({cache_dir()}) and {reason}. "
+                f"{_next_step(repo_id, revision)}") from None
     folder = Path(folder)
     _check_folder(folder, repo_id, revision)
     return folder
+
+
+def _only_snapshot(repo_id: str) -> Path | None:
+    """The one snapshot folder of `repo_id` in the cache, if there is exactly one."""
+    snapshots = cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    found = [p for p in snapshots.iterdir() if p.is_dir()] if snapshots.is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def _complete(folder: Path) -> bool:

@@ -143,3 +143,13 @@ def test_hub_id_shape():
         assert not hub.looks_like_hub_id(not_id), not_id
     with pytest.raises(FileNotFoundError, match="nor a Hugging Face Hub id"):
         models.load("no_such_model_anywhere")
+
+
+def test_cache_without_refs_uses_its_only_snapshot(offline_home):
+    snap = cached_repo(offline_home, "tiny-org/no-ref")
+    (snap.parents[1] / "refs" / "main").unlink()
+    save_tiny(tiny_llama_config(1), snap)
+    assert hub.resolve("tiny-org/no-ref") == snap
+    (snap.parent / "another").mkdir()  # two snapshots and no ref: ambiguous, refused
+    with pytest.raises(hub.HubError, match="not in the Hugging Face cache"):
+        hub.resolve("tiny-org/no-ref")
