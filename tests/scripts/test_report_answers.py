@@ -44,3 +44,16 @@ def test_logit_geometry_answer():
     (line, blank) = answer(r)
     assert line.startswith("**Answer.** `logit` ranks") and "Spearman 0.900" in line
     assert "effective cosine of 0.200 at layer 6 (closed form on the sphere 0.146" in line and "3.0e-04" in line
+
+
+def test_orthogonal_report_answer_and_behaviour_verdict():
+    answer = script_namespace("orthogonal_report")["answer"]
+    summary = {"k_vectors": 8, "degeneracy_factor": {"raw": 1.0, "effective": 1.6, "target": 2.0, "logits": 4.0},
+               "controls": {"random_control": {"target": 1.0, "logits": 2.0}}, "code_score": {"base": 0.5}}
+    lines = answer(summary)
+    assert lines[0] == ("**Answer.** the 8 MELBO-ortho vectors, orthogonal in storage, act as this many distinct "
+                        "directions: 5.0 after the norm, 4.0 at the target layer (random control 8.0), 2.0 in "
+                        "the logits (random control 4.0).")
+    assert len(lines) == 2
+    lines = answer(summary, {"calibrated": True, "wrote_code": False})
+    assert lines[2].startswith("**Verdict on behaviour: pipeline check only.**")
