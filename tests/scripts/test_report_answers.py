@@ -57,3 +57,11 @@ def test_orthogonal_report_answer_and_behaviour_verdict():
     assert len(lines) == 2
     lines = answer(summary, {"calibrated": True, "wrote_code": False})
     assert lines[2].startswith("**Verdict on behaviour: pipeline check only.**")
+
+
+def test_goodhart_answer():
+    answer = script_namespace("goodhart")["answer"]
+    rows = [{"lam": 0.0, "pass_rate": 0.1, "val_loss": 3.0}, {"lam": 4.0, "pass_rate": 0.6, "val_loss": 3.4}]
+    line = answer({"settings": {"tau": 0.5}, "lambda_sweep": {"bigram": rows}})[0]
+    assert line == ("**Answer.** toward the bigram, the pass rate at 0.5 nats goes from 0.100 (lambda 0) to "
+                    "0.600 (lambda 4) while the validation loss goes from 3.000 to 3.400 nats.")
