@@ -65,3 +65,15 @@ def test_goodhart_answer():
     line = answer({"settings": {"tau": 0.5}, "lambda_sweep": {"bigram": rows}})[0]
     assert line == ("**Answer.** toward the bigram, the pass rate at 0.5 nats goes from 0.100 (lambda 0) to "
                     "0.600 (lambda 4) while the validation loss goes from 3.000 to 3.400 nats.")
+
+
+def test_modularity_answer_and_verdict():
+    answer = script_namespace("modularity_report")["answer"]
+    rec = [{"neurons_pruned": 0, "python-code": {"top1": 0.30}, "shakespeare": {"top1": 0.20}},
+           {"neurons_pruned": 50, "python-code": {"top1": 0.10}, "shakespeare": {"top1": 0.18}}]
+    report = {"selective_pruning": {"m": {"n_neurons": 500, "methods": {"ratio": {"records": rec}}}}}
+    lines = answer(report)
+    assert lines[0] == ("**Answer.** m: pruning 10% of MLP neurons lowers python-code top-1 by 0.200 (from 0.300) "
+                        "and the retain corpora's by 0.020 on average.")
+    rec[0]["python-code"]["top1"] = 0.01
+    assert "**Verdict: pipeline check only.**" in answer(report)[2]
