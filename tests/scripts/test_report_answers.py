@@ -77,3 +77,23 @@ def test_modularity_answer_and_verdict():
                         "and the retain corpora's by 0.020 on average.")
     rec[0]["python-code"]["top1"] = 0.01
     assert "**Verdict: pipeline check only.**" in answer(report)[2]
+
+
+def test_tuned_lens_answer_and_verdict():
+    answer = script_namespace("train_tuned_lens")["answer"]
+    report = {"logit_lens": {"kl": [2.0, 1.0, 0.0], "top1": [0.1, 0.2, 0.4]},
+              "tuned_lens": {"kl": [1.0, 1.5, 0.0], "top1": [0.2, 0.2, 0.4]}}
+    lines = answer(report)
+    assert lines[0] == ("**Answer.** the tuned lens is closer to the model's output than the logit lens at 1 of 2 "
+                        "layers (mean KL 1.250 vs 1.500 nats).")
+    report["logit_lens"]["top1"][-1] = 0.01
+    assert answer(report)[2].startswith("**Verdict: pipeline check only.** the model's own top-1 accuracy")
+
+
+def test_orthogonal_readings_answer():
+    answer = script_namespace("orthogonal_readings")["answer"]
+    ans = {"choices": {"k": 6}, "participation_ratio": {"logits": {}},
+           "shared_share": {"logits": {"found": 0.6, "control_mean": 0.1}},
+           "specific_participation_ratio": {"logits": {"found": 2.0, "control_mean": 4.5}}}
+    assert answer(ans)[0] == ("**Answer.** logits: shared share 0.60 (control 0.10), specific PR 2.0 of 5 "
+                              "(control 4.5).")
