@@ -97,3 +97,19 @@ def test_orthogonal_readings_answer():
            "specific_participation_ratio": {"logits": {"found": 2.0, "control_mean": 4.5}}}
     assert answer(ans)[0] == ("**Answer.** logits: shared share 0.60 (control 0.10), specific PR 2.0 of 5 "
                               "(control 4.5).")
+
+
+def test_dla_norm_report_opens_with_its_answer():
+    report_lines = script_namespace("dla_norm")["report_lines"]
+    stat = lambda m: {"median": m, "min": m, "max": m}  # noqa: E731
+    d = lambda l1: {k: stat(v) for k, v in dict(rel_l1=l1, abs_ratio=1.0, spearman=0.8, top5_overlap=0.6,  # noqa: E731
+                                                top10_sign_flips=1.0).items()}
+    r = {"model": "m", "norm": "rms", "groups": ["g0", "g1"], "parts": ["p0", "p1", "p2"],
+         "settings": {"prompts": 2, "seq": 8, "quantity": "q", "group_shapley": "exact", "permutations": 4},
+         "disagreement_groups": d(0.5), "disagreement_parts": d(0.30), "control_parts_two_seeds": d(0.05),
+         "control_groups_two_seeds": None, "frozen_shapley_vs_a_max_abs": 1e-7, "prompts": []}
+    lines = report_lines(r)
+    assert lines[2].startswith("**Answer.** frozen-scale DLA (a) and the Shapley attribution over the final norm "
+                               "(b) differ by a median relative L1 of 0.300 over 3 parts")
+    assert lines[2].endswith("against 0.050 between two Shapley seeds: the difference is larger than the "
+                             "estimator's noise.")
