@@ -40,6 +40,7 @@ from lens.circuits import scrubbing_runs as R  # noqa: E402
 from lens.circuits import scrubbing_examples as X  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -179,7 +180,7 @@ def plot(report: dict, out: Path) -> list[str]:
     ax.set_ylabel("scrubbed loss per example (mean over seeds)")
     ax.set_title(f"{report['example']}: per-example loss distributions")
     fig.tight_layout()
-    fig.savefig(out / "per_example_losses.png", dpi=90)
+    fig.savefig(out / "per_example_losses.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
     for i, k in enumerate(names):
@@ -190,14 +191,36 @@ def plot(report: dict, out: Path) -> list[str]:
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.set_ylabel(f"loss recovered (vs {report['baseline']})")
     fig.tight_layout()
-    fig.savefig(out / "loss_recovered.png", dpi=90)
+    fig.savefig(out / "loss_recovered.png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return ["per_example_losses.png", "loss_recovered.png"]
 
 
+def answer(report: dict) -> list[str]:
+    """The report's opening: the hypothesis that recovers most of the loss, and a verdict
+    when the baseline is already as good as the model (nothing to recover)."""
+    hs, base = report["hypotheses"], report["baseline"]
+    gap = hs[base]["loss_mean"] - report["model_loss"] if base in hs else float("nan")
+    named = {k: h for k, h in hs.items() if k not in ("identity", "empty", base)}
+    if named:
+        k, h = max(named.items(), key=lambda kv: kv[1]["loss_recovered_mean"])
+        lo, hi = h["loss_recovered_interval"]
+        text = (f"of {len(named)} hypotheses, `{k}` recovers the most loss: {h['loss_recovered_mean']:.1%} "
+                f"(95% interval [{lo:.1%}, {hi:.1%}]) of the gap between the `{base}` baseline and the model "
+                f"({gap:.3f} nats).")
+    else:
+        text = f"only the reference hypotheses ran; the `{base}` baseline sits {gap:.3f} nats above the model."
+    why = None
+    if not gap > 0.02:
+        why = (f"the `{base}` baseline's loss is within {gap:.3f} nats of the model's, so the model does not "
+               "use the structure the hypotheses test (or cannot do the task); loss recovered is a ratio of "
+               "noise.")
+    return answer_lines(text, why)
+
+
 def markdown(report: dict) -> str:
     hs = report["hypotheses"]
-    lines = [f"# Causal scrubbing: {report['example']} ({report['preset']} preset)", "",
+    lines = [f"# Causal scrubbing: {report['example']} ({report['preset']} preset)", "", *answer(report),
              f"{report['n_examples']} examples, resampling seeds {report['seeds']}; model loss "
              f"{report['model_loss']:.4f}. Loss recovered = (L_base - L_scrubbed) / (L_base - L_model), "
              f"L_base = the `{report['baseline']}` hypothesis; 95% t-interval over seeds. "

@@ -40,6 +40,7 @@ from lens.training import data  # noqa: E402
 from lens.readout import dla
 from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -161,7 +162,14 @@ def report_lines(r: dict) -> list[str]:
                 f"| {d['top10_sign_flips']['median']:.2f} ({d['top10_sign_flips']['min']:.2f}-"
                 f"{d['top10_sign_flips']['max']:.2f}) |")
 
+    a, ctl = r["disagreement_parts"]["rel_l1"]["median"], r["control_parts_two_seeds"]["rel_l1"]["median"]
+    text = (f"frozen-scale DLA (a) and the Shapley attribution over the final norm (b) differ by a median "
+            f"relative L1 of {a:.3f} over {len(r['parts'])} parts (Spearman "
+            f"{r['disagreement_parts']['spearman']['median']:.3f}), against {ctl:.3f} between two Shapley seeds: "
+            + ("the difference is larger than the estimator's noise." if a > 2 * ctl
+               else "the difference is within twice the estimator's noise, so it is not resolved."))
     lines = [f"# Frozen-scale DLA vs Shapley over the final norm: {r['model']} ({r['norm']} norm)", "",
+             *answer_lines(text),
              f"{s['prompts']} held-out windows of {s['seq']} tokens; {s['quantity']}; group Shapley {s['group_shapley']}, "
              f"part Shapley from {s['permutations']} antithetic permutation pairs.  Median (min-max) over prompts.", "",
              "| comparison | rel. L1 | sum abs (b) / (a) | Spearman | top-5 overlap | top-10 sign flips |",
@@ -200,7 +208,7 @@ def plot(r: dict, path: Path) -> None:
         ax.set_title(title, fontsize=9)
     fig.suptitle(f"{r['model']} ({r['norm']} norm): top-1 minus top-2 logit, {len(r['prompts'])} prompts", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -48,6 +48,7 @@ from lens.prediction.defences import K, aggregate, defences  # noqa: E402
 from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
 from lens.models.core.config import ModelConfig  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -200,7 +201,7 @@ def plots(report: dict, out: Path) -> list[str]:
         ax.set(title=f"{m}: {c}", xlabel="tolerance (nats)", ylabel="pass rate", ylim=(0, 1.02))
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "pass_rate_vs_tolerance.png", dpi=110)
+    fig.savefig(out / "pass_rate_vs_tolerance.png", dpi=110, bbox_inches="tight")
     names.append("pass_rate_vs_tolerance.png")
     plt.close(fig)
 
@@ -220,15 +221,29 @@ def plots(report: dict, out: Path) -> list[str]:
            ylabel="model validation loss (nats)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss_vs_pass_rate.png", dpi=110)
+    fig.savefig(out / "loss_vs_pass_rate.png", dpi=110, bbox_inches="tight")
     names.append("loss_vs_pass_rate.png")
     plt.close(fig)
     return names
 
 
+def answer(report: dict) -> list[str]:
+    """The report's opening: per gaming target, how far the pass rate moved from lambda = 0 to
+    the largest lambda and what it cost in validation loss."""
+    s, parts = report["settings"], []
+    for target, rows in report.get("lambda_sweep", {}).items():
+        lo, hi = min(rows, key=lambda r: r["lam"]), max(rows, key=lambda r: r["lam"])
+        parts.append(f"toward the {target}, the pass rate at {s['tau']} nats goes from {lo['pass_rate']:.3f} "
+                     f"(lambda {lo['lam']:g}) to {hi['pass_rate']:.3f} (lambda {hi['lam']:g}) while the "
+                     f"validation loss goes from {lo['val_loss']:.3f} to {hi['val_loss']:.3f} nats")
+    if not parts:
+        return answer_lines("no gaming sweep ran (see --parts); the predictor tables below are the result.")
+    return answer_lines("; ".join(parts) + ".")
+
+
 def markdown(report: dict, figs: list[str]) -> str:
     s = report["settings"]
-    lines = [f"# Goodharting the predict-the-model test ({report['preset']} preset)", "",
+    lines = [f"# Goodharting the predict-the-model test ({report['preset']} preset)", "", *answer(report),
              f"Test: mean |log p_model - log p_pred| over the model's top-{K} tokens <= tolerance; headline "
              f"tolerance {s['tau']} nats.  n-grams: Witten-Bell interpolated, add-0.1 unigram.  "
              f"Wall time {report['seconds']:.0f} s ({report['machine']}).", ""]

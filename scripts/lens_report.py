@@ -28,6 +28,7 @@ from lens import models  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least  # noqa: E402
 from lens.readout.logit_lens import load_tuned_lens, logit_lens, tuned_lens  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -76,6 +77,24 @@ def table(name: str, words, probs, inputs: list[str]) -> list[str]:
     return lines + [""]
 
 
+def answer(panels: list[tuple[str, list, np.ndarray]]) -> list[str]:
+    """The report's opening: the model's next token at the last position and, per lens, the
+    first layer from which the lens reads it (and keeps reading it); a verdict when the
+    model's own prediction is too weak for a lens to have anything to read."""
+    _, words, probs = panels[0]
+    final, p = words[-1][-1], float(probs[-1][-1])
+    parts = []
+    for name, w, _ in panels:
+        rows = [row[-1] for row in w]
+        first = next((i for i in range(len(rows)) if all(r == final for r in rows[i:])), len(rows) - 1)
+        parts.append(f"the {name} reads it from layer {first} of {len(rows) - 1}" if first < len(rows) - 1
+                     else f"the {name} reads it only at the output")
+    text = f"the model predicts {final!r} (p = {p:.2f}) after the prompt; " + "; ".join(parts) + "."
+    why = (f"the model's own top-1 probability is {p:.2f}, near-uniform, so it cannot do this prompt "
+           "(a random or tiny model?).") if p < 0.05 else None
+    return answer_lines(text, why)
+
+
 def plot(panels: list[tuple[str, list, np.ndarray]], inputs: list[str], path: Path) -> None:
     import matplotlib
 
@@ -121,7 +140,8 @@ def main(argv=None) -> dict:
     panels = [(k, *top_tokens(v, tok)) for k, v in lenses.items()]
     args.out.mkdir(parents=True, exist_ok=True)
     plot(panels, inputs, args.out / "lens_report.png")
-    lines = [f"# Lens report: {args.model}", "", f"Prompt: {args.prompt!r}; each cell: top-1 token, probability.", ""]
+    lines = [f"# Lens report: {args.model}", "", *answer(panels),
+             f"Prompt: {args.prompt!r}; each cell: top-1 token, probability.", ""]
     for k, words, probs in panels:
         lines += table(k, words, probs, inputs)
     (args.out / "report.md").write_text("\n".join(lines) + "\n")

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from lens import models  # noqa: E402
 from lens.cli import int_at_least, positive_float  # noqa: E402
-from figures import save_figure  # noqa: E402  (scripts/)
+from figures import answer_lines, save_figure  # noqa: E402  (scripts/)
 from lens.geometry import on_model as gr  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
 
@@ -110,9 +110,24 @@ def plot(out: Path, slug: str, r: dict) -> list[str]:
     return names
 
 
+def answer(r: dict) -> list[str]:
+    """The section's opening: which score ranks tokens like the model, and how far the
+    effective cosine of orthogonal steering pairs at rho = 1 is from 0."""
+    k, e = r["rankings"], r["effective_cosine"]
+    best = int(np.argmax(k["spearman_mean"]))
+    cos = float(np.interp(1.0, e["rho"], e["orthogonal"]["with_gain"]))
+    closed = float(np.interp(1.0, e["rho"], e["closed_form"]))
+    text = (f"`{k['scores'][best]}` ranks the last token's vocabulary closest to the model's logits "
+            f"(Spearman {k['spearman_mean'][best]:.3f}); two orthogonal steering vectors at rho = 1 have an "
+            f"effective cosine of {cos:.3f} at layer {e['layer']} (closed form on the sphere {closed:.3f}, "
+            f"max |measured - closed form| {max(e['orthogonal']['max_abs_err_vs_closed']):.1e}): orthogonal "
+            "in the stream is not orthogonal in effect.")
+    return answer_lines(text)
+
+
 def markdown(slug: str, r: dict, source: str, pngs: list[str]) -> str:
     c, k, t, e = r["config"], r["rankings"], r["norm_table"], r["effective_cosine"]
-    lines = [f"## {slug}", "",
+    lines = [f"## {slug}", "", *answer(r),
              f"{c['norm_kind']} norm (eps {c['norm_eps']:.1e}), {c['n_layers']} layers, "
              f"d_model {c['d_model']}, vocab {c['vocab']}; {r['n_prompts']} prompts "
              f"({source}), {r['n_tokens']} tokens.", "",

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from figures import answer_lines  # scripts/ (modularity.py runs from there)
+
 
 def _jsonable(x):
     if isinstance(x, dict):
@@ -51,7 +53,7 @@ def plot_pruning(report, out: Path) -> list[str]:
         fig.suptitle(f"selective pruning, forget = python-code: {name}", fontsize=9)
         fig.tight_layout()
         f = f"pruning_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files
@@ -80,7 +82,7 @@ def plot_moe(report, out: Path) -> list[str]:
         ax.legend(fontsize=6)
         fig.tight_layout()
         f = f"moefication_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files
@@ -105,7 +107,7 @@ def plot_dejavu(report, out: Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         f = f"dejavu_m{i}.png"
-        fig.savefig(out / f, dpi=90)
+        fig.savefig(out / f, dpi=90, bbox_inches="tight")
         plt.close(fig)
         files.append(f)
     return files
@@ -115,9 +117,37 @@ def _f(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+FORGET = "python-code"
+
+
+def answer(report) -> list[str]:
+    """The report's opening: per model, what pruning by the forget/retain ratio did to the forget
+    corpus against the retain corpora; a verdict where the model cannot predict the forget
+    corpus in the first place (top-1 near 0: nothing to forget)."""
+    parts, weak = [], []
+    for name, res in report.get("selective_pruning", {}).items():
+        rec = res["methods"]["ratio"]["records"]
+        first, last = rec[0], rec[-1]
+        corpora = [k for k in first if isinstance(first[k], dict)]
+        if FORGET not in corpora:
+            continue
+        retain = [c for c in corpora if c != FORGET]
+        drop = lambda c: first[c]["top1"] - last[c]["top1"]  # noqa: E731
+        parts.append(f"{name}: pruning {100 * last['neurons_pruned'] / res['n_neurons']:.0f}% of MLP neurons lowers "
+                     f"{FORGET} top-1 by {drop(FORGET):.3f} (from {first[FORGET]['top1']:.3f}) and the retain "
+                     f"corpora's by {np.mean([drop(c) for c in retain]):.3f} on average")
+        if first[FORGET]["top1"] < 0.05:
+            weak.append(f"{name} (top-1 {first[FORGET]['top1']:.3f})")
+    if not parts:
+        return answer_lines("no selective-pruning run in this report; see the sections below.")
+    why = (f"the unpruned model cannot predict {FORGET} ({', '.join(weak)}), so there is no skill to remove "
+           "selectively.") if weak else None
+    return answer_lines("; ".join(parts) + ".", why)
+
+
 def markdown(report, figures) -> str:
     a = report["args"]
-    lines = ["# Modularity: selective pruning, MoEfication, contextual sparsity", "",
+    lines = ["# Modularity: selective pruning, MoEfication, contextual sparsity", "", *answer(report),
              f"Preset `{report['preset']}`; rows of {a['seq']} tokens; {a['collect_rows']} rows per corpus for "
              f"statistics / clustering / training, {a['eval_rows']} validation rows per corpus for every metric; "
              f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "

@@ -29,6 +29,7 @@ from lens.steering.prompts import NEUTRAL, load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report writer, also under runpy
 from orthogonal_report import k_curve_plot, readings_plot  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
@@ -85,10 +86,22 @@ def read_run(run: Path) -> tuple[dict, np.ndarray, np.ndarray]:
     return info, np.asarray(theta0, np.float32).reshape(-1), np.asarray(found, np.float32)
 
 
+def answer(ans: dict) -> list[str]:
+    """The report's opening: per stage, the shared component's share and the specific
+    participation ratio of the found vectors against the random control."""
+    k = ans["choices"]["k"]
+    parts = []
+    for stage in ans["participation_ratio"]:
+        sh, sp = ans["shared_share"][stage], ans["specific_participation_ratio"][stage]
+        parts.append(f"{stage}: shared share {sh['found']:.2f} (control {sh['control_mean']:.2f}), specific PR "
+                     f"{sp['found']:.1f} of {k - 1} (control {sp['control_mean']:.1f})")
+    return answer_lines("; ".join(parts) + ".")
+
+
 def write_markdown(path: Path, ans: dict, settings: dict) -> None:
     from orthogonal_report import readings_lines
 
-    text = [f"# Both readings ({settings.get('model')}, K = {ans['choices']['k']})", "",
+    text = [f"# Both readings ({settings.get('model')}, K = {ans['choices']['k']})", "", *answer(ans),
             "Control = random vectors orthogonal to theta0 and each other with the found norms; "
             f"{len(ans['choices']['control_seeds'])} seeds (mean, min-max).", "", *readings_lines(ans)]
     path.write_text("\n".join(text) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from figures import save_figure
+from figures import answer_lines, save_figure
 
 READINGS_STAGES = ("effective", "effective_first_order", "target", "last", "last_normed", "logits")
 
@@ -145,11 +145,33 @@ def _readings_lines(summary: dict) -> list[str]:
     return ["## Both readings: shared component or few distinct effects?", "", *readings_lines(ans)]
 
 
+def answer(summary: dict, calib: dict | None = None) -> list[str]:
+    """The report's opening: how many of the K vectors are distinct in effect, at each stage,
+    against the random control; a verdict on the behaviour numbers when theta0 never made the
+    model write code (then the code scores can only show that nothing writes code)."""
+    k, deg = summary["k_vectors"], summary["degeneracy_factor"]
+    ctrl = summary["controls"].get("random_control", {})
+    stages = [("effective", "after the norm"), ("target", "at the target layer"), ("logits", "in the logits")]
+    parts = [f"{k / deg[st]:.1f} {where}" + (f" (random control {k / ctrl[st]:.1f})" if ctrl.get(st) else "")
+             for st, where in stages if st in deg]
+    text = (f"the {k} MELBO-ortho vectors, orthogonal in storage, act as this many distinct directions: "
+            + ", ".join(parts) + ".")
+    lines = answer_lines(text)
+    base = summary.get("code_score", {}).get("base")
+    no_code = (calib is not None and calib.get("calibrated") and not calib.get("wrote_code")) or base == 0
+    if no_code:
+        lines += ["**Verdict on behaviour: pipeline check only.** theta0 never made the model write code on "
+                  "these prompts (code score 0), so the code scores below cannot tell vectors apart; the "
+                  "geometry above does not depend on it.", ""]
+    return lines
+
+
 def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, samples: list[dict],
                    calib: dict | None = None) -> None:
     """report.md: settings, base-vector calibration, the key numbers per set and stage, the
     batched vs sequential comparison, timings, plots, a few generations."""
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
+    L += answer(summary, calib)
     L += _summary_lines(summary)
     L += _readings_lines(summary)
     L += behaviour_lines(summary.get("behaviour_per_vector"))

@@ -95,7 +95,8 @@ def main(argv=None):
         # every coefficient at once: coeff * vector as K vectors, one compiled decode
         vecs = np.asarray(args.coeffs, np.float32)[:, None] * np.asarray(vector, np.float32)[None]
         out = vectors.generate_with_vectors(model, chats, vecs, layer,
-                                             GenerationConfig(args.max_new_tokens, temperature=args.temperature))
+                                             GenerationConfig(args.max_new_tokens, temperature=args.temperature),
+                                             progress=True)
         outs = vectors.new_token_lists(out, model.config.eos_token_ids)
     for ci, coeff in enumerate(args.coeffs):
         kl = np.asarray(res.kl[0, ci, 0])

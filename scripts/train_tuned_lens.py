@@ -32,6 +32,8 @@ from pathlib import Path
 import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
 
 
+import numpy as np  # noqa: E402
+
 from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
@@ -39,6 +41,7 @@ from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
 from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TunedLensLoss, lens_scores,  # noqa: E402
                                  reference_optimizer, row_bytes)
 from lens.models.runtime import compile_cache  # noqa: E402
+from figures import answer_lines  # noqa: E402  (scripts/)
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
@@ -70,11 +73,26 @@ def parse_args(argv=None):
     return fill_from_preset(args, PRESETS[args.preset])
 
 
+def answer(report: dict) -> list[str]:
+    """The report's opening: at how many layers the tuned lens is closer to the model than the
+    logit lens (KL), and a verdict when the model itself predicts the test text no better than
+    chance (its own top-1 near 0: a random or untrained model)."""
+    lg, tu = report["logit_lens"], report["tuned_lens"]
+    n = len(lg["kl"]) - 1  # the last row is the model itself
+    better = sum(t < g for t, g in zip(tu["kl"][:n], lg["kl"][:n]))
+    text = (f"the tuned lens is closer to the model's output than the logit lens at {better} of {n} layers "
+            f"(mean KL {np.mean(tu['kl'][:n]):.3f} vs {np.mean(lg['kl'][:n]):.3f} nats).")
+    top1 = lg["top1"][-1]
+    why = (f"the model's own top-1 accuracy on the test text is {top1:.3f}, so it cannot predict this text and "
+           "the lenses read nothing.") if top1 < 0.05 else None
+    return answer_lines(text, why)
+
+
 def report_lines(report: dict) -> list[str]:
     """The report.md table: per layer, logit lens vs tuned lens."""
     lg, tu = report["logit_lens"], report["tuned_lens"]
     s = report["settings"]
-    lines = [f"# Tuned lens vs logit lens: {report['model']}", "",
+    lines = [f"# Tuned lens vs logit lens: {report['model']}", "", *answer(report),
              f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
              f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split); "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
@@ -110,7 +128,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(report["model"], fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -96,8 +96,16 @@ class KL(eqx.Module):
         return kl_divergence(ref, logp)
 
 
-def logit_diff_metric(correct, wrong, position=-1) -> LogitDiff:
-    """The logit difference correct - wrong at `position` (ints, or [P] arrays for pairs)."""
+def logit_diff_metric(correct, wrong, position=-1, tokenizer=None) -> LogitDiff:
+    """The logit difference correct - wrong at `position`: token ids (ints, or [P] arrays for
+    pairs), or with `tokenizer` one-token strings too, e.g.
+    `logit_diff_metric(" Paris", " Rome", tokenizer=tok)` (each string must be one token)."""
+    if tokenizer is not None:
+        correct, wrong = tokenizer.token_ids(correct), tokenizer.token_ids(wrong)
+    elif any(isinstance(x, str) or (isinstance(x, (list, tuple)) and any(isinstance(v, str) for v in x))
+             for x in (correct, wrong)):
+        raise TypeError("logit_diff_metric got token strings without a tokenizer: pass "
+                        "tokenizer=tok, or ids (tok.token_id(' Paris'))")
     c, w, p = (jnp.asarray(a, jnp.int32) for a in (correct, wrong, position))
     p = jnp.broadcast_to(p, c.shape)
     if c.shape != w.shape:

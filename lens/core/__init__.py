@@ -7,7 +7,8 @@ Modules:
             pad_prompts(rows) -> (tokens [B, T], mask [B, T]); last_real_index(mask) -> [B]
   edits     Edits builders, each -> Edits with [layers, ...] fields: add (steering vectors),
             ablate_direction, ablate_heads, ablate_neurons, patch (site from
-            models.core.interventions.PATCH_SITES), freeze_norm_scale; stack_edits(K edits) ->
+            models.core.interventions.PATCH_SITES), freeze_norm_scale, custom (any pure
+            fn(x, layer, positions) of the residual; vmaps over its array fields); stack_edits(K edits) ->
             [K, layers, ...]; combine; check_edits; first_edited_layer; check_layers / check_positions
   sweep     sweep_vectors(model, tokens, vectors [K, d_model], ...) -> SweepResult (KL [K, ...], logits);
             sweep_edits(model, tokens, stacked Edits) -> EditsSweep; run_edits; add_vectors;

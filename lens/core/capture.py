@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from lens.core.edits import check_edits
 from lens.models.core.interventions import Activations, Capture, Edits
+from lens.models.core.ranges import check_index, layer_context, range_error
 from lens.models.core.transformer import Transformer, pad_batch
 
 DEFAULT_CAPTURE = Capture(resid=True, sublayers=True, head_z=True, neurons=True, norms=True)
@@ -77,9 +78,8 @@ def run_with_cache(
         raise ValueError(f"token id out of range [0, {model.config.vocab_size})")
     if capture.layers is not None:
         n = model.config.n_layers
-        bad = [layer for layer in capture.layers if not 0 <= layer < n]
-        if bad:
-            raise ValueError(f"Capture(layers=...) holds {bad}, outside [0, {n})")
+        for layer in capture.layers:
+            check_index("Capture(layers=...): layer", layer, n, context=layer_context(n))
     return _forward(model, tokens, mask, edits, capture)
 
 
@@ -108,8 +108,8 @@ def head_output(
     if z is None:
         raise ValueError("the cache holds no head_z: capture with Capture(head_z=True)")
     c = model.config
-    if not (0 <= layer < c.n_layers and 0 <= head < c.n_heads):
-        raise ValueError(f"(layer, head)=({layer}, {head}) outside ({c.n_layers}, {c.n_heads})")
+    check_index("layer", layer, c.n_layers, context=layer_context(c.n_layers))
+    check_index("head", head, c.n_heads, context=f"(the model has {c.n_heads} heads)")
     return jnp.einsum("...sk,kd->...sd", z[..., layer, :, head, :], model.blocks.W_O[layer, head])
 
 
@@ -131,7 +131,7 @@ def resid_at(
     the final stream before the last norm), running only the blocks before it."""
     n = model.config.n_layers
     if not 0 <= layer <= n:
-        raise ValueError(f"layer {layer} out of range [0, {n}]")
+        raise range_error("layer", layer, 0, n + 1, f"(resid_pre of {n} blocks, and {n} = the final stream)")
     t = jnp.asarray(tokens, jnp.int32)
     single = t.ndim == 1
     t = t[None] if single else t

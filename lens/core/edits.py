@@ -16,13 +16,15 @@ out of range, a position beyond the sequence, a cache from a different model or 
     e = edits.ablate_direction(model, refusal_dir, where="writers")  # Arditi et al.
     e = edits.ablate_heads(model, {3: [0, 5]}, kind="mean", cache=ref_cache)
     e = edits.patch(model, clean_cache, site="resid", layers=[4], positions=[7])
+    e = edits.custom(model, Clamp(direction, value), layers=[6])     # any pure fn of x
     batch = edits.stack_edits([e1, e2, e3])                          # [K, layers, ...]
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,11 +35,14 @@ from lens.models.core.interventions import (
     SITES,
     Activations,
     Edits,
+    ResidFn,
+    check_resid_fn,
     combine_two,
     fields_set,
     site_widths,
 )
 from lens.models.core.interventions import check_edits as _check
+from lens.models.core.ranges import check_index, layer_context, position_context, range_error
 from lens.models.core.interventions import first_edited_layer as _first
 from lens.models.core.transformer import Transformer
 
@@ -53,10 +58,7 @@ def check_layers(model: Transformer, layers: LayerSpec, n: int | None = None) ->
         return list(range(n))
     out = []
     for layer in [layers] if np.ndim(layers) == 0 else list(np.asarray(layers).ravel()):
-        layer = int(layer)
-        if not -n <= layer < n:
-            raise ValueError(f"layer index {layer} out of range for a model with {n} layers")
-        out.append(layer % n)
+        out.append(check_index("layer", layer, n, negative=True, context=layer_context(n)))
     if len(set(out)) != len(out):
         raise ValueError(f"repeated layer index in {out}")
     return out
@@ -70,10 +72,7 @@ def check_positions(positions: int | Sequence[int] | None, seq_len: int | None) 
         raise ValueError("chosen positions need seq_len (the length of the tokens edited)")
     out = []
     for p in [positions] if np.ndim(positions) == 0 else list(np.asarray(positions).ravel()):
-        p = int(p)
-        if not -seq_len <= p < seq_len:
-            raise ValueError(f"position {p} is beyond a sequence of {seq_len} tokens")
-        out.append(p % seq_len)
+        out.append(check_index("position", p, seq_len, negative=True, context=position_context(seq_len)))
     return out
 
 
@@ -134,6 +133,49 @@ def add(
     return Edits(resid_add=out.astype(_dtype(model)))
 
 
+def custom(model: Transformer, fn: Callable, layers: LayerSpec) -> Edits:
+    """The escape hatch: `fn(x, layer, positions)` replaces the residual stream entering each
+    block in `layers`, after that layer's data edits (patch, ablate, add: steps 1-3 of the
+    order in models/core/interventions.py), before the block runs.
+
+    fn(x: [seq, d_model], layer: int32 [], positions: int32 [seq]) -> [seq, d_model] must be
+    pure JAX.  Make it an `eqx.Module` whose ARRAY fields are its parameters (other fields
+    `eqx.field(static=True)`): the Edits is then a pytree that jits once and vmaps over K
+    parameter sets, e.g. K clamp values or K SAE features in one compile:
+
+        class Clamp(eqx.Module):           # set the component along unit `u` to `value`
+            u: Float[Array, "d_model"]
+            value: Float[Array, ""]
+            def __call__(self, x, layer, positions):
+                return x + (self.value - x @ self.u)[:, None] * self.u
+
+        e = edits.custom(model, Clamp(u, jnp.float32(3.0)), layers=[6])
+        logits = model(tokens, edits=e)
+        stacked = jax.vmap(lambda v: edits.custom(model, Clamp(u, v), layers=[6]))(values)
+        many = lens.run_edits(model, tokens, stacked)       # [K, seq, vocab], one compile
+
+    Checked here: the layers, and (on shapes only) that fn maps a [seq, d_model] residual to
+    the same shape.  Not supported in generation (refused there).
+    """
+    layer_list = check_layers(model, layers)
+    if not callable(fn):
+        raise TypeError(f"custom: fn must be callable (x, layer, positions) -> x; got {type(fn).__name__}")
+    edit = ResidFn(fn, tuple(layer_list))
+    check_resid_fn(edit, model.config.n_layers)
+    d = model.config.d_model
+    x = jax.ShapeDtypeStruct((3, d), _dtype(model))
+    try:
+        out = eqx.filter_eval_shape(lambda f, x: f(x, jnp.int32(layer_list[0]), jnp.arange(3, dtype=jnp.int32)),
+                                    fn, x)
+    except Exception as e:
+        raise TypeError(f"custom: fn(x [seq, {d}], layer, positions [seq]) failed on shapes: "
+                        f"{type(e).__name__}: {e}") from None
+    if getattr(out, "shape", None) != (3, d):
+        raise ValueError(f"custom: fn must return the residual's shape (seq, {d}); for a (3, {d}) "
+                         f"input it returned {getattr(out, 'shape', type(out).__name__)}")
+    return Edits(resid_fn=edit)
+
+
 def orthonormal(directions: Float[Array, "n d_model"]) -> Float[Array, "n d_model"]:
     """Orthonormal basis (QR, same span) of the rows; projecting out needs orthonormal rows."""
     q, r = jnp.linalg.qr(jnp.asarray(directions, jnp.float32).T)
@@ -180,11 +222,10 @@ def _mask_from(spec, n_layers: int, width: int, what: str) -> np.ndarray:
     if isinstance(spec, Mapping):
         mask = np.zeros((n_layers, width), np.float32)
         for layer, idx in spec.items():
-            if not -n_layers <= int(layer) < n_layers:
-                raise ValueError(f"layer index {layer} out of range for {n_layers} layers")
+            check_index("layer", layer, n_layers, negative=True, context=layer_context(n_layers))
             idx = np.atleast_1d(np.asarray(idx, np.int64))
             if idx.size and (idx.min() < 0 or idx.max() >= width):
-                raise ValueError(f"{what} index out of range [0, {width}) at layer {layer}: {idx}")
+                raise range_error(what, idx, 0, width, f"at layer {layer}")
             mask[int(layer), idx] = 1.0
         return mask
     mask = np.asarray(spec, np.float32)
@@ -370,8 +411,10 @@ def patch(
         unit_sel = np.ones((width,), np.float32)
         if heads is not None:
             h = np.atleast_1d(np.asarray(heads))
-            if h.size == 0 or h.min() < 0 or h.max() >= width:
-                raise ValueError(f"head index out of range [0, {width}) for site {site!r}: {h}")
+            if h.size == 0:
+                raise ValueError(f"heads is empty for site {site!r}: name at least one")
+            if h.min() < 0 or h.max() >= width:
+                raise range_error("head", h, 0, width, f"at site {site!r}")
             unit_sel[:] = 0.0
             unit_sel[h] = 1.0
         mix = mix[..., None] * unit_sel
@@ -419,18 +462,33 @@ def stack_edits(edits: Iterable[Edits]) -> Edits:
         like = next(getattr(o, name) for o in edits if getattr(o, name) is not None)
         return jnp.zeros(np.shape(like), like.dtype)
 
-    return Edits(**{name: jnp.stack([filled(e, name) for e in edits]) for name in fields})
+    fns = [e.resid_fn for e in edits]
+    stacked_fn = None
+    if any(f is not None for f in fns):
+        if any(f is None for f in fns):
+            raise ValueError("stack_edits: a custom edit (resid_fn) must be set in every edit or in "
+                             "none (a function has no neutral value to fill in)")
+        if len({jax.tree.structure(f) for f in fns}) > 1:
+            raise ValueError("stack_edits: the custom edits differ in structure (function type, "
+                             "layers or static fields); only their array parameters may differ")
+        stacked_fn = jax.tree.map(lambda *a: jnp.stack(a), *fns)
+    return Edits(**{name: jnp.stack([filled(e, name) for e in edits]) for name in fields},
+                 resid_fn=stacked_fn)
 
 
 def combine(*edits: Edits) -> Edits:
     """Merge edits into one forward: vectors are summed, ablation directions concatenated;
-    any other field (mix/source) may be set by one of them only (`models.core.interventions`
+    any other field (mix/source, a custom edit) may be set by one of them only (`models.core.interventions`
     declares which field is which)."""
     out = {}
     for e in edits:
         for site in fields_set(e):
             v = getattr(e, site.name)
             out[site.name] = v if site.name not in out else combine_two(site.name, out[site.name], v)
+        if e.resid_fn is not None:
+            if "resid_fn" in out:
+                raise ValueError("combine: two custom edits (resid_fn); compose them in one function")
+            out["resid_fn"] = e.resid_fn
     return Edits(**out)
 
 

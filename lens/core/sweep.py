@@ -42,7 +42,7 @@ from jaxtyping import Array, Bool, Float, Int
 from lens.core import edits as E
 from lens.core.capture import last_real_index, resid_at
 from lens.core.stats import kl_divergence
-from lens.models.core.interventions import Edits, fields_set, final_part
+from lens.models.core.interventions import Edits, final_part
 from lens.models.core.transformer import Transformer
 from lens.models.runtime.progress import Progress
 
@@ -82,7 +82,7 @@ class SweepConfig:
     chunk_size: int | None = None
     memory_budget: float = 2**30
     mesh: "jax.sharding.Mesh | None" = None
-    progress: bool | Progress = True
+    progress: bool | Progress = False  # the library default (models.runtime.progress)
 
     def __post_init__(self):
         object.__setattr__(self, "progress", Progress.of(self.progress))
@@ -393,7 +393,7 @@ def run_edits(
 ) -> Float[Array, "K *P seq vocab"]:
     """Logits of K edited forwards (edits stacked with a leading [K] axis, `stack_edits`),
     computing the layers before the first edited one once for all K (`sweep_edits`)."""
-    chunk = jax.tree.leaves(edits)[0].shape[0] if fields_set(edits) else 1
+    chunk = jax.tree.leaves(edits)[0].shape[0] if jax.tree.leaves(edits) else 1
     res = sweep_edits(model, tokens, edits, attention_mask=attention_mask,
                       config=SweepConfig(last_only=False, keep_logits=True, chunk_size=chunk, progress=False))
     return res.logits[:, 0] if np.ndim(tokens) == 1 else res.logits

@@ -33,6 +33,7 @@ from lens.core.capture import last_real_index, pad_prompts
 from lens import models
 from lens.models.core import layers
 from lens.models.core.transformer import Transformer
+from lens.models.core.ranges import layer_context, range_error
 
 
 # Rankings compared against the model's own (the actual logits).
@@ -325,7 +326,7 @@ def analyse(
     c = model.config
     layer = c.n_layers // 2 if layer is None else layer
     if not 0 <= layer < c.n_layers:
-        raise ValueError(f"layer {layer} out of range [0, {c.n_layers})")
+        raise range_error("layer", layer, 0, c.n_layers, layer_context(c.n_layers))
     rhos = np.logspace(-2, 2, 25) if rhos is None else np.asarray(rhos)
     rhos_j = jnp.asarray(rhos, jnp.float32)
     ks = tuple(k for k in ks if k <= c.vocab_size)

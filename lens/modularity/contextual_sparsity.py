@@ -109,7 +109,7 @@ class PredictorLoss(eqx.Module):
 
 
 def train_predictors(model: Transformer, pred: Predictors, train_rows, val_rows, cfg, out_dir,
-                     label_frac: float = 0.1, head_frac: float = 0.3, progress: bool = True):
+                     label_frac: float = 0.1, head_frac: float = 0.3, progress: bool = False):
     """Train with AdamW (weight decay 0.01, as the reference) through `lens.training.train.train`."""
     import optax
 

@@ -281,7 +281,7 @@ class RouterLoss(eqx.Module):
         return total
 
 
-def train_routers(model: Transformer, labels_list, train_rows, val_rows, cfg, out_dir, progress: bool = True):
+def train_routers(model: Transformer, labels_list, train_rows, val_rows, cfg, out_dir, progress: bool = False):
     """The reference MLP routers, one per split in `labels_list`, trained together through
     `lens.training.train.train` with Adam at cfg.lr (the reference: Adam(0.01)); returns (list of
     Routers, log)."""

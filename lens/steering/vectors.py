@@ -39,11 +39,19 @@ from lens.core.capture import last_real_index, resid_at
 from lens.models.core.transformer import Transformer
 from lens.models.generation.generate import GenerationConfig
 from lens.models.runtime.progress import Progress
+from lens.models.core.ranges import check_index, position_context, range_error
 
 REQUIRED_METADATA = ("model", "layer", "site", "method")
 
 
-def _batch(tokens, mask):
+def _batch(tokens, mask, tokenizer=None):
+    if isinstance(tokens, str) or (isinstance(tokens, (list, tuple)) and tokens and isinstance(tokens[0], str)):
+        if tokenizer is None:
+            raise TypeError("prompts given as text need tokenizer=tok (or pass int32 token arrays)")
+        if mask is not None:
+            raise ValueError("a mask is built from text prompts; pass no mask with them")
+        batch = tokenizer.to_batch([tokens] if isinstance(tokens, str) else list(tokens))
+        return np.asarray(batch.tokens), np.asarray(batch.mask)
     t = np.asarray(tokens)
     t = t[None] if t.ndim == 1 else t
     m = np.ones(t.shape, bool) if mask is None else np.asarray(mask, bool).reshape(t.shape)
@@ -83,14 +91,13 @@ def actadd(
         return xa.mean(0) - xb.mean(0)
     if np.ndim(position) == 0:
         for n in (xa.shape[0], xb.shape[0]):
-            if not -n <= int(position) < n:
-                raise ValueError(f"position {position} is beyond a sequence of {n} tokens")
+            check_index("position", position, n, negative=True, context=position_context(n))
         return xa[int(position)] - xb[int(position)]
     pos = np.asarray(position)
     if xa.shape[0] != xb.shape[0]:
         raise ValueError("per-position ActAdd needs prompts of the same length (pad them)")
     if pos.min() < -xa.shape[0] or pos.max() >= xa.shape[0]:
-        raise ValueError(f"positions {pos} beyond a sequence of {xa.shape[0]} tokens")
+        raise range_error("positions", pos, -xa.shape[0], xa.shape[0], position_context(xa.shape[0]))
     return xa[pos] - xb[pos]
 
 
@@ -102,10 +109,12 @@ def pair_differences(
     positive_mask: Bool[Array, "N seq"] | None = None,
     negative_mask: Bool[Array, "N seq"] | None = None,
     reduce: str = "last",
+    tokenizer=None,
 ) -> Float[Array, "N d_model"]:
-    """Per-pair differences positive_i - negative_i of the reduced resid_pre[layer]."""
-    tp, mp = _batch(positive, positive_mask)
-    tn, mn = _batch(negative, negative_mask)
+    """Per-pair differences positive_i - negative_i of the reduced resid_pre[layer].
+    Prompts are int32 token arrays, or lists of texts with `tokenizer` (right-padded, masked)."""
+    tp, mp = _batch(positive, positive_mask, tokenizer)
+    tn, mn = _batch(negative, negative_mask, tokenizer)
     if tp.shape[0] != tn.shape[0]:
         raise ValueError(f"{tp.shape[0]} positive prompts vs {tn.shape[0]} negative ones")
     xp = _reduce(resid_at(model, tp, layer, mp), mp, reduce)
@@ -121,11 +130,14 @@ def mean_difference(
     positive_mask: Bool[Array, "N seq"] | None = None,
     negative_mask: Bool[Array, "N seq"] | None = None,
     reduce: str = "last",
+    tokenizer=None,
 ) -> Float[Array, "d_model"]:
     """CAA / mean difference: mean over pairs of (positive - negative) at resid_pre[layer]
-    (reduce "last": each prompt's last real token; "mean": its mean over real tokens)."""
+    (reduce "last": each prompt's last real token; "mean": its mean over real tokens).
+    Prompts are int32 token arrays, or lists of texts with `tokenizer`:
+    `mean_difference(model, ["I love it"], ["I hate it"], 6, tokenizer=tok)`."""
     return pair_differences(model, positive, negative, layer, positive_mask, negative_mask,
-                            reduce).mean(0)
+                            reduce, tokenizer).mean(0)
 
 
 def pca_of_differences(
@@ -234,7 +246,7 @@ def generate_with_vectors(
     coeff: float = 1.0,
     vectors_per_call: int | None = None,
     memory_budget: float = 2**30,
-    progress: bool | Progress = True,
+    progress: bool | Progress = False,
 ) -> Int[np.ndarray, "K P max_new_tokens"]:
     """Generate from every prompt under each of K steering vectors at once.
 
@@ -314,9 +326,11 @@ def vectors_per_call_for(model: Transformer, n_prompts: int, prompt_len: int, ma
     return max(1, int(memory_budget // (per_row * n_prompts)))
 
 
-def new_token_lists(tokens: Int[np.ndarray, "*rows new"], eos_token_ids: Sequence[int]) -> list:
+def new_token_lists(tokens: Int[np.ndarray, "*rows new"], eos_token_ids) -> list:
     """Rows of `generate_with_vectors`' output cut after their first EOS (kept), as nested
-    lists of the same leading shape."""
+    lists of the same leading shape.  `eos_token_ids`: the stop ids, or the model (or its
+    tokenizer), whose EOS ids are used: `new_token_lists(out, model)`."""
+    eos_token_ids = getattr(getattr(eos_token_ids, "config", eos_token_ids), "eos_token_ids", eos_token_ids)
     eos = set(int(e) for e in eos_token_ids)
     arr = np.asarray(tokens)
     if arr.ndim > 1:

@@ -211,7 +211,7 @@ class TrainOptions:
     lr_fn: optax.Schedule | None = None
     rows_config: object | None = None
     resume: bool = True
-    progress: bool | Progress = True
+    progress: bool | Progress = False  # the library default (models.runtime.progress)
     on_checkpoint: Callable[[int], None] | None = None
     run_info: dict | None = None
 

@@ -10,7 +10,9 @@ Modules:
                 __call__(tokens [seq]) -> logits [seq, vocab], forward -> ForwardOutput;
                 pad_batch; first_blocks(model, n) -> a model of its first n blocks
   interventions Edits (interventions as data, [layers, ...] arrays), Capture (what to record),
-                Activations (the typed cache); PATCH_SITES: every patchable site, declared once
+                Activations (the typed cache); PATCH_SITES: every patchable site, declared once;
+                ResidFn: the custom edit (a pure fn of the residual, layer, positions)
+  ranges        range_error / check_index: THE wording of a layer / position / head out of range
   kv_cache      KVCache: arrays passed into the forward and returned updated
   random_init   init(config, key) -> Transformer with transformers' initialisation conventions
 """

@@ -94,13 +94,15 @@ def _ablate(x: Float[Array, "seq d"], dirs: Float[Array, "n d"] | None) -> Float
 
 
 def edit_resid(x: Float[Array, "seq d_model"], edits: Edits | None) -> Float[Array, "seq d_model"]:
-    """Steps 1-3 of the edit order (see models/core/interventions.py) for one layer."""
+    """Steps 1-3b of the edit order (see models/core/interventions.py) for one layer."""
     if edits is None:
         return x
     x = edits.mixed(x, "resid")
     x = _ablate(x, edits.resid_ablate)
     if edits.resid_add is not None:
         x = x + edits.resid_add.astype(x.dtype)
+    if edits.resid_fn is not None:  # 3b. the custom edit, bound to this block (ResidFn.at)
+        x = edits.resid_fn(x)
     return x
 
 

@@ -17,6 +17,8 @@ Order inside block l (documented because it matters when edits are combined):
   1. resid_pre[l] patched:   x <- x + resid_mix * (resid_source - x)
   2. directions ablated:     x <- x - sum_i (x . u_i) u_i         (u_i = resid_ablate rows)
   3. vectors added:          x <- x + resid_add
+  3b. the custom edit:       x <- fn(x, layer, positions)  (resid_fn, a `ResidFn`: the escape
+                             hatch for edits that read the live activation, at its layers only)
   then the block runs; inside it
   4. ln1's divisor mixed with a source run's:  s <- s + ln1_scale_mix * (ln1_scale_source - s)
   5. per-head q/k/v INPUT patched (path patching): the residual that head h's query (key,
@@ -35,18 +37,28 @@ Order inside block l (documented because it matters when edits are combined):
 A `*_source` left None means zeros, so `mix = 1` with no source is zero-ablation; mean
 ablation, resample ablation and activation patching differ only in the source given.
 Position axes `S` are either 1 (every position) or the sequence length.
+
+The custom edit (`resid_fn`) is the one field that is a function, not an array: a `ResidFn`
+holding a pure function `fn(x [seq, d_model], layer int32 [], positions int32 [seq]) ->
+[seq, d_model]` and the static tuple of layers where it applies.  `fn` is a pytree (an
+`eqx.Module` whose array fields are its parameters; other fields `eqx.field(static=True)`),
+so an Edits holding it jit-compiles once per structure and vmaps over K stacked parameter
+sets (`lens.core.edits.stack_edits`).  It has no [layers] axis: the forward binds the layer
+index and the query positions (`ResidFn.at`) for each block it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
+
+from .ranges import check_index
 
 # The axis vocabulary of the sites.  "S": positions, 1 (every position) or seq; "n": a
 # free count (ablated directions, concatenated by `combine`); the rest are model widths.
@@ -70,6 +82,44 @@ class Site(NamedTuple):
 
 def _site(axes: str, role: str, layered: bool = True):
     return eqx.field(default=None, metadata={"site": (tuple(axes.split()), role, layered)})
+
+
+class ResidFn(eqx.Module):
+    """A custom edit of the residual stream entering each block of `layers` (step 3b):
+    x <- fn(x, layer, positions), after the data edits of that layer, before the block.
+
+    fn(x: [seq, d_model], layer: int32 [], positions: int32 [seq]) -> [seq, d_model], pure
+    and traceable; a pytree whose array leaves are its parameters (vmap over them)."""
+
+    fn: Callable
+    layers: tuple[int, ...] = eqx.field(static=True)
+
+    def at(self, layer: Int[Array, ""], positions: Int[Array, " seq"]) -> "BoundResidFn":
+        """This edit bound to one block (what that block's `edit_resid` calls)."""
+        return BoundResidFn(self.fn, self.layers, layer, positions)
+
+
+class BoundResidFn(eqx.Module):
+    """A `ResidFn` with the block's layer index and query positions bound (inside the scan)."""
+
+    fn: Callable
+    layers: tuple[int, ...] = eqx.field(static=True)
+    layer: Int[Array, ""]
+    positions: Int[Array, " seq"]
+
+    def __call__(self, x: Float[Array, "seq d_model"]) -> Float[Array, "seq d_model"]:
+        def edited(x):
+            y = self.fn(x, self.layer, self.positions)
+            if getattr(y, "shape", None) != x.shape:
+                raise ValueError(f"the custom edit's function returned shape "
+                                 f"{getattr(y, 'shape', type(y).__name__)}; it must return the "
+                                 f"residual's shape {x.shape} (seq, d_model)")
+            return y.astype(x.dtype)
+
+        chosen = jnp.isin(self.layer, jnp.asarray(self.layers, jnp.int32))
+        # The layer index is not batched by a vmap over edits or prompts, so this stays a
+        # real branch: fn runs only at its layers.
+        return jax.lax.cond(chosen, edited, lambda x: x, x)
 
 
 class Edits(eqx.Module):
@@ -101,6 +151,7 @@ class Edits(eqx.Module):
     writer_ablate: Float[Array, "layers n d_model"] | None = _site("n d_model", "ablate")
     final_scale_mix: Float[Array, " S"] | None = _site("S", "mix", layered=False)
     final_scale_source: Float[Array, " S"] | None = _site("S", "source", layered=False)
+    resid_fn: ResidFn | None = None  # step 3b; a function, not a site (see the module docstring)
 
     def mixed(self, x: Array, base: str, mix_axes: int = 0) -> Array:
         """x + {base}_mix * ({base}_source - x) (source None = zeros), the mix broadcast
@@ -116,7 +167,7 @@ class Edits(eqx.Module):
 
 
 SITES: dict[str, Site] = {
-    f.name: Site(f.name, *f.metadata["site"]) for f in dataclasses.fields(Edits)
+    f.name: Site(f.name, *f.metadata["site"]) for f in dataclasses.fields(Edits) if "site" in f.metadata
 }
 
 
@@ -149,9 +200,9 @@ def first_edited_layer(edits: Edits, n_layers: int, batch_dims: int = 0) -> int:
     field is set.  Needs concrete arrays.  A layer counts as edited when a field that
     edits by itself (add, ablate, mix; not a source) is nonzero there."""
     sites = fields_set(edits)
-    if not sites:
+    if not sites and edits.resid_fn is None:
         return -1
-    first = n_layers
+    first = n_layers if edits.resid_fn is None else min(n_layers, *edits.resid_fn.layers)
     for s in sites:
         if s.layered and s.edits_something:
             a = np.asarray(getattr(edits, s.name))
@@ -191,6 +242,8 @@ def check_edits(edits: Edits, config, seq_len: int | None, batch_dims: int = 0,
         raise TypeError(f"edits must be a models.Edits; got {type(edits).__name__}")
     widths = site_widths(config)
     n = config.n_layers
+    if edits.resid_fn is not None:
+        check_resid_fn(edits.resid_fn, n, generation=seq_len is None)
     for site in fields_set(edits):
         name, a = site.name, getattr(edits, site.name)
         full = tuple(a.shape)
@@ -222,6 +275,22 @@ def check_edits(edits: Edits, config, seq_len: int | None, batch_dims: int = 0,
         if check_values and not isinstance(a, jax.core.Tracer):
             if not np.isfinite(np.asarray(a, np.float32)).all():
                 raise ValueError(f"edits.{name} contains NaN/inf")
+
+
+def check_resid_fn(custom, n_layers: int, generation: bool = False) -> None:
+    """Raise a clear error if `custom` is not a ResidFn for a model of `n_layers` layers."""
+    if not isinstance(custom, ResidFn):
+        raise TypeError(f"edits.resid_fn must be a ResidFn (lens.core.edits.custom builds one); "
+                        f"got {type(custom).__name__}")
+    if generation:
+        raise ValueError("edits.resid_fn (a custom edit) is not supported in generation yet: "
+                         "use it with model.forward / lens.run_edits / sweep_edits")
+    if not callable(custom.fn):
+        raise TypeError(f"edits.resid_fn.fn must be callable; got {type(custom.fn).__name__}")
+    if not custom.layers:
+        raise ValueError("edits.resid_fn.layers is empty: name the layers it edits")
+    for layer in custom.layers:
+        check_index("edits.resid_fn: layer", layer, n_layers, context=f"(the model has {n_layers} layers)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,6 +24,7 @@ from .block import Block, Rotary, block_forward
 from .config import ModelConfig
 from .interventions import Activations, Capture, Edits, final_part, layer_slice
 from .kv_cache import KVCache
+from .ranges import range_error
 
 
 def pad_batch(
@@ -69,6 +70,23 @@ class Transformer(eqx.Module):
     final_norm_b: Float[Array, "d_model"] | None
     unembed: Float[Array, "vocab d_model"] | None  # None: tied to `embed`
     unembed_b: Float[Array, " vocab"] | None = None
+
+    def __hash__(self):
+        # `jax.jit(model)` hashes the function it wraps; a module holding arrays has no hash.
+        # Say so, with the idiom, instead of "unhashable type: 'jaxlib._jax.ArrayImpl'".
+        # (Making it hashable would let jax.jit bake every weight into the program as a
+        # constant: a huge, slow compile for a real model.)
+        try:
+            return super().__hash__()
+        except TypeError:
+            raise TypeError(
+                "jax.jit(model) cannot wrap the model itself (its weights are arrays, not a "
+                "hashable function). Pass the model as an argument instead:\n"
+                "    run = jax.jit(lambda model, tokens: model(tokens))   # once\n"
+                "    logits = run(model, tokens)                          # compiles once per shape\n"
+                "or use eqx.filter_jit(model)(tokens).  The same holds for model.forward: "
+                "jax.jit(lambda model, tokens: model.forward(tokens, ...))."
+            ) from None
 
     # ----------------------------------------------------------------- public API
     def __call__(
@@ -217,7 +235,7 @@ class Transformer(eqx.Module):
         ids_checked: see `check_tokens` (callers that range-checked the ids on the host)."""
         n = self.config.n_layers
         if not 0 <= stop <= n:
-            raise ValueError(f"prefix stop {stop} out of range [0, {n}]")
+            raise range_error("prefix stop", stop, 0, n + 1, f"(a model of {n} layers; {n} = every block)")
         tokens = self.check_tokens(tokens, ids_checked)
         query_pos, key_valid = self.default_positions(tokens, attention_mask, None, None)
         x = self.embed_tokens(tokens, query_pos)
@@ -248,6 +266,7 @@ class Transformer(eqx.Module):
         stop = n if stop is None else stop
         if not 0 <= start < stop <= n:
             raise ValueError(f"block range [{start}, {stop}) is not inside [0, {n})")
+        custom = None if edits is None else edits.resid_fn  # not scanned: bound per block
         edits = layer_slice(edits, start, stop)
         blocks = jax.tree.map(lambda w: w[start:stop], self.blocks)
         local = self.config.local_layers
@@ -265,7 +284,9 @@ class Transformer(eqx.Module):
             kv_layers = (kv_cache.k, kv_cache.v)
 
         def block(h, xs):
-            block, local_l, edits_l, kv_l, _ = xs
+            block, local_l, edits_l, kv_l, index = xs
+            if custom is not None:
+                edits_l = dataclasses.replace(edits_l, resid_fn=custom.at(start + index, query_pos))
             return block_forward(
                 self.config, block, h, query_pos, key_pos=key_pos, rotary=rot, is_local=local_l,
                 edits=edits_l, capture=capture, kv=kv_l, write_index=write_index,

@@ -2,7 +2,9 @@
 
 Modules:
   load               load(name_or_path) -> (Transformer, Tokenizer | None): the one way in
-                     (an embedded name, a Hugging Face folder, a .gguf file)
+                     (an embedded name, a Hugging Face folder, a .gguf file, a Hub id)
+  hub                Hub ids ("org/name[@revision]") through the Hugging Face cache; clear
+                     errors for unknown, gated, uncached-offline and pickle-only repositories
   save               save(model, folder): config.json + model.safetensors that load and
                      transformers read back
   safetensors_reader read_safetensors_folder(folder) -> (HF config dict, {HF name: ndarray});

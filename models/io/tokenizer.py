@@ -23,14 +23,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
 
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBatch(NamedTuple):
+    """A padded batch of texts (`Tokenizer.to_batch`)."""
+
+    tokens: Int[Array, "B T"]
+    mask: Bool[Array, "B T"]  # True on real tokens
+    lengths: Int[Array, " B"]  # real tokens per row
 
 
 @lru_cache(maxsize=1)
@@ -47,8 +62,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
 class Tokenizer:
-    """A `tokenizers.Tokenizer` plus special ids and a chat template."""
+    """A `tokenizers.Tokenizer` plus special ids and a chat template.
+
+    Strings in and out: `to_tokens(text)` (int32 [seq]), `to_batch(texts)` (padded tokens,
+    mask, lengths), `to_str_tokens(ids)` (readable labels), `token_id(" Paris")` (one token).
+    """
 
     def __init__(
         self,
@@ -93,6 +117,97 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(int(i))
+
+    # ------------------------------------------------------------ strings in and out
+    def to_tokens(self, text: str, add_special_tokens: bool = False) -> Int[Array, " seq"]:
+        """`text` as the int32 [seq] array a model takes (no BOS unless add_special_tokens)."""
+        ids = self.encode(text, add_special_tokens=add_special_tokens)
+        if not ids:
+            raise ValueError(f"{text!r} encodes to no tokens; a model needs at least one")
+        return jnp.asarray(ids, jnp.int32)
+
+    def to_batch(
+        self, texts: Sequence[str], side: str = "right", add_special_tokens: bool = False,
+        length: int | None = None,
+    ) -> TokenBatch:
+        """Texts as one padded batch: `TokenBatch(tokens [B, T] int32, mask [B, T] bool,
+        lengths [B] int32)`, padded on `side` (right for the readers, left for generation) with
+        the pad id (else the first EOS, else 0; the mask keeps the forward off it).
+
+            batch = tok.to_batch(["The cat", "A much longer prompt"])
+            logits = jax.vmap(lambda t, m: model(t, attention_mask=m))(batch.tokens, batch.mask)
+            last = logits[jnp.arange(2), batch.lengths - 1]      # right padding
+        """
+        from ..core.transformer import pad_batch
+
+        if isinstance(texts, str):
+            raise TypeError("to_batch takes a list of strings; use to_tokens for one text")
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        empty = [i for i, r in enumerate(rows) if not r]
+        if empty:
+            raise ValueError(f"texts {empty} encode to no tokens")
+        pad = next((p for p in (self.pad_token_id, *self.eos_token_ids) if p is not None), 0)
+        tokens, mask = pad_batch(rows, pad, side, length)
+        return TokenBatch(jnp.asarray(tokens), jnp.asarray(mask),
+                          jnp.asarray([len(r) for r in rows], jnp.int32))
+
+    def to_str_tokens(self, tokens) -> list[str]:
+        """Each token as readable text, for labels of plots and tables: `" John"` rather than
+        `"ĠJohn"` (byte-level BPE) or `"▁John"` (SentencePiece); a multi-byte character split
+        over tokens shows as U+FFFD in each piece.  `tokens`: a text (encoded first, no BOS)
+        or ids (list or array)."""
+        if isinstance(tokens, str):
+            tokens = self.encode(tokens)
+        ids = [int(i) for i in np.asarray(tokens).reshape(-1)]
+        return [self._readable(i) for i in ids]
+
+    def token_id(self, token: str | int) -> int:
+        """The id of `token`, a string that is exactly one token (" Paris" with its leading
+        space) or already an id; ValueError naming the pieces otherwise."""
+        if isinstance(token, (int, np.integer)):
+            return int(token)
+        if not isinstance(token, str):
+            raise TypeError(f"a token is a str or an int id; got {type(token).__name__}")
+        ids = self.encode(token)
+        if len(ids) != 1:
+            raise ValueError(
+                f"{token!r} is {len(ids)} tokens for this tokenizer "
+                f"({self.to_str_tokens(ids)}), not one; pick a one-token string (mind the "
+                "leading space: ' Paris' and 'Paris' are different tokens)")
+        return ids[0]
+
+    def token_ids(self, tokens) -> Int[Array, "*n"]:
+        """`token_id` over a string, an int, or a (nested) list of them: int32 array."""
+        if isinstance(tokens, (str, int, np.integer)):
+            return jnp.asarray(self.token_id(tokens), jnp.int32)
+        return jnp.asarray(np.vectorize(self.token_id, otypes=[np.int64])(np.asarray(tokens, object)), jnp.int32)
+
+    def _readable(self, i: int) -> str:
+        piece = self.backend.id_to_token(i)
+        if piece is None:
+            raise ValueError(f"token id {i} outside this tokenizer's vocabulary [0, {self.vocab_size})")
+        if i in self._added_ids:
+            return piece
+        if self._byte_level:
+            inverse = _unicode_to_bytes()
+            if all(c in inverse for c in piece):
+                return bytes(inverse[c] for c in piece).decode("utf-8", errors="replace")
+            return piece
+        byte = _BYTE_PIECE.fullmatch(piece)
+        if byte:  # SentencePiece byte fallback: <0x0A> is "\n"; a lone high byte stays unreadable
+            value = int(byte.group(1), 16)
+            return chr(value) if value < 0x80 else "\ufffd"
+        return piece.replace("\u2581", " ")
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        decoder = json.loads(self.backend.to_str()).get("decoder") or {}
+        parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        return any(d.get("type") == "ByteLevel" for d in parts)
+
+    @cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self.backend.get_added_tokens_decoder())
 
     # ---------------------------------------------------------------------- chat
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:

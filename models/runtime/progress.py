@@ -4,7 +4,9 @@
     generate(model, prompts, GenerationConfig(64), progress=Progress(True, chunk=8))
     sweep_vectors(model, prompts, vectors, ..., config=SweepConfig(progress=False))
 
-A function that reports progress takes `progress: bool | Progress`; `True` / `False` are
+THE default, everywhere in the library: off (`DEFAULT`).  Library calls are silent and
+compiled loops run uncut unless asked; the scripts turn bars on (and take --no-progress
+where a run is long).  A function that reports progress takes `progress: bool | Progress`; `True` / `False` are
 shorthands for `Progress(enabled=...)` with the function's own bar title.  `chunk` matters
 only where a compiled loop must be cut into pieces for the bar to move (generation decodes
 `chunk` steps between updates); elsewhere the bar advances once per natural unit of work
@@ -16,6 +18,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+
+DEFAULT = False  # every `progress=` argument of the library defaults to this
 
 
 @dataclasses.dataclass(frozen=True)

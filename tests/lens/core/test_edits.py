@@ -192,13 +192,13 @@ def test_bad_edits_fail_before_compute():
         E.add(model, np.full(d, np.nan), 0)
     with pytest.raises(ValueError, match="NaN"):
         lens.add_vectors(model, TOKENS, np.full((2, d), np.inf), 0)
-    with pytest.raises(ValueError, match="layer index 3 out of range"):
+    with pytest.raises(ValueError, match=r"layer 3 out of range \[-3, 3\) \(the model has 3 layers\)"):
         E.add(model, np.ones(d), 3)
-    with pytest.raises(ValueError, match="layer index"):
+    with pytest.raises(ValueError, match=r"layer -4 out of range \[-3, 3\)"):
         lens.add_vectors(model, TOKENS, np.ones((2, d)), -4)
-    with pytest.raises(ValueError, match="beyond a sequence of 8"):
+    with pytest.raises(ValueError, match=r"position 8 out of range \[-8, 8\) \(a sequence of 8 tokens"):
         E.add(model, np.ones(d), 0, positions=[8], seq_len=8)
-    with pytest.raises(ValueError, match="head index"):
+    with pytest.raises(ValueError, match=r"head \[6\] out of range \[0, 6\) at layer 0"):
         E.ablate_heads(model, {0: [6]})
     with pytest.raises(ValueError, match="needs a reference cache"):
         E.ablate_neurons(model, {0: [1]}, kind="mean")

@@ -212,7 +212,7 @@ def test_capture_chosen_layers_and_qkv(family):
     for h in range(c.n_heads):
         lo = offset(h, c.d_head, c.d_model)
         np.testing.assert_allclose(part.q[0, :, h], q_hf[:, lo:lo + c.d_head], atol=1e-5)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=rf"Capture\(layers=...\): layer {n} out of range \[0, {n}\)"):
         lens.run_with_cache(model, TOKENS, capture=Capture(resid=True, layers=[n]))
     with pytest.raises(ValueError, match="repeated"):
         Capture(resid=True, layers=[0, 0])
@@ -262,7 +262,7 @@ def test_site_declaration_drives_validation():
         E.check_edits(model, Edits(k_input_mix=jnp.zeros((n, 1, c.n_heads))), 8)
     with pytest.raises(ValueError, match="source without a mix"):
         E.check_edits(model, Edits(attn_out_source=jnp.zeros((n, 1, c.d_model))), 8)
-    with pytest.raises(ValueError, match="head index out of range"):
+    with pytest.raises(ValueError, match=r"head \[2\] out of range \[0, 2\) at site 'k_input'"):
         E.patch(model, cache, "k_input", heads=[2])  # 2 kv heads
     with pytest.raises(ValueError, match="per-head sites only"):
         E.patch(model, cache, "mlp_out", heads=[0])

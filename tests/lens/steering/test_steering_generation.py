@@ -69,7 +69,7 @@ def test_generate_with_vectors_equals_separate_runs(sampling):
                                                             0, 4, 1.0, 0)
     with pytest.raises(ValueError, match="d_model"):
         V.generate_with_vectors(model, PROMPTS, np.ones((2, 5)), 1, GenerationConfig(3))
-    with pytest.raises(ValueError, match="layer index"):
+    with pytest.raises(ValueError, match=r"layer 7 out of range \["):
         V.generate_with_vectors(model, PROMPTS, vectors, 7, GenerationConfig(3))
     with pytest.raises(ValueError, match="vectors_per_call"):
         V.generate_with_vectors(model, PROMPTS, vectors, 1, GenerationConfig(3), vectors_per_call=0)

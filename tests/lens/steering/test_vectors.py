@@ -111,9 +111,9 @@ def test_sweep_bad_input_fails_before_compute():
         lens.sweep_vectors(model, PROMPTS, np.full((2, d), np.nan), layers=[1])
     with pytest.raises(ValueError, match="out of range"):
         lens.sweep_vectors(model, PROMPTS, np.ones((2, d)), layers=[5])
-    with pytest.raises(ValueError, match="beyond a sequence"):
+    with pytest.raises(ValueError, match=r"position 8 out of range \[-8, 8\)"):
         lens.sweep_vectors(model, PROMPTS, np.ones((2, d)), layers=[1], positions=[8])
-    with pytest.raises(ValueError, match="beyond a sequence"):
+    with pytest.raises(ValueError, match=r"position 4 out of range \[-3, 3\)"):
         vectors.actadd(model, PROMPTS[0], PROMPTS[1][:3], 1, position=4)
     assert lens.core.sweep.chunk_size_for(model, 2, 2, 4, 32, True, False, False, 1e6) >= 1
 
