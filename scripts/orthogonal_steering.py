@@ -61,7 +61,7 @@ from orthogonal_report import closed_form_plot, k_curve_plot, plots, readings_pl
 # plan without a GPU).  Flags given explicitly win over the preset.
 PRESETS = {
     "smoke": Preset(k=4, block=2, steps=10, calib_prompts=2, base_rho_grid="0.35,0.5", rho_grid="0.3,1",
-                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=2, compare_seeds=2, chunk=4,
+                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=0, compare_seeds=2, chunk=4,
                   control_seeds=2, n_boot=30, readings_prompts=2, melbo_seeds=2, behaviour_tokens=8),
     "default": Preset(compare_k=0),
     "large": Preset(k=256, block=32, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=16, gen_prompts=4,

@@ -63,11 +63,13 @@ def tree_bytes(tree) -> int:
 
 def melbo_plan(config: ModelConfig, *, k: int, steps: int, block: int, source: int, target: int,
                n_tokens: int, n_prompts: int = 1, lr: float = 0.01, device_tflops: float = 400.0,
-               utilisation: float = 0.3, device_memory_gb: float = 80.0) -> dict:
+               utilisation: float = 0.3, device_memory_gb: float = 80.0, xla_cost: bool = False) -> dict:
     """The plan of a MELBO-ortho run of `k` vectors in blocks of `block` (see the module
     docstring).  `device_tflops` x `utilisation`: the throughput assumed for the time
     (400 TFLOP/s: an H100's dense bf16/tf32 order of magnitude; float32 matmuls on
-    tensor cores as TF32).  Returns a JSON-able dict, `fits` = memory < device memory."""
+    tensor cores as TF32).  `xla_cost`: also lower the step and read XLA's own FLOP count
+    (`xla_flops_per_block_step`, NaN otherwise; a second trace, slow for a large model).
+    Returns a JSON-able dict, `fits` = memory < device memory."""
     from lens.steering.melbo.problem import MelboProblem
     from lens.steering.melbo.train import OrthoConfig, _train_block
 
@@ -94,10 +96,11 @@ def melbo_plan(config: ModelConfig, *, k: int, steps: int, block: int, source: i
         return _train_block(obj, p, a, th, b)
 
     out = jax.eval_shape(step, dyn)
-    lowered = jax.jit(step).lower(dyn)
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get("flops", float("nan")))
+    xla_flops = float("nan")
+    if xla_cost:
+        cost = jax.jit(step).lower(dyn).cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla_flops = float(cost.get("flops", float("nan")))
     weights = tree_bytes(model)
     # The weights a step runs through: blocks source+1..target (the layer stack is scanned).
     n_active = sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(model.blocks) if hasattr(x, "shape"))
@@ -136,8 +139,7 @@ def plan_lines(p: dict) -> list[str]:
             f"{p['lr']}, d = {p['d_model']}, source {p['source']} -> target {p['target']}, "
             f"{p['n_prompts']} prompt(s) x {p['n_tokens']} tokens",
             f"  FLOPs: {p['flops_per_block_step']:.3g} per block step ({p['active_weights'] / 1e6:.0f} M weights x "
-            f"{p['n_prompts'] * p['n_tokens']} tokens x {p['block']} vectors x 4; XLA's count of the lowered step, "
-            f"layer scan body once: {p['xla_flops_per_block_step']:.3g}), {p['flops_total']:.3g} in all",
+            f"{p['n_prompts'] * p['n_tokens']} tokens x {p['block']} vectors x 4), {p['flops_total']:.3g} in all",
             f"  memory: weights {p['weights_GB']:.2f} GB + block state {p['block_state_GB']:.4f} GB + saved "
             f"activations ~{p['saved_activation_GB']:.2f} GB = {p['memory_GB']:.2f} GB of {p['device_memory_GB']:.0f} GB "
             f"({'fits' if p['fits'] else 'does NOT fit'})",

@@ -62,7 +62,7 @@ def test_plan_counts_flops_and_bytes_on_the_skeleton():
           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 61, "max_position_embeddings": 64,
           "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "hidden_act": "silu"}
     cfg = family_module(hf).config_from_hf(hf)
-    p = plan.melbo_plan(cfg, k=9, steps=10, block=4, source=0, target=2, n_tokens=5)
+    p = plan.melbo_plan(cfg, k=9, steps=10, block=4, source=0, target=2, n_tokens=5, xla_cost=True)
     d, m, dh = 24, 40, 6
     per_block = d + 4 * d * dh + 2 * (2 * d * dh) + 4 * dh * d + (4 * dh + 2 * 2 * dh) + d + 3 * d * m  # norms, q/k/v/o, biases, mlp
     assert p["active_weights"] == 2 * per_block
