@@ -487,9 +487,10 @@ def main(argv=None, on_checkpoint=None):
         model, tok, neutral[: args.gen_prompts], theta0, V, sets["random_control"], layer,
         gen_vectors=args.gen_vectors, max_new_tokens=args.gen_tokens, gen_batch=args.gen_batch, decode=decoder(tok))
     laps.lap("generation")
-    behaviour = experiment.behaviour_per_vector(V, scores, readings, gen_vectors=args.gen_vectors,
-                                                n_prompts=min(args.gen_prompts, len(NEUTRAL)),
-                                                max_new_tokens=args.gen_tokens)
+    # clustering by specific effect vs behaviour: every found vector, scored on the behaviour prompts
+    behaviour = experiment.behaviour_per_vector(V, {f"found_{i}": float(sc) for i, sc in enumerate(beh_scores.mean(1))},
+                                                readings, gen_vectors=len(V), n_prompts=int(beh_scores.shape[1]),
+                                                max_new_tokens=args.behaviour_tokens)
     summary = experiment.summary_record(
         model_name=args.model, source=s, target=t, n_layers=n, objective_positions=args.objective_positions,
         theta0=theta0, found=found, x_norm=x_norm, calib=calib, analyses=analyses, sweeps=sweeps,

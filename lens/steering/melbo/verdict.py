@@ -34,7 +34,7 @@ DECISIVE = {
     "name": "residual_participation_ratio/logits: found over random control",
     "stage": "logits",
     "reading": "residual_participation_ratio",
-    "reason": ("declared before the run: the shared component is forced by the objective (every vector reproduces "
+    "reason": ("the shared component is forced by the objective (every vector reproduces "
                "theta0's target effect), so raw PR and shared share cannot show degeneracy; the specific (centred) PR "
                "counts different amounts of that shared direction as distinct variation; the residual PR projects the "
                "shared direction out whatever each vector's amount, so it reads what the vectors do beyond theta0's "
@@ -167,7 +167,8 @@ def lead(summary: dict) -> list[str]:
         s2 = (f"Only {rng('code_writing_vectors', '.0f')} of {k} vectors write code ({br['rule']}), too few for "
               "readings of the code-writing vectors alone.")
     rows, k10 = summary["closed_form_pr_vs_k"], summary["closed_form_pr"].get("k_at_10x")
-    s3 = (f"Normalisation alone (mean effective cosine {rng('effective_cosine_mean', '.3f')}) predicts a raw PR of "
+    s3 = (f"Normalisation alone (mean effective cosine c = {summary['closed_form_pr']['mean_cosine']:.3f} at seed "
+          f"{summary['seed']}; over seeds {rng('effective_cosine_mean', '.3f')}) predicts a raw PR of "
           f"{_row(rows, k)['closed_form']:.1f} at K = {k} (measured {_row(rows, k)['measured']:.1f}) and a 10x raw "
           f"degeneracy from K = {k10} on (K = 800: {k_over(rows, 800):.1f}x, K = 1,558: {k_over(rows, 1558):.1f}x).")
     return [s1, s2, s3]
