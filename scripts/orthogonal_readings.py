@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
         ans["pr_vs_k"] = stages.k_curve(problem, found, theta0, ks, progress=True, s_factor=s_factor)
         k_curve_plot(run / "pr_vs_k.png", ans["pr_vs_k"])
     ans["timing_s"] = round(time.time() - t0, 1)
-    (run / "readings.json").write_text(json.dumps({k: v for k, v in ans.items() if k != "found_gram"}, indent=1))
+    (run / "readings.json").write_text(json.dumps({k: v for k, v in ans.items() if k not in stages.NOT_JSON}, indent=1))
     write_markdown(run / "readings.md", ans, settings)
     readings_plot(run / "readings.png", ans)
     print((run / "readings.md").read_text())

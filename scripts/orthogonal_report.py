@@ -62,13 +62,14 @@ def plots(out: Path, analyses: dict, sweeps: dict, scores: dict) -> list[str]:
 
 
 def _summary_lines(summary: dict) -> list[str]:
-    """The answer first: how many of the K vectors are distinct at each stage (K / degeneracy
-    factor), next to the random control (orthogonal to theta0, same norms), and the code
-    scores."""
+    """The raw table (after the answer): K / degeneracy factor per stage next to the random
+    control (orthogonal to theta0, same norms), and the code scores."""
     k, deg = summary["k_vectors"], summary["degeneracy_factor"]
     ctrl = summary["controls"].get("random_control", {})
     n = summary["norms"]
-    L = ["## Summary", "",
+    L = ["## Raw table", "",
+         "Caution: raw PR mixes the shared component (forced by the objective) with few distinct effects; "
+         "the decisive reading above separates them.", "",
          f"{k} MELBO-ortho vectors, orthogonal to theta0 and to each other in storage (max |cos| "
          f"{summary['raw_cosine_max_abs']:.1e}), |theta| {n['found_mean']:.1f} = {n['found_over_base']:.2f} x "
          f"|theta0| (rho = |theta| / median |x_s| = {summary['effective_cosine_mean']['rho_mean']:.2f}).", "",
@@ -156,7 +157,13 @@ def answer(summary: dict, calib: dict | None = None) -> list[str]:
              for st, where in stages if st in deg]
     text = (f"the {k} MELBO-ortho vectors, orthogonal in storage, act as this many distinct directions: "
             + ", ".join(parts) + ".")
-    lines = answer_lines(text)
+    return answer_lines(text) + behaviour_verdict(summary, calib)
+
+
+def behaviour_verdict(summary: dict, calib: dict | None = None) -> list[str]:
+    """A verdict when theta0 never made the model write code: the code scores are then only a
+    pipeline check."""
+    lines = []
     base = summary.get("code_score", {}).get("base")
     no_code = (calib is not None and calib.get("calibrated") and not calib.get("wrote_code")) or base == 0
     if no_code:
@@ -171,7 +178,9 @@ def write_markdown(out: Path, summary: dict, analyses: dict, settings: dict, sam
     """report.md: settings, base-vector calibration, the key numbers per set and stage, the
     batched vs sequential comparison, timings, plots, a few generations."""
     L = [f"# Orthogonal steering vectors: how distinct are they? ({summary['model']})", ""]
-    L += answer(summary, calib)
+    # The answer first: the decisive reading with its seed spread (lead_lines); reports of
+    # older runs without it open with the degeneracy per stage (answer).
+    L += (lead_lines(summary) + behaviour_verdict(summary, calib)) if "lead" in summary else answer(summary, calib)
     L += _summary_lines(summary)
     L += _readings_lines(summary)
     L += behaviour_lines(summary.get("behaviour_per_vector"))
@@ -287,3 +296,78 @@ def k_curve_plot(path: Path, curve: dict) -> None:
         ax.set_title(f"distinct effects at {name}")
         ax.legend(fontsize=7)
     save_figure(fig, path.parent, path.name, [])
+
+
+def closed_form_plot(path: Path, rows: list[dict], cf: dict) -> None:
+    """Raw PR vs K at the effective stage: the closed form at the measured mean cosine (band:
+    per-token 5-95%), the measured PR of the first K found vectors and of a control draw,
+    extrapolated to the original's K; the ceiling PR = K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = np.array([r["k"] for r in rows], float)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.fill_between(k, [r["closed_form_lo"] for r in rows], [r["closed_form_hi"] for r in rows], alpha=0.2,
+                    label="closed form, per-token cosine 5-95%")
+    ax.plot(k, [r["closed_form"] for r in rows], "-", label=f"closed form at c = {cf['mean_cosine']:.3f}")
+    m = [(r["k"], r["measured"], r["control_measured"]) for r in rows if r["measured"] is not None]
+    if m:
+        ax.plot([a for a, _, _ in m], [b for _, b, _ in m], "o", ms=3, label="measured, first K found")
+        if m[0][2] is not None:
+            ax.plot([a for a, _, _ in m], [c for _, _, c in m], "s", ms=3, alpha=0.6, label="measured, random control")
+    ax.plot(k, k, ":", c="grey", label="PR = K (orthogonal)")
+    ax.plot(k, k / 10, "--", c="grey", lw=0.8, label="10x degeneracy")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("raw PR after the norm (effective stage)")
+    ax.set_title(f"normalisation alone: 10x from K = {cf.get('k_at_10x')}")
+    ax.legend(fontsize=7)
+    save_figure(fig, path.parent, path.name, [])
+
+
+def lead_lines(summary: dict) -> list[str]:
+    """The answer first (at most three sentences), then the decisive reading's declaration,
+    the seed spread of the headline numbers, the closed form and the behaviour readings."""
+    if "lead" not in summary:
+        return []
+    dec = summary["decisive_reading"]
+    L = ["## The answer", "", " ".join(summary["lead"]), "",
+         f"Decisive reading, declared before the run: **{dec['name']}**. Why: {dec['reason']}", "",
+         "### Headline numbers over MELBO seeds (mean, min-max)", "", "| quantity | mean | min | max | seeds |",
+         "|---|---|---|---|---|"]
+    for key, v in summary["seed_spread"].items():
+        L.append(f"| {key} | {v['mean']:.4g} | {v['min']:.4g} | {v['max']:.4g} | {v['n']} |")
+    cf = summary["closed_form_pr"]
+    L += ["", f"K = {summary['k_vectors']} of d = {summary['d_model']} (K/d = {summary['k_over_d']:.3f}; at the "
+          f"original's d = {summary['original_d']} that is K = {summary['k_at_original_d_ratio']}).", "",
+          "### The geometry's prediction: raw PR after the norm vs K", "",
+          f"Closed form `K^2 / ((1 + (K-1)c)^2 + (K-1)(1-c)^2)` at the measured mean effective cosine c = "
+          f"{cf['mean_cosine']:.4f} (per-token 5-95%: {cf['unit_cosine_p5']:.4f}-{cf['unit_cosine_p95']:.4f}); "
+          f"10x raw degeneracy from K = {cf.get('k_at_10x')} (per-token range {cf.get('k_at_10x_range')}).", "",
+          "| K | closed form (range) | measured found | measured control |", "|---|---|---|---|"]
+    fmt = lambda x: "" if x is None else f"{x:.2f}"  # noqa: E731
+    for r in summary["closed_form_pr_vs_k"]:
+        if r["k"] in (2, 4, 8, 16, 32, 64, 128, 256, 512, 800, 1558) or r["k"] == summary["k_vectors"]:
+            L.append(f"| {r['k']} | {r['closed_form']:.2f} ({r['closed_form_lo']:.2f}-{r['closed_form_hi']:.2f}) | "
+                     f"{fmt(r['measured'])} | {fmt(r['control_measured'])} |")
+    L += ["", "At other rho (idealised pair cosine, no gain): " + "; ".join(
+        f"rho {a['rho']:.2f}: c {a['pair_cosine_closed_form']:.3f}, K = 800 {a['degeneracy_at_800']:.1f}x, "
+        f"K = 1,558 {a['degeneracy_at_1558']:.1f}x, 10x from K = {a['k_at_10x']}" for a in cf["at_rho"]) + ". "
+        + cf["note"] + ".", ""]
+    br = summary["behaviour_readings"]
+    L += ["### Readings by behaviour", "", f"Rule: {br['rule']}." + (f" {br['stopping']}." if br.get("stopping") else ""),
+          "", "| group | n | stage | shared share (control) | specific PR (control) | residual PR (control) | "
+          "raw PR (control) |", "|---|---|---|---|---|---|---|"]
+    for g in ("code_writing", "other", "all"):
+        grp = br[g]
+        if grp["readings"] is None:
+            L.append(f"| {g} | {grp['n']} | (fewer than 2 vectors) | | | | |")
+            continue
+        for st, cell in grp["readings"].items():
+            c = [f"{cell[r]['found']:.2f} ({cell[r]['control_mean']:.2f})" for r in
+                 ("shared_share", "specific_participation_ratio", "residual_participation_ratio", "participation_ratio")]
+            L.append(f"| {g} | {grp['n']} | {st} | " + " | ".join(c) + " |")
+    return L + [""]

@@ -45,27 +45,33 @@ import numpy as np  # noqa: E402
 
 from lens.cli import Preset, int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering import melbo, vectors  # noqa: E402
-from lens.steering.melbo import base_vector, experiment, stages  # noqa: E402
-from lens.steering.prompts import CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
+from lens.steering.melbo import base_vector, decompose, experiment, plan, stages, verdict  # noqa: E402
+from lens.steering.prompts import BEHAVIOUR, CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report writer, also under runpy
-from orthogonal_report import k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
+from orthogonal_report import closed_form_plot, k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
 
 
 # --preset: smoke (the tests; minutes on 2 cores), default (the README's figures), large
-# (K = 256 and the PR-vs-K curve; 26 min on this 2-core machine, idle).  Flags given
-# explicitly win over the preset.
+# (K = 256 and the PR-vs-K curve, trained on until 30 vectors write code), paper (the
+# original recipe for a local Qwen2-family folder with d >= 2,048 on one 80 GB GPU; only its
+# plan without a GPU).  Flags given explicitly win over the preset.
 PRESETS = {
     "smoke": Preset(k=4, block=2, steps=10, calib_prompts=2, base_rho_grid="0.35,0.5", rho_grid="0.3,1",
-                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=2, compare_seeds=2, chunk=4,
-                  control_seeds=2, n_boot=30, readings_prompts=2),
-    "default": Preset(),
-    "large": Preset(k=256, block=32, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=256, gen_prompts=4,
-                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,128,192,256"),
+                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=0, compare_seeds=2, chunk=4,
+                  control_seeds=2, n_boot=30, readings_prompts=2, melbo_seeds=2, behaviour_tokens=8),
+    "default": Preset(compare_k=0),
+    "large": Preset(k=256, block=32, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=16, gen_prompts=4,
+                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,128,192,256",
+                  melbo_seeds=2, min_code_writers=30, max_k=512),
+    "paper": Preset(k=800, steps=1000, lr=0.01, block=32, source=8, target=16, compare_k=0, rho_grid="1",
+                  gen_vectors=16, control_seeds=2, n_boot=100, melbo_seeds=2, min_code_writers=30),
 }
+# The width of the original's model (Qwen1.5-1.8B): K is also reported as K / d against it.
+ORIGINAL_D = 2048
 
 
 def parse_args(argv=None):
@@ -78,7 +84,8 @@ def parse_args(argv=None):
     preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 256, PR vs K, every vector scored)")
+                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 256, PR vs K, trained "
+                         "on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
     ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
@@ -119,6 +126,19 @@ def parse_args(argv=None):
                     help=f"prompts whose every real token is a unit of the readings (at most {n_prompts})")
     ap.add_argument("--k-curve", type=positive_ints, default=None,
                     help="PR vs K at these K (first K found vs a control draw), e.g. 2,4,8,16")
+    ap.add_argument("--melbo-seeds", type=int_at_least(1), default=3,
+                    help="MELBO-ortho runs (seeds --seed, --seed + 1, ...): every headline number with its spread")
+    ap.add_argument("--behaviour-prompts", type=int_at_least(1), default=len(BEHAVIOUR),
+                    help=f"non-coding prompts every found vector is scored on (at most {len(BEHAVIOUR)})")
+    ap.add_argument("--behaviour-tokens", type=int_at_least(1), default=48, help="greedy tokens per scored reply")
+    ap.add_argument("--code-min-replies", type=int_at_least(1), default=1,
+                    help="a vector 'writes code' when at least this many of its replies hold real Python")
+    ap.add_argument("--min-code-writers", type=int_at_least(0), default=0,
+                    help="keep training blocks until this many vectors write code (or --max-k is reached)")
+    ap.add_argument("--max-k", type=int_at_least(1), default=None, help="the most vectors --min-code-writers may train")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="print the training plan (FLOPs, memory, time; lens.steering.melbo.plan) and stop "
+                         "(automatic for --preset paper without a GPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
     ap.set_defaults(**PRESETS[preset])
@@ -136,6 +156,12 @@ def checked(ap, args):
         args.k_curve = positive_ints(args.k_curve)
     if args.k_curve is not None and (min(args.k_curve) < 2 or max(args.k_curve) > args.k):
         ap.error(f"--k-curve sizes must lie in [2, --k = {args.k}]; got {args.k_curve}")
+    if args.behaviour_prompts > len(BEHAVIOUR):
+        ap.error(f"argument --behaviour-prompts: at most {len(BEHAVIOUR)}; got {args.behaviour_prompts}")
+    if args.code_min_replies > args.behaviour_prompts:
+        ap.error(f"--code-min-replies {args.code_min_replies} exceeds --behaviour-prompts {args.behaviour_prompts}")
+    if args.max_k is not None and args.max_k < args.k:
+        ap.error(f"--max-k {args.max_k} is below --k {args.k}")
     for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts", "readings_prompts"):
         if getattr(args, flag) > n_prompts:
             ap.error(f"argument --{flag.replace('_', '-')}: at most {n_prompts} (the prompts in NEUTRAL); "
@@ -214,10 +240,10 @@ def base_phase(args, model, tok, make, s, t, layer, out):
     return neutral, problem, analysis_problem, x_norm, theta0, calib
 
 
-def train_phase(args, problem, theta0, meta, ckpt, on_checkpoint):
-    """2. MELBO-ortho, checkpointed after every block (resumed from --out's checkpoint)."""
-    resume = None
-    if args.resume and ckpt.exists():
+def train_phase(args, problem, theta0, meta, ckpt, on_checkpoint, resume=None):
+    """2. MELBO-ortho, checkpointed after every block (resumed from --out's checkpoint, or
+    continued from `resume`, a result of this run)."""
+    if resume is None and args.resume and ckpt.exists():
         resume = experiment.resume_checkpoint(ckpt, meta, theta0)
         print(f"resuming from {len(resume.vectors)} vectors")
 
@@ -255,6 +281,115 @@ def analysis_phase(args, analysis_problem, theta0, V, laps):
     return sets, found_effects, analyses, sweeps
 
 
+def plan_phase(args, out):
+    """--plan-only (automatic for --preset paper without a GPU): FLOPs, memory and time of the
+    training on paper (`lens.steering.melbo.plan`), for --model's config.json when it is a
+    folder, else Qwen1.5-1.8B's shape; printed and written to --out/plan.json."""
+    from lens.models.families import family_module
+
+    cfg_file = Path(args.model) / "config.json"
+    if cfg_file.exists():
+        hf = json.loads(cfg_file.read_text())
+        cfg, name = family_module(hf).config_from_hf(hf), str(args.model)
+    else:
+        cfg, name = plan.qwen15_18b_config(), "Qwen1.5-1.8B's shape (no local folder given: --model PATH)"
+    s = 8 if args.source is None else args.source
+    t = 16 if args.target is None else args.target
+    # the original's one training prompt: ~32 chat-template tokens (an assumption, stated)
+    p = plan.melbo_plan(cfg, k=args.k, steps=args.steps, block=args.block, source=s, target=t, n_tokens=32,
+                        n_prompts=args.train_prompts, lr=args.lr)
+    p |= {"model": name, "seeds": args.melbo_seeds, "hours_all_seeds": p["hours"] * args.melbo_seeds}
+    print("\n".join(plan.plan_lines(p)) + f"\n  model: {name}; x {args.melbo_seeds} MELBO seeds: "
+          f"~{p['hours_all_seeds'] * 60:.0f} min of training")
+    (out / "plan.json").write_text(json.dumps(p, indent=1))
+    return p
+
+
+def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, found, on_checkpoint):
+    """5a. Every found vector scored on --behaviour-prompts non-coding prompts
+    (`lens.steering.melbo.verdict.score_vectors`); with --min-code-writers N, more blocks
+    are trained (continuing the run) until N vectors write code or --max-k is reached.
+    Returns (found, scores [K, P], texts, the stopping note)."""
+    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+
+    def score(vecs):
+        return verdict.score_vectors(model, prompts, vecs, layer, max_new_tokens=args.behaviour_tokens,
+                                     decode=decoder(tok), gen_batch=args.gen_batch)
+
+    scores, texts = score(found.vectors)
+    max_k = args.max_k or args.k
+    while verdict.writes_code(scores, args.code_min_replies).sum() < args.min_code_writers and len(scores) < max_k:
+        args.k = min(max_k, len(scores) + args.block)
+        print(f"{int(verdict.writes_code(scores, args.code_min_replies).sum())} vectors write code; training to K = {args.k}")
+        found = train_phase(args, problem, theta0, meta, out / "checkpoint.safetensors", on_checkpoint, resume=found)
+        more, more_texts = score(found.vectors[len(scores):])
+        scores, texts = np.concatenate([scores, more]), texts + more_texts
+    n = int(verdict.writes_code(scores, args.code_min_replies).sum())
+    note = None
+    if n < args.min_code_writers:
+        note = (f"{n} of {len(scores)} vectors write code, short of --min-code-writers {args.min_code_writers}: "
+                f"--max-k {max_k} reached (training longer costs ~{args.block} vectors per block on this machine)")
+    return found, scores, texts, note
+
+
+def seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, k, meta, out,
+               control_means):
+    """4c. The other MELBO seeds (--seed + 1, ...): K vectors each (vectors_seed<s>.safetensors,
+    reused under --resume), their readings (found only; divided by the main seed's controls)
+    and behaviour scores: one `verdict.headline` record per seed."""
+    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+    records = []
+    for i in range(1, args.melbo_seeds):
+        seed = args.seed + i
+        f = out / f"vectors_seed{seed}.safetensors"
+        if args.resume and f.exists():
+            V, losses = vectors.load_vectors(f)[0], vectors.load_extras(f)["losses"]
+        else:
+            res = melbo.melbo_ortho(problem, jnp.asarray(theta0), k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
+                                    run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=seed,
+                                                             progress=True))
+            V, losses = res.vectors, res.losses
+            vectors.save_vectors(f, V, meta | {"seed": seed}, extras={"theta0": theta0, "losses": losses})
+        sr = stages.stage_readings(readings_problem, V, None, args.chunk, n_boot=10, s_factor=s_factor)
+        rd = {r: {st: {"found": sr[st][r]["point"]} for st in sr} for r in verdict.READINGS}
+        rd["found_gram"] = {st: sr[st]["gram"] for st in sr}
+        scores, _ = verdict.score_vectors(model, prompts, V, layer, max_new_tokens=args.behaviour_tokens,
+                                          decode=decoder(tok), gen_batch=args.gen_batch)
+        rec = verdict.headline(rd, verdict.writes_code(scores, args.code_min_replies), scores, losses,
+                               np.linalg.norm(V, axis=1), float(np.linalg.norm(theta0)), V.shape[1],
+                               control_means=control_means)
+        records.append(rec | {"seed": seed})
+        print(f"seed {seed}: decisive {rec[verdict.DECISIVE['reading'] + '/logits/over_control']:.2f} x control")
+    return records
+
+
+def closed_form_phase(readings, rho_mean):
+    """4d. The geometry's prediction beside the measurement at the effective stage
+    (`decompose.closed_form_pr_vs_k`): K = 2..K measured (subsets of the found vectors),
+    extrapolated to the original's K = 800 and 1,558; the closed-form cosine at a few rho."""
+    from lens import geometry
+
+    g = readings["found_gram"]["effective"]
+    k = len(g)
+    ks = list(range(2, k + 1)) if k <= 64 else sorted(set(np.geomspace(2, k, 24).astype(int).tolist()) | {k})
+    cf = decompose.closed_form_pr_vs_k(g, readings["effective_unit_cos"], ks, extrapolate=(800, 1558),
+                                       control_gram=readings["control_grams"]["effective"][0])
+    at_rho = []
+    for rho in (rho_mean, 1.0, 2.0):
+        c = float(geometry.orthogonal_pair_cosine_closed_form(rho))
+        pr = {kk: float(geometry.equicorrelated_participation_ratio(kk, c)) for kk in (800, 1558)}
+        at_rho.append({"rho": rho, "pair_cosine_closed_form": c, "degeneracy_at_800": 800 / pr[800],
+                       "degeneracy_at_1558": 1558 / pr[1558], "k_at_10x": geometry.k_at_degeneracy(c, 10.0)})
+    cf["at_rho"] = at_rho
+    cf["note"] = ("closed_form: lens.geometry.equicorrelated_participation_ratio(k, c) at the measured mean effective "
+                  "cosine c of all K found vectors (effective stage, readings prompts, pooled over tokens); lo / hi: at "
+                  "the 95% / 5% quantiles of the per-token mean cosine; measured: raw PR of the first k found vectors "
+                  "(effective stage). at_rho: the idealised pair cosine (no gain) at rho = this run's mean, 1 and 2: the "
+                  "original's rho is not known here (its model's residual norms were not measured), so the "
+                  "extrapolation to K = 800 / 1,558 is at this run's c and bracketed by these")
+    return cf
+
+
 def readings_phase(args, model, neutral, s, t, theta0, V):
     """4b. Both readings of a downstream collapse per stage (`lens.steering.melbo.stages`):
     a shared component vs few distinct effects, controls over several seeds, bootstrap
@@ -265,9 +400,10 @@ def readings_phase(args, model, neutral, s, t, theta0, V):
     readings = stages.answer(readings_problem, V, theta0, control_seeds=tuple(range(args.control_seeds)),
                              n_boot=args.n_boot, chunk=args.chunk, progress=True, s_factor=s_factor)
     if args.k_curve:
-        readings["pr_vs_k"] = stages.k_curve(readings_problem, V, theta0, args.k_curve, chunk=args.chunk,
+        ks = [k for k in args.k_curve if k <= len(V)]
+        readings["pr_vs_k"] = stages.k_curve(readings_problem, V, theta0, ks, chunk=args.chunk,
                                              progress=True, s_factor=s_factor)
-    return readings
+    return readings, readings_problem, s_factor
 
 
 def write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweeps, scores, readings, samples,
@@ -279,6 +415,8 @@ def write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweep
     summary["plots"] = plots(out, {k: a for k, a in analyses.items()}, sweeps, scores)
     readings_plot(out / "readings.png", readings)  # shared share and specific PR per stage
     summary["plots"].append("readings.png")
+    closed_form_plot(out / "closed_form_pr_vs_k.png", summary["closed_form_pr_vs_k"], summary["closed_form_pr"])
+    summary["plots"].append("closed_form_pr_vs_k.png")
     if "pr_vs_k" in readings:
         k_curve_plot(out / "pr_vs_k.png", readings["pr_vs_k"])
         summary["plots"].append("pr_vs_k.png")
@@ -298,11 +436,18 @@ def main(argv=None, on_checkpoint=None):
     laps = Laps()
     out = Path(args.out or f"runs/orthogonal_{time.strftime('%Y%m%d_%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
+    if args.plan_only or (args.preset == "paper" and jax.default_backend() == "cpu"):
+        return plan_phase(args, out)
+    # The decisive reading is declared before anything is measured (and kept in the folder).
+    (out / "decisive_reading.json").write_text(json.dumps(verdict.DECISIVE, indent=1))
+    print(f"decisive reading (declared before the run): {verdict.DECISIVE['name']}")
     model, tok, make = load(args)
-    n = model.config.n_layers
+    n, d = model.config.n_layers, model.config.d_model
+    if args.preset == "paper" and (d < ORIGINAL_D or not (Path(args.model) / "config.json").exists()):
+        raise SystemExit(f"--preset paper needs a local Qwen2-family folder with d >= {ORIGINAL_D}; got {args.model} (d={d})")
     s, t = layers(args, n)
     layer = melbo.layer_after(s)  # the CLI speaks MELBO's "after block s"; the library's layer is the one it enters
-    print(f"model {args.model} ({n} layers, d={model.config.d_model}); source {s}, target {t}")
+    print(f"model {args.model} ({n} layers, d={d}); source {s}, target {t}")
     laps.lap("load")
     neutral, problem, analysis_problem, x_norm, theta0, calib = base_phase(args, model, tok, make, s, t, layer, out)
     laps.lap("calibration")
@@ -311,10 +456,26 @@ def main(argv=None, on_checkpoint=None):
             "block": args.block, "mode": args.mode, "objective_positions": args.objective_positions}
     found = train_phase(args, problem, theta0, meta, out / "checkpoint.safetensors", on_checkpoint)
     laps.lap("train")
+    found, beh_scores, beh_texts, beh_note = behaviour_phase(args, model, tok, make, layer, problem, theta0, meta,
+                                                             out, found, on_checkpoint)
+    laps.lap("behaviour")
     V = found.vectors
     sets, found_effects, analyses, sweeps = analysis_phase(args, analysis_problem, theta0, V, laps)
-    readings = readings_phase(args, model, neutral, s, t, theta0, V)
+    readings, readings_problem, s_factor = readings_phase(args, model, neutral, s, t, theta0, V)
     laps.lap("readings")
+    writes = verdict.writes_code(beh_scores, args.code_min_replies)
+    rule = (f"a vector writes code when >= {args.code_min_replies} of its greedy replies ({args.behaviour_tokens} "
+            f"tokens) to {beh_scores.shape[1]} non-coding prompts hold real Python (lens.steering.code_score)")
+    beh_readings = verdict.behaviour_readings(readings, writes, rule)
+    beh_readings["stopping"] = beh_note
+    cf = closed_form_phase(readings, analyses["found"]["rho_mean"])
+    laps.lap("closed_form")
+    control_means = {st: {r: readings[r][st]["control_mean"] for r in verdict.READINGS} for st in readings["shared_share"]}
+    records = [verdict.headline(readings, writes, beh_scores, found.losses, np.linalg.norm(V, axis=1),
+                                float(np.linalg.norm(theta0)), d) | {"seed": args.seed}]
+    records += seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, len(V), meta,
+                          out, control_means)
+    laps.lap("seeds")
     comparison = None  # batched vs sequential (the issue's agreement check)
     if args.compare_k and args.compare_seeds and args.mode == "batched" and len(V) >= args.compare_k:
         comparison = experiment.mode_comparison(
@@ -326,18 +487,33 @@ def main(argv=None, on_checkpoint=None):
         model, tok, neutral[: args.gen_prompts], theta0, V, sets["random_control"], layer,
         gen_vectors=args.gen_vectors, max_new_tokens=args.gen_tokens, gen_batch=args.gen_batch, decode=decoder(tok))
     laps.lap("generation")
-    behaviour = experiment.behaviour_per_vector(V, scores, readings, gen_vectors=args.gen_vectors,
-                                                n_prompts=min(args.gen_prompts, len(NEUTRAL)),
-                                                max_new_tokens=args.gen_tokens)
+    # clustering by specific effect vs behaviour: every found vector, scored on the behaviour prompts
+    behaviour = experiment.behaviour_per_vector(V, {f"found_{i}": float(sc) for i, sc in enumerate(beh_scores.mean(1))},
+                                                readings, gen_vectors=len(V), n_prompts=int(beh_scores.shape[1]),
+                                                max_new_tokens=args.behaviour_tokens)
     summary = experiment.summary_record(
         model_name=args.model, source=s, target=t, n_layers=n, objective_positions=args.objective_positions,
         theta0=theta0, found=found, x_norm=x_norm, calib=calib, analyses=analyses, sweeps=sweeps,
         rho_grid=args.rho_grid, scores=scores, comparison=comparison, behaviour=behaviour, readings=readings,
         timing=laps.timing)
+    rows = cf.pop("rows")
+    summary |= {
+        "decisive_reading": verdict.DECISIVE, "seed": args.seed, "d_model": d, "k_over_d": len(V) / d,
+        "original_d": ORIGINAL_D, "k_at_original_d_ratio": round(len(V) / d * ORIGINAL_D),
+        "closed_form_pr_vs_k": rows, "closed_form_pr": cf, "behaviour_readings": beh_readings,
+        "behaviour_scores": {"per_vector": beh_scores.sum(axis=1).tolist(), "n_prompts": int(beh_scores.shape[1]),
+                             "writes_code": writes.tolist()},
+        "seed_records": records, "seed_spread": verdict.seed_spread([{k: v for k, v in r.items() if k != "seed"}
+                                                                     for r in records]),
+    }
+    summary["lead"] = verdict.lead(summary)
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
                              "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
+    samples += [{"label": f"behaviour_found_{i}", "prompt": str(j), "text": txt, "code": float(beh_scores[i, j])}
+                for i, row in enumerate(beh_texts) for j, txt in enumerate(row)]
     write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweeps, scores, readings, samples,
                   calib, settings, laps)
+    print("\n".join(summary["lead"]))
     print(json.dumps({k: summary[k] for k in ("raw_cosine_max_abs", "norms", "effective_cosine_mean",
                                               "downstream_cosine_mean", "degeneracy_factor", "code_score",
                                               "timing_s")}, indent=1))

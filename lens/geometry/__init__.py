@@ -9,7 +9,8 @@ gamma), so steering, orthogonality and logits are analysed on the sphere, not in
 Modules:
   norms          to_sphere, apply_norm, norm_jacobian / norm_jvp, displacements, centring
   orthogonality  effective cosine matrices and the idealised closed form (eps = 0 and eps kept)
-  degeneracy     participation ratio, degeneracy factor, threshold clusters
+  degeneracy     participation ratio, degeneracy factor, threshold clusters, the
+                 equicorrelated closed form (PR vs K at a fixed pairwise cosine)
   logits         logit decomposition, ranking agreement (spearman, topk_overlap), logit-effect similarity
   sphere         geodesic angle, tangent projection, exp/log maps, slerp, rotate_towards
   diagnostics    residual-norm statistics per layer/position, |v|/|x| ratios
@@ -23,7 +24,13 @@ the input's dtype, diagnostics stay float32.  Axis names: d (the normalised axis
 seq, layers, vocab, K (a set of steering vectors), B (a batch of activations).
 """
 
-from lens.geometry.degeneracy import degeneracy_factor, participation_ratio, threshold_clusters
+from lens.geometry.degeneracy import (
+    degeneracy_factor,
+    equicorrelated_participation_ratio,
+    k_at_degeneracy,
+    participation_ratio,
+    threshold_clusters,
+)
 from lens.geometry.diagnostics import NormRatioStats, norm_ratio, norm_ratio_stats
 from lens.geometry.logits import (
     RANKING_METHODS,
@@ -78,11 +85,13 @@ __all__ = [
     "decompose_logits",
     "degeneracy_factor",
     "effective_cosine_matrix",
+    "equicorrelated_participation_ratio",
     "effective_displacement",
     "exp_map",
     "first_order_displacement",
     "geodesic_angle",
     "geodesic_interpolate",
+    "k_at_degeneracy",
     "log_map",
     "logit_effect_similarity",
     "norm_divisor",

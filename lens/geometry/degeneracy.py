@@ -92,3 +92,47 @@ def threshold_clusters(
     rank = jnp.cumsum(is_root) - 1
     labels = rank[root].astype(jnp.int32)
     return jnp.sum(is_root).astype(jnp.int32), labels
+
+
+def equicorrelated_participation_ratio(
+    k: Int[Array, "*batch"] | Float[Array, "*batch"] | int,
+    cos: Float[Array, "*batch"] | float,
+) -> Float[Array, "*batch"]:
+    """PR of K unit vectors whose every pairwise cosine is `cos` (an equicorrelated set).
+
+    The cosine matrix `C = (1 - c) I + c 11^T` has one eigenvalue `1 + (K-1) c` (the shared,
+    radial direction: the mean of the set) and K - 1 eigenvalues `1 - c`, so
+    `PR = (tr C)^2 / ||C||_F^2 = K^2 / ((1 + (K-1) c)^2 + (K-1)(1-c)^2)`.
+    K for c = 0, 1 for c = 1, and it saturates at `1 / c^2` as K grows: a fixed small
+    cosine between every pair (such as normalisation puts between orthogonal steering
+    vectors, `orthogonal_pair_cosine_closed_form`) costs little at small K and a factor
+    `K c^2` (the degeneracy `K / PR`) at large K.  Valid for -1/(K-1) <= c <= 1 (C is then
+    positive semi-definite); broadcasts over k and cos.
+    """
+    c = jnp.asarray(cos, dtype=compute_dtype(jnp.asarray(cos)))
+    kk = jnp.asarray(k, dtype=c.dtype)
+    return kk * kk / ((1.0 + (kk - 1.0) * c) ** 2 + (kk - 1.0) * (1.0 - c) ** 2)
+
+
+def k_at_degeneracy(cos: float, factor: float, k_max: int = 10**7) -> int | None:
+    """The smallest K at which K equicorrelated unit vectors with pairwise cosine `cos` reach
+    the degeneracy `K / PR >= factor` (`equicorrelated_participation_ratio`); None when no
+    K <= k_max does (host-side: a bisection over integers, the degeneracy is increasing
+    in K for 0 < cos < 1)."""
+    if not 0.0 < float(cos) < 1.0 or factor < 1:
+        raise ValueError(f"need 0 < cos < 1 and factor >= 1; got cos={cos}, factor={factor}")
+
+    def deg(k: int) -> float:
+        c = float(cos)
+        return ((1 + (k - 1) * c) ** 2 + (k - 1) * (1 - c) ** 2) / k
+
+    if deg(k_max) < factor:
+        return None
+    lo, hi = 1, k_max
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if deg(mid) >= factor:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

@@ -8,7 +8,8 @@ scripts/modularity.py, scripts/orthogonal_readings.py) and how a model turns the
 CODE and PROSE are the contrastive requests of the CAA "write code" vector; NEUTRAL are
 instructions that do NOT ask for code but where code is a natural way to answer (the
 vector should tip them into Python): the first is MELBO-ortho's training prompt, all of
-them the analysis / generation set.
+them the analysis / generation set; BEHAVIOUR (8) is NEUTRAL plus four more, the prompts
+every found vector's "writes code" is decided on.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ NEUTRAL = [
     "How many vowels are in the word banana?",
     "What is the sum of the numbers from 1 to 10?",
     "Convert 100 degrees Fahrenheit to Celsius.",
+]
+# The behaviour set: non-coding instructions each vector's "does it write code?" is scored
+# on (NEUTRAL first, then four more of the same kind: code is a natural but unasked answer).
+BEHAVIOUR = NEUTRAL + [
+    "List the even numbers between 1 and 20.",
+    "What is 15 percent of 80?",
+    "Count how many times the letter s appears in the word mississippi.",
+    "Which is larger, 2 to the power 10 or 10 to the power 3?",
 ]
 
 PromptMaker = Callable[[str], list[int]]

@@ -23,7 +23,8 @@ REQUIRED = ("model", "source_layer", "target_layer", "k_vectors", "raw_cosine_ma
             "effective_cosine_mean", "downstream_cosine_mean", "participation_ratio",
             "degeneracy_factor", "rho_grid", "effective_cosine_vs_rho", "degeneracy_vs_rho",
             "code_score", "mode_comparison", "shared_share", "specific_participation_ratio", "control_spread",
-            "residual_participation_ratio", "closed_form_per_token", "behaviour_per_vector", "objective_positions")
+            "residual_participation_ratio", "closed_form_per_token", "behaviour_per_vector", "objective_positions",
+            "closed_form_pr_vs_k", "behaviour_readings", "seed_spread", "decisive_reading", "lead", "k_over_d")
 STAGES = ("raw", "effective", "target", "logits")
 
 
@@ -37,7 +38,8 @@ def assert_every_vector_file_loads(out: Path):
     from lens.steering.vectors import load_extras, load_vectors
 
     files = sorted(out.glob("*.safetensors"))
-    assert {f.name for f in files} == {"base.safetensors", "checkpoint.safetensors", "vectors.safetensors"}
+    seeds = {f.name for f in files if f.name.startswith("vectors_seed")}  # the other MELBO seeds' vectors
+    assert {f.name for f in files} - seeds == {"base.safetensors", "checkpoint.safetensors", "vectors.safetensors"}
     for f in files:
         v, meta = load_vectors(f)
         assert meta["site"] == "resid_pre" and meta["layer"] == meta["source_layer"] + 1, f.name
@@ -76,7 +78,7 @@ def argv(folder, out, *extra):
             "--rho-grid", "0.3,1", "--base-rho-grid", "0.5,1", "--gen-tokens", "3", "--gen-vectors", "4",
             "--gen-prompts", "1", "--gen-batch", "12", "--calib-prompts", "2", "--compare-k", "2",
             "--compare-seeds", "2", "--chunk", "4", "--control-seeds", "2", "--n-boot", "30",
-            "--readings-prompts", "2", *extra]
+            "--readings-prompts", "2", "--melbo-seeds", "2", "--behaviour-tokens", "3", *extra]
 
 
 def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
@@ -154,6 +156,30 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
     norms = np.linalg.norm(found, axis=1)
     assert report["norms"]["base"] == pytest.approx(np.linalg.norm(theta0), rel=1e-6)
     assert report["norms"]["found_mean"] == pytest.approx(norms.mean(), rel=1e-6)
+    # The issue's checks: the closed form follows from the reported mean effective cosine
+    # (numpy, float64); behaviour groups partition the K vectors; every headline number has
+    # its spread over the 2 MELBO seeds; the decisive reading was declared (and written to
+    # the folder) before the run, and the report leads with the answer.
+    c = report["closed_form_pr"]["mean_cosine"]
+    ks = [r["k"] for r in report["closed_form_pr_vs_k"]]
+    assert ks[:3] == [2, 3, 4] and {800, 1558} <= set(ks)
+    for r in report["closed_form_pr_vs_k"]:
+        k = r["k"]
+        assert r["closed_form"] == pytest.approx(k * k / ((1 + (k - 1) * c) ** 2 + (k - 1) * (1 - c) ** 2), rel=1e-5)
+        assert (r["measured"] is None) == (k > 4)
+    assert report["closed_form_pr_vs_k"][-2]["measured"] is None
+    br = report["behaviour_readings"]
+    assert br["code_writing"]["n"] + br["other"]["n"] == br["all"]["n"] == 4
+    assert set(br["all"]["readings"]["logits"]) == {"shared_share", "specific_participation_ratio",
+                                                    "residual_participation_ratio", "participation_ratio"}
+    assert len(report["behaviour_scores"]["per_vector"]) == 4 and report["behaviour_scores"]["n_prompts"] == 8
+    dec = report["decisive_reading"]
+    key = f"{dec['reading']}/{dec['stage']}/over_control"
+    sp = report["seed_spread"][key]
+    assert sp["n"] == 2 and sp["min"] <= sp["mean"] <= sp["max"]
+    assert json.loads((tmp_path / "killed" / "decisive_reading.json").read_text())["name"] == dec["name"]
+    md = (tmp_path / "killed" / "report.md").read_text()
+    assert md.index("## The answer") < md.index("## Raw table") and len(report["lead"]) <= 3
     pr = 16 / np.sum(cos ** 2)  # K^2 / ||C||_F^2, K = 4; measured agreement ~1e-7
     assert report["participation_ratio"]["raw"] == pytest.approx(pr, rel=1e-5)
     assert report["degeneracy_factor"]["raw"] == pytest.approx(4 / pr, rel=1e-5)
@@ -163,7 +189,7 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
 # generations (--base-rho), no mode comparison, one rho.
 FAST = ("--k", "8", "--steps", "5", "--base-rho", "0.5", "--compare-k", "0", "--rho-grid", "1",
         "--gen-tokens", "1", "--gen-vectors", "1", "--control-seeds", "1", "--n-boot", "10",
-        "--readings-prompts", "1")
+        "--readings-prompts", "1", "--melbo-seeds", "1")
 SCRIPT = entry("orthogonal_steering")
 
 
@@ -222,3 +248,14 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_vectors(qwen2_folder, tmp_pa
     np.testing.assert_array_equal(b, a)
     np.testing.assert_array_equal(eb["losses"], ea["losses"])
     assert_every_vector_file_loads(out)
+
+
+def test_paper_preset_prints_its_plan_without_a_gpu(tmp_path, capsys):
+    """--preset paper on this CPU machine: only the plan (Qwen1.5-1.8B's shape without a
+    folder), K = 800 in 25 blocks of 32, 1,000 steps, lr 0.01; plan.json written."""
+    main = script_namespace("orthogonal_steering")["main"]
+    p = main(["--preset", "paper", "--out", str(tmp_path)])
+    assert (p["k"], p["steps"], p["lr"], p["block"], p["n_blocks"], p["d_model"]) == (800, 1000, 0.01, 32, 25, 2048)
+    assert p["fits"] and p["memory_GB"] < 80 and p["flops_total"] > 0
+    assert json.loads((tmp_path / "plan.json").read_text())["k"] == 800
+    assert "MELBO-ortho plan: K = 800" in capsys.readouterr().out

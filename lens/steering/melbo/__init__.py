@@ -9,7 +9,11 @@
 
 Modules: `problem` (the split forward and the objectives), `train` (jitted optax loops,
 sequential and batched, checkpoint/resume), `analysis` (raw / effective / downstream /
-logit similarity of a set of vectors, controls, the norm-ratio sweep).
+logit similarity of a set of vectors, controls, the norm-ratio sweep), `stages` and
+`decompose` (the readings per stage: shared share, specific / residual / raw PR, the closed
+form vs K), `behaviour` (do close effects behave alike), `verdict` (the main job's answer:
+the decisive reading declared in advance, readings by behaviour, seed spreads), `plan`
+(a run's FLOPs / memory / time on paper).
 """
 
 from lens.steering.melbo.problem import (

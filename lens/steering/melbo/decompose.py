@@ -175,3 +175,72 @@ def closed_form_per_token(x_norms: Float[Array, " N"], v_norms: Float[Array, " K
     mean_rho = float(rho.mean())
     return {"pooled_per_token": float(off.mean()),
             "at_mean_rho": float(orthogonal_pair_cosine_closed_form(mean_rho)), "mean_rho": mean_rho}
+
+
+def unit_cosine_means(effects: Float[Array, "K U d"]) -> Float[np.ndarray, " U"]:
+    """Per pooling unit u (a token): the mean off-diagonal cosine between the K effects at
+    that unit alone (units where an effect is zero give cosine 0 for its pairs).  The
+    per-token spread of the pooled mean cosine."""
+    g = np.asarray(unit_grams(effects), np.float64)  # [U, K, K]
+    k = g.shape[1]
+    d = np.sqrt(np.clip(np.einsum("ukk->uk", g), 0.0, None))
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+    c = g * inv[:, :, None] * inv[:, None, :]
+    off = ~np.eye(k, dtype=bool)
+    return c[:, off].mean(axis=1)
+
+
+def gram_cosine_mean(g: Float[np.ndarray, "K K"]) -> float:
+    """Mean off-diagonal cosine of the (pooled) effects with Gram matrix g."""
+    g = np.asarray(g, np.float64)
+    d = np.sqrt(np.clip(np.diag(g), 0.0, None))
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+    c = g * inv[:, None] * inv[None, :]
+    return float(c[~np.eye(len(c), dtype=bool)].mean())
+
+
+def closed_form_pr_vs_k(
+    gram: Float[np.ndarray, "K K"], unit_cos: Float[np.ndarray, " U"], ks: list[int],
+    extrapolate: tuple[int, ...] = (800, 1558), control_gram: Float[np.ndarray, "K K"] | None = None,
+    factor: float = 10.0,
+) -> dict:
+    """The geometry's prediction beside the measurement: raw PR of the first k effects
+    (leading sub-matrix of `gram`) for k in ks, next to the equicorrelated closed form
+    `lens.geometry.equicorrelated_participation_ratio(k, c)` at the MEASURED mean pairwise
+    cosine c of all K effects (`gram_cosine_mean`), with its per-unit spread (the closed
+    form at the 5% and 95% quantiles of `unit_cos`, the per-token mean cosines), extended to
+    the K in `extrapolate` (no measurement there).  `control_gram`: the same measurement
+    for random controls.  Also the K at which the closed form reaches a `factor`-fold
+    degeneracy K / PR (`lens.geometry.k_at_degeneracy`) at c and at the spread's ends."""
+    from lens.geometry import equicorrelated_participation_ratio, k_at_degeneracy
+
+    g = np.asarray(gram, np.float64)
+    c = gram_cosine_mean(g)
+    lo_c, hi_c = (float(np.quantile(np.asarray(unit_cos, np.float64), q)) for q in (0.05, 0.95))
+    rows = []
+    for k in sorted(set(int(k) for k in ks) | set(int(k) for k in extrapolate)):
+        pr = lambda cc: float(equicorrelated_participation_ratio(k, cc))  # noqa: E731
+        row = {"k": k, "closed_form": pr(c), "closed_form_lo": pr(hi_c), "closed_form_hi": pr(lo_c),
+               "measured": None, "control_measured": None}
+        if 2 <= k <= len(g):
+            row["measured"] = float(_pr_of_gram(jnp.asarray(g[:k, :k])))
+            if control_gram is not None:
+                row["control_measured"] = float(_pr_of_gram(jnp.asarray(np.asarray(control_gram)[:k, :k])))
+        rows.append(row)
+
+    def at(cc):
+        return k_at_degeneracy(cc, factor) if 0 < cc < 1 else None
+
+    return {"rows": rows, "mean_cosine": c, "unit_cosine_p5": lo_c, "unit_cosine_p95": hi_c,
+            "unit_cosine_median": float(np.median(unit_cos)), "factor": factor,
+            f"k_at_{factor:g}x": at(c), f"k_at_{factor:g}x_range": [at(hi_c), at(lo_c)]}
+
+
+def subset_readings(gram: Float[np.ndarray, "K K"], index: list[int]) -> dict[str, float] | None:
+    """`readings_from_gram` of the vectors in `index` (a principal sub-matrix of the pooled
+    Gram); None for fewer than 2 vectors."""
+    idx = np.asarray(index, np.int64)
+    if idx.size < 2:
+        return None
+    g = np.asarray(gram, np.float64)[np.ix_(idx, idx)]
+    return {k: float(v) for k, v in readings_from_gram(jnp.asarray(g, jnp.float32)).items()}

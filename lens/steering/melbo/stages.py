@@ -38,6 +38,8 @@ from lens.steering.melbo.problem import MelboProblem, steered_run
 from lens.models.core import layers as model_layers
 
 TOKEN_STAGES = ("target", "last", "last_normed", "logits")
+# `answer`'s numpy entries (drop them before writing JSON).
+NOT_JSON = ("found_gram", "control_grams", "effective_unit_cos")
 
 
 def logit_metric_factor(model) -> np.ndarray:
@@ -182,6 +184,8 @@ def stage_readings(
         # The pooled Gram of the K effects (not for report.json): lens.steering.melbo.behaviour
         # clusters the vectors by it.
         res["gram"] = np.asarray(jnp.sum(decompose.unit_grams(found), axis=0), np.float64)
+        if name == "effective":  # the per-token spread of the closed form's cosine (not JSON)
+            res["unit_cos"] = decompose.unit_cosine_means(found)
         out[name] = res
     return out
 
@@ -204,8 +208,10 @@ def answer(
     "found_hi", "control_mean", "control_min", "control_max"}}), `control_spread` ({stage:
     {reading: {mean, min, max, n}}}), `shared_cos_theta0` ({stage: {"found", "control_mean"}}),
     `closed_form_per_token`, `stages_detail` (every bootstrap), `choices` (what decides
-    the numbers), and `found_gram` ({stage: [K, K] pooled Gram of the found effects}, numpy:
-    drop it before writing JSON)."""
+    the numbers), and, numpy (drop them before writing JSON): `found_gram` ({stage: [K, K]
+    pooled Gram of the found effects}), `control_grams` ({stage: one Gram per control
+    seed}) and `effective_unit_cos` ([units] the found vectors' mean effective cosine per
+    token, `decompose.unit_cosine_means`)."""
     from lens.steering.melbo.analysis import random_orthogonal_controls, source_activations
 
     found = np.asarray(found, np.float32)
@@ -235,9 +241,10 @@ def answer(
     # The found vectors' pooled Gram per stage (numpy, not JSON: lens.steering.melbo.behaviour
     # clusters by it); stages_detail stays JSON-able.
     out["found_gram"] = {stage: f[stage].pop("gram") for stage in f}
+    out["control_grams"] = {stage: [c[stage].pop("gram") for c in controls] for stage in f}
+    out["effective_unit_cos"] = f["effective"].pop("unit_cos")
     for c in controls:
-        for res in c.values():
-            res.pop("gram")
+        c["effective"].pop("unit_cos")
     x_norms = np.linalg.norm(np.asarray(source_activations(problem)), axis=1)
     out["closed_form_per_token"] = decompose.closed_form_per_token(x_norms, norms)
     out["choices"] = {

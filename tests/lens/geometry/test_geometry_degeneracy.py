@@ -162,3 +162,47 @@ def test_clusters_absolute_merges_opposites_and_vmap():
 @pytest.mark.parametrize("fn", [g.participation_ratio, g.degeneracy_factor])
 def test_single_effect(fn):
     assert float(fn(jnp.ones((1, 3)))) == 1.0
+
+
+def _equicorrelated_rows(k: int, c: float, dim: int, seed: int = 0) -> np.ndarray:
+    """k unit rows in R^dim with every pairwise cosine exactly c (float64): the Cholesky
+    factor of C = (1 - c) I + c 11^T, rotated by a random orthonormal basis."""
+    cmat = (1 - c) * np.eye(k) + c * np.ones((k, k))
+    basis = _orthonormal_rows(seed, k, dim)  # [k, dim]
+    return np.linalg.cholesky(cmat) @ basis
+
+
+@pytest.mark.parametrize("k,c", [(2, 0.3), (7, 0.1), (16, 0.107), (33, 0.5), (5, 0.0), (9, 1.0 - 1e-9)])
+def test_equicorrelated_pr_equals_the_pr_of_an_equicorrelated_gram(k, c):
+    """The closed form = (tr C)^2 / ||C||_F^2 of the synthetic Gram (numpy float64), and =
+    `participation_ratio` of real vectors with that Gram (normalised; float32, rtol as above)."""
+    cmat = (1 - c) * np.eye(k) + c * np.ones((k, k))
+    by_gram = np.trace(cmat) ** 2 / np.sum(cmat * cmat)
+    closed = float(g.equicorrelated_participation_ratio(k, c))
+    assert closed == pytest.approx(by_gram, rel=1e-6)
+    rows = _equicorrelated_rows(k, c, 48)
+    np.testing.assert_allclose(rows @ rows.T, cmat, atol=1e-12)
+    assert float(_pr(jnp.asarray(rows, jnp.float32), normalize=True)) == pytest.approx(by_gram, rel=4 * (48 + k * k) * EPS32)
+
+
+def test_equicorrelated_pr_jitted_and_vmapped_over_k_and_c():
+    """A grid of (K, c), jitted and vmapped, against the numpy formula; the limits K (c = 0),
+    1 (c = 1) and 1 / c^2 (K -> inf)."""
+    ks = np.array([2, 3, 16, 257, 800, 1558], np.float32)
+    cs = np.array([0.0, 0.05, 0.107, 0.3, 0.9, 1.0], np.float32)
+    got = np.asarray(jax.jit(jax.vmap(g.equicorrelated_participation_ratio))(ks, cs))
+    k64, c64 = ks.astype(np.float64), cs.astype(np.float64)
+    want = k64 ** 2 / ((1 + (k64 - 1) * c64) ** 2 + (k64 - 1) * (1 - c64) ** 2)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert got[0] == pytest.approx(2.0) and got[-1] == pytest.approx(1.0)
+    assert float(g.equicorrelated_participation_ratio(10**7, 0.1)) == pytest.approx(100.0, rel=1e-4)
+
+
+def test_k_at_degeneracy_is_the_first_k_past_the_factor():
+    for c in (0.05, 0.107, 0.3):
+        k = g.k_at_degeneracy(c, 10.0)
+        deg = lambda kk: ((1 + (kk - 1) * c) ** 2 + (kk - 1) * (1 - c) ** 2) / kk  # noqa: E731
+        assert deg(k) >= 10.0 > deg(k - 1)
+    assert g.k_at_degeneracy(0.001, 10.0, k_max=1000) is None
+    with pytest.raises(ValueError, match="0 < cos < 1"):
+        g.k_at_degeneracy(0.0, 10.0)

@@ -159,3 +159,46 @@ def test_bootstrap_jits_and_vmaps_like_a_loop():
         w = np.repeat(np.arange(11), counts[b])
         flat = R.f64(e[:, w]).reshape(K, -1)
         assert float(batched["participation_ratio"][b]) == pytest.approx(R.participation_ratio(flat, True), rel=1e-4)
+
+
+def test_closed_form_pr_vs_k_follows_from_the_mean_cosine_and_the_gram():
+    """Every closed-form value = the equicorrelated formula at the pooled Gram's mean cosine
+    (numpy, float64); measured = the PR of the leading k x k block; per-unit cosines by a loop."""
+    rs = np.random.RandomState(3)
+    e = (rs.randn(6, 4, 10) + 0.8 * rs.randn(1, 4, 10)).astype(np.float32)  # a shared part: c > 0
+    g = np.einsum("kud,jud->kj", e.astype(np.float64), e.astype(np.float64))
+    unit = D.unit_cosine_means(e)
+    for u in range(4):
+        x = e[:, u].astype(np.float64)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        cu = x @ x.T
+        assert unit[u] == pytest.approx(cu[~np.eye(6, dtype=bool)].mean(), abs=1e-6)
+    cf = D.closed_form_pr_vs_k(g, unit, [2, 3, 6], extrapolate=(800,), control_gram=np.eye(6))
+    dn = np.sqrt(np.diag(g))
+    cmat = g / dn[:, None] / dn[None, :]
+    c = cmat[~np.eye(6, dtype=bool)].mean()
+    assert cf["mean_cosine"] == pytest.approx(c, rel=1e-9) and c > 0.1
+    for row in cf["rows"]:
+        k = row["k"]
+        assert row["closed_form"] == pytest.approx(k * k / ((1 + (k - 1) * c) ** 2 + (k - 1) * (1 - c) ** 2), rel=1e-5)
+        if k <= 6:
+            sub = cmat[:k, :k]
+            assert row["measured"] == pytest.approx(k * k / np.sum(sub * sub), rel=1e-5)
+            assert row["control_measured"] == pytest.approx(k, rel=1e-6)
+        else:
+            assert row["measured"] is None
+    lo, hi = np.quantile(unit, [0.05, 0.95])
+    assert cf["unit_cosine_p5"] == pytest.approx(lo) and cf["unit_cosine_p95"] == pytest.approx(hi)
+    assert cf["rows"][-1]["closed_form_lo"] <= cf["rows"][-1]["closed_form"] <= cf["rows"][-1]["closed_form_hi"]
+    assert cf["k_at_10x"] == geometry.k_at_degeneracy(c, 10.0)
+
+
+def test_subset_readings_equal_the_readings_of_the_subset():
+    e = orthogonal_effects(k=6, units=3, d=8) + np.random.RandomState(1).randn(1, 3, 8).astype(np.float32)
+    g = np.einsum("kud,jud->kj", e, e)
+    idx = [0, 2, 5]
+    want = D.shared_specific(e[idx])
+    got = D.subset_readings(g, idx)
+    for key in ("shared_share", "participation_ratio", "specific_participation_ratio", "residual_participation_ratio"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4), key
+    assert D.subset_readings(g, [3]) is None

@@ -129,3 +129,85 @@ def test_sequential_melbo_equals_the_original_torch_loop(models_pair):
     assert gap < 1e-4
     assert moved > 100 * gap
     np.testing.assert_allclose(np.linalg.norm(res.vectors, axis=1), radius, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def odd_pair(tmp_path_factory):
+    """A tiny random Llama of ODD width d = 21 (3 query heads of 6 = 18 projected back to 21,
+    one KV head), so that no block, basis or reshape can line up with a power of two by
+    accident."""
+    from hf_tiny import save_tiny, tiny_llama_config
+    from lens.models.families import convert_hf
+    from lens.models.io.safetensors_reader import read_safetensors_folder
+
+    cfg = tiny_llama_config(4)
+    cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads = 21, 3, 1
+    folder = tmp_path_factory.mktemp("tiny_llama_odd")
+    hf = save_tiny(cfg, folder)
+    return convert_hf(*read_safetensors_folder(folder), jnp.float32), hf
+
+
+BLOCK, K_BATCHED, STEPS_BATCHED = 2, 5, 12  # blocks of 2, 2 and 1: K > 1 blocks, a short last block
+
+
+def test_batched_ortho_equals_the_block_loop(odd_pair):
+    """Batched MELBO-ortho (blocks of 2, jitted and vmapped over the block) against the plain
+    PyTorch block loop of tests/torch_melbo.py (`torch_melbo_ortho_blocks`, written from the
+    algorithm's description), same draws; and vector 0 of every block equals a SEQUENTIAL
+    vector trained (by the original's sequential torch loop) against the same basis: theta0
+    plus every vector of the earlier blocks."""
+    from lens.steering import melbo
+    from torch_melbo import torch_melbo_ortho_blocks
+
+    ours, hf = odd_pair
+    d = ours.config.d_model
+    assert d % 2 == 1
+    tokens = [int(t) for t in np.random.RandomState(2).randint(0, 61, 9)]
+    problem = melbo.make_problem(ours, *melbo.pad_prompts([tokens]), S, T)
+    theta0 = np.asarray(3.0 * jax.random.normal(jax.random.PRNGKey(11), (d,)), np.float32)
+    lr, seed = 0.05, 4
+    res = melbo.melbo_ortho(problem, jnp.asarray(theta0), K_BATCHED, melbo.OrthoConfig(steps=STEPS_BATCHED, lr=lr),
+                            run=melbo.MelboRunConfig(mode="batched", block_size=BLOCK, seed=seed))
+    draws = np.stack([np.asarray(jax.random.normal(melbo.vector_key(seed, i), (d,), jnp.float32))
+                      for i in range(K_BATCHED)])
+    ref, ref_losses = torch_melbo_ortho_blocks(hf, tokens, theta0, STEPS_BATCHED, S, T, lr, draws, BLOCK)
+
+    # Tolerance as the sequential test (float32 on both sides, XLA vs torch summation order,
+    # amplified by Adam's division by sqrt(second moment)), plus the within-block
+    # Gram-Schmidt every step (QR in lens, a plain loop here): 1e-4 of max|v|, while any
+    # change of algorithm (no joint orthogonalisation, a shared Adam, another init) moves
+    # the vectors by O(lr) (checked below: the vectors moved >100x the gap).
+    scale = np.abs(ref).max()
+    gap = np.abs(res.vectors - ref).max() / scale
+    moved = np.abs(res.vectors[1] - ref_init_row(draws, theta0, 1)).max() / scale
+    print(f"batched: max |ours - torch blocks| / max|v| = {gap:.2e}, moved {moved:.2e}")
+    assert gap < 1e-4, f"max |ours - torch blocks| / max|v| = {gap:.2e}"
+    assert moved > 100 * gap
+    np.testing.assert_allclose(res.losses, ref_losses, rtol=1e-4, atol=1e-4 * float(ref_losses.max()))
+    u = np.concatenate([theta0[None], res.vectors]).astype(np.float64)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    assert np.abs(u @ u.T - np.eye(len(u))).max() < 1e-5  # orthogonal within and across blocks
+
+    # vector 0 of each block = a sequential vector trained against theta0 + the earlier blocks
+    for start in range(0, K_BATCHED, BLOCK):
+        fixed = np.concatenate([theta0[None], res.vectors[:start]])
+        seq = torch_sequential_against(hf, tokens, theta0, fixed, draws[start], lr)
+        gap0 = np.abs(res.vectors[start] - seq).max() / np.abs(seq).max()
+        print(f"block at {start}: vector 0 vs sequential {gap0:.2e}")
+        assert gap0 < 1e-4, (start, gap0)
+
+
+def ref_init_row(draws, theta0, i):
+    """Vector i's starting point if it were trained alone (projected off theta0 only, at |theta0|)."""
+    u = theta0 / np.linalg.norm(theta0)
+    v = draws[i] - (draws[i] @ u) * u
+    return v / np.linalg.norm(v) * np.linalg.norm(theta0)
+
+
+def torch_sequential_against(hf, tokens, theta0, fixed, draw, lr):
+    """One sequential MELBO-ortho vector (tests/torch_melbo.py's loop, the original's) from
+    `draw`, orthogonal to `fixed` (theta0 first, then the earlier blocks' vectors), trained
+    to reproduce theta0's target activation."""
+    from torch_melbo import torch_melbo_ortho
+
+    return torch_melbo_ortho(hf, tokens, theta0, STEPS_BATCHED, S, T, lr, init=draw[None], earlier=fixed[1:])[0]
