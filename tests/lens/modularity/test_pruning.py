@@ -150,7 +150,10 @@ def test_next_token_metrics_equal_numpy_on_transformers_logits():
     hf, model, _ = tiny("llama")
     skip = [int(FORGET[0, 1]), 5]
     nll, hit1, hit10, counted = [], 0, 0, 0
+    row_hits, row_counted = [], []
     for t in FORGET:
+        row_hits.append(hit10)
+        row_counted.append(counted)
         logits = hooked(hf, [], t[:-1]).astype(np.float64)
         for pos, target in enumerate(t[1:]):
             z = logits[pos]
@@ -166,6 +169,42 @@ def test_next_token_metrics_equal_numpy_on_transformers_logits():
     np.testing.assert_allclose([got["loss"], got["top1"], got["top10"]], [np.mean(nll), hit1 / counted, hit10 / counted],
                                rtol=1e-5)
     assert list(M.common_tokens(np.array([[3, 3, 1, 2, 2, 2, 9]]), 2)) == [2, 3]
+    # the top-10 interval: rows as clusters, by a plain loop over the rows' own counts
+    h = np.diff(row_hits + [hit10]).astype(float)
+    c = np.diff(row_counted + [counted]).astype(float)
+    r = h.sum() / c.sum()
+    se = np.sqrt(len(h) / (len(h) - 1) * sum((hi - r * ci) ** 2 for hi, ci in zip(h, c))) / c.sum()
+    np.testing.assert_allclose(got["top10_ci95"], [r - 1.96 * se, r + 1.96 * se], rtol=1e-6)
+    lo, hi = got["loss_ci95"]
+    assert lo < got["loss"] < hi and got["top1_ci95"][0] <= got["top1"] <= got["top1_ci95"][1]
+
+
+def test_differential_drop_by_hand():
+    recs = [{"f": {"top1": 0.5}, "r": {"top1": 0.2}}, {"f": {"top1": 0.25}, "r": {"top1": 0.19}},
+            {"f": {"top1": 0.1}, "r": {"top1": 0.05}}]
+    d = M.differential_drop(recs, "f", "r")
+    np.testing.assert_allclose(d["per_step"], [0.0, 50 - 5, 80 - 75])
+    assert d["max"] == pytest.approx(45.0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_selective_pruning_bf16_statistics_close_to_float32(family):
+    """compute_dtype="bfloat16" through the whole loop: the statistics differ by bf16
+    rounding only, so the chosen neurons and the metrics agree with float32.  Tolerance:
+    >= 80% of the pruned neurons shared (measured: see the assert message), losses within
+    2% relative; and step 0 (no pruning, the model itself) is identical."""
+    _, model, _ = tiny(family)
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        config = M.PruningConfig(steps=2, neuron_frac=0.1, chunk=2, compute_dtype=dt)
+        out[dt] = M.selective_pruning(model, FORGET, RETAIN, {"retain": RETAIN}, [], config)
+    (r32, m32, _), (r16, m16, _) = out["float32"], out["bfloat16"]
+    shared = (m32 & m16).sum() / m32.sum()
+    assert shared >= 0.8, shared
+    assert r32[0] == r16[0]
+    np.testing.assert_allclose([r["retain"]["loss"] for r in r16], [r["retain"]["loss"] for r in r32], rtol=2e-2)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        M.PruningConfig(steps=1, compute_dtype="float16")
 
 
 # ------------------------------------------------------------------ MoEfication
