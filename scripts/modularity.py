@@ -304,8 +304,10 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
     E = c.d_mlp // args.expert_size
     mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
     t0 = time.perf_counter()
-    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters),
-              "coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
+    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters)}
+    if c.gated_mlp:  # |silu(x.g)(x.u)| ignores the sign of u: cluster on features that do too
+        splits["weights_signfree"] = MOE.split_by_weights(model, args.expert_size, args.kmeans_iters, sign_free=True)
+    splits |= {"coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
               "random": MOE.split_random(model, args.expert_size, args.seed)}
     t_split = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -327,8 +329,28 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
                 k = max(1, int(round(f * E)))
                 logits = np.asarray(MOE.expert_forward(model, eval_rows, lab, r, k), np.float32)
                 loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss, "top1_agreement": agree})
+                share = MOE.expert_mass_share(model, eval_rows, lab, r, k)
+                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss,
+                              "top1_agreement": agree, "abs_mass_share": share})
+    # The per-neuron oracle at the same fractions: no grouping, top |a| * |W_out row| per token.
+    oracle = []
+    for f in args.fractions:
+        logits = np.asarray(MOE.neuron_oracle_forward(model, eval_rows, f), np.float32)
+        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
+        oracle.append({"fraction": f, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
+    # One layer MoEfied at a time (co-activation split, oracle routing, the smallest fraction >= 0.25).
+    f_layer = min([f for f in args.fractions if f >= 0.25] or [max(args.fractions)])
+    k_layer = max(1, int(round(f_layer * E)))
+    per_layer = []
+    for layer in range(c.n_layers):
+        logits = np.asarray(MOE.expert_forward(model, eval_rows, splits["coact"], None, k_layer, layers=[layer]), np.float32)
+        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
+        per_layer.append({"layer": layer, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
     return {"expert_size": args.expert_size, "experts_per_layer": E, "dense_loss": dense_loss, "table": table,
+            "per_neuron_oracle": oracle,
+            "per_layer": {"split": "coact", "router": "oracle", "fraction": k_layer / E, "layers": per_layer},
+            "oracle_check": "per-neuron oracle at 50% should cost < 0.5 nats; more points to a bug",
+            "tokens": {"clustering_and_router_training": int(mixed.size), "evaluated": int(eval_rows.size)},
             "router_training": {"steps": args.router_steps, "batch": bs, "log": log, "seconds": t_train},
             "split_seconds": t_split, "eval_seconds": time.perf_counter() - t0,
             "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0",
