@@ -25,7 +25,9 @@ of one already kept (train first, then validation, then test; sorted names withi
 split) is dropped.  Exact = the same text after collapsing every whitespace run to one
 space; near-exact = the same first 3 non-blank normalised lines AND a Jaccard overlap >=
 0.8 of the sets of non-blank normalised lines (a licence-header-only `__init__.py` next
-to another).  Then, after packing, every validation / test row that also occurs as a
+to another); a held-out document is also dropped when half or more of its distinct
+normalised lines of >= 20 characters occur in earlier splits (templated files such as
+the stdlib's `encodings/cp*.py` tables).  Then, after packing, every validation / test row that also occurs as a
 train row (or a validation row, for test) is dropped (`drop_rows_seen`), so no held-out
 row is ever a train row, whatever boilerplate two different files share.  Each split's documents are
 tokenised, joined with the tokenizer's separator (EOS after each document, or BOS before
@@ -59,7 +61,7 @@ from lens.models.runtime.paths import cache_dir, download_dir
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 1234  # the document split is part of the corpus definition: never change it
 HELD_OUT_FRACTION = 0.05  # of the documents, for validation and for test each (>= 1 doc)
-FORMAT_VERSION = 2  # 2: deduplicated documents and held-out rows; bump when extraction or packing changes, to invalidate cached rows
+FORMAT_VERSION = 3  # 3: deduplicated documents (exact, near, shared long lines) and held-out rows; bump when extraction or packing changes, to invalidate cached rows
 
 
 class DataError(RuntimeError):
@@ -209,6 +211,8 @@ def split_documents(names: list[str], seed: int = SPLIT_SEED) -> dict[str, list[
 
 NEAR_PREFIX_LINES = 3  # near-exact copies share these first non-blank normalised lines ...
 NEAR_JACCARD = 0.8  # ... and at least this Jaccard overlap of their non-blank line sets
+LONG_LINE = 20  # characters: a normalised line at least this long is specific enough to count ...
+SHARED_LONG = 0.5  # ... and a held-out document with this share of them in earlier splits is dropped
 
 
 def _normalised_lines(text: str) -> list[str]:
@@ -222,9 +226,14 @@ def deduplicate(documents: dict[str, str], splits: dict[str, list[str]]) -> tupl
     dropped when it is an exact copy (the same text once every whitespace run is one
     space) or a near-exact copy (the same first NEAR_PREFIX_LINES non-blank normalised
     lines and a Jaccard overlap >= NEAR_JACCARD of the sets of non-blank normalised
-    lines) of a document kept before it.  So a held-out document never repeats a train
-    one, and the split of every unique document is the one `split_documents` gives."""
+    lines) of a document kept before it; and a validation / test document is dropped when
+    at least SHARED_LONG of its distinct normalised lines of >= LONG_LINE characters occur
+    in the documents kept in the earlier splits (templated files: the stdlib's
+    `encodings/cp*.py` tables share most of their lines with each other).  So a held-out
+    document never repeats a train one, and the split of every unique document is the one
+    `split_documents` gives."""
     exact: dict[str, str] = {}
+    earlier_long: set[str] = set()
     by_prefix: dict[tuple, list[tuple[str, frozenset]]] = {}
     dropped: dict[str, str] = {}
     out = {}
@@ -232,6 +241,7 @@ def deduplicate(documents: dict[str, str], splits: dict[str, list[str]]) -> tupl
         kept = []
         for name in sorted(splits[split]):
             lines = _normalised_lines(documents[name])
+            long_lines = {line for line in lines if len(line) >= LONG_LINE}
             key = hashlib.sha256(" ".join(lines).encode()).hexdigest()
             if key in exact:
                 dropped[name] = exact[key]
@@ -247,9 +257,14 @@ def deduplicate(documents: dict[str, str], splits: dict[str, list[str]]) -> tupl
             if near is not None:
                 dropped[name] = near
                 continue
+            if split != "train" and long_lines and len(long_lines & earlier_long) >= SHARED_LONG * len(long_lines):
+                dropped[name] = f"<{SHARED_LONG:.0%} of its long lines in earlier splits>"
+                continue
             exact[key] = name
             by_prefix.setdefault(prefix, []).append((name, line_set))
             kept.append(name)
+        for name in kept:
+            earlier_long |= {line for line in _normalised_lines(documents[name]) if len(line) >= LONG_LINE}
         order = {n: i for i, n in enumerate(splits[split])}  # keep the split's own order
         out[split] = sorted(kept, key=order.__getitem__)
     return out, dropped

@@ -218,20 +218,28 @@ def test_deduplicate_drops_exact_and_near_copies_keeping_train_first():
         "t1": "def f(x):\n    return x\n",
         "h1": "def  f(x):\n\n        return x",            # t1 with other whitespace: exact copy
         "t2": LICENCE,
-        "h2": LICENCE + "# one more line\n",               # licence header only: Jaccard 3/4 < 0.8 kept
+        "h2": LICENCE + "# one more line\n",               # Jaccard 3/4 < 0.8, but only licence lines are long
         "h3": LICENCE.replace("as the rest", "as the rest") + "\n\n",  # exact copy of t2
         "t3": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 4\n",
-        "h4": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 5\n",    # 7 of 9 lines shared: not >= 0.8
+        "h4": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 5\n",    # Jaccard 7/9 < 0.8; long lines all licence
         "h5": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 4\n# end\n",  # 8 of 9: near copy of t3
         "v1": "def f(x):\n    return x\n",                  # validation copy of t1
+        "h6": LICENCE + "".join(f"def function_number_{i}(argument):\n" for i in range(4)),  # 3 of 7 long lines shared
     }
-    splits = {"train": ["t3", "t1", "t2"], "validation": ["v1", "h4"], "test": ["h1", "h2", "h3", "h5"]}
+    splits = {"train": ["t3", "t1", "t2"], "validation": ["v1", "h4"], "test": ["h1", "h2", "h3", "h5", "h6"]}
     kept, dropped = data.deduplicate(docs, splits)
-    assert kept == {"train": ["t3", "t1", "t2"], "validation": ["h4"], "test": ["h2"]}
-    assert dropped == {"v1": "t1", "h1": "t1", "h3": "t2", "h5": "t3"}
+    assert kept == {"train": ["t3", "t1", "t2"], "validation": [], "test": ["h6"]}
+    shared = "<50% of its long lines in earlier splits>"  # h2, h4: the licence is all their long lines
+    assert dropped == {"v1": "t1", "h1": "t1", "h3": "t2", "h5": "t3", "h2": shared, "h4": shared}
     # a held-out copy never wins over the train one, and unique documents keep their split
-    assert data.deduplicate({k: docs[k] for k in ("t1", "t2", "t3")},
-                            {"train": ["t1"], "validation": ["t2"], "test": ["t3"]})[1] == {}
+    assert data.deduplicate({k: docs[k] for k in ("t1", "t2", "h6")},
+                            {"train": ["t1"], "validation": ["t2"], "test": ["h6"]})[1] == {}
+    # a templated file: other first lines, but half of its long lines already in train
+    table = "".join(f"    '\\x{i:02x}'  #  0x{i:02X} -> LATIN LETTER NUMBER {i}\n" for i in range(10))
+    tpl = {"cp1": "# codec cp1 generated\n" + table, "cp2": "# codec cp2, other header\nimport codecs\n" + table[:300],
+           "own": "# codec own\n" + table.replace("LATIN", "GREEK")}
+    kept, dropped = data.deduplicate(tpl, {"train": ["cp1"], "validation": ["own"], "test": ["cp2"]})
+    assert kept["test"] == [] and "cp2" in dropped and kept["validation"] == ["own"]
 
 
 def test_drop_rows_seen_equals_a_python_loop():
