@@ -166,7 +166,9 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     plain = {}
     for target, lams in (("bigram", p.lambdas), ("side", p.side_lambdas)):
         runs = []
-        for lam in lams:
+        # lam = 0 (plain training, shared) is scored against EVERY target's predictor: the
+        # baseline that a pass-rate gain is measured from
+        for lam in sorted({0.0, *lams}):
             for seed in p.seeds:
                 if lam == 0 and seed in plain:  # lam = 0 is plain training whatever the target
                     model = plain[seed]
@@ -217,14 +219,6 @@ def frontier(runs: list[dict]) -> list[dict]:
     return [{"lam": r["lam"], "seeds": r["seeds"],
              **{k: {"mean": r[k], "min": r[k + "_min"], "max": r[k + "_max"]} for k in FRONTIER_KEYS}}
             for r in aggregate(runs)]
-
-
-def _with_plain(runs: list[dict], sweep: dict) -> list[dict]:
-    """A target's runs plus the lam = 0 runs (plain training is shared between targets)."""
-    if any(r["lam"] == 0 for r in runs):
-        return runs
-    plain = [r for t, rs in sweep.items() if t != "reference" for r in rs if r["lam"] == 0]
-    return plain + runs
 
 
 # ------------------------------------------------------------------ report
@@ -414,7 +408,7 @@ def main(argv=None) -> dict:
         "predictors": parts["toy"] | parts.get("smollm2", {}),
         "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items() if t != "reference"},
         "frontier": {t: frontier(r) for t, r in parts["sweep"].items() if t != "reference"},
-        "gaming_found": {t: gaming_found(_with_plain(r, parts["sweep"]), "prompt_pass_rate", CAPABILITY)
+        "gaming_found": {t: gaming_found(r, "prompt_pass_rate", CAPABILITY)
                          for t, r in parts["sweep"].items() if t != "reference"},
         "reference_losses": parts["sweep"]["reference"],
         "runs": parts["sweep"],

@@ -26,7 +26,7 @@ def test_smoke_preset_writes_the_contracted_report(tmp_path):
             rates = list(s["pass_rate"].values())
             assert rates == sorted(rates), name  # a looser tolerance never passes fewer positions
     sweep = report["lambda_sweep"]
-    assert [r["lam"] for r in sweep["bigram"]] == [0.0, 1.0] and [r["lam"] for r in sweep["side"]] == [1.0]
+    assert [r["lam"] for r in sweep["bigram"]] == [0.0, 1.0] and [r["lam"] for r in sweep["side"]] == [0.0, 1.0]
     for rows in sweep.values():
         for r in rows:
             assert r["val_loss"] > 0 and 0 <= r["pass_rate"] <= 1
