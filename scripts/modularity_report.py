@@ -37,7 +37,11 @@ def plot_pruning(report, out: Path) -> list[str]:
         for ax, corpus in zip(np.atleast_1d(axes), corpora):
             for method, style in (("ratio", "-o"), ("forget", "--s")):
                 recs = res["methods"][method]["records"]
-                ax.plot([100 * r["neurons_pruned"] / total for r in recs], [r[corpus]["top1"] for r in recs], style, label=method)
+                xs = [100 * r["neurons_pruned"] / total for r in recs]
+                ax.plot(xs, [r[corpus]["top1"] for r in recs], style, label=method)
+                if method == "ratio" and "top1_ci95" in recs[0][corpus]:  # 95% interval over rows
+                    ax.fill_between(xs, [r[corpus]["top1_ci95"][0] for r in recs],
+                                    [r[corpus]["top1_ci95"][1] for r in recs], alpha=0.15)
             draws = res["methods"]["random"]["draws"]
             x = [100 * r["neurons_pruned"] / total for r in draws[0]]
             ys = np.array([[r[corpus]["top1"] for r in d] for d in draws])
