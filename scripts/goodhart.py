@@ -21,7 +21,15 @@
    path through the first MLP, a 1-layer student distilled from the model, uniform.
 3. The same predictors on SmolLM2-135M-Instruct (default preset up), per corpus.
 
-Writes report.md, report.json (`predictors`, `lambda_sweep`, `defences`), PNGs to --out;
+Per lambda and seed the sweep also records the proposal's statistic (the mean test error
+averaged over prompts, `lens.prediction.defences.prompt_statistic`) and its prompt pass
+rate, and capability on text the test never scores (held-out code, and the prose test
+split); `frontier` holds them per lambda with seed ranges and `gaming_found` says whether
+any run gained pass rate at no capability loss (`defences.GAMING_DEFINITION`).  The side
+model is held to the recursion rule: it must pass against the bigram table, or the
+report says it fails.
+
+Writes report.md, report.json (`predictors`, `lambda_sweep`, `frontier`, `gaming_found`), PNGs to --out;
 trained models' checkpoints under --out/runs (a rerun resumes them).
 """
 
@@ -44,7 +52,7 @@ from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.prediction import defences as defence_lib  # noqa: E402
 from lens.prediction import gaming, ngram, scoring  # noqa: E402
-from lens.prediction.defences import K, aggregate, defences  # noqa: E402
+from lens.prediction.defences import K, aggregate, defences, gaming_found, prompt_statistic  # noqa: E402
 from lens.cli import Preset, int_at_least, positive_float  # noqa: E402
 from lens.models.core.config import ModelConfig  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
@@ -130,6 +138,11 @@ def mixed(names, tok, seq, split, seed=0):
 def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     tr, val = mixed(PROSE, tok, p.seq, "train"), mixed(PROSE, tok, p.seq, "validation")
     val_score, code_score = val[: p.score_rows], rows_of([HELD_OUT], tok, p.seq, "validation", p.score_rows)
+    # capability on text the test never scores: held-out code, and the prose TEST split
+    code_all = rows_of([HELD_OUT], tok, p.seq, "validation")
+    prose_test = mixed(PROSE, tok, p.seq, "test")
+    n_cap = lambda r: r[: (min(len(r), 512) // p.batch) * p.batch]  # noqa: E731
+    code_cap, prose_cap = n_cap(code_all), n_cap(prose_test)
     bigram = ngram.count(tr, 2, tok.vocab_size)
     table_logp = jnp.log(jnp.asarray(bigram.dense_bigram(), jnp.float32))
     side_cfg = toy_config(p, tok, layers=1, d=max(32, p.d_model // 2))
@@ -140,14 +153,23 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     base = base_model(p, tok, tr, val, out, progress)
     bigram_logp = np.asarray(table_logp)  # for the table's own validation loss
     ev = val[:n_eval]
+    # The recursion rule: the side model is itself a helper model, so it must pass the test
+    # against a cheaper predictor (the bigram table), or is reported as failing it.
+    side_vs_bigram = prompt_statistic(scoring.score(scoring.model_predictor(side), {"bigram": cheap["bigram"]},
+                                                    val_score[:, :-1], k=K)["bigram"], p.tau)
     results = {"reference": {
         "base_val_loss": train.evaluate(base, ev, p.batch), "side_val_loss": train.evaluate(side, ev, p.batch),
         "bigram_val_loss": float(-bigram_logp[ev[:, :-1], ev[:, 1:]].mean()),
-        "val_rows": int(n_eval), "positions_per_row": int(ev.shape[1] - 1)}}
+        "val_rows": int(n_eval), "positions_per_row": int(ev.shape[1] - 1),
+        "held_out_rows": {"code": int(len(code_cap)), "prose_test": int(len(prose_cap))},
+        "side_recursion_rule": dict(side_vs_bigram, cheaper="bigram", tau=p.tau,
+                                    verdict="passes" if side_vs_bigram["passes"] else "fails")}}
     plain = {}
     for target, lams in (("bigram", p.lambdas), ("side", p.side_lambdas)):
         runs = []
-        for lam in lams:
+        # lam = 0 (plain training, shared) is scored against EVERY target's predictor: the
+        # baseline that a pass-rate gain is measured from
+        for lam in sorted({0.0, *lams}):
             for seed in p.seeds:
                 if lam == 0 and seed in plain:  # lam = 0 is plain training whatever the target
                     model = plain[seed]
@@ -161,7 +183,11 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
                 s_in = scoring.score(me, {target: cheap[target]}, val_score[:, :-1], k=K)[target]
                 s_out = scoring.score(me, {target: cheap[target]}, code_score[:, :-1], k=K)[target]
                 d = defences(s_in, p.tau, p.kl_threshold)
+                st = prompt_statistic(s_in, p.tau)
                 runs.append({"lam": lam, "seed": seed, "val_loss": train.evaluate(model, ev, p.batch),
+                             "mean_test_error": st["mean_test_error"], "prompt_pass_rate": st["prompt_pass_rate"],
+                             "held_out_code_loss": train.evaluate(model, code_cap, p.batch),
+                             "held_out_prose_loss": train.evaluate(model, prose_cap, p.batch),
                              **d, "pass_rate_held_out_code": defences(s_out, p.tau, p.kl_threshold)["pass_rate"],
                              "pass_rate_by_tolerance": scoring.summarize(s_in, p.tolerances)["pass_rate"]})
         results[target] = runs
@@ -181,6 +207,19 @@ def predictor_table(model, train_rows, eval_sets: dict, p: Preset, distill_steps
     training (`distill_steps` of the preset's schedule, batch 4, lr 1e-3; 0: no student)."""
     distill = (dataclasses.replace(train_cfg(p, distill_steps), batch_size=4, lr=1e-3) if distill_steps else None)
     return defence_lib.predictor_table(model, train_rows, eval_sets, p.tolerances, distill, out, progress, k=K)
+
+
+CAPABILITY = ("held_out_code_loss", "held_out_prose_loss")
+FRONTIER_KEYS = ("mean_test_error", "prompt_pass_rate") + CAPABILITY
+
+
+def frontier(runs: list[dict]) -> list[dict]:
+    """Per lam: the proposal's statistic (mean test error over prompts), the prompt pass
+    rate and the held-out capability (losses on code and on prose the test never scores),
+    each as mean and [min, max] over seeds."""
+    return [{"lam": r["lam"], "seeds": r["seeds"],
+             **{k: {"mean": r[k], "min": r[k + "_min"], "max": r[k + "_max"]} for k in FRONTIER_KEYS}}
+            for r in aggregate(runs)]
 
 
 # ------------------------------------------------------------------ report
@@ -266,6 +305,21 @@ def markdown(report: dict, figs: list[str]) -> str:
                   f"pretrained base {ref['base_val_loss']:.3f}, the bigram table itself {ref['bigram_val_loss']:.3f}, "
                   f"the side model {ref['side_val_loss']:.3f} nats.  Sweep runs: {s['finetune_steps']} fine-tuning "
                   f"steps from the base ({s['steps']} steps), vocabulary {s['vocab']}.", ""]
+    rule = report["reference_losses"].get("side_recursion_rule")
+    if rule:
+        lines += [f"Recursion rule: the side model against the bigram table, mean test error over prompts "
+                  f"{rule['mean_test_error']:.3f} (tol {rule['tau']}): **{rule['verdict']}**.", ""]
+    for target, rows in report["frontier"].items():
+        g = report["gaming_found"][target]
+        lines += [f"## Frontier toward the {target}: Goodharting {'FOUND' if g['found'] else 'not found'}", "",
+                  f"Gaming = {g['definition']}.  Runs: {g['runs'] or 'none'}.", "",
+                  "| λ | mean test error (prompts) | prompt pass rate | held-out code loss | held-out prose loss |",
+                  "|---|---|---|---|---|"]
+        for r in rows:
+            cell = lambda k: f"{r[k]['mean']:.3f} [{r[k]['min']:.3f}, {r[k]['max']:.3f}]"  # noqa: E731
+            lines.append(f"| {r['lam']:g} | {cell('mean_test_error')} | {cell('prompt_pass_rate')} | "
+                         f"{cell('held_out_code_loss')} | {cell('held_out_prose_loss')} |")
+        lines.append("")
     for target, rows in report["lambda_sweep"].items():
         lines += [f"## Gaming toward the {target} (mean [min, max] over seeds {rows[0]['seeds']})", "",
                   "| λ | val loss | pass rate | exact top-10 order | KL<=%.1f | pass where predictor wrong | "
@@ -368,6 +422,9 @@ def main(argv=None) -> dict:
         "smoothing": "unigram add-0.1; bigram/trigram interpolated Witten-Bell; counted inside train rows",
         "predictors": parts["toy"] | parts.get("smollm2", {}),
         "lambda_sweep": {t: aggregate(r) for t, r in parts["sweep"].items() if t != "reference"},
+        "frontier": {t: frontier(r) for t, r in parts["sweep"].items() if t != "reference"},
+        "gaming_found": {t: gaming_found(r, "prompt_pass_rate", CAPABILITY)
+                         for t, r in parts["sweep"].items() if t != "reference"},
         "reference_losses": parts["sweep"]["reference"],
         "runs": parts["sweep"],
     }

@@ -6,11 +6,14 @@ and separating capabilities (Python code vs English prose).
         --model runs/gpt2_ln_bpe/model
     .venv/bin/python scripts/modularity.py --out /tmp/m --preset smoke     # tiny random models, < 3 min
 
-Per model: (1) selective pruning (taker): forget = python-code, retain = shakespeare +
-python-docs; 2% of the MLP neurons per step, chosen globally by forget/(retain + eps),
-statistics re-collected after each step; controls: random pruning of the same counts, and
-pruning by forget-set activation alone; top-1 / top-10 next-token accuracy skipping the 50
-most common tokens, and loss, on the validation split of each corpus; the pruned model is
+Per model: (1) selective pruning (taker): forget = python-code, retain = shakespeare
+(prose; python-docs is evaluated but never retained); 2% of the MLP neurons per step,
+chosen globally by forget/(retain + eps), statistics (--collect-tokens per set, matmuls
+in --compute-dtype) re-collected after each step; baselines with --random-draws draws
+each: random pruning of the same counts, and pruning by forget-set activation alone (one
+forget sample per draw); top-1 / top-10 next-token accuracy skipping the 50 most common
+tokens, and loss, with 95% intervals over rows, on --eval-tokens of each corpus's
+validation split; the paper's differential drop; whether the first step is selective; the pruned model is
 saved and reloaded (models.save, safetensors) and its masks written as safetensors.
 (2) The main job's "write code" vector theta0 (scripts/orthogonal_steering.py: reply CAA
 of its code vs prose requests at resid_pre[source + 1], rho 0.5 of the median |x|): its
@@ -53,7 +56,8 @@ from lens.steering.prompts import CODE, NEUTRAL, PROSE, prompt_maker  # noqa: E4
 from modularity_report import write_report  # noqa: E402
 
 FORGET = "python-code"
-RETAIN = ("shakespeare", "python-docs")
+RETAIN = ("shakespeare",)  # plainly not code: prose
+EXTRA = ("python-docs",)  # code-adjacent English: evaluated and reported, never in the retain set
 from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
@@ -61,12 +65,16 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity")
 PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
-    "smoke": Preset(seq=24, collect_rows=2, eval_rows=2, prune_steps=2, random_draws=1, expert_size=8,
+    "smoke": Preset(seq=24, collect_tokens=48, eval_tokens=48, prune_steps=2, random_draws=5, expert_size=8,
                   fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
                   steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
-    "default": Preset(seq=64, collect_rows=8, eval_rows=3, prune_steps=4, random_draws=2, expert_size=32,
-                    fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64, kmeans_iters=6,
-                    gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
+    "default": Preset(seq=128, collect_tokens=16384, eval_tokens=16384, prune_steps=4, random_draws=5,
+                    expert_size=32, fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64,
+                    kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
+    # the reference's sizes (taker: 1e5 tokens per set for the statistics and the metrics)
+    "paper": Preset(seq=128, collect_tokens=100_000, eval_tokens=100_000, prune_steps=5, random_draws=5,
+                  expert_size=32, fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64,
+                  kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
 }
 
 
@@ -79,11 +87,16 @@ def parse_args(argv=None):
                          "(smoke: two tiny random models)")
     ap.add_argument("--smoke-gelu", action="store_true", help="smoke: the tiny GELU LayerNorm model instead")
     ap.add_argument("--seq", type=int_at_least(8), help="tokens per row")
-    ap.add_argument("--collect-rows", type=int_at_least(1), help="rows per set for statistics / clustering")
-    ap.add_argument("--eval-rows", type=int_at_least(1), help="validation rows per corpus for every metric")
+    ap.add_argument("--collect-tokens", type=int_at_least(8), help="tokens per set for statistics / clustering")
+    ap.add_argument("--eval-tokens", type=int_at_least(8), help="validation tokens per corpus for every metric")
+    ap.add_argument("--collect-rows", type=int_at_least(1), help="override: rows per set (else from --collect-tokens)")
+    ap.add_argument("--eval-rows", type=int_at_least(1), help="override: rows per corpus (else from --eval-tokens)")
+    ap.add_argument("--compute-dtype", choices=M.COMPUTE_DTYPES, default="float32",
+                    help="the pruning statistics' matmuls (bfloat16: bf16 inputs, float32 sums)")
     ap.add_argument("--prune-steps", type=int_at_least(1))
     ap.add_argument("--prune-frac", type=positive_float, default=0.02, help="share of all MLP neurons per step")
-    ap.add_argument("--random-draws", type=int_at_least(1))
+    ap.add_argument("--random-draws", type=int_at_least(1),
+                    help="draws of each baseline: random pruning (seeds), forget-only pruning (collection samples)")
     ap.add_argument("--expert-size", type=int_at_least(1))
     ap.add_argument("--fractions", type=positive_floats, help="fractions of experts / neurons kept")
     ap.add_argument("--router-steps", type=int_at_least(1))
@@ -110,6 +123,10 @@ def parse_args(argv=None):
     if "steering" in args.sections and "selective_pruning" not in args.sections and args.masks is None:
         ap.error("--sections: steering needs selective_pruning (it reads the pruned neurons) or --masks")
     fill_from_preset(args, PRESETS[args.preset], convert={"fractions": positive_floats})
+    if args.collect_rows is None:
+        args.collect_rows = -(-args.collect_tokens // args.seq)
+    if args.eval_rows is None:
+        args.eval_rows = -(-args.eval_tokens // args.seq)
     if any(f > 1 for f in args.fractions):
         ap.error(f"--fractions must be in (0, 1]; got {args.fractions}")
     if args.prune_frac * args.prune_steps > 1:
@@ -143,35 +160,81 @@ def rows_for(tok, args, split, n, seed):
     """n rows of each corpus (forget first) from `split`, drawn with `seed`."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name in (FORGET,) + RETAIN:
+    for name in (FORGET,) + RETAIN + (EXTRA if split != "train" else ()):
         r = data.load_tokens(name, tok, args.seq, split)
         out[name] = r[np.sort(rng.choice(len(r), size=min(n, len(r)), replace=False))]
     return out
 
 
 # ------------------------------------------------------------------ the sections
-def pruning_section(args, model, train, evals, skip, out: Path, label: str):
+def _draw_summary(draws, corpora, metric="top1"):
+    """Per step and corpus: the mean, min and max of `metric` over the draws."""
+    out = []
+    for step in range(len(draws[0])):
+        vals = {c: [d[step][c][metric] for d in draws] for c in corpora}
+        out.append({"step": step, "neurons_pruned": draws[0][step]["neurons_pruned"],
+                    **{c: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+                       for c, v in vals.items()}})
+    return out
+
+
+def first_step_selective(records, forget: str, retain: str) -> dict:
+    """The first step is selective when the forget set's top-1 after it lies below the
+    unpruned model's 95% interval AND the retain set's top-1 stays inside its interval."""
+    f0, f1, r0, r1 = records[0][forget], records[1][forget], records[0][retain], records[1][retain]
+    forget_hit = f1["top1"] < f0["top1_ci95"][0]
+    retain_kept = r0["top1_ci95"][0] <= r1["top1"] <= r0["top1_ci95"][1]
+    return {"selective": bool(forget_hit and retain_kept), "forget_below_interval": bool(forget_hit),
+            "retain_inside_interval": bool(retain_kept),
+            "definition": "after step 1, forget top-1 < the unpruned 95% interval's lower end and retain top-1 "
+                          "inside the unpruned 95% interval (intervals over rows)"}
+
+
+def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str):
     forget = train[FORGET]
     retain = np.concatenate([train[n] for n in RETAIN])
+    corpora = list(evals)
     result = {"eps": 1e-3, "neuron_frac_per_step": args.prune_frac, "head_frac_per_step": 0.0,
-              "n_neurons": int(model.config.n_layers * model.config.d_mlp), "methods": {}}
+              "n_neurons": int(model.config.n_layers * model.config.d_mlp), "methods": {},
+              "forget": FORGET, "retain": list(RETAIN), "also_evaluated": list(EXTRA),
+              "compute_dtype": args.compute_dtype,
+              "tokens_collected": {"forget": int(forget.size), "retain": int(retain.size)},
+              "tokens_evaluated": {c: int(r.size) for c, r in evals.items()},
+              "intervals": "95% normal intervals over rows (rows as clusters): *_ci95 in every record"}
     masks = {}
-    for method in ("ratio", "forget"):
-        t0 = time.perf_counter()
-        config = M.PruningConfig(args.prune_steps, method, args.prune_frac, chunk=8)
-        recs, nm, _ = M.selective_pruning(
-            model, forget, retain, evals, skip, config,
-            on_step=lambda r: print(f"  {method} step {r['step']}: "
-                                    + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
-        result["methods"][method] = {"records": recs, "seconds": time.perf_counter() - t0}
-        masks[method] = nm
-    draws = []
+    t0 = time.perf_counter()
+    config = M.PruningConfig(args.prune_steps, "ratio", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
+    recs, masks["ratio"], _ = M.selective_pruning(
+        model, forget, retain, evals, skip, config,
+        on_step=lambda r: print(f"  ratio step {r['step']}: " + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
+    result["methods"]["ratio"] = {"records": recs, "seconds": time.perf_counter() - t0}
+    baselines = {"random": [], "forget": []}
     for d in range(args.random_draws):
         config = M.PruningConfig(args.prune_steps, "random", args.prune_frac, seed=args.seed + d, chunk=8)
-        recs, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config)
-        draws.append(recs)
+        rec, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config)
+        baselines["random"].append(rec)
         masks.setdefault("random", nm)
-    result["methods"]["random"] = {"draws": draws}
+        # forget-activation-only: draw d collects its statistics on another sample of the forget text
+        sample = forget if d == 0 else rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET]
+        config = M.PruningConfig(args.prune_steps, "forget", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
+        rec, nm, _ = M.selective_pruning(model, sample, retain, evals, skip, config)
+        baselines["forget"].append(rec)
+        masks.setdefault("forget", nm)
+    result["methods"]["forget"] = {"records": baselines["forget"][0]}
+    result["methods"]["random"] = {"draws": baselines["random"]}
+    result["baselines"] = {
+        "random": {"draws": baselines["random"], "summary": _draw_summary(baselines["random"], corpora),
+                   "what": "the same counts drawn uniformly among live neurons, one seed per draw"},
+        "forget": {"draws": baselines["forget"], "summary": _draw_summary(baselines["forget"], corpora),
+                   "what": "top forget-set mean |a| (no retain term), one forget sample per draw"},
+        "n_draws": args.random_draws}
+    result["differential_drop"] = {
+        "ratio": M.differential_drop(recs, FORGET, RETAIN[0]),
+        "random": [M.differential_drop(r, FORGET, RETAIN[0]) for r in baselines["random"]],
+        "forget": [M.differential_drop(r, FORGET, RETAIN[0]) for r in baselines["forget"]],
+        "definition": "per step: forget top-1 drop % minus retain (shakespeare) top-1 drop %, each relative "
+                      "to the unpruned model; max over pruned steps"}
+    result["first_step"] = first_step_selective(recs, FORGET, RETAIN[0])
     # The pruned model saves and reloads: the weights file, and the mask as its own file.
     from lens import models
 
@@ -241,8 +304,10 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
     E = c.d_mlp // args.expert_size
     mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
     t0 = time.perf_counter()
-    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters),
-              "coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
+    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters)}
+    if c.gated_mlp:  # |silu(x.g)(x.u)| ignores the sign of u: cluster on features that do too
+        splits["weights_signfree"] = MOE.split_by_weights(model, args.expert_size, args.kmeans_iters, sign_free=True)
+    splits |= {"coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
               "random": MOE.split_random(model, args.expert_size, args.seed)}
     t_split = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -264,8 +329,28 @@ def moe_section(args, model, train, eval_rows, out: Path, label: str):
                 k = max(1, int(round(f * E)))
                 logits = np.asarray(MOE.expert_forward(model, eval_rows, lab, r, k), np.float32)
                 loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss, "top1_agreement": agree})
+                share = MOE.expert_mass_share(model, eval_rows, lab, r, k)
+                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss,
+                              "top1_agreement": agree, "abs_mass_share": share})
+    # The per-neuron oracle at the same fractions: no grouping, top |a| * |W_out row| per token.
+    oracle = []
+    for f in args.fractions:
+        logits = np.asarray(MOE.neuron_oracle_forward(model, eval_rows, f), np.float32)
+        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
+        oracle.append({"fraction": f, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
+    # One layer MoEfied at a time (co-activation split, oracle routing, the smallest fraction >= 0.25).
+    f_layer = min([f for f in args.fractions if f >= 0.25] or [max(args.fractions)])
+    k_layer = max(1, int(round(f_layer * E)))
+    per_layer = []
+    for layer in range(c.n_layers):
+        logits = np.asarray(MOE.expert_forward(model, eval_rows, splits["coact"], None, k_layer, layers=[layer]), np.float32)
+        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
+        per_layer.append({"layer": layer, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
     return {"expert_size": args.expert_size, "experts_per_layer": E, "dense_loss": dense_loss, "table": table,
+            "per_neuron_oracle": oracle,
+            "per_layer": {"split": "coact", "router": "oracle", "fraction": k_layer / E, "layers": per_layer},
+            "oracle_check": "per-neuron oracle at 50% should cost < 0.5 nats; more points to a bug",
+            "tokens": {"clustering_and_router_training": int(mixed.size), "evaluated": int(eval_rows.size)},
             "router_training": {"steps": args.router_steps, "batch": bs, "log": log, "seconds": t_train},
             "split_seconds": t_split, "eval_seconds": time.perf_counter() - t0,
             "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0",
@@ -324,12 +409,12 @@ def main(argv=None) -> dict:
               f"{'gated ' if model.config.gated_mlp else ''}{model.config.activation}")
         train = rows_for(tok, args, "train", args.collect_rows, args.seed)
         evals = rows_for(tok, args, "validation", args.eval_rows, args.seed + 1)
-        skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN]), 50)
+        skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN + EXTRA]), 50)
         eval_mix = np.concatenate(list(evals.values()))
         t = {}
         if "selective_pruning" in args.sections:
             t0 = time.perf_counter()
-            prune_result, masks = pruning_section(args, model, train, evals, skip, out, label)
+            prune_result, masks = pruning_section(args, model, tok, train, evals, skip, out, label)
             t["selective_pruning"] = time.perf_counter() - t0
             report["selective_pruning"][name] = prune_result
         if "steering" in args.sections:
@@ -339,7 +424,8 @@ def main(argv=None) -> dict:
                 rnd = M.random_unpruned(ratio_mask.shape, int(ratio_mask.sum()), np.zeros_like(ratio_mask),
                                         np.random.default_rng(args.seed))
                 masks = {"ratio": ratio_mask, "random": rnd}
-            first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]))
+            first = M.neuron_scores(model, train[FORGET], np.concatenate([train[n] for n in RETAIN]),
+                                    compute_dtype=args.compute_dtype)
             report["steering"][name] = steering_section(args, model, tok, masks, train, first)
             t["steering"] = time.perf_counter() - t0
         if "moefication" in args.sections:

@@ -39,7 +39,11 @@ def plot_pruning(report, out: Path) -> list[str]:
         for ax, corpus in zip(np.atleast_1d(axes), corpora):
             for method, style in (("ratio", "-o"), ("forget", "--s")):
                 recs = res["methods"][method]["records"]
-                ax.plot([100 * r["neurons_pruned"] / total for r in recs], [r[corpus]["top1"] for r in recs], style, label=method)
+                xs = [100 * r["neurons_pruned"] / total for r in recs]
+                ax.plot(xs, [r[corpus]["top1"] for r in recs], style, label=method)
+                if method == "ratio" and "top1_ci95" in recs[0][corpus]:  # 95% interval over rows
+                    ax.fill_between(xs, [r[corpus]["top1_ci95"][0] for r in recs],
+                                    [r[corpus]["top1_ci95"][1] for r in recs], alpha=0.15)
             draws = res["methods"]["random"]["draws"]
             x = [100 * r["neurons_pruned"] / total for r in draws[0]]
             ys = np.array([[r[corpus]["top1"] for r in d] for d in draws])
@@ -74,7 +78,7 @@ def plot_moe(report, out: Path) -> list[str]:
         for split, router in combos:
             rows = sorted((r for r in res["table"] if r["split"] == split and r["router"] == router), key=lambda r: r["fraction"])
             ax.plot([r["fraction"] for r in rows], [r["top1_agreement"] for r in rows],
-                    {"weights": "-", "coact": "--", "random": ":"}[split] + {"oracle": "o", "centroid": "s", "mlp": "^"}[router],
+                    {"weights": "-", "weights_signfree": "-.", "coact": "--", "random": ":"}[split] + {"oracle": "o", "centroid": "s", "mlp": "^"}[router],
                     label=f"{split} / {router}")
         ax.set_xlabel("fraction of experts used per token")
         ax.set_ylabel("top-1 agreement with dense")
@@ -154,14 +158,36 @@ def markdown(report, figures) -> str:
              f"({os.cpu_count()} CPU cores; 1-min load average at the end "
              f"{report.get('load_avg_1min_at_end', float('nan')):.1f}).", ""]
     lines += ["## Selective pruning (taker)", "",
-              f"Forget = python-code, retain = shakespeare + python-docs; {100 * a['prune_frac']:.0f}% of all MLP neurons "
+              f"Forget = python-code, retain = shakespeare (prose; python-docs evaluated, never retained); "
+              f"{100 * a['prune_frac']:.0f}% of all MLP neurons "
               "per step, chosen globally by mean|a| forget / (mean|a| retain + 1e-3) on the current pruned model; "
-              "controls: pruning by forget-set activation alone, random pruning of the same counts. "
-              "Top-1 / top-10 skip the 50 most common tokens; loss over every token.", ""]
+              f"baselines ({a['random_draws']} draws each): pruning by forget-set activation alone, random pruning of the "
+              "same counts. Top-1 / top-10 skip the 50 most common tokens; loss over every token; [a, b] = 95% "
+              "interval over rows.", ""]
     for name, res in report["selective_pruning"].items():
         rec0 = res["methods"]["ratio"]["records"]
         corpora = [k for k in rec0[0] if isinstance(rec0[0][k], dict)]
-        lines += [f"### {name}", "", "| method | step | % pruned | " + " | ".join(f"{c} top1 / top10 / loss" for c in corpora) + " |",
+        fs, dd = res.get("first_step", {}), res.get("differential_drop", {})
+        lines += [f"### {name}", "", f"Tokens collected: {res.get('tokens_collected')}; evaluated: "
+                  f"{res.get('tokens_evaluated')}; statistics in {res.get('compute_dtype', 'float32')}.", ""]
+        if fs:
+            lines += [f"**First step selective: {'yes' if fs['selective'] else 'no'}** ({fs['definition']}).", ""]
+        if dd:
+            def rng(v):
+                return f"{min(v):.1f} to {max(v):.1f}"
+            lines += [f"Differential drop ({dd['definition']}): ratio max {dd['ratio']['max']:.1f}; random "
+                      f"{rng([d['max'] for d in dd['random']])}; forget-only {rng([d['max'] for d in dd['forget']])}.", ""]
+            lines += ["| step | % pruned | ratio forget top1 [95%] | ratio retain top1 [95%] | random retain top1 (min-max) "
+                      "| forget-only retain top1 (min-max) |", "|---|---|---|---|---|---|"]
+            ret, fg = res["retain"][0], res["forget"]
+            sr, sf = res["baselines"]["random"]["summary"], res["baselines"]["forget"]["summary"]
+            for r, a_, b_ in zip(rec0, sr, sf):
+                lines.append(f"| {r['step']} | {100 * r['neurons_pruned'] / res['n_neurons']:.0f} | "
+                             f"{r[fg]['top1']:.3f} [{r[fg]['top1_ci95'][0]:.3f}, {r[fg]['top1_ci95'][1]:.3f}] | "
+                             f"{r[ret]['top1']:.3f} [{r[ret]['top1_ci95'][0]:.3f}, {r[ret]['top1_ci95'][1]:.3f}] | "
+                             f"{a_[ret]['min']:.3f}-{a_[ret]['max']:.3f} | {b_[ret]['min']:.3f}-{b_[ret]['max']:.3f} |")
+            lines.append("")
+        lines += ["| method | step | % pruned | " + " | ".join(f"{c} top1 / top10 / loss" for c in corpora) + " |",
                   "|---|---|---|" + "---|" * len(corpora)]
         rows = [("ratio", r) for r in rec0] + [("forget", r) for r in res["methods"]["forget"]["records"][1:]]
         draws = res["methods"]["random"]["draws"]
@@ -198,9 +224,18 @@ def markdown(report, figures) -> str:
         lines += [f"### {name}", "", f"{res['experts_per_layer']} experts of {res['expert_size']} neurons per layer; "
                   f"dense loss {res['dense_loss']:.3f}; co-activation: {res['coact_rule']}; {res['compute']}. "
                   f"Routers trained {res['router_training']['steps']} steps (batch {res['router_training']['batch']}).", "",
-                  "| split | router | fraction of experts | loss | top-1 agreement |", "|---|---|---|---|---|"]
+                  "| split | router | fraction of experts | loss | top-1 agreement | abs mass kept |", "|---|---|---|---|---|---|"]
         for r in res["table"]:
-            lines.append(f"| {r['split']} | {r['router']} | {r['fraction']:.3f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} |")
+            lines.append(f"| {r['split']} | {r['router']} | {r['fraction']:.3f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} "
+                         f"| {r.get('abs_mass_share', float('nan')):.3f} |")
+        lines += ["", "Per-neuron oracle (top |a| x |W_out row| per token, no grouping):", "",
+                  "| fraction of neurons | loss | increase | top-1 agreement |", "|---|---|---|---|"]
+        for r in res.get("per_neuron_oracle", []):
+            lines.append(f"| {r['fraction']:.3f} | {r['loss']:.3f} | {r['loss_increase']:+.3f} | {r['top1_agreement']:.3f} |")
+        pl = res.get("per_layer")
+        if pl:
+            lines += ["", f"One layer MoEfied at a time ({pl['split']} split, {pl['router']} routing, {pl['fraction']:.3f} of "
+                      "the experts): loss increase per layer: " + ", ".join(f"{r['loss_increase']:+.3f}" for r in pl["layers"])]
         lines.append("")
     lines += ["## Contextual sparsity (Deja Vu)", ""]
     for name, res in report["contextual_sparsity"].items():

@@ -6,10 +6,13 @@ Modules:
                        top_k_mask(scores [*rows, n], k) -> bool [*rows, n]
   pruning              activation_stats -> ActivationStats; neuron_scores -> [layers, d_mlp]; head_scores ->
                        [layers, heads]; top_unpruned / random_unpruned -> masks; prune / pruning_edits;
-                       save_masks / load_masks; next_token_metrics; selective_pruning (the iterative loop)
+                       save_masks / load_masks; next_token_metrics (with 95% intervals over rows);
+                       differential_drop; PruningConfig (incl. compute_dtype); selective_pruning (the loop)
   moefication          split_by_weights / split_by_coactivation / split_random -> labels [layers, d_mlp];
-                       centroid_routers / mlp_routers / train_routers -> Routers; expert_forward(model, tokens,
-                       labels, routers, k) -> logits [*batch, seq, vocab]; balanced_kmeans
+                       (sign_free=True for gated MLPs); centroid_routers / mlp_routers / train_routers ->
+                       Routers; expert_forward(model, tokens, labels, routers, k, layers=None) -> logits
+                       [*batch, seq, vocab]; neuron_oracle_forward (per-neuron, no grouping);
+                       expert_mass_share; balanced_kmeans
   contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
                        predicted_sparse_forward -> logits [*batch, seq, vocab]
 """

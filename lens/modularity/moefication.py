@@ -8,6 +8,10 @@ Splits (each expert exactly `expert_size` neurons, as the reference's balanced k
   "weights"  balanced k-means on the L2-normalised input-weight rows of the neurons (the
              reference's ParamSplit); a gated MLP's row is its gate and up rows
              concatenated, both normalised together.
+  "weights_signfree"  the same on features invariant to u -> -u for a gated MLP: |a| =
+             |silu(x.g)(x.u)| does not change when a neuron's up row flips sign, so each
+             up row is multiplied by sign(u . r), r the top eigenvector of sum_m u_m u_m^T
+             (itself unchanged by any row's flip); an ungated MLP: as "weights".
   "coact"    co-activation on real text: the reference counts, per neuron pair, the tokens
              where both are active (ReLU > 0) and partitions that graph with METIS.  Here:
              "active" = a > 0 for an ungated MLP; a gated MLP has no exact zeros, so a
@@ -38,7 +42,7 @@ from lens.models.core.interventions import Capture
 from lens.models.core.layers import apply_norm
 from lens.models.core.transformer import Transformer
 
-SPLITS = ("weights", "coact", "random")
+SPLITS = ("weights", "weights_signfree", "coact", "random")
 
 
 # ------------------------------------------------------------------ balanced k-means
@@ -80,12 +84,28 @@ def _normalise(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
 
-def neuron_weight_rows(model: Transformer) -> Float[np.ndarray, "layers d_mlp f"]:
+def sign_canonical(rows: Float[np.ndarray, "n f"]) -> Float[np.ndarray, "n f"]:
+    """Each row times sign(row . r), r the top eigenvector of sum_m row_m row_m^T (its own
+    sign fixed by its largest component).  Flipping any rows' signs leaves the result
+    unchanged (r depends only on the outer products); rows orthogonal to r keep theirs."""
+    x = np.asarray(rows, np.float64)
+    _, vecs = np.linalg.eigh(x.T @ x)
+    r = vecs[:, -1]
+    r = r * np.sign(r[np.argmax(np.abs(r))])
+    s = np.sign(x @ r)
+    return (x * np.where(s == 0, 1.0, s)[:, None]).astype(np.float32)
+
+
+def neuron_weight_rows(model: Transformer, sign_free: bool = False) -> Float[np.ndarray, "layers d_mlp f"]:
     """Each neuron's input weights as a row: W_in[:, m] (f = d_model), or for a gated MLP
-    [W_gate[:, m], W_in[:, m]] (f = 2 d_model), L2-normalised (the reference's features)."""
+    [W_gate[:, m], W_in[:, m]] (f = 2 d_model), L2-normalised (the reference's features).
+    sign_free: a gated MLP's up rows through `sign_canonical` first (|a| is unchanged by
+    u -> -u, so the features should be too)."""
     b = model.blocks
     rows = np.swapaxes(np.asarray(b.W_in, np.float32), 1, 2)
     if model.config.gated_mlp:
+        if sign_free:
+            rows = np.stack([sign_canonical(_normalise(r)) for r in rows])
         rows = np.concatenate([np.swapaxes(np.asarray(b.W_gate, np.float32), 1, 2), rows], -1)
     return _normalise(rows)
 
@@ -97,10 +117,12 @@ def _n_experts(model: Transformer, expert_size: int) -> int:
     return d // expert_size
 
 
-def split_by_weights(model: Transformer, expert_size: int = 32, iters: int = 10) -> Int[np.ndarray, "layers d_mlp"]:
-    """Expert ids per neuron: balanced k-means on the normalised input-weight rows."""
+def split_by_weights(model: Transformer, expert_size: int = 32, iters: int = 10,
+                     sign_free: bool = False) -> Int[np.ndarray, "layers d_mlp"]:
+    """Expert ids per neuron: balanced k-means on the normalised input-weight rows
+    (sign_free: the features `neuron_weight_rows(model, sign_free=True)`)."""
     e = _n_experts(model, expert_size)
-    return np.stack([balanced_kmeans(r, e, iters) for r in neuron_weight_rows(model)])
+    return np.stack([balanced_kmeans(r, e, iters) for r in neuron_weight_rows(model, sign_free)])
 
 
 def split_random(model: Transformer, expert_size: int = 32, seed: int = 0) -> Int[np.ndarray, "layers d_mlp"]:
@@ -208,32 +230,104 @@ def mlp_routers(model: Transformer, labels) -> Routers:
 
 
 @eqx.filter_jit
-def _expert_logits(model, rows, onehot, routers, k):
+def _expert_logits(model, rows, onehot, routers, k, active):
     w1 = None if routers is None else routers.w1
     w2 = None if routers is None else routers.w2
 
     def mask_fn(p, view: LayerView):
-        w1_l, w2_l, onehot_l = p
+        w1_l, w2_l, onehot_l, active_l = p
         if w1_l is None:  # the oracle: the experts holding the most activation mass
             scores = jnp.abs(view.neurons.astype(jnp.float32)) @ onehot_l
         else:
             scores = router_scores(w1_l, w2_l, view.mlp_in)
-        return top_k_mask(scores, k)[:, jnp.argmax(onehot_l, -1)], None
+        keep = top_k_mask(scores, k)[:, jnp.argmax(onehot_l, -1)]
+        return keep | ~active_l, None
 
-    return jax.vmap(lambda t: masked_forward(model, t, mask_fn, (w1, w2, onehot)))(rows)
+    return jax.vmap(lambda t: masked_forward(model, t, mask_fn, (w1, w2, onehot, active)))(rows)
 
 
-def expert_forward(model: Transformer, tokens, labels, routers: Routers | None, k: int) -> Float[Array, "*batch seq vocab"]:
+def _active_layers(model: Transformer, layers) -> np.ndarray:
+    n = model.config.n_layers
+    if layers is None:
+        return np.ones(n, bool)
+    idx = np.atleast_1d(np.asarray(layers))
+    if idx.size == 0 or not np.issubdtype(idx.dtype, np.integer) or idx.min() < 0 or idx.max() >= n:
+        raise ValueError(f"layers must be non-empty indices in [0, {n}); got {layers}")
+    active = np.zeros(n, bool)
+    active[idx] = True
+    return active
+
+
+def expert_forward(model: Transformer, tokens, labels, routers: Routers | None, k: int,
+                   layers=None) -> Float[Array, "*batch seq vocab"]:
     """Logits with only the top-k experts per token (per layer) active; routers None =
-    the oracle's choice.  A mask over neurons: correct, not a compute saving."""
+    the oracle's choice; layers: the layers MoEfied (None: all; the rest stay dense).
+    A mask over neurons: correct, not a compute saving."""
     lab = check_labels(model, labels)
     e = int(lab.max()) + 1
     if not 1 <= k <= e:
         raise ValueError(f"k must be in [1, {e}]; got {k}")
     rows = check_neuron_rows(model, tokens)
     single = np.asarray(tokens).ndim == 1
-    out = _expert_logits(model, jnp.asarray(rows), expert_onehot(lab), routers, jnp.asarray(k, jnp.int32))
+    active = jnp.asarray(_active_layers(model, layers))
+    out = _expert_logits(model, jnp.asarray(rows), expert_onehot(lab), routers, jnp.asarray(k, jnp.int32), active)
     return out[0] if single else out
+
+
+def neuron_importance_weights(model: Transformer) -> Float[np.ndarray, "layers d_mlp"]:
+    """||W_out row|| per neuron: how far one unit of its activation moves the residual."""
+    return np.linalg.norm(np.asarray(model.blocks.W_out, np.float32), axis=-1)
+
+
+@eqx.filter_jit
+def _neuron_oracle_logits(model, rows, wnorm, k):
+    def mask_fn(w_l, view: LayerView):
+        return top_k_mask(jnp.abs(view.neurons.astype(jnp.float32)) * w_l, k), None
+
+    return jax.vmap(lambda t: masked_forward(model, t, mask_fn, wnorm))(rows)
+
+
+def neuron_oracle_forward(model: Transformer, tokens, frac: float) -> Float[Array, "*batch seq vocab"]:
+    """Logits keeping, per token and layer, only the round(frac * d_mlp) neurons with the
+    largest |a| * ||W_out row|| (no grouping into experts: the per-neuron oracle, the
+    best any expert split of the same size could hope for by this score)."""
+    if not 0 < frac <= 1:
+        raise ValueError(f"frac must be in (0, 1]; got {frac}")
+    rows = check_neuron_rows(model, tokens)
+    single = np.asarray(tokens).ndim == 1
+    k = max(1, int(round(frac * model.config.d_mlp)))
+    out = _neuron_oracle_logits(model, jnp.asarray(rows), jnp.asarray(neuron_importance_weights(model)),
+                                jnp.asarray(k, jnp.int32))
+    return out[0] if single else out
+
+
+def expert_mass_share(model: Transformer, tokens, labels, routers: Routers | None, k: int, chunk: int = 4) -> float:
+    """The share of sum |a| (over tokens, layers and neurons of the DENSE forward) that lies
+    in the top-k experts each router picks per token and layer (routers None: the oracle,
+    which picks by that mass).  1 = the chosen experts hold every neuron's activation."""
+    lab = check_labels(model, labels)
+    e = int(lab.max()) + 1
+    if not 1 <= k <= e:
+        raise ValueError(f"k must be in [1, {e}]; got {k}")
+    rows = check_neuron_rows(model, tokens)
+    onehot = expert_onehot(lab)
+    kept = total = 0.0
+    for i in range(0, len(rows), chunk):
+        k_sum, a_sum = _mass_sums(model, jnp.asarray(rows[i:i + chunk]), onehot, routers, jnp.asarray(k, jnp.int32))
+        kept, total = kept + float(k_sum), total + float(a_sum)
+    return kept / max(total, 1e-30)
+
+
+@eqx.filter_jit
+def _mass_sums(model, rows, onehot, routers, k):
+    h, a = _mlp_inputs_and_abs(model, rows)  # [B, L, S, d], [B, L, S, m]
+    mass = jnp.einsum("blsm,lme->blse", a, onehot)
+    if routers is None:
+        scores = mass
+    else:
+        per_layer = jax.vmap(router_scores)
+        scores = jax.vmap(per_layer, in_axes=(None, None, 0))(routers.w1, routers.w2, h)
+    return (mass * top_k_mask(scores, k)).sum(), a.sum()
 
 
 # ------------------------------------------------------------------ router training

@@ -269,6 +269,7 @@ def common_tokens(rows, n: int = 50) -> Int[np.ndarray, " n"]:
 
 @eqx.filter_jit
 def _metric_sums(model, rows, skip, edits):
+    """Per row: (nll sum, top-1 hits, top-10 hits, counted targets), each [B]."""
     def one(t):
         logits = model.forward(t[:-1], edits=edits).logits.astype(jnp.float32)
         target = t[1:]
@@ -279,23 +280,58 @@ def _metric_sums(model, rows, skip, edits):
         counted = ~jnp.isin(target, skip)
         return (nll.sum(), ((rank < 1) & counted).sum(), ((rank < 10) & counted).sum(), counted.sum())
 
-    return jax.tree.map(lambda x: x.sum(0), jax.vmap(one)(rows))
+    return jax.vmap(one)(rows)
+
+
+def ratio_interval(num, den) -> tuple[float, float]:
+    """A 95% normal interval for sum(num) / sum(den) with the rows as independent clusters
+    (the tokens of one row are not independent): the ratio estimator's standard error
+    sqrt(n / (n - 1) * sum((num_i - r den_i)^2)) / sum(den).  One row: (r, r)."""
+    num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    total = max(den.sum(), 1.0)
+    r = num.sum() / total
+    n = len(num)
+    if n < 2:
+        return (float(r), float(r))
+    se = np.sqrt(n / (n - 1) * ((num - r * den) ** 2).sum()) / total
+    return (float(r - 1.96 * se), float(r + 1.96 * se))
 
 
 def next_token_metrics(model: Transformer, rows, skip_ids, chunk: int = 8, edits: Edits | None = None) -> dict:
     """loss (mean next-token cross-entropy over every predicted token), top1 / top10 (the
     share of predictions whose target is the top / in the top 10 logits, over targets not
-    in `skip_ids`), and the token counts."""
+    in `skip_ids`), each with a 95% interval over rows (`ratio_interval`: "loss_ci95",
+    "top1_ci95", "top10_ci95"), and the token counts."""
     rows = check_neuron_rows(model, rows, "rows")
     if rows.shape[1] < 2:
         raise ValueError("rows need >= 2 tokens to predict a next token")
     skip = jnp.asarray(np.asarray(skip_ids, np.int32).reshape(-1))
-    tot = np.zeros(4, np.float64)
-    for part in chunks(rows, chunk):
-        tot += np.asarray([float(v) for v in _metric_sums(model, jnp.asarray(part), skip, edits)])
+    per_row = [np.concatenate(v) for v in zip(*(
+        [np.asarray(x, np.float64) for x in _metric_sums(model, jnp.asarray(part), skip, edits)]
+        for part in chunks(rows, chunk)))]
+    nll, hit1, hit10, counted = per_row
+    predicted = np.full(len(rows), rows.shape[1] - 1, np.float64)
     n_pred = rows.shape[0] * (rows.shape[1] - 1)
-    return {"loss": tot[0] / n_pred, "top1": tot[1] / max(tot[3], 1), "top10": tot[2] / max(tot[3], 1),
-            "tokens": int(n_pred), "counted": int(tot[3])}
+    c = max(counted.sum(), 1)
+    return {"loss": nll.sum() / n_pred, "top1": hit1.sum() / c, "top10": hit10.sum() / c,
+            "loss_ci95": ratio_interval(nll, predicted), "top1_ci95": ratio_interval(hit1, counted),
+            "top10_ci95": ratio_interval(hit10, counted), "tokens": int(n_pred), "counted": int(counted.sum())}
+
+
+def differential_drop(records: list[dict], forget: str, retain: str, metric: str = "top1") -> dict:
+    """The paper's selectivity read-out per step: the forget set's drop in `metric` minus
+    the retain set's, each drop relative to the unpruned model (record 0) in percent,
+    `100 * (1 - value / value_0)`; "max" is the largest over the pruned steps.  Positive =
+    the pruning hurt the forget text more than the retain text."""
+    base_f, base_r = records[0][forget][metric], records[0][retain][metric]
+
+    def drop(v, b):
+        return 100.0 * (1.0 - v / b) if b > 0 else 0.0
+
+    per_step = [drop(r[forget][metric], base_f) - drop(r[retain][metric], base_r) for r in records]
+    return {"metric": metric, "per_step": per_step, "max": max(per_step[1:]) if len(per_step) > 1 else 0.0,
+            "forget_drop_pct": [drop(r[forget][metric], base_f) for r in records],
+            "retain_drop_pct": [drop(r[retain][metric], base_r) for r in records]}
 
 
 # ------------------------------------------------------------------ selective pruning
@@ -313,6 +349,8 @@ class PruningConfig:
         counts drawn uniformly, with `seed`).
     eps: the ratio's denominator floor (> 0).
     chunk: rows per compiled call of the statistics and the evaluation (an int >= 1).
+    compute_dtype: the statistics' matmuls, "float32" or "bfloat16" (`activation_stats`);
+        the evaluation always runs the model as it is.
     """
 
     steps: int
@@ -322,6 +360,7 @@ class PruningConfig:
     eps: float = 1e-3
     seed: int = 0
     chunk: int = 8
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         def is_int(v):
@@ -339,6 +378,8 @@ class PruningConfig:
             raise ValueError(f"seed must be an int; got {self.seed!r}")
         if not is_int(self.chunk) or self.chunk < 1:
             raise ValueError(f"chunk must be an int >= 1; got {self.chunk!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}; got {self.compute_dtype!r}")
 
 
 def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: dict, skip_ids,
@@ -373,9 +414,9 @@ def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: d
             new_n = random_unpruned(n_mask.shape, n_step, n_mask, rng)
             new_h = random_unpruned(h_mask.shape, h_step, h_mask, rng)
         else:
-            f = activation_stats(current, forget_rows, chunk)
+            f = activation_stats(current, forget_rows, chunk, compute_dtype=config.compute_dtype)
             if method == "ratio":
-                r = activation_stats(current, retain_rows, chunk)
+                r = activation_stats(current, retain_rows, chunk, compute_dtype=config.compute_dtype)
                 sn, sh = ratio(f.neurons, r.neurons, eps), head_scores_from(f, r, eps)
             else:
                 sn, sh = f.neurons, f.head_z.mean(-1)

@@ -2,6 +2,8 @@
 per-lambda aggregation of a Goodhart sweep (scripts/goodhart.py is their command line).
 
     d = defences(scores, tau=1.0, kl_threshold=0.5)      # fraction of positions passing each
+    s = prompt_statistic(scores, tau=1.0)                # the proposal's statistic: per prompt, then averaged
+    g = gaming_found(runs, "prompt_pass_rate", ("held_out_code_loss", "held_out_prose_loss"))
     table = predictor_table(model, train_rows, {"shakespeare": rows}, (0.5, 1.0), None, out)
     rows = aggregate(runs)                               # per lam: mean, std, min, max over seeds
 """
@@ -36,6 +38,43 @@ def defences(scores: scoring.Scores, tau: float, kl_threshold: float) -> dict[st
         "pass_rate_where_predictor_wrong": float((scores["test_err"][wrong] <= tau).mean()),
         "fraction_predictor_wrong": float(wrong.sum() / keep.sum()),
     }
+
+
+def prompt_statistic(scores: scoring.Scores, tau: float) -> dict[str, float]:
+    """The proposal's statistic: each prompt's (row's) mean test error over its positions
+    with a next token, then averaged over prompts ("mean_test_error"); the share of prompts
+    whose own mean is <= tau ("prompt_pass_rate"); and whether the mean over prompts is
+    <= tau ("passes": the test passed as the proposal states it)."""
+    keep = scores.next_token >= 0
+    n = keep.sum(1)
+    if not (n > 0).all():
+        raise ValueError("every prompt needs a position with a next token")
+    per_prompt = np.where(keep, scores["test_err"], 0.0).sum(1) / n
+    mean = float(per_prompt.mean())
+    return {"mean_test_error": mean, "prompt_pass_rate": float((per_prompt <= tau).mean()), "passes": mean <= tau,
+            "n_prompts": int(len(per_prompt))}
+
+
+GAMING_DEFINITION = (
+    "a run with lam > 0 whose pass rate is above every lam = 0 seed's AND whose every held-out capability loss "
+    "is no higher than the worst lam = 0 seed's (a pass-rate gain at no capability loss beyond seed noise)")
+
+
+def gaming_found(runs: list[dict], pass_key: str, capability_keys: tuple[str, ...]) -> dict:
+    """Goodharting as found or not: `GAMING_DEFINITION`, over `runs` (dicts with "lam",
+    "seed", `pass_key` and every capability key: a loss, lower is better).  Returns
+    {"found", "definition", "runs": the gaming runs' (lam, seed), "plain_pass_max",
+    "plain_capability_max"}."""
+    plain = [r for r in runs if r["lam"] == 0]
+    if not plain:
+        raise ValueError("gaming_found needs the lam = 0 runs (plain training) as the baseline")
+    pass_max = max(r[pass_key] for r in plain)
+    cap_max = {k: max(r[k] for r in plain) for k in capability_keys}
+    gaming = [{"lam": r["lam"], "seed": r["seed"]} for r in runs
+              if r["lam"] > 0 and r[pass_key] > pass_max and all(r[k] <= cap_max[k] for k in capability_keys)]
+    return {"found": bool(gaming), "definition": GAMING_DEFINITION, "pass_key": pass_key,
+            "capability_keys": list(capability_keys), "runs": gaming, "plain_pass_max": pass_max,
+            "plain_capability_max": cap_max}
 
 
 def aggregate(runs: list[dict]) -> list[dict]:

@@ -19,10 +19,21 @@ Corpora (`CORPORA`), all from sources every machine with a package registry has:
 The stdlib corpora depend on the Python version, which is therefore part of the cache key.
 
 Documents are split train / validation / test by a seeded permutation of their sorted
-names (fixed: it never depends on the tokenizer or seq_len).  Each split's documents are
+names (fixed: it never depends on the tokenizer or seq_len).  Held-out means held out
+(`deduplicate`): after the split, a document whose text is an exact or near-exact copy
+of one already kept (train first, then validation, then test; sorted names within a
+split) is dropped.  Exact = the same text after collapsing every whitespace run to one
+space; near-exact = the same first 3 non-blank normalised lines AND a Jaccard overlap >=
+0.8 of the sets of non-blank normalised lines (a licence-header-only `__init__.py` next
+to another); a held-out document is also dropped when half or more of its distinct
+normalised lines of >= 20 characters occur in earlier splits (templated files such as
+the stdlib's `encodings/cp*.py` tables).  Then, after packing, every validation / test row that also occurs as a
+train row (or a validation row, for test) is dropped (`drop_rows_seen`), so no held-out
+row is ever a train row, whatever boilerplate two different files share.  Each split's documents are
 tokenised, joined with the tokenizer's separator (EOS after each document, or BOS before
 each one for tokenizers that prepend BOS) and cut into rows of `seq_len`; the last row is
-completed with separator tokens, so no token is dropped or repeated.  The rows are cached
+completed with separator tokens, so no token is dropped or repeated (but for the
+held-out rows `drop_rows_seen` removes).  The rows are cached
 as .npy keyed by (corpus, tokenizer fingerprint, seq_len, split).
 """
 
@@ -50,7 +61,7 @@ from lens.models.runtime.paths import cache_dir, download_dir
 SPLITS = ("train", "validation", "test")
 SPLIT_SEED = 1234  # the document split is part of the corpus definition: never change it
 HELD_OUT_FRACTION = 0.05  # of the documents, for validation and for test each (>= 1 doc)
-FORMAT_VERSION = 1  # bump when extraction or packing changes, to invalidate cached rows
+FORMAT_VERSION = 3  # 3: deduplicated documents (exact, near, shared long lines) and held-out rows; bump when extraction or packing changes, to invalidate cached rows
 
 
 class DataError(RuntimeError):
@@ -198,6 +209,78 @@ def split_documents(names: list[str], seed: int = SPLIT_SEED) -> dict[str, list[
     return {"validation": order[:k], "test": order[k:2 * k], "train": order[2 * k:]}
 
 
+NEAR_PREFIX_LINES = 3  # near-exact copies share these first non-blank normalised lines ...
+NEAR_JACCARD = 0.8  # ... and at least this Jaccard overlap of their non-blank line sets
+LONG_LINE = 20  # characters: a normalised line at least this long is specific enough to count ...
+SHARED_LONG = 0.5  # ... and a held-out document with this share of them in earlier splits is dropped
+
+
+def _normalised_lines(text: str) -> list[str]:
+    return [" ".join(line.split()) for line in text.splitlines() if line.strip()]
+
+
+def deduplicate(documents: dict[str, str], splits: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(splits without copies, {dropped name: the kept name it copies}).
+
+    Documents are visited train, validation, test (sorted names within each) and one is
+    dropped when it is an exact copy (the same text once every whitespace run is one
+    space) or a near-exact copy (the same first NEAR_PREFIX_LINES non-blank normalised
+    lines and a Jaccard overlap >= NEAR_JACCARD of the sets of non-blank normalised
+    lines) of a document kept before it; and a validation / test document is dropped when
+    at least SHARED_LONG of its distinct normalised lines of >= LONG_LINE characters occur
+    in the documents kept in the earlier splits (templated files: the stdlib's
+    `encodings/cp*.py` tables share most of their lines with each other).  So a held-out
+    document never repeats a train one, and the split of every unique document is the one
+    `split_documents` gives."""
+    exact: dict[str, str] = {}
+    earlier_long: set[str] = set()
+    by_prefix: dict[tuple, list[tuple[str, frozenset]]] = {}
+    dropped: dict[str, str] = {}
+    out = {}
+    for split in ("train", "validation", "test"):
+        kept = []
+        for name in sorted(splits[split]):
+            lines = _normalised_lines(documents[name])
+            long_lines = {line for line in lines if len(line) >= LONG_LINE}
+            key = hashlib.sha256(" ".join(lines).encode()).hexdigest()
+            if key in exact:
+                dropped[name] = exact[key]
+                continue
+            prefix, line_set = tuple(lines[:NEAR_PREFIX_LINES]), frozenset(lines)
+            near = None
+            if len(lines) >= NEAR_PREFIX_LINES:
+                for other, other_set in by_prefix.get(prefix, ()):
+                    union = len(line_set | other_set)
+                    if union and len(line_set & other_set) / union >= NEAR_JACCARD:
+                        near = other
+                        break
+            if near is not None:
+                dropped[name] = near
+                continue
+            if split != "train" and long_lines and len(long_lines & earlier_long) >= SHARED_LONG * len(long_lines):
+                dropped[name] = f"<{SHARED_LONG:.0%} of its long lines in earlier splits>"
+                continue
+            exact[key] = name
+            by_prefix.setdefault(prefix, []).append((name, line_set))
+            kept.append(name)
+        for name in kept:
+            earlier_long |= {line for line in _normalised_lines(documents[name]) if len(line) >= LONG_LINE}
+        order = {n: i for i, n in enumerate(splits[split])}  # keep the split's own order
+        out[split] = sorted(kept, key=order.__getitem__)
+    return out, dropped
+
+
+def drop_rows_seen(rows: np.ndarray, seen: np.ndarray) -> np.ndarray:
+    """`rows` without any row that also occurs in `seen` (both int [N, T]), order kept."""
+    if not len(rows) or not len(seen):
+        return rows
+    width = rows.shape[1]
+    view = np.dtype((np.void, rows.dtype.itemsize * width))
+    known = np.ascontiguousarray(seen.astype(rows.dtype)).view(view).ravel()
+    mine = np.ascontiguousarray(rows).view(view).ravel()
+    return rows[~np.isin(mine, known)]
+
+
 def separator(tokenizer) -> tuple[int, bool]:
     """(separator id, before): BOS before each document for tokenizers that prepend BOS
     (the model never saw a document without it), else EOS after each document."""
@@ -275,11 +358,15 @@ def load_tokens(name: str, tokenizer, seq_len: int, split: str = "train") -> Int
     if path.exists():
         return np.load(path, allow_pickle=False)
     documents = CORPORA[name]()
-    splits = split_documents(list(documents))
+    splits, _ = deduplicate(documents, split_documents(list(documents)))
     path.parent.mkdir(parents=True, exist_ok=True)
     out = None
-    for s, names in splits.items():
-        rows = pack(_encode_all(tokenizer, [documents[n] for n in names]), int(seq_len), sep, before)
+    seen = []
+    for s in ("train", "validation", "test"):
+        rows = pack(_encode_all(tokenizer, [documents[n] for n in splits[s]]), int(seq_len), sep, before)
+        if seen:  # held-out rows never repeat a row of an earlier split
+            rows = drop_rows_seen(rows, np.concatenate(seen))
+        seen.append(rows)
         p = _cache_path(name, tokenizer, int(seq_len), s)
         with tempfile.NamedTemporaryFile(dir=p.parent, suffix=".npy", delete=False) as f:
             np.save(f, rows, allow_pickle=False)
@@ -290,10 +377,12 @@ def load_tokens(name: str, tokenizer, seq_len: int, split: str = "train") -> Int
 
 
 def document_names(name: str, split: str) -> list[str]:
-    """The names of the documents in `split` of corpus `name` (for reports and tests)."""
+    """The names of the documents in `split` of corpus `name` after `deduplicate` (for
+    reports and tests)."""
     _check_name(name)
     _check_split(split)
-    return split_documents(list(CORPORA[name]()))[split]
+    documents = CORPORA[name]()
+    return deduplicate(documents, split_documents(list(documents)))[0][split]
 
 
 def mixed_rows(corpora: Sequence[str], tokenizer, seq_len: int, split: str = "train", *,

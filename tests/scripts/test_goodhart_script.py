@@ -26,7 +26,16 @@ def test_smoke_preset_writes_the_contracted_report(tmp_path):
             rates = list(s["pass_rate"].values())
             assert rates == sorted(rates), name  # a looser tolerance never passes fewer positions
     sweep = report["lambda_sweep"]
-    assert [r["lam"] for r in sweep["bigram"]] == [0.0, 1.0] and [r["lam"] for r in sweep["side"]] == [1.0]
+    assert [r["lam"] for r in sweep["bigram"]] == [0.0, 1.0] and [r["lam"] for r in sweep["side"]] == [0.0, 1.0]
     for rows in sweep.values():
         for r in rows:
             assert r["val_loss"] > 0 and 0 <= r["pass_rate"] <= 1
+    for target in ("bigram", "side"):
+        for row in report["frontier"][target]:
+            for key in ("mean_test_error", "prompt_pass_rate", "held_out_code_loss", "held_out_prose_loss"):
+                v = row[key]
+                assert v["min"] <= v["mean"] <= v["max"], (target, key)
+        g = report["gaming_found"][target]
+        assert isinstance(g["found"], bool) and "lam = 0" in g["definition"]
+    rule = report["reference_losses"]["side_recursion_rule"]
+    assert rule["verdict"] in ("passes", "fails") and rule["cheaper"] == "bigram"

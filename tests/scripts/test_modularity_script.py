@@ -22,6 +22,16 @@ def test_smoke_preset_writes_every_section(tmp_path):
     steps = [r["neurons_pruned"] for r in pr["methods"]["ratio"]["records"]]
     assert steps[0] == 0 and all(b > a for a, b in zip(steps, steps[1:]))
     assert pr["reload_max_abs_logit_diff"] < 1e-5
+    assert pr["retain"] == ["shakespeare"] and pr["tokens_collected"] == {"forget": 48, "retain": 48}
+    assert set(pr["tokens_evaluated"]) == {"python-code", "shakespeare", "python-docs"}
+    for r in pr["methods"]["ratio"]["records"]:
+        for c in pr["tokens_evaluated"]:
+            lo, hi = r[c]["top1_ci95"]
+            assert lo <= r[c]["top1"] <= hi and r[c]["loss_ci95"][0] <= r[c]["loss"] <= r[c]["loss_ci95"][1]
+    base = pr["baselines"]
+    assert base["n_draws"] == 5 and len(base["random"]["draws"]) == 5 and len(base["forget"]["draws"]) == 5
+    assert len(pr["differential_drop"]["ratio"]["per_step"]) == len(steps)
+    assert isinstance(pr["first_step"]["selective"], bool)
     st = saved["steering"][name]
     assert abs(st["theta0_norm"] - st["rho"] * st["resid_norm"]) < 1e-3 * st["theta0_norm"]
     assert {"base", "ratio_first_step", "random_first_step", "ratio_all_steps", "random_all_steps"} <= set(st["code_score"])
@@ -29,6 +39,11 @@ def test_smoke_preset_writes_every_section(tmp_path):
     moe = saved["moefication"][name]
     full = [r for r in moe["table"] if r["fraction"] == 1.0]
     assert full and all(r["top1_agreement"] == 1.0 for r in full)  # all experts == dense
+    assert all(abs(r["abs_mass_share"] - 1.0) < 1e-5 for r in full)
+    assert {r["split"] for r in moe["table"]} == {"weights", "weights_signfree", "coact", "random"}
+    oracle = {r["fraction"]: r for r in moe["per_neuron_oracle"]}
+    assert oracle[1.0]["top1_agreement"] == 1.0 and abs(oracle[1.0]["loss_increase"]) < 1e-4
+    assert len(moe["per_layer"]["layers"]) == 2
     assert (tmp_path / "report.md").read_text().startswith("# Modularity")
     assert {p.name for p in tmp_path.glob("*.png")} >= {"pruning_m0.png", "moefication_m0.png", "dejavu_m0.png"}
     assert report["seconds"]["total"] > 0

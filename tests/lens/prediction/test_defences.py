@@ -11,7 +11,7 @@ import pytest
 
 from lens import models
 from lens.prediction import scoring
-from lens.prediction.defences import aggregate, defences, predictor_table
+from lens.prediction.defences import aggregate, defences, gaming_found, predictor_table, prompt_statistic
 from lens.models.core.config import ModelConfig
 
 
@@ -51,6 +51,35 @@ def test_defences_refuse_scores_without_a_next_token():
     s.next_token[:] = -1
     with pytest.raises(ValueError, match="next token"):
         defences(s, 1.0, 0.5)
+
+
+def test_prompt_statistic_averages_over_prompts_not_positions():
+    s = fake_scores(n=4)
+    s.next_token[2, 3:] = -1  # prompts of different lengths: a position count would weight them
+    means = []
+    for i in range(4):
+        errs = [s["test_err"][i, j] for j in range(7) if s.next_token[i, j] >= 0]
+        means.append(sum(errs) / len(errs))
+    got = prompt_statistic(s, 0.9)
+    assert got["mean_test_error"] == pytest.approx(sum(means) / 4, rel=1e-12)
+    assert got["prompt_pass_rate"] == pytest.approx(sum(m <= 0.9 for m in means) / 4)
+    assert got["passes"] == (sum(means) / 4 <= 0.9) and got["n_prompts"] == 4
+    s.next_token[1, :] = -1
+    with pytest.raises(ValueError, match="every prompt"):
+        prompt_statistic(s, 0.9)
+
+
+def test_gaming_found_by_its_definition():
+    plain = [{"lam": 0.0, "seed": i, "pass": p, "code": c, "prose": 3.0} for i, (p, c) in enumerate([(0.3, 2.0), (0.4, 2.2)])]
+    trade = {"lam": 1.0, "seed": 0, "pass": 0.9, "code": 2.5, "prose": 3.0}  # pass bought with capability
+    small = {"lam": 1.0, "seed": 1, "pass": 0.4, "code": 2.0, "prose": 3.0}  # no gain over the best plain seed
+    goodhart = {"lam": 3.0, "seed": 0, "pass": 0.6, "code": 2.1, "prose": 2.9}  # gain, capability within plain
+    got = gaming_found(plain + [trade, small], "pass", ("code", "prose"))
+    assert not got["found"] and got["runs"] == [] and got["plain_capability_max"] == {"code": 2.2, "prose": 3.0}
+    got = gaming_found(plain + [trade, small, goodhart], "pass", ("code", "prose"))
+    assert got["found"] and got["runs"] == [{"lam": 3.0, "seed": 0}] and "lam = 0" in got["definition"]
+    with pytest.raises(ValueError, match="lam = 0"):
+        gaming_found([trade], "pass", ("code",))
 
 
 def test_aggregate_per_lambda():

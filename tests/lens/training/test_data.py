@@ -207,3 +207,69 @@ def test_mixed_rows_refuses_bad_requests(fake_corpora):
         data.mixed_rows(["a"], None, 4, n_rows=0)
     with pytest.raises(ValueError, match="fewer than its share"):
         data.mixed_rows(["a", "b"], None, 4, n_rows=12, even=True)
+
+
+# ------------------------------------------------------------------ held out means held out
+LICENCE = "# Copyright 2001 The Authors\n# Licensed under the same terms\n# as the rest of the package\n"
+
+
+def test_deduplicate_drops_exact_and_near_copies_keeping_train_first():
+    docs = {
+        "t1": "def f(x):\n    return x\n",
+        "h1": "def  f(x):\n\n        return x",            # t1 with other whitespace: exact copy
+        "t2": LICENCE,
+        "h2": LICENCE + "# one more line\n",               # Jaccard 3/4 < 0.8, but only licence lines are long
+        "h3": LICENCE.replace("as the rest", "as the rest") + "\n\n",  # exact copy of t2
+        "t3": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 4\n",
+        "h4": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 5\n",    # Jaccard 7/9 < 0.8; long lines all licence
+        "h5": LICENCE + "import os\nx = 1\ny = 2\nz = 3\nw = 4\n# end\n",  # 8 of 9: near copy of t3
+        "v1": "def f(x):\n    return x\n",                  # validation copy of t1
+        "h6": LICENCE + "".join(f"def function_number_{i}(argument):\n" for i in range(4)),  # 3 of 7 long lines shared
+    }
+    splits = {"train": ["t3", "t1", "t2"], "validation": ["v1", "h4"], "test": ["h1", "h2", "h3", "h5", "h6"]}
+    kept, dropped = data.deduplicate(docs, splits)
+    assert kept == {"train": ["t3", "t1", "t2"], "validation": [], "test": ["h6"]}
+    shared = "<50% of its long lines in earlier splits>"  # h2, h4: the licence is all their long lines
+    assert dropped == {"v1": "t1", "h1": "t1", "h3": "t2", "h5": "t3", "h2": shared, "h4": shared}
+    # a held-out copy never wins over the train one, and unique documents keep their split
+    assert data.deduplicate({k: docs[k] for k in ("t1", "t2", "h6")},
+                            {"train": ["t1"], "validation": ["t2"], "test": ["h6"]})[1] == {}
+    # a templated file: other first lines, but half of its long lines already in train
+    table = "".join(f"    '\\x{i:02x}'  #  0x{i:02X} -> LATIN LETTER NUMBER {i}\n" for i in range(10))
+    tpl = {"cp1": "# codec cp1 generated\n" + table, "cp2": "# codec cp2, other header\nimport codecs\n" + table[:300],
+           "own": "# codec own\n" + table.replace("LATIN", "GREEK")}
+    kept, dropped = data.deduplicate(tpl, {"train": ["cp1"], "validation": ["own"], "test": ["cp2"]})
+    assert kept["test"] == [] and "cp2" in dropped and kept["validation"] == ["own"]
+
+
+def test_drop_rows_seen_equals_a_python_loop():
+    rng = np.random.default_rng(0)
+    seen = rng.integers(0, 4, (40, 3)).astype(np.int32)
+    rows = np.concatenate([rng.integers(0, 4, (30, 3)), seen[:5]]).astype(np.int32)
+    want = np.array([r for r in rows.tolist() if r not in seen.tolist()], np.int32).reshape(-1, 3)
+    np.testing.assert_array_equal(data.drop_rows_seen(rows, seen), want)
+    assert len(want) < len(rows) - 4  # the 5 copies and the chance repeats are gone
+    np.testing.assert_array_equal(data.drop_rows_seen(rows, seen[:0]), rows)
+
+
+def test_a_document_copied_across_splits_leaks_no_row(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("LENS_CACHE_DIR", str(tmp_path))
+    words = "shall compare thee summer day thou art more lovely temperate rough winds".split()
+    rng = np.random.default_rng(1)
+    docs = {f"d{i:02d}": " ".join(rng.choice(words, 60)) for i in range(60)}  # 3 held-out each
+    names = data.split_documents(list(docs))
+    docs[names["test"][0]] = docs[names["train"][0]]  # an exact copy lands in test
+    monkeypatch.setitem(data.CORPORA, "copies", lambda: dict(docs))
+    assert names["test"][0] not in data.document_names("copies", "test")
+    train = {tuple(r) for r in data.load_tokens("copies", tok, 8, "train").tolist()}
+    for split in ("validation", "test"):
+        held = data.load_tokens("copies", tok, 8, split)
+        assert len(held) and not train & {tuple(r) for r in held.tolist()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("corpus", sorted(data.CORPORA))
+def test_no_test_row_appears_in_train_for_any_corpus(tok, corpus):
+    train, val, test = ({r.tobytes() for r in data.load_tokens(corpus, tok, 64, s)} for s in data.SPLITS)
+    assert len(test) > 10 and len(val) > 10
+    assert not test & train and not val & train and not test & val
