@@ -11,6 +11,9 @@ FAMILIES = {
     "gpt2": "lens.models.families.gpt2",
     "gpt_neox": "lens.models.families.neox",
     "gemma3_text": "lens.models.families.gemma3",
+    "olmo2": "lens.models.families.olmo2",
+    "mixtral": "lens.models.families.mixtral",
+    "olmoe": "lens.models.families.olmoe",
     "lens": "lens.models.io.native",  # our own format, for configs no HF family expresses
 }
 
