@@ -14,6 +14,8 @@ measured at most ~2e-6).  The plain-config checks (transformers' defaults, initi
 
 from __future__ import annotations
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,16 +64,43 @@ def built(name: str, tmp_path_factory):
     return _BUILT[name]
 
 
+CAPTURE = Capture(resid=True, sublayers=True, neurons=True, router=True)
+
+
+@eqx.filter_jit
+def _forward(model, tokens, edits):
+    out = model.forward(tokens, edits=edits, capture=CAPTURE)
+    return out.logits, out.activations
+
+
+def run(model, tokens=TOKENS, edits: Edits | None = None):
+    """(logits, activations) with `edits` made uniform: every field these tests use is
+    present (zeros where unset: nothing added, no direction removed, mix 0) at full
+    position length, so ONE compiled forward per model serves every edit here."""
+    c = model.config
+    n, d, S = c.n_layers, c.d_model, SEQ
+    units = (c.n_experts, c.d_mlp) if c.is_moe else (c.d_mlp,)
+    site = "expert_neuron" if c.is_moe else "neuron"
+    shapes = {"resid_add": (n, S, d), "head_mix": (n, S, c.n_heads),
+              f"{site}_mix": (n, S) + units, f"{site}_source": (n, S) + units}
+    e = Edits() if edits is None else edits
+    E.check_edits(model, edits, S)
+    out = {k: jnp.zeros(v) if getattr(e, k) is None else jnp.broadcast_to(getattr(e, k), v)
+           for k, v in shapes.items()}
+    for k in ("resid_ablate", "writer_ablate"):  # one direction at most here
+        out[k] = jnp.zeros((n, 1, d)) if getattr(e, k) is None else getattr(e, k)
+    return _forward(model, jnp.asarray(tokens, jnp.int32), Edits(**out))
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_logits_residuals_and_router_match_transformers(name, tmp_path_factory):
     hf, model, _ = built(name, tmp_path_factory)
-    out = model.forward(jnp.asarray(TOKENS), capture=Capture(resid=True, router=True))
+    ours, acts = run(model)
     logits, hidden = hf_forward(hf, TOKENS)
-    np.testing.assert_allclose(np.asarray(out.logits), logits, atol=TOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(ours), logits, atol=TOL, rtol=0)
     # hidden_states[l] (l < n_layers) enters block l; the last one is after the final norm
     n = model.config.n_layers
-    np.testing.assert_allclose(np.asarray(out.activations.resid_pre), hidden[:n], atol=TOL, rtol=0)
-    acts = out.activations
+    np.testing.assert_allclose(np.asarray(acts.resid_pre), hidden[:n], atol=TOL, rtol=0)
     if not model.config.is_moe:
         assert acts.router_logits is None
         return
@@ -101,7 +130,7 @@ def test_sliding_window_binds(tmp_path_factory):
     assert model.config.sliding_window == 5
     full = dataclasses.replace(model, config=dataclasses.replace(model.config, local_layers=None,
                                                                  sliding_window=None))
-    diff = np.abs(np.asarray(model(jnp.asarray(TOKENS))) - np.asarray(full(jnp.asarray(TOKENS))))
+    diff = np.abs(np.asarray(run(model)[0]) - np.asarray(run(full)[0]))
     assert diff[:5].max() < TOL and diff[5:].max() > 1e-3
 
 
@@ -127,7 +156,8 @@ def test_plain_configs_load(name, tmp_path):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(TOKENS))), logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["olmo2", "mixtral_window", "olmoe"])
+@pytest.mark.parametrize("name", [pytest.param("olmo2", marks=pytest.mark.slow), "mixtral_window",
+                                  pytest.param("olmoe", marks=pytest.mark.slow)])
 def test_greedy_generation_equals_transformers(name, tmp_path_factory):
     """32 new tokens (past Mixtral's window of 5), through our KV cache."""
     hf, model, _ = built(name, tmp_path_factory)
@@ -138,6 +168,10 @@ def test_greedy_generation_equals_transformers(name, tmp_path_factory):
         ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                           max_new_tokens=32, min_new_tokens=32, eos_token_id=None, pad_token_id=0)
     assert ref[0, len(prompt):].tolist() == ours
+    if name == "olmoe":  # the KV-cached decode's logits equal the full forward's
+        r = generate(model, [prompt], GenerationConfig(32, eos_token_ids=(), return_logits=True))
+        full = np.asarray(model(jnp.asarray(r.sequences[0])))
+        np.testing.assert_allclose(r.logits[0], full[len(prompt) - 1:-1], atol=TOL, rtol=0)
 
 
 # ------------------------------------------------------------------ edits vs forward hooks
@@ -152,7 +186,7 @@ def test_steering_head_ablation_and_writers_match_hooks(name, tmp_path_factory):
     layer, head = 1, 2
     v = np.random.RandomState(1).randn(c.d_model).astype(np.float32)
     # steering: v added to the residual entering block `layer` (a pre-hook on that layer)
-    ours = model(jnp.asarray(TOKENS), edits=E.add(model, v, layer, coeff=2.0))
+    ours = run(model, edits=E.add(model, v, layer, coeff=2.0))[0]
     ref = hooked(hf, [(_layers(hf)[layer], "pre_", pre_edit(lambda x: x + 2.0 * torch.tensor(v)))],
                  TOKENS)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
@@ -164,7 +198,7 @@ def test_steering_head_ablation_and_writers_match_hooks(name, tmp_path_factory):
         x[..., head * dh:(head + 1) * dh] = 0
         return x
 
-    ours = model(jnp.asarray(TOKENS), edits=E.ablate_heads(model, {layer: [head]}))
+    ours = run(model, edits=E.ablate_heads(model, {layer: [head]}))[0]
     ref = hooked(hf, [(_layers(hf)[layer].self_attn.o_proj, "pre_", pre_edit(drop_head))], TOKENS)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
     # writer ablation: the direction projected out of the embedding and of what each block
@@ -176,10 +210,10 @@ def test_steering_head_ablation_and_writers_match_hooks(name, tmp_path_factory):
     for L in _layers(hf):
         writers += ([L.post_attention_layernorm, L.post_feedforward_layernorm] if name == "olmo2"
                     else [L.self_attn.o_proj, L.mlp])
-    ours = model(jnp.asarray(TOKENS), edits=E.ablate_direction(model, u, where="writers"))
+    ours = run(model, edits=E.ablate_direction(model, u, where="writers"))[0]
     ref = hooked(hf, [(w, "", proj) for w in writers], TOKENS)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
-    base = np.asarray(model(jnp.asarray(TOKENS)))
+    base = np.asarray(run(model)[0])
     assert np.abs(np.asarray(ours) - base).max() > 1e-3
 
 
@@ -192,7 +226,7 @@ def test_olmo2_neuron_ablation_matches_hook(tmp_path_factory):
         x[..., idx] = 0
         return x
 
-    ours = model(jnp.asarray(TOKENS), edits=E.ablate_neurons(model, {0: idx}))
+    ours = run(model, edits=E.ablate_neurons(model, {0: idx}))[0]
     ref = hooked(hf, [(_layers(hf)[0].mlp.down_proj, "pre_", pre_edit(drop))], TOKENS)
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
 
@@ -211,7 +245,7 @@ def test_expert_neuron_capture_and_ablation_match_hooks(name, tmp_path_factory):
     _eager_experts(hf)
     c = model.config
     layer = 1
-    _, cache = lens.run_with_cache(model, TOKENS, capture=Capture(neurons=True, router=True))
+    _, cache = run(model)
     assert cache.neurons is None
     chosen = np.asarray(cache.chosen_experts[layer])
     expert = int(np.bincount(chosen.ravel(), minlength=c.n_experts).argmax())  # a busy expert
@@ -242,11 +276,12 @@ def test_expert_neuron_capture_and_ablation_match_hooks(name, tmp_path_factory):
         return out
 
     ref = hooked(hf, [(experts, "pre_", record_hit), (experts.act_fn, "", drop)], TOKENS)
-    ours = model(jnp.asarray(TOKENS), edits=E.ablate_expert_neurons(model, {layer: {expert: neurons}}))
+    ours = run(model, edits=E.ablate_expert_neurons(model, {layer: {expert: neurons}}))[0]
     np.testing.assert_allclose(np.asarray(ours), ref, atol=TOL, rtol=0)
-    assert np.abs(np.asarray(ours) - np.asarray(model(jnp.asarray(TOKENS)))).max() > 1e-4
+    assert np.abs(np.asarray(ours) - np.asarray(run(model)[0])).max() > 1e-4
     # mean ablation from a batch of caches: the source is the mean over batch and positions
-    _, batch = lens.run_with_cache(model, np.stack([TOKENS, OTHER]), capture=Capture(neurons=True))
+    other = run(model, OTHER)[1]
+    batch = jax.tree.map(lambda a, b: jnp.stack([a, b]), cache, other)
     e = E.ablate_expert_neurons(model, {layer: {expert: neurons}}, kind="mean", cache=batch)
     mean = np.asarray(batch.expert_neurons)[:, layer].mean(axis=(0, 1))
     np.testing.assert_allclose(np.asarray(e.expert_neuron_source)[layer, 0], mean, atol=1e-6)
@@ -258,11 +293,10 @@ def test_expert_neuron_patch_uses_source_neurons_with_own_routing(name, tmp_path
     is sum_e w_run[e] * (n_source[e] @ W_out[e]) with THIS run's router weights (numpy)."""
     _, model, _ = built(name, tmp_path_factory)
     layer = 0
-    capture = Capture(neurons=True, router=True, sublayers=True)
-    _, src = lens.run_with_cache(model, OTHER, capture=capture)
+    _, src = run(model, OTHER)
     e = E.patch(model, src, site="expert_neurons", layers=[layer])
     assert e.expert_neuron_mix.shape == (2, SEQ, 6, model.config.d_mlp)
-    _, patched = lens.run_with_cache(model, TOKENS, capture=capture, edits=e)
+    _, patched = run(model, TOKENS, e)
     w = np.asarray(patched.expert_weights[layer], np.float64)
     n_src = np.asarray(src.expert_neurons[layer], np.float64)
     w_out = np.asarray(model.blocks.W_out_experts[layer], np.float64)
@@ -271,21 +305,30 @@ def test_expert_neuron_patch_uses_source_neurons_with_own_routing(name, tmp_path
     np.testing.assert_allclose(np.asarray(patched.expert_neurons[layer]), n_src, atol=1e-6)
 
 
-def test_steering_sweeps_and_cached_decode_on_moe(tmp_path_factory):
-    """lens.add_vectors and sweep_vectors unchanged on a MoE; the KV-cached decode equals
-    the full forward."""
+def test_add_vectors_on_moe(tmp_path_factory):
+    """lens.add_vectors (the prefix once, K steered suffixes vmapped) unchanged on a MoE."""
     _, model, _ = built("olmoe", tmp_path_factory)
-    vs = np.random.RandomState(2).randn(3, model.config.d_model).astype(np.float32)
+    vs = np.random.RandomState(2).randn(2, model.config.d_model).astype(np.float32)
     got = np.asarray(lens.add_vectors(model, TOKENS, vs, layer=1, coeff=1.5))
-    for k in range(3):
-        one = model(jnp.asarray(TOKENS), edits=E.add(model, vs[k], 1, coeff=1.5))
+    for k in range(2):
+        one = run(model, edits=E.add(model, vs[k], 1, coeff=1.5))[0]
         np.testing.assert_allclose(got[k], np.asarray(one), atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_sweep_vectors_on_moe(tmp_path_factory):
+    """sweep_vectors' KL equals the KL computed from add_vectors' logits."""
+    _, model, _ = built("olmoe", tmp_path_factory)
+    vs = np.random.RandomState(2).randn(2, model.config.d_model).astype(np.float32)
     res = lens.sweep_vectors(model, TOKENS[None], vs, coeffs=(1.5,), layers=1)
-    assert np.asarray(res.kl).shape[:2] == (3, 1) and np.all(np.asarray(res.kl) > 0)
-    prompt = TOKENS[:5].tolist()
-    r = generate(model, [prompt], GenerationConfig(8, eos_token_ids=(), return_logits=True))
-    full = np.asarray(model(jnp.asarray(r.sequences[0])))
-    np.testing.assert_allclose(r.logits[0], full[len(prompt) - 1:-1], atol=TOL, rtol=0)
+    steered = np.asarray(lens.add_vectors(model, TOKENS, vs, layer=1, coeff=1.5), np.float64)
+    base = np.asarray(run(model)[0], np.float64)
+    logp = lambda x: x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)  # noqa: E731
+    ls, lb = logp(steered[:, -1]), logp(base[-1])
+    kl = (np.exp(ls) * (ls - lb)).sum(-1)  # KL(steered || unsteered) at the last token, [K]
+    got = np.asarray(res.kl)
+    assert got.shape == (2, 1, 1, 1) and kl.min() > 1e-4
+    np.testing.assert_allclose(got.reshape(2), kl, atol=1e-5)
 
 
 # ------------------------------------------------------------------ bad input
