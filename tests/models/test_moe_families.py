@@ -367,3 +367,14 @@ def test_expert_sites_refused_where_absent(tmp_path_factory):
         E.ablate_expert_neurons(dense, {0: {0: [1]}})
     with pytest.raises(ValueError, match="expert 6 out of range"):
         E.ablate_expert_neurons(moe, {0: {6: [1]}})
+
+
+@pytest.mark.parametrize("name", ["olmo2", "mixtral_window"])
+def test_save_and_load_round_trip(name, tmp_path_factory, tmp_path):
+    """models.save writes these in the native format (no HF writer); loading gives the
+    same model back."""
+    _, model, _ = built(name, tmp_path_factory)
+    models.save(model, tmp_path)
+    again, _ = models.load(tmp_path)
+    assert again.config == model.config
+    np.testing.assert_array_equal(np.asarray(run(again)[0]), np.asarray(run(model)[0]))
