@@ -10,6 +10,9 @@ Modules:
   moefication          split_by_weights / split_by_coactivation / split_random -> labels [layers, d_mlp];
                        centroid_routers / mlp_routers / train_routers -> Routers; expert_forward(model, tokens,
                        labels, routers, k) -> logits [*batch, seq, vocab]; balanced_kmeans
+  moe_recovery         adjusted_rand_index(a [n], b [n]) -> float; merge_experts(moe) -> dense Transformer;
+                       expert_activations(moe, rows [N, seq]) -> dense / routed [layers, tokens, E*m];
+                       recovery -> {split: ARI [layers]}; MoELoss (next-token + load balancing)
   contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
                        predicted_sparse_forward -> logits [*batch, seq, vocab]
 """
