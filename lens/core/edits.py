@@ -246,12 +246,13 @@ def _source(kind: str, acts, what: str, key, seq_len):
     if acts is None:
         raise ValueError(f"{kind} ablation needs a reference cache holding {what}")
     a = jnp.asarray(acts, jnp.float32)
-    batched = a.ndim == 4 if what != "head_z" else a.ndim == 5
+    axes_after_layers = len(_CACHE_FIELDS[what].axes)  # seq and the unit axes
+    batched = a.ndim == 2 + axes_after_layers
     if kind == "mean":
         axes = (0, 2) if batched else (1,)
         return jnp.expand_dims(a.mean(axis=axes), 1)
     if kind == "resample":
-        if seq_len is not None and a.shape[-2 if what != "head_z" else -3] != seq_len:
+        if seq_len is not None and a.shape[-axes_after_layers] != seq_len:
             raise ValueError(f"resample source has another sequence length than {seq_len}")
         if not batched:
             return a
@@ -300,12 +301,55 @@ def ablate_neurons(
     return Edits(neuron_mix=mix, neuron_source=source)
 
 
+def ablate_expert_neurons(
+    model: Transformer,
+    neurons: Bool[Array, "layers experts d_mlp"] | Mapping[int, Mapping[int, Sequence[int]]],
+    kind: str = "zero",
+    cache: Activations | None = None,
+    key: Array | None = None,
+    positions: int | Sequence[int] | None = None,
+    seq_len: int | None = None,
+) -> Edits:
+    """Zero / mean / resample ablation of a mixture of experts' neurons, per expert (each
+    expert's act(gate) * up before its W_out, models/core/moe.py); sources as in
+    `ablate_heads`, from `cache.expert_neurons` ([layers, seq, experts, d_mlp]).
+
+    neurons: a [layers, experts, d_mlp] mask or {layer: {expert: [neuron, ...]}}.  The
+    router is untouched: an ablated neuron of an expert that a token does not choose
+    changes nothing for that token."""
+    c = model.config
+    if not c.is_moe:
+        raise ValueError("ablate_expert_neurons needs a mixture of experts (n_experts > 0); "
+                         "use ablate_neurons for a dense MLP")
+    shape = (c.n_layers, c.n_experts, c.d_mlp)
+    if isinstance(spec := neurons, Mapping):
+        mask = np.zeros(shape, np.float32)
+        for layer, per_expert in spec.items():
+            if not -c.n_layers <= int(layer) < c.n_layers:
+                raise ValueError(f"layer index {layer} out of range for {c.n_layers} layers")
+            if not isinstance(per_expert, Mapping):
+                raise ValueError("neurons must map layer -> {expert: [neuron, ...]}")
+            for expert, idx in per_expert.items():
+                if not 0 <= int(expert) < c.n_experts:
+                    raise ValueError(f"expert {expert} out of range [0, {c.n_experts}) at layer {layer}")
+                mask[int(layer), int(expert)] = _mask_from({0: idx}, 1, c.d_mlp, "neuron")[0]
+    else:
+        mask = np.asarray(spec, np.float32)
+        if mask.shape != shape:
+            raise ValueError(f"expert neuron mask has shape {mask.shape}; expected {shape}")
+    mix, source = _unit_ablation(model, mask, None, "expert neuron", "expert_neurons", kind, cache,
+                                 key, positions, seq_len)
+    return Edits(expert_neuron_mix=mix, expert_neuron_source=source)
+
+
 def _unit_ablation(model, spec, width, what, field, kind, cache, key, positions, seq_len):
-    """(mix [layers, S, width], source or None) shared by head and neuron ablation."""
-    mask = _mask_from(spec, model.config.n_layers, width, what)
+    """(mix [layers, S, *units], source or None) shared by head, neuron and expert-neuron
+    ablation (width None: `spec` is already the [layers, *units] mask)."""
+    mask = spec if width is None else _mask_from(spec, model.config.n_layers, width, what)
     src_acts = None if cache is None else _checked_field(model, cache, field)
     pos = check_positions(positions, seq_len)
-    mix = mask[:, None, :] * _position_mask(pos, seq_len)[None, :, None]
+    pmask = _position_mask(pos, seq_len).reshape((1, -1) + (1,) * (mask.ndim - 1))
+    mix = mask[:, None] * pmask
     source = _source(kind, src_acts, field, key, seq_len if kind == "resample" else None)
     dt = _dtype(model)
     return jnp.asarray(mix, dt), None if source is None else source.astype(dt)
@@ -358,6 +402,7 @@ def patch(
     site:
       "resid"     resid_pre of the chosen layers (what enters the block);
       "heads"     head z before W_O;            "neurons"  MLP activations;
+      "expert_neurons"  a mixture of experts' neurons, every expert (models/core/moe.py);
       "attn_out" / "mlp_out"  what the attention / MLP sub-block writes;
       "q_input" / "k_input" / "v_input"  the residual that head h's query / key / value
                   reads (before ln1; path patching, Wang et al. 2022, Goldowsky-Dill et al.
@@ -406,6 +451,8 @@ def patch(
     else:
         mix = pos_sel
     mix_axes = SITES[f"{base}_mix"].axes
+    if len(mix_axes) == 3:  # expert neurons: every expert's every neuron
+        mix = mix[..., None, None] * np.ones([site_widths(c)[a] for a in mix_axes[1:]], np.float32)
     if len(mix_axes) == 2:  # a unit axis: heads, kv heads or neurons
         width = site_widths(c)[mix_axes[1]]
         unit_sel = np.ones((width,), np.float32)

@@ -43,6 +43,9 @@ def fold_norms(model: Transformer) -> Transformer:
     model's norms have unit gains and no biases.
     """
     c = model.config
+    if not c.pre_norms or c.is_moe:
+        raise ValueError(f"fold_norms: not implemented for {c.architecture!r} "
+                         f"({'no pre-norms to fold' if not c.pre_norms else 'a mixture of experts'})")
     blk = model.blocks
     W_Q, b_Q = _fold_into(blk.ln1_w, blk.ln1_b, blk.W_Q, blk.b_Q, "ld,lhdk->lhdk", "ld,lhdk->lhk")
     W_K, b_K = _fold_into(blk.ln1_w, blk.ln1_b, blk.W_K, blk.b_K, "ld,lhdk->lhdk", "ld,lhdk->lhk")

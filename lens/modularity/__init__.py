@@ -13,6 +13,9 @@ Modules:
                        Routers; expert_forward(model, tokens, labels, routers, k, layers=None) -> logits
                        [*batch, seq, vocab]; neuron_oracle_forward (per-neuron, no grouping);
                        expert_mass_share; balanced_kmeans
+  moe_recovery         adjusted_rand_index(a [n], b [n]) -> float; merge_experts(moe) -> dense Transformer;
+                       expert_activations(moe, rows [N, seq]) -> dense / routed [layers, tokens, E*m];
+                       recovery -> {split: ARI [layers]}; MoELoss (next-token + load balancing)
   contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
                        predicted_sparse_forward -> logits [*batch, seq, vocab]
 """

@@ -42,7 +42,8 @@ from lens.models.runtime.progress import Progress
 
 CHECKPOINT = "checkpoint.safetensors"
 # Leaves decayed by AdamW: matrices.  Norm gains and biases are not (nanoGPT, GPT-2).
-_DECAYED = {"embed", "pos_embed", "unembed", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out"}
+_DECAYED = {"embed", "pos_embed", "unembed", "W_Q", "W_K", "W_V", "W_O", "W_in", "W_gate", "W_out",
+            "W_router", "W_in_experts", "W_gate_experts", "W_out_experts"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,8 @@ Modules:
   transformer   Transformer: embed -> lax.scan over stacked blocks -> final norm -> unembed;
                 __call__(tokens [seq]) -> logits [seq, vocab], forward -> ForwardOutput;
                 pad_batch; first_blocks(model, n) -> a model of its first n blocks
+  moe           the mixture-of-experts MLP (Mixtral, OLMoE): route(config, W_router, h [seq, d]) ->
+                (router logits, weights [seq, experts], chosen [seq, k]); moe_mlp (dense, exact)
   interventions Edits (interventions as data, [layers, ...] arrays), Capture (what to record),
                 Activations (the typed cache); PATCH_SITES: every patchable site, declared once;
                 ResidFn: the custom edit (a pure fn of the residual, layer, positions)

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from . import layers
+from . import layers, moe
 from .config import ModelConfig
 from .interventions import Activations, Capture, Edits
 
 
 class Block(eqx.Module):
-    ln1_w: Float[Array, "d_model"]
+    ln1_w: Float[Array, "d_model"] | None  # None without pre-norms (OLMo 2)
     ln1_b: Float[Array, "d_model"] | None
     W_Q: Float[Array, "heads d_model d_head"]
     b_Q: Float[Array, "heads d_head"] | None
@@ -31,8 +31,8 @@ class Block(eqx.Module):
     b_V: Float[Array, "kv_heads d_head"] | None
     W_O: Float[Array, "heads d_head d_model"]
     b_O: Float[Array, "d_model"] | None
-    q_norm_w: Float[Array, "d_head"] | None
-    k_norm_w: Float[Array, "d_head"] | None
+    q_norm_w: Float[Array, "d_head"] | None  # [heads * d_head] with qk_norm_over="all"
+    k_norm_w: Float[Array, "d_head"] | None  # [kv_heads * d_head] with qk_norm_over="all"
     post_attn_w: Float[Array, "d_model"] | None  # sandwich norm on the attention output
     ln2_w: Float[Array, "d_model"] | None  # None in attn_only models
     ln2_b: Float[Array, "d_model"] | None
@@ -43,6 +43,11 @@ class Block(eqx.Module):
     W_out: Float[Array, "d_mlp d_model"] | None
     b_out: Float[Array, "d_model"] | None
     post_mlp_w: Float[Array, "d_model"] | None  # sandwich norm on the MLP output
+    # mixture of experts (models/core/moe.py), in place of W_in / W_gate / W_out
+    W_router: Float[Array, "d_model experts"] | None = None
+    W_in_experts: Float[Array, "experts d_model d_mlp"] | None = None
+    W_gate_experts: Float[Array, "experts d_model d_mlp"] | None = None
+    W_out_experts: Float[Array, "experts d_mlp d_model"] | None = None
 
 
 BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(Block))
@@ -146,6 +151,8 @@ def block_forward(
     resid_pre = x
 
     def norm1(y, scale_edit=None):
+        if not c.pre_norms:  # OLMo 2: the sub-layers read the stream itself
+            return y, None
         return layers.apply_norm(y, c.norm_kind, block.ln1_w, block.ln1_b, c.norm_eps, scale_edit)
 
     h, ln1_scale = norm1(x, _scale_edit(edits, "ln1"))
@@ -163,7 +170,12 @@ def block_forward(
             inputs, _ = norm1(xs + mix[..., None].astype(x.dtype) * (source - xs))
             qkv.append(_linear(inputs, w, b, "shd,hdk->shk"))
     q, k, v = qkv
-    if c.qk_norm:
+    if c.qk_norm and c.qk_norm_over == "all":  # OLMo 2 / OLMoE: over the whole projection
+        q = layers.apply_norm(q.reshape(*q.shape[:-2], -1), "rms", block.q_norm_w,
+                              eps=c.norm_eps)[0].reshape(q.shape)
+        k = layers.apply_norm(k.reshape(*k.shape[:-2], -1), "rms", block.k_norm_w,
+                              eps=c.norm_eps)[0].reshape(k.shape)
+    elif c.qk_norm:
         q, _ = layers.apply_norm(q, "rms", block.q_norm_w, eps=c.norm_eps)
         k, _ = layers.apply_norm(k, "rms", block.k_norm_w, eps=c.norm_eps)
     q_cap, k_cap, v_cap = (q, k, v) if capture.qkv else (None, None, None)
@@ -196,22 +208,30 @@ def block_forward(
         attn_out = _ablate(edits.mixed(attn_out, "attn_out"), edits.writer_ablate)
 
     resid_mid = x + attn_out
+    routed = (None,) * 4  # MoE: expert neurons, router logits, combining weights, chosen
     if c.attn_only:  # no MLP sub-block at all (TransformerLens attn_only)
         neurons = ln2_scale = None
         mlp_out = jnp.zeros_like(resid_mid)
     else:
         mlp_in = x if c.parallel_residual else resid_mid
-        h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, block.ln2_w, block.ln2_b, c.norm_eps,
-                                          _scale_edit(edits, "ln2"))
-        act = layers.activation_fn(c.activation)
-        pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
-        if c.gated_mlp:
-            neurons = act(_linear(h2, block.W_gate, block.b_gate, "sd,dm->sm")) * pre
+        if c.pre_norms:
+            h2, ln2_scale = layers.apply_norm(mlp_in, c.norm_kind, block.ln2_w, block.ln2_b,
+                                              c.norm_eps, _scale_edit(edits, "ln2"))
         else:
-            neurons = act(pre)
-        if edits is not None:
-            neurons = edits.mixed(neurons, "neuron")
-        mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
+            h2, ln2_scale = mlp_in, None
+        if c.is_moe:
+            mlp_out, *routed = moe.moe_mlp(c, block, h2, edits)
+            neurons = None
+        else:
+            act = layers.activation_fn(c.activation)
+            pre = _linear(h2, block.W_in, block.b_in, "sd,dm->sm")
+            if c.gated_mlp:
+                neurons = act(_linear(h2, block.W_gate, block.b_gate, "sd,dm->sm")) * pre
+            else:
+                neurons = act(pre)
+            if edits is not None:
+                neurons = edits.mixed(neurons, "neuron")
+            mlp_out = _linear(neurons, block.W_out, block.b_out, "sm,md->sd")
         if c.sandwich_norms:
             mlp_out, _ = layers.apply_norm(mlp_out, c.norm_kind, block.post_mlp_w, eps=c.norm_eps)
         if edits is not None:
@@ -230,6 +250,10 @@ def block_forward(
         ln1_scale=ln1_scale if capture.norms else None,
         ln2_scale=ln2_scale if capture.norms else None,
         q=q_cap, k=k_cap, v=v_cap,
+        expert_neurons=routed[0] if capture.neurons else None,
+        router_logits=routed[1] if capture.router else None,
+        expert_weights=routed[2] if capture.router else None,
+        chosen_experts=routed[3] if capture.router else None,
     )
     return resid_post, kv, acts
 

@@ -61,7 +61,13 @@ class ModelConfig:
     local_layers: tuple[bool, ...] | None = None
     parallel_residual: bool = False  # NeoX: x + attn(ln1 x) + mlp(ln2 x)
     qk_norm: bool = False  # Gemma 3: RMSNorm on each query/key head
+    # "head": one RMSNorm per head over d_head (Gemma 3); "all": over the whole q / k
+    # projection [heads * d_head] before the split into heads (OLMo 2, OLMoE)
+    qk_norm_over: Literal["head", "all"] = "head"
     sandwich_norms: bool = False  # Gemma 3: extra norms on each sub-block's output
+    # False: no norm BEFORE attention / the MLP (ln1 / ln2 absent); with sandwich_norms the
+    # norms sit only on the sub-layer outputs (OLMo 2's post-norms)
+    pre_norms: bool = True
     embed_scale: float = 1.0  # Gemma: embeddings times sqrt(d_model)
     query_scale: float | None = None  # softmax scale; None = d_head ** -0.5
     attn_bias: bool = False  # biases on q/k/v
@@ -76,11 +82,27 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     # TransformerLens's attn_only models: blocks without MLP (and without ln2); d_mlp unused.
     attn_only: bool = False
+    # Mixture of experts (Mixtral, OLMoE): n_experts > 0 replaces the MLP by n_experts
+    # gated MLPs of width d_mlp and a router choosing experts_per_token of them per token
+    # (models/core/moe.py); norm_topk_prob renormalises the chosen softmax probabilities.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        if self.n_experts:
+            if not 1 <= self.experts_per_token <= self.n_experts:
+                raise ValueError(f"experts_per_token={self.experts_per_token} must be in "
+                                 f"[1, n_experts={self.n_experts}]")
+            if not self.gated_mlp or self.attn_only:
+                raise ValueError("a mixture of experts needs gated_mlp=True and an MLP")
+        elif self.experts_per_token:
+            raise ValueError(f"experts_per_token={self.experts_per_token} without n_experts")
+        if self.qk_norm_over not in ("head", "all"):
+            raise ValueError(f"qk_norm_over must be 'head' or 'all'; got {self.qk_norm_over!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
@@ -113,6 +135,10 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.query_scale if self.query_scale is not None else self.d_head**-0.5
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
 
     @property
     def has_local_layers(self) -> bool:

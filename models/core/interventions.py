@@ -30,6 +30,8 @@ Order inside block l (documented because it matters when edits are combined):
   7. attention output patched:            a <- a + attn_out_mix * (attn_out_source - a)
   8. ln2's divisor mixed (as 4).
   9. MLP neurons mixed:                   n <- n + neuron_mix * (neuron_source - n)
+     (a mixture of experts: every expert's neurons [S, experts, d_mlp], before the router
+     weight: n <- n + expert_neuron_mix * (expert_neuron_source - n); models/core/moe.py)
  10. MLP output patched:                  m <- m + mlp_out_mix * (mlp_out_source - m)
  11. each writer (attention output, MLP output) has `writer_ablate` directions removed.
   After the last block: the final norm's divisor mixed (final_scale_mix / _source; no
@@ -62,7 +64,7 @@ from .ranges import check_index
 
 # The axis vocabulary of the sites.  "S": positions, 1 (every position) or seq; "n": a
 # free count (ablated directions, concatenated by `combine`); the rest are model widths.
-_WIDTHS = ("d_model", "heads", "kv_heads", "d_head", "d_mlp")
+_WIDTHS = ("d_model", "heads", "kv_heads", "d_head", "d_mlp", "experts")
 
 
 class Site(NamedTuple):
@@ -146,6 +148,9 @@ class Edits(eqx.Module):
     ln2_scale_source: Float[Array, "layers S"] | None = _site("S", "source")
     neuron_mix: Float[Array, "layers S d_mlp"] | None = _site("S d_mlp", "mix")
     neuron_source: Float[Array, "layers S d_mlp"] | None = _site("S d_mlp", "source")
+    expert_neuron_mix: Float[Array, "layers S experts d_mlp"] | None = _site("S experts d_mlp", "mix")
+    expert_neuron_source: Float[Array, "layers S experts d_mlp"] | None = _site(
+        "S experts d_mlp", "source")
     mlp_out_mix: Float[Array, "layers S"] | None = _site("S", "mix")
     mlp_out_source: Float[Array, "layers S d_model"] | None = _site("S d_model", "source")
     writer_ablate: Float[Array, "layers n d_model"] | None = _site("n d_model", "ablate")
@@ -227,7 +232,20 @@ def combine_two(name: str, a: Array, b: Array) -> Array:
 
 def site_widths(config) -> dict[str, int]:
     return {"d_model": config.d_model, "heads": config.n_heads, "kv_heads": config.n_kv_heads,
-            "d_head": config.d_head, "d_mlp": config.d_mlp}
+            "d_head": config.d_head, "d_mlp": config.d_mlp, "experts": config.n_experts}
+
+
+# Sites a model must have the part for: a mixture of experts has no dense MLP neurons, a
+# dense model no expert neurons, a model without pre-norms (OLMo 2) no ln1 / ln2 divisor.
+def _missing_part(name: str, config) -> str | None:
+    moe = getattr(config, "n_experts", 0) > 0
+    if name.startswith("neuron_") and moe:
+        return "a mixture of experts has no dense MLP neurons (use expert_neuron_mix)"
+    if name.startswith("expert_neuron_") and not moe:
+        return "this model has no experts (n_experts = 0; use neuron_mix)"
+    if name.startswith(("ln1_scale", "ln2_scale")) and not getattr(config, "pre_norms", True):
+        return "this model has no norm before attention / the MLP (pre_norms=False)"
+    return None
 
 
 def check_edits(edits: Edits, config, seq_len: int | None, batch_dims: int = 0,
@@ -251,6 +269,9 @@ def check_edits(edits: Edits, config, seq_len: int | None, batch_dims: int = 0,
             raise ValueError(f"edits_batched=True: edits.{name} needs a leading axis of {batch} "
                              f"(one per prompt); got shape {full}")
         shape = full[batch_dims:]
+        missing = _missing_part(name, config)
+        if missing:
+            raise ValueError(f"edits.{name}: {missing}")
         if site.role == "source" and getattr(edits, name[: -len("source")] + "mix") is None:
             raise ValueError(f"edits.{name} is set but {name[: -len('source')]}mix is not "
                              "(a source without a mix changes nothing)")
@@ -312,6 +333,8 @@ class Capture:
     attn_pattern: bool = False
     qkv: bool = False  # per-head q [.., heads, d_head], k / v [.., kv_heads, d_head] (before rotary)
     layers: tuple[int, ...] | None = None
+    # mixture of experts: router logits, combining weights, chosen experts (`Activations`)
+    router: bool = False
 
     def __post_init__(self):
         if self.layers is not None:
@@ -323,7 +346,7 @@ class Capture:
 
     @classmethod
     def all(cls, attn_pattern: bool = True) -> "Capture":
-        return cls(True, True, True, True, True, attn_pattern, True)
+        return cls(True, True, True, True, True, attn_pattern, True, router=True)
 
 
 class Activations(eqx.Module):
@@ -333,7 +356,11 @@ class Activations(eqx.Module):
     resid_mid[l] is after attention (for parallel-residual models, x + attn_out);
     resid_post[l] is what leaves block l.  norm scales are the divisors sigma(x) / rms(x)
     (the divisor actually used, after any freezing edit).  q / k / v: after the projection
-    (bias, q/k norm), before rotary.  With `Capture(layers=...)` the [layers] axis holds
+    (bias, q/k norm), before rotary.  A mixture of experts (models/core/moe.py) fills
+    expert_neurons (every expert's neurons, computed densely, before the router weight)
+    instead of neurons, and with Capture(router=True) router_logits (float32),
+    expert_weights (the combining weights, zero outside the top k) and chosen_experts
+    (the top-k expert ids, descending probability).  With `Capture(layers=...)` the [layers] axis holds
     the chosen layers in the order given.
     """
 
@@ -350,6 +377,10 @@ class Activations(eqx.Module):
     q: Float[Array, "layers seq heads d_head"] | None = None
     k: Float[Array, "layers seq kv_heads d_head"] | None = None
     v: Float[Array, "layers seq kv_heads d_head"] | None = None
+    expert_neurons: Float[Array, "layers seq experts d_mlp"] | None = None
+    router_logits: Float[Array, "layers seq experts"] | None = None
+    expert_weights: Float[Array, "layers seq experts"] | None = None
+    chosen_experts: Array | None = None  # int32 [layers, seq, experts_per_token]
     final_norm_in: Float[Array, "seq d_model"] | None = None
     final_norm_out: Float[Array, "seq d_model"] | None = None
     final_scale: Float[Array, " seq"] | None = None
@@ -388,6 +419,7 @@ PATCH_SITES: dict[str, PatchSite] = {
         ("resid", "resid_pre", "resid"),
         ("heads", "head_z", "head"),
         ("neurons", "neurons", "neuron"),
+        ("expert_neurons", "expert_neurons", "expert_neuron"),
         ("attn_out", "attn_out", "attn_out"),
         ("mlp_out", "mlp_out", "mlp_out"),
         ("q_input", "resid_pre", "q_input"),

@@ -24,6 +24,8 @@ from .transformer import Transformer
 # Families whose HF `_init_weights` rescales the residual projections (transformers'
 # GPT2PreTrainedModel); the others use one std for every matrix.
 RESIDUAL_SCALED = {"gpt2"}
+# The number of fields (6 top-level + 22 per block) before the mixture-of-experts ones.
+LEGACY_KEYS = 28
 _GAINS = {"ln1_w", "ln2_w", "final_norm_w", "q_norm_w", "k_norm_w", "post_attn_w", "post_mlp_w"}
 _BIASES = {"ln1_b", "ln2_b", "final_norm_b", "b_Q", "b_K", "b_V", "b_O", "b_in", "b_gate", "b_out", "unembed_b"}
 
@@ -46,10 +48,15 @@ def init(
         scale_residual = config.architecture in RESIDUAL_SCALED
     top_shapes, block_shapes = expected_shapes(config)
     residual_std = initializer_range / math.sqrt(2 * config.n_layers)
-    keys = iter(jax.random.split(key, len(top_shapes) + len(block_shapes)))
+    # One key per field, drawn for every field (present or not), so adding a flag never
+    # reshuffles the others: the first LEGACY_KEYS fields split `key` as they always did,
+    # fields declared later (the mixture-of-experts matrices) fold their index into it.
+    n_fields = len(top_shapes) + len(block_shapes)
+    split = list(jax.random.split(key, LEGACY_KEYS))
+    keys = iter(split + [jax.random.fold_in(key, i) for i in range(LEGACY_KEYS, n_fields)])
 
     def draw(name: str, shape: tuple | None, layers: int | None):
-        k = next(keys)  # drawn for every field, so adding a flag never reshuffles the others
+        k = next(keys)
         if shape is None:
             return None
         full = shape if layers is None else (layers, *shape)

@@ -15,6 +15,9 @@ FAMILIES = {
     "mistral": "lens.models.families.mistral",
     "qwen3": "lens.models.families.qwen3",
     "phi3": "lens.models.families.phi3",
+    "olmo2": "lens.models.families.olmo2",
+    "mixtral": "lens.models.families.mixtral",
+    "olmoe": "lens.models.families.olmoe",
     "lens": "lens.models.io.native",  # our own format, for configs no HF family expresses
 }
 

@@ -74,20 +74,27 @@ def expected_shapes(c: ModelConfig) -> tuple[dict[str, tuple | None], dict[str, 
     d, h, kv, dh, m = c.d_model, c.n_heads, c.n_kv_heads, c.d_head, c.d_mlp
     maybe = lambda flag, shape: shape if flag else None  # noqa: E731
     mlp = not c.attn_only
+    dense = mlp and not c.is_moe  # a mixture of experts has expert matrices instead
+    pre, e = c.pre_norms, c.n_experts
+    qn, kn = ((h * dh,), (kv * dh,)) if c.qk_norm_over == "all" else ((dh,), (dh,))
     block = {
-        "ln1_w": (d,), "ln1_b": maybe(c.norm_bias, (d,)),
+        "ln1_w": maybe(pre, (d,)), "ln1_b": maybe(pre and c.norm_bias, (d,)),
         "W_Q": (h, d, dh), "b_Q": maybe(c.attn_bias, (h, dh)),
         "W_K": (kv, d, dh), "b_K": maybe(c.attn_bias, (kv, dh)),
         "W_V": (kv, d, dh), "b_V": maybe(c.attn_bias, (kv, dh)),
         "W_O": (h, dh, d), "b_O": maybe(c.attn_out_bias, (d,)),
-        "q_norm_w": maybe(c.qk_norm, (dh,)), "k_norm_w": maybe(c.qk_norm, (dh,)),
+        "q_norm_w": maybe(c.qk_norm, qn), "k_norm_w": maybe(c.qk_norm, kn),
         "post_attn_w": maybe(c.sandwich_norms, (d,)),
-        "ln2_w": maybe(mlp, (d,)), "ln2_b": maybe(mlp and c.norm_bias, (d,)),
-        "W_in": maybe(mlp, (d, m)), "b_in": maybe(mlp and c.mlp_bias, (m,)),
-        "W_gate": maybe(mlp and c.gated_mlp, (d, m)),
-        "b_gate": maybe(mlp and c.gated_mlp and c.mlp_bias, (m,)),
-        "W_out": maybe(mlp, (m, d)), "b_out": maybe(mlp and c.mlp_bias, (d,)),
+        "ln2_w": maybe(mlp and pre, (d,)), "ln2_b": maybe(mlp and pre and c.norm_bias, (d,)),
+        "W_in": maybe(dense, (d, m)), "b_in": maybe(dense and c.mlp_bias, (m,)),
+        "W_gate": maybe(dense and c.gated_mlp, (d, m)),
+        "b_gate": maybe(dense and c.gated_mlp and c.mlp_bias, (m,)),
+        "W_out": maybe(dense, (m, d)), "b_out": maybe(dense and c.mlp_bias, (d,)),
         "post_mlp_w": maybe(mlp and c.sandwich_norms, (d,)),
+        "W_router": maybe(c.is_moe, (d, e)),
+        "W_in_experts": maybe(c.is_moe, (e, d, m)),
+        "W_gate_experts": maybe(c.is_moe, (e, d, m)),
+        "W_out_experts": maybe(c.is_moe, (e, m, d)),
     }
     top = {
         "embed": (c.vocab_size, d),
