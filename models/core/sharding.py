@@ -90,6 +90,8 @@ def make_mesh(data: int = 1, model: int | None = None, fsdp: int = 1, devices=No
 def auto_mesh(mesh: Mesh) -> Mesh:
     """The same mesh with every axis `Auto` (GSPMD propagation), so `jax.make_mesh`'s
     default Explicit axes do not turn every matmul into a sharding-in-types question."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
     if all(t == AxisType.Auto for t in mesh.axis_types):
         return mesh
     return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))

@@ -10,9 +10,11 @@ The whole model is never built on the host.  How:
 3. The family's own `convert` walks its key map over those views (the reshapes and
    transposes of the key map are views too, and every shape is checked against the
    config there: a mismatched checkpoint is an error before any allocation), and ends in
-   `assemble`, which `assembling_with` replaces by `_place`: for each weight, a
-   `jax.make_array_from_callback` whose callback copies just one device's slice (all
-   layers of it) out of the views, cast to `dtype`, checked finite.
+   `assemble`, which `assembling_with` replaces by `_placer`'s: for each weight and each
+   device, one slice (all layers of it) is copied out of the views, cast to `dtype`,
+   checked finite and put on that device before the next is read (the arrays are then
+   joined with `jax.make_array_from_single_device_arrays`, the per-device form of
+   `jax.make_array_from_callback`).
 4. After every slice the file's pages are dropped from this process
    (`madvise(MADV_DONTNEED)`; they stay in the OS page cache), so the host holds one
    device's slice of one weight plus the pages of the tensor it came from: peak host
@@ -147,16 +149,26 @@ def _placer(mesh: Mesh, files: list[MappedFile]):
             f.drop_pages()
 
     def place(name, shape, spec, dtype, read):
+        # One device at a time (not `jax.make_array_from_callback`, which reads every
+        # device's slice before placing any): the host holds one device's slice of one
+        # weight.  Devices holding the same slice (replicas over "data") share one read.
         dt = np.dtype(dtype)
-
-        def callback(index):
+        sharding = NamedSharding(mesh, spec)
+        by_index: dict = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = tuple((s.start, s.stop) for s in index)
+            by_index.setdefault(key, (index, []))[1].append(device)
+        placed = {}
+        for index, devices in by_index.values():
             out = read(index, dt)
             if np.issubdtype(dt, np.floating) and not np.isfinite(out).all():
                 raise CheckpointError(f"{name}: contains NaN or inf")
             drop()
-            return out
-
-        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), callback, dtype=dt)
+            for device in devices:
+                placed[device] = jax.device_put(out, device)
+            del out
+        arrays = [placed[d] for d in sharding.addressable_devices_indices_map(shape)]
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
     def assemble_sharded(config: ModelConfig, top: dict, per_layer: list[dict], dtype) -> Transformer:
         _check_layout(config, top, per_layer)
