@@ -23,6 +23,7 @@ from lens.models.core.config import ModelConfig
 from lens_tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
+SLOW = pytest.mark.slow  # one 8-device subprocess, ~6 models x meshes compiled (> 20 s)
 
 CHILD = r"""
 import json, sys
@@ -140,6 +141,7 @@ def result(tmp_path_factory):
     return json.loads(line[len("RESULT"):])
 
 
+@SLOW
 def test_sharded_logits_equal_unsharded(result):
     runs = {k: v for k, v in result.items() if "(" in k}
     assert len(runs) == 6, sorted(runs)
@@ -150,6 +152,7 @@ def test_sharded_logits_equal_unsharded(result):
         assert r["devices"] == 8, (name, r)
 
 
+@SLOW
 def test_large_matrices_are_split(result):
     for name, r in result.items():
         if "(" not in name or r["mlp_frac"] is None:
@@ -162,6 +165,7 @@ def test_large_matrices_are_split(result):
     assert result["llama (2, 4)"]["embed_spec"] == "PartitionSpec('model', None)"
 
 
+@SLOW
 def test_bad_meshes_and_checkpoints_refused_before_allocating(result):
     e = result["errors"]
     assert e["model axis 8 vs kv heads 4"] and "n_kv_heads=4" in e["model axis 8 vs kv heads 4"], e
@@ -171,6 +175,7 @@ def test_bad_meshes_and_checkpoints_refused_before_allocating(result):
     assert e["not a mesh"] and e["not a mesh"].startswith("TypeError"), e
 
 
+@SLOW
 def test_fsdp_axis_and_bfloat16(result):
     r = result["fsdp bf16"]
     assert r["spec"] == "PartitionSpec(None, 'fsdp', 'model')", r
