@@ -99,8 +99,9 @@ def auto_mesh(mesh: Mesh) -> Mesh:
 
 def check_mesh(config: ModelConfig, mesh: Mesh) -> None:
     """ValueError (before anything is allocated) for unknown axis names or a mesh whose
-    axes do not divide what they split."""
-    if not isinstance(mesh, Mesh):
+    axes do not divide what they split.  (Anything with `axis_names` and a `shape`
+    mapping passes as a mesh: plans check hypothetical meshes the same way.)"""
+    if not (hasattr(mesh, "axis_names") and hasattr(mesh, "shape")):
         raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
     unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
     if unknown:
