@@ -147,8 +147,8 @@ def plan(config: ModelConfig, mesh, workload: str, dtype=jnp.float32, **params) 
     Workloads and their parameters (defaults in brackets):
       forward     batch [8], seq [128]
       sweep       k [256] vectors per chunk, prompts [8], seq [64]; keep_logits [False]
-      melbo       k [800] vectors trained at once, prompts [1], seq [64], layers [n/2]
-                  (blocks the gradient flows through: source to target)
+      melbo       k [800] vectors, block [k] of them trained at once, prompts [1], seq [64],
+                  layers [n/2] (blocks the gradient flows through: source to target)
       tuned_lens  batch [8] rows, seq [2048]: the frozen model's forward, every layer's
                   residual kept, one layer's lens logits (+ grad) live; SGD momentum state
       patching    prompts [1], seq [64], chunk [n_layers * seq] runs at once (the grid)
@@ -185,7 +185,8 @@ def plan(config: ModelConfig, mesh, workload: str, dtype=jnp.float32, **params) 
         act = _per_device(p["k"], shape) * p["prompts"] * live(p["seq"])
     elif workload == "melbo":
         p = {"k": 800, "prompts": 1, "seq": 64, "layers": max(1, L // 2), **p}
-        act = _per_device(p["k"], shape) * p["prompts"] * stored(p["seq"], p["layers"])
+        p.setdefault("block", p["k"])
+        act = _per_device(p["block"], shape) * p["prompts"] * stored(p["seq"], p["layers"])
         opt = 3 * p["k"] * d * 4  # the vectors, Adam's two moments (float32, replicated)
     elif workload == "tuned_lens":
         p = {"batch": 8, "seq": 2048, **p}
