@@ -117,7 +117,7 @@ def result(tmp_path_factory):
     root = tmp_path_factory.mktemp("sharded")
     folders = {}
     for i, (name, config, meshes) in enumerate([
-        ("llama", _config("llama"), [(2, 4), (8, 1)]),
+        ("llama", _config("llama"), [(2, 4)]),  # (8, 1) and more tools: tests/lens/test_mesh_tools.py
         ("gpt2", _config("gpt2"), [(1, 8)]),
         ("gpt_neox", _config("gpt_neox"), [(1, 8)]),
         # an attention-only model with an unembedding bias: the native format
@@ -135,7 +135,7 @@ def result(tmp_path_factory):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(folders), str(bad)], env=env,
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
@@ -144,7 +144,7 @@ def result(tmp_path_factory):
 @SLOW
 def test_sharded_logits_equal_unsharded(result):
     runs = {k: v for k, v in result.items() if "(" in k}
-    assert len(runs) == 6, sorted(runs)
+    assert len(runs) == 5, sorted(runs)
     for name, r in runs.items():
         assert r["logit_err"] < 1e-5, (name, r)  # float32 reassociation of the split sums only
         assert r["rwc_err"] < 1e-5, (name, r)
