@@ -13,4 +13,6 @@ Modules:
                 Activations (the typed cache); PATCH_SITES: every patchable site, declared once
   kv_cache      KVCache: arrays passed into the forward and returned updated
   random_init   init(config, key) -> Transformer with transformers' initialisation conventions
+  sharding      how every weight splits over a ("data", "model", "fsdp") mesh, declared once;
+                make_mesh, shard(model, mesh), place_batch, kv_cache_sharding
 """

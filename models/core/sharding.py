@@ -175,28 +175,26 @@ def place_batch(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(put, tree)
 
 
-def kv_cache_sharding(config: ModelConfig, mesh: Mesh, batched: bool = True):
+def kv_cache_sharding(config: ModelConfig, mesh: Mesh, batched: bool = True, batch: int | None = None):
     """A `KVCache`-shaped pytree of NamedSharding: k / v [batch?, layers, slots, kv_heads,
-    d_head] with the batch over "data" and the kv heads over "model"."""
+    d_head] with the batch over "data" (when `batch`, if given, divides) and the kv heads
+    over "model"."""
     from .kv_cache import KVCache
 
     mesh = auto_mesh(mesh)
     shape = dict(mesh.shape)
     heads = MODEL if MODEL in shape and config.n_kv_heads % shape[MODEL] == 0 else None
-    lead = (DATA,) if batched and DATA in shape else ()
+    split = DATA in shape and (batch is None or batch % shape[DATA] == 0)
+    lead = ((DATA if split else None),) if batched else ()
     kv = NamedSharding(mesh, P(*lead, None, None, heads, None))
     small = NamedSharding(mesh, P(*lead))
     return KVCache(kv, kv, small, small)
 
 
 def place_kv_cache(cache, config: ModelConfig, mesh: Mesh, batched: bool = True):
-    """`cache` (one, or a vmapped batch when batched) laid out by `kv_cache_sharding`;
-    the batch axis over "data" only when it divides."""
-    shardings = kv_cache_sharding(config, mesh, batched)
-    if batched and cache.k.shape[0] % dict(mesh.shape).get(DATA, 1):
-        shardings = kv_cache_sharding(config, mesh, batched=False)
-        shardings = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*([None] + list(s.spec)))), shardings)
-    return jax.tree.map(jax.device_put, cache, shardings)
+    """`cache` (one, or a vmapped batch when batched) laid out by `kv_cache_sharding`."""
+    batch = cache.k.shape[0] if batched else None
+    return jax.tree.map(jax.device_put, cache, kv_cache_sharding(config, mesh, batched, batch))
 
 
 def per_device_bytes(tree: Any) -> dict:

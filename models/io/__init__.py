@@ -3,6 +3,8 @@
 Modules:
   load               load(name_or_path) -> (Transformer, Tokenizer | None): the one way in
                      (an embedded name, a Hugging Face folder, a .gguf file)
+  sharded_load       load(folder, mesh=mesh): each device's slice read straight from the
+                     memory-mapped safetensors (the whole model never on the host)
   save               save(model, folder): config.json + model.safetensors that load and
                      transformers read back
   safetensors_reader read_safetensors_folder(folder) -> (HF config dict, {HF name: ndarray});
