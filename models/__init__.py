@@ -6,6 +6,7 @@
     logits = jax.vmap(model)(batch)     # batches are vmap
     model = models.init(config, jax.random.key(0))   # random, transformers' conventions
     models.save(model, "folder")        # models.load / transformers read it back
+    model, tok = models.load("folder", mesh=models.make_mesh(data=2, model=4))  # sharded
 
 Packages:
     models.core        config, stateless layers, the block (written once for every family),
@@ -39,9 +40,10 @@ else:
     from .core.kv_cache import KVCache
     from .io.load import load
     from .io.save import save
+    from .core.sharding import make_mesh, shard
     from .core.transformer import ForwardOutput, Transformer, pad_batch
 
     __all__ = [
         "load", "save", "init", "Transformer", "ModelConfig", "Edits", "Capture", "Activations", "KVCache",
-        "ForwardOutput", "CheckpointError", "xla_guard", "pad_batch",
+        "ForwardOutput", "CheckpointError", "xla_guard", "pad_batch", "make_mesh", "shard",
     ]

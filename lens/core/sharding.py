@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array
 
+from lens.models.core.sharding import DATA, auto_mesh
 from lens.models.core.transformer import Transformer
 
 VECTORS, BATCH = "vectors", "batch"
@@ -62,27 +63,45 @@ def make_mesh(vectors: int | None = None, batch: int = 1, devices=None) -> Mesh:
     return Mesh(grid, (VECTORS, BATCH))
 
 
+def vector_axis(mesh: Mesh) -> str:
+    """The axis a sweep's vectors split over: "vectors", or a model mesh's "data" axis
+    (`models.make_mesh`), so a model loaded with `models.load(..., mesh=mesh)` sweeps on
+    the same mesh."""
+    if VECTORS in mesh.axis_names:
+        return VECTORS
+    if DATA in mesh.axis_names:
+        return DATA
+    raise ValueError(f"a sweep mesh needs a {VECTORS!r} or {DATA!r} axis; got {mesh.axis_names}")
+
+
+def batch_axis(mesh: Mesh) -> str | None:
+    """The axis the prompts split over ("batch"), or None (prompts replicated)."""
+    return BATCH if BATCH in mesh.axis_names else None
+
+
 def round_chunk(chunk: int, mesh: Mesh) -> int:
     """The chunk of vectors rounded up to a multiple of the vector axis' device count."""
-    n = mesh.shape[VECTORS]
+    n = mesh.shape[vector_axis(mesh)]
     return max(n, math.ceil(chunk / n) * n)
 
 
-# name of a sweep input -> how it is laid out: vectors split on the K axis, prompts (and
-# anything with a leading P axis) on the batch axis; entries are [L, P, seq, d].
-_SPECS = {
-    "vectors": P(VECTORS),
-    "prompts": P(BATCH),
-    "entries": P(None, BATCH),
-}
+# How a sweep input is laid out (`place`): vectors split on the K axis ("vectors", or a
+# model mesh's "data"), prompts (and anything with a leading P axis) on the "batch" axis
+# when the mesh has one; entries are [L, P, seq, d].
 
 
 def place(name: str, array: Array, mesh: Mesh) -> Array:
     """Put one sweep input on the mesh with its layout (batch axis only if it divides)."""
-    spec = _SPECS[name]
+    vec, bat = vector_axis(mesh), batch_axis(mesh)
+    spec = {"vectors": P(vec), "prompts": P(bat), "entries": P(None, bat)}[name]
     axis = 0 if name != "entries" else 1
-    if BATCH in spec and array.shape[axis] % mesh.shape[BATCH]:
-        spec = P() if name != "entries" else P()
+    if bat is None or (name != "vectors" and array.shape[axis] % mesh.shape[bat]):
+        spec = P(vec) if name == "vectors" else P()
+    mesh = auto_mesh(mesh)
+    if jax.process_count() > 1 and getattr(array, "is_fully_addressable", True):
+        # several processes: every process holds the same host array; build the global one
+        array = np.asarray(array)
+        return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec), lambda i: array[i])
     return jax.device_put(array, NamedSharding(mesh, spec))
 
 
@@ -124,6 +143,38 @@ def _set_block_field(model, name, value):
     import equinox as eqx
 
     return eqx.tree_at(lambda m: getattr(m.blocks, name), model, value)
+
+
+def is_main_process() -> bool:
+    """True in process 0 (and in a single-process run): the one that writes reports,
+    so a script run with the same flags on every host writes its outputs once."""
+    return jax.process_index() == 0
+
+
+def write_once(path, text: str) -> bool:
+    """Write `text` to `path` from process 0 only; returns whether this process wrote."""
+    if not is_main_process():
+        return False
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+    return True
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` with the same flags on every host (None: detected on
+    TPU / SLURM / Open MPI); a no-op when num_processes is 1.  Call before anything else
+    touches JAX's devices.  CPU-only runs use gloo collectives across processes."""
+    if num_processes == 1:
+        return
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # an older or newer JAX without the option
+        pass
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
 
 
 def to_host(array: Array) -> np.ndarray:

@@ -17,4 +17,6 @@ Modules:
   ranges        range_error / check_index: THE wording of a layer / position / head out of range
   kv_cache      KVCache: arrays passed into the forward and returned updated
   random_init   init(config, key) -> Transformer with transformers' initialisation conventions
+  sharding      how every weight splits over a ("data", "model", "fsdp") mesh, declared once;
+                make_mesh, shard(model, mesh), place_batch, kv_cache_sharding
 """

@@ -5,6 +5,8 @@ Modules:
                      (an embedded name, a Hugging Face folder, a .gguf file, a Hub id)
   hub                Hub ids ("org/name[@revision]") through the Hugging Face cache; clear
                      errors for unknown, gated, uncached-offline and pickle-only repositories
+  sharded_load       load(folder, mesh=mesh): each device's slice read straight from the
+                     memory-mapped safetensors (the whole model never on the host)
   save               save(model, folder): config.json + model.safetensors that load and
                      transformers read back
   safetensors_reader read_safetensors_folder(folder) -> (HF config dict, {HF name: ndarray});

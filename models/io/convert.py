@@ -7,6 +7,8 @@ shape checks against the config, missing/extra tensor errors, stacking over laye
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable
 
 import jax.numpy as jnp
@@ -122,6 +124,22 @@ def _checked(name: str, arr, shape, dtype) -> jnp.ndarray | None:
     return jnp.asarray(arr, dtype)
 
 
+# Set by `assembling_with`: a replacement for `assemble` (the sharded loader's, which
+# places each device's slice of the family's lazily read tensors instead of stacking them).
+_ASSEMBLER: contextvars.ContextVar = contextvars.ContextVar("assembler", default=None)
+
+
+@contextlib.contextmanager
+def assembling_with(fn: Callable):
+    """Within the block, every family's `convert` ends in `fn(config, top, per_layer,
+    dtype)` instead of `assemble`: the key maps stay declared once, in the family files."""
+    token = _ASSEMBLER.set(fn)
+    try:
+        yield
+    finally:
+        _ASSEMBLER.reset(token)
+
+
 def assemble(
     config: ModelConfig,
     top: dict[str, np.ndarray | None],
@@ -129,6 +147,9 @@ def assemble(
     dtype=jnp.float32,
 ) -> Transformer:
     """Check every tensor's shape against the config, stack the layers, build the model."""
+    custom = _ASSEMBLER.get()
+    if custom is not None:
+        return custom(config, top, per_layer, dtype)
     top_shapes, block_shapes = expected_shapes(config)
     if len(per_layer) != config.n_layers:
         raise CheckpointError(f"{len(per_layer)} layers of weights for n_layers={config.n_layers}")

@@ -4,6 +4,9 @@
     models.load("HuggingFaceTB/SmolLM2-135M")  # a Hub id, through the Hugging Face cache
     models.load("path/to/hf_folder")       # config.json + *.safetensors (sharded too)
     models.load("path/to/file.gguf")       # GGUF, dequantised to float32 (or `dtype`)
+    models.load("path/to/hf_folder", mesh=models.make_mesh(data=2, model=4))
+                                           # each device's shard read straight from the
+                                           # file (models/io/sharded_load.py)
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from ..families import convert_hf
 from .safetensors_reader import read_safetensors_folder, refuse_pickle
 
 
-def load(name_or_path: str | Path, dtype=jnp.float32):
+def load(name_or_path: str | Path, dtype=jnp.float32, mesh=None):
     """Load a model and its tokenizer: `model, tokenizer = models.load(name_or_path)`.
 
     `name_or_path` is one of, tried in this order:
@@ -44,6 +47,10 @@ def load(name_or_path: str | Path, dtype=jnp.float32):
     Args:
         name_or_path: an embedded name, a path, or a Hub id (see above).
         dtype: the parameters' dtype (float32 by default; norms and softmax compute in float32).
+        mesh: a `jax.sharding.Mesh` with axes among ("data", "model", "fsdp") (see
+            `models.make_mesh`): the weights come back split over it as models/core/sharding.py
+            declares; safetensors are read one device slice at a time (never the whole model on
+            the host); an embedded model or a GGUF is read whole, then placed.
 
     Returns:
         (model, tokenizer): a `Transformer` and a `Tokenizer`, or None for a folder without
@@ -53,17 +60,23 @@ def load(name_or_path: str | Path, dtype=jnp.float32):
         model, tok = models.load("smollm2-135m-instruct")
         model, tok = models.load("HuggingFaceTB/SmolLM2-135M-Instruct")  # Hub id (cache first)
         model, tok = models.load("path/to/folder", dtype=jnp.bfloat16)
+        model, tok = models.load("path/to/folder", mesh=models.make_mesh(data=2, model=4))
     """
     from . import embedded, gguf_reader, hub
     from .tokenizer import Tokenizer
 
     key = str(name_or_path)
+    path = Path(name_or_path)
+    if key not in embedded.EMBEDDED and not path.exists() and hub.looks_like_hub_id(key):
+        path = hub.resolve(key)  # a Hub id -> its snapshot folder in the Hugging Face cache
+    if mesh is not None:
+        from .sharded_load import load_sharded_or_place
+
+        return load_sharded_or_place(load, key if key in embedded.EMBEDDED else path, dtype, mesh)
+
     if key in embedded.EMBEDDED:
         path = embedded.fetch(key)
         return _load_gguf(path, dtype, gguf_reader, Tokenizer)
-    path = Path(name_or_path)
-    if not path.exists() and hub.looks_like_hub_id(key):
-        path = hub.resolve(key)
     if not path.exists():
         raise FileNotFoundError(
             f"{key!r} is neither an embedded model ({sorted(embedded.EMBEDDED)}), an existing "

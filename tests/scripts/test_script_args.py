@@ -30,8 +30,10 @@ GOOD = {
     "prediction": [],
     "patching": ["--out", "x"],
     "bench/patching": [],
+    "plan": [],
 }
 BAD = [
+    ("plan", ["--workload", "dance"], "argument --workload: invalid choice"),
     ("train_tuned_lens", ["--out", "x", "--steps", "0"], "argument --steps"),
     ("train_tuned_lens", ["--out", "x", "--seq", "1"], "argument --seq: must be an integer >= 2"),
     ("train_tuned_lens", ["--out", "x", "--lr-scale", "0"], "argument --lr-scale: must be > 0"),
