@@ -26,7 +26,7 @@ from hf_tiny import hooked, pre_edit, record
 from lens.core import edits as E
 from lens.circuits import attribution as At
 from lens.circuits import patching as Pt
-from lens.circuits.path_patching import path_patching
+from lens.circuits.path_patching import path_completeness, path_patching
 from lens_tiny import VOCAB, tiny
 from lens.models import Capture, Edits
 
@@ -303,6 +303,29 @@ def test_path_patching_equals_its_steps_by_hand():
         assert abs(g[sl, sh] - ref) < TOL, (sl, sh, g[sl, sh], ref)
     base_value = float(met(m(jnp.asarray(clean))))
     np.testing.assert_allclose(g[2], base_value, atol=TOL)
+
+
+def test_path_completeness_equals_its_steps_by_hand():
+    """All senders before the receiver's layer at once (run 2 with every such head's z from
+    the corrupted run), the receiver's whole query input from the corrupted run, and the
+    base metric: each by hand with lens.core.edits, for both pairs at once (batched)."""
+    m = model()
+    c = m.config
+    receivers = [(2, 1)]
+    r = path_completeness(m, CLEAN, CORRUPT, METRIC, receivers, "q")
+    for i in range(2):
+        met = one(METRIC, i)
+        _, zb = lens.run_with_cache(m, CLEAN[i], Capture(head_z=True))
+        _, zs = lens.run_with_cache(m, CORRUPT[i], Capture(head_z=True, resid=True))
+        z = np.asarray(zb.head_z).copy()
+        z[:2] = np.asarray(zs.head_z)[:2]  # every head of layers 0 and 1
+        frozen = Edits(head_mix=jnp.ones((3, 1, c.n_heads)), head_source=jnp.asarray(z))
+        _, run2 = lens.run_with_cache(m, CLEAN[i], Capture(resid=True), edits=frozen)
+        e = E.patch(m, None, "q_input", layers=2, heads=[1], source=run2.resid_pre)
+        assert abs(r["all_senders"][i] - float(met(_forward(m, jnp.asarray(CLEAN[i]), e)))) < TOL
+        own = E.patch(m, None, "q_input", layers=2, heads=[1], source=zs.resid_pre)
+        assert abs(r["receiver_input"][i] - float(met(_forward(m, jnp.asarray(CLEAN[i]), own)))) < TOL
+        assert abs(r["base"][i] - float(met(m(jnp.asarray(CLEAN[i]))))) < TOL
 
 
 def test_bad_input_is_refused():
