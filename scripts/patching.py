@@ -46,7 +46,7 @@ PRESETS = {
     # smoke: the first 2 of SmolLM2's 30 blocks (the truncated model does not do the tasks;
     # it exercises every step end to end in under 3 minutes: the verdict says so)
     "smoke": Preset(pairs=4, perf_prompts=8, sites=("resid", "heads"), tasks=("ioi",),
-                    corruptions=("s2", "abc"), path_pairs=4, heads_per_position=False, layers=2, boot=100),
+                    corruptions=("s2", "abc"), path_pairs=2, heads_per_position=False, layers=2, boot=100),
     # default: 52 pairs (13 per IOI template) x both corruptions, every site, path patching on
     # the same pairs.  Not run to the end on the shared 2-core CPU (see docs/findings/patching_ioi.md
     # for the timings measured and the projection).

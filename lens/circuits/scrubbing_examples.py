@@ -331,11 +331,11 @@ class SyntheticInduction:
     seq_len: int = 24
     min_block: int = 4
     max_block: int = 11
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 3e-3
-    skip_frac: float = 0.5
-    positional: str = "rope"
+    skip_frac: float = 0.3
+    positional: str = "learned"
     seed: int = 0
 
     @staticmethod
