@@ -388,6 +388,7 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
     receivers = movers[: args.receivers]
     t0 = time.perf_counter()
     per, comp = [], {f"L{l}.H{h}": {"all_senders": [], "receiver_input": [], "base": []} for l, h in receivers}
+    joint = {"all_senders": [], "receiver_input": [], "base": []}
     n_left = p.path_pairs
     for g in groups:
         n = min(n_left, len(g["clean"]))
@@ -402,6 +403,9 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
             r = path_completeness(model, g["clean"][:n], g["corrupted"][:n], met, [(l, h)], "q", "noise")
             for k in r:
                 comp[f"L{l}.H{h}"][k] += np.asarray(r[k]).tolist()
+        r = path_completeness(model, g["clean"][:n], g["corrupted"][:n], met, receivers, "q", "noise")
+        for k in r:
+            joint[k] += np.asarray(r[k]).tolist()
     pg = np.concatenate(per)  # [P, L, H], noising: 0 = the clean run's value
     rng = np.random.default_rng(args.seed)
     boots = np.stack([pg[rng.integers(0, len(pg), len(pg))].mean(0) for _ in range(p.boot)])
@@ -425,12 +429,19 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
                         if abs(f) < 0.2 else
                         "the earlier heads carry most of the receiver's query-input effect" if f > 0.7 else
                         "the earlier heads carry part of it; the rest comes through embeddings / MLPs")}
+    a, o, b = (np.asarray(joint[k]) for k in ("all_senders", "receiver_input", "base"))
+    single_sum = float(effect.sum())  # the per-sender cells (noising, base = 0) summed
+    additivity = {"receivers": [list(r) for r in receivers], "all_senders_effect": float((a - b).mean()),
+                  "receiver_input_effect": float((o - b).mean()), "sum_of_single_sender_effects": single_sum,
+                  "meaning": "the per-sender grid adds up to the all-senders effect only if the senders act "
+                             "independently; a sum near 0 beside a large all-senders effect means the effect "
+                             "needs several senders at once (no single cell shows it)"}
     names = lambda j: "L{}.H{}".format(*np.unravel_index(j, effect.shape))  # noqa: E731
     out = {"receivers": [list(r) for r in receivers], "receiver_choice": chosen, "receiver_input": "q",
            "direction": "noise", "pairs": int(len(pg)), "grid": np.round(effect, 5).tolist(),
            "grid_interval_95": [np.round(lo, 5).tolist(), np.round(hi, 5).tolist()],
            "axes": ["sender layer", "sender head"], "top_senders": ranked(effect, lo, hi, names),
-           "path_completeness": completeness, "seconds": time.perf_counter() - t0}
+           "path_completeness": completeness, "additivity": additivity, "seconds": time.perf_counter() - t0}
     heatmap(args.out / f"{task}_{corruption}_path.png", {"path patching effect": effect}, ["layer", "head"],
             f"senders -> queries of {receivers} ({corruption}, noising, normalised LD - 1, {len(pg)} pairs)")
     log(f"  path patching ({len(pg)} pairs) -> {receivers}: {out['seconds']:.1f}s; completeness "
@@ -460,7 +471,7 @@ def write_report(out_dir: Path, result: dict):
     lines = [f"# Patching report ({result['model']}, preset {result['preset']})", ""] + verdict(result) + [
              "", "Metric: normalised logit difference (LD - LD_corr) / (LD_clean - LD_corr) at the "
              "last token; denoising (the corrupted run, one clean activation patched in); grids "
-             "are means over pairs of ALL the task's templates (position grids per template, side by side), "
+             "are means over pairs of ALL the task's templates (position grids per prompt length, side by side), "
              "95% intervals by bootstrap over pairs within templates.  AtP: first-order estimate from one "
              "forward + one backward; QK fix and AtP* (QK fix + GradDrop, unsigned |effect|) per Kramar et "
              "al. 2024.  Machine: shared 2-core CPU, loaded.", "",
@@ -512,7 +523,11 @@ def write_report(out_dir: Path, result: dict):
                           f"{v['fraction_interval_95'][1]:.2f}] (all senders {v['all_senders_effect']:+.3f}, "
                           f"receiver input {v['receiver_input_effect']:+.3f}): {v['meaning']}"
                           for k, v in pth["path_completeness"].items()]
-                lines += ["", f"![path]({task}_{corr}_path.png)"]
+                ad = pth["additivity"]
+                lines += ["", f"Additivity (all receivers together): all senders {ad['all_senders_effect']:+.3f}, "
+                          f"sum of the single-sender cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
+                          f"whole query input {ad['receiver_input_effect']:+.3f}: {ad['meaning']}.",
+                          "", f"![path]({task}_{corr}_path.png)"]
     lines += ["", f"Total wall time {result['seconds']:.0f} s."]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
