@@ -6,19 +6,28 @@
     .venv/bin/python scripts/causal_scrubbing.py --example parens --out /tmp/cs --preset smoke
 
 Examples:
-  induction  a 2-layer attention-only model trained here on a synthetic repeated-
-             random-ids task (trained into --cache if absent, with progress and resume;
-             the text-trained attempts formed no induction heads): the naive induction
-             hypothesis (Olsson et al.) vs refined ones, loss on the second copies;
-             beside the reference's 35% / 89% (redwoodresearch/rust_circuit_public)
+  induction  a 2-layer attention-only model trained here on [BOS] + filler + r + r rows of random
+             ids mixed with skip rows (x[i+1] = perm(x[i-1])) that make a layer-0 previous-token
+             head pay (lens.circuits.scrubbing_examples.SyntheticInduction; trained into
+             --cache/induction_synth_<setup hash> once, safetensors, with resume).  Before any
+             scrubbing: first- / second-copy loss, per-head induction and previous-token
+             scores, the nats at stake when the chosen heads are resampled -> `model_check`;
+             a result is a finding only if second-copy loss < 1 nat, a head scores >= 0.3
+             and >= 0.3 nats are at stake.  Then the reference's naive vs refined hypotheses
+             (and controls).  Redwood's 35% / 89% come from a TEXT-trained model: the report
+             marks them not comparable to this synthetic one.
   parens     a balanced-parentheses classifier trained here: "the answer depends only
              on the count and horizon tests" and a per-head detailed claim (the
-             reference's paren-balance study: 88-93% high-level, 72% detailed)
-  default    SmolLM2-135M-Instruct on repeated random tokens: its two strongest
-             induction heads' query / value read the token embedding only
+             reference's paren-balance study: 88-93% high-level, 72% detailed); scored by
+             the negative logit margin (the cross-entropy saturates at ~0)
+  default    SmolLM2-135M-Instruct on 50-token repeats of random tokens (at 10 it barely
+             copies), with the same pre-scrub checks: its two strongest induction heads'
+             query / value read the token embedding only
 
-Writes report.json (`hypotheses`: per hypothesis loss_recovered mean and 95% interval over
-the resampling seeds, per-example losses; always "identity" and "empty"), report.md and
+Writes report.json (`model_check` and `finding` for induction / default; `hypotheses`: per
+hypothesis loss_recovered mean and 95% interval over the resampling seeds AND the nats behind
+it, nats_recovered_mean / _interval; per-example losses; always "identity" and "empty";
+`nats_at_stake`), report.md (the verdict first) and
 PNGs of the per-example loss distributions.  --preset smoke: tiny models trained here
 in seconds, a few examples (tests).
 """
