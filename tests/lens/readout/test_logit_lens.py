@@ -309,7 +309,7 @@ def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_pat
 
     main = script_namespace("train_tuned_lens")["main"]
     folder = str(tiny_text_model(tmp_path / "m"))
-    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
+    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--eval-every", "4", "--no-progress",
             "--corpora", "shakespeare"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     proc = run_killed_at("train_tuned_lens", 2, args + ["--out", str(killed)])
