@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    model = X.synthetic_induction_model(args.cache / "induction_synth")
+    model = X.synthetic_induction_model(args.cache / f"induction_synth_{X.SyntheticInduction().tag()}")
     from lens.circuits.induction import measure_induction
 
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=15, low=1)

@@ -6,19 +6,28 @@
     .venv/bin/python scripts/causal_scrubbing.py --example parens --out /tmp/cs --preset smoke
 
 Examples:
-  induction  a 2-layer attention-only model trained here on a synthetic repeated-
-             random-ids task (trained into --cache if absent, with progress and resume;
-             the text-trained attempts formed no induction heads): the naive induction
-             hypothesis (Olsson et al.) vs refined ones, loss on the second copies;
-             beside the reference's 35% / 89% (redwoodresearch/rust_circuit_public)
+  induction  a 2-layer attention-only model trained here on [BOS] + filler + r + r rows of random
+             ids mixed with skip rows (x[i+1] = perm(x[i-1])) that make a layer-0 previous-token
+             head pay (lens.circuits.scrubbing_examples.SyntheticInduction; trained into
+             --cache/induction_synth_<setup hash> once, safetensors, with resume).  Before any
+             scrubbing: first- / second-copy loss, per-head induction and previous-token
+             scores, the nats at stake when the chosen heads are resampled -> `model_check`;
+             a result is a finding only if second-copy loss < 1 nat, a head scores >= 0.3
+             and >= 0.3 nats are at stake.  Then the reference's naive vs refined hypotheses
+             (and controls).  Redwood's 35% / 89% come from a TEXT-trained model: the report
+             marks them not comparable to this synthetic one.
   parens     a balanced-parentheses classifier trained here: "the answer depends only
              on the count and horizon tests" and a per-head detailed claim (the
-             reference's paren-balance study: 88-93% high-level, 72% detailed)
-  default    SmolLM2-135M-Instruct on repeated random tokens: its two strongest
-             induction heads' query / value read the token embedding only
+             reference's paren-balance study: 88-93% high-level, 72% detailed); scored by
+             the negative logit margin (the cross-entropy saturates at ~0)
+  default    SmolLM2-135M-Instruct on 50-token repeats of random tokens (at 10 it barely
+             copies), with the same pre-scrub checks: its two strongest induction heads'
+             query / value read the token embedding only
 
-Writes report.json (`hypotheses`: per hypothesis loss_recovered mean and 95% interval over
-the resampling seeds, per-example losses; always "identity" and "empty"), report.md and
+Writes report.json (`model_check` and `finding` for induction / default; `hypotheses`: per
+hypothesis loss_recovered mean and 95% interval over the resampling seeds AND the nats behind
+it, nats_recovered_mean / _interval; per-example losses; always "identity" and "empty";
+`nats_at_stake`), report.md (the verdict first) and
 PNGs of the per-example loss distributions.  --preset smoke: tiny models trained here
 in seconds, a few examples (tests).
 """
@@ -73,41 +82,73 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ the examples
+def copy_losses(model, tokens, first_mask, second_mask) -> tuple[float, float]:
+    """(first-copy, second-copy) mean next-token loss of the model on the scrubbed dataset:
+    the first copy's targets (after its first token: nothing predicts them) and the second
+    copy's (predictable by copying)."""
+    import jax.numpy as jnp
+
+    logits = jax.jit(jax.vmap(model))(jnp.asarray(tokens))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    nxt = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(nxt)[..., None], -1)[..., 0])
+    return (float((nll * first_mask).sum() / first_mask.sum()), float((nll * second_mask).sum() / second_mask.sum()))
+
+
+def at_stake(model, tokens, targets, heads, seeds) -> dict:
+    """The loss at stake: the mean loss with `heads` resampled (every other path exact), minus
+    the model's own loss, per seed (the nats one point of "loss recovered" is 1% of)."""
+    E, U = S.Exact(), S.Uncond()
+    root = S.Node(S.Output(), E, tuple(S.Node(S.Head(*h), U) for h in heads), other=E)
+    plain = R.plain_runs(model, tokens)
+    scrubbed = S.scrub(model, tokens, root, X.masked_nll, targets, seeds=seeds, plain=plain).mean_per_seed
+    own = float(S.scrub(model, tokens, S.Node(S.Output(), E, (), other=E), X.masked_nll, targets, seeds=(0,),
+                        plain=plain).mean_per_seed.mean())
+    return {"per_seed": (np.asarray(scrubbed) - own).tolist(), "mean": float(np.mean(scrubbed) - own)}
+
+
+THRESHOLDS = {"second_copy_loss_below": 1.0, "best_induction_score_at_least": 0.3, "at_stake_nats_at_least": 0.3}
+
+
+def model_check(first, second, stake, best) -> dict:
+    """The pre-scrub checks: a finding needs a model that copies (second-copy loss < 1 nat),
+    a head that attends like an induction head (score >= 0.3), and loss at stake (>= 0.3
+    nats when the chosen heads are resampled)."""
+    passed = (second < THRESHOLDS["second_copy_loss_below"] and best >= THRESHOLDS["best_induction_score_at_least"]
+              and stake >= THRESHOLDS["at_stake_nats_at_least"])
+    return {"first_copy_loss": first, "second_copy_loss": second, "at_stake_nats": stake,
+            "best_induction_score": best, "thresholds": THRESHOLDS, "passed": bool(passed)}
+
+
 def induction_example(args, n):
     smoke = args.preset == "smoke"
-    setup = (X.SyntheticInduction(d_model=16, n_heads=2, seq_len=16, min_block=3, max_block=7, steps=20,
-                                  batch_size=8) if smoke else X.SyntheticInduction())
-    cache = args.out / "induction_model" if smoke else args.cache / "induction_synth"
+    setup = X.SyntheticInduction.smoke() if smoke else X.SyntheticInduction()
+    cache = args.out / "induction_model" if smoke else args.cache / f"induction_synth_{setup.tag()}"
     model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
     from lens.circuits.induction import measure_induction
 
-    block = min(15, (model.config.max_seq_len - 1) // 2)
+    block = min(setup.max_block, (model.config.max_seq_len - 1) // 2)
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=block, low=1)
-    heads1 = [(1, int(h)) for h in np.argsort(-ind.induction_score[1]) if ind.induction_score[1, h] > 0.3]
-    prev = [(0, int(h)) for h in np.argsort(-ind.previous_token_score[0]) if ind.previous_token_score[0, h] > 0.3]
+    L = model.config.n_layers - 1
+    heads1 = [(L, int(h)) for h in np.argsort(-ind.induction_score[L]) if ind.induction_score[L, h] >= 0.3][:2]
+    prev = [(0, int(h)) for h in np.argsort(-ind.previous_token_score[0]) if ind.previous_token_score[0, h] >= 0.3]
     prev = prev or [(0, int(np.argmax(ind.previous_token_score[0])))]
-    tokens, targets = X.synthetic_data(n, setup)
-    effect = {}
-    if not heads1:  # no head passes by attention: take the two whose output matters most
-        E, U = S.Exact(), S.Uncond()
-        plain = R.plain_runs(model, tokens)  # one plain forward of the dataset for all four
-        for h in range(model.config.n_heads):
-            alone = S.Node(S.Output(), E, (S.Node(S.Head(1, h), U),), other=E)
-            effect[h] = float(S.scrub(model, tokens, alone, X.masked_nll, targets, seeds=(0,),
-                                      plain=plain).losses.mean())
-        heads1 = [(1, h) for h in sorted(effect, key=effect.get, reverse=True)[:2]]
+    choice = "layer-1 heads with induction score >= 0.3 (at most the two best)"
+    if not heads1:
+        heads1 = [(L, int(np.argmax(ind.induction_score[L])))]
+        choice = "no head reaches induction score 0.3: the best-scoring layer-1 head (the checks fail)"
+    tokens, targets, first_mask = X.synthetic_data(n, setup, with_first=True)
+    first, second = copy_losses(model, tokens, first_mask, targets["mask"])
+    stake = at_stake(model, tokens, targets, heads1, seeds=range(2 if smoke else 5))
+    check = model_check(first, second, stake["mean"], float(ind.induction_score.max()))
     hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
-    info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1,
-            "layer1_head_loss_when_resampled": effect or None,
-            "head_choice": "induction score > 0.3" if not effect else
-                           "no head passes induction score 0.3: the two layer-1 heads whose resampled output "
-                           "raises the loss most (one seed)",
-            "previous_token_heads": prev, "induction_probe": ind.to_json(),
+    info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1, "head_choice": choice,
+            "previous_token_heads": prev, "induction_probe": ind.to_json(), "at_stake_per_seed": stake["per_seed"],
             "data": f"{n} rows [BOS] + filler + r + r of random ids (vocab {setup.vocab}, |r| in "
                     f"[{setup.min_block}, {setup.max_block}], offset varies); loss = mean next-token loss on the "
                     "second copy (after its first token)",
             "baseline_for_reference_comparison": "induction-random"}
-    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random"
+    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random", check
 
 
 def parens_example(args, n):
@@ -126,7 +167,10 @@ def parens_example(args, n):
             "data": f"{n} strings of {setup.length} parens: 1/2 balanced, 1/4 unequal counts, 1/4 equal counts "
                     "that dip below zero; loss = cross-entropy over the two answer tokens at the last position",
             "feature_counts": {k: int(v.sum()) for k, v in feats.items()}}
-    return model, tokens, labels, X.paren_example_loss, hyps, info, "empty"
+    info["metric"] = ("negative logit margin -(logit(right answer) - logit(wrong answer)) at the last position: "
+                      "the model's cross-entropy saturates at ~0 (every hypothesis that keeps the label scores 100%), "
+                      "the margin does not")
+    return model, tokens, labels, X.paren_example_margin, hyps, info, "empty", None
 
 
 def default_example(args, n):
@@ -134,8 +178,8 @@ def default_example(args, n):
     from lens.circuits.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)
-    block = 5 if args.preset == "smoke" else 10
-    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=10,
+    block = 5 if args.preset == "smoke" else 50  # 10-token repeats: SmolLM2 barely copies (~7.8 nats)
+    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=block,
                             low=1000)
     flat = np.argsort(-ind.induction_score, axis=None)[:2]
     heads = [tuple(int(v) for v in np.unravel_index(i, ind.induction_score.shape)) for i in flat]
@@ -159,10 +203,16 @@ def default_example(args, n):
         "k-embed-only": root(head(l, h, {"q": (Nd(S.Resid(l), E),), "k": embed, "v": (Nd(S.Resid(l), E),)})
                              for l, h in heads),
     }
+    first_mask = np.zeros_like(mask)
+    first_mask[:, 1:block] = 1.0  # the first copy's targets after its first token
+    first, second = copy_losses(model, tokens, first_mask, mask)
+    stake = at_stake(model, tokens, targets, heads, seeds=range(2 if args.preset == "smoke" else 3))
+    check = model_check(first, second, stake["mean"], float(ind.induction_score.max()))
     info = {"model": args.model, "induction_heads": heads,
             "induction_scores": [float(ind.induction_score[h]) for h in heads],
+            "at_stake_per_seed": stake["per_seed"],
             "data": f"{n} sequences BOS + r + r, r = {block} random ids >= 1000; loss at the second copy"}
-    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random"
+    return model, tokens, targets, X.masked_nll, hyps, info, "induction-random", check
 
 
 # ------------------------------------------------------------------ report
@@ -220,18 +270,34 @@ def answer(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     hs = report["hypotheses"]
-    lines = [f"# Causal scrubbing: {report['example']} ({report['preset']} preset)", "", *answer(report),
+    check = report.get("model_check")
+    verdict = []
+    if check:
+        verdict = [("**Verdict: the model passes the pre-scrub checks; the percentages below are findings about "
+                    "its induction heads.**") if check["passed"] else
+                   ("**Verdict: the model FAILS the pre-scrub checks: the numbers below are pipeline checks only, "
+                    "not findings.**"),
+                   "", f"Pre-scrub checks: first-copy loss {check['first_copy_loss']:.3f} nats, second-copy loss "
+                   f"{check['second_copy_loss']:.3f} (needs < 1), best induction score "
+                   f"{check['best_induction_score']:.3f} (needs >= 0.3), loss at stake when the chosen heads are "
+                   f"resampled {check['at_stake_nats']:.3f} nats (needs >= 0.3).", ""]
+    lines = [f"# Causal scrubbing: {report['example']} ({report['preset']} preset)", "", *verdict, *answer(report),
              f"{report['n_examples']} examples, resampling seeds {report['seeds']}; model loss "
              f"{report['model_loss']:.4f}. Loss recovered = (L_base - L_scrubbed) / (L_base - L_model), "
              f"L_base = the `{report['baseline']}` hypothesis; 95% t-interval over seeds. "
              f"`vs empty`: the same with L_base = everything resampled.", "",
-             "| hypothesis | nodes | mean loss | loss recovered | 95% interval | vs empty | per-example loss p10 / p50 / p90 |",
-             "|---|---|---|---|---|---|---|"]
+             f"Nats at stake (L_base - L_model): {report['nats_at_stake']['mean']:.4f} "
+             f"[{report['nats_at_stake']['interval'][0]:.4f}, {report['nats_at_stake']['interval'][1]:.4f}].", "",
+             "| hypothesis | nodes | mean loss | loss recovered | 95% interval | nats recovered [95%] | vs empty | "
+             "per-example loss p10 / p50 / p90 |",
+             "|---|---|---|---|---|---|---|---|"]
     for k, h in hs.items():
         lo, hi = h["loss_recovered_interval"]
         q = np.percentile(h["per_example_losses"], [10, 50, 90])
+        nlo, nhi = h["nats_recovered_interval"]
         lines.append(f"| {k} | {h['n_nodes']} | {h['loss_mean']:.4f} | {h['loss_recovered_mean']:.1%} | "
-                     f"[{lo:.1%}, {hi:.1%}] | {h['loss_recovered_vs_empty']:.1%} | "
+                     f"[{lo:.1%}, {hi:.1%}] | {h['nats_recovered_mean']:.4f} [{nlo:.4f}, {nhi:.4f}] | "
+                     f"{h['loss_recovered_vs_empty']:.1%} | "
                      f"{q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} |")
     if report.get("reference"):
         lines += ["", f"Reference: {json.dumps(report['reference'])}"]
@@ -247,20 +313,38 @@ def main(argv=None) -> dict:
     n, seeds = args.n or n, range(args.seeds or seeds)
     start = time.perf_counter()
     build = {"induction": induction_example, "parens": parens_example, "default": default_example}[args.example]
-    model, tokens, targets, loss_fn, hyps, info, baseline = build(args, n)
+    model, tokens, targets, loss_fn, hyps, info, baseline, check = build(args, n)
     report = S.compare(model, tokens, hyps, loss_fn, targets, seeds=seeds, memory_budget=args.memory_gb * 1e9,
                        progress=not args.no_progress, baseline=baseline)
     vs_empty = S.compare_to(report, "empty")
     for k, h in report["hypotheses"].items():
         h["loss_recovered_vs_empty"] = vs_empty[k]
-    report.update(example=args.example, preset=args.preset, info=info, reference=REFERENCE.get(args.example),
+    base = np.asarray(report["hypotheses"][baseline]["loss_per_seed"])
+    for k, h in report["hypotheses"].items():  # the nats behind every percentage
+        m, lo, hi = S.mean_interval(base - np.asarray(h["loss_per_seed"]))
+        h["nats_recovered_mean"], h["nats_recovered_interval"] = m, [lo, hi]
+    m, lo, hi = S.mean_interval(base - report["model_loss"])
+    report["nats_at_stake"] = {"mean": m, "interval": [lo, hi],
+                               "meaning": f"L_{baseline} - L_model: 1 point of loss recovered = {m / 100:.4f} nats"}
+    reference = REFERENCE.get(args.example)
+    if args.example == "induction" and reference:
+        reference = {**reference, "comparable": False,
+                     "why_not": "the reference's model was trained on text (OpenWebText); this one on synthetic "
+                                "repeated random ids, where copying is the ONLY way to predict the second copy and "
+                                "the layer-0 heads have no other job: the percentages measure the same hypotheses on "
+                                "a different model and data, not a replication"}
+    report.update(example=args.example, preset=args.preset, info=info, reference=reference,
+                  model_check=check, finding=bool(check["passed"]) if check else None,
                   seconds=time.perf_counter() - start)
     report["figures"] = plot(report, args.out)
     (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (args.out / "report.md").write_text(markdown(report))
     for k, h in report["hypotheses"].items():
         lo, hi = h["loss_recovered_interval"]
-        print(f"{k:>32}: loss {h['loss_mean']:.4f}  recovered {h['loss_recovered_mean']:.1%} [{lo:.1%}, {hi:.1%}]")
+        print(f"{k:>32}: loss {h['loss_mean']:.4f}  recovered {h['loss_recovered_mean']:.1%} [{lo:.1%}, {hi:.1%}]"
+              f" = {h['nats_recovered_mean']:.3f} nats")
+    if check:
+        print("model_check:", json.dumps(check))
     return report
 
 

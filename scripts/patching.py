@@ -38,21 +38,22 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 SITES = tuple(Pt.SITES)
 
 
-# pairs: per task for the grids; perf_prompts: for the "does the model do it" measurement;
-# path_pairs: pairs for path patching (0: skipped); layers: keep only the first blocks
-# (None: all; smoke: a quick run-through)
+# pairs: per task and corruption, spread over ALL the task's templates (grids whose axis is a
+# position are kept per template and laid side by side); perf_prompts: the "does the model do
+# it" measurement; path_pairs: pairs for path patching (0: skipped); layers: keep only the
+# first blocks (None: all; smoke: a quick run-through); boot: bootstrap resamples of pairs
 PRESETS = {
     # smoke: the first 2 of SmolLM2's 30 blocks (the truncated model does not do the tasks;
-    # it exercises every step end to end in under 3 minutes)
-    "smoke": Preset(pairs=1, perf_prompts=8, sites=("resid", "heads", "q_input"), tasks=("ioi",), path_pairs=1,
-                    heads_per_position=False, layers=2),
-    # default: the README's IOI tables (3 pairs, every site, path patching on 2 pairs;
-    # 54 min on the loaded 2-core machine).  The README's factual-recall table is the
-    # override `--tasks fact --pairs 2 --perf-prompts 111 --sites resid,heads,q_input,k_input`.
-    "default": Preset(pairs=3, perf_prompts=120, sites=SITES, tasks=("ioi",), path_pairs=2, heads_per_position=False,
-                      layers=None),
+    # it exercises every step end to end in under 3 minutes: the verdict says so)
+    "smoke": Preset(pairs=4, perf_prompts=8, sites=("resid", "heads"), tasks=("ioi",),
+                    corruptions=("s2", "abc"), path_pairs=2, heads_per_position=False, layers=2, boot=100),
+    # default: 52 pairs (13 per IOI template) x both corruptions, every site, path patching on
+    # the same pairs.  Not run to the end on the shared 2-core CPU (see docs/findings/patching_ioi.md
+    # for the timings measured and the projection).
+    "default": Preset(pairs=52, perf_prompts=120, sites=SITES, tasks=("ioi",), corruptions=("s2", "abc"),
+                      path_pairs=52, heads_per_position=False, layers=None, boot=1000),
 }
-TEMPLATE = {"ioi": 0, "fact": 1}  # the template of the grids' pairs
+CORRUPTIONS = {"ioi": ("s2", "abc"), "fact": ("country",)}
 
 
 def choices_list(allowed):
@@ -81,6 +82,8 @@ def parse_args(argv=None):
                    help="comma-separated tasks (override the preset's)")
     p.add_argument("--sites", type=choices_list(SITES), default=None,
                    help="comma-separated sites (override the preset's)")
+    p.add_argument("--corruptions", type=choices_list(("s2", "abc", "country")), default=None,
+                   help="comma-separated corruptions (override the preset's; fact has only 'country')")
     p.add_argument("--receivers", type=int_at_least(1), default=3, help="path patching receiver heads")
     p.add_argument("--topk", type=int_at_least(1), default=10)
     p.add_argument("--seed", type=int_at_least(0), default=0)
@@ -88,19 +91,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def heatmap(path, panels, axes, title, labels=None):
+def heatmap(path, panels, axes, title, labels=None, unit="normalised LD"):
+    """One figure, ONE colour scale (symmetric about 0, shared by every panel), one labelled
+    colour bar; the title wrapped so it is never clipped."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401
 
-    fig, ax = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    lim = max(float(np.abs(g).max()) for g in panels.values()) or 1.0
+    width = max(4.2, 0.12 * len(labels)) if labels is not None and axes[1] == "position" else 4.2
+    fig, ax = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.0, 4.6), squeeze=False)
     for a, (name, g) in zip(ax[0], panels.items()):
-        signed = g.min() < 0
-        lim = np.abs(g).max() or 1.0
-        im = a.imshow(g, aspect="auto", cmap="RdBu_r" if signed else "viridis",
-                      vmin=-lim if signed else 0, vmax=lim)
+        im = a.imshow(g, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
         a.set_title(name, fontsize=9)
         a.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -108,10 +114,11 @@ def heatmap(path, panels, axes, title, labels=None):
         a.set_xlabel(axes[1])
         if labels is not None and axes[1] == "position":
             a.set_xticks(range(len(labels)))
-            a.set_xticklabels(labels, rotation=90, fontsize=6)
-        fig.colorbar(im, ax=a, fraction=0.046)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+            a.set_xticklabels(labels, rotation=90, fontsize=5)
+    fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.92, 0.93))
+    cax = fig.add_axes((0.93, 0.15, 0.015, 0.7))
+    fig.colorbar(im, cax=cax).set_label(unit, fontsize=8)
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -122,7 +129,7 @@ def scatter(path, effect, estimates, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, len(estimates), figsize=(3.8 * len(estimates), 3.6), squeeze=False)
+    fig, ax = plt.subplots(1, len(estimates), figsize=(3.8 * len(estimates), 3.8), squeeze=False)
     for a, (name, est) in zip(ax[0], estimates.items()):
         x = np.abs(effect) if name == "AtP*" else effect
         a.scatter(x.ravel(), est.ravel(), s=6, alpha=0.6)
@@ -130,100 +137,343 @@ def scatter(path, effect, estimates, title):
         a.plot([lo, hi], [lo, hi], "k--", lw=0.6)
         a.set_xlabel("|patching effect|" if name == "AtP*" else "patching effect")
         a.set_ylabel(name)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def run_task(model, tok, task, p: Preset, args, log):
-    from lens.circuits import tasks
-    from lens.circuits.attribution import atp_star, attribution_patching, effect_stats
-    from lens.circuits.path_patching import path_patching
+# ------------------------------------------------------------------ pairs and statistics
+class Pooled:
+    """Per-pair grids of one site over template groups.  A grid without a position axis is
+    pooled over all pairs; one with a position axis (prompts of different templates may differ
+    in length) is kept per length group and the groups' grids are laid side by side along
+    the position axis.  Bootstrap resamples pairs WITHIN each group (stratified)."""
 
-    make = tasks.ioi_pairs if task == "ioi" else tasks.factual_pairs
-    pairs = make(tok, p.pairs, seed=args.seed + 1, templates=[TEMPLATE[task]])
-    clean, corrupted, correct, wrong = tasks.stack_pairs(pairs)
-    metric = Pt.normalized_metric(model, clean, corrupted,
-                                  Pt.logit_diff_metric(correct, wrong, clean.shape[1] - 1))
-    labels = [tok.decode([t]) for t in clean[0]]
-    budget = args.memory_budget * 2**30
-    out = {"pairs": [p_.text for p_ in pairs], "tokens": labels,
-           "clean_ld": np.asarray(metric.clean).tolist(),
-           "corrupted_ld": np.asarray(metric.corrupted).tolist(), "grid": {}, "compare": {}}
-    for site in p.sites:
-        t0 = time.perf_counter()
-        grid = np.asarray(Pt.activation_patching(model, clean, corrupted, metric, site=site,
-                                                 memory_budget=budget, progress=True))
-        t1 = time.perf_counter()
-        atp = np.asarray(attribution_patching(model, clean, corrupted, metric, site=site))
-        t2 = time.perf_counter()
-        qk = None
-        if site in ("q_input", "k_input"):
-            qk = np.asarray(attribution_patching(model, clean, corrupted, metric, site=site, qk_fix=True))
-        star = np.asarray(atp_star(model, clean, corrupted, metric, site=site))
-        t3 = time.perf_counter()
-        # normalised: the corrupted (base) run's value is 0, so effect = patched value
-        base = np.zeros(grid.shape[:1] + (1,) * (grid.ndim - 1))
-        effect, atp_e = grid - base, atp - base
-        qk_e = None if qk is None else qk - base
-        axes = Pt.grid_axes(site)
-        out["grid"][site] = {
-            "axes": axes, "patching": grid.mean(0).tolist(), "atp": atp_e.mean(0).tolist(),
-            "atp_star": star.mean(0).tolist(), "patching_per_pair": grid.tolist(),
-            **({"atp_qk_fix": qk_e.mean(0).tolist()} if qk is not None else {}),
-            "seconds": {"patching": t1 - t0, "atp": t2 - t1, "atp_star_and_qk": t3 - t2},
-        }
-        out["compare"][site] = effect_stats(effect, atp_e, qk_e, star, args.topk)
-        panels = {"patching": effect.mean(0), "AtP": atp_e.mean(0)}
-        if qk is not None:
-            panels["AtP + QK fix"] = qk_e.mean(0)
-        panels["AtP* (|.|)"] = star.mean(0)
-        heatmap(args.out / f"{task}_{site}.png", panels, axes,
-                f"{task}: {site}, denoising, normalised LD, mean of {len(pairs)} pairs", labels)
-        ests = {"AtP": atp_e.mean(0)}
-        if qk is not None:
-            ests["AtP + QK fix"] = qk_e.mean(0)
-        ests["AtP*"] = star.mean(0)
-        scatter(args.out / f"{task}_{site}_scatter.png", effect.mean(0), ests, f"{task}: {site}")
-        c = out["compare"][site]
-        log(f"  {task} {site}: patching {t1 - t0:.1f}s, AtP {t2 - t1:.1f}s; r(AtP) "
-            f"{c['atp']['pearson']:.3f}, top-{args.topk} overlap {c['atp']['topk_overlap']:.2f}; "
-            f"AtP* r(|.|) {c['atp_star']['pearson']:.3f}")
-    if p.heads_per_position:
-        g = np.asarray(Pt.activation_patching(model, clean, corrupted, metric, site="heads",
-                                              per_position=True, memory_budget=budget))
-        out["grid"]["heads_per_position"] = {"axes": Pt.grid_axes("heads", True), "patching": g.mean(0).tolist()}
-    if task == "ioi" and p.path_pairs and "heads" in out["grid"]:
-        heads = np.abs(np.asarray(out["grid"]["heads"]["patching"]))
-        top = np.argsort(-heads.ravel())[: args.receivers]
-        receivers = [tuple(int(i) for i in np.unravel_index(j, heads.shape)) for j in top]
-        n = min(p.path_pairs, len(pairs))
-        met = Pt.normalized_metric(model, clean[:n], corrupted[:n],
-                                   Pt.logit_diff_metric(correct[:n], wrong[:n], clean.shape[1] - 1))
-        t0 = time.perf_counter()
-        pg = np.asarray(path_patching(model, clean[:n], corrupted[:n], met, receivers, "q",
-                                         direction="noise", memory_budget=budget))
-        effect = pg.mean(0) - 1.0  # noising: 1 = the clean run's value
-        out["path"] = {"receivers": receivers, "receiver_input": "q", "direction": "noise",
-                       "pairs": n, "grid": effect.tolist(), "axes": ["sender layer", "sender head"],
-                       "seconds": time.perf_counter() - t0}
-        heatmap(args.out / "ioi_path.png", {"path patching effect": effect}, ["layer", "head"],
-                f"senders -> queries of {receivers} (noising, normalised LD - 1)")
-        order = np.argsort(effect.ravel())[:5]
-        out["path"]["top_senders"] = [
-            {"sender": [int(i) for i in np.unravel_index(j, effect.shape)], "effect": float(effect.ravel()[j])}
+    def __init__(self, per_template: list[np.ndarray], positional: bool):
+        self.groups, self.positional = per_template, positional
+
+    def mean(self, groups=None) -> np.ndarray:
+        groups = self.groups if groups is None else groups
+        if self.positional:
+            return np.concatenate([g.mean(0) for g in groups], axis=-1)
+        return np.concatenate(groups, axis=0).mean(0)
+
+    def resample(self, rng) -> list[np.ndarray]:
+        return [g[rng.integers(0, len(g), len(g))] for g in self.groups]
+
+    def per_pair(self) -> np.ndarray | None:
+        return None if self.positional else np.concatenate(self.groups, axis=0)
+
+
+def interval(samples: np.ndarray) -> list:
+    """The 95% percentile interval over the leading (bootstrap) axis."""
+    lo, hi = np.nanpercentile(samples, [2.5, 97.5], axis=0)
+    return [np.round(lo, 5).tolist(), np.round(hi, 5).tolist()]
+
+
+def boot_compare(effect: Pooled, estimates: dict, k: int, B: int, seed: int) -> dict:
+    """Bootstrap 95% intervals of Pearson r and top-k overlap of each estimate against the
+    patching effect (resampling pairs within templates, the same resample for all)."""
+    from lens.circuits.attribution import compare_estimate
+
+    rng = np.random.default_rng(seed)
+    out = {name: {"pearson": [], "topk_overlap": []} for name in estimates}
+    for _ in range(B):
+        idx = [rng.integers(0, len(g), len(g)) for g in effect.groups]
+        e = effect.mean([g[i] for g, i in zip(effect.groups, idx)])
+        for name, est in estimates.items():
+            a = est.mean([g[i] for g, i in zip(est.groups, idx)])
+            c = compare_estimate(np.abs(e) if name == "atp_star" else e, a, k, n_false_negatives=0)
+            out[name]["pearson"].append(c["pearson"])
+            out[name]["topk_overlap"].append(c["topk_overlap"])
+    return {name: {m: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
+                   for m, v in d.items()} for name, d in out.items()}
+
+
+def ranked(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray, names, n: int = 8) -> list[dict]:
+    """The n cells of largest |effect|, sign kept, each with its bootstrap interval."""
+    flat = np.asarray(grid).ravel()
+    order = np.argsort(-np.abs(flat), kind="stable")[:n]
+    return [{"cell": names(int(j)), "effect": float(flat[j]), "interval": [float(np.ravel(lo)[j]),
+                                                                           float(np.ravel(hi)[j])]}
             for j in order]
-        log(f"  path patching ({n} pairs) -> {receivers}: {out['path']['seconds']:.1f}s")
+
+
+def fmt_ranked(rows: list[dict]) -> str:
+    return ", ".join(f"{r['cell']} {r['effect']:+.3f} [{r['interval'][0]:+.3f}, {r['interval'][1]:+.3f}]"
+                     for r in rows)
+
+
+def head_roles(model, groups, heads: list[tuple[int, int]]) -> list[dict]:
+    """Per head, over the clean prompts: attention from the last token (END) to the IO
+    token and to the S tokens (S1 + S2), the head's direct logit attribution to
+    logit(IO) - logit(S) at END (its output through the final norm's actual divisor),
+    and its induction / duplicate-token / previous-token scores on repeated random tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from lens.circuits.induction import _patterns_and_losses, repeated_tokens, scores_from_patterns
+    from lens.core.capture import head_outputs, run_with_cache
+    from lens.models import Capture
+    from lens.readout.dla import logit_direction
+
+    c = model.config
+    to_io, to_s, dla = [], [], []
+    gamma = np.asarray(model.final_norm_w, np.float32)
+    for clean, correct, wrong in groups:
+        _, cache = run_with_cache(model, jnp.asarray(clean), Capture(attn_pattern=True, head_z=True, norms=True))
+        pat = np.asarray(cache.attn_pattern, np.float32)[:, :, :, -1, :]  # [P, L, H, seq] from END
+        out = np.asarray(head_outputs(model, cache), np.float32)[:, :, -1]  # [P, L, H, d]
+        scale = np.asarray(cache.final_scale, np.float32)[:, -1]  # [P]
+        for i in range(len(clean)):
+            io_pos = clean[i] == correct[i]
+            s_pos = clean[i] == wrong[i]
+            to_io.append(pat[i][..., io_pos].sum(-1))
+            to_s.append(pat[i][..., s_pos].sum(-1))
+            u, _ = logit_direction(model, int(correct[i]), int(wrong[i]))
+            x = out[i] - out[i].mean(-1, keepdims=True) if c.norm_kind == "layer" else out[i]
+            dla.append(x @ (np.asarray(u) * gamma) / scale[i])
+    to_io, to_s, dla = np.stack(to_io), np.stack(to_s), np.stack(dla)
+    T = 20
+    probe = repeated_tokens(jax.random.key(3), 16, T, c.vocab_size, 0, low=min(1000, c.vocab_size // 2))
+    patterns, _ = _patterns_and_losses(model, jnp.asarray(probe))
+    patterns = np.asarray(patterns)
+    induction, previous = scores_from_patterns(patterns, T)
+    second = np.arange(T + 1, 2 * T + 1)
+    duplicate = patterns[..., second, second - T].mean(axis=(0, -1))
+    rows = []
+    for l, h in heads:
+        rows.append({"head": [l, h], "attn_end_to_io": float(to_io[:, l, h].mean()),
+                     "attn_end_to_s": float(to_s[:, l, h].mean()),
+                     "dla_io_minus_s": float(dla[:, l, h].mean()), "dla_sign": "+" if dla[:, l, h].mean() > 0 else "-",
+                     "induction_score": float(induction[l, h]), "duplicate_token_score": float(duplicate[l, h]),
+                     "previous_token_score": float(previous[l, h])})
+    for r in rows:  # a name by the usual signatures (Wang et al.), a guide, not a proof
+        if r["attn_end_to_io"] > 0.3 and r["attn_end_to_io"] > 2 * r["attn_end_to_s"]:
+            r["role"] = "name mover" if r["dla_io_minus_s"] > 0 else "negative name mover"
+        elif r["attn_end_to_s"] > 0.3 and r["attn_end_to_s"] > 2 * r["attn_end_to_io"]:
+            r["role"] = "S-attending (S-inhibition?)"
+        elif r["induction_score"] > 0.3:
+            r["role"] = "induction"
+        elif r["duplicate_token_score"] > 0.3:
+            r["role"] = "duplicate token"
+        else:
+            r["role"] = "unclear"
+    return rows
+
+
+def run_corruption(model, tok, task, corruption, p: Preset, args, log):
+    """Every grid of one task under one corruption, pooled over the task's templates."""
+    from lens.circuits import tasks
+    from lens.circuits.attribution import atp_star, attribution_patching, compare_estimate
+
+    if task == "ioi":
+        pairs = tasks.ioi_pairs(tok, p.pairs, seed=args.seed + 1, corruption=corruption)
+    else:
+        pairs = tasks.factual_pairs(tok, p.pairs, seed=args.seed + 1)
+    budget = args.memory_budget * 2**30
+    groups = []  # one per prompt LENGTH: templates of equal length stack (one compile each)
+    for n_tok in sorted({len(q.clean) for q in pairs}):
+        members = [q for q in pairs if len(q.clean) == n_tok]
+        clean, corrupted, correct, wrong = tasks.stack_pairs(members)
+        metric = Pt.normalized_metric(model, clean, corrupted,
+                                      Pt.logit_diff_metric(correct, wrong, clean.shape[1] - 1))
+        temps = sorted({q.template for q in members})
+        tag = "t" + "/".join(str(t) for t in temps)
+        words = [sorted({tok.decode([int(c[i])]) for c in clean}) for i in range(n_tok)]
+        groups.append(dict(template=temps, clean=clean, corrupted=corrupted, correct=correct, wrong=wrong,
+                           metric=metric,
+                           labels=[f"{tag}:{w[0] if len(w) == 1 else '*'}" for w in words]))
+    labels = [lab for g in groups for lab in g["labels"]]
+    B = p.boot
+    out = {"corruption": corruption, "n_pairs": len(pairs), "templates": sorted({q.template for q in pairs}),
+           "length_groups": [g["template"] for g in groups],
+           "pairs": [q.text for q in pairs],
+           "clean_ld": [float(v) for g in groups for v in np.asarray(g["metric"].clean)],
+           "corrupted_ld": [float(v) for g in groups for v in np.asarray(g["metric"].corrupted)],
+           "position_labels": labels, "grid": {}, "compare": {}, "ranked": {}}
+    for site in p.sites:
+        positional = Pt.grid_axes(site)[-1] == "position"
+        per = {"patching": [], "atp": [], "atp_qk_fix": [], "atp_star": []}
+        secs = {"patching": 0.0, "atp": 0.0, "atp_star_and_qk": 0.0}
+        for g in groups:
+            args_ = (model, g["clean"], g["corrupted"], g["metric"])
+            t0 = time.perf_counter()
+            per["patching"].append(np.asarray(Pt.activation_patching(*args_, site=site, memory_budget=budget,
+                                                                     progress=False)))
+            t1 = time.perf_counter()
+            per["atp"].append(np.asarray(attribution_patching(*args_, site=site)))
+            t2 = time.perf_counter()
+            if site in ("q_input", "k_input"):
+                per["atp_qk_fix"].append(np.asarray(attribution_patching(*args_, site=site, qk_fix=True)))
+            per["atp_star"].append(np.asarray(atp_star(*args_, site=site)))
+            secs["patching"] += t1 - t0
+            secs["atp"] += t2 - t1
+            secs["atp_star_and_qk"] += time.perf_counter() - t2
+        pooled = {k: Pooled(v, positional) for k, v in per.items() if v}
+        rng = np.random.default_rng(args.seed)
+        boots = {k: [] for k in pooled}
+        for _ in range(B):
+            idx = [rng.integers(0, len(g), len(g)) for g in per["patching"]]
+            for k, pl in pooled.items():
+                boots[k].append(pl.mean([g[i] for g, i in zip(pl.groups, idx)]))
+        axes = Pt.grid_axes(site)
+        means = {k: pl.mean() for k, pl in pooled.items()}
+        cell = {k: {"mean": np.round(means[k], 5).tolist(), "interval_95": interval(np.stack(boots[k]))}
+                for k in pooled}
+        pp = pooled["patching"].per_pair()
+        out["grid"][site] = {"axes": axes, "patching": cell["patching"]["mean"],
+                             "patching_interval_95": cell["patching"]["interval_95"],
+                             **{k: cell[k]["mean"] for k in pooled if k != "patching"},
+                             **{f"{k}_interval_95": cell[k]["interval_95"] for k in pooled if k != "patching"},
+                             **({"patching_per_pair": np.round(pp, 5).tolist()} if pp is not None else {}),
+                             "seconds": secs}
+        comp = {"atp": compare_estimate(means["patching"], means["atp"], args.topk)}
+        if "atp_qk_fix" in means:
+            comp["atp_qk_fix"] = compare_estimate(means["patching"], means["atp_qk_fix"], args.topk)
+        comp["atp_star"] = compare_estimate(np.abs(means["patching"]), means["atp_star"], args.topk)
+        ci = boot_compare(pooled["patching"], {k: pooled[k] for k in comp}, args.topk, max(20, B // 5), args.seed)
+        for k in comp:
+            comp[k]["pearson_interval_95"] = ci[k]["pearson"]
+            comp[k]["topk_overlap_interval_95"] = ci[k]["topk_overlap"]
+        out["compare"][site] = comp
+        shape = means["patching"].shape
+        lo, hi = (np.asarray(v) for v in cell["patching"]["interval_95"])
+        name = (lambda j: f"L{np.unravel_index(j, shape)[0]} {labels[np.unravel_index(j, shape)[1]]}") \
+            if positional else (lambda j: f"L{np.unravel_index(j, shape)[0]}.H{np.unravel_index(j, shape)[1]}")
+        out["ranked"][site] = ranked(means["patching"], lo, hi, name)
+        panels = {"patching": means["patching"], "AtP": means["atp"]}
+        if "atp_qk_fix" in means:
+            panels["AtP + QK fix"] = means["atp_qk_fix"]
+        panels["AtP* (|.|)"] = means["atp_star"]
+        heatmap(args.out / f"{task}_{corruption}_{site}.png", panels, axes,
+                f"{task} ({corruption} corruption): {site}, denoising, mean of {len(pairs)} pairs over "
+                f"{len(groups)} templates", labels if positional else None)
+        ests = {"AtP": means["atp"]}
+        if "atp_qk_fix" in means:
+            ests["AtP + QK fix"] = means["atp_qk_fix"]
+        ests["AtP*"] = means["atp_star"]
+        scatter(args.out / f"{task}_{corruption}_{site}_scatter.png", means["patching"], ests,
+                f"{task} ({corruption}): {site}")
+        c = comp["atp"]
+        log(f"  {task}/{corruption} {site}: patching {secs['patching']:.1f}s, AtP {secs['atp']:.1f}s; r(AtP) "
+            f"{c['pearson']:.3f} {np.round(c['pearson_interval_95'], 3).tolist()}, top-{args.topk} overlap "
+            f"{c['topk_overlap']:.2f} {np.round(c['topk_overlap_interval_95'], 2).tolist()}")
+    if task == "ioi" and "heads" in out["grid"]:
+        heads = np.asarray(out["grid"]["heads"]["patching"])
+        top = [tuple(int(i) for i in np.unravel_index(j, heads.shape))
+               for j in np.argsort(-np.abs(heads).ravel(), kind="stable")[:max(8, args.receivers)]]
+        roles = head_roles(model, [(g["clean"], g["correct"], g["wrong"]) for g in groups], top)
+        for r in roles:
+            r["denoising_effect"] = float(heads[tuple(r["head"])])
+        out["head_roles"] = roles
+        if p.path_pairs:
+            out["path"] = path_section(model, groups, roles, p, args, budget, log, task, corruption)
     return out
 
 
+def path_section(model, groups, roles, p, args, budget, log, task, corruption) -> dict:
+    """Path patching, senders -> receivers' queries (noising), receivers chosen by ROLE:
+    the top heads by |denoising effect| that attend from END to IO (name-mover signature),
+    else the top heads by |effect|; then the all-senders completeness check per receiver."""
+    from lens.circuits.path_patching import path_completeness, path_patching
+
+    movers = [tuple(r["head"]) for r in roles if r["attn_end_to_io"] > r["attn_end_to_s"]
+              and r["attn_end_to_io"] > 0.1 and r["head"][0] > 0]
+    chosen = "END->IO attention > 0.1 and > END->S, among the top heads by |effect|"
+    if not movers:
+        movers = [tuple(r["head"]) for r in roles if r["head"][0] > 0]
+        chosen = "no head attends END->IO: the top heads by |denoising effect| (layer > 0)"
+    receivers = movers[: args.receivers]
+    t0 = time.perf_counter()
+    per, comp = [], {f"L{l}.H{h}": {"all_senders": [], "receiver_input": [], "base": []} for l, h in receivers}
+    joint = {"all_senders": [], "receiver_input": [], "base": []}
+    n_left = p.path_pairs
+    for g in groups:
+        n = min(n_left, len(g["clean"]))
+        if n <= 0:
+            break
+        n_left -= n
+        met = Pt.normalized_metric(model, g["clean"][:n], g["corrupted"][:n],
+                                   Pt.logit_diff_metric(g["correct"][:n], g["wrong"][:n], g["clean"].shape[1] - 1))
+        per.append(np.asarray(path_patching(model, g["clean"][:n], g["corrupted"][:n], met, receivers, "q",
+                                            direction="noise", memory_budget=budget)) - 1.0)
+        for l, h in receivers:
+            r = path_completeness(model, g["clean"][:n], g["corrupted"][:n], met, [(l, h)], "q", "noise")
+            for k in r:
+                comp[f"L{l}.H{h}"][k] += np.asarray(r[k]).tolist()
+        r = path_completeness(model, g["clean"][:n], g["corrupted"][:n], met, receivers, "q", "noise")
+        for k in r:
+            joint[k] += np.asarray(r[k]).tolist()
+    pg = np.concatenate(per)  # [P, L, H], noising: 0 = the clean run's value
+    rng = np.random.default_rng(args.seed)
+    boots = np.stack([pg[rng.integers(0, len(pg), len(pg))].mean(0) for _ in range(p.boot)])
+    effect = pg.mean(0)
+    lo, hi = np.percentile(boots, [2.5, 97.5], axis=0)
+    completeness = {}
+    for key, r in comp.items():
+        a, o, b = (np.asarray(r[k]) for k in ("all_senders", "receiver_input", "base"))
+        frac = lambda idx: float((a[idx] - b[idx]).mean() / ((o[idx] - b[idx]).mean() or np.nan))  # noqa: E731
+        fb = [frac(rng.integers(0, len(a), len(a))) for _ in range(p.boot)]
+        f = frac(np.arange(len(a)))
+        own = float((o - b).mean())
+        completeness[key] = {
+            "fraction_explained": f, "fraction_interval_95": [float(np.nanpercentile(fb, 2.5)),
+                                                              float(np.nanpercentile(fb, 97.5))],
+            "all_senders_effect": float((a - b).mean()), "receiver_input_effect": own,
+            "meaning": ("the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
+                        if abs(own) < 0.05 else
+                        "~0: the receiver's query-input effect does not come through earlier heads (embeddings / "
+                        "MLPs carry it, or the heads' effects cancel); its per-sender cells explain nothing"
+                        if abs(f) < 0.2 else
+                        "the earlier heads carry most of the receiver's query-input effect" if f > 0.7 else
+                        "the earlier heads carry part of it; the rest comes through embeddings / MLPs")}
+    a, o, b = (np.asarray(joint[k]) for k in ("all_senders", "receiver_input", "base"))
+    single_sum = float(effect.sum())  # the per-sender cells (noising, base = 0) summed
+    additivity = {"receivers": [list(r) for r in receivers], "all_senders_effect": float((a - b).mean()),
+                  "receiver_input_effect": float((o - b).mean()), "sum_of_single_sender_effects": single_sum,
+                  "meaning": "the per-sender grid adds up to the all-senders effect only if the senders act "
+                             "independently; a sum near 0 beside a large all-senders effect means the effect "
+                             "needs several senders at once (no single cell shows it)"}
+    names = lambda j: "L{}.H{}".format(*np.unravel_index(j, effect.shape))  # noqa: E731
+    out = {"receivers": [list(r) for r in receivers], "receiver_choice": chosen, "receiver_input": "q",
+           "direction": "noise", "pairs": int(len(pg)), "grid": np.round(effect, 5).tolist(),
+           "grid_interval_95": [np.round(lo, 5).tolist(), np.round(hi, 5).tolist()],
+           "axes": ["sender layer", "sender head"], "top_senders": ranked(effect, lo, hi, names),
+           "path_completeness": completeness, "additivity": additivity, "seconds": time.perf_counter() - t0}
+    heatmap(args.out / f"{task}_{corruption}_path.png", {"path patching effect": effect}, ["layer", "head"],
+            f"senders -> queries of {receivers} ({corruption}, noising, normalised LD - 1, {len(pg)} pairs)")
+    log(f"  path patching ({len(pg)} pairs) -> {receivers}: {out['seconds']:.1f}s; completeness "
+        + ", ".join(f"{k} {v['fraction_explained']:.2f}" for k, v in completeness.items()))
+    return out
+
+
+def verdict(result: dict) -> list[str]:
+    """The report's first lines: does the model do the task, and so what the grids mean."""
+    lines = []
+    for task, perf in result["performance"].items():
+        o = perf["overall"]
+        if o["top1"] < 0.5 or o["ld_positive"] < 0.8:
+            lines.append(f"**Verdict ({task}): the model does NOT do the task** (top-1 {o['top1']:.3f}, clean "
+                         f"LD > 0 on {o['ld_positive']:.3f} of {o['n']} prompts): every grid, ranking and "
+                         "correlation below is a pipeline check only, not a finding about a mechanism.")
+        else:
+            r = result["tasks"][task]
+            best = {c: r[c]["ranked"].get("heads", [{}])[0] for c in r}
+            lines.append(f"**Verdict ({task}): the model does the task** (top-1 {o['top1']:.3f}, LD > 0 on "
+                         f"{o['ld_positive']:.3f}); the strongest head by |denoising effect| per corruption: " +
+                         "; ".join(f"{c}: {b.get('cell')} {b.get('effect', float('nan')):+.3f}" for c, b in best.items()))
+    return lines
+
+
 def write_report(out_dir: Path, result: dict):
-    lines = [f"# Patching report ({result['model']}, preset {result['preset']})", "",
-             "Metric: normalised logit difference (LD - LD_corr) / (LD_clean - LD_corr) at the "
+    lines = [f"# Patching report ({result['model']}, preset {result['preset']})", ""] + verdict(result) + [
+             "", "Metric: normalised logit difference (LD - LD_corr) / (LD_clean - LD_corr) at the "
              "last token; denoising (the corrupted run, one clean activation patched in); grids "
-             "are means over pairs of one template.  AtP: first-order estimate from one forward + "
-             "one backward; QK fix and AtP* (QK fix + GradDrop, unsigned |effect|) per Kramar et "
+             "are means over pairs of ALL the task's templates (position grids per prompt length, side by side), "
+             "95% intervals by bootstrap over pairs within templates.  AtP: first-order estimate from one "
+             "forward + one backward; QK fix and AtP* (QK fix + GradDrop, unsigned |effect|) per Kramar et "
              "al. 2024.  Machine: shared 2-core CPU, loaded.", "",
              "## Does the model do the task?", "",
              "| task | prompts | clean LD mean (std) | corrupted LD mean | LD > 0 | top-1 |",
@@ -232,33 +482,52 @@ def write_report(out_dir: Path, result: dict):
         o = perf["overall"]
         lines.append(f"| {task} | {o['n']} | {o['clean_ld_mean']:.2f} ({o['clean_ld_std']:.2f}) | "
                      f"{o['corrupted_ld_mean']:.2f} | {o['ld_positive']:.3f} | {o['top1']:.3f} |")
-    for task, r in result["tasks"].items():
-        lines += ["", f"## {task}: {len(r['pairs'])} pairs, e.g. \"{r['pairs'][0]}\"", "",
-                  "| site | grid | patching s | AtP s | r(AtP) | top-k AtP (ties) | r(QK fix) | top-k QK | "
-                  "r(AtP*, abs) | top-k AtP* (ties) | worst AtP false negative (effect, est, rank) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for site, c in r["compare"].items():
-            g = r["grid"][site]
-            shape = "x".join(str(s) for s in np.shape(g["patching"]))
-            qk = c.get("atp_qk_fix")
-            fn = c["atp"]["worst_false_negatives"][0]
-            qk_r = "" if qk is None else f"{qk['pearson']:.3f}"
-            qk_k = "" if qk is None else f"{qk['topk_overlap']:.2f}"
-            lines.append(
-                f"| {site} | {shape} | {g['seconds']['patching']:.1f} | {g['seconds']['atp']:.1f} | "
-                f"{c['atp']['pearson']:.3f} | {c['atp']['topk_overlap']:.2f} "
-                f"({c['atp'].get('topk_overlap_ties', float('nan')):.2f}) | "
-                f"{qk_r} | {qk_k} | "
-                f"{c['atp_star']['pearson']:.3f} | {c['atp_star']['topk_overlap']:.2f} "
-                f"({c['atp_star'].get('topk_overlap_ties', float('nan')):.2f}) | "
-                f"{fn['site']} ({fn['effect']:.3f}, {fn['estimate']:.3f}, {fn['estimate_rank']}) |")
-        lines += [""] + [f"![{task} {s}]({task}_{s}.png)" for s in r["compare"]]
-        if "path" in r:
-            pth = r["path"]
-            lines += ["", f"Path patching (noising, {pth['pairs']} pairs): senders -> queries of "
-                      f"{pth['receivers']}; strongest senders (effect on normalised LD): " +
-                      ", ".join(f"{s['sender']} {s['effect']:.3f}" for s in pth["top_senders"]),
-                      "", "![path](ioi_path.png)"]
+    for task, by_c in result["tasks"].items():
+        for corr, r in by_c.items():
+            lines += ["", f"## {task}, {corr} corruption: {r['n_pairs']} pairs over templates {r['templates']}, "
+                      f"e.g. \"{r['pairs'][0]}\"", "",
+                      "| site | grid | patching s | r(AtP) [95%] | top-k AtP [95%] | r(QK fix) | "
+                      "r(AtP*, abs) [95%] | top-k AtP* [95%] |", "|---|---|---|---|---|---|---|---|"]
+            for site, c in r["compare"].items():
+                g = r["grid"][site]
+                shape = "x".join(str(s) for s in np.shape(g["patching"]))
+                qk = c.get("atp_qk_fix")
+                iv = lambda v: f"[{v[0]:.2f}, {v[1]:.2f}]"  # noqa: E731
+                lines.append(
+                    f"| {site} | {shape} | {g['seconds']['patching']:.1f} | {c['atp']['pearson']:.3f} "
+                    f"{iv(c['atp']['pearson_interval_95'])} | {c['atp']['topk_overlap']:.2f} "
+                    f"{iv(c['atp']['topk_overlap_interval_95'])} | "
+                    f"{'' if qk is None else format(qk['pearson'], '.3f')} | {c['atp_star']['pearson']:.3f} "
+                    f"{iv(c['atp_star']['pearson_interval_95'])} | {c['atp_star']['topk_overlap']:.2f} "
+                    f"{iv(c['atp_star']['topk_overlap_interval_95'])} |")
+            lines += ["", "Largest |effect| per site (sign shown, 95% interval):", ""]
+            lines += [f"- {site}: {fmt_ranked(rows)}" for site, rows in r["ranked"].items()]
+            if "head_roles" in r:
+                lines += ["", "Head roles (top heads by |denoising effect|; attention from END, DLA on "
+                          "logit(IO) - logit(S), scores on repeated random tokens):", "",
+                          "| head | effect | END->IO | END->S | DLA | induction | duplicate | prev | role |",
+                          "|---|---|---|---|---|---|---|---|---|"]
+                for h in r["head_roles"]:
+                    lines.append(f"| L{h['head'][0]}.H{h['head'][1]} | {h['denoising_effect']:+.3f} | "
+                                 f"{h['attn_end_to_io']:.2f} | {h['attn_end_to_s']:.2f} | {h['dla_io_minus_s']:+.3f} | "
+                                 f"{h['induction_score']:.2f} | {h['duplicate_token_score']:.2f} | "
+                                 f"{h['previous_token_score']:.2f} | {h['role']} |")
+            lines += [""] + [f"![{task} {corr} {s}]({task}_{corr}_{s}.png)" for s in r["compare"]]
+            if "path" in r:
+                pth = r["path"]
+                lines += ["", f"Path patching (noising, {pth['pairs']} pairs): senders -> queries of "
+                          f"{pth['receivers']} ({pth['receiver_choice']}); strongest senders by |effect| "
+                          "(normalised LD - 1, sign shown, 95% interval): " + fmt_ranked(pth["top_senders"]), "",
+                          "Completeness (all senders at once vs the receiver's whole query input):", ""]
+                lines += [f"- {k}: fraction explained {v['fraction_explained']:.2f} [{v['fraction_interval_95'][0]:.2f}, "
+                          f"{v['fraction_interval_95'][1]:.2f}] (all senders {v['all_senders_effect']:+.3f}, "
+                          f"receiver input {v['receiver_input_effect']:+.3f}): {v['meaning']}"
+                          for k, v in pth["path_completeness"].items()]
+                ad = pth["additivity"]
+                lines += ["", f"Additivity (all receivers together): all senders {ad['all_senders_effect']:+.3f}, "
+                          f"sum of the single-sender cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
+                          f"whole query input {ad['receiver_input_effect']:+.3f}: {ad['meaning']}.",
+                          "", f"![path]({task}_{corr}_path.png)"]
     lines += ["", f"Total wall time {result['seconds']:.0f} s."]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -270,7 +539,8 @@ def main(argv=None) -> dict:
                   **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
                   **({"layers": args.layers} if args.layers else {}),
                   **({"tasks": args.tasks} if args.tasks else {}),
-                  **({"sites": args.sites} if args.sites else {}))
+                  **({"sites": args.sites} if args.sites else {}),
+                  **({"corruptions": args.corruptions} if args.corruptions else {}))
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -297,9 +567,15 @@ def main(argv=None) -> dict:
         log(f"{task}: {o['n']} prompts, clean LD {o['clean_ld_mean']:.2f}, LD>0 {o['ld_positive']:.3f}, "
             f"top-1 {o['top1']:.3f}")
     for task in p.tasks:
-        result["tasks"][task] = run_task(model, tok, task, p, args, log)
-        # written after every task, so a long run has its finished tasks on disk
-        result["grid"] = {task: r["grid"] for task, r in result["tasks"].items()}
+        result["tasks"][task] = {}
+        for corruption in [c for c in p.corruptions if c in CORRUPTIONS[task]] or CORRUPTIONS[task][:1]:
+            result["tasks"][task][corruption] = run_corruption(model, tok, task, corruption, p, args, log)
+            # written after every corruption, so a long run has its finished parts on disk
+            result["grid"] = {t: {c: r["grid"] for c, r in by.items()} for t, by in result["tasks"].items()}
+            result["n_pairs"] = {t: {c: r["n_pairs"] for c, r in by.items()} for t, by in result["tasks"].items()}
+            result["corruptions"] = {t: list(by) for t, by in result["tasks"].items()}
+            result["path_completeness"] = {t: {c: r["path"]["path_completeness"] for c, r in by.items() if "path" in r}
+                                           for t, by in result["tasks"].items()}
         result["seconds"] = time.perf_counter() - t_start
         (args.out / "report.json").write_text(json.dumps(result, indent=1))
         write_report(args.out, result)

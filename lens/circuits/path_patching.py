@@ -58,15 +58,7 @@ def path_patching(
     base, source = (x, c) if direction == "denoise" else (c, x)
     cfg = model.config
     P, seq = base.shape
-    width = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
-    recv = np.zeros((cfg.n_layers, 1, width), np.float32)
-    if len(receivers) == 0:
-        raise ValueError("path_patching needs at least one receiver (layer, head)")
-    for layer, head in receivers:
-        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
-            raise ValueError(f"receiver ({layer}, {head}) outside ({cfg.n_layers} layers, "
-                             f"{cfg.n_heads} heads)")
-        recv[layer, 0, head if receiver_input == "q" else head // (cfg.n_heads // cfg.n_kv_heads)] = 1
+    recv = _receiver_mask(model, receivers, receiver_input)
     _, b = run_with_cache(model, base, Capture(head_z=True))
     _, s = run_with_cache(model, source, Capture(head_z=True))
     K = cfg.n_layers * cfg.n_heads
@@ -77,7 +69,8 @@ def path_patching(
     for i in range(math.ceil(K / chunk)):
         idx = np.minimum(np.arange(i * chunk, (i + 1) * chunk), K - 1)
         used = min(chunk, K - i * chunk)
-        vals = _path_chunk(model, base, b.head_z, s.head_z, metric, jnp.asarray(idx),
+        masks = jax.nn.one_hot(jnp.asarray(idx), K).reshape(-1, cfg.n_layers, 1, cfg.n_heads)
+        vals = _path_chunk(model, base, b.head_z, s.head_z, metric, masks,
                            jnp.asarray(recv), receiver_input, batched)
         out.append(np.asarray(vals)[:used])
     grid = jnp.asarray(np.concatenate(out).T.reshape(P, cfg.n_layers, cfg.n_heads))
@@ -85,14 +78,13 @@ def path_patching(
 
 
 @eqx.filter_jit
-def _path_chunk(model, base, base_z, src_z, metric, indices, recv, receiver_input, batched):
+def _path_chunk(model, base, base_z, src_z, metric, masks, recv, receiver_input, batched):
     cfg = model.config
     arrays, rest = eqx.partition(metric, eqx.is_array)
     axes = jax.tree.map(lambda a: 0 if batched and a.ndim > 0 else None, arrays)
     dt = model.embed.dtype
 
-    def one(index, tokens, bz, sz, a):
-        sender = jax.nn.one_hot(index, cfg.n_layers * cfg.n_heads).reshape(cfg.n_layers, 1, cfg.n_heads)
+    def one(sender, tokens, bz, sz, a):
         z = bz + sender[..., None] * (sz - bz)  # [L, seq, H, d_head]: the sender from source
         frozen = Edits(head_mix=jnp.ones((cfg.n_layers, 1, cfg.n_heads), dt), head_source=z.astype(dt))
         run2 = model.forward(tokens, edits=frozen, capture=Capture(resid=True))
@@ -101,8 +93,79 @@ def _path_chunk(model, base, base_z, src_z, metric, indices, recv, receiver_inpu
                      f"{receiver_input}_input_source": reads.astype(dt)})
         return eqx.combine(a, rest)(model(tokens, edits=e))
 
-    def per_sender(index):
-        f = lambda t, bz, sz, a: one(index, t, bz, sz, a)  # noqa: E731
+    def per_sender(mask):
+        f = lambda t, bz, sz, a: one(mask, t, bz, sz, a)  # noqa: E731
         return jax.vmap(f, in_axes=(0, 0, 0, axes))(base, base_z, src_z, arrays)
 
-    return jax.vmap(per_sender)(indices)
+    return jax.vmap(per_sender)(masks.astype(model.embed.dtype))
+
+
+def _receiver_mask(model: Transformer, receivers, receiver_input: str) -> np.ndarray:
+    cfg = model.config
+    width = cfg.n_heads if receiver_input == "q" else cfg.n_kv_heads
+    recv = np.zeros((cfg.n_layers, 1, width), np.float32)
+    if len(receivers) == 0:
+        raise ValueError("path patching needs at least one receiver (layer, head)")
+    for layer, head in receivers:
+        if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+            raise ValueError(f"receiver ({layer}, {head}) outside ({cfg.n_layers} layers, "
+                             f"{cfg.n_heads} heads)")
+        recv[layer, 0, head if receiver_input == "q" else head // (cfg.n_heads // cfg.n_kv_heads)] = 1
+    return recv
+
+
+def path_completeness(
+    model: Transformer,
+    clean: Int[Array, "P seq"],
+    corrupted: Int[Array, "P seq"],
+    metric: Callable[[Float[Array, "seq vocab"]], Float[Array, ""]],
+    receivers: Sequence[tuple[int, int]],
+    receiver_input: str = "q",
+    direction: str = "noise",
+) -> dict[str, Float[np.ndarray, " P"]]:
+    """The all-senders completeness check of path patching: per pair the metric when EVERY
+    head before the first receiver's layer is a sender at once (step 2 of `path_patching`
+    with all of them from the source run; embeddings and MLPs recomputed, later heads
+    frozen to base) -> "all_senders"; the metric when the receivers' `receiver_input` is
+    replaced by the source run's own residual (the receivers' whole input effect) ->
+    "receiver_input"; and the unpatched base metric -> "base".
+
+    Per-head senders sum (to first order) to the all-senders effect, and the all-senders
+    effect falls short of the whole input effect by what the senders cannot carry: the
+    token / position embeddings and the MLPs' direct paths (and, noising, any interaction).
+    fraction = (all_senders - base) / (receiver_input - base), near 1 when the heads carry
+    the receivers' input effect, near 0 when it reaches them through embeddings or MLPs."""
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"receiver_input must be 'q', 'k' or 'v'; got {receiver_input!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be 'denoise' or 'noise'; got {direction!r}")
+    c, x, batched = check_pair(model, clean, corrupted)
+    check_metric(metric, c.shape[0], batched)
+    base, source = (x, c) if direction == "denoise" else (c, x)
+    cfg = model.config
+    recv = _receiver_mask(model, receivers, receiver_input)
+    first = min(layer for layer, _ in receivers)
+    senders = np.zeros((1, cfg.n_layers, 1, cfg.n_heads), np.float32)
+    senders[0, :first] = 1.0
+    _, b = run_with_cache(model, base, Capture(head_z=True))
+    _, s = run_with_cache(model, source, Capture(head_z=True, resid=True))
+    all_s = np.asarray(_path_chunk(model, base, b.head_z, s.head_z, metric, jnp.asarray(senders),
+                                   jnp.asarray(recv), receiver_input, batched))[0]
+    own = np.asarray(_input_patch(model, base, s.resid_pre, metric, jnp.asarray(recv), receiver_input, batched))
+    none = np.asarray(_input_patch(model, base, s.resid_pre, metric, jnp.zeros_like(jnp.asarray(recv)),
+                                   receiver_input, batched))
+    return {"all_senders": all_s, "receiver_input": own, "base": none}
+
+
+@eqx.filter_jit
+def _input_patch(model, base, src_resid, metric, recv, receiver_input, batched):
+    arrays, rest = eqx.partition(metric, eqx.is_array)
+    axes = jax.tree.map(lambda a: 0 if batched and a.ndim > 0 else None, arrays)
+    dt = model.embed.dtype
+
+    def one(tokens, resid, a):
+        e = Edits(**{f"{receiver_input}_input_mix": recv.astype(dt),
+                     f"{receiver_input}_input_source": resid.astype(dt)})
+        return eqx.combine(a, rest)(model(tokens, edits=e))
+
+    return jax.vmap(one, in_axes=(0, 0, axes))(base, src_resid, arrays)

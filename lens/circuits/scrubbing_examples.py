@@ -198,6 +198,13 @@ def paren_example_loss(logits: Float[Array, "seq vocab"], label) -> Float[Array,
     return -lp[label]
 
 
+def paren_example_margin(logits: Float[Array, "seq vocab"], label) -> Float[Array, ""]:
+    """One example's negative logit margin -(logit(right answer) - logit(wrong answer)) at
+    the last position: a metric that does not saturate where the cross-entropy is ~0."""
+    lg = logits[-1, NO:YES + 1].astype(jnp.float32)
+    return -(lg[label] - lg[1 - label])
+
+
 def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress: bool = True):
     """The classifier: loaded from out_dir/model, else trained (resuming) and saved."""
     out_dir = Path(out_dir)
@@ -311,30 +318,49 @@ def paren_hypotheses(n_layers: int, n_heads: int, pairs: list[tuple[int, int]] |
 class SyntheticInduction:
     """A 2-layer attention-only model trained on [BOS] + filler + r + r rows of random ids
     (|r| uniform in [min_block, max_block], the filler random too, so the repeat's offset
-    varies and only matching CONTENT predicts the second copy).  Two text-trained attempts
-    (d 256 / 8 heads, 1200 steps with 30% text repeats; d 128 / 4 heads, 1500 steps with
-    30% text + 20% random repeats) formed no induction heads on this CPU budget."""
+    varies and only matching CONTENT predicts the second copy), mixed (`skip_frac`) with
+    rows where every other token is a fixed permutation of the one two places back
+    (x[i+1] = perm(x[i-1])): those make a previous-token head in layer 0 pay on its own,
+    which the induction circuit then composes with.  Without them (the earlier setup:
+    vocab 64, 5,000 steps, cosine to 0.1x) the model never formed induction heads.
+    positional "rope" (RMSNorm, no biases) or "learned" (GPT-2 style, LayerNorm)."""
 
-    vocab: int = 64
+    vocab: int = 256
     d_model: int = 64
     n_heads: int = 4
-    seq_len: int = 32
-    min_block: int = 5
-    max_block: int = 15
-    steps: int = 5000
+    seq_len: int = 24
+    min_block: int = 4
+    max_block: int = 11
+    steps: int = 3000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 3e-3
+    skip_frac: float = 0.3
+    positional: str = "learned"
     seed: int = 0
 
+    @staticmethod
+    def smoke() -> "SyntheticInduction":
+        """A few seconds of training (tests): the checks fail, the pipeline runs."""
+        return SyntheticInduction(vocab=32, d_model=16, n_heads=2, seq_len=16, min_block=3, max_block=7, steps=20,
+                                  batch_size=8)
 
-def synthetic_rows(n: int, s: SyntheticInduction, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def tag(self) -> str:
+        """A short fingerprint of the setup, for the cache folder (a changed setup retrains)."""
+        import hashlib
+
+        return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def synthetic_rows(n: int, s: SyntheticInduction, seed: int, with_first: bool = False):
     """(rows [n, seq_len + 1], mask [n, seq_len] of the predictable targets: the second
-    copy's tokens after its first)."""
+    copy's tokens after its first); with_first: also the mask of the first copy's targets
+    after its first token (unpredictable)."""
     rng = np.random.default_rng(seed)
     width = s.seq_len + 1
     rows = rng.integers(1, s.vocab, (n, width)).astype(np.int32)
     rows[:, 0] = 0  # BOS
     mask = np.zeros((n, s.seq_len), np.float32)
+    first = np.zeros((n, s.seq_len), np.float32)
     for i in range(n):
         b = int(rng.integers(s.min_block, s.max_block + 1))
         start = int(rng.integers(1, width - 2 * b + 1))
@@ -342,32 +368,62 @@ def synthetic_rows(n: int, s: SyntheticInduction, seed: int) -> tuple[np.ndarray
         rows[i, start:start + b] = r
         rows[i, start + b:start + 2 * b] = r
         mask[i, start + b: start + 2 * b - 1] = 1.0  # targets start+b+1 .. start+2b-1
-    return rows, mask
+        first[i, start: start + b - 1] = 1.0  # targets start+1 .. start+b-1
+    return (rows, mask, first) if with_first else (rows, mask)
+
+
+def skip_rows(n: int, s: SyntheticInduction, seed: int) -> np.ndarray:
+    """[n, seq_len + 1] rows [BOS] + random ids where x[i+1] = perm(x[i-1]) at every odd
+    i >= 2 (perm fixed by `s.seed`): predictable from the token two places back."""
+    perm = np.concatenate([[0], np.random.default_rng(s.seed + 5).permutation(np.arange(1, s.vocab))])
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, s.vocab, (n, s.seq_len + 1)).astype(np.int32)
+    rows[:, 0] = 0
+    for j in range(3, s.seq_len + 1, 2):
+        rows[:, j] = perm[rows[:, j - 2]]
+    return rows
+
+
+def synthetic_config(s: SyntheticInduction) -> ModelConfig:
+    """The 2-layer attention-only model of `s` (tied embeddings)."""
+    rope = s.positional == "rope"
+    return ModelConfig(
+        architecture="llama" if rope else "gpt2", vocab_size=s.vocab, d_model=s.d_model, n_layers=2,
+        n_heads=s.n_heads, n_kv_heads=s.n_heads, d_head=s.d_model // s.n_heads, d_mlp=0, max_seq_len=s.seq_len,
+        norm_kind="rms" if rope else "layer", norm_eps=1e-5, activation="gelu_new", gated_mlp=False,
+        positional="rope" if rope else "learned", attn_bias=not rope, attn_out_bias=not rope, mlp_bias=False,
+        norm_bias=not rope, tie_embeddings=True, attn_only=True)
 
 
 def synthetic_induction_model(out_dir: str | Path, s: SyntheticInduction = SyntheticInduction(),
                               progress: bool = True):
-    """The synthetic-task model: loaded from out_dir/model, else trained (resuming) and saved."""
+    """The synthetic-task model: loaded from out_dir/model (safetensors), else trained
+    (resuming from out_dir's checkpoint) and saved, so it is trained once."""
     out_dir = Path(out_dir)
     if (out_dir / "model").exists():
         return models.load(out_dir / "model")[0]
-    cfg = ModelConfig(
-        architecture="gpt2", vocab_size=s.vocab, d_model=s.d_model, n_layers=2, n_heads=s.n_heads,
-        n_kv_heads=s.n_heads, d_head=s.d_model // s.n_heads, d_mlp=0, max_seq_len=s.seq_len, norm_kind="layer",
-        norm_eps=1e-5, activation="gelu_new", gated_mlp=False, positional="learned", attn_bias=True,
-        attn_out_bias=True, mlp_bias=False, norm_bias=True, tie_embeddings=True, attn_only=True)
+    if s.positional not in ("rope", "learned"):
+        raise ValueError(f"positional must be 'rope' or 'learned'; got {s.positional!r}")
     train_rows, _ = synthetic_rows(50000, s, s.seed + 1)
+    if s.skip_frac > 0:
+        k = int(round(len(train_rows) * s.skip_frac))
+        mixed = np.concatenate([train_rows[k:], skip_rows(k, s, s.seed + 3)])
+        train_rows = mixed[np.random.default_rng(s.seed + 4).permutation(len(mixed))]
     val_rows, _ = synthetic_rows(1024, s, s.seed + 2)
     tcfg = train.TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=50, eval_every=250,
-                             eval_batches=8, checkpoint_every=250, seed=s.seed, weight_decay=0.01)
-    result = train.train(models.init(cfg, jax.random.key(s.seed)), train_rows, val_rows, tcfg, out_dir,
-                         train.TrainOptions(progress=progress,
-                                            run_info={"setup": dataclasses.asdict(s), "task": "synthetic induction"}))
-    models.save(result.model, out_dir / "model", format="native")
+                             eval_batches=8, checkpoint_every=250, seed=s.seed, weight_decay=0.0, min_lr_ratio=1.0)
+    result = train.train(models.init(synthetic_config(s), jax.random.key(s.seed)), train_rows, val_rows, tcfg,
+                         out_dir, train.TrainOptions(progress=progress,
+                                                     run_info={"setup": dataclasses.asdict(s),
+                                                               "task": "synthetic induction"}))
+    models.save(result.model, out_dir / "model")
+    (out_dir / "setup.json").write_text(json.dumps(dataclasses.asdict(s)) + "\n")
     return result.model
 
 
-def synthetic_data(n: int, s: SyntheticInduction, seed: int = 1234):
-    """(tokens [n, seq_len], targets {"next", "mask"}) for `masked_nll`: the second copies."""
-    rows, mask = synthetic_rows(n, s, seed)
-    return rows[:, :-1], {"next": rows[:, 1:], "mask": mask}
+def synthetic_data(n: int, s: SyntheticInduction, seed: int = 1234, with_first: bool = False):
+    """(tokens [n, seq_len], targets {"next", "mask"}) for `masked_nll`: the second copies;
+    with_first: also the first copies' target mask [n, seq_len]."""
+    rows, mask, first = synthetic_rows(n, s, seed, with_first=True)
+    out = rows[:, :-1], {"next": rows[:, 1:], "mask": mask}
+    return (*out, first) if with_first else out

@@ -62,7 +62,7 @@ class PromptPair:
     clean: tuple[int, ...]
     corrupted: tuple[int, ...]
     correct: int  # the clean prompt's answer
-    wrong: int  # the corrupted prompt's answer
+    wrong: int  # the metric's other token (IOI: the clean S; fact: the corrupted prompt's answer)
     template: int
     text: str  # the clean prompt
     kind: str  # "ABBA" / "BABA" / "fact"
@@ -85,11 +85,24 @@ def _aligned(tokenizer, clean: str, corrupted: str) -> tuple[list[int], list[int
     return a, b
 
 
+IOI_CORRUPTIONS = ("s2", "abc")
+
+
 def ioi_pairs(tokenizer, n: int = 120, seed: int = 0,
-              templates: Sequence[int] | None = None) -> list[PromptPair]:
+              templates: Sequence[int] | None = None, corruption: str = "s2") -> list[PromptPair]:
     """n IOI pairs, ABBA and BABA alternating, cycling through `templates` (indices into
-    IOI_TEMPLATES; None = all), names / places / objects drawn with `seed`."""
+    IOI_TEMPLATES; None = all), names / places / objects drawn with `seed`.
+
+    corruption "s2" (the S2 flip): the second subject mention becomes the IO name, so the
+    corrupted prompt's answer is S; "abc" (Wang et al.'s ABC distribution): the three name
+    mentions become three other distinct names (same place and object), so the corrupted
+    prompt holds no information about IO or S.  The metric's tokens are the clean IO
+    (`correct`) and the clean S (`wrong`) in both cases; the clean prompts (and so `seed`'s
+    draws of IO / S / place / object) are the same for either corruption."""
+    if corruption not in IOI_CORRUPTIONS:
+        raise ValueError(f"corruption must be one of {IOI_CORRUPTIONS}; got {corruption!r}")
     rng = np.random.RandomState(seed)
+    other = np.random.RandomState(seed + 7919)  # the ABC names: a separate stream, so clean prompts match
     templates = list(range(len(IOI_TEMPLATES))) if templates is None else list(templates)
     for t in templates:
         if not 0 <= t < len(IOI_TEMPLATES):
@@ -103,9 +116,13 @@ def ioi_pairs(tokenizer, n: int = 120, seed: int = 0,
         a, b = (io, s) if kind == "ABBA" else (s, io)
         fill = dict(A=a, B=b, place=place, obj=obj)
         clean = IOI_TEMPLATES[t].format(S=s, **fill)
-        corrupted = IOI_TEMPLATES[t].format(S=io, **fill)
-        c, x = _aligned(tokenizer, clean, corrupted)
-        out.append(PromptPair(tuple(c), tuple(x), one_token(tokenizer, io), one_token(tokenizer, s),
+        if corruption == "s2":
+            corrupted = IOI_TEMPLATES[t].format(S=io, **fill)
+        else:
+            x, y, z = other.choice([m for m in NAMES if m not in (io, s)], 3, replace=False)
+            corrupted = IOI_TEMPLATES[t].format(A=x, B=y, S=z, place=place, obj=obj)
+        c, x_ = _aligned(tokenizer, clean, corrupted)
+        out.append(PromptPair(tuple(c), tuple(x_), one_token(tokenizer, io), one_token(tokenizer, s),
                               t, clean, kind))
     return out
 

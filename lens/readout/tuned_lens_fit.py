@@ -120,31 +120,95 @@ class TunedLensLoss(eqx.Module):
         return jax.lax.map(layer_loss, (hs, tuned.weight, tuned.bias)).sum()
 
 
+# --------------------------------------------------------------------------- temperature control
+class TemperatureLens(eqx.Module):
+    """The control a tuned lens must beat: the logit lens with ONE learned temperature per
+    layer, logits_l = decode(resid_pre[l]) / exp(log_temperature[l]).  Trained on the same
+    rows, loss and budget as the tuned lens (`TemperatureLensLoss`); it can fix a layer's
+    over- or under-confidence but not move the residual (n_layers parameters, against the
+    tuned lens's n_layers * (d^2 + d))."""
+
+    log_temperature: Float[Array, " layers"]
+
+    @staticmethod
+    def init(config) -> "TemperatureLens":
+        """Temperature 1 everywhere: starts as the logit lens."""
+        return TemperatureLens(jnp.zeros((config.n_layers,), jnp.float32))
+
+    @property
+    def n_layers(self) -> int:
+        return self.log_temperature.shape[0]
+
+    def inverse_temperatures(self) -> Float[Array, " layers_plus_1"]:
+        """1 / T_l for every layer, and 1 for the final residual (the model itself)."""
+        return jnp.concatenate([jnp.exp(-self.log_temperature), jnp.ones((1,), jnp.float32)])
+
+
+class TemperatureLensLoss(eqx.Module):
+    """loss(temps, rows) = sum over layers of the mean KL(model || logit lens / T_l): the
+    tuned lens's loss with the translator replaced by one temperature per layer."""
+
+    model: Transformer
+
+    def __call__(self, temps: TemperatureLens, rows: Int[Array, "batch seq_plus_1"]) -> Float[Array, ""]:
+        stack, target = TunedLensLoss(self.model).targets(rows)
+        n = temps.n_layers
+        # the plain logit-lens logits need no gradient: only the scalar temperatures do
+        hs = jnp.moveaxis(stack[:, :n], 1, 0)  # [L, B, T, d]
+
+        def layer_loss(args):
+            h, inv_t = args
+            lg = jax.lax.stop_gradient(jax.vmap(lambda x: decode(self.model, x))(h).astype(jnp.float32))
+            return kl_divergence(target, jax.nn.log_softmax(lg * inv_t, axis=-1)).mean()
+
+        return jax.lax.map(layer_loss, (hs, jnp.exp(-temps.log_temperature))).sum()
+
+
 # --------------------------------------------------------------------------- scores
 @eqx.filter_jit
-def _batch_sums(model: Transformer, tuned: TunedLens | None, rows, frozen_scale: bool = False):
-    """Per layer [L+1] sums over the batch's positions of KL(model || lens), top-1
-    agreement with the model, and the cross-entropy of the next token rows[:, 1:]."""
+def _batch_sums(model: Transformer, tuned, rows, frozen_scale: bool = False):
+    """Per row and layer [B, L+1, 3] sums over the row's positions of KL(model || lens),
+    top-1 agreement with the model, and the cross-entropy of the next token rows[:, 1:].
+    tuned: None (logit lens), a TunedLens or a TemperatureLens."""
     inputs, nxt = rows[:, :-1], rows[:, 1:]
 
     def one(tokens, targets):
         stack, logits, final_scale = residual_stack(model, tokens)
-        if tuned is not None:
+        inv_t = jnp.ones((stack.shape[0],), jnp.float32)
+        if isinstance(tuned, TemperatureLens):
+            inv_t = tuned.inverse_temperatures()
+        elif tuned is not None:
             stack = tuned.translate_stack(stack).astype(stack.dtype)
         target = jax.nn.log_softmax(logits, axis=-1)
         top = jnp.argmax(logits, axis=-1)
 
-        def layer(x):
-            lg = decode(model, x, final_scale if frozen_scale else None)
+        def layer(args):
+            x, it = args
+            lg = decode(model, x, final_scale if frozen_scale else None).astype(jnp.float32) * it
             logq = jax.nn.log_softmax(lg, axis=-1)
             kl = kl_divergence(target, logq).sum()
             agree = (jnp.argmax(lg, axis=-1) == top).sum()
             ce = -jnp.take_along_axis(logq, targets[:, None], axis=-1)[:, 0].sum()
             return jnp.stack([kl, agree.astype(jnp.float32), ce])
 
-        return jax.lax.map(layer, stack)  # [L+1, 3]
+        return jax.lax.map(layer, (stack, inv_t))  # [L+1, 3]
 
-    return jax.vmap(one)(inputs, nxt).sum(0)
+    return jax.vmap(one)(inputs, nxt)
+
+
+def plateau(log: list[dict], key: str = "val_loss", rel_tol: float = 0.01, patience: int = 2) -> dict:
+    """The plateau criterion of a training curve: met at the first logged step after which
+    `key` improved by less than `rel_tol` (relative) over each of the next `patience`
+    evaluations.  {"criterion": text, "met_at_step": step or None, "curve": [(step, value)]}."""
+    curve = [(int(e["step"]), float(e[key])) for e in log if key in e and e[key] is not None]
+    met = None
+    for i in range(len(curve) - patience):
+        base = curve[i][1]
+        if all(base - curve[i + j][1] < rel_tol * abs(base) for j in range(1, patience + 1)):
+            met = curve[i][0]
+            break
+    return {"criterion": f"{key} improves by < {rel_tol:.0%} (relative) over each of the next {patience} "
+                         "evaluations", "met_at_step": met, "curve": curve}
 
 
 def row_bytes(tokenizer, rows: np.ndarray) -> int:
@@ -152,32 +216,47 @@ def row_bytes(tokenizer, rows: np.ndarray) -> int:
     return sum(len(tokenizer.decode([int(t) for t in r[1:]]).encode("utf-8")) for r in np.asarray(rows))
 
 
-def lens_scores(model: Transformer, tuned: TunedLens | None, rows: np.ndarray, n_bytes: int | None = None,
-                batch_size: int = 4, progress: bool = False, frozen_scale: bool = False) -> dict:
+def lens_scores(model: Transformer, tuned: "TunedLens | TemperatureLens | None", rows: np.ndarray,
+                n_bytes: int | None = None, batch_size: int = 4, progress: bool = False,
+                frozen_scale: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
     """Per-layer scores of the logit lens (tuned=None) or a tuned lens on `rows` [N, T+1]:
     {"kl": nats/token, "top1": fraction, "ce": nats/token, "ppl": exp(ce)} each a list of
     n_layers + 1 (the last = the model itself, KL 0, top-1 1), plus "ce_bits_per_byte" and
     "kl_bits_per_byte" when `n_bytes` (UTF-8 bytes of rows[:, 1:], `row_bytes`) is given:
     nats per token x tokens / bytes / ln 2, the reference eval's conversion.
     frozen_scale: every layer decoded with the final layer's norm divisor (the
-    `logit_lens(frozen_scale=True)` variant; with a tuned lens, after its translators)."""
+    `logit_lens(frozen_scale=True)` variant; with a tuned lens, after its translators).
+    Intervals: "kl_interval_95" / "top1_interval_95" / "ce_interval_95" ([low list, high
+    list]), 95% percentile bootstrap over ROWS (`n_boot` resamples; rows, not tokens, are
+    the independent units)."""
     rows = np.asarray(rows, np.int32)
     if rows.ndim != 2 or rows.shape[1] < 2 or len(rows) == 0:
         raise ValueError(f"rows must be [N >= 1, T + 1 >= 2] token ids; got {rows.shape}")
-    if tuned is not None:
+    if isinstance(tuned, TemperatureLens):
+        if tuned.n_layers != model.config.n_layers:
+            raise ValueError(f"the temperature lens has {tuned.n_layers} layers; the model {model.config.n_layers}")
+    elif tuned is not None:
         check_lens_fits(model, tuned)
     if rows.min() < 0 or rows.max() >= model.config.vocab_size:
         raise ValueError(f"token ids outside [0, {model.config.vocab_size})")
     from tqdm.auto import tqdm
 
-    total = 0.0
+    per_row = []
     for i in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="score", leave=False):
         # the last, shorter batch compiles once more; no padding rows to subtract again
-        total = total + np.asarray(_batch_sums(model, tuned, jnp.asarray(rows[i:i + batch_size]), frozen_scale), np.float64)
+        per_row.append(np.asarray(_batch_sums(model, tuned, jnp.asarray(rows[i:i + batch_size]), frozen_scale),
+                                  np.float64))
+    per_row = np.concatenate(per_row) / (rows.shape[1] - 1)  # [N, L+1, 3] per-token means per row
+    total = per_row.mean(0)
     n_tokens = rows.shape[0] * (rows.shape[1] - 1)
-    kl, top1, ce = (total[:, k] / n_tokens for k in range(3))
+    kl, top1, ce = (total[:, k] for k in range(3))
+    rng = np.random.default_rng(seed)
+    boot = np.stack([per_row[rng.integers(0, len(per_row), len(per_row))].mean(0) for _ in range(n_boot)])
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)  # [L+1, 3]
     out = {"kl": kl.tolist(), "top1": top1.tolist(), "ce": ce.tolist(), "ppl": np.exp(ce).tolist(),
-           "tokens": int(n_tokens)}
+           "tokens": int(n_tokens), "rows": int(len(rows)),
+           **{f"{name}_interval_95": [lo[:, k].tolist(), hi[:, k].tolist()]
+              for k, name in enumerate(("kl", "top1", "ce"))}}
     if n_bytes is not None:
         factor = n_tokens / n_bytes / np.log(2)
         out |= {"ce_bits_per_byte": (ce * factor).tolist(), "kl_bits_per_byte": (kl * factor).tolist(),

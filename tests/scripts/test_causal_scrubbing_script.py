@@ -23,3 +23,25 @@ def test_parens_smoke_writes_the_contract(tmp_path):
     assert abs(hs["identity"]["loss_mean"] - report["model_loss"]) < 1e-6
     for name in ["report.md", "per_example_losses.png", "loss_recovered.png"]:
         assert (tmp_path / name).stat().st_size > 0
+    for h in hs.values():  # the nats behind every percentage
+        lo, hi = h["nats_recovered_interval"]
+        assert lo <= h["nats_recovered_mean"] <= hi
+    assert "margin" in report["info"]["metric"]
+
+
+def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
+    """The smoke model (20 steps) cannot copy: model_check is written, fails, and the
+    report's first lines say the numbers are pipeline checks only."""
+    script_namespace("causal_scrubbing")["main"](["--example", "induction", "--out", str(tmp_path), "--preset", "smoke",
+                                                  "--no-progress"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    check = report["model_check"]
+    assert set(check) >= {"first_copy_loss", "second_copy_loss", "at_stake_nats", "best_induction_score", "passed"}
+    assert check["passed"] is False and report["finding"] is False
+    assert check["second_copy_loss"] > 1.0  # 20 steps: no copying yet
+    hs = report["hypotheses"]
+    assert {"naive", "refined", "induction-random"} <= set(hs)
+    # nats recovered = L_base - L_hypothesis per seed: the identity recovers exactly the nats at stake
+    assert abs(hs["identity"]["nats_recovered_mean"] - report["nats_at_stake"]["mean"]) < 1e-6
+    assert report["reference"]["comparable"] is False
+    assert "pipeline checks only" in (tmp_path / "report.md").read_text().split("\n", 4)[2]

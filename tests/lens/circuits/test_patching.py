@@ -26,7 +26,7 @@ from hf_tiny import hooked, pre_edit, record
 from lens.core import edits as E
 from lens.circuits import attribution as At
 from lens.circuits import patching as Pt
-from lens.circuits.path_patching import path_patching
+from lens.circuits.path_patching import path_completeness, path_patching
 from lens_tiny import VOCAB, tiny
 from lens.models import Capture, Edits
 
@@ -305,6 +305,29 @@ def test_path_patching_equals_its_steps_by_hand():
     np.testing.assert_allclose(g[2], base_value, atol=TOL)
 
 
+def test_path_completeness_equals_its_steps_by_hand():
+    """All senders before the receiver's layer at once (run 2 with every such head's z from
+    the corrupted run), the receiver's whole query input from the corrupted run, and the
+    base metric: each by hand with lens.core.edits, for both pairs at once (batched)."""
+    m = model()
+    c = m.config
+    receivers = [(2, 1)]
+    r = path_completeness(m, CLEAN, CORRUPT, METRIC, receivers, "q")
+    for i in range(2):
+        met = one(METRIC, i)
+        _, zb = lens.run_with_cache(m, CLEAN[i], Capture(head_z=True))
+        _, zs = lens.run_with_cache(m, CORRUPT[i], Capture(head_z=True, resid=True))
+        z = np.asarray(zb.head_z).copy()
+        z[:2] = np.asarray(zs.head_z)[:2]  # every head of layers 0 and 1
+        frozen = Edits(head_mix=jnp.ones((3, 1, c.n_heads)), head_source=jnp.asarray(z))
+        _, run2 = lens.run_with_cache(m, CLEAN[i], Capture(resid=True), edits=frozen)
+        e = E.patch(m, None, "q_input", layers=2, heads=[1], source=run2.resid_pre)
+        assert abs(r["all_senders"][i] - float(met(_forward(m, jnp.asarray(CLEAN[i]), e)))) < TOL
+        own = E.patch(m, None, "q_input", layers=2, heads=[1], source=zs.resid_pre)
+        assert abs(r["receiver_input"][i] - float(met(_forward(m, jnp.asarray(CLEAN[i]), own)))) < TOL
+        assert abs(r["base"][i] - float(met(m(jnp.asarray(CLEAN[i]))))) < TOL
+
+
 def test_bad_input_is_refused():
     m = model()
     with pytest.raises(ValueError, match="not token-aligned"):
@@ -342,8 +365,10 @@ def test_compare_counts_overlap_and_false_negatives():
 
 @pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_patching_script_smoke(tmp_path):
-    """scripts/patching.py --preset smoke end to end (SmolLM2's first 2 blocks, 1 pair):
-    report.md, report.json with a grid per site and its AtP / AtP* grids, PNGs."""
+    """scripts/patching.py --preset smoke end to end (SmolLM2's first 2 blocks, 4 pairs over
+    the 4 IOI templates, both corruptions): report.md (verdict first), report.json with
+    n_pairs, corruptions, a grid per site with intervals, AtP / AtP* grids, ranked lists,
+    head roles, path_completeness, PNGs."""
     import json
     import runpy
     import sys
@@ -357,15 +382,28 @@ def test_patching_script_smoke(tmp_path):
     finally:
         sys.argv = argv
     report = json.loads((tmp_path / "report.json").read_text())
-    grid = report["grid"]["ioi"]
-    assert set(grid) == {"resid", "heads", "q_input"}
-    assert np.shape(grid["resid"]["patching"]) == np.shape(grid["resid"]["atp"]) == (2, len(report["tasks"]["ioi"]["tokens"]))
-    assert grid["resid"]["axes"] == ["layer", "position"]
-    assert np.shape(grid["q_input"]["atp_qk_fix"]) == (2, 9)
-    assert (np.asarray(grid["heads"]["atp_star"]) >= 0).all()
+    assert report["corruptions"]["ioi"] == ["s2", "abc"] and report["n_pairs"]["ioi"] == {"s2": 4, "abc": 4}
+    for corr in ("s2", "abc"):
+        r = report["tasks"]["ioi"][corr]
+        assert r["templates"] == [0, 1, 2, 3]  # every template
+        grid = report["grid"]["ioi"][corr]
+        assert set(grid) == {"resid", "heads"}
+        n_pos = len(r["position_labels"])  # the length groups' positions side by side
+        assert np.shape(grid["resid"]["patching"]) == np.shape(grid["resid"]["atp"]) == (2, n_pos)
+        lo, hi = (np.asarray(v) for v in grid["heads"]["patching_interval_95"])
+        mean = np.asarray(grid["heads"]["patching"])
+        assert lo.shape == mean.shape == (2, 9) and (lo <= mean + 1e-9).all() and (mean <= hi + 1e-9).all()
+        assert (np.asarray(grid["heads"]["atp_star"]) >= 0).all()
+        assert len(r["compare"]["heads"]["atp"]["pearson_interval_95"]) == 2
+        effects = [abs(x["effect"]) for x in r["ranked"]["heads"]]
+        assert effects == sorted(effects, reverse=True)  # ranked by |effect|
+        assert {"attn_end_to_io", "dla_io_minus_s", "induction_score", "duplicate_token_score"} <= set(r["head_roles"][0])
+        pc = report["path_completeness"]["ioi"][corr]
+        assert pc and all("fraction_explained" in v and "meaning" in v for v in pc.values())
     assert report["performance"]["ioi"]["overall"]["n"] == 8
-    assert (tmp_path / "report.md").read_text().startswith("# Patching report")
-    assert (tmp_path / "ioi_resid.png").stat().st_size > 0 and (tmp_path / "ioi_path.png").exists()
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# Patching report") and "pipeline check only" in text.split("\n")[2]
+    assert (tmp_path / "ioi_s2_resid.png").stat().st_size > 0 and (tmp_path / "ioi_abc_path.png").exists()
 
 
 def test_kl_metric_grid():

@@ -222,6 +222,50 @@ def test_scores_count_bytes_and_match_a_loop():
     assert fz["kl"][0] != pytest.approx(s["kl"][0], rel=1e-3)
 
 
+@pytest.mark.slow  # a training run (~3 min on the loaded 2-core machine)
+def test_temperature_lens_scores_match_numpy_and_training_fits_the_temperature():
+    """The temperature control: KL of softmax(logit lens / T_l) against a numpy loop (T = 2,
+    0.5, 1.5 at layers 0, 1, 2), jitted and vmapped inside lens_scores over K = 3 rows; the
+    bootstrap interval holds the mean; and training its one parameter per layer on the
+    tuned-lens loss lowers the held-out KL at every layer."""
+    _, model, _ = tiny("llama")
+    rows = prompts(3, 5)
+    temps = tt.TemperatureLens(jnp.log(jnp.asarray([2.0, 0.5, 1.5], jnp.float32)))
+    s = tt.lens_scores(model, temps, rows, batch_size=2, n_boot=200)
+    kl = []
+    for r in rows:
+        c = lens.run_with_cache(model, r[:-1])[1]
+        stack = np.concatenate([np.asarray(c.resid_pre), np.asarray(c.resid_post[-1:])]).astype(np.float64)
+        q = np_decode(model, stack)  # [L+1, T, V] log-probs of the plain logit lens
+        logits = q * np.array([0.5, 2.0, 1 / 1.5, 1.0])[:, None, None]  # log-probs are logits up to a constant
+        logits = logits - logits.max(-1, keepdims=True)
+        lq = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        kl.append((np.exp(lq[-1]) * (lq[-1] - lq)).sum(-1).mean(-1))
+    np.testing.assert_allclose(s["kl"], np.mean(kl, 0), rtol=1e-3, atol=1e-5)
+    lo, hi = s["kl_interval_95"]
+    assert all(a <= m <= b for a, m, b in zip(lo, s["kl"], hi))
+    rng = np.random.default_rng(2)
+    train_rows, val = rng.integers(0, 61, (32, 9)), rng.integers(0, 61, (8, 9))
+    opt, lr_fn = tt.reference_optimizer(20, lr_scale=10.0)
+    cfg = train.TrainConfig(steps=20, batch_size=4, eval_every=10, eval_batches=2, checkpoint_every=100)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        fit = train.train(tt.TemperatureLens.init(model.config), train_rows, val, cfg, d,
+                          train.TrainOptions(loss_fn=tt.TemperatureLensLoss(model), opt=opt,
+                                             rows_config=model.config, lr_fn=lr_fn, progress=False))
+    before, after = tt.lens_scores(model, None, val), tt.lens_scores(model, fit.model, val)
+    assert all(a < b for a, b in zip(after["kl"][:3], before["kl"][:3]))
+    assert after["kl"][-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_plateau_criterion_reports_the_first_flat_step():
+    log = [{"step": s, "val_loss": v} for s, v in [(10, 5.0), (20, 3.0), (30, 2.99), (40, 2.985), (50, 2.98)]]
+    p = tt.plateau(log, rel_tol=0.01, patience=2)
+    assert p["met_at_step"] == 20  # 3.0 -> 2.99 and 2.985: < 1% each
+    assert tt.plateau(log[:3], patience=2)["met_at_step"] is None  # (20 needs two later evals)
+    assert tt.plateau([{"step": s, "val_loss": 10.0 / s} for s in range(1, 6)])["met_at_step"] is None
+
+
 @pytest.mark.slow  # a script end to end, a subprocess or a training run
 def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     """Both scripts end to end (smoke presets) on a tiny random model with SmolLM2's tokenizer:
@@ -237,6 +281,12 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
                                     "--no-progress", "--corpora", "shakespeare"])
     saved = json.loads((tmp_path / "o" / "report.json").read_text())
     assert saved["settings"] == report["settings"] and len(saved["tuned_lens"]["kl"]) == 3
+    tc = saved["temperature_control"]
+    assert len(tc["kl"]) == 3 and len(tc["temperature"]) == 2 and len(tc["kl_interval_95"][0]) == 3
+    assert {"tuned_lens", "temperature_control"} <= set(saved["plateau"])
+    assert "criterion" in saved["plateau"]["tuned_lens"] and "met_at_step" in saved["plateau"]["tuned_lens"]
+    assert "oracle" in saved["oracle_note"] and len(saved["frozen_scale_oracle"]["kl"]) == 3
+    assert (tmp_path / "o" / "report.md").read_text().startswith("# Tuned lens vs its temperature control")
     assert (tmp_path / "o" / "lens_scores.png").stat().st_size > 1000
     logit_lens.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(folder)[0])
     r = script_namespace("lens_report")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
@@ -259,7 +309,7 @@ def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_pat
 
     main = script_namespace("train_tuned_lens")["main"]
     folder = str(tiny_text_model(tmp_path / "m"))
-    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--no-progress",
+    args = ["--model", folder, "--preset", "smoke", "--steps", "4", "--checkpoint-every", "1", "--eval-every", "4", "--no-progress",
             "--corpora", "shakespeare"]
     killed, full = tmp_path / "killed", tmp_path / "full"
     proc = run_killed_at("train_tuned_lens", 2, args + ["--out", str(killed)])
