@@ -13,6 +13,14 @@ optimiser state, the step and the log go to `out_dir/checkpoint.safetensors` (wr
 atomically); a run started again with the same settings continues from it and ends with
 exactly the weights of an uninterrupted run (same compiled step, same batches).
 
+On a mesh (`TrainOptions(mesh=models.make_mesh(data=2, model=4))`): a Transformer's
+weights are placed by `models.shard` (heads, d_mlp, vocab over "model"; d_model over
+"fsdp"), any other module's are replicated; every batch's rows are split over "data"
+(`models.place_batch`: data parallelism, GSPMD all-reduces the gradients); and the
+optimiser state is sharded exactly like the params it follows (Adam's mu / nu leaf by
+leaf, the step counters replicated), kept so by every step.  The loss curve and the
+weights equal the single-device run up to float32 reassociation.
+
 `TrainConfig` holds the hyperparameters (recorded in the checkpoint; a resume must match
 them); `TrainOptions` holds everything else a run is given: what it trains (loss_fn, opt,
 lr_fn, rows_config for modules without a config), how it reports (progress,
@@ -34,10 +42,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int
 from safetensors.numpy import load_file, save_file
 
 from lens.training.data import batch_at
+from lens.models.core.sharding import MESH_AXES, auto_mesh, place_batch, shard as shard_model
+from lens.models.core.transformer import Transformer
 from lens.models.runtime.progress import Progress
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -78,6 +89,7 @@ LossFn = Callable[[eqx.Module, Int[Array, "batch seq"]], Float[Array, ""]]
 class TrainResult:
     model: eqx.Module
     log: list[dict]
+    opt_state: object = None  # the final optimiser state (on a mesh: sharded like the params)
 
 
 def next_token_loss(model, rows: Int[Array, "batch seq"]) -> Float[Array, ""]:
@@ -114,9 +126,21 @@ def _compute_model(params, static, bf16: bool):
     return model
 
 
-def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: LossFn | None = None):
-    """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm)."""
+def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: LossFn | None = None,
+              shardings: tuple | None = None):
+    """The compiled training step: (params, opt_state, batch) -> (params, opt_state, loss, grad norm).
+
+    shardings: None, or (params' shardings, opt_state's shardings) as pytrees of
+    `jax.sharding.Sharding` (`place_on_mesh`): the step's new params and state are pinned
+    to them, so every step keeps the layout (and the step compiles once)."""
     loss_fn = loss_fn or next_token_loss
+
+    def keep(tree, target):
+        if target is None:
+            return tree
+        return jax.tree.map(jax.lax.with_sharding_constraint, tree, target)
+
+    p_sh, o_sh = shardings if shardings is not None else (None, None)
 
     # loss_fn is an argument of the compiled step, not a closure: a loss that is an
     # eqx.Module holding a frozen model (a tuned lens's) then passes the model's weights
@@ -125,19 +149,22 @@ def make_step(static, opt: optax.GradientTransformation, bf16: bool, loss_fn: Lo
     def step(params, opt_state, rows, loss_fn):
         loss, grads = jax.value_and_grad(lambda p: loss_fn(_compute_model(p, static, bf16), rows))(params)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+        params = keep(eqx.apply_updates(params, updates), p_sh)
+        return params, keep(opt_state, o_sh), loss, optax.global_norm(grads)
 
     return lambda params, opt_state, rows: step(params, opt_state, rows, loss_fn)
 
 
-def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None) -> float:
+def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_fn: LossFn | None = None,
+             mesh=None) -> float:
     """Mean loss (next-token by default, else `loss_fn(model, rows)`) over `rows` in full
-    batches (the remainder rows are skipped)."""
+    batches (the remainder rows are skipped); on `mesh` each batch is split over "data"."""
     n = (len(rows) // batch_size) * batch_size
     if n == 0:
         raise ValueError(f"{len(rows)} evaluation rows are fewer than one batch of {batch_size}")
     params, static = eqx.partition(model, eqx.is_array)
-    losses = [float(_eval_loss(params, static, jnp.asarray(rows[i:i + batch_size]), bf16, loss_fn or next_token_loss))
+    put = jnp.asarray if mesh is None else (lambda b: place_batch(b, mesh))  # noqa: E731
+    losses = [float(_eval_loss(params, static, put(rows[i:i + batch_size]), bf16, loss_fn or next_token_loss))
               for i in range(0, n, batch_size)]
     return float(np.mean(losses))
 
@@ -145,6 +172,38 @@ def evaluate(model, rows: np.ndarray, batch_size: int, bf16: bool = False, loss_
 @eqx.filter_jit  # module level, so repeated evaluations reuse one compilation (per loss_fn)
 def _eval_loss(params, static, rows, bf16, loss_fn):
     return loss_fn(_compute_model(params, static, bf16), rows)
+
+
+def place_on_mesh(model, opt: optax.GradientTransformation, opt_state, mesh: Mesh):
+    """(params, opt_state, (params' shardings, opt_state's shardings)) of `model` on `mesh`.
+
+    A Transformer (anything with the model's `config` and `blocks`) is placed by
+    `models.shard` (its checks: unknown axis names, axes that do not divide the heads or
+    d_mlp); any other module's arrays are replicated.  Every leaf of `opt_state` that
+    follows a param (a params-shaped subtree: Adam's mu and nu) gets that param's
+    sharding; the rest (step counters) are replicated."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"TrainOptions.mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    mesh = auto_mesh(mesh)
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"TrainOptions.mesh: unknown axis name(s) {unknown}; the trainer takes a model mesh "
+                         f"with axes among {list(MESH_AXES)} (models.make_mesh(data=..., model=...))")
+    rep = NamedSharding(mesh, PartitionSpec())
+    if isinstance(model, Transformer):
+        model = shard_model(model, mesh)
+    else:
+        model = jax.tree.map(lambda a: jax.device_put(a, rep) if eqx.is_array(a) else a, model)
+    params = eqx.filter(model, eqx.is_array)
+    p_sh = jax.tree.map(lambda a: a.sharding, params)
+    p_def = jax.tree.structure(params)
+
+    def follows(x):  # a params-shaped subtree of the state (Adam's mu, nu; momentum)
+        return not eqx.is_array(x) and x is not None and jax.tree.structure(x) == p_def
+
+    o_sh = jax.tree.map(lambda x: p_sh if follows(x) else rep, opt_state, is_leaf=follows)
+    opt_state = jax.tree.map(jax.device_put, opt_state, o_sh)
+    return params, opt_state, (p_sh, o_sh)
 
 
 # --------------------------------------------------------------------- checkpoints
@@ -204,6 +263,10 @@ class TrainOptions:
     resume: continue from out_dir's checkpoint when there is one.
     progress: a tqdm bar over steps (a bool or a `models.runtime.progress.Progress`).
     on_checkpoint: called with the step after every checkpoint is written.
+    mesh: None (one device), or a model mesh (`models.make_mesh(data=..., model=...)`):
+        batches over "data", a Transformer's weights split by `models.shard`, the
+        optimiser state sharded like the params (`place_on_mesh`).  Not part of the
+        checkpoint's settings: a run may resume on another mesh.
     run_info: JSON-able descriptions (model, data, optimiser) a resumed checkpoint must match.
     """
 
@@ -215,6 +278,7 @@ class TrainOptions:
     progress: bool | Progress = False  # the library default (models.runtime.progress)
     on_checkpoint: Callable[[int], None] | None = None
     run_info: dict | None = None
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "progress", Progress.of(self.progress))
@@ -227,6 +291,8 @@ class TrainOptions:
         if self.rows_config is not None and not (hasattr(self.rows_config, "vocab_size")
                                                  and hasattr(self.rows_config, "max_seq_len")):
             raise TypeError("TrainOptions.rows_config must have vocab_size and max_seq_len (a ModelConfig)")
+        if self.mesh is not None and not isinstance(self.mesh, Mesh):
+            raise TypeError(f"TrainOptions.mesh must be a jax.sharding.Mesh or None; got {type(self.mesh).__name__}")
         if not isinstance(self.resume, (bool, np.bool_)):
             raise TypeError(f"TrainOptions.resume must be a bool; got {self.resume!r}")
         if self.run_info is not None:
@@ -273,6 +339,9 @@ def train(
     params, static = eqx.partition(model, eqx.is_array)
     opt = opt if opt is not None else optimizer(cfg, params)
     opt_state = opt.init(params)
+    mesh, shardings = options.mesh, None
+    if mesh is not None:
+        params, opt_state, shardings = place_on_mesh(model, opt, opt_state, mesh)
     described = getattr(model, "config", None) or type(model).__name__
     settings = {"train": dataclasses.asdict(cfg), "model": repr(described), "train_rows": list(train_rows.shape),
                 "train_rows_sum": int(train_rows.astype(np.int64).sum()), **(run_info or {})}
@@ -280,13 +349,16 @@ def train(
     ckpt = out_dir / CHECKPOINT
     if options.resume and ckpt.exists():
         params, opt_state, start, log = load_checkpoint(ckpt, params, opt_state, settings)
-    step_fn = make_step(static, opt, cfg.bf16, loss_fn)
+        if shardings is not None:
+            params, opt_state = jax.tree.map(jax.device_put, (params, opt_state), shardings)
+    step_fn = make_step(static, opt, cfg.bf16, loss_fn, shardings)
+    put = jnp.asarray if mesh is None else (lambda b: place_batch(b, mesh))  # noqa: E731
     schedule_lr = lr_fn if lr_fn is not None else lr_schedule(cfg)
     tokens_per_step = cfg.batch_size * (train_rows.shape[1] - 1)
     bar = options.progress.bar("train", total=cfg.steps, initial=start, dynamic_ncols=True)
     timed_tokens, timed_s, loss, gnorm = 0, 0.0, math.nan, math.nan
     for step in range(start, cfg.steps):
-        batch = jnp.asarray(batch_at(train_rows, cfg.batch_size, cfg.seed, step))
+        batch = put(batch_at(train_rows, cfg.batch_size, cfg.seed, step))
         t0 = time.perf_counter()
         params, opt_state, loss, gnorm = step_fn(params, opt_state, batch)
         loss = float(loss)  # blocks, so the timing below is the step's real time
@@ -299,7 +371,7 @@ def train(
         done = step + 1
         if done % cfg.eval_every == 0 or done == cfg.steps:
             val = evaluate(eqx.combine(params, static), val_rows[: cfg.eval_batches * cfg.batch_size],
-                           cfg.batch_size, cfg.bf16, loss_fn)
+                           cfg.batch_size, cfg.bf16, loss_fn, mesh)
             log.append({"step": done, "train_loss": loss, "val_loss": val, "lr": float(schedule_lr(step)),
                         "grad_norm": float(gnorm), "tokens_per_s": None if math.isnan(tok_s) else tok_s})
             bar.write(f"step {done}: train {loss:.4f}  val {val:.4f}  {tok_s:,.0f} tok/s")
@@ -309,7 +381,7 @@ def train(
             if options.on_checkpoint is not None:
                 options.on_checkpoint(done)
     bar.close()
-    return TrainResult(eqx.combine(params, static), log)
+    return TrainResult(eqx.combine(params, static), log, opt_state)
 
 
 def _check_rows(rows, name: str, config) -> np.ndarray:
