@@ -19,8 +19,9 @@ uninterrupted run exactly (blocks are re-formed from the resumed count, so resum
 count that is a multiple of the block size, which is what `on_block` checkpoints are).
 
 Devices: batched mode shards each block over a `jax.sharding.Mesh` ("vectors" axis,
-`lens.core.sharding.make_mesh`): the block's thetas, hence their optimiser state, are split on
-the block axis and the problem is replicated, so jit (GSPMD) gives every device its share
+`lens.core.sharding.make_mesh`, or the "data" axis of a model mesh, `models.make_mesh`):
+the block's thetas, hence their optimiser state, are split on the block axis and the
+problem is replicated (a model already sharded on that mesh keeps its layout), so jit (GSPMD) gives every device its share
 of the vmapped forward/backward; only the joint QR gathers the (small, [B, d]) block.
 `mesh=None` on a multi-device host shards automatically (see `block_mesh`); on one
 device nothing is placed and the computation is the single-device one, bit for bit.
@@ -42,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float
 
 from lens.core import sharding
+from lens.models.core.sharding import MESH_AXES as MODEL_MESH_AXES, auto_mesh
 from lens.models.runtime.progress import Progress
 from lens.steering.melbo.problem import (
     HIGHEST,
@@ -256,23 +258,61 @@ def vector_key(seed: int, index: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)
 
 
+MESH_AXES = (sharding.VECTORS, sharding.BATCH, *MODEL_MESH_AXES)
+
+
+def block_axis(mesh: Mesh) -> str:
+    """The mesh axis a batched block's vectors split over: "vectors" (a sweep mesh,
+    `lens.core.sharding.make_mesh`) or "data" (a model mesh, `models.make_mesh`, the mesh
+    a model loaded with `models.load(..., mesh=...)` lives on).  ValueError for unknown
+    axis names or a mesh with neither."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"MelboRunConfig.mesh: unknown axis name(s) {unknown}; use a model mesh "
+                         f"(models.make_mesh(data=..., model=...): vectors over 'data') or a "
+                         f"lens.core.sharding.make_mesh(vectors=...) mesh")
+    try:
+        return sharding.vector_axis(mesh)
+    except ValueError:
+        raise ValueError(f"MelboRunConfig.mesh needs a 'vectors' or 'data' axis for the block's "
+                         f"vectors; got axes {mesh.axis_names}") from None
+
+
 def block_mesh(mesh: Mesh | None, block_size: int) -> Mesh | None:
     """The mesh a batched block of `block_size` vectors is sharded over, or None (one device).
 
-    An explicit `mesh` must split `block_size` evenly over its "vectors" axis (ValueError
-    otherwise).  `mesh=None` on a host with n > 1 devices: a 1-D "vectors" mesh over the
-    largest m <= n devices with `block_size % m == 0` (all of them when n divides the
-    block, e.g. block 32 on 8 GPUs); the block is NOT rounded up, so the vectors found
-    do not depend on the device count.  None when that m is 1."""
+    An explicit `mesh` must split `block_size` evenly over its vector axis (`block_axis`:
+    "vectors", or a model mesh's "data"; ValueError otherwise).  `mesh=None` on a host with
+    n > 1 devices: a 1-D "vectors" mesh over the largest m <= n devices with
+    `block_size % m == 0` (all of them when n divides the block, e.g. block 32 on 8 GPUs);
+    the block is NOT rounded up, so the vectors found do not depend on the device count.
+    None when that m is 1."""
     if mesh is not None:
-        n = mesh.shape[sharding.VECTORS]
+        axis = block_axis(mesh)
+        n = mesh.shape[axis]
         if block_size % n:
             raise ValueError(f"block_size={block_size} is not a multiple of the {n} devices on the "
-                             f"mesh's {sharding.VECTORS!r} axis; use a block of a multiple of {n}")
+                             f"mesh's {axis!r} axis; use a block of a multiple of {n}")
         return mesh
     n = jax.device_count()
     m = max(i for i in range(1, min(n, block_size) + 1) if block_size % i == 0)
     return None if m == 1 else sharding.make_mesh(vectors=m)
+
+
+def _on_mesh(tree, mesh: Mesh):
+    """Every array of `tree` replicated on `mesh`, except those already laid out on it (a
+    model placed by `models.shard` on this mesh keeps its tensor-parallel weights)."""
+    mesh = auto_mesh(mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+
+    def put(a):
+        if not isinstance(a, jax.Array):
+            return a
+        if isinstance(a.sharding, NamedSharding) and auto_mesh(a.sharding.mesh) == mesh:
+            return a
+        return jax.device_put(a, rep)
+
+    return jax.tree.map(put, tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,8 +324,9 @@ class MelboRunConfig:
         (blocks of `block_size` vectors vmapped and jointly orthogonalised).
     block_size: vectors per block in batched mode (an int >= 1).
     seed: vector i starts from normal(fold_in(key(seed), i)).
-    mesh: batched mode only: shard every block over the mesh's "vectors" axis, which must
-        divide `block_size`; None = automatic (`block_mesh`).
+    mesh: batched mode only: shard every block over the mesh's vector axis ("vectors", or
+        "data" of a model mesh, whose sharded weights are kept), which must divide
+        `block_size`; None = automatic (`block_mesh`).
     progress: a tqdm bar over vectors (a bool or a `models.runtime.progress.Progress`).
     """
 
@@ -329,7 +370,7 @@ def train_vectors(
     checkpointing; `resume` continues from such a result.
 
     `run.mesh` (batched mode only; sequential mode runs on the default device): shard every
-    block over the mesh's "vectors" axis, which must divide `block_size`; None = automatic
+    block over the mesh's vector axis ("vectors", or a model mesh's "data"), which must divide `block_size`; None = automatic
     (`block_mesh`: all devices that divide the block, nothing on one device).  A last
     block smaller than the rest that does not split evenly runs replicated on the mesh."""
     if not isinstance(run, MelboRunConfig):
@@ -356,7 +397,8 @@ def train_vectors(
     put = lambda tree: tree  # noqa: E731
     to_host = np.asarray
     if mesh is not None:
-        put = lambda tree: sharding.replicate(tree, mesh)  # noqa: E731
+        put = lambda tree: _on_mesh(tree, mesh)  # noqa: E731
+        axis = block_axis(mesh)
         problem, aux, ref_norm = put((problem, jnp.asarray(aux), ref_norm))
         to_host = sharding.to_host
     while len(vectors) < n_vectors:
@@ -371,8 +413,8 @@ def train_vectors(
             keys = jnp.stack([vector_key(seed, start + i) for i in range(b)])
             thetas = _init_block(objective, put(keys), basis32, ref_norm)
             split = None
-            if mesh is not None and b % mesh.shape[sharding.VECTORS] == 0:
-                split = NamedSharding(mesh, PartitionSpec(sharding.VECTORS))
+            if mesh is not None and b % mesh.shape[axis] == 0:
+                split = NamedSharding(auto_mesh(mesh), PartitionSpec(axis))
                 thetas = jax.device_put(thetas, split)  # the optimiser state follows
             thetas, loss = _train_block(objective, problem, aux, thetas, basis32, split)
             new, new_loss = to_host(thetas), to_host(loss)
