@@ -21,6 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from lens.core import plan as PL  # noqa: E402
 from lens.models.core.config import ModelConfig  # noqa: E402
+from lens.models.runtime import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 
 def _llama(**kw) -> ModelConfig:

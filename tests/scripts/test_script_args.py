@@ -184,7 +184,7 @@ def test_orthogonal_steering_presets():
     parse_args = _module("orthogonal_steering")["parse_args"]
     large = parse_args(["--preset", "large"])
     assert large.k == 256 and large.k_curve == [2, 4, 8, 16, 32, 64, 128, 192, 256] and large.rho_grid == [1.0]
-    assert large.gen_vectors == large.k  # every vector scored (behaviour per vector)
+    assert large.gen_vectors == 16  # generations shown for 16; every vector is scored on the behaviour prompts
     smoke = parse_args(["--preset", "smoke", "--k", "6"])  # an explicit flag wins over the preset
     assert smoke.k == 6 and smoke.steps == 10 and smoke.base_rho_grid == [0.35, 0.5]
     assert parse_args([]).k == 16
