@@ -86,7 +86,7 @@ def with_repeats(rows: np.ndarray, frac: float, seed: int, random_frac: float = 
 
 
 def induction_model(out_dir: str | Path, setup: InductionSetup = InductionSetup(),
-                    progress: bool = True):
+                    progress: bool = False):
     """(model, tokenizer): loaded from out_dir/model when it exists, else trained (resuming
     from out_dir/checkpoint.safetensors when present) and saved there."""
     out_dir = Path(out_dir)
@@ -205,7 +205,7 @@ def paren_example_margin(logits: Float[Array, "seq vocab"], label) -> Float[Arra
     return -(lg[label] - lg[1 - label])
 
 
-def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress: bool = True):
+def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress: bool = False):
     """The classifier: loaded from out_dir/model, else trained (resuming) and saved."""
     out_dir = Path(out_dir)
     if (out_dir / "model").exists():
@@ -396,7 +396,7 @@ def synthetic_config(s: SyntheticInduction) -> ModelConfig:
 
 
 def synthetic_induction_model(out_dir: str | Path, s: SyntheticInduction = SyntheticInduction(),
-                              progress: bool = True):
+                              progress: bool = False):
     """The synthetic-task model: loaded from out_dir/model (safetensors), else trained
     (resuming from out_dir's checkpoint) and saved, so it is trained once."""
     out_dir = Path(out_dir)

@@ -233,7 +233,7 @@ def _check_exists(node: Node, config, seq: int, where: str) -> None:
                                   "parent at those positions; not to a reader")
         bad = [p for p in node.positions if not 0 <= p < seq]
         if bad or not node.positions:
-            raise HypothesisError(f"{where}: positions {bad or '[]'} outside [0, {seq})")
+            raise HypothesisError(f"{where}: positions {bad or '[]'} out of range [0, {seq})")
     if isinstance(t, Embed) and node.children:
         raise HypothesisError(f"{where}: Embed is a leaf (the embeddings read no residual)")
 

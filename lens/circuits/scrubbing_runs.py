@@ -89,7 +89,7 @@ def checked_dataset(model, tokens, least: int) -> np.ndarray:
         raise ValueError(f"the dataset needs at least {least} example(s) (scrubbing resamples from it); "
                          f"got {len(tokens)}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= c.vocab_size):
-        raise ValueError(f"token ids outside [0, {c.vocab_size})")
+        raise ValueError(f"token ids out of range [0, {c.vocab_size})")
     if tokens.shape[1] > c.max_seq_len:
         raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's context {c.max_seq_len}")
     return tokens

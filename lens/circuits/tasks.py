@@ -106,7 +106,7 @@ def ioi_pairs(tokenizer, n: int = 120, seed: int = 0,
     templates = list(range(len(IOI_TEMPLATES))) if templates is None else list(templates)
     for t in templates:
         if not 0 <= t < len(IOI_TEMPLATES):
-            raise ValueError(f"IOI template {t} outside [0, {len(IOI_TEMPLATES)})")
+            raise ValueError(f"IOI template {t} out of range [0, {len(IOI_TEMPLATES)})")
     out = []
     for i in range(n):
         t = templates[i % len(templates)]

@@ -325,13 +325,11 @@ def ablate_expert_neurons(
     if isinstance(spec := neurons, Mapping):
         mask = np.zeros(shape, np.float32)
         for layer, per_expert in spec.items():
-            if not -c.n_layers <= int(layer) < c.n_layers:
-                raise ValueError(f"layer index {layer} out of range for {c.n_layers} layers")
+            check_index("layer", layer, c.n_layers, negative=True, context=layer_context(c.n_layers))
             if not isinstance(per_expert, Mapping):
                 raise ValueError("neurons must map layer -> {expert: [neuron, ...]}")
             for expert, idx in per_expert.items():
-                if not 0 <= int(expert) < c.n_experts:
-                    raise ValueError(f"expert {expert} out of range [0, {c.n_experts}) at layer {layer}")
+                check_index("expert", expert, c.n_experts, context=f"at layer {layer}")
                 mask[int(layer), int(expert)] = _mask_from({0: idx}, 1, c.d_mlp, "neuron")[0]
     else:
         mask = np.asarray(spec, np.float32)

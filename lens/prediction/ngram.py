@@ -151,7 +151,7 @@ def _check(rows, vocab: int) -> np.ndarray:
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer):
         raise ValueError(f"rows must be integer token rows [N, T]; got {rows.dtype} {rows.shape}")
     if rows.size and (rows.min() < 0 or rows.max() >= vocab):
-        raise ValueError(f"token ids outside [0, {vocab}): min {rows.min()}, max {rows.max()}")
+        raise ValueError(f"token ids out of range [0, {vocab}): min {rows.min()}, max {rows.max()}")
     return rows.astype(np.int64)
 
 

@@ -300,7 +300,7 @@ def check_rows(rows, vocab: int) -> np.ndarray:
     if rows.ndim != 2 or not np.issubdtype(rows.dtype, np.integer) or rows.shape[1] < 1 or len(rows) < 1:
         raise ValueError(f"rows must be integer token rows [N >= 1, T >= 1]; got {rows.dtype} {rows.shape}")
     if rows.min() < 0 or rows.max() >= vocab:
-        raise ValueError(f"token ids outside [0, {vocab}): min {rows.min()}, max {rows.max()}")
+        raise ValueError(f"token ids out of range [0, {vocab}): min {rows.min()}, max {rows.max()}")
     return rows.astype(np.int32)
 
 
@@ -341,7 +341,7 @@ def score(model: Predictor, predictors: dict[str, Predictor], rows: Int[np.ndarr
             if isinstance(got, Factored):  # a gather outside the table would clamp silently
                 index, rows_u = np.asarray(got.index), got.table.shape[0]
                 if index.min() < 0 or index.max() >= rows_u:
-                    raise ValueError(f"predictor {name!r} gave a Factored index outside [0, {rows_u}) "
+                    raise ValueError(f"predictor {name!r} gave a Factored index out of range [0, {rows_u}) "
                                      f"(min {index.min()}, max {index.max()})")
         if pending:  # at most two chunks in flight: async dispatch must not queue every chunk's [B, T, V]
             jax.block_until_ready(pending[-1][2])

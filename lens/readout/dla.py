@@ -114,7 +114,7 @@ def logit_direction(model: Transformer, target: int, baseline: int | None = None
     v = model.config.vocab_size
     for t in (target, baseline):  # concrete ids are checked here; traced ones by the caller
         if t is not None and not isinstance(t, jax.core.Tracer) and not 0 <= int(t) < v:
-            raise ValueError(f"token {t} outside [0, {v})")
+            raise ValueError(f"token {t} out of range [0, {v})")
     w_u = model.W_U.astype(jnp.float32)
     u = w_u[target] - (0.0 if baseline is None else w_u[baseline])
     bu = 0.0

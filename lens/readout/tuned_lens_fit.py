@@ -238,7 +238,7 @@ def lens_scores(model: Transformer, tuned: "TunedLens | TemperatureLens | None",
     elif tuned is not None:
         check_lens_fits(model, tuned)
     if rows.min() < 0 or rows.max() >= model.config.vocab_size:
-        raise ValueError(f"token ids outside [0, {model.config.vocab_size})")
+        raise ValueError(f"token ids out of range [0, {model.config.vocab_size})")
     from tqdm.auto import tqdm
 
     per_row = []

@@ -392,5 +392,5 @@ def _check_rows(rows, name: str, config) -> np.ndarray:
         raise ValueError(f"{name}: rows of {rows.shape[1]} tokens need 2 <= seq <= max_seq_len + 1 "
                          f"= {config.max_seq_len + 1}")
     if rows.size and (rows.min() < 0 or rows.max() >= config.vocab_size):
-        raise ValueError(f"{name}: token ids outside [0, {config.vocab_size})")
+        raise ValueError(f"{name}: token ids out of range [0, {config.vocab_size})")
     return rows.astype(np.int32)

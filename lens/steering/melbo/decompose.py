@@ -148,7 +148,7 @@ def pr_vs_k(effects: Float[Array, "K U d"], ks: list[int]) -> dict[str, list[flo
     out: dict[str, list[float]] = {"k": [int(k) for k in ks]}
     for k in ks:
         if not 2 <= k <= g.shape[0]:
-            raise ValueError(f"k = {k} outside [2, {g.shape[0]}]")
+            raise ValueError(f"k = {k} out of range [2, {g.shape[0]}]")
         for name, v in readings_from_gram(g[:k, :k]).items():
             out.setdefault(name, []).append(float(v))
     return out

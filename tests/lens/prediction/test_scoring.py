@@ -105,7 +105,7 @@ def test_summary_skips_common_tokens_and_breaks_down_by_frequency():
 
 def test_bad_rows_are_refused():
     me = scoring.model_predictor(peaked(tiny_gpt2()))
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="out of range"):
         scoring.score(me, {"x": me}, np.array([[1, 2, 29]]))
     with pytest.raises(ValueError, match="k = 99"):
         scoring.score(me, {"x": me}, np.array([[1, 2, 3]]), k=99)
@@ -113,7 +113,7 @@ def test_bad_rows_are_refused():
         ngram.count(np.array([[1, 2]]), 4, 29)
     # a Factored predictor whose index points past its table: an error, not a clamped row
     bad = lambda b: scoring.Factored(jnp.zeros((2, 29)), jnp.full(b.shape, 2, jnp.int32))  # noqa: E731
-    with pytest.raises(ValueError, match="index outside"):
+    with pytest.raises(ValueError, match="index out of range"):
         scoring.score(me, {"bad": bad}, np.array([[1, 2, 3]]))
 
 

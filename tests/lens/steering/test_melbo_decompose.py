@@ -106,7 +106,7 @@ def test_pr_vs_k_is_the_leading_submatrix():
         assert curve["participation_ratio"][j] == pytest.approx(D.shared_specific(e[:k])["participation_ratio"], rel=1e-5)
         assert curve["specific_participation_ratio"][j] == pytest.approx(
             D.shared_specific(e[:k])["specific_participation_ratio"], rel=1e-5)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match="out of range"):
         D.pr_vs_k(e, [17])
 
 

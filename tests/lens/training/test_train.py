@@ -100,7 +100,7 @@ def test_killed_run_resumes_exactly(tmp_path):
 
 def test_bad_rows_are_clear_errors(tmp_path):
     model = models.init(tiny_gpt2(), jax.random.key(0))
-    with pytest.raises(ValueError, match="token ids outside"):
+    with pytest.raises(ValueError, match="token ids out of range"):
         train.train(model, learnable_rows(16) + 100, learnable_rows(8), CFG, tmp_path,
                     train.TrainOptions(progress=False))
     with pytest.raises(ValueError, match="max_seq_len"):
