@@ -177,6 +177,7 @@ def test_dla_norm_smoke_preset(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[3] / "scripts" / "dla_norm.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_text_model(tmp_path / "m")),
                                       "--preset", "smoke", "--out", str(tmp_path / "o")])
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python scripts/dla_norm.py` (scripts/figures.py)
     runpy.run_path(str(script), run_name="__main__")
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["settings"]["group_shapley"] == "exact" and len(r["prompts"]) == 2
