@@ -197,7 +197,7 @@ def test_clear_errors():
         (Nd(S.Output(), children=(Nd(S.Head(0, 0), children=(Nd(S.HeadInput(1, 0, "q")),)),)), "own HeadInput"),
         (Nd(S.Output(), children=(Nd(S.Head(0, 0), children=(
             Nd(S.HeadInput(0, 0, "q"), children=(Nd(S.Head(0, 1)),)),)),)), "not upstream"),
-        (Nd(S.Output(), children=(Nd(S.Embed(), positions=(9,)),)), "outside"),
+        (Nd(S.Output(), children=(Nd(S.Embed(), positions=(9,)),)), "out of range"),
         (Nd(S.Head(0, 0)), "root"),
         (Nd(S.Output(), children=(Nd(S.Embed(), name="x"), Nd(S.Head(0, 0), name="x"))), "given to two nodes"),
     ]
