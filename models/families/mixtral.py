@@ -116,8 +116,10 @@ def take_experts(t: TensorTaker, c: ModelConfig, p: str, legacy: str, names: tup
     }
 
 
-def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
-    """HF-named tensors -> Transformer, walking the key map above."""
+def convert_moe(config: ModelConfig, tensors: dict[str, np.ndarray], dtype, legacy: str,
+                names: tuple[str, str, str]):
+    """HF-named tensors -> Transformer for a mixture of experts (Mixtral, OLMoE): attention and
+    norms as OLMo 2's / Llama's layout, the experts under `legacy` with (gate, up, down) `names`."""
     t = TensorTaker(tensors, ignore=lambda k: k.endswith("rotary_emb.inv_freq"))
     c = config
     layers = []
@@ -126,8 +128,13 @@ def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
         layer = take_attention(t, c, p + "self_attn.")
         layer["ln1_w"] = t.take(p + "input_layernorm.weight", (c.d_model,))
         layer["ln2_w"] = t.take(p + "post_attention_layernorm.weight", (c.d_model,))
-        layer |= take_experts(t, c, p, "block_sparse_moe.", ("w1", "w3", "w2"))
+        layer |= take_experts(t, c, p, legacy, names)
         layers.append(layer)
     top = take_top(t, c)
     t.finish()
     return assemble(c, top, layers, dtype)
+
+
+def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
+    """HF-named tensors -> Transformer, walking the key map above."""
+    return convert_moe(config, tensors, dtype, "block_sparse_moe.", ("w1", "w3", "w2"))

@@ -24,9 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..core.config import GENERIC_HF_FIELDS, ModelConfig, eos_ids, refuse_unknown
-from ..io.convert import TensorTaker, assemble
-from .mixtral import experts_per_token, take_experts
-from .olmo2 import rope_checked, take_attention, take_top
+from .mixtral import convert_moe, experts_per_token
+from .olmo2 import rope_checked
 
 OLMOE_FIELDS = GENERIC_HF_FIELDS | {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -88,16 +87,4 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 def convert(config: ModelConfig, tensors: dict[str, np.ndarray], dtype):
     """HF-named tensors -> Transformer, walking the key map above."""
-    t = TensorTaker(tensors, ignore=lambda k: k.endswith("rotary_emb.inv_freq"))
-    c = config
-    layers = []
-    for i in range(c.n_layers):
-        p = f"model.layers.{i}."
-        layer = take_attention(t, c, p + "self_attn.")
-        layer["ln1_w"] = t.take(p + "input_layernorm.weight", (c.d_model,))
-        layer["ln2_w"] = t.take(p + "post_attention_layernorm.weight", (c.d_model,))
-        layer |= take_experts(t, c, p, "mlp.", ("gate_proj", "up_proj", "down_proj"))
-        layers.append(layer)
-    top = take_top(t, c)
-    t.finish()
-    return assemble(c, top, layers, dtype)
+    return convert_moe(config, tensors, dtype, "mlp.", ("gate_proj", "up_proj", "down_proj"))
