@@ -6,16 +6,18 @@
     .venv/bin/python scripts/causal_scrubbing.py --example parens --out /tmp/cs --preset smoke
 
 Examples:
-  induction  a 2-layer attention-only model trained here on [BOS] + filler + r + r rows of random
-             ids mixed with skip rows (x[i+1] = perm(x[i-1])) that make a layer-0 previous-token
-             head pay (lens.circuits.scrubbing_examples.SyntheticInduction; trained into
+  induction  a 2-layer attention-only model trained here on rows of back-to-back pairs r + r
+             of random ids (block lengths vary, so the earlier copy's offset does) mixed with
+             skip rows (x[i+1] = perm(x[i-1])) that make a layer-0 previous-token head pay
+             (lens.circuits.scrubbing_examples.SyntheticInduction; trained into
              --cache/induction_synth_<setup hash> once, safetensors, with resume).  Before any
              scrubbing: first- / second-copy loss, per-head induction and previous-token
              scores, the nats at stake when the chosen heads are resampled -> `model_check`;
-             a result is a finding only if second-copy loss < 1 nat, a head scores >= 0.3
-             and >= 0.3 nats are at stake.  Then the reference's naive vs refined hypotheses
-             (and controls).  Redwood's 35% / 89% come from a TEXT-trained model: the report
-             marks them not comparable to this synthetic one.
+             a result is a finding only if second-copy loss < 1 nat, a LAYER-1 head scores
+             >= 0.3 on induction (a layer-0 head cannot do induction: its score there would be
+             a positional coincidence) and >= 0.3 nats are at stake.  Then the reference's
+             naive vs refined hypotheses (and controls).  Redwood's 35% / 89% come from a
+             TEXT-trained model: the report marks them not comparable to this synthetic one.
   parens     a balanced-parentheses classifier trained here: "the answer depends only
              on the count and horizon tests" and a per-head detailed claim (the
              reference's paren-balance study: 88-93% high-level, 72% detailed); scored by
@@ -130,23 +132,23 @@ def induction_example(args, n):
     block = min(setup.max_block, (model.config.max_seq_len - 1) // 2)
     ind = measure_induction(model, jax.random.key(1), first_token=0, n=32, block_len=block, low=1)
     L = model.config.n_layers - 1
-    heads1 = [(L, int(h)) for h in np.argsort(-ind.induction_score[L]) if ind.induction_score[L, h] >= 0.3][:2]
+    heads1 = [(L, int(h)) for h in np.argsort(-ind.induction_score[L]) if ind.induction_score[L, h] >= 0.3]
     prev = [(0, int(h)) for h in np.argsort(-ind.previous_token_score[0]) if ind.previous_token_score[0, h] >= 0.3]
     prev = prev or [(0, int(np.argmax(ind.previous_token_score[0])))]
-    choice = "layer-1 heads with induction score >= 0.3 (at most the two best)"
+    choice = "every layer-1 head with induction score >= 0.3"
     if not heads1:
         heads1 = [(L, int(np.argmax(ind.induction_score[L])))]
         choice = "no head reaches induction score 0.3: the best-scoring layer-1 head (the checks fail)"
     tokens, targets, first_mask = X.synthetic_data(n, setup, with_first=True)
     first, second = copy_losses(model, tokens, first_mask, targets["mask"])
     stake = at_stake(model, tokens, targets, heads1, seeds=range(2 if smoke else 5))
-    check = model_check(first, second, stake["mean"], float(ind.induction_score.max()))
+    check = model_check(first, second, stake["mean"], float(ind.induction_score[L].max()))
     hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
     info = {"model": str(cache / "model"), "setup": vars(setup), "induction_heads": heads1, "head_choice": choice,
             "previous_token_heads": prev, "induction_probe": ind.to_json(), "at_stake_per_seed": stake["per_seed"],
-            "data": f"{n} rows [BOS] + filler + r + r of random ids (vocab {setup.vocab}, |r| in "
-                    f"[{setup.min_block}, {setup.max_block}], offset varies); loss = mean next-token loss on the "
-                    "second copy (after its first token)",
+            "data": f"{n} rows [BOS] + r1 + r1 + r2 + r2 + ... of random ids (vocab {setup.vocab}, |r| in "
+                    f"[{setup.min_block}, {setup.max_block}], so the earlier copy's offset varies); loss = mean "
+                    "next-token loss on the second copies (after their first token)",
             "baseline_for_reference_comparison": "induction-random"}
     return model, tokens, targets, X.masked_nll, hyps, info, "induction-random", check
 
