@@ -84,15 +84,16 @@ def parse_args(argv=None):
 
 
 # ------------------------------------------------------------------ the examples
-def copy_losses(model, tokens, first_mask, second_mask) -> tuple[float, float]:
+def copy_losses(model, tokens, next_tokens, first_mask, second_mask) -> tuple[float, float]:
     """(first-copy, second-copy) mean next-token loss of the model on the scrubbed dataset:
     the first copy's targets (after its first token: nothing predicts them) and the second
-    copy's (predictable by copying)."""
+    copy's (predictable by copying).  next_tokens[:, t] is the target at position t (the
+    dataset's own, so a copy that runs to the row's end is scored on its real last token)."""
     import jax.numpy as jnp
 
     logits = jax.jit(jax.vmap(model))(jnp.asarray(tokens))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
-    nxt = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+    nxt = np.asarray(next_tokens)
     nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(nxt)[..., None], -1)[..., 0])
     return (float((nll * first_mask).sum() / first_mask.sum()), float((nll * second_mask).sum() / second_mask.sum()))
 
@@ -140,7 +141,7 @@ def induction_example(args, n):
         heads1 = [(L, int(np.argmax(ind.induction_score[L])))]
         choice = "no head reaches induction score 0.3: the best-scoring layer-1 head (the checks fail)"
     tokens, targets, first_mask = X.synthetic_data(n, setup, with_first=True)
-    first, second = copy_losses(model, tokens, first_mask, targets["mask"])
+    first, second = copy_losses(model, tokens, targets["next"], first_mask, targets["mask"])
     stake = at_stake(model, tokens, targets, heads1, seeds=range(2 if smoke else 5))
     check = model_check(first, second, stake["mean"], float(ind.induction_score[L].max()))
     hyps = X.induction_hypotheses(heads1, prev, model.config.n_heads)
@@ -207,7 +208,7 @@ def default_example(args, n):
     }
     first_mask = np.zeros_like(mask)
     first_mask[:, 1:block] = 1.0  # the first copy's targets after its first token
-    first, second = copy_losses(model, tokens, first_mask, mask)
+    first, second = copy_losses(model, tokens, targets["next"], first_mask, mask)
     stake = at_stake(model, tokens, targets, heads, seeds=range(2 if args.preset == "smoke" else 3))
     check = model_check(first, second, stake["mean"], float(ind.induction_score.max()))
     info = {"model": args.model, "induction_heads": heads,

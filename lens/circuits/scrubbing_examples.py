@@ -336,7 +336,7 @@ class SyntheticInduction:
 
     vocab: int = 256
     d_model: int = 128
-    n_heads: int = 4
+    n_heads: int = 1
     seq_len: int = 32
     min_block: int = 4
     max_block: int = 11
@@ -345,7 +345,7 @@ class SyntheticInduction:
     lr: float = 1e-3
     positional: str = "rope"
     tie_embeddings: bool = False
-    skip_frac: float = 0.2
+    skip_frac: float = 0.0
     seed: int = 0
 
     @staticmethod

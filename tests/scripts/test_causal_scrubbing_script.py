@@ -45,3 +45,23 @@ def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
     assert abs(hs["identity"]["nats_recovered_mean"] - report["nats_at_stake"]["mean"]) < 1e-6
     assert report["reference"]["comparable"] is False
     assert "pipeline checks only" in (tmp_path / "report.md").read_text().split("\n", 4)[2]
+
+
+def test_copy_losses_score_the_datasets_own_targets():
+    """The copy losses read the dataset's targets (a copy running to the row's end is scored on
+    its real last token), checked against a plain numpy log-softmax."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    copy_losses = script_namespace("causal_scrubbing")["copy_losses"]
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(7, 7)).astype(np.float32)  # logits at a position = a row per current token
+    tokens = rng.integers(0, 7, (3, 5)).astype(np.int32)
+    nxt = rng.integers(0, 7, (3, 5)).astype(np.int32)
+    first = (rng.random((3, 5)) < 0.5).astype(np.float32)
+    second = 1.0 - first
+    got = copy_losses(lambda t: jnp.asarray(table)[t], tokens, nxt, first, second)
+    logp = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    nll = -logp[tokens, nxt]
+    want = ((nll * first).sum() / first.sum(), (nll * second).sum() / second.sum())
+    np.testing.assert_allclose(got, want, rtol=1e-5)
