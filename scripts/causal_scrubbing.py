@@ -7,8 +7,8 @@
 
 Examples:
   induction  a 2-layer attention-only model trained here on rows of back-to-back pairs r + r
-             of random ids (block lengths vary, so the earlier copy's offset does) mixed with
-             skip rows (x[i+1] = perm(x[i-1])) that make a layer-0 previous-token head pay
+             of random ids (block lengths vary, so the earlier copy's offset does), one head
+             per layer so the only complete copying circuit is the textbook one
              (lens.circuits.scrubbing_examples.SyntheticInduction; trained into
              --cache/induction_synth_<setup hash> once, safetensors, with resume).  Before any
              scrubbing: first- / second-copy loss, per-head induction and previous-token
