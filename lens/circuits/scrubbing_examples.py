@@ -322,17 +322,18 @@ class SyntheticInduction:
     copying: the offset of the earlier copy varies from block to block, so no positional
     head can stand in for an induction head.
 
-    The defaults are the setup that formed the textbook circuit here (2026-12-07, seeds 0
-    and 1): rotary positions, untied embeddings, 4 heads of 32, 1,500 steps of 64 rows;
-    a layer-0 previous-token head and layer-1 heads attending from the second copy to the
-    token after the earlier occurrence (induction score 0.9+).  What did not, each tried
-    at 1,000-4,000 steps: filler + one repeat per row (a quarter of the tokens
-    predictable: induction <= 0.3 after 3,000 steps); tied embeddings (the direct path
-    then predicts the current token again, which the task always punishes); learned
-    absolute positions (a layer-0 head attended at a fixed offset instead); 2 heads per
-    layer with rotary positions (the model copied, second-copy loss 0.17, through a
-    shifted circuit: layer-0 heads at offsets -2 and -3, layer-1 attending to i - T + 3,
-    which the standard induction score reads as 0)."""
+    The defaults are the setup that formed the textbook circuit here (2026-12-07): one
+    head per layer, rotary positions, untied embeddings, d 128, 1,500 steps of 64 rows;
+    a layer-0 previous-token head and a layer-1 head attending from the second copy to
+    the token after the earlier occurrence (induction score 0.98).  Which circuit forms
+    depends on the run: with several layer-0 heads the model often copies through a
+    shifted circuit instead (layer 1 matching k > 1 tokens back through one layer-0
+    head and reading the answer through another at offset k - 1, induction score 0),
+    which one head per layer makes harder but not impossible (seed 1 did it).  So
+    `scripts/causal_scrubbing.py` checks every model before scrubbing it.  What formed
+    no copying circuit at all: filler + one repeat per row (a quarter of the tokens
+    predictable), tied embeddings, learned absolute positions (a layer-0 head attended
+    at a fixed offset).  docs/findings/causal_scrubbing.md has the runs."""
 
     vocab: int = 256
     d_model: int = 128
