@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int_at_least(1), default=None,
                    help="keep only the first N blocks (override the preset's)")
     p.add_argument("--perf-prompts", type=int_at_least(1), default=None, help="override the preset's")
+    p.add_argument("--path-pairs", type=int_at_least(0), default=None,
+                   help="pairs for path patching, spread over the length groups (0: skip; override the preset's)")
     p.add_argument("--tasks", type=choices_list(("ioi", "fact")), default=None,
                    help="comma-separated tasks (override the preset's)")
     p.add_argument("--sites", type=choices_list(SITES), default=None,
@@ -373,6 +375,19 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
     return out
 
 
+def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
+    """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
+    the groups' sizes allow (round-robin), so a small budget still spans every template."""
+    shares = [0] * len(sizes)
+    left = min(n_pairs, sum(sizes))
+    while left > 0:
+        for i, size in enumerate(sizes):
+            if left > 0 and shares[i] < size:
+                shares[i] += 1
+                left -= 1
+    return shares
+
+
 def path_section(model, groups, roles, p, args, budget, log, task, corruption) -> dict:
     """Path patching, senders -> receivers' queries (noising), receivers chosen by ROLE:
     the top heads by |denoising effect| that attend from END to IO (name-mover signature),
@@ -389,12 +404,9 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
     t0 = time.perf_counter()
     per, comp = [], {f"L{l}.H{h}": {"all_senders": [], "receiver_input": [], "base": []} for l, h in receivers}
     joint = {"all_senders": [], "receiver_input": [], "base": []}
-    n_left = p.path_pairs
-    for g in groups:
-        n = min(n_left, len(g["clean"]))
+    for g, n in zip(groups, path_shares(p.path_pairs, [len(g["clean"]) for g in groups])):
         if n <= 0:
-            break
-        n_left -= n
+            continue
         met = Pt.normalized_metric(model, g["clean"][:n], g["corrupted"][:n],
                                    Pt.logit_diff_metric(g["correct"][:n], g["wrong"][:n], g["clean"].shape[1] - 1))
         per.append(np.asarray(path_patching(model, g["clean"][:n], g["corrupted"][:n], met, receivers, "q",
@@ -537,6 +549,7 @@ def main(argv=None) -> dict:
     p = PRESETS[args.preset]
     p = p.replace(**({"pairs": args.pairs} if args.pairs else {}),
                   **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
+                  **({"path_pairs": args.path_pairs} if args.path_pairs is not None else {}),
                   **({"layers": args.layers} if args.layers else {}),
                   **({"tasks": args.tasks} if args.tasks else {}),
                   **({"sites": args.sites} if args.sites else {}),

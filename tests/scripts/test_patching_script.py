@@ -1,0 +1,35 @@
+"""scripts/patching.py's helpers (the smoke run end to end is in
+tests/lens/circuits/test_patching.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from script_entry import script_namespace
+
+
+@pytest.fixture(scope="module")
+def ns():
+    return script_namespace("patching")
+
+
+@pytest.mark.parametrize("n, sizes, expected", [
+    (16, [13, 13, 13, 13], [4, 4, 4, 4]),   # even split over 4 templates
+    (6, [13, 26, 13], [2, 2, 2]),            # round-robin, not the first group only
+    (10, [2, 20], [2, 8]),                   # a small group gives what it has
+    (100, [3, 4], [3, 4]),                   # never more than the groups hold
+    (0, [5, 5], [0, 0]),                     # 0: path patching skipped
+    (2, [13, 13, 13, 13], [1, 1, 0, 0]),
+])
+def test_path_shares_spread_over_length_groups(ns, n, sizes, expected):
+    shares = ns["path_shares"](n, sizes)
+    assert shares == expected
+    assert sum(shares) == min(n, sum(sizes)) and all(s <= z for s, z in zip(shares, sizes))
+
+
+def test_path_pairs_override(ns):
+    args = ns["parse_args"](["--out", "x", "--path-pairs", "8"])
+    assert args.path_pairs == 8
+    assert ns["parse_args"](["--out", "x"]).path_pairs is None  # the preset's
+    with pytest.raises(SystemExit):
+        ns["parse_args"](["--out", "x", "--path-pairs", "-1"])
