@@ -375,6 +375,31 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
     return out
 
 
+def completeness_meaning(fraction: float, receiver_effect: float, ends_match: bool) -> str:
+    """What a receiver's all-senders completeness fraction says (path patching into QUERIES,
+    noising, `path_completeness`: every earlier head from the corrupted run at once, MLPs and
+    norms recomputed).  When END's token is the same in both prompts, the residual at every
+    position whose token did not change (END included) then IS the corrupted run's (only
+    attention moves information between positions, and every head is patched), so the
+    receiver's query at END is fully patched and a fraction near 1 is what the construction
+    gives: it rules out only an effect through the receiver's query at the changed (name)
+    positions, and cannot tell heads from MLPs (both are on the path).  The informative
+    numbers are then the single-sender cells and how they add up."""
+    if abs(receiver_effect) < 0.05:
+        return "the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
+    if ends_match and fraction > 0.9:
+        return ("~1, as the construction gives when END's token is unchanged: with every earlier head patched "
+                "and MLPs recomputed, the residual at END is the corrupted run's, so this says only that the "
+                "effect does not come through the receiver's query at the changed name positions; it does not "
+                "separate heads from MLPs (see the single-sender cells and the additivity line)")
+    if abs(fraction) < 0.2:
+        return ("~0: the receiver's query-input effect does not come through earlier heads (embeddings / MLPs at "
+                "the changed positions carry it, or the heads' effects cancel); its per-sender cells explain nothing")
+    if fraction > 0.7:
+        return "the earlier heads carry most of the receiver's query-input effect"
+    return "the earlier heads carry part of it; the rest comes through embeddings / MLPs at the changed positions"
+
+
 def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
     """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
     the groups' sizes allow (round-robin), so a small budget still spans every template."""
@@ -419,6 +444,10 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
         for k in r:
             joint[k] += np.asarray(r[k]).tolist()
     pg = np.concatenate(per)  # [P, L, H], noising: 0 = the clean run's value
+    # the last token (END, where the metric and the receivers' query are read) is the same
+    # in clean and corrupted prompts: then the completeness fraction is ~1 by construction
+    ends_match = all(bool((np.asarray(g["clean"])[:, -1] == np.asarray(g["corrupted"])[:, -1]).all())
+                     for g in groups)
     rng = np.random.default_rng(args.seed)
     boots = np.stack([pg[rng.integers(0, len(pg), len(pg))].mean(0) for _ in range(p.boot)])
     effect = pg.mean(0)
@@ -434,13 +463,7 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
             "fraction_explained": f, "fraction_interval_95": [float(np.nanpercentile(fb, 2.5)),
                                                               float(np.nanpercentile(fb, 97.5))],
             "all_senders_effect": float((a - b).mean()), "receiver_input_effect": own,
-            "meaning": ("the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
-                        if abs(own) < 0.05 else
-                        "~0: the receiver's query-input effect does not come through earlier heads (embeddings / "
-                        "MLPs carry it, or the heads' effects cancel); its per-sender cells explain nothing"
-                        if abs(f) < 0.2 else
-                        "the earlier heads carry most of the receiver's query-input effect" if f > 0.7 else
-                        "the earlier heads carry part of it; the rest comes through embeddings / MLPs")}
+            "meaning": completeness_meaning(f, own, ends_match)}
     a, o, b = (np.asarray(joint[k]) for k in ("all_senders", "receiver_input", "base"))
     single_sum = float(effect.sum())  # the per-sender cells (noising, base = 0) summed
     additivity = {"receivers": [list(r) for r in receivers], "all_senders_effect": float((a - b).mean()),

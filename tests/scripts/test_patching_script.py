@@ -33,3 +33,13 @@ def test_path_pairs_override(ns):
     assert ns["parse_args"](["--out", "x"]).path_pairs is None  # the preset's
     with pytest.raises(SystemExit):
         ns["parse_args"](["--out", "x", "--path-pairs", "-1"])
+
+
+def test_completeness_meaning_says_when_1_is_by_construction(ns):
+    meaning = ns["completeness_meaning"]
+    assert meaning(1.0, 0.01, True).startswith("the receiver's query barely depends")
+    # END unchanged (IOI): ~1 is what the construction gives, not evidence that heads carry it
+    assert meaning(0.99, -0.5, True).startswith("~1, as the construction gives")
+    assert meaning(0.99, -0.5, False) == "the earlier heads carry most of the receiver's query-input effect"
+    assert meaning(0.05, -0.5, True).startswith("~0:")
+    assert meaning(0.5, -0.5, True).startswith("the earlier heads carry part of it")
