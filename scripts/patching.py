@@ -612,9 +612,9 @@ def main(argv=None) -> dict:
             result["corruptions"] = {t: list(by) for t, by in result["tasks"].items()}
             result["path_completeness"] = {t: {c: r["path"]["path_completeness"] for c, r in by.items() if "path" in r}
                                            for t, by in result["tasks"].items()}
-        result["seconds"] = time.perf_counter() - t_start
-        (args.out / "report.json").write_text(json.dumps(result, indent=1))
-        write_report(args.out, result)
+            result["seconds"] = time.perf_counter() - t_start
+            (args.out / "report.json").write_text(json.dumps(result, indent=1))
+            write_report(args.out, result)
     log(f"wrote {args.out}/report.md ({result['seconds']:.0f} s)")
     return result
 
