@@ -400,6 +400,16 @@ def completeness_meaning(fraction: float, receiver_effect: float, ends_match: bo
     return "the earlier heads carry part of it; the rest comes through embeddings / MLPs at the changed positions"
 
 
+def additivity_sums(grid: np.ndarray, receivers) -> dict:
+    """The single-sender cells (noising, base = 0) summed over the SAME senders as the joint
+    all-senders run (every head before the first receiver's layer), and over every cell (which
+    adds the senders between the receivers' layers, absent from the joint run)."""
+    first = min(layer for layer, _ in receivers)
+    return {"sum_of_single_sender_effects": float(np.asarray(grid)[:first].sum()),
+            "sum_of_single_sender_effects_all_cells": float(np.asarray(grid).sum()),
+            "senders_before_layer": int(first)}
+
+
 def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
     """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
     the groups' sizes allow (round-robin), so a small budget still spans every template."""
@@ -465,9 +475,9 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
             "all_senders_effect": float((a - b).mean()), "receiver_input_effect": own,
             "meaning": completeness_meaning(f, own, ends_match)}
     a, o, b = (np.asarray(joint[k]) for k in ("all_senders", "receiver_input", "base"))
-    single_sum = float(effect.sum())  # the per-sender cells (noising, base = 0) summed
     additivity = {"receivers": [list(r) for r in receivers], "all_senders_effect": float((a - b).mean()),
-                  "receiver_input_effect": float((o - b).mean()), "sum_of_single_sender_effects": single_sum,
+                  "receiver_input_effect": float((o - b).mean()),
+                  **additivity_sums(effect, receivers),
                   "meaning": "the per-sender grid adds up to the all-senders effect only if the senders act "
                              "independently; a sum near 0 beside a large all-senders effect means the effect "
                              "needs several senders at once (no single cell shows it)"}
@@ -559,8 +569,9 @@ def write_report(out_dir: Path, result: dict):
                           f"receiver input {v['receiver_input_effect']:+.3f}): {v['meaning']}"
                           for k, v in pth["path_completeness"].items()]
                 ad = pth["additivity"]
-                lines += ["", f"Additivity (all receivers together): all senders {ad['all_senders_effect']:+.3f}, "
-                          f"sum of the single-sender cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
+                lines += ["", f"Additivity (all receivers together, senders = every head before layer "
+                          f"{ad.get('senders_before_layer', '?')}): all senders {ad['all_senders_effect']:+.3f}, "
+                          f"sum of those senders' single cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
                           f"whole query input {ad['receiver_input_effect']:+.3f}: {ad['meaning']}.",
                           "", f"![path]({task}_{corr}_path.png)"]
     lines += ["", f"Total wall time {result['seconds']:.0f} s."]

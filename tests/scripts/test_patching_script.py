@@ -3,6 +3,7 @@ tests/lens/circuits/test_patching.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from script_entry import script_namespace
@@ -43,3 +44,13 @@ def test_completeness_meaning_says_when_1_is_by_construction(ns):
     assert meaning(0.99, -0.5, False) == "the earlier heads carry most of the receiver's query-input effect"
     assert meaning(0.05, -0.5, True).startswith("~0:")
     assert meaning(0.5, -0.5, True).startswith("the earlier heads carry part of it")
+
+
+def test_additivity_sums_only_the_joint_runs_senders(ns):
+    """The joint all-senders run patches every head before the FIRST receiver's layer: the
+    single cells it is compared with are those, not the later layers' (plain numpy sums)."""
+    grid = np.arange(12, dtype=float).reshape(4, 3) - 5.0  # [layers, heads]
+    out = ns["additivity_sums"](grid, [(3, 1), (2, 0)])
+    assert out["senders_before_layer"] == 2
+    assert out["sum_of_single_sender_effects"] == grid[0].sum() + grid[1].sum()
+    assert out["sum_of_single_sender_effects_all_cells"] == grid.sum()
