@@ -351,7 +351,7 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
         panels["AtP* (|.|)"] = means["atp_star"]
         heatmap(args.out / f"{task}_{corruption}_{site}.png", panels, axes,
                 f"{task} ({corruption} corruption): {site}, denoising, mean of {len(pairs)} pairs over "
-                f"{len(groups)} templates", labels if positional else None)
+                f"{len(out['templates'])} templates ({len(groups)} prompt lengths)", labels if positional else None)
         ests = {"AtP": means["atp"]}
         if "atp_qk_fix" in means:
             ests["AtP + QK fix"] = means["atp_qk_fix"]
