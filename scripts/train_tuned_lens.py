@@ -93,6 +93,28 @@ def parse_args(argv=None):
     return fill_from_preset(args, PRESETS[args.preset])
 
 
+def test_shares(n_rows: int, sizes: list[int], corpora=None, row_len: int | None = None) -> list[int]:
+    """How many test rows each corpus gives: an even split of `n_rows` where every corpus has
+    its share; a corpus with fewer rows gives all it has and the rest is split evenly over the
+    others (water-filling; the earlier corpora take any remainder).  SystemExit when the
+    corpora together hold fewer than `n_rows`."""
+    if sum(sizes) < n_rows:
+        names = ", ".join(f"{c}: {z}" for c, z in zip(corpora or range(len(sizes)), sizes))
+        raise SystemExit(f"--eval-rows {n_rows} exceeds the test splits' {sum(sizes)} rows"
+                         f"{f' of {row_len} tokens' if row_len else ''} ({names})")
+    shares, left, open_ = list(sizes), n_rows, list(range(len(sizes)))
+    while True:  # fix every corpus too small for an even share at its size, then share the rest
+        small = [i for i in open_ if sizes[i] * len(open_) < left]
+        if not small:
+            break
+        left -= sum(sizes[i] for i in small)
+        open_ = [i for i in open_ if i not in small]
+    each, extra = divmod(left, len(open_))
+    for rank, i in enumerate(open_):
+        shares[i] = each + (rank < extra)
+    return shares
+
+
 def answer(report: dict) -> list[str]:
     """The report's opening: at how many layers the tuned lens is closer to the model than the
     logit lens (KL), and a verdict when the model itself predicts the test text no better than
@@ -181,8 +203,11 @@ def main(argv=None, on_checkpoint=None) -> dict:
         raise SystemExit(f"--seq {args.seq} exceeds the model's context {model.config.max_seq_len}")
     corpora = tuple(args.corpora)
     train_rows = data.mixed_rows(corpora, tok, args.seq + 1, "train", seed=args.seed)
-    # the test rows: as even a share of each corpus as eval_rows allows (the first rows of each)
-    test_rows = data.mixed_rows(corpora, tok, args.seq + 1, "test", n_rows=args.eval_rows, seed=None, even=True)
+    # the test rows: as even a share of each corpus as eval_rows and the corpora's test splits
+    # allow (the first rows of each; a small split gives all it has, the others make up the rest)
+    test_parts = [data.load_tokens(name, tok, args.seq + 1, "test") for name in corpora]
+    shares = test_shares(args.eval_rows, [len(r) for r in test_parts], corpora, args.seq + 1)
+    test_rows = np.concatenate([r[:k] for r, k in zip(test_parts, shares) if k])
     val_rows = data.mixed_rows(corpora, tok, args.seq + 1, "validation", seed=args.seed,
                                n_rows=max(args.batch, 8))
     info = {"lens": "tuned", "model_name": str(args.model), "corpora": list(corpora), "lr_scale": args.lr_scale,
@@ -211,7 +236,8 @@ def main(argv=None, on_checkpoint=None) -> dict:
                                          ("frozen_scale_oracle", None, True))}
     scores["temperature_control"]["temperature"] = [float(t) for t in np.exp(np.asarray(temp.model.log_temperature))]
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),
-                "lr": lr0, "eval_rows": int(len(test_rows)), "seed": args.seed, "eval_every": args.eval_every}
+                "lr": lr0, "eval_rows": int(len(test_rows)), "seed": args.seed, "eval_every": args.eval_every,
+                "eval_rows_per_corpus": dict(zip(corpora, (int(k) for k in shares)))}
     n = model.config.n_layers
     beats = [bool(scores["tuned_lens"]["kl_interval_95"][1][i] < scores["temperature_control"]["kl_interval_95"][0][i])
              for i in range(n)]

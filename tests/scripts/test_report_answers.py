@@ -117,3 +117,17 @@ def test_dla_norm_report_opens_with_its_answer():
                                "(b) differ by a median relative L1 of 0.300 over 3 parts")
     assert lines[2].endswith("against 0.050 between two Shapley seeds: the difference is larger than the "
                              "estimator's noise.")
+
+
+def test_tuned_lens_test_shares_fill_from_the_larger_splits():
+    """The default preset's 1,600 test rows of 65 SmolLM2 tokens: python-docs' test split has
+    454, fewer than an even third (534); it gives all 454 and the others split the rest."""
+    shares = script_namespace("train_tuned_lens")["test_shares"]
+    assert shares(1600, [1239, 454, 2100]) == [573, 454, 573]
+    assert shares(9, [10, 10, 10]) == [3, 3, 3]                # even when every split has its share
+    assert shares(10, [10, 10, 10]) == [4, 3, 3]               # the remainder to the first corpora
+    assert shares(7, [1, 2, 10]) == [1, 2, 4]
+    assert sum(shares(1601, [1239, 454, 2100])) == 1601
+    import pytest
+    with pytest.raises(SystemExit, match="--eval-rows 40 exceeds the test splits' 30 rows"):
+        shares(40, [10, 10, 10], ["a", "b", "c"], 65)
