@@ -24,7 +24,9 @@ Presets (SmolLM2's 49k-token unembedding makes one layer's lens cost ~20x the mo
 forward per token):
   smoke    2 steps of 2 x 8 tokens, scored on 4 x 8 (tests; < 3 min)
   default  64 steps of 4 x 64 tokens (16,384 tokens), scored on 1,600 x 64 = 102,400 held-out
-           tokens (not run to the end on the shared 2-core CPU; docs/findings/tuned_lens.md)
+           tokens (as even a split over the corpora as their test splits allow).  On SmolLM2
+           not run on the shared 2-core CPU (hours: docs/findings/tuned_lens.md); our LayerNorm
+           model was run there with --steps 160 --batch 8 --seq 128 --eval-rows 790 (11 min)
   paper    the reference's recipe: 250 steps of 2^18 tokens (128 rows x 2,048), scored on
            100 x 2,048 tokens.  Sized for one 80 GB GPU on paper, never run: the 2^18-token step
            does not fit at once (its logits, one layer at a time as here, are 2^18 x 49,152 x 4 B
