@@ -145,7 +145,7 @@ def report_lines(report: dict) -> list[str]:
     pl = report["plateau"]
     met = {k: v["met_at_step"] for k, v in pl.items()}
     iv = lambda d, k, i: f"[{d[k + '_interval_95'][0][i]:.3f}, {d[k + '_interval_95'][1][i]:.3f}]"  # noqa: E731
-    lines = [f"# Tuned lens vs its temperature control: {report['model']} ({report['preset']} preset)", "",
+    lines = [f"# Tuned lens vs its temperature control: {report['model']} ({report['preset']})", "",
              *answer(report),
              f"**Verdict: the tuned lens beats the per-layer temperature control on KL (intervals disjoint) at "
              f"{wins} of {n} layers.**  Plateau ({pl['tuned_lens']['criterion']}): tuned lens "
@@ -243,7 +243,10 @@ def main(argv=None, on_checkpoint=None) -> dict:
     n = model.config.n_layers
     beats = [bool(scores["tuned_lens"]["kl_interval_95"][1][i] < scores["temperature_control"]["kl_interval_95"][0][i])
              for i in range(n)]
-    report = {"model": str(args.model), "preset": args.preset, "settings": settings, **scores,
+    changed = {k: getattr(args, k) for k, v in PRESETS[args.preset].items() if getattr(args, k) != v}
+    preset = args.preset + (" preset, overridden: " + ", ".join(f"{k}={v}" for k, v in changed.items())
+                            if changed else " preset")
+    report = {"model": str(args.model), "preset": preset, "settings": settings, **scores,
               "vocab_size": int(model.config.vocab_size),
               "oracle_note": "frozen_scale_oracle decodes layer l with the FINAL layer's per-position norm divisor: "
                              "an oracle bound (information no lens has at layer l), not a baseline",
