@@ -571,7 +571,8 @@ def write_report(out_dir: Path, result: dict):
                 ad = pth["additivity"]
                 lines += ["", f"Additivity (all receivers together, senders = every head before layer "
                           f"{ad.get('senders_before_layer', '?')}): all senders {ad['all_senders_effect']:+.3f}, "
-                          f"sum of those senders' single cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
+                          f"sum of those senders' single cells {ad['sum_of_single_sender_effects']:+.3f}, "
+                          "the receivers' "
                           f"whole query input {ad['receiver_input_effect']:+.3f}: {ad['meaning']}.",
                           "", f"![path]({task}_{corr}_path.png)"]
     lines += ["", f"Total wall time {result['seconds']:.0f} s."]
