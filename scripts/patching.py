@@ -78,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int_at_least(1), default=None,
                    help="keep only the first N blocks (override the preset's)")
     p.add_argument("--perf-prompts", type=int_at_least(1), default=None, help="override the preset's")
+    p.add_argument("--path-pairs", type=int_at_least(0), default=None,
+                   help="pairs for path patching, spread over the length groups (0: skip; override the preset's)")
     p.add_argument("--tasks", type=choices_list(("ioi", "fact")), default=None,
                    help="comma-separated tasks (override the preset's)")
     p.add_argument("--sites", type=choices_list(SITES), default=None,
@@ -349,7 +351,7 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
         panels["AtP* (|.|)"] = means["atp_star"]
         heatmap(args.out / f"{task}_{corruption}_{site}.png", panels, axes,
                 f"{task} ({corruption} corruption): {site}, denoising, mean of {len(pairs)} pairs over "
-                f"{len(groups)} templates", labels if positional else None)
+                f"{len(out['templates'])} templates ({len(groups)} prompt lengths)", labels if positional else None)
         ests = {"AtP": means["atp"]}
         if "atp_qk_fix" in means:
             ests["AtP + QK fix"] = means["atp_qk_fix"]
@@ -373,6 +375,54 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
     return out
 
 
+def completeness_meaning(fraction: float, receiver_effect: float, ends_match: bool) -> str:
+    """What a receiver's all-senders completeness fraction says (path patching into QUERIES,
+    noising, `path_completeness`: every earlier head from the corrupted run at once, MLPs and
+    norms recomputed).  When END's token is the same in both prompts, the residual at every
+    position whose token did not change (END included) then IS the corrupted run's (only
+    attention moves information between positions, and every head is patched), so the
+    receiver's query at END is fully patched and a fraction near 1 is what the construction
+    gives: it rules out only an effect through the receiver's query at the changed (name)
+    positions, and cannot tell heads from MLPs (both are on the path).  The informative
+    numbers are then the single-sender cells and how they add up."""
+    if abs(receiver_effect) < 0.05:
+        return "the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
+    if ends_match and fraction > 0.9:
+        return ("~1, as the construction gives when END's token is unchanged: with every earlier head patched "
+                "and MLPs recomputed, the residual at END is the corrupted run's, so this says only that the "
+                "effect does not come through the receiver's query at the changed name positions; it does not "
+                "separate heads from MLPs (see the single-sender cells and the additivity line)")
+    if abs(fraction) < 0.2:
+        return ("~0: the receiver's query-input effect does not come through earlier heads (embeddings / MLPs at "
+                "the changed positions carry it, or the heads' effects cancel); its per-sender cells explain nothing")
+    if fraction > 0.7:
+        return "the earlier heads carry most of the receiver's query-input effect"
+    return "the earlier heads carry part of it; the rest comes through embeddings / MLPs at the changed positions"
+
+
+def additivity_sums(grid: np.ndarray, receivers) -> dict:
+    """The single-sender cells (noising, base = 0) summed over the SAME senders as the joint
+    all-senders run (every head before the first receiver's layer), and over every cell (which
+    adds the senders between the receivers' layers, absent from the joint run)."""
+    first = min(layer for layer, _ in receivers)
+    return {"sum_of_single_sender_effects": float(np.asarray(grid)[:first].sum()),
+            "sum_of_single_sender_effects_all_cells": float(np.asarray(grid).sum()),
+            "senders_before_layer": int(first)}
+
+
+def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
+    """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
+    the groups' sizes allow (round-robin), so a small budget still spans every template."""
+    shares = [0] * len(sizes)
+    left = min(n_pairs, sum(sizes))
+    while left > 0:
+        for i, size in enumerate(sizes):
+            if left > 0 and shares[i] < size:
+                shares[i] += 1
+                left -= 1
+    return shares
+
+
 def path_section(model, groups, roles, p, args, budget, log, task, corruption) -> dict:
     """Path patching, senders -> receivers' queries (noising), receivers chosen by ROLE:
     the top heads by |denoising effect| that attend from END to IO (name-mover signature),
@@ -389,12 +439,9 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
     t0 = time.perf_counter()
     per, comp = [], {f"L{l}.H{h}": {"all_senders": [], "receiver_input": [], "base": []} for l, h in receivers}
     joint = {"all_senders": [], "receiver_input": [], "base": []}
-    n_left = p.path_pairs
-    for g in groups:
-        n = min(n_left, len(g["clean"]))
+    for g, n in zip(groups, path_shares(p.path_pairs, [len(g["clean"]) for g in groups])):
         if n <= 0:
-            break
-        n_left -= n
+            continue
         met = Pt.normalized_metric(model, g["clean"][:n], g["corrupted"][:n],
                                    Pt.logit_diff_metric(g["correct"][:n], g["wrong"][:n], g["clean"].shape[1] - 1))
         per.append(np.asarray(path_patching(model, g["clean"][:n], g["corrupted"][:n], met, receivers, "q",
@@ -407,6 +454,10 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
         for k in r:
             joint[k] += np.asarray(r[k]).tolist()
     pg = np.concatenate(per)  # [P, L, H], noising: 0 = the clean run's value
+    # the last token (END, where the metric and the receivers' query are read) is the same
+    # in clean and corrupted prompts: then the completeness fraction is ~1 by construction
+    ends_match = all(bool((np.asarray(g["clean"])[:, -1] == np.asarray(g["corrupted"])[:, -1]).all())
+                     for g in groups)
     rng = np.random.default_rng(args.seed)
     boots = np.stack([pg[rng.integers(0, len(pg), len(pg))].mean(0) for _ in range(p.boot)])
     effect = pg.mean(0)
@@ -422,17 +473,11 @@ def path_section(model, groups, roles, p, args, budget, log, task, corruption) -
             "fraction_explained": f, "fraction_interval_95": [float(np.nanpercentile(fb, 2.5)),
                                                               float(np.nanpercentile(fb, 97.5))],
             "all_senders_effect": float((a - b).mean()), "receiver_input_effect": own,
-            "meaning": ("the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
-                        if abs(own) < 0.05 else
-                        "~0: the receiver's query-input effect does not come through earlier heads (embeddings / "
-                        "MLPs carry it, or the heads' effects cancel); its per-sender cells explain nothing"
-                        if abs(f) < 0.2 else
-                        "the earlier heads carry most of the receiver's query-input effect" if f > 0.7 else
-                        "the earlier heads carry part of it; the rest comes through embeddings / MLPs")}
+            "meaning": completeness_meaning(f, own, ends_match)}
     a, o, b = (np.asarray(joint[k]) for k in ("all_senders", "receiver_input", "base"))
-    single_sum = float(effect.sum())  # the per-sender cells (noising, base = 0) summed
     additivity = {"receivers": [list(r) for r in receivers], "all_senders_effect": float((a - b).mean()),
-                  "receiver_input_effect": float((o - b).mean()), "sum_of_single_sender_effects": single_sum,
+                  "receiver_input_effect": float((o - b).mean()),
+                  **additivity_sums(effect, receivers),
                   "meaning": "the per-sender grid adds up to the all-senders effect only if the senders act "
                              "independently; a sum near 0 beside a large all-senders effect means the effect "
                              "needs several senders at once (no single cell shows it)"}
@@ -524,8 +569,10 @@ def write_report(out_dir: Path, result: dict):
                           f"receiver input {v['receiver_input_effect']:+.3f}): {v['meaning']}"
                           for k, v in pth["path_completeness"].items()]
                 ad = pth["additivity"]
-                lines += ["", f"Additivity (all receivers together): all senders {ad['all_senders_effect']:+.3f}, "
-                          f"sum of the single-sender cells {ad['sum_of_single_sender_effects']:+.3f}, the receivers' "
+                lines += ["", f"Additivity (all receivers together, senders = every head before layer "
+                          f"{ad.get('senders_before_layer', '?')}): all senders {ad['all_senders_effect']:+.3f}, "
+                          f"sum of those senders' single cells {ad['sum_of_single_sender_effects']:+.3f}, "
+                          "the receivers' "
                           f"whole query input {ad['receiver_input_effect']:+.3f}: {ad['meaning']}.",
                           "", f"![path]({task}_{corr}_path.png)"]
     lines += ["", f"Total wall time {result['seconds']:.0f} s."]
@@ -537,6 +584,7 @@ def main(argv=None) -> dict:
     p = PRESETS[args.preset]
     p = p.replace(**({"pairs": args.pairs} if args.pairs else {}),
                   **({"perf_prompts": args.perf_prompts} if args.perf_prompts else {}),
+                  **({"path_pairs": args.path_pairs} if args.path_pairs is not None else {}),
                   **({"layers": args.layers} if args.layers else {}),
                   **({"tasks": args.tasks} if args.tasks else {}),
                   **({"sites": args.sites} if args.sites else {}),
@@ -576,9 +624,9 @@ def main(argv=None) -> dict:
             result["corruptions"] = {t: list(by) for t, by in result["tasks"].items()}
             result["path_completeness"] = {t: {c: r["path"]["path_completeness"] for c, r in by.items() if "path" in r}
                                            for t, by in result["tasks"].items()}
-        result["seconds"] = time.perf_counter() - t_start
-        (args.out / "report.json").write_text(json.dumps(result, indent=1))
-        write_report(args.out, result)
+            result["seconds"] = time.perf_counter() - t_start
+            (args.out / "report.json").write_text(json.dumps(result, indent=1))
+            write_report(args.out, result)
     log(f"wrote {args.out}/report.md ({result['seconds']:.0f} s)")
     return result
 

@@ -134,7 +134,11 @@ def path_completeness(
     effect falls short of the whole input effect by what the senders cannot carry: the
     token / position embeddings and the MLPs' direct paths (and, noising, any interaction).
     fraction = (all_senders - base) / (receiver_input - base), near 1 when the heads carry
-    the receivers' input effect, near 0 when it reaches them through embeddings or MLPs."""
+    the receivers' input effect, near 0 when it reaches them through embeddings or MLPs.
+    At a position whose token is the same in both inputs (IOI's END) the all-senders residual
+    IS the source run's (only attention moves information between positions, every head is
+    patched, MLPs are recomputed), so for a receiver read there the fraction is ~1 by
+    construction; it falls below 1 only through the receiver's input at changed positions."""
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input must be 'q', 'k' or 'v'; got {receiver_input!r}")
     if direction not in DIRECTIONS:

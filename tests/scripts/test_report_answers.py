@@ -81,13 +81,17 @@ def test_modularity_answer_and_verdict():
 
 def test_tuned_lens_answer_and_verdict():
     answer = script_namespace("train_tuned_lens")["answer"]
-    report = {"logit_lens": {"kl": [2.0, 1.0, 0.0], "top1": [0.1, 0.2, 0.4]},
-              "tuned_lens": {"kl": [1.0, 1.5, 0.0], "top1": [0.2, 0.2, 0.4]}}
+    # the last row is the model itself: top-1 agreement with itself is always 1, so the verdict
+    # reads the model's own cross-entropy against uniform (ln 1000 = 6.91 nats)
+    report = {"logit_lens": {"kl": [2.0, 1.0, 0.0], "top1": [0.1, 0.2, 1.0], "ce": [5.0, 4.0, 3.0]},
+              "tuned_lens": {"kl": [1.0, 1.5, 0.0], "top1": [0.2, 0.2, 1.0]}, "vocab_size": 1000}
     lines = answer(report)
     assert lines[0] == ("**Answer.** the tuned lens is closer to the model's output than the logit lens at 1 of 2 "
                         "layers (mean KL 1.250 vs 1.500 nats).")
-    report["logit_lens"]["top1"][-1] = 0.01
-    assert answer(report)[2].startswith("**Verdict: pipeline check only.** the model's own top-1 accuracy")
+    assert not any("Verdict" in x for x in lines)  # 3.0 nats < 0.9 x 6.91
+    report["logit_lens"]["ce"][-1] = 6.5  # > 0.9 x ln 1000 = 6.22: the model cannot predict the text
+    assert answer(report)[2].startswith("**Verdict: pipeline check only.** the model's own next-token "
+                                        "cross-entropy on the test text is 6.50 nats/token")
 
 
 def test_orthogonal_readings_answer():
@@ -113,3 +117,17 @@ def test_dla_norm_report_opens_with_its_answer():
                                "(b) differ by a median relative L1 of 0.300 over 3 parts")
     assert lines[2].endswith("against 0.050 between two Shapley seeds: the difference is larger than the "
                              "estimator's noise.")
+
+
+def test_tuned_lens_test_shares_fill_from_the_larger_splits():
+    """The default preset's 1,600 test rows of 65 SmolLM2 tokens: python-docs' test split has
+    454, fewer than an even third (534); it gives all 454 and the others split the rest."""
+    shares = script_namespace("train_tuned_lens")["test_shares"]
+    assert shares(1600, [1239, 454, 2100]) == [573, 454, 573]
+    assert shares(9, [10, 10, 10]) == [3, 3, 3]                # even when every split has its share
+    assert shares(10, [10, 10, 10]) == [4, 3, 3]               # the remainder to the first corpora
+    assert shares(7, [1, 2, 10]) == [1, 2, 4]
+    assert sum(shares(1601, [1239, 454, 2100])) == 1601
+    import pytest
+    with pytest.raises(SystemExit, match="--eval-rows 40 exceeds the test splits' 30 rows"):
+        shares(40, [10, 10, 10], ["a", "b", "c"], 65)

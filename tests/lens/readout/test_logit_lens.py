@@ -286,7 +286,11 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     assert {"tuned_lens", "temperature_control"} <= set(saved["plateau"])
     assert "criterion" in saved["plateau"]["tuned_lens"] and "met_at_step" in saved["plateau"]["tuned_lens"]
     assert "oracle" in saved["oracle_note"] and len(saved["frozen_scale_oracle"]["kl"]) == 3
-    assert (tmp_path / "o" / "report.md").read_text().startswith("# Tuned lens vs its temperature control")
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert md.startswith("# Tuned lens vs its temperature control")
+    assert "**Verdict: pipeline check only.**" in md  # a random model cannot predict the text
+    assert saved["vocab_size"] == models.load(folder)[0].config.vocab_size
+    assert saved["preset"] == "smoke preset" and "(smoke preset)" in md.splitlines()[0]  # nothing overridden
     assert (tmp_path / "o" / "lens_scores.png").stat().st_size > 1000
     logit_lens.load_tuned_lens(tmp_path / "o" / "tuned_lens.safetensors", models.load(folder)[0])
     r = script_namespace("lens_report")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "r"),
