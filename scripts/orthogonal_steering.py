@@ -284,22 +284,9 @@ def plan_phase(args, out):
     """--plan-only (automatic for --preset paper without a GPU): FLOPs, memory and time of the
     training on paper (`lens.steering.melbo.plan`), for --model's config.json when it is a
     folder, else Qwen1.5-1.8B's shape; printed and written to --out/plan.json."""
-    from lens.models.families import family_module
-
-    cfg_file = Path(args.model) / "config.json"
-    if cfg_file.exists():
-        hf = json.loads(cfg_file.read_text())
-        cfg, name = family_module(hf).config_from_hf(hf), str(args.model)
-    else:
-        cfg, name = plan.qwen15_18b_config(), "Qwen1.5-1.8B's shape (no local folder given: --model PATH)"
-    s = 8 if args.source is None else args.source
-    t = 16 if args.target is None else args.target
-    # the original's one training prompt: ~32 chat-template tokens (an assumption, stated)
-    p = plan.melbo_plan(cfg, k=args.k, steps=args.steps, block=args.block, source=s, target=t, n_tokens=32,
-                        n_prompts=args.train_prompts, lr=args.lr)
-    p |= {"model": name, "seeds": args.melbo_seeds, "hours_all_seeds": p["hours"] * args.melbo_seeds}
-    print("\n".join(plan.plan_lines(p)) + f"\n  model: {name}; x {args.melbo_seeds} MELBO seeds: "
-          f"~{p['hours_all_seeds'] * 60:.0f} min of training")
+    p, lines = plan.main_job_plan(args.model, k=args.k, steps=args.steps, block=args.block, source=args.source,
+                                  target=args.target, n_prompts=args.train_prompts, lr=args.lr, seeds=args.melbo_seeds)
+    print("\n".join(lines))
     (out / "plan.json").write_text(json.dumps(p, indent=1))
     return p
 
