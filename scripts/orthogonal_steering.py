@@ -1,6 +1,6 @@
 """Are "orthogonal" steering vectors really distinct?  MELBO-ortho on the default model.
 
-    .venv/bin/python scripts/orthogonal_steering.py                 # defaults, < 10 min on 2 CPUs
+    .venv/bin/python scripts/orthogonal_steering.py                 # defaults (5-10 min on 2 idle CPUs)
     .venv/bin/python scripts/orthogonal_steering.py --out runs/x --resume   # continue a killed run
     .venv/bin/python scripts/orthogonal_steering.py --k 800 --steps 1000 --lr 0.01 --block 32 \\
         --model path/to/qwen_folder --source 8 --target 16              # full scale
@@ -83,8 +83,8 @@ def parse_args(argv=None):
     preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 256, PR vs K, trained "
-                         "on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
+                    help="smoke (tests, minutes), default (README figures, 3 seeds, 5-10 min), large (K = 256, "
+                         "PR vs K, trained on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
     ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")

@@ -169,5 +169,6 @@ def main_job_plan(model: str, *, k: int, steps: int, block: int, source: int | N
     p = melbo_plan(cfg, k=k, steps=steps, block=block, source=s, target=t, n_tokens=n_tokens,
                    n_prompts=n_prompts, lr=lr)
     p |= {"model": name, "seeds": seeds, "hours_all_seeds": p["hours"] * seeds}
-    lines = plan_lines(p) + [f"  model: {name}; x {seeds} MELBO seeds: ~{p['hours_all_seeds'] * 60:.0f} min of training"]
+    total_min = p["hours_all_seeds"] * 60
+    lines = plan_lines(p) + [f"  model: {name}; x {seeds} MELBO seeds: ~{total_min:.0f} min of training"]
     return p, lines

@@ -103,5 +103,6 @@ def test_found_only_readings_reshapes_stage_readings():
     sr = {st: {r: {"point": float(i + j)} for j, r in enumerate(V.READINGS)} | {"gram": np.eye(2) * i}
           for i, st in enumerate(("effective", "logits"))}
     rd = R.found_only_readings(sr)
-    assert rd["residual_participation_ratio"]["logits"] == {"found": 1.0 + V.READINGS.index("residual_participation_ratio")}
+    j = V.READINGS.index("residual_participation_ratio")
+    assert rd["residual_participation_ratio"]["logits"] == {"found": 1.0 + j}
     assert rd["found_gram"]["logits"].tolist() == (np.eye(2)).tolist()
