@@ -1,6 +1,6 @@
 """Are "orthogonal" steering vectors really distinct?  MELBO-ortho on the default model.
 
-    .venv/bin/python scripts/orthogonal_steering.py                 # defaults, < 10 min on 2 CPUs
+    .venv/bin/python scripts/orthogonal_steering.py                 # defaults (5-10 min on 2 idle CPUs)
     .venv/bin/python scripts/orthogonal_steering.py --out runs/x --resume   # continue a killed run
     .venv/bin/python scripts/orthogonal_steering.py --k 800 --steps 1000 --lr 0.01 --block 32 \\
         --model path/to/qwen_folder --source 8 --target 16              # full scale
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from lens.cli import Preset, int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering import melbo, vectors  # noqa: E402
-from lens.steering.melbo import base_vector, decompose, experiment, plan, stages, verdict  # noqa: E402
+from lens.steering.melbo import base_vector, experiment, plan, report, stages, verdict  # noqa: E402
 from lens.steering.prompts import BEHAVIOUR, CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
 
@@ -70,8 +70,7 @@ PRESETS = {
     "paper": Preset(k=800, steps=1000, lr=0.01, block=32, source=8, target=16, compare_k=0, rho_grid="1",
                   gen_vectors=16, control_seeds=2, n_boot=100, melbo_seeds=2, min_code_writers=30),
 }
-# The width of the original's model (Qwen1.5-1.8B): K is also reported as K / d against it.
-ORIGINAL_D = 2048
+ORIGINAL_D = report.ORIGINAL_D  # the original's d (Qwen1.5-1.8B): K is also reported as K / d against it
 
 
 def parse_args(argv=None):
@@ -84,8 +83,8 @@ def parse_args(argv=None):
     preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                    help="smoke (tests, minutes), default (README figures, ~10 min), large (K = 256, PR vs K, trained "
-                         "on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
+                    help="smoke (tests, minutes), default (README figures, 3 seeds, 5-10 min), large (K = 256, "
+                         "PR vs K, trained on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
     ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
     ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
@@ -285,22 +284,9 @@ def plan_phase(args, out):
     """--plan-only (automatic for --preset paper without a GPU): FLOPs, memory and time of the
     training on paper (`lens.steering.melbo.plan`), for --model's config.json when it is a
     folder, else Qwen1.5-1.8B's shape; printed and written to --out/plan.json."""
-    from lens.models.families import family_module
-
-    cfg_file = Path(args.model) / "config.json"
-    if cfg_file.exists():
-        hf = json.loads(cfg_file.read_text())
-        cfg, name = family_module(hf).config_from_hf(hf), str(args.model)
-    else:
-        cfg, name = plan.qwen15_18b_config(), "Qwen1.5-1.8B's shape (no local folder given: --model PATH)"
-    s = 8 if args.source is None else args.source
-    t = 16 if args.target is None else args.target
-    # the original's one training prompt: ~32 chat-template tokens (an assumption, stated)
-    p = plan.melbo_plan(cfg, k=args.k, steps=args.steps, block=args.block, source=s, target=t, n_tokens=32,
-                        n_prompts=args.train_prompts, lr=args.lr)
-    p |= {"model": name, "seeds": args.melbo_seeds, "hours_all_seeds": p["hours"] * args.melbo_seeds}
-    print("\n".join(plan.plan_lines(p)) + f"\n  model: {name}; x {args.melbo_seeds} MELBO seeds: "
-          f"~{p['hours_all_seeds'] * 60:.0f} min of training")
+    p, lines = plan.main_job_plan(args.model, k=args.k, steps=args.steps, block=args.block, source=args.source,
+                                  target=args.target, n_prompts=args.train_prompts, lr=args.lr, seeds=args.melbo_seeds)
+    print("\n".join(lines))
     (out / "plan.json").write_text(json.dumps(p, indent=1))
     return p
 
@@ -351,8 +337,7 @@ def seed_phase(args, model, tok, make, layer, problem, readings_problem, s_facto
             V, losses = res.vectors, res.losses
             vectors.save_vectors(f, V, meta | {"seed": seed}, extras={"theta0": theta0, "losses": losses})
         sr = stages.stage_readings(readings_problem, V, None, args.chunk, n_boot=10, s_factor=s_factor)
-        rd = {r: {st: {"found": sr[st][r]["point"]} for st in sr} for r in verdict.READINGS}
-        rd["found_gram"] = {st: sr[st]["gram"] for st in sr}
+        rd = report.found_only_readings(sr)
         scores, _ = verdict.score_vectors(model, prompts, V, layer, max_new_tokens=args.behaviour_tokens,
                                           decode=decoder(tok), gen_batch=args.gen_batch)
         rec = verdict.headline(rd, verdict.writes_code(scores, args.code_min_replies), scores, losses,
@@ -361,33 +346,6 @@ def seed_phase(args, model, tok, make, layer, problem, readings_problem, s_facto
         records.append(rec | {"seed": seed})
         print(f"seed {seed}: decisive {rec[verdict.DECISIVE['reading'] + '/logits/over_control']:.2f} x control")
     return records
-
-
-def closed_form_phase(readings, rho_mean):
-    """4d. The geometry's prediction beside the measurement at the effective stage
-    (`decompose.closed_form_pr_vs_k`): K = 2..K measured (subsets of the found vectors),
-    extrapolated to the original's K = 800 and 1,558; the closed-form cosine at a few rho."""
-    from lens import geometry
-
-    g = readings["found_gram"]["effective"]
-    k = len(g)
-    ks = list(range(2, k + 1)) if k <= 64 else sorted(set(np.geomspace(2, k, 24).astype(int).tolist()) | {k})
-    cf = decompose.closed_form_pr_vs_k(g, readings["effective_unit_cos"], ks, extrapolate=(800, 1558),
-                                       control_gram=readings["control_grams"]["effective"][0])
-    at_rho = []
-    for rho in (rho_mean, 1.0, 2.0):
-        c = float(geometry.orthogonal_pair_cosine_closed_form(rho))
-        pr = {kk: float(geometry.equicorrelated_participation_ratio(kk, c)) for kk in (800, 1558)}
-        at_rho.append({"rho": rho, "pair_cosine_closed_form": c, "degeneracy_at_800": 800 / pr[800],
-                       "degeneracy_at_1558": 1558 / pr[1558], "k_at_10x": geometry.k_at_degeneracy(c, 10.0)})
-    cf["at_rho"] = at_rho
-    cf["note"] = ("closed_form: lens.geometry.equicorrelated_participation_ratio(k, c) at the measured mean effective "
-                  "cosine c of all K found vectors (effective stage, readings prompts, pooled over tokens); lo / hi: at "
-                  "the 95% / 5% quantiles of the per-token mean cosine; measured: raw PR of the first k found vectors "
-                  "(effective stage). at_rho: the idealised pair cosine (no gain) at rho = this run's mean, 1 and 2: the "
-                  "original's rho is not known here (its model's residual norms were not measured), so the "
-                  "extrapolation to K = 800 / 1,558 is at this run's c and bracketed by these")
-    return cf
 
 
 def readings_phase(args, model, neutral, s, t, theta0, V):
@@ -464,13 +422,12 @@ def main(argv=None, on_checkpoint=None):
     readings, readings_problem, s_factor = readings_phase(args, model, neutral, s, t, theta0, V)
     laps.lap("readings")
     writes = verdict.writes_code(beh_scores, args.code_min_replies)
-    rule = (f"a vector writes code when >= {args.code_min_replies} of its greedy replies ({args.behaviour_tokens} "
-            f"tokens) to {beh_scores.shape[1]} non-coding prompts hold real Python (lens.steering.code_score)")
+    rule = report.code_writing_rule(args.code_min_replies, args.behaviour_tokens, beh_scores.shape[1])
     beh_readings = verdict.behaviour_readings(readings, writes, rule)
     beh_readings["stopping"] = beh_note
-    cf = closed_form_phase(readings, analyses["found"]["rho_mean"])
+    cf = report.closed_form_summary(readings, analyses["found"]["rho_mean"])
     laps.lap("closed_form")
-    control_means = {st: {r: readings[r][st]["control_mean"] for r in verdict.READINGS} for st in readings["shared_share"]}
+    control_means = report.control_means(readings)
     records = [verdict.headline(readings, writes, beh_scores, found.losses, np.linalg.norm(V, axis=1),
                                 float(np.linalg.norm(theta0)), d) | {"seed": args.seed}]
     records += seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, len(V), meta,
@@ -496,21 +453,12 @@ def main(argv=None, on_checkpoint=None):
         theta0=theta0, found=found, x_norm=x_norm, calib=calib, analyses=analyses, sweeps=sweeps,
         rho_grid=args.rho_grid, scores=scores, comparison=comparison, behaviour=behaviour, readings=readings,
         timing=laps.timing)
-    rows = cf.pop("rows")
-    summary |= {
-        "decisive_reading": verdict.DECISIVE, "seed": args.seed, "d_model": d, "k_over_d": len(V) / d,
-        "original_d": ORIGINAL_D, "k_at_original_d_ratio": round(len(V) / d * ORIGINAL_D),
-        "closed_form_pr_vs_k": rows, "closed_form_pr": cf, "behaviour_readings": beh_readings,
-        "behaviour_scores": {"per_vector": beh_scores.sum(axis=1).tolist(), "n_prompts": int(beh_scores.shape[1]),
-                             "writes_code": writes.tolist()},
-        "seed_records": records, "seed_spread": verdict.seed_spread([{k: v for k, v in r.items() if k != "seed"}
-                                                                     for r in records]),
-    }
-    summary["lead"] = verdict.lead(summary)
+    summary = report.main_job_summary(summary, closed_form=cf, behaviour_readings=beh_readings,
+                                      behaviour_scores=beh_scores, writes=writes, seed_records=records,
+                                      seed=args.seed, d_model=d)
     settings = vars(args) | {"source": s, "target": t, "prompts_train": args.train_prompts,
                              "prompts_analysis": args.analysis_prompts, "caa_prompts": len(CODE)}
-    samples += [{"label": f"behaviour_found_{i}", "prompt": str(j), "text": txt, "code": float(beh_scores[i, j])}
-                for i, row in enumerate(beh_texts) for j, txt in enumerate(row)]
+    samples += report.behaviour_samples(beh_texts, beh_scores)
     write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweeps, scores, readings, samples,
                   calib, settings, laps)
     print("\n".join(summary["lead"]))

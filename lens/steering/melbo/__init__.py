@@ -12,7 +12,8 @@ sequential and batched, checkpoint/resume), `analysis` (raw / effective / downst
 logit similarity of a set of vectors, controls, the norm-ratio sweep), `stages` and
 `decompose` (the readings per stage: shared share, specific / residual / raw PR, the closed
 form vs K), `behaviour` (do close effects behave alike), `verdict` (the main job's answer:
-the decisive reading declared in advance, readings by behaviour, seed spreads), `plan`
+the decisive reading declared in advance, readings by behaviour, seed spreads), `report`
+(the main job's report.json record: the closed form vs K, the summary and its lead), `plan`
 (a run's FLOPs / memory / time on paper).
 """
 

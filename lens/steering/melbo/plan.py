@@ -145,3 +145,30 @@ def plan_lines(p: dict) -> list[str]:
             f"({'fits' if p['fits'] else 'does NOT fit'})",
             f"  time: ~{p['hours'] * 60:.0f} min at {p['assumed_TFLOPs']:.0f} TFLOP/s x {p['assumed_utilisation']:.0%} "
             "utilisation (assumed, not measured)"]
+
+
+def main_job_plan(model: str, *, k: int, steps: int, block: int, source: int | None, target: int | None,
+                  n_prompts: int, lr: float, seeds: int, n_tokens: int = 32) -> tuple[dict, list[str]]:
+    """The main job's `--plan-only` record and its printed lines: `melbo_plan` for `model`'s
+    config.json when it is a folder, else Qwen1.5-1.8B's shape; source / target default to
+    the original's 8 / 16; `n_tokens` is the original's one training prompt (~32 chat-template
+    tokens, an assumption); `seeds` MELBO seeds multiply the training time."""
+    import json
+    from pathlib import Path
+
+    from lens.models.families import family_module
+
+    cfg_file = Path(model) / "config.json"
+    if cfg_file.exists():
+        hf = json.loads(cfg_file.read_text())
+        cfg, name = family_module(hf).config_from_hf(hf), str(model)
+    else:
+        cfg, name = qwen15_18b_config(), "Qwen1.5-1.8B's shape (no local folder given: --model PATH)"
+    s = 8 if source is None else source
+    t = 16 if target is None else target
+    p = melbo_plan(cfg, k=k, steps=steps, block=block, source=s, target=t, n_tokens=n_tokens,
+                   n_prompts=n_prompts, lr=lr)
+    p |= {"model": name, "seeds": seeds, "hours_all_seeds": p["hours"] * seeds}
+    total_min = p["hours_all_seeds"] * 60
+    lines = plan_lines(p) + [f"  model: {name}; x {seeds} MELBO seeds: ~{total_min:.0f} min of training"]
+    return p, lines
