@@ -20,10 +20,14 @@ of its code vs prose requests at resid_pre[source + 1], rho 0.5 of the median |x
 share in the span of the most forget-specific pruned neurons' output directions vs random
 neurons, and the code score of steered greedy replies on the base model, after the first
 ratio step / every step, and after random pruning of the same counts (--steer-seeds).
-(3) MoEfication: experts of `expert_size` neurons by weight k-means, co-activation and
-random splits; centroid, trained MLP and oracle routers; loss and top-1 agreement with
-the dense model vs the fraction of experts used.  (4) Deja Vu predictors: recall vs
-sparsity and the loss at the predicted sparsity, against untrained (random) predictors.
+(3) MoEfication: experts of `expert_size` neurons by weight k-means (and its sign-free
+form), co-activation and random splits; centroid, trained MLP and oracle routers; loss,
+top-1 agreement with the dense model and |a| mass kept vs the fraction of experts; the
+per-neuron oracle; one layer MoEfied at a time.  (4) Deja Vu predictors: recall (top-10%
+label and the reference's) and the loss at the predicted sparsity, against untrained
+predictors.  Routers and predictors are trained per layer on --fit-tokens fresh train
+tokens to a plateau rule (lens.modularity.fitting; epochs, steps and the stop epoch in
+the report).
 Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefication`,
 `contextual_sparsity`) to --out.
 """
@@ -45,12 +49,11 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lens.modularity import contextual_sparsity as CS  # noqa: E402
+from lens.modularity import fitting as F  # noqa: E402
+from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
-from lens.modularity import moefication as MOE  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float, positive_floats  # noqa: E402
-from lens.training.train import TrainConfig  # noqa: E402
 from lens.modularity import steering as PS  # noqa: E402
 from lens.steering.prompts import CODE, NEUTRAL, PROSE, prompt_maker  # noqa: E402
 from modularity_report import write_report  # noqa: E402
@@ -66,15 +69,19 @@ SECTIONS = ("selective_pruning", "steering", "moefication", "contextual_sparsity
 PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
     "smoke": Preset(seq=24, collect_tokens=48, eval_tokens=48, prune_steps=2, random_draws=5, expert_size=8,
-                  fractions="0.25,1", router_steps=2, predictor_steps=2, rank=8, kmeans_iters=3, gen_tokens=6,
-                  steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
-    "default": Preset(seq=128, collect_tokens=16384, eval_tokens=16384, prune_steps=4, random_draws=5,
-                    expert_size=32, fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64,
-                    kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
-    # the reference's sizes (taker: 1e5 tokens per set for the statistics and the metrics)
+                  fractions="0.25,1", fit_tokens=240, moe_eval_tokens=48, router_epochs=3, predictor_epochs=3, rank=8,
+                  kmeans_iters=3, gen_tokens=6, steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
+    # what fits ~20 min of an idle 2-core CPU on SmolLM2-135M (measured: docs/findings/modularity.md)
+    "default": Preset(seq=128, collect_tokens=4096, eval_tokens=2048, prune_steps=2, random_draws=5,
+                    expert_size=32, fractions="0.25,0.5", fit_tokens=16384, moe_eval_tokens=384, router_epochs=30,
+                    predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5,
+                    reply_tokens=8, steer_seeds=3),
+    # the references' sizes (taker: 1e5 tokens per set for the statistics and the metrics;
+    # DejaVu: 20 epochs over 400k tokens; MoEfication: 30 epochs): an accelerator's job
     "paper": Preset(seq=128, collect_tokens=100_000, eval_tokens=100_000, prune_steps=5, random_draws=5,
-                  expert_size=32, fractions="0.125,0.25,0.5", router_steps=20, predictor_steps=20, rank=64,
-                  kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5, reply_tokens=8, steer_seeds=3),
+                  expert_size=32, fractions="0.125,0.25,0.5", fit_tokens=102_400, moe_eval_tokens=16_384,
+                  router_epochs=30, predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4,
+                  span_draws=5, reply_tokens=8, steer_seeds=3),
 }
 
 
@@ -99,8 +106,15 @@ def parse_args(argv=None):
                     help="draws of each baseline: random pruning (seeds), forget-only pruning (collection samples)")
     ap.add_argument("--expert-size", type=int_at_least(1))
     ap.add_argument("--fractions", type=positive_floats, help="fractions of experts / neurons kept")
-    ap.add_argument("--router-steps", type=int_at_least(1))
-    ap.add_argument("--predictor-steps", type=int_at_least(1))
+    ap.add_argument("--fit-tokens", type=int_at_least(8),
+                    help="training tokens (train split, code + prose) for the routers and predictors; 10%% of the "
+                         "rows held out for the plateau rule")
+    ap.add_argument("--moe-eval-tokens", type=int_at_least(8),
+                    help="validation tokens (all three corpora) for the MoEfication / Deja Vu tables")
+    ap.add_argument("--router-epochs", type=int_at_least(1), help="router epochs at most (plateau stops earlier)")
+    ap.add_argument("--predictor-epochs", type=int_at_least(1), help="predictor epochs at most (plateau stops earlier)")
+    ap.add_argument("--predictor-label", choices=F.LABELS, default="active",
+                    help="the predictors' neuron label: active (the reference's: on) or top (|a| in the top 10%%)")
     ap.add_argument("--rank", type=int_at_least(1), help="Deja Vu predictor rank")
     ap.add_argument("--kmeans-iters", type=int_at_least(1))
     ap.add_argument("--gen-tokens", type=int_at_least(1))
@@ -211,13 +225,13 @@ def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str)
     baselines = {"random": [], "forget": []}
     for d in range(args.random_draws):
         config = M.PruningConfig(args.prune_steps, "random", args.prune_frac, seed=args.seed + d, chunk=8)
-        rec, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config)
+        rec, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config, unpruned_record=recs[0])
         baselines["random"].append(rec)
         masks.setdefault("random", nm)
         # forget-activation-only: draw d collects its statistics on another sample of the forget text
         sample = forget if d == 0 else rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET]
         config = M.PruningConfig(args.prune_steps, "forget", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
-        rec, nm, _ = M.selective_pruning(model, sample, retain, evals, skip, config)
+        rec, nm, _ = M.selective_pruning(model, sample, retain, evals, skip, config, unpruned_record=recs[0])
         baselines["forget"].append(rec)
         masks.setdefault("forget", nm)
     result["methods"]["forget"] = {"records": baselines["forget"][0]}
@@ -292,95 +306,43 @@ def steering_section(args, model, tok, masks, train, out_scores):
             "gen_tokens": args.gen_tokens, "steer_seeds": args.steer_seeds}
 
 
-def dense_reference(model, rows):
-    logits = np.asarray(jax.vmap(model)(jnp.asarray(rows)), np.float32)
-    return logits
-
-
-def moe_section(args, model, train, eval_rows, out: Path, label: str):
+def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[dict, dict]:
+    """MoEfication and Deja Vu (`lens.modularity.sparsity_study`): splits clustered on the
+    statistics rows, routers and predictors fitted on --fit-tokens fresh train rows (one
+    collection), tables on --moe-eval-tokens validation rows."""
     c = model.config
-    if c.d_mlp % args.expert_size:
-        return {"skipped": f"d_mlp {c.d_mlp} is not a multiple of expert_size {args.expert_size}"}
-    E = c.d_mlp // args.expert_size
-    mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
+    want_moe, want_dv = "moefication" in args.sections, "contextual_sparsity" in args.sections
+    if want_moe and c.d_mlp % args.expert_size:
+        want_moe = False
+        moe = {"skipped": f"d_mlp {c.d_mlp} is not a multiple of expert_size {args.expert_size}"}
     t0 = time.perf_counter()
-    splits = {"weights": MOE.split_by_weights(model, args.expert_size, args.kmeans_iters)}
-    if c.gated_mlp:  # |silu(x.g)(x.u)| ignores the sign of u: cluster on features that do too
-        splits["weights_signfree"] = MOE.split_by_weights(model, args.expert_size, args.kmeans_iters, sign_free=True)
-    splits |= {"coact": MOE.split_by_coactivation(model, mixed, args.expert_size, 0.1, args.kmeans_iters),
-              "random": MOE.split_random(model, args.expert_size, args.seed)}
+    splits = None
+    if want_moe:
+        mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
+        splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
     t_split = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    half = max(1, len(mixed) // 2)
-    bs = min(4, half)
-    cfg = TrainConfig(steps=args.router_steps, batch_size=bs, lr=0.01, warmup_steps=0, eval_every=args.router_steps,
-                      eval_batches=1, checkpoint_every=args.router_steps)
-    trained, log = MOE.train_routers(model, list(splits.values()), mixed[half:], mixed[:half], cfg,
-                                     out / f"routers_{label}", progress=False)
-    t_train = time.perf_counter() - t0
-    dense = dense_reference(model, eval_rows)
-    dense_loss, _ = PS.loss_and_agreement(dense, dense, eval_rows)
-    table = []
-    t0 = time.perf_counter()
-    for (split, lab), mlp in zip(splits.items(), trained):
-        routers = {"oracle": None, "centroid": MOE.centroid_routers(model, lab), "mlp": mlp}
-        for rname, r in routers.items():
-            for f in args.fractions:
-                k = max(1, int(round(f * E)))
-                logits = np.asarray(MOE.expert_forward(model, eval_rows, lab, r, k), np.float32)
-                loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-                share = MOE.expert_mass_share(model, eval_rows, lab, r, k)
-                table.append({"split": split, "router": rname, "fraction": k / E, "k": k, "loss": loss,
-                              "top1_agreement": agree, "abs_mass_share": share})
-    # The per-neuron oracle at the same fractions: no grouping, top |a| * |W_out row| per token.
-    oracle = []
-    for f in args.fractions:
-        logits = np.asarray(MOE.neuron_oracle_forward(model, eval_rows, f), np.float32)
-        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-        oracle.append({"fraction": f, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
-    # One layer MoEfied at a time (co-activation split, oracle routing, the smallest fraction >= 0.25).
-    f_layer = min([f for f in args.fractions if f >= 0.25] or [max(args.fractions)])
-    k_layer = max(1, int(round(f_layer * E)))
-    per_layer = []
-    for layer in range(c.n_layers):
-        logits = np.asarray(MOE.expert_forward(model, eval_rows, splits["coact"], None, k_layer, layers=[layer]), np.float32)
-        loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-        per_layer.append({"layer": layer, "loss": loss, "loss_increase": loss - dense_loss, "top1_agreement": agree})
-    return {"expert_size": args.expert_size, "experts_per_layer": E, "dense_loss": dense_loss, "table": table,
-            "per_neuron_oracle": oracle,
-            "per_layer": {"split": "coact", "router": "oracle", "fraction": k_layer / E, "layers": per_layer},
-            "oracle_check": "per-neuron oracle at 50% should cost < 0.5 nats; more points to a bug",
-            "tokens": {"clustering_and_router_training": int(mixed.size), "evaluated": int(eval_rows.size)},
-            "router_training": {"steps": args.router_steps, "batch": bs, "log": log, "seconds": t_train},
-            "split_seconds": t_split, "eval_seconds": time.perf_counter() - t0,
-            "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0",
-            "compute": "mask over neurons (neuron_mix): correct, not a compute saving"}
-
-
-def dejavu_section(args, model, train, eval_rows, out: Path, label: str):
-    mixed = np.concatenate([train[n] for n in (FORGET,) + RETAIN])
-    half = max(1, len(mixed) // 2)
-    bs = min(4, half)
-    rank = min(args.rank, model.config.d_model)
-    init = CS.init_predictors(model, rank, jax.random.key(args.seed))
-    cfg = TrainConfig(steps=args.predictor_steps, batch_size=bs, lr=1e-3, warmup_steps=0,
-                      eval_every=args.predictor_steps, eval_batches=1, checkpoint_every=args.predictor_steps)
-    t0 = time.perf_counter()
-    pred, log = CS.train_predictors(model, init, mixed[half:], mixed[:half], cfg, out / f"predictors_{label}", progress=False)
-    t_train = time.perf_counter() - t0
-    recall = {"trained": CS.recall_at(model, pred, eval_rows), "untrained": CS.recall_at(model, init, eval_rows)}
-    dense = dense_reference(model, eval_rows)
-    dense_loss, _ = PS.loss_and_agreement(dense, dense, eval_rows)
-    sparse = []
-    for name, p in (("trained", pred), ("untrained", init)):
-        for f in args.fractions:
-            for hf in (1.0, 0.3):
-                logits = np.asarray(CS.predicted_sparse_forward(model, eval_rows, p, f, hf), np.float32)
-                loss, agree = PS.loss_and_agreement(logits, dense, eval_rows)
-                sparse.append({"predictor": name, "neuron_frac": f, "head_frac": hf, "loss": loss, "top1_agreement": agree})
-    return {"rank": rank, "label_frac": 0.1, "head_label_frac": 0.3, "input": "resid_pre / rms",
-            "training": {"steps": args.predictor_steps, "batch": bs, "log": log, "seconds": t_train},
-            "dense_loss": dense_loss, "recall": recall, "sparse_forward": sparse}
+    n_fit = max(2, -(-args.fit_tokens // args.seq))
+    fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
+    fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
+    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, F.FitConfig.routers(max_epochs=args.router_epochs),
+                           F.FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
+                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data")
+    print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
+    n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
+    ev = np.concatenate([r[:n_eval] for r in eval_rows.values()])
+    sizes = {"fit_tokens": fits["tokens_collected"], "evaluated": int(ev.size)}
+    if want_moe:
+        t0 = time.perf_counter()
+        moe = SS.moe_study(model, splits, fits["routers"], ev, args.fractions)
+        moe |= {"expert_size": args.expert_size, "tokens": sizes, "router_training": fits["router_fit"],
+                "split_seconds": t_split, "fit_seconds": fits["seconds"], "eval_seconds": time.perf_counter() - t0,
+                "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0"}
+    dv = {}
+    if want_dv:
+        dv = SS.dejavu_study(model, fits["predictors"], fits["untrained"], ev, args.fractions)
+        dv |= {"label": args.predictor_label, "head_label_frac": 0.3, "input": "resid_pre / rms", "tokens": sizes,
+               "training": fits["predictor_fit"], "fit_seconds": fits["seconds"]}
+    return (moe if "moefication" in args.sections else {}), dv
 
 
 def main(argv=None) -> dict:
@@ -410,7 +372,6 @@ def main(argv=None) -> dict:
         train = rows_for(tok, args, "train", args.collect_rows, args.seed)
         evals = rows_for(tok, args, "validation", args.eval_rows, args.seed + 1)
         skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN + EXTRA]), 50)
-        eval_mix = np.concatenate(list(evals.values()))
         t = {}
         if "selective_pruning" in args.sections:
             t0 = time.perf_counter()
@@ -428,14 +389,14 @@ def main(argv=None) -> dict:
                                     compute_dtype=args.compute_dtype)
             report["steering"][name] = steering_section(args, model, tok, masks, train, first)
             t["steering"] = time.perf_counter() - t0
-        if "moefication" in args.sections:
+        if {"moefication", "contextual_sparsity"} & set(args.sections):
             t0 = time.perf_counter()
-            report["moefication"][name] = moe_section(args, model, train, eval_mix, out, label)
-            t["moefication"] = time.perf_counter() - t0
-        if "contextual_sparsity" in args.sections:
-            t0 = time.perf_counter()
-            report["contextual_sparsity"][name] = dejavu_section(args, model, train, eval_mix, out, label)
-            t["contextual_sparsity"] = time.perf_counter() - t0
+            moe, dv = sparsity_sections(args, model, tok, train, evals, out / label)
+            if moe:
+                report["moefication"][name] = moe
+            if dv:
+                report["contextual_sparsity"][name] = dv
+            t["moefication_and_contextual_sparsity"] = time.perf_counter() - t0
         report["seconds"][name] = t
         print(f"   seconds: {json.dumps({k: round(v) for k, v in t.items()})}")
     report["seconds"]["total"] = time.perf_counter() - t_start

@@ -223,7 +223,7 @@ def markdown(report, figures) -> str:
             continue
         lines += [f"### {name}", "", f"{res['experts_per_layer']} experts of {res['expert_size']} neurons per layer; "
                   f"dense loss {res['dense_loss']:.3f}; co-activation: {res['coact_rule']}; {res['compute']}. "
-                  f"Routers trained {res['router_training']['steps']} steps (batch {res['router_training']['batch']}).", "",
+                  f"Tokens: {res['tokens']}. {fit_line('Routers', res['router_training'])}", "",
                   "| split | router | fraction of experts | loss | top-1 agreement | abs mass kept |", "|---|---|---|---|---|---|"]
         for r in res["table"]:
             lines.append(f"| {r['split']} | {r['router']} | {r['fraction']:.3f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} "
@@ -239,9 +239,17 @@ def markdown(report, figures) -> str:
         lines.append("")
     lines += ["## Contextual sparsity (Deja Vu)", ""]
     for name, res in report["contextual_sparsity"].items():
-        lines += [f"### {name}", "", f"Rank {res['rank']} predictors from {res['input']}; a neuron matters when |a| is in the "
-                  f"token's top {100 * res['label_frac']:.0f}%, a head when its output norm is in the top "
-                  f"{100 * res['head_label_frac']:.0f}%; dense loss {res['dense_loss']:.3f}.", "",
+        ref = res["recall_reference"]
+        lines += [f"### {name}", "", f"Rank {res['rank']} predictors from {res['input']}, trained on the '{res['label']}' "
+                  f"neuron label, heads on the top {100 * res['head_label_frac']:.0f}% by output norm; dense loss "
+                  f"{res['dense_loss']:.3f}. Tokens: {res['tokens']}. {fit_line('Predictors', res['training'])}", "",
+                  "Recall at the reference's definition (" + ref["trained"]["definition"] + "):", "",
+                  "| predictor | recall | predicted on | truly on | recall keeping as many as are on |", "|---|---|---|---|---|"]
+        for which in ("trained", "untrained"):
+            r = ref[which]
+            lines.append(f"| {which} | {r['recall']:.3f} | {r['classifier_sparsity']:.3f} | {r['true_sparsity']:.3f} "
+                         f"| {r['recall_at_true_count']:.3f} |")
+        lines += ["", "Recall of the top-10% |a| neurons within the predicted top fraction:", "",
                   "| predictor | kept | neuron recall | activation mass kept | head recall |", "|---|---|---|---|---|"]
         for which in ("trained", "untrained"):
             for r in res["recall"][which]:
@@ -252,6 +260,17 @@ def markdown(report, figures) -> str:
         lines.append("")
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def fit_line(what: str, fit: dict) -> str:
+    """One sentence on a lens.modularity.fitting run: its rule, epochs and steps."""
+    c = fit["criterion"]
+    rule = (f"{c['metric']}: stop when {c['patience']} epochs in a row do not improve on the best by "
+            f"> {c['min_delta']:g}{' (relative)' if c['relative'] else ''}"
+            + (f", or at {c['target']:g}" if c["target"] is not None else "") + f", at most {c['max_epochs']} epochs")
+    return (f"{what}: {fit['tokens']['train']:,} train / {fit['tokens']['held_out']:,} held-out tokens, batch "
+            f"{fit['batch']}, lr {fit['lr']:g}; {rule}; epochs per layer {fit['epochs']['min']}-{fit['epochs']['max']} "
+            f"(median {fit['epochs']['median']:g}), {fit['steps_total']:,} steps in all, stops {fit['stop_reasons']}.")
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -18,4 +18,8 @@ Modules:
                        recovery -> {split: ARI [layers]}; MoELoss (next-token + load balancing)
   contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
                        predicted_sparse_forward -> logits [*batch, seq, vocab]
+  fitting              collect_sparsity_data (memmapped per-layer inputs / targets / labels);
+                       fit_routers / fit_predictors (per layer, mini-batches, held-out rows, PlateauRule);
+                       reference_recall (the DejaVu reference's label and recall); FitConfig
+  sparsity_study       moe_splits, fit_sparsity, moe_study, dejavu_study (scripts/modularity.py's sections)
 """

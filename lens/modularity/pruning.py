@@ -383,14 +383,17 @@ class PruningConfig:
 
 
 def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: dict, skip_ids,
-                      config: PruningConfig, *, on_step: Callable[[dict], None] | None = None):
+                      config: PruningConfig, *, on_step: Callable[[dict], None] | None = None,
+                      unpruned_record: dict | None = None):
     """Iterative pruning as in taker: each step collects the statistics on the CURRENT
     pruned model, scores, removes `config.neuron_frac` of all MLP neurons (and
     `config.head_frac` of all heads) chosen globally across layers among the live ones,
     and evaluates (`PruningConfig` for the method and the rest).
 
     eval_sets: name -> rows.  on_step(record) is called after every step.  Returns
-    (records, neuron mask, head mask); record 0 is the unpruned model."""
+    (records, neuron mask, head mask); record 0 is the unpruned model (`unpruned_record`:
+    record 0 of an earlier run on the same model and eval_sets, reused instead of
+    evaluated again: the baselines' draws share it)."""
     if not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig; got {type(config).__name__}")
     steps, method, eps, chunk = config.steps, config.method, config.eps, config.chunk
@@ -408,7 +411,9 @@ def selective_pruning(model: Transformer, forget_rows, retain_rows, eval_sets: d
             rec[name] = next_token_metrics(current, rows, skip_ids, chunk)
         return rec
 
-    records = [evaluate(0)]
+    if unpruned_record is not None and set(eval_sets) - set(unpruned_record):
+        raise ValueError(f"unpruned_record lacks eval sets {sorted(set(eval_sets) - set(unpruned_record))}")
+    records = [evaluate(0) if unpruned_record is None else dict(unpruned_record)]
     for step in range(1, steps + 1):
         if method == "random":
             new_n = random_unpruned(n_mask.shape, n_step, n_mask, rng)

@@ -474,3 +474,9 @@ def test_selective_pruning_config_counts_and_records():
             M.PruningConfig(**bad)
     with pytest.raises(TypeError, match="PruningConfig"):
         M.selective_pruning(model, FORGET, RETAIN, {}, [], 2)
+    # a reused unpruned record stands in for step 0 and changes nothing after it
+    reused, nm2, _ = M.selective_pruning(model, FORGET, RETAIN, {"retain": RETAIN}, [], config,
+                                         unpruned_record=records[0])
+    assert reused == records and np.array_equal(nm2, nm)
+    with pytest.raises(ValueError, match="lacks eval sets"):
+        M.selective_pruning(model, FORGET, RETAIN, {"other": RETAIN}, [], config, unpruned_record=records[0])
