@@ -1,8 +1,9 @@
 """Activation, attribution and path patching on IOI and factual recall: grids, heatmaps,
 AtP / AtP* against true patching.
 
-    .venv/bin/python scripts/patching.py --out runs/patching --preset default
+    .venv/bin/python scripts/patching.py --out runs/patching --preset default   # heads, 52 pairs x 2
     .venv/bin/python scripts/patching.py --out runs/patching_smoke --preset smoke   # < 3 min
+    .venv/bin/python scripts/patching.py --out runs/patching_paper --preset paper   # every site: hours on CPU
 
 1. Does the model do each task?  Clean / corrupted logit differences and accuracy over
    --perf-prompts prompts of every template (lens.circuits.tasks.performance).
@@ -47,11 +48,14 @@ PRESETS = {
     # it exercises every step end to end in under 3 minutes: the verdict says so)
     "smoke": Preset(pairs=4, perf_prompts=8, sites=("resid", "heads"), tasks=("ioi",),
                     corruptions=("s2", "abc"), path_pairs=2, heads_per_position=False, layers=2, boot=100),
-    # default: 52 pairs (13 per IOI template) x both corruptions, every site, path patching on
-    # the same pairs.  Not run to the end on the shared 2-core CPU (see docs/findings/patching_ioi.md
-    # for the timings measured and the projection).
-    "default": Preset(pairs=52, perf_prompts=120, sites=SITES, tasks=("ioi",), corruptions=("s2", "abc"),
-                      path_pairs=52, heads_per_position=False, layers=None, boot=1000),
+    # default: what fits this 2-core CPU: 52 pairs (13 per IOI template) x both corruptions,
+    # the head grid (the roles live there) and path patching on 4 pairs
+    "default": Preset(pairs=52, perf_prompts=120, sites=("heads",), tasks=("ioi",), corruptions=("s2", "abc"),
+                      path_pairs=4, heads_per_position=False, layers=None, boot=1000),
+    # paper: every site and path patching on all 52 pairs (hours on this CPU: see
+    # docs/findings/patching_ioi.md for the timings and the projection; an accelerator run)
+    "paper": Preset(pairs=52, perf_prompts=120, sites=SITES, tasks=("ioi",), corruptions=("s2", "abc"),
+                    path_pairs=52, heads_per_position=False, layers=None, boot=1000),
 }
 CORRUPTIONS = {"ioi": ("s2", "abc"), "fact": ("country",)}
 
