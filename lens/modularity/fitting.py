@@ -175,6 +175,15 @@ def active_label(model: Transformer, h2: Float[Array, "seq d_model"], a: Float[A
     return g > 0
 
 
+def _mlp_inputs(model, acts) -> Float[Array, "layers seq d"]:
+    """What each layer's MLP reads: its (normed) input stream, from a forward's activations."""
+    c, b = model.config, model.blocks
+    mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
+    if not c.pre_norms:
+        return mlp_in
+    return jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
+
+
 @eqx.filter_jit
 def _collect_chunk(model, rows, onehots, label_frac, head_frac):
     c = model.config
@@ -182,11 +191,7 @@ def _collect_chunk(model, rows, onehots, label_frac, head_frac):
 
     def one(t):
         acts = model.forward(t, capture=Capture(resid=True, neurons=True, head_z=True)).activations
-        mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
-        if c.pre_norms:
-            h2 = jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
-        else:
-            h2 = mlp_in
+        h2 = _mlp_inputs(model, acts)
         a = acts.neurons.astype(jnp.float32)
         gate = (b.W_gate, b.b_gate) if c.gated_mlp else None
         on = jax.vmap(lambda h, aa, w: active_label(model, h, aa, w))(h2, a, gate) if c.gated_mlp else a > 0
@@ -459,11 +464,7 @@ def _ref_recall_chunk(model, pred, rows):
 
     def one(t):
         acts = model.forward(t, capture=Capture(resid=True, neurons=True)).activations
-        mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
-        if c.pre_norms:
-            h2 = jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
-        else:
-            h2 = mlp_in
+        h2 = _mlp_inputs(model, acts)
         a = acts.neurons.astype(jnp.float32)
         if c.gated_mlp:
             on = jax.vmap(lambda h, aa, w: active_label(model, h, aa, w))(h2, a, (b.W_gate, b.b_gate))
