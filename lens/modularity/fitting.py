@@ -175,26 +175,27 @@ def active_label(model: Transformer, h2: Float[Array, "seq d_model"], a: Float[A
     return g > 0
 
 
-def _mlp_inputs(model, acts) -> Float[Array, "layers seq d"]:
-    """What each layer's MLP reads: its (normed) input stream, from a forward's activations."""
+def _mlp_labels(model, acts):
+    """(h2 [layers, seq, d]: what each layer's MLP reads, normed; a [layers, seq, d_mlp]
+    float32; on: `active_label` per layer), from one forward's activations."""
     c, b = model.config, model.blocks
     mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
-    if not c.pre_norms:
-        return mlp_in
-    return jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
+    h2 = mlp_in
+    if c.pre_norms:
+        h2 = jax.vmap(lambda x, w, bb: apply_norm(x, c.norm_kind, w, bb, c.norm_eps)[0])(mlp_in, b.ln2_w, b.ln2_b)
+    a = acts.neurons.astype(jnp.float32)
+    if not c.gated_mlp:
+        return h2, a, a > 0
+    return h2, a, jax.vmap(lambda h, aa, w: active_label(model, h, aa, w))(h2, a, (b.W_gate, b.b_gate))
 
 
 @eqx.filter_jit
 def _collect_chunk(model, rows, onehots, label_frac, head_frac):
-    c = model.config
     b = model.blocks
 
     def one(t):
         acts = model.forward(t, capture=Capture(resid=True, neurons=True, head_z=True)).activations
-        h2 = _mlp_inputs(model, acts)
-        a = acts.neurons.astype(jnp.float32)
-        gate = (b.W_gate, b.b_gate) if c.gated_mlp else None
-        on = jax.vmap(lambda h, aa, w: active_label(model, h, aa, w))(h2, a, gate) if c.gated_mlp else a > 0
+        h2, a, on = _mlp_labels(model, acts)
         top = CS.top_frac_labels(jnp.abs(a), label_frac) > 0
         hn = jnp.linalg.norm(jnp.einsum("lshk,lhkd->lshd", acts.head_z, b.W_O).astype(jnp.float32), axis=-1)
         heads = CS.top_frac_labels(hn, head_frac) > 0
@@ -459,17 +460,9 @@ def fit_predictors(model: Transformer, data: SparsityData, cfg: FitConfig | None
 
 @eqx.filter_jit
 def _ref_recall_chunk(model, pred, rows):
-    c = model.config
-    b = model.blocks
-
     def one(t):
         acts = model.forward(t, capture=Capture(resid=True, neurons=True)).activations
-        h2 = _mlp_inputs(model, acts)
-        a = acts.neurons.astype(jnp.float32)
-        if c.gated_mlp:
-            on = jax.vmap(lambda h, aa, w: active_label(model, h, aa, w))(h2, a, (b.W_gate, b.b_gate))
-        else:
-            on = a > 0
+        _, _, on = _mlp_labels(model, acts)
         logits = jax.vmap(CS.layer_logits)(pred.mlp_a, pred.mlp_b, acts.resid_pre)
         k = jnp.maximum(on.sum(-1, keepdims=True), 1)  # as many as are truly on, per token
         ranked = top_k_mask(logits, k) & on
