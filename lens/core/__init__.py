@@ -6,10 +6,12 @@ Modules:
             resid_at / head_outputs / head_output (one layer's [seq, d_model] / [seq, heads, d_model]);
             pad_prompts(rows) -> (tokens [B, T], mask [B, T]); last_real_index(mask) -> [B]
   edits     Edits builders, each -> Edits with [layers, ...] fields: add (steering vectors),
-            ablate_direction, ablate_heads, ablate_neurons, ablate_expert_neurons (MoE), patch (site from
-            models.core.interventions.PATCH_SITES), freeze_norm_scale, custom (any pure
+            patch (site from models.core.interventions.PATCH_SITES), freeze_norm_scale, custom (any pure
             fn(x, layer, positions) of the residual; vmaps over its array fields); stack_edits(K edits) ->
-            [K, layers, ...]; combine; check_edits; first_edited_layer; check_layers / check_positions
+            [K, layers, ...]; combine; check_edits; first_edited_layer; re-exports the two modules below
+  ablations ablate_direction, ablate_heads, ablate_neurons, ablate_expert_neurons (MoE): zero / mean /
+            resample ablation and projection, each -> Edits
+  edit_checks  check_layers / check_positions / check_vectors and the cache-shape checks (the boundary)
   sweep     sweep_vectors(model, tokens, vectors [K, d_model], ...) -> SweepResult (KL [K, ...], logits);
             sweep_edits(model, tokens, stacked Edits) -> EditsSweep; run_edits; add_vectors;
             chunk_size_for (K per chunk under a memory budget)
