@@ -16,7 +16,7 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _vocab_gpt2(n: int):
-    from lens.models.io.tokenizer import bytes_to_unicode
+    from lens.models.io.gguf_vocab import bytes_to_unicode
 
     tokens = ["<|endoftext|>"] + list(bytes_to_unicode().values()) + ["\u0120t", "he"]
     tokens += [f"<extra_{i}>" for i in range(n - len(tokens))]

