@@ -22,9 +22,11 @@ Examples:
              on the count and horizon tests" and a per-head detailed claim (the
              reference's paren-balance study: 88-93% high-level, 72% detailed); scored by
              the negative logit margin (the cross-entropy saturates at ~0)
-  default    SmolLM2-135M-Instruct on 50-token repeats of random tokens (at 10 it barely
-             copies), with the same pre-scrub checks: its two strongest induction heads'
-             query / value read the token embedding only
+  default    SmolLM2-135M-Instruct on three copies of 50 random ids from [1000, 10000),
+             scored on the third copy (on the second it copies poorly: ~3.2 nats), with the
+             same pre-scrub checks (`second_copy_loss` is then the scored copy's loss); every
+             head with induction score >= 0.3 is resampled; hypotheses: their query / value
+             (or key) read the token embedding only
 
 Writes report.json (`model_check` and `finding` for induction / default; `hypotheses`: per
 hypothesis loss_recovered mean and 95% interval over the resampling seeds AND the nats behind
@@ -37,6 +39,7 @@ in seconds, a few examples (tests).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -78,6 +81,9 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int_at_least(1), default=None, help="resampling seeds (override the preset)")
     ap.add_argument("--cache", type=Path, default=Path("runs"), help="where trained example models are kept")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the default example's model")
+    ap.add_argument("--train-seed", type=int_at_least(0), default=0,
+                    help="the induction example's training seed (its own cached model; which circuit forms "
+                         "depends on it: the check says whether it is the textbook one)")
     ap.add_argument("--memory-gb", type=positive_float, default=2.0, help="memory budget of one scrubbed chunk")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -91,7 +97,7 @@ def copy_losses(model, tokens, next_tokens, first_mask, second_mask) -> tuple[fl
     dataset's own, so a copy that runs to the row's end is scored on its real last token)."""
     import jax.numpy as jnp
 
-    logits = jax.jit(jax.vmap(model))(jnp.asarray(tokens))
+    logits = X.batch_logits(model, jnp.asarray(tokens))
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
     nxt = np.asarray(next_tokens)
     nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(nxt)[..., None], -1)[..., 0])
@@ -125,7 +131,8 @@ def model_check(first, second, stake, best) -> dict:
 
 def induction_example(args, n):
     smoke = args.preset == "smoke"
-    setup = X.SyntheticInduction.smoke() if smoke else X.SyntheticInduction()
+    setup = dataclasses.replace(X.SyntheticInduction.smoke() if smoke else X.SyntheticInduction(),
+                                seed=args.train_seed)
     cache = args.out / "induction_model" if smoke else args.cache / f"induction_synth_{setup.tag()}"
     model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
     from lens.circuits.induction import measure_induction
@@ -176,19 +183,34 @@ def parens_example(args, n):
     return model, tokens, labels, X.paren_example_margin, hyps, info, "empty", None
 
 
+# SmolLM2-135M copies random ids poorly on the second copy (2026-12-07, 16 rows of 50 ids
+# >= 1000: 3.24 nats; 10-token repeats ~8) and well on the third (1.20; 0.58 with ids from
+# [1000, 10000), the BPE vocabulary's more frequent pieces): the default example scores the
+# third copy of r, r from DEFAULT_IDS.
+DEFAULT_IDS, DEFAULT_COPIES = (1000, 10_000), 3
+
+
 def default_example(args, n):
     from lens import models
     from lens.circuits.induction import measure_induction, repeated_tokens
 
     model, tok = models.load(args.model)
-    block = 5 if args.preset == "smoke" else 50  # 10-token repeats: SmolLM2 barely copies (~7.8 nats)
-    ind = measure_induction(model, jax.random.key(1), first_token=tok.bos_token_id or 0, n=8, block_len=block,
-                            low=1000)
-    flat = np.argsort(-ind.induction_score, axis=None)[:2]
-    heads = [tuple(int(v) for v in np.unravel_index(i, ind.induction_score.shape)) for i in flat]
-    tokens = repeated_tokens(jax.random.key(7), n, block, model.config.vocab_size, tok.bos_token_id or 0, low=1000)
+    block = 5 if args.preset == "smoke" else 50
+    low, high = (min(v, model.config.vocab_size) for v in DEFAULT_IDS)
+    low = min(low, high - block)  # a small (smoke) vocabulary: the top `block` ids at least
+    bos = tok.bos_token_id or 0
+    ind = measure_induction(model, jax.random.key(1), first_token=bos, n=8, block_len=block, low=low, high=high)
+    # every head that attends like an induction head (>= 0.3; SmolLM2 spreads copying over
+    # several: resampling only its best two puts ~0.1 nats at stake), else the best one
+    order = np.argsort(-ind.induction_score, axis=None)
+    heads = [tuple(int(v) for v in np.unravel_index(i, ind.induction_score.shape)) for i in order
+             if ind.induction_score.flat[i] >= 0.3] or [tuple(int(v) for v in np.unravel_index(order[0],
+                                                                                              ind.induction_score.shape))]
+    tokens = repeated_tokens(jax.random.key(7), n, block, model.config.vocab_size, bos, low=low, high=high,
+                             copies=DEFAULT_COPIES)
+    last = 1 + (DEFAULT_COPIES - 1) * block  # the scored copy's first position
     mask = np.zeros((n, tokens.shape[1]), np.float32)
-    mask[:, block + 1:2 * block] = 1.0  # the second copy's predictable targets
+    mask[:, last:last + block - 1] = 1.0  # the last copy's targets after its first token (the row's end)
     nxt = np.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
     targets = {"next": nxt.astype(np.int32), "mask": mask}
     Nd, E, U = S.Node, S.Exact(), S.Uncond()
@@ -208,13 +230,15 @@ def default_example(args, n):
     }
     first_mask = np.zeros_like(mask)
     first_mask[:, 1:block] = 1.0  # the first copy's targets after its first token
-    first, second = copy_losses(model, tokens, targets["next"], first_mask, mask)
+    first, scored = copy_losses(model, tokens, targets["next"], first_mask, mask)
     stake = at_stake(model, tokens, targets, heads, seeds=range(2 if args.preset == "smoke" else 3))
-    check = model_check(first, second, stake["mean"], float(ind.induction_score.max()))
+    check = model_check(first, scored, stake["mean"], float(ind.induction_score.max()))
+    check["scored_copy"] = DEFAULT_COPIES  # `second_copy_loss` is the loss on this (the last) copy
     info = {"model": args.model, "induction_heads": heads,
             "induction_scores": [float(ind.induction_score[h]) for h in heads],
             "at_stake_per_seed": stake["per_seed"],
-            "data": f"{n} sequences BOS + r + r, r = {block} random ids >= 1000; loss at the second copy"}
+            "data": f"{n} sequences BOS + {DEFAULT_COPIES} copies of r, r = {block} distinct random ids from "
+                    f"[{low}, {high}); loss at copy {DEFAULT_COPIES} (model_check's second_copy_loss)"}
     return model, tokens, targets, X.masked_nll, hyps, info, "induction-random", check
 
 
@@ -280,7 +304,8 @@ def markdown(report: dict) -> str:
                     "its induction heads.**") if check["passed"] else
                    ("**Verdict: the model FAILS the pre-scrub checks: the numbers below are pipeline checks only, "
                     "not findings.**"),
-                   "", f"Pre-scrub checks: first-copy loss {check['first_copy_loss']:.3f} nats, second-copy loss "
+                   "", f"Pre-scrub checks: first-copy loss {check['first_copy_loss']:.3f} nats, "
+                   f"{'copy ' + str(check['scored_copy']) if 'scored_copy' in check else 'second-copy'} loss "
                    f"{check['second_copy_loss']:.3f} (needs < 1), best induction score "
                    f"{check['best_induction_score']:.3f} (needs >= 0.3), loss at stake when the chosen heads are "
                    f"resampled {check['at_stake_nats']:.3f} nats (needs >= 0.3).", ""]

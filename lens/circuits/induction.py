@@ -48,14 +48,20 @@ class InductionReport:
 
 
 def repeated_tokens(key: jax.Array, n: int, block_len: int, vocab: int, first_token: int,
-                    low: int = 0) -> Int[np.ndarray, "n seq"]:
-    """n sequences [first_token] + r + r, each r `block_len` distinct ids from [low, vocab)."""
-    if block_len > vocab - low:
-        raise ValueError(f"block_len={block_len} distinct ids need vocab - low >= block_len ({vocab - low})")
+                    low: int = 0, high: int | None = None, copies: int = 2) -> Int[np.ndarray, "n seq"]:
+    """n sequences [first_token] + r + r (+ r ... : `copies` copies), each r `block_len`
+    distinct ids from [low, high) (high defaults to vocab)."""
+    high = vocab if high is None else high
+    if not 0 <= low < high <= vocab:
+        raise ValueError(f"ids from [low, high) = [{low}, {high}) must lie in the vocabulary [0, {vocab})")
+    if block_len > high - low:
+        raise ValueError(f"block_len={block_len} distinct ids need high - low >= block_len ({high - low})")
+    if copies < 2:
+        raise ValueError(f"copies={copies}: a repeat needs at least 2 copies")
     keys = jax.random.split(key, n)
-    blocks = np.stack([np.asarray(jax.random.permutation(k, vocab - low))[:block_len] + low for k in keys])
+    blocks = np.stack([np.asarray(jax.random.permutation(k, high - low))[:block_len] + low for k in keys])
     first = np.full((n, 1), first_token, blocks.dtype)
-    return np.concatenate([first, blocks, blocks], axis=1).astype(np.int32)
+    return np.concatenate([first] + [blocks] * copies, axis=1).astype(np.int32)
 
 
 @eqx.filter_jit
@@ -81,11 +87,11 @@ def scores_from_patterns(patterns: Float[Array, "n layers heads seq seq"], block
 
 
 def measure_induction(model, key: jax.Array, first_token: int, n: int = 32, block_len: int = 32,
-                      low: int = 0) -> InductionReport:
+                      low: int = 0, high: int | None = None) -> InductionReport:
     """Per-head induction and previous-token scores and the loss drop, on `n` probes."""
     if 2 * block_len + 1 > model.config.max_seq_len:
         raise ValueError(f"probes of {2 * block_len + 1} tokens exceed the context {model.config.max_seq_len}")
-    tokens = repeated_tokens(key, n, block_len, model.config.vocab_size, first_token, low)
+    tokens = repeated_tokens(key, n, block_len, model.config.vocab_size, first_token, low, high)
     patterns, nll = _patterns_and_losses(model, jnp.asarray(tokens))
     induction, previous = scores_from_patterns(np.asarray(patterns), block_len)
     nll = np.asarray(nll)  # nll[:, i] is the loss of predicting token i + 1

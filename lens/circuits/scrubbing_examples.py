@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,8 +230,15 @@ def paren_model(out_dir: str | Path, setup: ParenSetup = ParenSetup(), progress:
     return result.model
 
 
+@eqx.filter_jit
+def batch_logits(model, tokens: Int[Array, "n seq"]) -> Float[Array, "n seq vocab"]:
+    """The model's logits for each row (the model is an argument, not a closed-over constant:
+    XLA would otherwise fold its weights into the program)."""
+    return jax.vmap(model)(tokens)
+
+
 def paren_accuracy(model, rows: np.ndarray) -> float:
-    logits = jax.jit(jax.vmap(model))(jnp.asarray(rows[:, :-1]))[:, -1, NO:YES + 1]
+    logits = batch_logits(model, jnp.asarray(rows[:, :-1]))[:, -1, NO:YES + 1]
     return float((np.asarray(logits).argmax(-1) == (rows[:, -1] == YES)).mean())
 
 

@@ -85,3 +85,16 @@ def test_repeated_tokens_are_repeats_of_distinct_ids():
     assert all(len(set(r[1:T + 1])) == T for r in toks) and toks[:, 1:].min() >= 1
     with pytest.raises(ValueError, match="distinct"):
         repeated_tokens(jax.random.key(0), 1, V, V, 0, low=1)
+
+
+def test_repeated_tokens_three_copies_from_a_bounded_range():
+    toks = repeated_tokens(jax.random.key(1), 4, T, V, first_token=0, low=2, high=2 + T + 1, copies=3)
+    assert toks.shape == (4, 3 * T + 1)
+    for c in (1, 2):  # every copy equals the first, element by element
+        np.testing.assert_array_equal(toks[:, 1:T + 1], toks[:, 1 + c * T:1 + (c + 1) * T])
+    assert toks[:, 1:].min() >= 2 and toks[:, 1:].max() < 2 + T + 1
+    assert all(len(set(r[1:T + 1])) == T for r in toks)
+    for bad, match in (({"high": V + 1}, "vocabulary"), ({"low": 5, "high": 5}, "vocabulary"),
+                       ({"copies": 1}, "copies=1"), ({"low": 0, "high": T - 1}, "distinct")):
+        with pytest.raises(ValueError, match=match):
+            repeated_tokens(jax.random.key(0), 1, T, V, 0, **bad)
