@@ -37,6 +37,7 @@ from __future__ import annotations
 import lens.models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -53,6 +54,7 @@ from lens.modularity import fitting as F  # noqa: E402
 from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
+from lens.modularity import pruning_resume as saved_runs  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float, positive_floats  # noqa: E402
 from lens.modularity import steering as PS  # noqa: E402
 from lens.steering.prompts import CODE, NEUTRAL, PROSE, prompt_maker  # noqa: E402
@@ -217,21 +219,31 @@ def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str)
               "intervals": "95% normal intervals over rows (rows as clusters): *_ci95 in every record"}
     masks = {}
     t0 = time.perf_counter()
+    # every run is saved as it finishes (out/pruning_runs_<label>/): a stopped study resumes
+    saved = out / f"pruning_runs_{label}"
+    data_digest = saved_runs.rows_digest(retain, skip, *evals.values())
+
+    def pruning_run(name, config, sample, **kw):
+        key = {"config": dataclasses.asdict(config), "rows": saved_runs.rows_digest(sample) + data_digest,
+               "model": label}
+        return saved_runs.saved_pruning_run(saved / f"{name}.safetensors", key, lambda: M.selective_pruning(
+            model, sample, retain, evals, skip, config, **kw))
+
     config = M.PruningConfig(args.prune_steps, "ratio", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
-    recs, masks["ratio"], _ = M.selective_pruning(
-        model, forget, retain, evals, skip, config,
+    recs, masks["ratio"], _ = pruning_run(
+        "ratio", config, forget,
         on_step=lambda r: print(f"  ratio step {r['step']}: " + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
     result["methods"]["ratio"] = {"records": recs, "seconds": time.perf_counter() - t0}
     baselines = {"random": [], "forget": []}
     for d in range(args.random_draws):
         config = M.PruningConfig(args.prune_steps, "random", args.prune_frac, seed=args.seed + d, chunk=8)
-        rec, nm, _ = M.selective_pruning(model, forget, retain, evals, skip, config, unpruned_record=recs[0])
+        rec, nm, _ = pruning_run(f"random_{d}", config, forget, unpruned_record=recs[0])
         baselines["random"].append(rec)
         masks.setdefault("random", nm)
         # forget-activation-only: draw d collects its statistics on another sample of the forget text
         sample = forget if d == 0 else rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET]
         config = M.PruningConfig(args.prune_steps, "forget", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
-        rec, nm, _ = M.selective_pruning(model, sample, retain, evals, skip, config, unpruned_record=recs[0])
+        rec, nm, _ = pruning_run(f"forget_{d}", config, sample, unpruned_record=recs[0])
         baselines["forget"].append(rec)
         masks.setdefault("forget", nm)
     result["methods"]["forget"] = {"records": baselines["forget"][0]}

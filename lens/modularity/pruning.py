@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -238,7 +239,9 @@ def save_masks(path: str | Path, neuron_mask, head_mask=None, info: dict | None 
         arrays["heads"] = np.asarray(head_mask, np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(arrays, str(path), metadata={"info": json.dumps(info or {})})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(arrays, str(tmp), metadata={"info": json.dumps(info or {})})
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves no half file
     return path
 
 
