@@ -26,7 +26,7 @@ top-1 agreement with the dense model and |a| mass kept vs the fraction of expert
 per-neuron oracle; one layer MoEfied at a time.  (4) Deja Vu predictors: recall (top-10%
 label and the reference's) and the loss at the predicted sparsity, against untrained
 predictors.  Routers and predictors are trained per layer on --fit-tokens fresh train
-tokens to a plateau rule (lens.modularity.fitting; epochs, steps and the stop epoch in
+tokens to a plateau rule (lens.modularity.router_predictor_fit; epochs, steps and the stop epoch in
 the report).
 Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefication`,
 `contextual_sparsity`) to --out.
@@ -49,7 +49,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lens.modularity import fitting as F  # noqa: E402
+from lens.modularity.plateau_fit import FitConfig  # noqa: E402
+from lens.modularity.sparsity_data import LABELS  # noqa: E402
 from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
@@ -113,7 +114,7 @@ def parse_args(argv=None):
                     help="validation tokens (all three corpora) for the MoEfication / Deja Vu tables")
     ap.add_argument("--router-epochs", type=int_at_least(1), help="router epochs at most (plateau stops earlier)")
     ap.add_argument("--predictor-epochs", type=int_at_least(1), help="predictor epochs at most (plateau stops earlier)")
-    ap.add_argument("--predictor-label", choices=F.LABELS, default="active",
+    ap.add_argument("--predictor-label", choices=LABELS, default="active",
                     help="the predictors' neuron label: active (the reference's: on) or top (|a| in the top 10%%)")
     ap.add_argument("--rank", type=int_at_least(1), help="Deja Vu predictor rank")
     ap.add_argument("--kmeans-iters", type=int_at_least(1))
@@ -324,8 +325,8 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     n_fit = max(2, -(-args.fit_tokens // args.seq))
     fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
     fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
-    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, F.FitConfig.routers(max_epochs=args.router_epochs),
-                           F.FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
+    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
+                           FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
                            jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data")
     print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))

@@ -263,7 +263,7 @@ def markdown(report, figures) -> str:
 
 
 def fit_line(what: str, fit: dict) -> str:
-    """One sentence on a lens.modularity.fitting run: its rule, epochs and steps."""
+    """One sentence on a lens.modularity.router_predictor_fit run: its rule, epochs and steps."""
     c = fit["criterion"]
     rule = (f"{c['metric']}: stop when {c['patience']} epochs in a row do not improve on the best by "
             f"> {c['min_delta']:g}{' (relative)' if c['relative'] else ''}"

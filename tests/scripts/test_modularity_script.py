@@ -44,7 +44,7 @@ def test_smoke_preset_writes_every_section(tmp_path):
     oracle = {r["fraction"]: r for r in moe["per_neuron_oracle"]}
     assert oracle[1.0]["top1_agreement"] == 1.0 and abs(oracle[1.0]["loss_increase"]) < 1e-4
     assert len(moe["per_layer"]["layers"]) == 2
-    fit = moe["router_training"]  # lens.modularity.fitting: per layer, to a stated rule, on --fit-tokens
+    fit = moe["router_training"]  # lens.modularity.router_predictor_fit: per layer, to a stated rule, on --fit-tokens
     assert moe["tokens"]["fit_tokens"] == 240 and fit["tokens"]["train"] + fit["tokens"]["held_out"] == 240
     assert fit["criterion"]["max_epochs"] == 3 and len(fit["per_layer"]) == 2 and fit["epochs"]["max"] <= 3
     assert all(g["steps"] == g["epochs"] * g["steps_per_epoch"] for g in fit["per_layer"])
