@@ -258,8 +258,36 @@ def markdown(report, figures) -> str:
         for r in res["sparse_forward"]:
             lines.append(f"| {r['predictor']} | {r['neuron_frac']:.2f} | {r['head_frac']:.2f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} |")
         lines.append("")
+    lines += sweep_lines(report)
     lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
+
+
+def sweep_lines(report) -> list[str]:
+    """--layers runs (`fit_sweep`): per model, training-token count and layer, the router and
+    predictor fits' stop (epoch, reason) and held-out scores at the kept epoch."""
+    lines = []
+    for name, res in report.get("fit_sweep", {}).items():
+        lines += [f"## Routers and predictors of layers {res['layers']} ({name})", "",
+                  f"One collection of {res['tokens_collected']:,} tokens, {res['held_out_tokens']:,} held out (the "
+                  f"same rows for every count); splits {res['splits']}; collection {res['seconds']['collect']:.0f} s. "
+                  f"Not run: {res['not_run']}.", "",
+                  "| train tokens | layer | router stop (epoch) | router held-out BCE | top-k expert agreement 25% / 50% "
+                  "(per split) | predictor stop (epoch) | recall, reference (predicted on / truly on) "
+                  "| recall top-10% at top-10% |", "|---|---|---|---|---|---|---|---|"]
+        for fit in res["fits"]:
+            for r, p in zip(fit["router_fit"]["per_layer"], fit["predictor_fit"]["per_layer"]):
+                agree = " / ".join(",".join(f"{v:.2f}" for v in r["held_out_topk_agreement"][k])
+                                   for k in r["held_out_topk_agreement"])
+                fin = p["held_out_final"]
+                top = next(v for k, v in fin.items() if k.startswith("recall_top"))
+                lines.append(f"| {fit['train_tokens']:,} | {r['layer']} | {r['stop_reason']} ({r['epochs']}) | "
+                             f"{r['held_out_loss']:.4f} | {agree} | {p['stop_reason']} ({p['epochs']}) | "
+                             f"{fin['recall_reference']:.3f} ({fin['predicted_on']:.2f} / {fin['truly_on']:.2f}) | "
+                             f"{top:.3f} |")
+        lines += ["", *(fit_line(f"{fit['train_tokens']:,} tokens, routers", fit["router_fit"]) + " "
+                        + fit_line("predictors", fit["predictor_fit"]) for fit in res["fits"]), ""]
+    return lines
 
 
 def fit_line(what: str, fit: dict) -> str:

@@ -57,6 +57,7 @@ class SparsityData:
     row: np.ndarray
     d_mlp: int
     folder: Path | None = None
+    layers: tuple[int, ...] | None = None  # the model layers stored, in order (None: all)
 
     @property
     def n_tokens(self) -> int:
@@ -66,6 +67,23 @@ class SparsityData:
         """Delete the memmap folder (when one was written)."""
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def check_layers(model: Transformer, layers) -> tuple[int, ...]:
+    """`layers` (None: all; an int or a sequence of ints) as a sorted tuple of distinct
+    layer indices in [0, n_layers); a ValueError naming `layers` otherwise."""
+    n = model.config.n_layers
+    if layers is None:
+        return tuple(range(n))
+    idx = np.atleast_1d(np.asarray(layers))
+    if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+        raise ValueError(f"layers must be a non-empty list of integer layer indices; got {layers!r}")
+    bad = [int(i) for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"layers must lie in [0, {n}) (the model has {n} layers); got {bad}")
+    if len(set(idx.tolist())) != idx.size:
+        raise ValueError(f"layers must be distinct; got {layers!r}")
+    return tuple(sorted(int(i) for i in idx))
 
 
 def active_label(model: Transformer, h2: Float[Array, "seq d_model"], a: Float[Array, "seq d_mlp"], layer_w):
@@ -79,10 +97,11 @@ def active_label(model: Transformer, h2: Float[Array, "seq d_model"], a: Float[A
     return g > 0
 
 
-def mlp_labels(model, acts):
+def mlp_labels(model, acts, blocks=None):
     """(h2 [layers, seq, d]: what each layer's MLP reads, normed; a [layers, seq, d_mlp]
-    float32; on: `active_label` per layer), from one forward's activations."""
-    c, b = model.config, model.blocks
+    float32; on: `active_label` per layer), from one forward's activations; `blocks`: the
+    stacked block weights of the captured layers (None: every layer's, `model.blocks`)."""
+    c, b = model.config, (model.blocks if blocks is None else blocks)
     mlp_in = acts.resid_pre if c.parallel_residual else acts.resid_mid
     h2 = mlp_in
     if c.pre_norms:
@@ -94,12 +113,17 @@ def mlp_labels(model, acts):
 
 
 @eqx.filter_jit
-def _collect_chunk(model, rows, onehots, label_frac, head_frac):
-    b = model.blocks
+def _collect_chunk(model, rows, onehots, label_frac, head_frac, layers):
+    """Blocks [0, max(layers)] only (nothing later is read), captures and labels of `layers` only."""
+    sel = jnp.asarray(layers)
+    b = jax.tree.map(lambda w: w[sel], model.blocks)
+    onehots = [oh[sel] for oh in onehots]
 
     def one(t):
-        acts = model.forward(t, capture=Capture(resid=True, neurons=True, head_z=True)).activations
-        h2, a, on = mlp_labels(model, acts)
+        q, key_valid = model.default_positions(t, None, None, None)
+        _, _, acts = model.run_blocks(model.embed_tokens(t, q), q, key_valid, stop=max(layers) + 1,
+                                      capture=Capture(resid=True, neurons=True, head_z=True, layers=layers))
+        h2, a, on = mlp_labels(model, acts, b)
         top = CS.top_frac_labels(jnp.abs(a), label_frac) > 0
         hn = jnp.linalg.norm(jnp.einsum("lshk,lhkd->lshd", acts.head_z, b.W_O).astype(jnp.float32), axis=-1)
         heads = CS.top_frac_labels(hn, head_frac) > 0
@@ -110,13 +134,16 @@ def _collect_chunk(model, rows, onehots, label_frac, head_frac):
 
 
 def collect_sparsity_data(model: Transformer, rows, onehots=None, predictors: bool = True, folder=None,
-                          label_frac: float = 0.1, head_frac: float = 0.3, chunk: int = 4) -> SparsityData:
+                          label_frac: float = 0.1, head_frac: float = 0.3, chunk: int = 4,
+                          layers=None) -> SparsityData:
     """One dense pass over `rows` ([N, T] token ids) writing the module doc's arrays for the
     routers (`onehots`: one [layers, d_mlp, E] membership per split; None: skipped) and the
     predictors (`predictors`).  `folder`: where the memmaps go (None: a temporary folder;
     `SparsityData.remove()` deletes it).  Per token of every row (position t predicts t+1
-    in the model, but the maps see every position)."""
+    in the model, but the maps see every position).  `layers`: the layers stored (None:
+    all; `check_layers`): array axis 0 follows `SparsityData.layers`."""
     rows = check_neuron_rows(model, rows, "rows")
+    layers = check_layers(model, layers)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1; got {chunk}")
     if not (0 < label_frac <= 1 and 0 < head_frac <= 1):
@@ -131,7 +158,7 @@ def collect_sparsity_data(model: Transformer, rows, onehots=None, predictors: bo
     def mm(name, shape, dtype):
         return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
-    L, d, m = c.n_layers, c.d_model, c.d_mlp
+    L, d, m = len(layers), c.d_model, c.d_mlp
     packed = (m + 7) // 8
     mlp_in = mm("mlp_in", (L, n, d), np.float32) if onehots else None
     mass = mm("mass", (L, n, len(onehots), onehots[0].shape[-1]), np.float32) if onehots else None
@@ -142,7 +169,7 @@ def collect_sparsity_data(model: Transformer, rows, onehots=None, predictors: bo
     row = np.repeat(np.arange(n_rows, dtype=np.int32), seq)
     for i in range(0, n_rows, chunk):
         part = rows[i:i + chunk]
-        h2, x, ms, tp, on, hd = _collect_chunk(model, jnp.asarray(part), onehots, label_frac, head_frac)
+        h2, x, ms, tp, on, hd = _collect_chunk(model, jnp.asarray(part), onehots, label_frac, head_frac, layers)
         lo, hi = i * seq, (i + len(part)) * seq
 
         def tokens_major(v):  # [B, L, S, ...] -> [L, B*S, ...]
@@ -157,7 +184,7 @@ def collect_sparsity_data(model: Transformer, rows, onehots=None, predictors: bo
             top[:, lo:hi] = np.packbits(tokens_major(tp), axis=-1)
             active[:, lo:hi] = np.packbits(tokens_major(on), axis=-1)
             heads[:, lo:hi] = tokens_major(hd)
-    return SparsityData(mlp_in, mass, resid, top, active, heads, row, m, folder)
+    return SparsityData(mlp_in, mass, resid, top, active, heads, row, m, folder, layers)
 
 
 def split_rows(row: np.ndarray, val_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@
     fits = fit_sparsity(model, fit_rows, splits, predictors=True, router_cfg, predictor_cfg, rank=64, key=key)
     moe = moe_study(model, splits, fits["routers"], eval_rows, fractions)
     dejavu = dejavu_study(model, fits["predictors"], fits["untrained"], eval_rows, fractions)
+    sweep = fit_token_sweep(model, fit_rows, splits, layers=[0, 15], token_counts=[4096], ...)
 
 `fit_sparsity` runs one dense pass over `fit_rows` (`sparsity_data.collect_sparsity_data`: the
 routers' and the predictors' data together), trains the MoEfication MLP routers and the Deja
@@ -16,6 +17,7 @@ the predictors' recall at both definitions.
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -26,7 +28,7 @@ from lens.modularity import contextual_sparsity as CS
 from lens.modularity import router_predictor_fit as RPF
 from lens.modularity import moefication as MOE
 from lens.modularity.plateau_fit import FitConfig
-from lens.modularity.sparsity_data import collect_sparsity_data
+from lens.modularity.sparsity_data import collect_sparsity_data, split_rows
 from lens.modularity.steering import loss_and_agreement
 from lens.models.core.transformer import Transformer
 
@@ -66,6 +68,48 @@ def fit_sparsity(model: Transformer, fit_rows, splits: dict | None, predictors: 
             out["predictors"], out["predictor_fit"] = RPF.fit_predictors(model, data, predictor_cfg, r, key, label,
                                                                           progress)
             out["seconds"]["predictors"] = time.perf_counter() - t0
+    finally:
+        data.remove()
+    return out
+
+
+def fit_token_sweep(model: Transformer, fit_rows, splits: dict, layers, token_counts, router_cfg: FitConfig,
+                    predictor_cfg: FitConfig, rank: int, key, label: str = "active", folder=None,
+                    progress: bool = False, seed: int = 0) -> dict:
+    """Routers and predictors for `layers` fitted on growing shares of ONE collection:
+    `fit_rows` collected once (`collect_sparsity_data(..., layers=layers)`), one held-out
+    split (`split_rows`, router_cfg.val_frac of the rows), and per count in `token_counts`
+    (plus every training token) the fits on that many training tokens: whole rows drawn
+    at random (`seed`) from the training rows, nested (each count's rows contain the
+    smaller counts' rows), all scored on the same held-out rows.  Returns {"layers",
+    "tokens_collected", "held_out_tokens", "fits": [{"train_tokens", "router_fit",
+    "predictor_fit", "seconds"}], "seconds": {"collect"}}."""
+    t0 = time.perf_counter()
+    onehots = [MOE.expert_onehot(lab) for lab in splits.values()]
+    data = collect_sparsity_data(model, fit_rows, onehots, predictors=True, folder=folder, layers=layers)
+    out = {"layers": list(data.layers), "tokens_collected": data.n_tokens,
+           "seconds": {"collect": time.perf_counter() - t0}, "fits": []}
+    try:
+        tr, va = split_rows(data.row, router_cfg.val_frac, router_cfg.seed)
+        out["held_out_tokens"] = int(len(va))
+        train_rows = np.random.default_rng(seed).permutation(np.unique(data.row[tr]))
+        seq = int(np.asarray(fit_rows).shape[1])
+        counts = sorted({min(int(n), len(tr)) for n in token_counts} | {len(tr)})
+        r = min(rank, model.config.d_model)
+        for n in counts:
+            sub = np.flatnonzero(np.isin(data.row, train_rows[: max(1, -(-n // seq))]))
+            fit = {"train_tokens": int(len(sub)), "seconds": {}}
+            t0 = time.perf_counter()
+            _, fit["router_fit"] = RPF.fit_routers(model, list(splits.values()), data, router_cfg, progress, split=(sub, va))
+            fit["seconds"]["routers"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _, fit["predictor_fit"] = RPF.fit_predictors(model, data, predictor_cfg, r, key, label, progress,
+                                                         split=(sub, va))
+            fit["seconds"]["predictors"] = time.perf_counter() - t0
+            out["fits"].append(fit)
+            if progress:
+                print(f"   {len(sub)} train tokens: " + json.dumps({k: round(v) for k, v in fit["seconds"].items()}),
+                      flush=True)
     finally:
         data.remove()
     return out

@@ -55,3 +55,19 @@ def test_smoke_preset_writes_every_section(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Modularity")
     assert {p.name for p in tmp_path.glob("*.png")} >= {"pruning_m0.png", "moefication_m0.png", "dejavu_m0.png"}
     assert report["seconds"]["total"] > 0
+
+
+def test_layers_fit_a_subset_on_nested_token_counts(tmp_path):
+    main = script_namespace("modularity")["main"]
+    args = ["--out", str(tmp_path), "--preset", "smoke", "--sections", "moefication,contextual_sparsity"]
+    saved = main(args + ["--layers", "1", "--fit-sweep", "48"])["fit_sweep"]
+    sweep = next(iter(saved.values()))
+    assert sweep["layers"] == [1] and sweep["tokens_collected"] == 240
+    counts = [f["train_tokens"] for f in sweep["fits"]]
+    assert counts[0] == 48 and counts[-1] == 240 - sweep["held_out_tokens"]  # the given count, then every train token
+    for f in sweep["fits"]:
+        assert [g["layer"] for g in f["router_fit"]["per_layer"]] == [1]
+        assert f["predictor_fit"]["tokens"]["held_out"] == sweep["held_out_tokens"]
+    assert "## Routers and predictors of layers [1]" in (tmp_path / "report.md").read_text()
+    with pytest.raises(SystemExit, match="--layers: layers must lie in"):
+        main(args + ["--layers", "2"])  # the smoke model has 2 layers

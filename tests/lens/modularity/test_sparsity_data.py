@@ -10,7 +10,7 @@ from hf_tiny import hooked
 from lens.modularity import contextual_sparsity as CS
 from lens.modularity import moefication as MOE
 from lens.modularity.router_predictor_fit import reference_recall
-from lens.modularity.sparsity_data import collect_sparsity_data
+from lens.modularity.sparsity_data import check_layers, collect_sparsity_data
 from lens_tiny import VOCAB, tiny
 
 RNG = np.random.RandomState(5)
@@ -71,3 +71,20 @@ def test_collected_mass_equals_hooked_activations(tmp_path):
             want = np.stack([a[layer][:, lab[layer] == e].sum(1) for e in range(int(lab.max()) + 1)], 1)
             np.testing.assert_allclose(data.mass[layer, :, s], want, rtol=1e-4, atol=1e-6)
     assert data.resid is None and data.top is None
+
+
+def test_collecting_some_layers_stores_those_slices_and_rejects_bad_layers(tmp_path):
+    _, model, _ = tiny("llama")
+    n = model.config.n_layers
+    onehot = [MOE.expert_onehot(MOE.split_random(model, 8, seed=0))]
+    full = collect_sparsity_data(model, ROWS, onehot, folder=tmp_path / "all")
+    some = collect_sparsity_data(model, ROWS, onehot, folder=tmp_path / "some", layers=[n - 1, 0])
+    assert full.layers == tuple(range(n)) and some.layers == (0, n - 1)
+    for name in ("mlp_in", "mass", "resid", "top", "active", "heads"):
+        a, b = getattr(full, name), getattr(some, name)
+        assert b.shape == (2,) + a.shape[1:], name
+        np.testing.assert_array_equal(b, a[[0, n - 1]], err_msg=name)  # the same computation, sliced
+    for bad, match in (([n], r"\[0, 3\)"), ([], "non-empty"), ([0, 0], "distinct"), ([0.5], "integer"), ([-1], r"\[0, 3\)")):
+        with pytest.raises(ValueError, match=match):
+            collect_sparsity_data(model, ROWS, onehot, folder=tmp_path / "bad", layers=bad)
+    assert check_layers(model, 1) == (1,) and check_layers(model, None) == tuple(range(n))
