@@ -12,7 +12,8 @@ Vu predictors per layer to their plateau rules (`plateau_fit.FitConfig`,
 `router_predictor_fit`), and deletes the data.
 The studies then evaluate on held-out validation rows: loss and top-1 agreement with the
 dense model, the |a| mass kept, the per-neuron oracle, one layer MoEfied at a time, and
-the predictors' recall at both definitions.
+the predictors' recall at both definitions.  `fit_token_sweep` fits some layers only, on
+nested shares of one collection scored on the same held-out rows (`--layers`).
 """
 
 from __future__ import annotations
