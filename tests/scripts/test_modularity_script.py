@@ -68,6 +68,12 @@ def test_layers_fit_a_subset_on_nested_token_counts(tmp_path):
     for f in sweep["fits"]:
         assert [g["layer"] for g in f["router_fit"]["per_layer"]] == [1]
         assert f["predictor_fit"]["tokens"]["held_out"] == sweep["held_out_tokens"]
-    assert "## Routers and predictors of layers [1]" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "## Routers and predictors of layers [1]" in md
+    answer = md.split("**Answer.** ")[1].splitlines()[0]  # a sections-subset run leads with what WAS run
+    assert answer.startswith(f"{next(iter(saved))}, layers [1] fitted on 48 / ") and "recall" in answer
+    assert "Not run in this report (`--sections moefication,contextual_sparsity`, `--layers 1`): selective pruning" in md
+    assert "## Selective pruning" not in md and "## MoEfication" not in md  # not-run sections: one line, no headers
+    assert script_namespace("modularity_report")["render"](tmp_path) == md  # report.md again from report.json
     with pytest.raises(SystemExit, match="--layers: layers must lie in"):
         main(args + ["--layers", "2"])  # the smoke model has 2 layers
