@@ -26,7 +26,7 @@ top-1 agreement with the dense model and |a| mass kept vs the fraction of expert
 per-neuron oracle; one layer MoEfied at a time.  (4) Deja Vu predictors: recall (top-10%
 label and the reference's) and the loss at the predicted sparsity, against untrained
 predictors.  Routers and predictors are trained per layer on --fit-tokens fresh train
-tokens to a plateau rule (lens.modularity.fitting; epochs, steps and the stop epoch in
+tokens to a plateau rule (lens.modularity.router_predictor_fit; epochs, steps and the stop epoch in
 the report).
 Writes report.md, PNGs and report.json (`selective_pruning`, `steering`, `moefication`,
 `contextual_sparsity`) to --out.
@@ -50,7 +50,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lens.modularity import fitting as F  # noqa: E402
+from lens.modularity.plateau_fit import FitConfig  # noqa: E402
+from lens.modularity.sparsity_data import LABELS, check_layers  # noqa: E402
 from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
@@ -87,6 +88,28 @@ PRESETS = {
 }
 
 
+def layer_list(text: str) -> list[int]:
+    """--layers: comma-separated layer indices (checked against the model once loaded)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integer layer indices; got {text!r}") from None
+    if not out or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"non-empty, non-negative layer indices; got {text!r}")
+    return out
+
+
+def token_counts(text: str) -> list[int]:
+    """--fit-sweep: comma-separated token counts (>= 8 each; may be empty)."""
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated integer token counts; got {text!r}") from None
+    if any(n < 8 for n in out):
+        raise argparse.ArgumentTypeError(f"token counts must be >= 8; got {text!r}")
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="report folder")
@@ -115,9 +138,16 @@ def parse_args(argv=None):
                     help="validation tokens (all three corpora) for the MoEfication / Deja Vu tables")
     ap.add_argument("--router-epochs", type=int_at_least(1), help="router epochs at most (plateau stops earlier)")
     ap.add_argument("--predictor-epochs", type=int_at_least(1), help="predictor epochs at most (plateau stops earlier)")
-    ap.add_argument("--predictor-label", choices=F.LABELS, default="active",
+    ap.add_argument("--predictor-label", choices=LABELS, default="active",
                     help="the predictors' neuron label: active (the reference's: on) or top (|a| in the top 10%%)")
     ap.add_argument("--rank", type=int_at_least(1), help="Deja Vu predictor rank")
+    ap.add_argument("--layers", type=layer_list, default=None,
+                    help="fit the routers and predictors of these layers only (comma-separated indices), on "
+                         "--fit-tokens and on the --fit-sweep shares of the same collection; reports the per-layer "
+                         "held-out fits (`fit_sweep`) instead of the MoEfication / Deja Vu loss tables")
+    ap.add_argument("--fit-sweep", type=token_counts, default=[4096, 16384],
+                    help="with --layers: also fit on these many training tokens (nested rows of the same "
+                         "collection, the same held-out rows), to compare with --fit-tokens")
     ap.add_argument("--kmeans-iters", type=int_at_least(1))
     ap.add_argument("--gen-tokens", type=int_at_least(1))
     ap.add_argument("--steer-prompts", type=int_at_least(1))
@@ -336,8 +366,8 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     n_fit = max(2, -(-args.fit_tokens // args.seq))
     fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
     fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
-    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, F.FitConfig.routers(max_epochs=args.router_epochs),
-                           F.FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
+    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
+                           FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
                            jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data")
     print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
@@ -357,6 +387,31 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     return (moe if "moefication" in args.sections else {}), dv
 
 
+def fit_sweep_section(args, model, tok, train, out: Path) -> dict:
+    """--layers: the routers and predictors of those layers fitted on --fit-tokens fresh train
+    rows and on the --fit-sweep shares of them (`lens.modularity.sparsity_study.fit_token_sweep`:
+    one collection, one held-out split), each to its plateau rule; per layer the held-out
+    loss / top-k expert agreement (routers) and recall at both definitions (predictors)."""
+    c = model.config
+    if c.d_mlp % args.expert_size:
+        raise SystemExit(f"--layers: d_mlp {c.d_mlp} is not a multiple of --expert-size {args.expert_size}")
+    t0 = time.perf_counter()
+    mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
+    splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
+    t_split = time.perf_counter() - t0
+    n_fit = max(2, -(-args.fit_tokens // args.seq))
+    fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # as sparsity_sections draws them
+    fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
+    sweep = SS.fit_token_sweep(model, fit_rows, splits, args.layers, args.fit_sweep,
+                               FitConfig.routers(max_epochs=args.router_epochs),
+                               FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
+                               jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
+                               progress=True, seed=args.seed)
+    return {**sweep, "splits": list(splits), "expert_size": args.expert_size, "rank": args.rank,
+            "label": args.predictor_label, "split_seconds": t_split,
+            "not_run": "the MoEfication / Deja Vu loss tables (they need every layer's router / predictor)"}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -374,7 +429,7 @@ def main(argv=None) -> dict:
         entries = [("smollm2-135m-instruct", *models.load("smollm2-135m-instruct"))]
     report = {"preset": args.preset, "args": {k: v for k, v in vars(args).items() if k != "model"},
               "models": [e[0] for e in entries], "selective_pruning": {}, "steering": {}, "moefication": {},
-              "contextual_sparsity": {}, "seconds": {}}
+              "contextual_sparsity": {}, "fit_sweep": {}, "seconds": {}}
     for i, (name, model, tok) in enumerate(entries):
         if tok is None:
             raise SystemExit(f"{name}: no tokenizer in the folder; the corpora need one")
@@ -401,7 +456,15 @@ def main(argv=None) -> dict:
                                     compute_dtype=args.compute_dtype)
             report["steering"][name] = steering_section(args, model, tok, masks, train, first)
             t["steering"] = time.perf_counter() - t0
-        if {"moefication", "contextual_sparsity"} & set(args.sections):
+        if args.layers is not None and {"moefication", "contextual_sparsity"} & set(args.sections):
+            try:
+                check_layers(model, args.layers)
+            except ValueError as e:
+                raise SystemExit(f"--layers: {e}") from None
+            t0 = time.perf_counter()
+            report["fit_sweep"][name] = fit_sweep_section(args, model, tok, train, out / label)
+            t["fit_sweep"] = time.perf_counter() - t0
+        elif {"moefication", "contextual_sparsity"} & set(args.sections):
             t0 = time.perf_counter()
             moe, dv = sparsity_sections(args, model, tok, train, evals, out / label)
             if moe:

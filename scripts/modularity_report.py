@@ -142,22 +142,68 @@ def answer(report) -> list[str]:
                      f"corpora's by {np.mean([drop(c) for c in retain]):.3f} on average")
         if first[FORGET]["top1"] < 0.05:
             weak.append(f"{name} (top-1 {first[FORGET]['top1']:.3f})")
+    parts += sweep_answer(report)
     if not parts:
-        return answer_lines("no selective-pruning run in this report; see the sections below.")
+        return answer_lines("nothing was run in this report (no section among --sections).")
     why = (f"the unpruned model cannot predict {FORGET} ({', '.join(weak)}), so there is no skill to remove "
            "selectively.") if weak else None
     return answer_lines("; ".join(parts) + ".", why)
 
 
+def sweep_answer(report) -> list[str]:
+    """--layers runs (`fit_sweep`): per model, one clause on how the held-out fits move with the
+    training tokens (reference recall and top-k expert agreement at the smallest and largest
+    count) and which fits did not stop at their plateau rule."""
+    parts = []
+    for name, res in report.get("fit_sweep", {}).items():
+        fits = res["fits"]
+        if not fits:
+            continue
+
+        def recall(fit):
+            v = [p["held_out_final"]["recall_reference"] for p in fit["predictor_fit"]["per_layer"]]
+            return f"{min(v):.3f}-{max(v):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+        def agree(fit):
+            per = [r["held_out_topk_agreement"] for r in fit["router_fit"]["per_layer"]]
+            k = next(iter(per[0]))
+            return k, float(np.mean([x for a in per for x in a[k]]))
+
+        (k, a0), (_, a1) = agree(fits[0]), agree(fits[-1])
+        unstopped = [f"{what} of layer {r['layer']} at {fit['train_tokens']:,} ({r['stop_reason']})"
+                     for fit in fits for what, key in (("router", "router_fit"), ("predictor", "predictor_fit"))
+                     for r in fit[key]["per_layer"] if r["stop_reason"] == "max_epochs"]
+        counts = " / ".join(f"{f['train_tokens']:,}" for f in fits)
+        parts.append(f"{name}, layers {res['layers']} fitted on {counts} training tokens of one "
+                     f"{res['tokens_collected']:,}-token collection: the predictors' held-out recall at the reference's "
+                     f"definition goes {recall(fits[0])} -> {recall(fits[-1])} and the routers' top-"
+                     f"{100 * float(k):.0f}% expert agreement with the |a|-mass oracle (mean over layers and splits) "
+                     f"{a0:.2f} -> {a1:.2f}; "
+                     + ("every fit stopped by its plateau rule" if not unstopped else
+                        "stopped by the epoch limit, not the plateau rule: " + ", ".join(unstopped)))
+    return parts
+
+
+SECTIONS = (("selective_pruning", "selective pruning"), ("steering", "steering vs pruned neurons"),
+            ("moefication", "MoEfication tables"), ("contextual_sparsity", "Deja Vu tables"))
+
+
 def markdown(report, figures) -> str:
     a = report["args"]
     lines = ["# Modularity: selective pruning, MoEfication, contextual sparsity", "", *answer(report),
-             f"Preset `{report['preset']}`; rows of {a['seq']} tokens; {a['collect_rows']} rows per corpus for "
-             f"statistics / clustering / training, {a['eval_rows']} validation rows per corpus for every metric; "
-             f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
+             f"Preset `{report['preset']}`; rows of {a['seq']} tokens; "
+             + (f"{a['collect_rows']} rows per corpus for statistics / clustering / training, {a['eval_rows']} "
+                "validation rows per corpus for every metric; " if any(report.get(k) for k, _ in SECTIONS) else "")
+             + f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
              f"({os.cpu_count()} CPU cores; 1-min load average at the end "
              f"{report.get('load_avg_1min_at_end', float('nan')):.1f}).", ""]
-    lines += ["## Selective pruning (taker)", "",
+    not_run = [what for key, what in SECTIONS if not report.get(key)]
+    if not_run:
+        lines += [f"Not run in this report (`--sections {','.join(a.get('sections') or [])}`"
+                  + (f", `--layers {','.join(map(str, a['layers']))}`" if a.get("layers") else "")
+                  + f"): {', '.join(not_run)}.", ""]
+    if report.get("selective_pruning"):
+        lines += ["## Selective pruning (taker)", "",
               f"Forget = python-code, retain = shakespeare (prose; python-docs evaluated, never retained); "
               f"{100 * a['prune_frac']:.0f}% of all MLP neurons "
               "per step, chosen globally by mean|a| forget / (mean|a| retain + 1e-3) on the current pruned model; "
@@ -199,7 +245,8 @@ def markdown(report, figures) -> str:
                          + " | ".join(f"{r[c]['top1']:.3f} / {r[c]['top10']:.3f} / {r[c]['loss']:.2f}" for c in corpora) + " |")
         lines += ["", f"Pruned neurons per layer (ratio): {res['layer_counts']}; saved with models.save and reloaded: "
                   f"max |logit diff| {res['reload_max_abs_logit_diff']:.2e}.", ""]
-    lines += ["## Steering vector vs pruned neurons", ""]
+    if report.get("steering"):
+        lines += ["## Steering vector vs pruned neurons", ""]
     for name, s in report["steering"].items():
         sp = s["span"]
         lines += [f"### {name}", "", f"Vector theta0: {s['method']}, at resid_pre[{s['layer']}] (after block "
@@ -216,7 +263,8 @@ def markdown(report, figures) -> str:
             rng = f" ({vals['steered_range'][0]:.2f}-{vals['steered_range'][1]:.2f})" if "steered_range" in vals else ""
             lines.append(f"| {m} | {vals['unsteered']:.2f} | {vals['steered']:.2f}{rng} |")
         lines.append("")
-    lines += ["## MoEfication", ""]
+    if report.get("moefication"):
+        lines += ["## MoEfication", ""]
     for name, res in report["moefication"].items():
         if "table" not in res:
             lines += [f"### {name}", "", res.get("skipped", ""), ""]
@@ -237,7 +285,8 @@ def markdown(report, figures) -> str:
             lines += ["", f"One layer MoEfied at a time ({pl['split']} split, {pl['router']} routing, {pl['fraction']:.3f} of "
                       "the experts): loss increase per layer: " + ", ".join(f"{r['loss_increase']:+.3f}" for r in pl["layers"])]
         lines.append("")
-    lines += ["## Contextual sparsity (Deja Vu)", ""]
+    if report.get("contextual_sparsity"):
+        lines += ["## Contextual sparsity (Deja Vu)", ""]
     for name, res in report["contextual_sparsity"].items():
         ref = res["recall_reference"]
         lines += [f"### {name}", "", f"Rank {res['rank']} predictors from {res['input']}, trained on the '{res['label']}' "
@@ -258,12 +307,41 @@ def markdown(report, figures) -> str:
         for r in res["sparse_forward"]:
             lines.append(f"| {r['predictor']} | {r['neuron_frac']:.2f} | {r['head_frac']:.2f} | {r['loss']:.3f} | {r['top1_agreement']:.3f} |")
         lines.append("")
-    lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    lines += sweep_lines(report)
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
 
 
+def sweep_lines(report) -> list[str]:
+    """--layers runs (`fit_sweep`): per model, training-token count and layer, the router and
+    predictor fits' stop (epoch, reason) and held-out scores at the kept epoch."""
+    lines = []
+    for name, res in report.get("fit_sweep", {}).items():
+        lines += [f"## Routers and predictors of layers {res['layers']} ({name})", "",
+                  f"One collection of {res['tokens_collected']:,} tokens, {res['held_out_tokens']:,} held out (the "
+                  f"same rows for every count); splits {res['splits']}; collection {res['seconds']['collect']:.0f} s. "
+                  f"Not run: {res['not_run']}.", "",
+                  "| train tokens | layer | router stop (epoch) | router held-out BCE | top-k expert agreement 25% / 50% "
+                  "(per split) | predictor stop (epoch) | recall, reference (predicted on / truly on) "
+                  "| recall top-10% at top-10% |", "|---|---|---|---|---|---|---|---|"]
+        for fit in res["fits"]:
+            for r, p in zip(fit["router_fit"]["per_layer"], fit["predictor_fit"]["per_layer"]):
+                agree = " / ".join(",".join(f"{v:.2f}" for v in r["held_out_topk_agreement"][k])
+                                   for k in r["held_out_topk_agreement"])
+                fin = p["held_out_final"]
+                top = next(v for k, v in fin.items() if k.startswith("recall_top"))
+                lines.append(f"| {fit['train_tokens']:,} | {r['layer']} | {r['stop_reason']} ({r['epochs']}) | "
+                             f"{r['held_out_loss']:.4f} | {agree} | {p['stop_reason']} ({p['epochs']}) | "
+                             f"{fin['recall_reference']:.3f} ({fin['predicted_on']:.2f} / {fin['truly_on']:.2f}) | "
+                             f"{top:.3f} |")
+        lines += ["", *(fit_line(f"{fit['train_tokens']:,} tokens, routers", fit["router_fit"]) + " "
+                        + fit_line("predictors", fit["predictor_fit"]) for fit in res["fits"]), ""]
+    return lines
+
+
 def fit_line(what: str, fit: dict) -> str:
-    """One sentence on a lens.modularity.fitting run: its rule, epochs and steps."""
+    """One sentence on a lens.modularity.router_predictor_fit run: its rule, epochs and steps."""
     c = fit["criterion"]
     rule = (f"{c['metric']}: stop when {c['patience']} epochs in a row do not improve on the best by "
             f"> {c['min_delta']:g}{' (relative)' if c['relative'] else ''}"
@@ -274,8 +352,29 @@ def fit_line(what: str, fit: dict) -> str:
 
 
 def write_report(report: dict, out: Path) -> None:
+    """report.json, the figures and report.md of `report` into the folder `out`."""
     out = Path(out)
     figures = plot_pruning(report, out) + plot_moe(report, out) + plot_dejavu(report, out)
     report = _jsonable(report)
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report, figures))
+
+
+def render(out: Path) -> str:
+    """report.md (and the figures) again from the folder's report.json, e.g. after the
+    renderer changed; returns the markdown."""
+    out = Path(out)
+    report = json.loads((out / "report.json").read_text())
+    figures = plot_pruning(report, out) + plot_moe(report, out) + plot_dejavu(report, out)
+    text = markdown(report, figures)
+    (out / "report.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="report.md of a scripts/modularity.py run again, from its report.json")
+    ap.add_argument("out", type=Path, help="the run's --out folder (holds report.json)")
+    folder = ap.parse_args().out
+    print(f"wrote {folder / 'report.md'} ({len(render(folder).splitlines())} lines)")

@@ -18,8 +18,11 @@ Modules:
                        recovery -> {split: ARI [layers]}; MoELoss (next-token + load balancing)
   contextual_sparsity  Predictors (low-rank, per layer); train_predictors; recall_at -> {fraction: recall};
                        predicted_sparse_forward -> logits [*batch, seq, vocab]
-  fitting              collect_sparsity_data (memmapped per-layer inputs / targets / labels);
-                       fit_routers / fit_predictors (per layer, mini-batches, held-out rows, PlateauRule);
-                       reference_recall (the DejaVu reference's label and recall); FitConfig
+  sparsity_data        collect_sparsity_data -> SparsityData (memmapped per-layer inputs / targets /
+                       labels); split_rows (held-out rows); active_label (the DejaVu reference's label)
+  plateau_fit          PlateauRule (the stop rule), FitConfig (routers() / predictors()), fit_layer (one
+                       layer's mini-batch loop with held-out evals), fit_summary
+  router_predictor_fit fit_routers / fit_predictors (per layer, to a PlateauRule); recall_counts;
+                       reference_recall (the DejaVu reference's label and recall)
   sparsity_study       moe_splits, fit_sparsity, moe_study, dejavu_study (scripts/modularity.py's sections)
 """

@@ -4,17 +4,21 @@
     fits = fit_sparsity(model, fit_rows, splits, predictors=True, router_cfg, predictor_cfg, rank=64, key=key)
     moe = moe_study(model, splits, fits["routers"], eval_rows, fractions)
     dejavu = dejavu_study(model, fits["predictors"], fits["untrained"], eval_rows, fractions)
+    sweep = fit_token_sweep(model, fit_rows, splits, layers=[0, 15], token_counts=[4096], ...)
 
-`fit_sparsity` runs one dense pass over `fit_rows` (`fitting.collect_sparsity_data`: the
+`fit_sparsity` runs one dense pass over `fit_rows` (`sparsity_data.collect_sparsity_data`: the
 routers' and the predictors' data together), trains the MoEfication MLP routers and the Deja
-Vu predictors per layer to their plateau rules (`fitting.FitConfig`), and deletes the data.
+Vu predictors per layer to their plateau rules (`plateau_fit.FitConfig`,
+`router_predictor_fit`), and deletes the data.
 The studies then evaluate on held-out validation rows: loss and top-1 agreement with the
 dense model, the |a| mass kept, the per-neuron oracle, one layer MoEfied at a time, and
-the predictors' recall at both definitions.
+the predictors' recall at both definitions.  `fit_token_sweep` fits some layers only, on
+nested shares of one collection scored on the same held-out rows (`--layers`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -22,8 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lens.modularity import contextual_sparsity as CS
-from lens.modularity import fitting as F
+from lens.modularity import router_predictor_fit as RPF
 from lens.modularity import moefication as MOE
+from lens.modularity.plateau_fit import FitConfig
+from lens.modularity.sparsity_data import collect_sparsity_data, split_rows
 from lens.modularity.steering import loss_and_agreement
 from lens.models.core.transformer import Transformer
 
@@ -40,29 +46,71 @@ def moe_splits(model: Transformer, cluster_rows, expert_size: int, kmeans_iters:
     return splits
 
 
-def fit_sparsity(model: Transformer, fit_rows, splits: dict | None, predictors: bool, router_cfg: F.FitConfig,
-                 predictor_cfg: F.FitConfig, rank: int, key, label: str = "active", folder=None,
+def fit_sparsity(model: Transformer, fit_rows, splits: dict | None, predictors: bool, router_cfg: FitConfig,
+                 predictor_cfg: FitConfig, rank: int, key, label: str = "active", folder=None,
                  progress: bool = False) -> dict:
     """Collect once, fit the routers (`splits` not None) and the predictors (`predictors`);
     returns {"routers": [Routers per split] | None, "router_fit": log, "predictors",
     "untrained", "predictor_fit", "tokens_collected", "seconds"}."""
     t0 = time.perf_counter()
     onehots = None if splits is None else [MOE.expert_onehot(lab) for lab in splits.values()]
-    data = F.collect_sparsity_data(model, fit_rows, onehots, predictors=predictors, folder=folder)
+    data = collect_sparsity_data(model, fit_rows, onehots, predictors=predictors, folder=folder)
     out = {"tokens_collected": data.n_tokens, "seconds": {"collect": time.perf_counter() - t0},
            "routers": None, "predictors": None}
     try:
         if splits is not None:
             t0 = time.perf_counter()
-            out["routers"], out["router_fit"] = F.fit_routers(model, list(splits.values()), data, router_cfg, progress)
+            out["routers"], out["router_fit"] = RPF.fit_routers(model, list(splits.values()), data, router_cfg, progress)
             out["seconds"]["routers"] = time.perf_counter() - t0
         if predictors:
             t0 = time.perf_counter()
             r = min(rank, model.config.d_model)
             out["untrained"] = CS.init_predictors(model, r, key)
-            out["predictors"], out["predictor_fit"] = F.fit_predictors(model, data, predictor_cfg, r, key, label,
-                                                                        progress)
+            out["predictors"], out["predictor_fit"] = RPF.fit_predictors(model, data, predictor_cfg, r, key, label,
+                                                                          progress)
             out["seconds"]["predictors"] = time.perf_counter() - t0
+    finally:
+        data.remove()
+    return out
+
+
+def fit_token_sweep(model: Transformer, fit_rows, splits: dict, layers, token_counts, router_cfg: FitConfig,
+                    predictor_cfg: FitConfig, rank: int, key, label: str = "active", folder=None,
+                    progress: bool = False, seed: int = 0) -> dict:
+    """Routers and predictors for `layers` fitted on growing shares of ONE collection:
+    `fit_rows` collected once (`collect_sparsity_data(..., layers=layers)`), one held-out
+    split (`split_rows`, router_cfg.val_frac of the rows), and per count in `token_counts`
+    (plus every training token) the fits on that many training tokens: whole rows drawn
+    at random (`seed`) from the training rows, nested (each count's rows contain the
+    smaller counts' rows), all scored on the same held-out rows.  Returns {"layers",
+    "tokens_collected", "held_out_tokens", "fits": [{"train_tokens", "router_fit",
+    "predictor_fit", "seconds"}], "seconds": {"collect"}}."""
+    t0 = time.perf_counter()
+    onehots = [MOE.expert_onehot(lab) for lab in splits.values()]
+    data = collect_sparsity_data(model, fit_rows, onehots, predictors=True, folder=folder, layers=layers)
+    out = {"layers": list(data.layers), "tokens_collected": data.n_tokens,
+           "seconds": {"collect": time.perf_counter() - t0}, "fits": []}
+    try:
+        tr, va = split_rows(data.row, router_cfg.val_frac, router_cfg.seed)
+        out["held_out_tokens"] = int(len(va))
+        train_rows = np.random.default_rng(seed).permutation(np.unique(data.row[tr]))
+        seq = int(np.asarray(fit_rows).shape[1])
+        counts = sorted({min(int(n), len(tr)) for n in token_counts} | {len(tr)})
+        r = min(rank, model.config.d_model)
+        for n in counts:
+            sub = np.flatnonzero(np.isin(data.row, train_rows[: max(1, -(-n // seq))]))
+            fit = {"train_tokens": int(len(sub)), "seconds": {}}
+            t0 = time.perf_counter()
+            _, fit["router_fit"] = RPF.fit_routers(model, list(splits.values()), data, router_cfg, progress, split=(sub, va))
+            fit["seconds"]["routers"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            _, fit["predictor_fit"] = RPF.fit_predictors(model, data, predictor_cfg, r, key, label, progress,
+                                                         split=(sub, va))
+            fit["seconds"]["predictors"] = time.perf_counter() - t0
+            out["fits"].append(fit)
+            if progress:
+                print(f"   {len(sub)} train tokens: " + json.dumps({k: round(v) for k, v in fit["seconds"].items()}),
+                      flush=True)
     finally:
         data.remove()
     return out
@@ -113,11 +161,11 @@ def moe_study(model: Transformer, splits: dict, trained: list, eval_rows, fracti
 
 def dejavu_study(model: Transformer, pred: CS.Predictors, untrained: CS.Predictors, eval_rows, fractions) -> dict:
     """Recall (top-fraction definition: `contextual_sparsity.recall_at`; the reference's:
-    `fitting.reference_recall`) and the loss with each layer keeping the predicted top
+    `router_predictor_fit.reference_recall`) and the loss with each layer keeping the predicted top
     fraction of its neurons (heads: all, or 30%), trained vs untrained predictors."""
     recall = {"trained": CS.recall_at(model, pred, eval_rows), "untrained": CS.recall_at(model, untrained, eval_rows)}
-    reference = {"trained": F.reference_recall(model, pred, eval_rows),
-                 "untrained": F.reference_recall(model, untrained, eval_rows)}
+    reference = {"trained": RPF.reference_recall(model, pred, eval_rows),
+                 "untrained": RPF.reference_recall(model, untrained, eval_rows)}
     dense = _dense(model, eval_rows)
     dense_loss, _ = loss_and_agreement(dense, dense, eval_rows)
     sparse = []
@@ -131,4 +179,4 @@ def dejavu_study(model: Transformer, pred: CS.Predictors, untrained: CS.Predicto
     return {"rank": int(pred.mlp_a.shape[-1]), "dense_loss": dense_loss, "recall": recall,
             "recall_reference": reference, "sparse_forward": sparse,
             "recall_definition": "recall: share of the top-10% |a| neurons inside the predicted top fraction; "
-                                 "recall_reference: the reference's (fitting.reference_recall)"}
+                                 "recall_reference: the reference's (router_predictor_fit.reference_recall)"}

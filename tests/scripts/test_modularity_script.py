@@ -44,7 +44,7 @@ def test_smoke_preset_writes_every_section(tmp_path):
     oracle = {r["fraction"]: r for r in moe["per_neuron_oracle"]}
     assert oracle[1.0]["top1_agreement"] == 1.0 and abs(oracle[1.0]["loss_increase"]) < 1e-4
     assert len(moe["per_layer"]["layers"]) == 2
-    fit = moe["router_training"]  # lens.modularity.fitting: per layer, to a stated rule, on --fit-tokens
+    fit = moe["router_training"]  # lens.modularity.router_predictor_fit: per layer, to a stated rule, on --fit-tokens
     assert moe["tokens"]["fit_tokens"] == 240 and fit["tokens"]["train"] + fit["tokens"]["held_out"] == 240
     assert fit["criterion"]["max_epochs"] == 3 and len(fit["per_layer"]) == 2 and fit["epochs"]["max"] <= 3
     assert all(g["steps"] == g["epochs"] * g["steps_per_epoch"] for g in fit["per_layer"])
@@ -55,3 +55,25 @@ def test_smoke_preset_writes_every_section(tmp_path):
     assert (tmp_path / "report.md").read_text().startswith("# Modularity")
     assert {p.name for p in tmp_path.glob("*.png")} >= {"pruning_m0.png", "moefication_m0.png", "dejavu_m0.png"}
     assert report["seconds"]["total"] > 0
+
+
+def test_layers_fit_a_subset_on_nested_token_counts(tmp_path):
+    main = script_namespace("modularity")["main"]
+    args = ["--out", str(tmp_path), "--preset", "smoke", "--sections", "moefication,contextual_sparsity"]
+    saved = main(args + ["--layers", "1", "--fit-sweep", "48"])["fit_sweep"]
+    sweep = next(iter(saved.values()))
+    assert sweep["layers"] == [1] and sweep["tokens_collected"] == 240
+    counts = [f["train_tokens"] for f in sweep["fits"]]
+    assert counts[0] == 48 and counts[-1] == 240 - sweep["held_out_tokens"]  # the given count, then every train token
+    for f in sweep["fits"]:
+        assert [g["layer"] for g in f["router_fit"]["per_layer"]] == [1]
+        assert f["predictor_fit"]["tokens"]["held_out"] == sweep["held_out_tokens"]
+    md = (tmp_path / "report.md").read_text()
+    assert "## Routers and predictors of layers [1]" in md
+    answer = md.split("**Answer.** ")[1].splitlines()[0]  # a sections-subset run leads with what WAS run
+    assert answer.startswith(f"{next(iter(saved))}, layers [1] fitted on 48 / ") and "recall" in answer
+    assert "Not run in this report (`--sections moefication,contextual_sparsity`, `--layers 1`): selective pruning" in md
+    assert "## Selective pruning" not in md and "## MoEfication" not in md  # not-run sections: one line, no headers
+    assert script_namespace("modularity_report")["render"](tmp_path) == md  # report.md again from report.json
+    with pytest.raises(SystemExit, match="--layers: layers must lie in"):
+        main(args + ["--layers", "2"])  # the smoke model has 2 layers
