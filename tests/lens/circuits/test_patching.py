@@ -404,6 +404,10 @@ def test_patching_script_smoke(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# Patching report") and "pipeline check only" in text.split("\n")[2]
     assert (tmp_path / "ioi_s2_resid.png").stat().st_size > 0 and (tmp_path / "ioi_abc_path.png").exists()
+    # scripts/patching_report.py writes the same report.md again from report.json alone
+    (tmp_path / "report.md").unlink()
+    runpy.run_path(str(script.parent / "patching_report.py"))["render"](tmp_path)
+    assert (tmp_path / "report.md").read_text() == text
 
 
 def test_kl_metric_grid():
