@@ -161,6 +161,14 @@ def test_shares(n_rows: int, sizes: list[int], corpora=None, row_len: int | None
     return shares
 
 
+def interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of `parts` round-robin (one of each part in turn while it lasts), so every
+    prefix of the test rows (what a stopped scoring pass has scored: its cache) is as even a
+    mix of the corpora as the whole."""
+    order = sorted(((i, k) for k, part in enumerate(parts) for i in range(len(part))))
+    return np.stack([parts[k][i] for i, k in order])
+
+
 def answer(report: dict) -> list[str]:
     """The report's opening: at how many layers the tuned lens is closer to the model than the
     logit lens (KL), and a verdict when the model itself predicts the test text no better than
@@ -270,7 +278,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
     # allow (the first rows of each; a small split gives all it has, the others make up the rest)
     test_parts = [data.load_tokens(name, tok, args.seq + 1, "test") for name in corpora]
     shares = test_shares(args.eval_rows, [len(r) for r in test_parts], corpora, args.seq + 1)
-    test_rows = np.concatenate([r[:k] for r, k in zip(test_parts, shares) if k])
+    test_rows = interleave([r[:k] for r, k in zip(test_parts, shares) if k])
     val_rows = data.mixed_rows(corpora, tok, args.seq + 1, "validation", seed=args.seed,
                                n_rows=max(args.batch, 8))
     info = {"lens": "tuned", "model_name": str(args.model), "corpora": list(corpora), "lr_scale": args.lr_scale,
@@ -297,7 +305,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
     # all four from one forward per test row (score_lenses)
     scores = score_lenses(model, {"logit_lens": None, "tuned_lens": result.model, "temperature_control": temp.model,
                                   "frozen_scale_oracle": FROZEN_SCALE},
-                          test_rows, n_bytes, progress=not args.no_progress)
+                          test_rows, n_bytes, progress=not args.no_progress, cache=args.out / "score_cache.npz")
     scores["temperature_control"]["temperature"] = [float(t) for t in np.exp(np.asarray(temp.model.log_temperature))]
     lens_layers = list(result.model.layer_indices)
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),

@@ -25,6 +25,10 @@ The reference's recipe, reproduced:
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -213,14 +217,26 @@ def _batch_sums(model: Transformer, lenses: tuple, kinds: tuple, layers: tuple, 
 
     def one(tokens, targets):
         stack, logits, final_scale = residual_stack(model, tokens)
+        logits = logits.astype(jnp.float32)
         target = jax.nn.log_softmax(logits, axis=-1)
+        p = jnp.exp(target)
+        neg_entropy = jnp.sum(p * target, axis=-1)  # [T]
         top = jnp.argmax(logits, axis=-1)
 
-        def stats(lg):
-            logq = jax.nn.log_softmax(lg, axis=-1)
-            kl = kl_divergence(target, logq).sum()
-            agree = (jnp.argmax(lg, axis=-1) == top).sum()
-            ce = -jnp.take_along_axis(logq, targets[:, None], axis=-1)[:, 0].sum()
+        # With lse = logsumexp(lg): KL(p || softmax lg) = sum p log p - (p . lg - lse) (p sums
+        # to 1), CE = lse - lg[next]; so a lens costs one exp pass (lse), one p . lg and one
+        # argmax over the vocabulary; a positive per-position rescale c * lg (temperature,
+        # frozen divisor) reuses p . lg and the argmax and needs only its own lse.
+        def parts(lg):
+            return jnp.sum(p * lg, axis=-1), jnp.argmax(lg, axis=-1), jnp.take_along_axis(lg, targets[:, None], -1)[:, 0]
+
+        def stats(lg, c=None, base=None):
+            pl, arg, nxt_lg = parts(lg) if base is None else base
+            c = jnp.ones_like(pl) if c is None else c
+            lse = jax.nn.logsumexp(lg * c[:, None], axis=-1)
+            kl = (neg_entropy - (c * pl - lse)).sum()
+            agree = (arg == top).sum()
+            ce = (lse - c * nxt_lg).sum()
             return jnp.stack([kl, agree.astype(jnp.float32), ce])
 
         def layer(xs):
@@ -228,23 +244,27 @@ def _batch_sums(model: Transformer, lenses: tuple, kinds: tuple, layers: tuple, 
             if need_plain:
                 plain, (_, _, own) = model.unembed_resid(h, capture=Capture(norms=True))
                 plain = plain.astype(jnp.float32)
+                base = parts(plain)
             out = []
             for j, kind in enumerate(kinds):
                 if kind == "logit":
-                    lg = plain
+                    out.append(stats(plain, base=base))
                 elif kind == "temperature":
-                    lg = plain * xs[f"t{j}"]
+                    out.append(stats(plain, jnp.broadcast_to(xs[f"t{j}"], own.shape), base))
+                elif kind == "frozen" and linear_head:
+                    out.append(stats(plain, own.astype(jnp.float32) / final_scale.astype(jnp.float32), base))
                 elif kind == "frozen":
-                    lg = (plain * (own.astype(jnp.float32) / final_scale.astype(jnp.float32))[:, None]
-                          if linear_head else decode(model, h, final_scale).astype(jnp.float32))
+                    out.append(stats(decode(model, h, final_scale).astype(jnp.float32)))
                 else:
                     moved = TunedLens(xs[f"w{j}"][None], xs[f"b{j}"][None]).translate(h, 0).astype(h.dtype)
-                    lg = decode(model, moved, final_scale if frozen_tuned else None).astype(jnp.float32)
-                out.append(stats(lg))
+                    out.append(stats(decode(model, moved, final_scale if frozen_tuned else None).astype(jnp.float32)))
             return jnp.stack(out)  # [n_lenses, 3]
 
         rows_l = jax.lax.map(layer, {"h": stack[np.asarray(layers)], **per_layer})  # [lens layers, n_lenses, 3]
-        final = jnp.broadcast_to(stats(logits.astype(jnp.float32)), (1, len(kinds), 3))  # the model itself
+        # the model itself: KL 0 and top-1 1 exactly, its own next-token cross-entropy
+        own_ce = -jnp.take_along_axis(target, targets[:, None], -1)[:, 0].sum()
+        final = jnp.broadcast_to(jnp.stack([jnp.zeros(()), jnp.asarray(top.shape[0], jnp.float32), own_ce]),
+                                 (1, len(kinds), 3))
         return jnp.concatenate([rows_l, final], axis=0)
 
     return jax.vmap(one)(inputs, nxt)
@@ -272,7 +292,7 @@ def row_bytes(tokenizer, rows: np.ndarray) -> int:
 
 def score_lenses(model: Transformer, lenses: dict, rows: np.ndarray, n_bytes: int | None = None,
                  batch_size: int = 4, progress: bool = False, layers=None, frozen_tuned: bool = False,
-                 n_boot: int = 1000, seed: int = 0) -> dict:
+                 n_boot: int = 1000, seed: int = 0, cache: "str | Path | None" = None) -> dict:
     """`lens_scores` of several lenses at once, {name: scores}, from ONE forward per row (the
     model's forward is most of a scoring pass's cost; see `_batch_sums`).  lenses: name ->
     None (logit lens), `FROZEN_SCALE` (the logit lens over the final layer's norm divisor),
@@ -280,7 +300,11 @@ def score_lenses(model: Transformer, lenses: dict, rows: np.ndarray, n_bytes: in
     tuned / temperature lenses, which must agree, else every layer); every score list has
     one entry per layer in `scores["layers"]` (the model layers, then n_layers = the model
     itself).  frozen_tuned: tuned lenses decode over the final divisor too.  The bootstrap
-    draws the same row resamples for every lens (a paired comparison)."""
+    draws the same row resamples for every lens (a paired comparison).
+    cache: an .npz file the per-row sums are written to every 10 batches; a later call with
+    the same lens names, layers and rows continues from it (it does not hash the lenses'
+    weights: delete it when the lenses change; `scripts/train_tuned_lens.py` keeps it with
+    the trained lenses' checkpoints)."""
     rows = np.asarray(rows, np.int32)
     if rows.ndim != 2 or rows.shape[1] < 2 or len(rows) == 0:
         raise ValueError(f"rows must be [N >= 1, T + 1 >= 2] token ids; got {rows.shape}")
@@ -310,22 +334,43 @@ def score_lenses(model: Transformer, lenses: dict, rows: np.ndarray, n_bytes: in
     from tqdm.auto import tqdm
 
     lens_values = tuple(None if isinstance(v, str) else v for v in lenses.values())
-    per_row = []
-    for i in tqdm(range(0, len(rows), batch_size), disable=not progress, desc="score", leave=False):
+    key = hashlib.sha256(json.dumps([list(lenses), kinds, wanted, frozen_tuned, batch_size]).encode()
+                         + rows.tobytes()).hexdigest()[:16]
+    done = []
+    if cache is not None and Path(cache).is_file():
+        with np.load(cache) as z:
+            if str(z["key"]) == key:  # the same lenses' names, layers and rows (not the weights: see the docstring)
+                done = [z["sums"]]
+    start = sum(len(d) for d in done)
+    batches = list(range(start, len(rows), batch_size))
+    for n, i in enumerate(tqdm(batches, disable=not progress, desc="score", leave=False)):
         # the last, shorter batch compiles once more; no padding rows to subtract again
-        per_row.append(np.asarray(_batch_sums(model, lens_values, kinds, wanted, frozen_tuned,
-                                              jnp.asarray(rows[i:i + batch_size])), np.float64))
-    per_row = np.concatenate(per_row) / (rows.shape[1] - 1)  # [N, L+1, lenses, 3] per-token means per row
-    n_tokens = rows.shape[0] * (rows.shape[1] - 1)
+        done.append(np.asarray(_batch_sums(model, lens_values, kinds, wanted, frozen_tuned,
+                                           jnp.asarray(rows[i:i + batch_size])), np.float64))
+        if cache is not None and ((n + 1) % 10 == 0 or n == len(batches) - 1):
+            tmp = Path(str(cache) + ".tmp.npz")
+            np.savez(tmp, key=key, sums=np.concatenate(done))
+            tmp.replace(cache)
+    return summarise_rows(np.concatenate(done), list(lenses), wanted, n_model, rows.shape[1] - 1, n_bytes,
+                          n_boot, seed)
+
+
+def summarise_rows(sums: np.ndarray, names: list[str], layers, n_model: int, row_tokens: int,
+                   n_bytes: int | None = None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """`score_lenses`'s result from its per-row sums [N, len(layers) + 1, len(names), 3] (KL,
+    top-1 count, CE summed over each row's `row_tokens` positions; the cache file's `sums`),
+    e.g. for the rows a stopped run scored.  n_bytes: UTF-8 bytes of those rows' targets."""
+    per_row = np.asarray(sums, np.float64) / row_tokens  # per-token means per row
+    n_tokens = per_row.shape[0] * row_tokens
     out = {}
-    for j, name in enumerate(lenses):
+    for j, name in enumerate(names):
         pr = per_row[:, :, j]
         kl, top1, ce = (pr.mean(0)[:, k] for k in range(3))
         rng = np.random.default_rng(seed)
         boot = np.stack([pr[rng.integers(0, len(pr), len(pr))].mean(0) for _ in range(n_boot)])
         lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)  # [L+1, 3]
-        s = {"layers": [*wanted, n_model], "kl": kl.tolist(), "top1": top1.tolist(), "ce": ce.tolist(),
-             "ppl": np.exp(ce).tolist(), "tokens": int(n_tokens), "rows": int(len(rows)),
+        s = {"layers": [*layers, n_model], "kl": kl.tolist(), "top1": top1.tolist(), "ce": ce.tolist(),
+             "ppl": np.exp(ce).tolist(), "tokens": int(n_tokens), "rows": int(len(pr)),
              **{f"{m}_interval_95": [lo[:, k].tolist(), hi[:, k].tolist()] for k, m in enumerate(("kl", "top1", "ce"))}}
         if n_bytes is not None:
             factor = n_tokens / n_bytes / np.log(2)

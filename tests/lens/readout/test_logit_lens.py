@@ -464,3 +464,31 @@ def test_train_tuned_lens_resolves_layers_against_the_model():
     assert resolve(parse("1,0"), 2) is None
     with pytest.raises(SystemExit, match=r"^--layers: layer 30 out of range \[0, 30\) \(the model has 30 layers\)$"):
         resolve(parse("5,30"), 30)
+
+
+def test_score_cache_continues_a_stopped_pass_and_test_rows_interleave(tmp_path):
+    """score_lenses with a cache: a pass stopped after its first 2 rows (the cache cut to
+    them) continues to the uninterrupted result; summarise_rows of the cut cache equals
+    scoring those 2 rows alone.  The script's test rows are interleaved over the corpora."""
+    from script_entry import script_namespace
+
+    _, model, _ = tiny("llama")
+    rows = prompts(4, 6)  # two batches of 2: one compile
+    lenses = {"logit": None, "frozen": tt.FROZEN_SCALE}
+    cache = tmp_path / "c.npz"
+    whole = tt.score_lenses(model, lenses, rows, batch_size=2, n_boot=30, cache=cache)
+    with np.load(cache) as z:
+        key, sums = z["key"], z["sums"]
+    assert sums.shape == (4, 4, 2, 3)
+    np.savez(cache, key=key, sums=sums[:2])
+    first = tt.summarise_rows(sums[:2], list(lenses), (0, 1, 2), 3, 5, n_boot=30)
+    alone = tt.score_lenses(model, lenses, rows[:2], batch_size=2, n_boot=30)
+    for name in lenses:
+        np.testing.assert_allclose(first[name]["kl"], alone[name]["kl"], rtol=1e-6)
+    again = tt.score_lenses(model, lenses, rows, batch_size=2, n_boot=30, cache=cache)
+    for name in lenses:
+        for k in ("kl", "top1", "ce", "kl_interval_95"):
+            np.testing.assert_allclose(again[name][k], whole[name][k], rtol=1e-6)
+    interleave = script_namespace("train_tuned_lens")["interleave"]
+    got = interleave([np.array([[1], [2], [3]]), np.array([[10]]), np.array([[20], [21]])])
+    assert got.ravel().tolist() == [1, 10, 20, 2, 21, 3]
