@@ -7,7 +7,9 @@
 
 Trains on the train split of `lens.training.data` corpora (shakespeare, python-docs, python-code,
 rows interleaved), validates on their validation split inside `lens.training.train`'s loop
-(checkpoints every --checkpoint-every steps; the same command resumes), and scores the
+(checkpoints every --checkpoint-every steps; the same command resumes; each fit's training
+wall time, summed over the processes that made it, is kept in its train_seconds.json:
+`TrainClock`), and scores the
 logit lens (also with frozen final-norm statistics) and the tuned lens per layer on their
 test split: KL(model || lens), top-1
 agreement with the model, next-token cross-entropy in nats/token and bits/byte.
@@ -169,6 +171,44 @@ def interleave(parts: list[np.ndarray]) -> np.ndarray:
     return np.stack([parts[k][i] for i, k in order])
 
 
+class TrainClock:
+    """The wall seconds of a fit's training, summed over the processes that made its
+    checkpoint: out_dir/train_seconds.json ({"step", "seconds"}) is rewritten after every
+    checkpoint with the seconds up to it, so a resumed run (or a rerun on a finished
+    checkpoint, which trains nothing) adds its own time to what the file holds rather than
+    reporting only its own.  A checkpoint written without the file (by an older version)
+    leaves the total unknown: `seconds()` is then None."""
+
+    FILE = "train_seconds.json"
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / self.FILE
+        self.t0 = time.perf_counter()
+        if not (Path(out_dir) / train.CHECKPOINT).exists():
+            self.prior = 0.0  # a fresh fit (a stale file from a deleted checkpoint is overwritten)
+        elif self.path.is_file():
+            self.prior = float(json.loads(self.path.read_text())["seconds"])
+        else:
+            self.prior = None
+
+    def hook(self, then=None):
+        """An `on_checkpoint` callback: records the seconds up to the checkpoint, then calls `then`."""
+        def on_checkpoint(step: int) -> None:
+            if self.prior is not None:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"step": step, "seconds": self.prior + time.perf_counter() - self.t0}) + "\n")
+                tmp.replace(self.path)
+            if then is not None:
+                then(step)
+        return on_checkpoint
+
+    def seconds(self) -> float | None:
+        """Training seconds through the last checkpoint, every process together (None: unknown)."""
+        if self.prior is None:
+            return None
+        return float(json.loads(self.path.read_text())["seconds"]) if self.path.is_file() else self.prior
+
+
 def answer(report: dict) -> list[str]:
     """The report's opening: at how many layers the tuned lens is closer to the model than the
     logit lens (KL), and a verdict when the model itself predicts the test text no better than
@@ -186,6 +226,11 @@ def answer(report: dict) -> list[str]:
            f"uniform ({uniform:.2f} = ln {report['vocab_size']}), so it cannot predict this text and the "
            "lenses read nothing.") if ce > 0.9 * uniform else None
     return answer_lines(text, why)
+
+
+def seconds(s: float | None) -> str:
+    """A training time for report.md ('not recorded': resumed from a checkpoint written without one)."""
+    return "not recorded" if s is None else f"{s:.0f} s"
 
 
 def report_lines(report: dict) -> list[str]:
@@ -208,8 +253,8 @@ def report_lines(report: dict) -> list[str]:
              f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
              f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split); "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
-             f"linear decay; {report['train_seconds']:.0f} s (tuned) + {report['temperature_train_seconds']:.0f} s "
-             f"(temperature) of training.  Scored on {lg['tokens']:,} held-out test tokens ({lg['rows']} rows, "
+             f"linear decay; {seconds(report['train_seconds'])} (tuned) + {seconds(report['temperature_train_seconds'])} "
+             f"(temperature) of training (wall time, every process together).  Scored on {lg['tokens']:,} held-out test tokens ({lg['rows']} rows, "
              f"{lg['bytes']:,} bytes); 95% intervals by bootstrap over rows.  Layer l = resid_pre[l]; the last row "
              f"is the model itself (layer {report['layers'][-1]}); layers fitted and scored: "
              f"{'all' if len(report['layers']) - 1 == s.get('n_layers') else s.get('layers')}.  Oracle: " + report["oracle_note"] + ".", "",
@@ -290,12 +335,12 @@ def main(argv=None, on_checkpoint=None) -> dict:
         cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch, lr=float(lr_fn(0)), warmup_steps=0,
                                 weight_decay=WEIGHT_DECAY, eval_every=args.eval_every, eval_batches=1,
                                 checkpoint_every=args.checkpoint_every, seed=args.seed)
-        t0 = time.perf_counter()
+        clock = TrainClock(out_dir)
         result = train.train(init, train_rows, val_rows, cfg, out_dir,
-                             train.TrainOptions(progress=not args.no_progress, on_checkpoint=on_checkpoint,
+                             train.TrainOptions(progress=not args.no_progress, on_checkpoint=clock.hook(on_checkpoint),
                                                 run_info=info, loss_fn=loss_fn, opt=opt,
                                                 rows_config=model.config, lr_fn=lr_fn))
-        return result, time.perf_counter() - t0, float(lr_fn(0))
+        return result, clock.seconds(), float(lr_fn(0))
 
     result, train_s, lr0 = fit(TunedLens.init(model.config, layers), TunedLensLoss(model), args.out)
     temp, temp_s, _ = fit(TemperatureLens.init(model.config, layers), TemperatureLensLoss(model),

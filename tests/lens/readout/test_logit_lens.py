@@ -339,6 +339,20 @@ def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_pat
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert resumed["tuned_lens"]["kl"] == whole["tuned_lens"]["kl"]
+    # the training time sums the killed process's (up to its step-2 checkpoint) and the resumed
+    # one's; a rerun on the finished checkpoint trains nothing and reports the same total
+    for out, rep in ((killed, resumed), (full, whole)):
+        for fit, key in ((out, "train_seconds"), (out / "temperature", "temperature_train_seconds")):
+            clock = json.loads((fit / "train_seconds.json").read_text())
+            assert clock["step"] == 4 and rep[key] == clock["seconds"] > 0
+    again = main(args + ["--out", str(full)])
+    assert again["train_seconds"] == whole["train_seconds"]
+    assert again["temperature_train_seconds"] == whole["temperature_train_seconds"]
+    # a checkpoint without the timing file (an older run): the total is unknown, said so
+    (full / "train_seconds.json").unlink()
+    old = main(args + ["--out", str(full)])
+    assert old["train_seconds"] is None and old["temperature_train_seconds"] == whole["temperature_train_seconds"]
+    assert "not recorded (tuned)" in (full / "report.md").read_text()
 
 
 # --------------------------------------------------------------------------- a lens on a subset of layers
