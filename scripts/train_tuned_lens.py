@@ -297,8 +297,10 @@ def plot(report: dict, path: Path) -> None:
                            ("ce_bits_per_byte", axes[2], "next-token CE, bits/byte")):
         for name, style in (("logit_lens", "o-"), ("temperature_control", "d-"), ("tuned_lens", "s-"),
                             ("frozen_scale_oracle", "^:")):
-            v = report[name][key]
-            ax.plot(report["layers"], v, style, ms=3, label=name.replace("_", " "))
+            v, xs = report[name][key], report["layers"]
+            if key == "kl":  # the model against itself is KL 0: off a log axis (it drew a drop to -inf)
+                v, xs = v[:-1], xs[:-1]
+            ax.plot(xs, v, style, ms=3, label=name.replace("_", " "))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer (resid_pre)")
     axes[0].set_yscale("log")
