@@ -1,32 +1,48 @@
 """Train a tuned lens (AlignmentResearch/tuned-lens recipe) and score it against the logit lens.
 
-    .venv/bin/python scripts/train_tuned_lens.py --out runs/tuned_smollm2
+    .venv/bin/python scripts/train_tuned_lens.py --out runs/tuned_smollm2     # layers 5, 15, 25
     .venv/bin/python scripts/train_tuned_lens.py --model runs/gpt2_ln_bpe/model --out runs/tuned_ln \\
-        --steps 300 --batch 8 --seq 128
+        --layers all --steps 160 --batch 8 --seq 128 --eval-rows 790 --eval-every 10
     .venv/bin/python scripts/train_tuned_lens.py --preset smoke --out /tmp/tl
 
 Trains on the train split of `lens.training.data` corpora (shakespeare, python-docs, python-code,
 rows interleaved), validates on their validation split inside `lens.training.train`'s loop
-(checkpoints every --checkpoint-every steps; the same command resumes), and scores the
+(checkpoints every --checkpoint-every steps; the same command resumes; each fit's training
+wall time, summed over the processes that made it, is kept in its train_seconds.json:
+`TrainClock`), and scores the
 logit lens (also with frozen final-norm statistics) and the tuned lens per layer on their
 test split: KL(model || lens), top-1
 agreement with the model, next-token cross-entropy in nats/token and bits/byte.
 
+--layers (e.g. 5,15,25, or all): the tuned lens has translators for these model layers only,
+the temperature control temperatures for these only, and every score is computed (and keyed
+in the report: `layers`, `by_layer`) at these model layers only, then the model's output
+(layer n_layers).  A layer out of range stops the run before any data is read.
+
 Every run also trains the CONTROL a tuned lens must beat: one temperature per layer
-(`TemperatureLens`, n_layers parameters) on the same rows, loss, optimiser and steps; the
+(`TemperatureLens`, one parameter per layer) on the same rows, loss, optimiser and steps; the
 frozen-scale logit lens (every layer over the FINAL layer's per-position norm divisor,
 information no lens has at layer l) is kept as an oracle bound, not as a baseline.  Every
-score has a 95% bootstrap interval over test rows; the validation loss is logged every
+score has a 95% bootstrap interval over test rows; the four lenses are scored from one
+forward per test row (`tuned_lens_fit.score_lenses`); the validation loss is logged every
 --eval-every steps and the plateau criterion (`tuned_lens_fit.plateau`: < 1% relative
 improvement over each of the next 2 evaluations) is reported with the step it was met, or null.
 
-Presets (SmolLM2's 49k-token unembedding makes one layer's lens cost ~20x the model's own
-forward per token):
-  smoke    2 steps of 2 x 8 tokens, scored on 4 x 8 (tests; < 3 min)
-  default  64 steps of 4 x 64 tokens (16,384 tokens), scored on 1,600 x 64 = 102,400 held-out
-           tokens (as even a split over the corpora as their test splits allow).  On SmolLM2
-           not run on the shared 2-core CPU (hours: docs/findings/tuned_lens.md); our LayerNorm
-           model was run there with --steps 160 --batch 8 --seq 128 --eval-rows 790 (11 min)
+Presets (SmolLM2's 49k-token unembedding makes one layer's decode cost ~1/5 of the model's
+whole forward per token, its backward as much again):
+  smoke    2 steps of 2 x 8 tokens, every layer, scored on 4 x 8 (tests; < 3 min)
+  default  SmolLM2 sized for this shared 2-core CPU: layers 5, 15, 25 only (early, middle,
+           late of 30), 100 steps of 4 x 64 tokens (25,600 tokens per lens), validation every
+           10 steps, scored on 1,600 x 64 = 102,400 held-out tokens (the issue's >= 100k; as
+           even a split over the corpora as their test splits allow).  Planned from a timed
+           2-step run (2026-12-07, load ~2-12): one training step of 512 tokens on 3 layers
+           ~8 s at load 2, ~18 s at load 12, the same for the temperature control (the
+           model's forward is most of a step); scoring ~36 CPU-min for 102,400 tokens (one
+           forward + 6 decodes per token).  100 small steps rather than fewer large ones, so
+           the plateau criterion has 10 evaluations and can be met before the linear LR decay
+           reaches 0; its step and the LR there are in the report.  Every layer at once
+           (--layers all) is ~5x the decode work per token: hours here.  Our LayerNorm model
+           was run with --layers all --steps 160 --batch 8 --seq 128 --eval-rows 790 (11 min).
   paper    the reference's recipe: 250 steps of 2^18 tokens (128 rows x 2,048), scored on
            100 x 2,048 tokens.  Sized for one 80 GB GPU on paper, never run: the 2^18-token step
            does not fit at once (its logits, one layer at a time as here, are 2^18 x 49,152 x 4 B
@@ -57,9 +73,10 @@ from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
-from lens.readout.tuned_lens_fit import (MOMENTUM, WEIGHT_DECAY, TemperatureLens,  # noqa: E402
-                                         TemperatureLensLoss, TunedLensLoss, lens_scores, plateau,
-                                         reference_optimizer, row_bytes)
+from lens.readout.logit_lens import check_layers  # noqa: E402
+from lens.readout.tuned_lens_fit import (FROZEN_SCALE, MOMENTUM, WEIGHT_DECAY, TemperatureLens,  # noqa: E402
+                                         TemperatureLensLoss, TunedLensLoss, plateau, reference_optimizer,
+                                         row_bytes, score_lenses)
 from lens.models.runtime import compile_cache  # noqa: E402
 from figures import answer_lines  # noqa: E402  (scripts/)
 
@@ -69,9 +86,11 @@ CORPORA = ("shakespeare", "python-docs", "python-code")
 
 
 # eval_rows: test rows scored (split evenly over the corpora)
-PRESETS = {"default": Preset(steps=64, batch=4, seq=64, eval_rows=1600, checkpoint_every=16, eval_every=8),
-           "smoke": Preset(steps=2, batch=2, seq=8, eval_rows=4, checkpoint_every=1, eval_every=1),
-           "paper": Preset(steps=250, batch=128, seq=2048, eval_rows=100, checkpoint_every=25, eval_every=10)}
+PRESETS = {"default": Preset(steps=100, batch=4, seq=64, eval_rows=1600, checkpoint_every=20, eval_every=10,
+                              layers="5,15,25"),
+           "smoke": Preset(steps=2, batch=2, seq=8, eval_rows=4, checkpoint_every=1, eval_every=1, layers="all"),
+           "paper": Preset(steps=250, batch=128, seq=2048, eval_rows=100, checkpoint_every=25, eval_every=10,
+                           layers="all")}
 
 
 def parse_args(argv=None):
@@ -90,9 +109,36 @@ def parse_args(argv=None):
                     help="the reference's lr_scale: effective SGD lr = lr_scale * (1 - 0.9)")
     ap.add_argument("--corpora", nargs="+", choices=CORPORA, default=list(CORPORA))
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="data order")
+    ap.add_argument("--layers", type=layer_list, default=None,
+                    help="model layers to fit and score, e.g. 5,15,25, or 'all' (override the preset)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    return fill_from_preset(args, PRESETS[args.preset])
+    return fill_from_preset(args, PRESETS[args.preset], {"layers": layer_list})
+
+
+def layer_list(text: str) -> tuple[int, ...] | None:
+    """--layers: 'all' (None) or comma-separated layer indices >= 0, e.g. '5,15,25' (their
+    range against the model is checked once it is loaded: `resolve_layers`)."""
+    if text.strip() == "all":
+        return None
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'all' or comma-separated layer indices, e.g. 5,15,25; got {text!r}")
+    if any(x < 0 for x in out):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0; got {text!r}")
+    return out
+
+
+def resolve_layers(layers, n_layers: int) -> tuple[int, ...] | None:
+    """--layers against the loaded model: sorted, each in [0, n_layers) (SystemExit in the
+    library's range wording), None for every layer."""
+    if layers is None:
+        return None
+    try:
+        return check_layers(sorted(set(layers)), n_layers)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
 
 
 def test_shares(n_rows: int, sizes: list[int], corpora=None, row_len: int | None = None) -> list[int]:
@@ -117,6 +163,52 @@ def test_shares(n_rows: int, sizes: list[int], corpora=None, row_len: int | None
     return shares
 
 
+def interleave(parts: list[np.ndarray]) -> np.ndarray:
+    """The rows of `parts` round-robin (one of each part in turn while it lasts), so every
+    prefix of the test rows (what a stopped scoring pass has scored: its cache) is as even a
+    mix of the corpora as the whole."""
+    order = sorted(((i, k) for k, part in enumerate(parts) for i in range(len(part))))
+    return np.stack([parts[k][i] for i, k in order])
+
+
+class TrainClock:
+    """The wall seconds of a fit's training, summed over the processes that made its
+    checkpoint: out_dir/train_seconds.json ({"step", "seconds"}) is rewritten after every
+    checkpoint with the seconds up to it, so a resumed run (or a rerun on a finished
+    checkpoint, which trains nothing) adds its own time to what the file holds rather than
+    reporting only its own.  A checkpoint written without the file (by an older version)
+    leaves the total unknown: `seconds()` is then None."""
+
+    FILE = "train_seconds.json"
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / self.FILE
+        self.t0 = time.perf_counter()
+        if not (Path(out_dir) / train.CHECKPOINT).exists():
+            self.prior = 0.0  # a fresh fit (a stale file from a deleted checkpoint is overwritten)
+        elif self.path.is_file():
+            self.prior = float(json.loads(self.path.read_text())["seconds"])
+        else:
+            self.prior = None
+
+    def hook(self, then=None):
+        """An `on_checkpoint` callback: records the seconds up to the checkpoint, then calls `then`."""
+        def on_checkpoint(step: int) -> None:
+            if self.prior is not None:
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text(json.dumps({"step": step, "seconds": self.prior + time.perf_counter() - self.t0}) + "\n")
+                tmp.replace(self.path)
+            if then is not None:
+                then(step)
+        return on_checkpoint
+
+    def seconds(self) -> float | None:
+        """Training seconds through the last checkpoint, every process together (None: unknown)."""
+        if self.prior is None:
+            return None
+        return float(json.loads(self.path.read_text())["seconds"]) if self.path.is_file() else self.prior
+
+
 def answer(report: dict) -> list[str]:
     """The report's opening: at how many layers the tuned lens is closer to the model than the
     logit lens (KL), and a verdict when the model itself predicts the test text no better than
@@ -124,7 +216,8 @@ def answer(report: dict) -> list[str]:
     lg, tu = report["logit_lens"], report["tuned_lens"]
     n = len(lg["kl"]) - 1  # the last row is the model itself
     better = sum(t < g for t, g in zip(tu["kl"][:n], lg["kl"][:n]))
-    text = (f"the tuned lens is closer to the model's output than the logit lens at {better} of {n} layers "
+    which = f" ({', '.join(str(x) for x in report['layers'][:n])})" if "layers" in report else ""
+    text = (f"the tuned lens is closer to the model's output than the logit lens at {better} of {n} layers{which} "
             f"(mean KL {np.mean(tu['kl'][:n]):.3f} vs {np.mean(lg['kl'][:n]):.3f} nats).")
     # the last row is the model against itself (top-1 agreement 1 always): whether the model
     # predicts the text at all is its own next-token cross-entropy against uniform, ln(vocab)
@@ -133,6 +226,11 @@ def answer(report: dict) -> list[str]:
            f"uniform ({uniform:.2f} = ln {report['vocab_size']}), so it cannot predict this text and the "
            "lenses read nothing.") if ce > 0.9 * uniform else None
     return answer_lines(text, why)
+
+
+def seconds(s: float | None) -> str:
+    """A training time for report.md ('not recorded': resumed from a checkpoint written without one)."""
+    return "not recorded" if s is None else f"{s:.0f} s"
 
 
 def report_lines(report: dict) -> list[str]:
@@ -155,22 +253,37 @@ def report_lines(report: dict) -> list[str]:
              f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
              f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split); "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
-             f"linear decay; {report['train_seconds']:.0f} s (tuned) + {report['temperature_train_seconds']:.0f} s "
-             f"(temperature) of training.  Scored on {lg['tokens']:,} held-out test tokens ({lg['rows']} rows, "
+             f"linear decay; {seconds(report['train_seconds'])} (tuned) + {seconds(report['temperature_train_seconds'])} "
+             f"(temperature) of training (wall time, every process together).  Scored on {lg['tokens']:,} held-out test tokens ({lg['rows']} rows, "
              f"{lg['bytes']:,} bytes); 95% intervals by bootstrap over rows.  Layer l = resid_pre[l]; the last row "
-             "is the model itself.  Oracle: " + report["oracle_note"] + ".", "",
-             "| layer | KL logit | KL temperature [95%] | T | KL tuned [95%] | KL oracle | top-1 logit | top-1 temp | "
-             "top-1 tuned | bits/byte logit | bits/byte temp | bits/byte tuned |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for i in range(len(lg["kl"])):
+             f"is the model itself (layer {report['layers'][-1]}); layers fitted and scored: "
+             f"{'all' if len(report['layers']) - 1 == s.get('n_layers') else s.get('layers')}.  Oracle: " + report["oracle_note"] + ".", "",
+             "| layer | KL logit [95%] | KL temperature [95%] | T | KL tuned [95%] | KL oracle [95%] | top-1 logit [95%] | "
+             "top-1 temp [95%] | top-1 tuned [95%] | top-1 oracle | bits/byte logit | bits/byte temp | bits/byte tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for i, layer in enumerate(report["layers"]):
         t = te["temperature"][i] if i < len(te["temperature"]) else 1.0
-        lines.append(f"| {i} | {lg['kl'][i]:.3f} | {te['kl'][i]:.3f} {iv(te, 'kl', i)} | {t:.2f} | {tu['kl'][i]:.3f} "
-                     f"{iv(tu, 'kl', i)} | {fr['kl'][i]:.3f} | {lg['top1'][i]:.3f} | {te['top1'][i]:.3f} | "
-                     f"{tu['top1'][i]:.3f} | {lg['ce_bits_per_byte'][i]:.3f} | {te['ce_bits_per_byte'][i]:.3f} | "
-                     f"{tu['ce_bits_per_byte'][i]:.3f} |")
+        lines.append(f"| {layer} | {lg['kl'][i]:.3f} {iv(lg, 'kl', i)} | {te['kl'][i]:.3f} {iv(te, 'kl', i)} | {t:.2f} | "
+                     f"{tu['kl'][i]:.3f} {iv(tu, 'kl', i)} | {fr['kl'][i]:.3f} {iv(fr, 'kl', i)} | "
+                     f"{lg['top1'][i]:.3f} {iv(lg, 'top1', i)} | {te['top1'][i]:.3f} {iv(te, 'top1', i)} | "
+                     f"{tu['top1'][i]:.3f} {iv(tu, 'top1', i)} | {fr['top1'][i]:.3f} | {lg['ce_bits_per_byte'][i]:.3f} | "
+                     f"{te['ce_bits_per_byte'][i]:.3f} | {tu['ce_bits_per_byte'][i]:.3f} |")
     lines += ["", "Validation loss (summed over layers) by step, tuned / temperature: " +
               ", ".join(f"{a[0]}: {a[1]:.3f} / {b[1]:.3f}" for a, b in zip(pl["tuned_lens"]["curve"],
                                                                           pl["temperature_control"]["curve"]))]
     return lines
+
+
+def by_layer(scores: dict) -> dict:
+    """{model layer (str): {lens: {"kl", "kl_interval_95", "top1", "top1_interval_95"}}} from
+    `score_lenses`'s lists (the last layer, n_layers, is the model itself)."""
+    out = {}
+    for i, layer in enumerate(scores["logit_lens"]["layers"]):
+        out[str(layer)] = {name: {"kl": s["kl"][i], "kl_interval_95": [s["kl_interval_95"][0][i], s["kl_interval_95"][1][i]],
+                                  "top1": s["top1"][i],
+                                  "top1_interval_95": [s["top1_interval_95"][0][i], s["top1_interval_95"][1][i]]}
+                           for name, s in scores.items()}
+    return out
 
 
 def plot(report: dict, path: Path) -> None:
@@ -184,8 +297,10 @@ def plot(report: dict, path: Path) -> None:
                            ("ce_bits_per_byte", axes[2], "next-token CE, bits/byte")):
         for name, style in (("logit_lens", "o-"), ("temperature_control", "d-"), ("tuned_lens", "s-"),
                             ("frozen_scale_oracle", "^:")):
-            v = report[name][key]
-            ax.plot(range(len(v)), v, style, ms=3, label=name.replace("_", " "))
+            v, xs = report[name][key], report["layers"]
+            if key == "kl":  # the model against itself is KL 0: off a log axis (it drew a drop to -inf)
+                v, xs = v[:-1], xs[:-1]
+            ax.plot(xs, v, style, ms=3, label=name.replace("_", " "))
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer (resid_pre)")
     axes[0].set_yscale("log")
@@ -201,6 +316,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
     model, tok = models.load(args.model)
     if tok is None:
         raise SystemExit(f"{args.model}: no tokenizer next to the model; the corpora need one")
+    layers = resolve_layers(args.layers, model.config.n_layers)
     if args.seq > model.config.max_seq_len:
         raise SystemExit(f"--seq {args.seq} exceeds the model's context {model.config.max_seq_len}")
     corpora = tuple(args.corpora)
@@ -209,7 +325,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
     # allow (the first rows of each; a small split gives all it has, the others make up the rest)
     test_parts = [data.load_tokens(name, tok, args.seq + 1, "test") for name in corpora]
     shares = test_shares(args.eval_rows, [len(r) for r in test_parts], corpora, args.seq + 1)
-    test_rows = np.concatenate([r[:k] for r, k in zip(test_parts, shares) if k])
+    test_rows = interleave([r[:k] for r, k in zip(test_parts, shares) if k])
     val_rows = data.mixed_rows(corpora, tok, args.seq + 1, "validation", seed=args.seed,
                                n_rows=max(args.batch, 8))
     info = {"lens": "tuned", "model_name": str(args.model), "corpora": list(corpora), "lr_scale": args.lr_scale,
@@ -221,32 +337,37 @@ def main(argv=None, on_checkpoint=None) -> dict:
         cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch, lr=float(lr_fn(0)), warmup_steps=0,
                                 weight_decay=WEIGHT_DECAY, eval_every=args.eval_every, eval_batches=1,
                                 checkpoint_every=args.checkpoint_every, seed=args.seed)
-        t0 = time.perf_counter()
+        clock = TrainClock(out_dir)
         result = train.train(init, train_rows, val_rows, cfg, out_dir,
-                             train.TrainOptions(progress=not args.no_progress, on_checkpoint=on_checkpoint,
+                             train.TrainOptions(progress=not args.no_progress, on_checkpoint=clock.hook(on_checkpoint),
                                                 run_info=info, loss_fn=loss_fn, opt=opt,
                                                 rows_config=model.config, lr_fn=lr_fn))
-        return result, time.perf_counter() - t0, float(lr_fn(0))
+        return result, clock.seconds(), float(lr_fn(0))
 
-    result, train_s, lr0 = fit(TunedLens.init(model.config), TunedLensLoss(model), args.out)
-    temp, temp_s, _ = fit(TemperatureLens.init(model.config), TemperatureLensLoss(model), args.out / "temperature")
+    result, train_s, lr0 = fit(TunedLens.init(model.config, layers), TunedLensLoss(model), args.out)
+    temp, temp_s, _ = fit(TemperatureLens.init(model.config, layers), TemperatureLensLoss(model),
+                          args.out / "temperature")
     n_bytes = row_bytes(tok, test_rows)
     t0 = time.perf_counter()
-    scores = {name: lens_scores(model, lens, test_rows, n_bytes, progress=not args.no_progress, frozen_scale=frozen)
-              for name, lens, frozen in (("logit_lens", None, False), ("tuned_lens", result.model, False),
-                                         ("temperature_control", temp.model, False),
-                                         ("frozen_scale_oracle", None, True))}
+    # all four from one forward per test row (score_lenses)
+    scores = score_lenses(model, {"logit_lens": None, "tuned_lens": result.model, "temperature_control": temp.model,
+                                  "frozen_scale_oracle": FROZEN_SCALE},
+                          test_rows, n_bytes, progress=not args.no_progress, cache=args.out / "score_cache.npz")
     scores["temperature_control"]["temperature"] = [float(t) for t in np.exp(np.asarray(temp.model.log_temperature))]
+    lens_layers = list(result.model.layer_indices)
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),
+                "layers": lens_layers, "n_layers": int(model.config.n_layers),
                 "lr": lr0, "eval_rows": int(len(test_rows)), "seed": args.seed, "eval_every": args.eval_every,
                 "eval_rows_per_corpus": dict(zip(corpora, (int(k) for k in shares)))}
-    n = model.config.n_layers
+    n = len(lens_layers)
     beats = [bool(scores["tuned_lens"]["kl_interval_95"][1][i] < scores["temperature_control"]["kl_interval_95"][0][i])
              for i in range(n)]
-    changed = {k: getattr(args, k) for k, v in PRESETS[args.preset].items() if getattr(args, k) != v}
+    preset_values = {k: layer_list(v) if k == "layers" else v for k, v in PRESETS[args.preset].items()}
+    changed = {k: getattr(args, k) for k, v in preset_values.items() if getattr(args, k) != v}
     preset = args.preset + (" preset, overridden: " + ", ".join(f"{k}={v}" for k, v in changed.items())
                             if changed else " preset")
-    report = {"model": str(args.model), "preset": preset, "settings": settings, **scores,
+    report = {"model": str(args.model), "preset": preset, "settings": settings,
+              "layers": scores["logit_lens"]["layers"], **scores, "by_layer": by_layer(scores),
               "vocab_size": int(model.config.vocab_size),
               "oracle_note": "frozen_scale_oracle decodes layer l with the FINAL layer's per-position norm divisor: "
                              "an oracle bound (information no lens has at layer l), not a baseline",

@@ -8,6 +8,8 @@
 
     tuned = lens.readout.logit_lens.TunedLens.init(model.config)          # zero translators = logit lens
     logp = lens.readout.logit_lens.tuned_lens(model, tuned, tokens)       # same shape
+    sub = lens.readout.logit_lens.TunedLens.init(model.config, layers=(5, 15, 25))  # translators for 3 layers
+    logp = lens.readout.logit_lens.tuned_lens(model, sub, tokens)         # [4, seq, vocab]: 5, 15, 25, output
 
 Decoding goes through the model's own `Transformer.unembed_resid` (final norm, unembedding,
 its bias and Gemma's logit soft-capping when the config has one), so a lens never
@@ -17,9 +19,11 @@ re-implements the head of the model.  Layer l of a lens always means `resid_pre[
 The tuned lens follows AlignmentResearch/tuned-lens (`tuned_lens/nn/lenses.py`): one affine
 translator per layer, applied residually `h + (h W^T + b)`, W and b zero-initialised (weight
 decay pulls it back to the logit lens, not to zero); the final layer has no translator.
+A lens may hold translators for a subset of layers only (`TunedLens.init(config, layers)`):
+it then reads, is trained and scored at, and is saved for those layers alone.
 Training (`lens.readout.tuned_lens_fit`) fits it to forward KL(model || lens) at the same position.
-Saved as safetensors with the reference's state-dict names (`{i}.weight`, `{i}.bias`) and
-its `TunedLensConfig` fields as JSON metadata.
+Saved as safetensors with the reference's state-dict names (`{l}.weight`, `{l}.bias`, l the
+model layer) and its `TunedLensConfig` fields plus the lens's `layers` as JSON metadata.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from safetensors.numpy import load_file, save_file
 
 from lens.models.core.config import ModelConfig
 from lens.models.core.interventions import Capture, Edits
+from lens.models.core.ranges import check_index, layer_context
 from lens.models.core.transformer import Transformer
 
 
@@ -91,39 +96,80 @@ def logit_lens(
 
 
 # ------------------------------------------------------------------------ tuned lens
-class TunedLens(eqx.Module):
-    """One affine translator per layer l < n_layers (for resid_pre[l]), torch `Linear`
-    layout: `translate(h, l) = h + h @ weight[l].T + bias[l]`."""
+def check_layers(layers, n_layers: int) -> tuple[int, ...] | None:
+    """`layers` (iterable of layer indices, or None = every layer) as a strictly increasing
+    tuple of ints in [0, n_layers), or None when it names every layer (the canonical full
+    lens).  ValueError in the library's range wording (`models.core.ranges`) for an index
+    out of range, and for repeated or unsorted indices; outside jit."""
+    if layers is None:
+        return None
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layers must be ints; got {layer!r}")
+        out.append(check_index("layer", layer, n_layers, context=layer_context(n_layers)))
+    if not out:
+        raise ValueError("layers must name at least one layer; got none")
+    if any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"layers must be distinct and increasing; got {out}")
+    return None if out == list(range(n_layers)) else tuple(out)
 
-    weight: Float[Array, "layers d_model d_model"]
-    bias: Float[Array, "layers d_model"]
+
+class TunedLens(eqx.Module):
+    """One affine translator per lens layer (for resid_pre[l]), torch `Linear` layout:
+    `translate(h, i) = h + h @ weight[i].T + bias[i]`, translator i for model layer
+    `layer_indices[i]`.
+
+    layers: None = every layer (translator i is layer i, the reference's lens); else the
+    model layers the translators belong to (strictly increasing, static), e.g. (5, 15, 25):
+    a lens fitted on a subset, which only reads (and is only scored at) those layers."""
+
+    weight: Float[Array, "lens_layers d_model d_model"]
+    bias: Float[Array, "lens_layers d_model"]
+    layers: tuple[int, ...] | None = eqx.field(static=True, default=None)
 
     @staticmethod
-    def init(config: ModelConfig) -> "TunedLens":
-        """Zero translators: the tuned lens starts as the logit lens (the reference's init)."""
-        d, n = config.d_model, config.n_layers
-        return TunedLens(jnp.zeros((n, d, d), jnp.float32), jnp.zeros((n, d), jnp.float32))
+    def init(config: ModelConfig, layers=None) -> "TunedLens":
+        """Zero translators: the tuned lens starts as the logit lens (the reference's init);
+        one per layer, or one per entry of `layers` (`check_layers`: ValueError out of range)."""
+        layers = check_layers(layers, config.n_layers)
+        d, n = config.d_model, config.n_layers if layers is None else len(layers)
+        return TunedLens(jnp.zeros((n, d, d), jnp.float32), jnp.zeros((n, d), jnp.float32), layers)
 
     @property
     def n_layers(self) -> int:
+        """How many translators (= lens layers)."""
         return self.weight.shape[0]
 
-    def translate(self, h: Float[Array, "seq d_model"], layer: Int[Array, ""] | int) -> Float[Array, "seq d_model"]:
-        """h + A_l h + b_l in float32 (the residual form: weight decay pulls toward identity)."""
-        hf = h.astype(jnp.float32)
-        return hf + jnp.einsum("sd,ed->se", hf, self.weight[layer]) + self.bias[layer]
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        """The model layer of each translator."""
+        return tuple(range(self.n_layers)) if self.layers is None else self.layers
 
-    def translate_stack(self, stack: Float[Array, "layers_plus_1 seq d_model"]) -> Float[Array, "layers_plus_1 seq d_model"]:
-        """Translate resid_pre[0..n-1] (each by its own translator); the final residual as is."""
-        n = self.n_layers
-        moved = jax.vmap(self.translate)(stack[:n], jnp.arange(n))
-        return jnp.concatenate([moved, stack[n:].astype(jnp.float32)], axis=0)
+    def translate(self, h: Float[Array, "seq d_model"], i: Int[Array, ""] | int) -> Float[Array, "seq d_model"]:
+        """h + A_i h + b_i in float32 with translator i (model layer `layer_indices[i]`;
+        the residual form: weight decay pulls toward identity)."""
+        hf = h.astype(jnp.float32)
+        return hf + jnp.einsum("sd,ed->se", hf, self.weight[i]) + self.bias[i]
+
+    def translate_stack(self, stack: Float[Array, "layers_plus_1 seq d_model"]) -> Float[Array, "lens_layers_plus_1 seq d_model"]:
+        """From a model's full residual stack [n_layers + 1, ...]: the lens layers' residuals,
+        each translated by its own translator, then the final residual as is."""
+        picked = stack[np.asarray(self.layer_indices)]
+        moved = jax.vmap(self.translate)(picked, jnp.arange(self.n_layers))
+        return jnp.concatenate([moved, stack[-1:].astype(jnp.float32)], axis=0)
 
 
 def check_lens_fits(model: Transformer, tuned: TunedLens) -> None:
+    """ValueError unless `tuned` fits `model`: its layers in range and one [d, d] / [d]
+    translator per lens layer (every layer when `tuned.layers` is None)."""
     c = model.config
-    if tuned.weight.shape != (c.n_layers, c.d_model, c.d_model) or tuned.bias.shape != (c.n_layers, c.d_model):
-        raise ValueError(f"tuned lens of shape {tuple(tuned.weight.shape)} does not fit a model of "
+    if tuned.layers is not None:
+        check_layers(tuned.layers, c.n_layers)
+    n = c.n_layers if tuned.layers is None else len(tuned.layers)
+    if tuned.weight.shape != (n, c.d_model, c.d_model) or tuned.bias.shape != (n, c.d_model):
+        raise ValueError(f"tuned lens of shape {tuple(tuned.weight.shape)} (layers "
+                         f"{'all' if tuned.layers is None else list(tuned.layers)}) does not fit a model of "
                          f"{c.n_layers} layers x d_model {c.d_model}")
 
 
@@ -133,8 +179,9 @@ def tuned_lens(
     tokens: Int[Array, " seq"],
     attention_mask: Bool[Array, " seq"] | None = None,
 ) -> Float[Array, "layers_plus_1 seq vocab"]:
-    """float32 log-probs [n_layers + 1, seq, vocab] of the tuned lens; entry n_layers is
-    the model's own (no translator), as for `logit_lens`."""
+    """float32 log-probs [lens layers + 1, seq, vocab] of the tuned lens: entry i reads model
+    layer `tuned.layer_indices[i]` (every layer for a full lens, as `logit_lens`), the last
+    entry is the model's own (no translator)."""
     check_lens_fits(model, tuned)
     stack, _, _ = residual_stack(model, tokens, attention_mask)
     logits = jax.vmap(lambda x: decode(model, x.astype(stack.dtype)))(tuned.translate_stack(stack))
@@ -152,17 +199,21 @@ def unembed_hash(model: Transformer) -> str:
 
 
 def save_tuned_lens(tuned: TunedLens, path: str | Path, model: Transformer, info: dict | None = None) -> Path:
-    """Write `path` (a .safetensors file): tensors `{i}.weight` [d, d] and `{i}.bias` [d]
-    (the reference's `layer_translators.state_dict()` names) and JSON metadata `config`
-    with its TunedLensConfig fields plus `info` (training settings, results)."""
+    """Write `path` (a .safetensors file): tensors `{l}.weight` [d, d] and `{l}.bias` [d]
+    named by MODEL layer l (for a full lens the reference's `layer_translators.state_dict()`
+    names) and JSON metadata `config` with its TunedLensConfig fields, `layers` (the model
+    layers the file has translators for; every layer for a full lens), plus `info`
+    (training settings, results).  A subset lens is not a reference file (the reference
+    expects every layer); `load_tuned_lens` reads both."""
     check_lens_fits(model, tuned)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for i in range(tuned.n_layers):
-        arrays[f"{i}.weight"] = np.asarray(tuned.weight[i], np.float32)
-        arrays[f"{i}.bias"] = np.asarray(tuned.bias[i], np.float32)
+    for i, layer in enumerate(tuned.layer_indices):
+        arrays[f"{layer}.weight"] = np.asarray(tuned.weight[i], np.float32)
+        arrays[f"{layer}.bias"] = np.asarray(tuned.bias[i], np.float32)
     config = {"d_model": model.config.d_model, "num_hidden_layers": model.config.n_layers, "bias": True,
+              "layers": list(tuned.layer_indices),
               "lens_type": "linear_tuned_lens", "unembed_hash": unembed_hash(model),
               "architecture": model.config.architecture, "vocab_size": model.config.vocab_size}
     meta = {"config": json.dumps(config, sort_keys=True), "info": json.dumps(info or {}, sort_keys=True)}
@@ -172,7 +223,10 @@ def save_tuned_lens(tuned: TunedLens, path: str | Path, model: Transformer, info
 
 def load_tuned_lens(path: str | Path, model: Transformer | None = None) -> tuple[TunedLens, dict]:
     """(TunedLens, metadata) from `save_tuned_lens`'s file; with `model`, refuses a lens
-    fitted to another model (different shape or unembedding hash)."""
+    fitted to another model (different shape or unembedding hash).  The translators are
+    placed by the file's `layers` (absent: every layer, a reference file); a tensor for a
+    layer not listed, or a listed layer without its tensors, is a ValueError, so a subset
+    lens never lands on the wrong layers."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -184,15 +238,24 @@ def load_tuned_lens(path: str | Path, model: Transformer | None = None) -> tuple
         raise ValueError(f"{path}: not a tuned lens file (no 'config' metadata)")
     config = json.loads(meta["config"])
     arrays = load_file(str(path))
-    n, d = int(config["num_hidden_layers"]), int(config["d_model"])
+    n_model, d = int(config["num_hidden_layers"]), int(config["d_model"])
+    listed = [int(x) for x in config.get("layers", range(n_model))]
     try:
-        weight = np.stack([arrays[f"{i}.weight"] for i in range(n)])
-        bias = np.stack([arrays[f"{i}.bias"] for i in range(n)])
+        layers = check_layers(listed, n_model)
+    except ValueError as e:
+        raise ValueError(f"{path}: its config's layers: {e}") from None
+    extra = sorted(set(arrays) - {f"{x}.{k}" for x in listed for k in ("weight", "bias")})
+    if extra:
+        raise ValueError(f"{path}: tensors {extra} for layers its config does not list ({listed})")
+    try:
+        weight = np.stack([arrays[f"{x}.weight"] for x in listed])
+        bias = np.stack([arrays[f"{x}.bias"] for x in listed])
     except KeyError as e:
-        raise ValueError(f"{path}: missing tensor {e} for {n} layers") from None
+        raise ValueError(f"{path}: missing tensor {e} for its layers {listed}") from None
+    n = len(listed)
     if weight.shape != (n, d, d) or bias.shape != (n, d):
         raise ValueError(f"{path}: tensors {weight.shape} / {bias.shape} do not match its config ({n} x {d})")
-    tuned = TunedLens(jnp.asarray(weight, jnp.float32), jnp.asarray(bias, jnp.float32))
+    tuned = TunedLens(jnp.asarray(weight, jnp.float32), jnp.asarray(bias, jnp.float32), layers)
     if model is not None:
         check_lens_fits(model, tuned)
         if config.get("unembed_hash") != unembed_hash(model):

@@ -41,6 +41,8 @@ BAD = [
     ("train_tuned_lens", ["--out", "x", "--eval-every", "0"], "argument --eval-every"),
     ("train_tuned_lens", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("train_tuned_lens", ["--out", "x", "--preset", "big"], "argument --preset: invalid choice"),
+    ("train_tuned_lens", ["--out", "x", "--layers", "5,x"], "argument --layers: must be 'all' or comma-separated"),
+    ("train_tuned_lens", ["--out", "x", "--layers", "-1"], "argument --layers: layer indices must be >= 0"),
     ("lens_report", ["--out", "x", "--prompt", " "], "argument --prompt: an empty prompt"),
     ("lens_report", ["--out", "x", "--positions", "0"], "argument --positions"),
     ("lens_report", ["--out", "x", "--tuned", "/nonexistent/lens.safetensors"], "no such file"),

@@ -7,6 +7,7 @@ to the uninterrupted lens (in-process, and by a real SIGKILL of the script); sav
 script's smoke preset end to end."""
 
 import dataclasses
+import json
 
 import equinox as eqx
 import jax
@@ -298,6 +299,16 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     assert set(r["lenses"]) == {"logit lens", "tuned lens"}
     assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
     assert (tmp_path / "r" / "lens_report.png").stat().st_size > 1000
+    # --layers: a lens on layer 1 alone, its report keyed by model layer, its file says so
+    sub = script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "s"),
+                                 "--no-progress", "--corpora", "shakespeare", "--layers", "1"])
+    assert sub["layers"] == [1, 2] and sub["settings"]["layers"] == [1] and len(sub["tuned_lens"]["kl"]) == 2
+    assert set(sub["by_layer"]) == {"1", "2"} and len(sub["temperature_control"]["temperature"]) == 1
+    assert sub["by_layer"]["1"]["tuned_lens"]["kl"] == sub["tuned_lens"]["kl"][0]
+    assert "layers=(1,)" in sub["preset"]
+    assert logit_lens.load_tuned_lens(tmp_path / "s" / "tuned_lens.safetensors", models.load(folder)[0])[0].layers == (1,)
+    with pytest.raises(SystemExit, match=r"^--layers: layer 5 out of range \[0, 2\) \(the model has 2 layers\)$"):
+        script_namespace("train_tuned_lens")["main"](["--model", folder, "--out", str(tmp_path / "x"), "--layers", "0,5"])
 
 
 # A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
@@ -328,3 +339,170 @@ def test_sigkilled_tuned_lens_training_resumes_to_the_uninterrupted_lens(tmp_pat
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     assert resumed["tuned_lens"]["kl"] == whole["tuned_lens"]["kl"]
+    # the training time sums the killed process's (up to its step-2 checkpoint) and the resumed
+    # one's; a rerun on the finished checkpoint trains nothing and reports the same total
+    for out, rep in ((killed, resumed), (full, whole)):
+        for fit, key in ((out, "train_seconds"), (out / "temperature", "temperature_train_seconds")):
+            clock = json.loads((fit / "train_seconds.json").read_text())
+            assert clock["step"] == 4 and rep[key] == clock["seconds"] > 0
+    again = main(args + ["--out", str(full)])
+    assert again["train_seconds"] == whole["train_seconds"]
+    assert again["temperature_train_seconds"] == whole["temperature_train_seconds"]
+    # a checkpoint without the timing file (an older run): the total is unknown, said so
+    (full / "train_seconds.json").unlink()
+    old = main(args + ["--out", str(full)])
+    assert old["train_seconds"] is None and old["temperature_train_seconds"] == whole["temperature_train_seconds"]
+    assert "not recorded (tuned)" in (full / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------- a lens on a subset of layers
+def test_subset_lens_trains_and_scores_as_the_full_lens_at_its_layers(tmp_path):
+    """A lens on layers (0, 2) of the 3-layer tiny Llama, trained from the same (zero) init on
+    the same rows, equals the full lens's translators 0 and 2 and scores as it does there
+    (jitted training steps; scoring jitted and vmapped over K = 3 rows).  The layers' losses
+    are a sum over disjoint parameters, so this holds for any per-parameter optimiser; the
+    reference's global-norm clip couples the layers, so the test uses SGD Nesterov without it.
+    score_lenses (one forward for all four lenses) equals lens_scores one lens at a time, and
+    the frozen-scale entry (here the linear-head shortcut) equals KL from
+    logit_lens(frozen_scale=True) at layers 0 and 2."""
+    import optax
+
+    _, model, _ = tiny("llama")
+    rng = np.random.default_rng(3)
+    rows, test = rng.integers(0, 61, (6, 7)), rng.integers(0, 61, (3, 7))
+    opt = optax.chain(optax.add_decayed_weights(1e-3), optax.sgd(0.5, momentum=0.9, nesterov=True))
+
+    def fit(lens):
+        loss = tt.TunedLensLoss(model)
+
+        @eqx.filter_jit
+        def step(lens, state, r):
+            g = eqx.filter_grad(loss)(lens, r)
+            upd, state = opt.update(g, state, lens)
+            return eqx.apply_updates(lens, upd), state
+
+        state = opt.init(lens)
+        for i in range(4):
+            lens, state = step(lens, state, rows[i % 3 * 2:i % 3 * 2 + 2])
+        return lens
+
+    full = fit(logit_lens.TunedLens.init(model.config))
+    sub = fit(logit_lens.TunedLens.init(model.config, layers=(0, 2)))
+    assert sub.layers == (0, 2) and sub.weight.shape == (2, 24, 24)
+    assert float(jnp.abs(full.weight[0]).max()) > 1e-3  # it moved
+    np.testing.assert_allclose(np.asarray(sub.weight), np.asarray(full.weight[jnp.asarray([0, 2])]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sub.bias), np.asarray(full.bias[jnp.asarray([0, 2])]), atol=1e-6)
+    temps_full = tt.TemperatureLens(jnp.log(jnp.asarray([2.0, 0.5, 1.5], jnp.float32)))
+    temps_sub = tt.TemperatureLens(jnp.log(jnp.asarray([2.0, 1.5], jnp.float32)), (0, 2))
+    got = tt.score_lenses(model, {"logit": None, "tuned": sub, "temp": temps_sub, "frozen": tt.FROZEN_SCALE},
+                          test, batch_size=2, n_boot=50)
+    assert got["tuned"]["layers"] == [0, 2, 3]
+    for name, lens, frozen in (("logit", None, False), ("tuned", full, False), ("temp", temps_full, False),
+                               ("frozen", None, True)):
+        want = tt.lens_scores(model, lens, test, batch_size=3, frozen_scale=frozen, n_boot=50)
+        for key in ("kl", "top1", "ce"):
+            np.testing.assert_allclose(got[name][key], np.asarray(want[key])[[0, 2, 3]], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"{name} {key}")
+    lp = np.asarray(jax.jit(jax.vmap(lambda t: logit_lens.logit_lens(model, t, frozen_scale=True)))(test[:, :-1]))
+    kl = (np.exp(lp[:, -1:]) * (lp[:, -1:] - lp)).sum(-1).mean((0, 2))  # [L+1]
+    np.testing.assert_allclose(got["frozen"]["kl"], kl[[0, 2, 3]], rtol=1e-4, atol=1e-6)
+    # the subset lens's own log-probs: entries 0, 2 and the output of the full lens's
+    np.testing.assert_allclose(np.asarray(logit_lens.tuned_lens(model, sub, test[0])),
+                               np.asarray(logit_lens.tuned_lens(model, full, test[0]))[[0, 2, 3]], atol=1e-5)
+    with pytest.raises(ValueError, match="different layers"):
+        tt.score_lenses(model, {"a": sub, "b": temps_full}, test)
+    with pytest.raises(ValueError, match=r"layers \[1\] differ"):
+        tt.lens_scores(model, sub, test, layers=[1])
+
+
+def test_subset_lens_frozen_scale_with_a_norm_bias_and_layer_errors():
+    """GPT-2 (LayerNorm with bias: the frozen-scale entry decodes over the final divisor, no
+    shortcut) at layer 1 only, against logit_lens(frozen_scale=True); out-of-range and repeated
+    layers are refused outside jit in the library's range wording."""
+    _, model, _ = tiny("gpt2")
+    test = prompts(3, 6)
+    got = tt.lens_scores(model, None, test, frozen_scale=True, layers=[1], batch_size=2, n_boot=20)
+    lp = np.asarray(jax.vmap(lambda t: logit_lens.logit_lens(model, t, frozen_scale=True))(test[:, :-1]))
+    kl = (np.exp(lp[:, -1:]) * (lp[:, -1:] - lp)).sum(-1).mean((0, 2))
+    assert got["layers"] == [1, 2]
+    np.testing.assert_allclose(got["kl"], kl[[1, 2]], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^layer 2 out of range \[0, 2\) \(the model has 2 layers\)$"):
+        logit_lens.TunedLens.init(model.config, layers=(0, 2))
+    with pytest.raises(ValueError, match=r"layer -1 out of range"):
+        tt.TemperatureLens.init(model.config, layers=(-1,))
+    with pytest.raises(ValueError, match="distinct and increasing"):
+        logit_lens.TunedLens.init(model.config, layers=(1, 1))
+    assert logit_lens.TunedLens.init(model.config, layers=(0, 1)).layers is None  # every layer: the full lens
+
+
+def test_subset_lens_save_load_keeps_its_layers(tmp_path):
+    """Saved tensors are named by model layer; loading places them by the file's `layers`;
+    a file whose tensors and layers disagree is refused, never misplaced."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    _, model, _ = tiny("llama")
+    k1, k2 = jax.random.split(jax.random.key(1))
+    sub = logit_lens.TunedLens(jax.random.normal(k1, (2, 24, 24)), jax.random.normal(k2, (2, 24)), (0, 2))
+    path = logit_lens.save_tuned_lens(sub, tmp_path / "sub.safetensors", model)
+    arrays = load_file(str(path))
+    assert sorted(arrays) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    np.testing.assert_array_equal(arrays["2.weight"], np.asarray(sub.weight[1]))
+    back, meta = logit_lens.load_tuned_lens(path, model)
+    assert back.layers == (0, 2) and meta["config"]["layers"] == [0, 2] and eqx.tree_equal(back, sub)
+    with safe_open(str(path), "numpy") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    bad = tmp_path / "bad.safetensors"
+    save_file(arrays, str(bad), metadata={**metadata, "config": json.dumps({**config, "layers": [0, 1]})})
+    with pytest.raises(ValueError, match=r"tensors \['2.bias', '2.weight'\] for layers its config does not list"):
+        logit_lens.load_tuned_lens(bad, model)
+    save_file(arrays, str(bad), metadata={**metadata, "config": json.dumps({k: v for k, v in config.items()
+                                                                            if k != "layers"})})
+    with pytest.raises(ValueError, match="for layers its config does not list|missing tensor"):
+        logit_lens.load_tuned_lens(bad, model)  # a file without `layers` means every layer
+    save_file(arrays, str(bad), metadata={**metadata, "config": json.dumps({**config, "layers": [0, 3]})})
+    with pytest.raises(ValueError, match=r"layer 3 out of range \[0, 3\)"):
+        logit_lens.load_tuned_lens(bad, model)
+
+
+def test_train_tuned_lens_resolves_layers_against_the_model():
+    """--layers is checked against the loaded model (before any data or training; main calls
+    resolve_layers right after loading) in the library's range wording; given layers are
+    sorted, and naming every layer is the full lens (None)."""
+    from script_entry import script_namespace
+
+    ns = script_namespace("train_tuned_lens")
+    resolve, parse = ns["resolve_layers"], ns["layer_list"]
+    assert resolve(parse("25,5,15"), 30) == (5, 15, 25) and resolve(parse("all"), 30) is None
+    assert resolve(parse("1,0"), 2) is None
+    with pytest.raises(SystemExit, match=r"^--layers: layer 30 out of range \[0, 30\) \(the model has 30 layers\)$"):
+        resolve(parse("5,30"), 30)
+
+
+def test_score_cache_continues_a_stopped_pass_and_test_rows_interleave(tmp_path):
+    """score_lenses with a cache: a pass stopped after its first 2 rows (the cache cut to
+    them) continues to the uninterrupted result; summarise_rows of the cut cache equals
+    scoring those 2 rows alone.  The script's test rows are interleaved over the corpora."""
+    from script_entry import script_namespace
+
+    _, model, _ = tiny("llama")
+    rows = prompts(4, 6)  # two batches of 2: one compile
+    lenses = {"logit": None, "frozen": tt.FROZEN_SCALE}
+    cache = tmp_path / "c.npz"
+    whole = tt.score_lenses(model, lenses, rows, batch_size=2, n_boot=30, cache=cache)
+    with np.load(cache) as z:
+        key, sums = z["key"], z["sums"]
+    assert sums.shape == (4, 4, 2, 3)
+    np.savez(cache, key=key, sums=sums[:2])
+    first = tt.summarise_rows(sums[:2], list(lenses), (0, 1, 2), 3, 5, n_boot=30)
+    alone = tt.score_lenses(model, lenses, rows[:2], batch_size=2, n_boot=30)
+    for name in lenses:
+        np.testing.assert_allclose(first[name]["kl"], alone[name]["kl"], rtol=1e-6)
+    again = tt.score_lenses(model, lenses, rows, batch_size=2, n_boot=30, cache=cache)
+    for name in lenses:
+        for k in ("kl", "top1", "ce", "kl_interval_95"):
+            np.testing.assert_allclose(again[name][k], whole[name][k], rtol=1e-6)
+    interleave = script_namespace("train_tuned_lens")["interleave"]
+    got = interleave([np.array([[1], [2], [3]]), np.array([[10]]), np.array([[20], [21]])])
+    assert got.ravel().tolist() == [1, 10, 20, 2, 21, 3]
