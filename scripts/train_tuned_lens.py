@@ -72,7 +72,7 @@ import numpy as np  # noqa: E402
 from lens import models  # noqa: E402
 from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
-from lens.readout.logit_lens import TunedLens, save_tuned_lens  # noqa: E402
+from lens.readout.logit_lens import TunedLens, load_tuned_lens, save_tuned_lens  # noqa: E402
 from lens.readout.logit_lens import check_layers  # noqa: E402
 from lens.readout.tuned_lens_fit import (FROZEN_SCALE, MOMENTUM, WEIGHT_DECAY, TemperatureLens,  # noqa: E402
                                          TemperatureLensLoss, TunedLensLoss, plateau, reference_optimizer,
@@ -111,6 +111,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_at_least(0), default=0, help="data order")
     ap.add_argument("--layers", type=layer_list, default=None,
                     help="model layers to fit and score, e.g. 5,15,25, or 'all' (override the preset)")
+    ap.add_argument("--init-lens", type=Path, default=None,
+                    help="start the tuned lens from this saved lens (tuned_lens.safetensors of an earlier run: "
+                         "a warm start with a fresh schedule of --steps; its layers must be --layers)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     return fill_from_preset(args, PRESETS[args.preset], {"layers": layer_list})
@@ -251,7 +254,8 @@ def report_lines(report: dict) -> list[str]:
              f"temperature control {'met at step ' + str(met['temperature_control']) if met['temperature_control'] is not None else 'NOT met'}"
              f" (of {s['steps']}).", "",
              f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
-             f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split); "
+             f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split)"
+             f"{'; the tuned lens warm-started from ' + s['init_lens'] if s.get('init_lens') else ''}; "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
              f"linear decay; {seconds(report['train_seconds'])} (tuned) + {seconds(report['temperature_train_seconds'])} "
              f"(temperature) of training (wall time, every process together).  Scored on {lg['tokens']:,} held-out test tokens ({lg['rows']} rows, "
@@ -311,6 +315,22 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def initial_lens(path: Path | None, model, layers: tuple[int, ...] | None) -> TunedLens:
+    """The tuned lens training starts from: identity translators (`TunedLens.init`), or the
+    lens saved at `path` (a warm start), which must be fitted to this model on these layers."""
+    if path is None:
+        return TunedLens.init(model.config, layers)
+    try:
+        lens, _ = load_tuned_lens(path, model)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--init-lens: {e}") from None
+    want = tuple(layers) if layers is not None else tuple(range(model.config.n_layers))
+    if tuple(lens.layer_indices) != want:
+        raise SystemExit(f"--init-lens: {path} holds layers {list(lens.layer_indices)}, this run fits {list(want)} "
+                         "(set --layers to match)")
+    return lens
+
+
 def main(argv=None, on_checkpoint=None) -> dict:
     args = parse_args(argv)
     model, tok = models.load(args.model)
@@ -329,6 +349,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
     val_rows = data.mixed_rows(corpora, tok, args.seq + 1, "validation", seed=args.seed,
                                n_rows=max(args.batch, 8))
     info = {"lens": "tuned", "model_name": str(args.model), "corpora": list(corpora), "lr_scale": args.lr_scale,
+            **({"init_lens": str(args.init_lens)} if args.init_lens else {}),
             "optimizer": "clip 1.0 -> add_decayed_weights 1e-3 -> sgd nesterov 0.9, linear decay to 0"}
 
     def fit(init, loss_fn, out_dir):
@@ -344,7 +365,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
                                                 rows_config=model.config, lr_fn=lr_fn))
         return result, clock.seconds(), float(lr_fn(0))
 
-    result, train_s, lr0 = fit(TunedLens.init(model.config, layers), TunedLensLoss(model), args.out)
+    result, train_s, lr0 = fit(initial_lens(args.init_lens, model, layers), TunedLensLoss(model), args.out)
     temp, temp_s, _ = fit(TemperatureLens.init(model.config, layers), TemperatureLensLoss(model),
                           args.out / "temperature")
     n_bytes = row_bytes(tok, test_rows)
@@ -358,7 +379,8 @@ def main(argv=None, on_checkpoint=None) -> dict:
     settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),
                 "layers": lens_layers, "n_layers": int(model.config.n_layers),
                 "lr": lr0, "eval_rows": int(len(test_rows)), "seed": args.seed, "eval_every": args.eval_every,
-                "eval_rows_per_corpus": dict(zip(corpora, (int(k) for k in shares)))}
+                "eval_rows_per_corpus": dict(zip(corpora, (int(k) for k in shares))),
+                "init_lens": str(args.init_lens) if args.init_lens else None}
     n = len(lens_layers)
     beats = [bool(scores["tuned_lens"]["kl_interval_95"][1][i] < scores["temperature_control"]["kl_interval_95"][0][i])
              for i in range(n)]

@@ -309,6 +309,23 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     assert logit_lens.load_tuned_lens(tmp_path / "s" / "tuned_lens.safetensors", models.load(folder)[0])[0].layers == (1,)
     with pytest.raises(SystemExit, match=r"^--layers: layer 5 out of range \[0, 2\) \(the model has 2 layers\)$"):
         script_namespace("train_tuned_lens")["main"](["--model", folder, "--out", str(tmp_path / "x"), "--layers", "0,5"])
+    # --init-lens: a warm start from the layer-1 lens; with a learning rate ~0 the lens trained
+    # on is the saved one (its translators unchanged to float32 precision), and the run says so
+    saved_sub, _ = logit_lens.load_tuned_lens(tmp_path / "s" / "tuned_lens.safetensors", models.load(folder)[0])
+    warm = script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "w"),
+                                  "--no-progress", "--corpora", "shakespeare", "--layers", "1", "--lr-scale", "1e-12",
+                                  "--init-lens", str(tmp_path / "s" / "tuned_lens.safetensors")])
+    after, _ = logit_lens.load_tuned_lens(tmp_path / "w" / "tuned_lens.safetensors", models.load(folder)[0])
+    for a, b in zip(jax.tree_util.tree_leaves(after), jax.tree_util.tree_leaves(saved_sub)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert warm["settings"]["init_lens"].endswith("tuned_lens.safetensors")
+    assert "warm-started from" in (tmp_path / "w" / "report.md").read_text()
+    with pytest.raises(SystemExit, match=r"^--init-lens: .* holds layers \[1\], this run fits \[0, 1\]"):
+        script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "y"),
+                                      "--init-lens", str(tmp_path / "s" / "tuned_lens.safetensors")])
+    with pytest.raises(SystemExit, match=r"^--init-lens: .*no tuned lens file"):
+        script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "y"),
+                                      "--init-lens", str(tmp_path / "missing.safetensors")])
 
 
 # A real SIGKILL of scripts/train_tuned_lens.py right after its step-2 checkpoint (a hard
