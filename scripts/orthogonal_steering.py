@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 
 from lens.cli import Preset, int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering import melbo, vectors  # noqa: E402
-from lens.steering.melbo import base_vector, experiment, plan, report, stages, verdict  # noqa: E402
+from lens.steering.melbo import base_vector, experiment, plan, report, score_checkpoint, stages, verdict  # noqa: E402
 from lens.steering.prompts import BEHAVIOUR, CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
 
@@ -291,17 +291,34 @@ def plan_phase(args, out):
     return p
 
 
-def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, found, on_checkpoint):
-    """5a. Every found vector scored on --behaviour-prompts non-coding prompts
-    (`lens.steering.melbo.verdict.score_vectors`); with --min-code-writers N, more blocks
-    are trained (continuing the run) until N vectors write code or --max-k is reached.
-    Returns (found, scores [K, P], texts, the stopping note)."""
-    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+def score_store(args, out, layer, prompts, seed):
+    """The behaviour scores of MELBO seed `seed`, saved per vector as they complete
+    (--out/behaviour_seed<seed>.json, `lens.steering.melbo.score_checkpoint`) and reused under --resume."""
+    settings = {"model": args.model, "random_weights": args.random_weights, "layer": layer,
+                "max_new_tokens": args.behaviour_tokens, "prompts": [[int(i) for i in p] for p in prompts]}
+    return score_checkpoint.ScoreStore(out / f"behaviour_seed{seed}.json", settings, resume=args.resume)
+
+
+def behaviour_scorer(args, model, tok, layer, prompts, store, seed, on_scored):
+    """vecs -> (scores [K, P], texts): `score_checkpoint.score_vectors_checkpointed` into `store`."""
+    hook = None if on_scored is None else (lambda n: on_scored(seed, n))
 
     def score(vecs):
-        return verdict.score_vectors(model, prompts, vecs, layer, max_new_tokens=args.behaviour_tokens,
-                                     decode=decoder(tok), gen_batch=args.gen_batch)
+        return score_checkpoint.score_vectors_checkpointed(
+            model, prompts, vecs, layer, max_new_tokens=args.behaviour_tokens, decode=decoder(tok),
+            gen_batch=args.gen_batch, store=store, on_save=hook)
 
+    return score
+
+
+def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, found, on_checkpoint, on_scored):
+    """5a. Every found vector scored on --behaviour-prompts non-coding prompts
+    (`lens.steering.melbo.verdict.score_vectors`, saved per vector as they complete); with
+    --min-code-writers N, more blocks are trained (continuing the run) until N vectors write
+    code or --max-k is reached.  Returns (found, scores [K, P], texts, the stopping note)."""
+    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+    score = behaviour_scorer(args, model, tok, layer, prompts, score_store(args, out, layer, prompts, args.seed),
+                             args.seed, on_scored)
     scores, texts = score(found.vectors)
     max_k = args.max_k or args.k
     while verdict.writes_code(scores, args.code_min_replies).sum() < args.min_code_writers and len(scores) < max_k:
@@ -318,30 +335,47 @@ def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, f
     return found, scores, texts, note
 
 
-def seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, k, meta, out,
-               control_means):
-    """4c. The other MELBO seeds (--seed + 1, ...): K vectors each (vectors_seed<s>.safetensors,
-    reused under --resume), their readings (found only; divided by the main seed's controls)
-    and behaviour scores: one `verdict.headline` record per seed."""
+def seed_runs(args, model, tok, make, layer, problem, theta0, k, meta, out, on_checkpoint, on_scored):
+    """4c. The other MELBO seeds (--seed + 1, ...): K vectors each, checkpointed after every
+    block in vectors_seed<s>.safetensors (n_done; continued under --resume), and their
+    behaviour scores (behaviour_seed<s>.json, saved per vector).  Everything here is
+    resumable, so it runs before the (uncheckpointed) readings.  Returns one
+    (seed, vectors, losses, scores) per seed."""
     prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
-    records = []
+    runs = []
     for i in range(1, args.melbo_seeds):
         seed = args.seed + i
-        f = out / f"vectors_seed{seed}.safetensors"
-        if args.resume and f.exists():
-            V, losses = vectors.load_vectors(f)[0], vectors.load_extras(f)["losses"]
-        else:
-            res = melbo.melbo_ortho(problem, jnp.asarray(theta0), k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
-                                    run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=seed,
-                                                             progress=True))
-            V, losses = res.vectors, res.losses
-            vectors.save_vectors(f, V, meta | {"seed": seed}, extras={"theta0": theta0, "losses": losses})
+        f, seed_meta = out / f"vectors_seed{seed}.safetensors", meta | {"seed": seed}
+        resume = experiment.resume_checkpoint(f, seed_meta, theta0) if args.resume and f.exists() else None
+        if resume is not None:
+            print(f"seed {seed}: resuming from {len(resume.vectors)} vectors")
+
+        def checkpoint(result, f=f, seed_meta=seed_meta):
+            vectors.save_vectors(f, result.vectors, seed_meta | {"n_done": len(result.vectors)},
+                                 extras={"theta0": theta0, "losses": result.losses})
+            if on_checkpoint is not None:
+                on_checkpoint(len(result.vectors))
+
+        res = melbo.melbo_ortho(problem, jnp.asarray(theta0), k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
+                                run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=seed,
+                                                         progress=True),
+                                resume=resume, on_block=checkpoint)
+        score = behaviour_scorer(args, model, tok, layer, prompts, score_store(args, out, layer, prompts, seed),
+                                 seed, on_scored)
+        scores, _ = score(res.vectors)
+        runs.append((seed, res.vectors, res.losses, scores))
+    return runs
+
+
+def seed_readings(args, runs, readings_problem, s_factor, theta0, d, control_means):
+    """4d. The other seeds' readings (found only; divided by the main seed's controls): one
+    `verdict.headline` record per seed."""
+    records = []
+    for seed, V, losses, scores in runs:
         sr = stages.stage_readings(readings_problem, V, None, args.chunk, n_boot=10, s_factor=s_factor)
         rd = report.found_only_readings(sr)
-        scores, _ = verdict.score_vectors(model, prompts, V, layer, max_new_tokens=args.behaviour_tokens,
-                                          decode=decoder(tok), gen_batch=args.gen_batch)
         rec = verdict.headline(rd, verdict.writes_code(scores, args.code_min_replies), scores, losses,
-                               np.linalg.norm(V, axis=1), float(np.linalg.norm(theta0)), V.shape[1],
+                               np.linalg.norm(V, axis=1), float(np.linalg.norm(theta0)), d,
                                control_means=control_means)
         records.append(rec | {"seed": seed})
         print(f"seed {seed}: decisive {rec[verdict.DECISIVE['reading'] + '/logits/over_control']:.2f} x control")
@@ -388,8 +422,9 @@ def write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweep
     write_markdown(out, summary, analyses, settings, samples, calib)
 
 
-def main(argv=None, on_checkpoint=None):
-    """The whole job.  `on_checkpoint(n_done)` (a test hook) runs after every checkpoint."""
+def main(argv=None, on_checkpoint=None, on_scored=None):
+    """The whole job.  Test hooks: `on_checkpoint(n_done)` runs after every training
+    checkpoint (every seed's), `on_scored(seed, n_scored)` after every save of behaviour scores."""
     args = parse_args(argv)
     laps = Laps()
     out = Path(args.out or f"runs/orthogonal_{time.strftime('%Y%m%d_%H%M%S')}")
@@ -415,9 +450,11 @@ def main(argv=None, on_checkpoint=None):
     found = train_phase(args, problem, theta0, meta, out / "checkpoint.safetensors", on_checkpoint)
     laps.lap("train")
     found, beh_scores, beh_texts, beh_note = behaviour_phase(args, model, tok, make, layer, problem, theta0, meta,
-                                                             out, found, on_checkpoint)
+                                                             out, found, on_checkpoint, on_scored)
     laps.lap("behaviour")
     V = found.vectors
+    runs = seed_runs(args, model, tok, make, layer, problem, theta0, len(V), meta, out, on_checkpoint, on_scored)
+    laps.lap("seeds")
     sets, found_effects, analyses, sweeps = analysis_phase(args, analysis_problem, theta0, V, laps)
     readings, readings_problem, s_factor = readings_phase(args, model, neutral, s, t, theta0, V)
     laps.lap("readings")
@@ -430,9 +467,8 @@ def main(argv=None, on_checkpoint=None):
     control_means = report.control_means(readings)
     records = [verdict.headline(readings, writes, beh_scores, found.losses, np.linalg.norm(V, axis=1),
                                 float(np.linalg.norm(theta0)), d) | {"seed": args.seed}]
-    records += seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, len(V), meta,
-                          out, control_means)
-    laps.lap("seeds")
+    records += seed_readings(args, runs, readings_problem, s_factor, theta0, d, control_means)
+    laps.lap("seed_readings")
     comparison = None  # batched vs sequential (the issue's agreement check)
     if args.compare_k and args.compare_seeds and args.mode == "batched" and len(V) >= args.compare_k:
         comparison = experiment.mode_comparison(
