@@ -29,7 +29,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -43,143 +42,25 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lens.cli import Preset, int_at_least, positive_float, positive_floats, positive_ints  # noqa: E402
 from lens.steering import melbo, vectors  # noqa: E402
-from lens.steering.melbo import base_vector, experiment, plan, report, stages, verdict  # noqa: E402
+from lens.steering.melbo import base_vector, experiment, plan, report, score_checkpoint, stages, verdict  # noqa: E402
 from lens.steering.prompts import BEHAVIOUR, CODE, NEUTRAL, PROSE, decoder, load_model  # noqa: E402
 from lens.models.runtime import compile_cache  # noqa: E402
 
 compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.compile_cache)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the report writer, also under runpy
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the command line and the report writer, also under runpy
+import orthogonal_cli  # noqa: E402
+from orthogonal_cli import layers  # noqa: E402
 from orthogonal_report import closed_form_plot, k_curve_plot, plots, readings_plot, write_markdown  # noqa: E402
 
 
-# --preset: smoke (the tests; minutes on 2 cores), default (the README's figures), large
-# (K = 256 and the PR-vs-K curve, trained on until 30 vectors write code), paper (the
-# original recipe for a local Qwen2-family folder with d >= 2,048 on one 80 GB GPU; only its
-# plan without a GPU).  Flags given explicitly win over the preset.
-PRESETS = {
-    "smoke": Preset(k=4, block=2, steps=10, calib_prompts=2, base_rho_grid="0.35,0.5", rho_grid="0.3,1",
-                  gen_tokens=16, gen_vectors=4, gen_prompts=1, compare_k=0, compare_seeds=2, chunk=4,
-                  control_seeds=2, n_boot=30, readings_prompts=2, melbo_seeds=2, behaviour_tokens=8),
-    "default": Preset(compare_k=0),
-    "large": Preset(k=256, block=32, base_rho=0.5, compare_k=0, rho_grid="1", gen_vectors=16, gen_prompts=4,
-                  control_seeds=2, n_boot=100, readings_prompts=4, k_curve="2,4,8,16,32,64,128,192,256",
-                  melbo_seeds=2, min_code_writers=30, max_k=512),
-    "paper": Preset(k=800, steps=1000, lr=0.01, block=32, source=8, target=16, compare_k=0, rho_grid="1",
-                  gen_vectors=16, control_seeds=2, n_boot=100, melbo_seeds=2, min_code_writers=30),
-}
 ORIGINAL_D = report.ORIGINAL_D  # the original's d (Qwen1.5-1.8B): K is also reported as K / d against it
 
 
 def parse_args(argv=None):
-    """The command line, every value checked before anything is loaded (argparse's message
-    and exit status 2 on a bad one).  The source / target blocks are checked against the
-    model's depth once it is loaded (`layers`)."""
-    n_prompts = len(NEUTRAL)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    preset = pre.parse_known_args(argv)[0].preset
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                    help="smoke (tests, minutes), default (README figures, 3 seeds, 5-10 min), large (K = 256, "
-                         "PR vs K, trained on until 30 vectors write code), paper (the original recipe; its plan without a GPU)")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="embedded name or HF folder / GGUF")
-    ap.add_argument("--random-weights", action="store_true", help="SmolLM2-shaped random model, random prompts (pipeline check)")
-    ap.add_argument("--source", type=int_at_least(0), default=None, help="residual after block s (default ~n/4)")
-    ap.add_argument("--target", type=int_at_least(1), default=None, help="residual after block t (default ~n/2)")
-    ap.add_argument("--k", type=int_at_least(1), default=16, help="MELBO-ortho vectors")
-    ap.add_argument("--block", type=int_at_least(1), default=8, help="vectors per batched block")
-    ap.add_argument("--mode", choices=("batched", "sequential"), default="batched")
-    ap.add_argument("--steps", type=int_at_least(1), default=60)
-    ap.add_argument("--lr", type=positive_float, default=0.3,
-                    help="Adam lr (original: 0.01 over 1000 steps; over 60 steps 0.01 leaves the vectors at "
-                         "cos 0.99 with their random init, 0.3 cuts the loss 71 -> 23 on the default model)")
-    ap.add_argument("--base-rho-grid", type=positive_floats, default="0.25,0.35,0.5,0.75",
-                    help="calibration grid for |theta0| / median|x_s|: the smallest rho with the best code score wins")
-    ap.add_argument("--base-rho", type=positive_float, default=None, help="skip calibration: CAA at this rho")
-    ap.add_argument("--calib-prompts", type=int_at_least(1), default=4, help=f"at most {n_prompts}")
-    ap.add_argument("--reply-tokens", type=int_at_least(1), default=8,
-                    help="reply positions averaged by the 'reply' CAA design")
-    ap.add_argument("--train-prompts", type=int_at_least(1), default=1,
-                    help=f"prompts in the objective (original: 1; at most {n_prompts})")
-    ap.add_argument("--analysis-prompts", type=int_at_least(1), default=2,
-                    help=f"prompts of the analysis / rho sweep (at most {n_prompts})")
-    ap.add_argument("--rho-grid", type=positive_floats, default="0.1,0.3,1,3")
-    ap.add_argument("--gen-tokens", type=int_at_least(1), default=64)
-    ap.add_argument("--gen-vectors", type=int_at_least(0), default=4, help="found / control vectors generated from")
-    ap.add_argument("--gen-prompts", type=int_at_least(1), default=2, help=f"at most {n_prompts}")
-    ap.add_argument("--gen-batch", type=int_at_least(1), default=32, help="rows per generate call (one compiled shape)")
-    ap.add_argument("--compare-k", type=int_at_least(0), default=4, help="mode comparison: vectors per run (0: skip)")
-    ap.add_argument("--compare-seeds", type=int_at_least(0), default=3, help="mode comparison: runs (seeds) per mode")
-    ap.add_argument("--objective-positions", choices=("all", "no-first"), default="all",
-                    help="positions MELBO-ortho's objective averages over: every real token (the original) "
-                         "or all but position 0 (the attention sink)")
-    ap.add_argument("--seed", type=int_at_least(0), default=0)
-    ap.add_argument("--chunk", type=int_at_least(1), default=8, help="vectors per compiled analysis call")
-    ap.add_argument("--control-seeds", type=int_at_least(1), default=3,
-                    help="random-control draws for the two readings (shared vs specific; spreads)")
-    ap.add_argument("--n-boot", type=int_at_least(10), default=200, help="bootstrap draws over tokens")
-    ap.add_argument("--readings-prompts", type=int_at_least(1), default=4,
-                    help=f"prompts whose every real token is a unit of the readings (at most {n_prompts})")
-    ap.add_argument("--k-curve", type=positive_ints, default=None,
-                    help="PR vs K at these K (first K found vs a control draw), e.g. 2,4,8,16")
-    ap.add_argument("--melbo-seeds", type=int_at_least(1), default=3,
-                    help="MELBO-ortho runs (seeds --seed, --seed + 1, ...): every headline number with its spread")
-    ap.add_argument("--behaviour-prompts", type=int_at_least(1), default=len(BEHAVIOUR),
-                    help=f"non-coding prompts every found vector is scored on (at most {len(BEHAVIOUR)})")
-    ap.add_argument("--behaviour-tokens", type=int_at_least(1), default=48, help="greedy tokens per scored reply")
-    ap.add_argument("--code-min-replies", type=int_at_least(1), default=1,
-                    help="a vector 'writes code' when at least this many of its replies hold real Python")
-    ap.add_argument("--min-code-writers", type=int_at_least(0), default=0,
-                    help="keep training blocks until this many vectors write code (or --max-k is reached)")
-    ap.add_argument("--max-k", type=int_at_least(1), default=None, help="the most vectors --min-code-writers may train")
-    ap.add_argument("--plan-only", action="store_true",
-                    help="print the training plan (FLOPs, memory, time; lens.steering.melbo.plan) and stop "
-                         "(automatic for --preset paper without a GPU)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
-    ap.set_defaults(**PRESETS[preset])
-    return checked(ap, ap.parse_args(argv))
-
-
-def checked(ap, args):
-    """Preset strings through the flags' own types, and the checks across flags (ap.error)."""
-    n_prompts = len(NEUTRAL)
-    if isinstance(args.base_rho_grid, str):  # preset strings go through the same types
-        args.base_rho_grid = positive_floats(args.base_rho_grid)
-    if isinstance(args.rho_grid, str):
-        args.rho_grid = positive_floats(args.rho_grid)
-    if isinstance(args.k_curve, str):
-        args.k_curve = positive_ints(args.k_curve)
-    if args.k_curve is not None and (min(args.k_curve) < 2 or max(args.k_curve) > args.k):
-        ap.error(f"--k-curve sizes must lie in [2, --k = {args.k}]; got {args.k_curve}")
-    if args.behaviour_prompts > len(BEHAVIOUR):
-        ap.error(f"argument --behaviour-prompts: at most {len(BEHAVIOUR)}; got {args.behaviour_prompts}")
-    if args.code_min_replies > args.behaviour_prompts:
-        ap.error(f"--code-min-replies {args.code_min_replies} exceeds --behaviour-prompts {args.behaviour_prompts}")
-    if args.max_k is not None and args.max_k < args.k:
-        ap.error(f"--max-k {args.max_k} is below --k {args.k}")
-    for flag in ("calib_prompts", "train_prompts", "analysis_prompts", "gen_prompts", "readings_prompts"):
-        if getattr(args, flag) > n_prompts:
-            ap.error(f"argument --{flag.replace('_', '-')}: at most {n_prompts} (the prompts in NEUTRAL); "
-                     f"got {getattr(args, flag)}")
-    if args.source is not None and args.target is not None and args.target <= args.source:
-        ap.error(f"--target {args.target} must be a later block than --source {args.source}")
-    if args.resume and args.out is None:
-        ap.error("--resume continues the run in --out: give --out")
-    return args
-
-
-def layers(args, n: int) -> tuple[int, int]:
-    """(source, target) blocks: the flags or the defaults (~n/4, ~n/2), checked against n."""
-    s = args.source if args.source is not None else max(0, round(n / 4) - 1)
-    t = args.target if args.target is not None else max(s + 1, round(n / 2))
-    if not 0 <= s < t <= n - 1:
-        raise SystemExit(f"--source {s} / --target {t}: this model has blocks 0..{n - 1}; "
-                         "need 0 <= source < target <= " + str(n - 1))
-    return s, t
+    """The command line (`orthogonal_cli.parse_args`, this file's docstring as its help)."""
+    return orthogonal_cli.parse_args(argv, description=__doc__)
 
 
 def load(args):
@@ -291,17 +172,34 @@ def plan_phase(args, out):
     return p
 
 
-def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, found, on_checkpoint):
-    """5a. Every found vector scored on --behaviour-prompts non-coding prompts
-    (`lens.steering.melbo.verdict.score_vectors`); with --min-code-writers N, more blocks
-    are trained (continuing the run) until N vectors write code or --max-k is reached.
-    Returns (found, scores [K, P], texts, the stopping note)."""
-    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+def score_store(args, out, layer, prompts, seed):
+    """The behaviour scores of MELBO seed `seed`, saved per vector as they complete
+    (--out/behaviour_seed<seed>.json, `lens.steering.melbo.score_checkpoint`) and reused under --resume."""
+    settings = {"model": args.model, "random_weights": args.random_weights, "layer": layer,
+                "max_new_tokens": args.behaviour_tokens, "prompts": [[int(i) for i in p] for p in prompts]}
+    return score_checkpoint.ScoreStore(out / f"behaviour_seed{seed}.json", settings, resume=args.resume)
+
+
+def behaviour_scorer(args, model, tok, layer, prompts, store, seed, on_scored):
+    """vecs -> (scores [K, P], texts): `score_checkpoint.score_vectors_checkpointed` into `store`."""
+    hook = None if on_scored is None else (lambda n: on_scored(seed, n))
 
     def score(vecs):
-        return verdict.score_vectors(model, prompts, vecs, layer, max_new_tokens=args.behaviour_tokens,
-                                     decode=decoder(tok), gen_batch=args.gen_batch)
+        return score_checkpoint.score_vectors_checkpointed(
+            model, prompts, vecs, layer, max_new_tokens=args.behaviour_tokens, decode=decoder(tok),
+            gen_batch=args.gen_batch, store=store, on_save=hook)
 
+    return score
+
+
+def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, found, on_checkpoint, on_scored):
+    """5a. Every found vector scored on --behaviour-prompts non-coding prompts
+    (`lens.steering.melbo.verdict.score_vectors`, saved per vector as they complete); with
+    --min-code-writers N, more blocks are trained (continuing the run) until N vectors write
+    code or --max-k is reached.  Returns (found, scores [K, P], texts, the stopping note)."""
+    prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
+    score = behaviour_scorer(args, model, tok, layer, prompts, score_store(args, out, layer, prompts, args.seed),
+                             args.seed, on_scored)
     scores, texts = score(found.vectors)
     max_k = args.max_k or args.k
     while verdict.writes_code(scores, args.code_min_replies).sum() < args.min_code_writers and len(scores) < max_k:
@@ -318,30 +216,47 @@ def behaviour_phase(args, model, tok, make, layer, problem, theta0, meta, out, f
     return found, scores, texts, note
 
 
-def seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, k, meta, out,
-               control_means):
-    """4c. The other MELBO seeds (--seed + 1, ...): K vectors each (vectors_seed<s>.safetensors,
-    reused under --resume), their readings (found only; divided by the main seed's controls)
-    and behaviour scores: one `verdict.headline` record per seed."""
+def seed_runs(args, model, tok, make, layer, problem, theta0, k, meta, out, on_checkpoint, on_scored):
+    """4c. The other MELBO seeds (--seed + 1, ...): K vectors each, checkpointed after every
+    block in vectors_seed<s>.safetensors (n_done; continued under --resume), and their
+    behaviour scores (behaviour_seed<s>.json, saved per vector).  Everything here is
+    resumable, so it runs before the (uncheckpointed) readings.  Returns one
+    (seed, vectors, losses, scores) per seed."""
     prompts = [make(p) for p in BEHAVIOUR[: args.behaviour_prompts]]
-    records = []
+    runs = []
     for i in range(1, args.melbo_seeds):
         seed = args.seed + i
-        f = out / f"vectors_seed{seed}.safetensors"
-        if args.resume and f.exists():
-            V, losses = vectors.load_vectors(f)[0], vectors.load_extras(f)["losses"]
-        else:
-            res = melbo.melbo_ortho(problem, jnp.asarray(theta0), k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
-                                    run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=seed,
-                                                             progress=True))
-            V, losses = res.vectors, res.losses
-            vectors.save_vectors(f, V, meta | {"seed": seed}, extras={"theta0": theta0, "losses": losses})
+        f, seed_meta = out / f"vectors_seed{seed}.safetensors", meta | {"seed": seed}
+        resume = experiment.resume_checkpoint(f, seed_meta, theta0) if args.resume and f.exists() else None
+        if resume is not None:
+            print(f"seed {seed}: resuming from {len(resume.vectors)} vectors")
+
+        def checkpoint(result, f=f, seed_meta=seed_meta):
+            vectors.save_vectors(f, result.vectors, seed_meta | {"n_done": len(result.vectors)},
+                                 extras={"theta0": theta0, "losses": result.losses})
+            if on_checkpoint is not None:
+                on_checkpoint(len(result.vectors))
+
+        res = melbo.melbo_ortho(problem, jnp.asarray(theta0), k, melbo.OrthoConfig(steps=args.steps, lr=args.lr),
+                                run=melbo.MelboRunConfig(mode=args.mode, block_size=args.block, seed=seed,
+                                                         progress=True),
+                                resume=resume, on_block=checkpoint)
+        score = behaviour_scorer(args, model, tok, layer, prompts, score_store(args, out, layer, prompts, seed),
+                                 seed, on_scored)
+        scores, _ = score(res.vectors)
+        runs.append((seed, res.vectors, res.losses, scores))
+    return runs
+
+
+def seed_readings(args, runs, readings_problem, s_factor, theta0, d, control_means):
+    """4d. The other seeds' readings (found only; divided by the main seed's controls): one
+    `verdict.headline` record per seed."""
+    records = []
+    for seed, V, losses, scores in runs:
         sr = stages.stage_readings(readings_problem, V, None, args.chunk, n_boot=10, s_factor=s_factor)
         rd = report.found_only_readings(sr)
-        scores, _ = verdict.score_vectors(model, prompts, V, layer, max_new_tokens=args.behaviour_tokens,
-                                          decode=decoder(tok), gen_batch=args.gen_batch)
         rec = verdict.headline(rd, verdict.writes_code(scores, args.code_min_replies), scores, losses,
-                               np.linalg.norm(V, axis=1), float(np.linalg.norm(theta0)), V.shape[1],
+                               np.linalg.norm(V, axis=1), float(np.linalg.norm(theta0)), d,
                                control_means=control_means)
         records.append(rec | {"seed": seed})
         print(f"seed {seed}: decisive {rec[verdict.DECISIVE['reading'] + '/logits/over_control']:.2f} x control")
@@ -388,8 +303,9 @@ def write_outputs(args, out, summary, meta, theta0, found, sets, analyses, sweep
     write_markdown(out, summary, analyses, settings, samples, calib)
 
 
-def main(argv=None, on_checkpoint=None):
-    """The whole job.  `on_checkpoint(n_done)` (a test hook) runs after every checkpoint."""
+def main(argv=None, on_checkpoint=None, on_scored=None):
+    """The whole job.  Test hooks: `on_checkpoint(n_done)` runs after every training
+    checkpoint (every seed's), `on_scored(seed, n_scored)` after every save of behaviour scores."""
     args = parse_args(argv)
     laps = Laps()
     out = Path(args.out or f"runs/orthogonal_{time.strftime('%Y%m%d_%H%M%S')}")
@@ -415,9 +331,11 @@ def main(argv=None, on_checkpoint=None):
     found = train_phase(args, problem, theta0, meta, out / "checkpoint.safetensors", on_checkpoint)
     laps.lap("train")
     found, beh_scores, beh_texts, beh_note = behaviour_phase(args, model, tok, make, layer, problem, theta0, meta,
-                                                             out, found, on_checkpoint)
+                                                             out, found, on_checkpoint, on_scored)
     laps.lap("behaviour")
     V = found.vectors
+    runs = seed_runs(args, model, tok, make, layer, problem, theta0, len(V), meta, out, on_checkpoint, on_scored)
+    laps.lap("seeds")
     sets, found_effects, analyses, sweeps = analysis_phase(args, analysis_problem, theta0, V, laps)
     readings, readings_problem, s_factor = readings_phase(args, model, neutral, s, t, theta0, V)
     laps.lap("readings")
@@ -430,9 +348,8 @@ def main(argv=None, on_checkpoint=None):
     control_means = report.control_means(readings)
     records = [verdict.headline(readings, writes, beh_scores, found.losses, np.linalg.norm(V, axis=1),
                                 float(np.linalg.norm(theta0)), d) | {"seed": args.seed}]
-    records += seed_phase(args, model, tok, make, layer, problem, readings_problem, s_factor, theta0, len(V), meta,
-                          out, control_means)
-    laps.lap("seeds")
+    records += seed_readings(args, runs, readings_problem, s_factor, theta0, d, control_means)
+    laps.lap("seed_readings")
     comparison = None  # batched vs sequential (the issue's agreement check)
     if args.compare_k and args.compare_seeds and args.mode == "batched" and len(V) >= args.compare_k:
         comparison = experiment.mode_comparison(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(```|$)", re.S)
 # Statements / expressions that make a parse "real code" rather than prose that happens to
@@ -39,8 +40,12 @@ def _some_prefix_is_code(lines: list[str]) -> bool:
 
 def _real_code(src: str) -> bool:
     try:
-        tree = ast.parse(src)
-        compile(tree, "<reply>", "exec")
+        # A reply's own SyntaxWarnings (`x is 1`, "\d" in a string) say nothing about whether
+        # it is code: silenced, so they neither spam the log nor turn into errors under -W error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(src)
+            compile(tree, "<reply>", "exec")
     except (SyntaxError, ValueError):
         return False
     return any(isinstance(n, CODE_NODES) or (isinstance(n, ast.Call) and (n.args or n.keywords))

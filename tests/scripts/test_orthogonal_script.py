@@ -102,7 +102,34 @@ def test_killed_run_resumes_to_the_uninterrupted_vectors(tiny_folder, tmp_path):
         main(argv(tiny_folder, tmp_path / "killed", "--resume", "--steps", "6"))
     assert (tmp_path / "killed" / "checkpoint.safetensors").read_bytes() == before
 
-    resumed = main(argv(tiny_folder, tmp_path / "killed", "--resume"))
+    # Killed again in the second MELBO seed: after its first training block, then after
+    # its first save of behaviour scores; each resume continues from what was saved.
+    def kill_in_seed1_training(n_done):
+        if n_done == 2 and (tmp_path / "killed" / "vectors_seed1.safetensors").exists():
+            raise Killed(n_done)
+
+    with pytest.raises(Killed):
+        main(argv(tiny_folder, tmp_path / "killed", "--resume"), on_checkpoint=kill_in_seed1_training)
+    assert load_vectors(tmp_path / "killed" / "vectors_seed1.safetensors")[1]["n_done"] == 2
+    assert len(json.loads((tmp_path / "killed" / "behaviour_seed0.json").read_text())["rows"]) == 4
+
+    def kill_in_seed1_scoring(seed, n_scored):
+        if seed == 1:
+            raise Killed(n_scored)
+
+    with pytest.raises(Killed):
+        main(argv(tiny_folder, tmp_path / "killed", "--resume"), on_scored=kill_in_seed1_scoring)
+    assert load_vectors(tmp_path / "killed" / "vectors_seed1.safetensors")[1]["n_done"] == 4
+    assert len(json.loads((tmp_path / "killed" / "behaviour_seed1.json").read_text())["rows"]) == 1  # 12 // 8 per call
+    scored = []
+    resumed = main(argv(tiny_folder, tmp_path / "killed", "--resume"), on_scored=lambda s, n: scored.append((s, n)))
+    assert scored == [(1, 2), (1, 3), (1, 4)]  # only seed 1's three unscored vectors were generated
+    for name in ("behaviour_seed0.json", "behaviour_seed1.json"):
+        want, got = (json.loads((tmp_path / run / name).read_text()) for run in ("full", "killed"))
+        assert got == want and len(want["rows"]) == 4, name
+    np.testing.assert_array_equal(*(load_vectors(tmp_path / run / "vectors_seed1.safetensors")[0]
+                                    for run in ("full", "killed")))
+    assert resumed["seed_spread"] == full["seed_spread"]
     a, b = (load_vectors(tmp_path / run / "vectors.safetensors")[0] for run in ("full", "killed"))
     np.testing.assert_array_equal(b, a)
     ea, eb = (load_extras(tmp_path / run / "vectors.safetensors") for run in ("full", "killed"))

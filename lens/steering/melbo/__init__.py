@@ -5,10 +5,13 @@
     found = melbo.melbo(problem, 16, melbo.MelboConfig(radius=8.0))
     ortho = melbo.melbo_ortho(problem, theta0, 32, melbo.OrthoConfig(steps=1000),
                               run=melbo.MelboRunConfig(mode="batched", block_size=8), on_block=save)
-    # several devices: each block is sharded over them (MelboRunConfig.mesh to choose, see train.py)
+    # several devices: each block is sharded over them (MelboRunConfig.mesh to choose, see block_sharding.py)
 
-Modules: `problem` (the split forward and the objectives), `train` (jitted optax loops,
-sequential and batched, checkpoint/resume), `analysis` (raw / effective / downstream /
+Modules: `problem` (the split forward and the objectives' losses), `objectives` (MELBO and
+MELBO-ortho: optimiser, init, one projected step), `basis` (the orthonormal basis of earlier
+vectors), `train` (jitted optax loops, sequential and batched, checkpoint/resume),
+`block_sharding` (the devices a batched block is split over), `score_checkpoint` (behaviour
+scores saved per vector as they complete), `analysis` (raw / effective / downstream /
 logit similarity of a set of vectors, controls, the norm-ratio sweep), `stages` and
 `decompose` (the readings per stage: shared share, specific / residual / raw PR, the closed
 form vs K), `behaviour` (do close effects behave alike), `verdict` (the main job's answer:
@@ -30,17 +33,14 @@ from lens.steering.melbo.problem import (
     steered_target,
     without_first_position,
 )
+from lens.steering.melbo.basis import extend_basis, gram_schmidt, project_off
+from lens.steering.melbo.block_sharding import block_mesh
+from lens.steering.melbo.objectives import MelboConfig, OrthoConfig
 from lens.steering.melbo.train import (
-    MelboConfig,
     MelboRunConfig,
-    OrthoConfig,
     MelboResult,
-    block_mesh,
-    extend_basis,
-    gram_schmidt,
     melbo,
     melbo_ortho,
-    project_off,
     train_vectors,
     vector_key,
 )

@@ -19,7 +19,8 @@ from lens.steering.code_score import code_score
 from lens.steering.melbo import behaviour as mb
 from lens.steering.melbo.analysis import SteeredEffects, analyse_vectors
 from lens.steering.melbo.problem import MelboProblem
-from lens.steering.melbo.train import MelboRunConfig, OrthoConfig, MelboResult, melbo_ortho
+from lens.steering.melbo.objectives import OrthoConfig
+from lens.steering.melbo.train import MelboResult, MelboRunConfig, melbo_ortho
 
 # Rescaled and random-control generations: at most this many (the found vectors: all of
 # gen_vectors, for the per-vector behaviour).

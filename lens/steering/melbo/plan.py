@@ -71,7 +71,8 @@ def melbo_plan(config: ModelConfig, *, k: int, steps: int, block: int, source: i
     (`xla_flops_per_block_step`, NaN otherwise; a second trace, slow for a large model).
     Returns a JSON-able dict, `fits` = memory < device memory."""
     from lens.steering.melbo.problem import MelboProblem
-    from lens.steering.melbo.train import OrthoConfig, _train_block
+    from lens.steering.melbo.objectives import OrthoConfig
+    from lens.steering.melbo.train import _train_block
 
     if not 0 <= source < target < config.n_layers:
         raise ValueError(f"need 0 <= source < target < n_layers={config.n_layers}; got {source}, {target}")

@@ -2,6 +2,8 @@
 hand-written replies: real Python (fenced, bare, cut off by the token limit) scores 1;
 prose, code-flavoured degenerate text and statements that do not compile score 0."""
 
+import warnings
+
 import pytest
 
 from lens.steering.code_score import code_score
@@ -33,3 +35,14 @@ def test_python_replies_score_one(text):
 @pytest.mark.parametrize("text", NOT_CODE)
 def test_other_replies_score_zero(text):
     assert code_score(text) == 0.0
+
+
+@pytest.mark.parametrize("action", ["always", "error"])
+def test_reply_syntax_warnings_are_silenced(action):
+    """`x is 1` makes compile emit a SyntaxWarning: the reply is still code (compile accepts
+    it), nothing is warned, and a filter turning warnings into errors does not reject it."""
+    text = "```python\nif x is 1:\n    print('one')\n```"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter(action)
+        assert code_score(text) == 1.0
+    assert [w for w in caught if issubclass(w.category, SyntaxWarning)] == []
