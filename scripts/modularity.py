@@ -362,13 +362,15 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     if want_moe:
         mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
         splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
+        print(f"   splits {list(splits)} in {time.perf_counter() - t0:.0f} s", flush=True)
     t_split = time.perf_counter() - t0
     n_fit = max(2, -(-args.fit_tokens // args.seq))
     fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
     fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
     fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
                            FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
-                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data")
+                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
+                           progress=True)  # one line per layer fitted: a long run shows where it is
     print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
     ev = np.concatenate([r[:n_eval] for r in eval_rows.values()])
