@@ -1,7 +1,9 @@
 """Goodharting the "predict the model" test: cheap predictors, gamed training, defences.
 
-    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU (35 min loaded)
-    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min
+    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default: ~18 CPU-min (9.5 min idle before the frontier)
+    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min (88 s at load ~4)
+    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset large_smoke  # the large toy's shape, < 3 min
+    .venv/bin/python scripts/goodhart.py --out runs/gh_large --preset large   # BPE-4,096, 4 layers: ~8 CPU-hours
     .venv/bin/python scripts/goodhart.py --out runs/gh --model runs/gpt2_ln_bpe/model
 
 1. The Goodhart sweep: a small GPT-2-architecture toy (a BPE of the preset's `vocab`,
