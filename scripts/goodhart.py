@@ -1,7 +1,9 @@
 """Goodharting the "predict the model" test: cheap predictors, gamed training, defences.
 
-    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default, CPU (35 min loaded)
-    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min
+    .venv/bin/python scripts/goodhart.py --out runs/goodhart                 # default: ~18 CPU-min (9.5 min idle before the frontier)
+    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset smoke        # < 3 min (88 s at load ~4)
+    .venv/bin/python scripts/goodhart.py --out /tmp/gh --preset large_smoke  # the large toy's shape, < 3 min
+    .venv/bin/python scripts/goodhart.py --out runs/gh_large --preset large   # BPE-4,096, 4 layers: ~8 CPU-hours
     .venv/bin/python scripts/goodhart.py --out runs/gh --model runs/gpt2_ln_bpe/model
 
 1. The Goodhart sweep: a small GPT-2-architecture toy (a BPE of the preset's `vocab`,
@@ -84,8 +86,14 @@ def preset(layers: int, d_model: int, seq: int, steps: int, batch: int, finetune
 PRESETS = {
     "smoke": preset(1, 32, 32, 12, 4, 4, 512, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
     "default": preset(2, 128, 64, 2000, 32, 60, 512, (0.0, 1.0, 3.0), (0.0, 1.0), (0, 1, 2), 32, 40, 4, 0),
+    # a toy closer to a real model (BPE-4,096, 4 layers, d 256, context 128): ~70M training tokens
+    # (base and side model 3,000 steps, 45 fine-tunes of 300 steps) at ~2,700 tokens per CPU-second
+    # here: ~7 CPU-hours, an accelerator's job (docs/findings/goodhart.md)
     "large": preset(4, 256, 128, 3000, 32, 300, 4096, (0.0, 0.1, 0.3, 1.0, 3.0, 10.0), (0.0, 0.3, 1.0, 3.0),
                     (0, 1, 2, 3, 4), 128, 400, 64, 150),
+    # the large toy's vocabulary and depth at smoke sizes: the pipeline at BPE-4,096 and 4 layers
+    # (a [4096, 4096] bigram table in the gaming loss) in < 3 min; its models are barely trained
+    "large_smoke": preset(4, 32, 32, 12, 4, 4, 4096, (0.0, 1.0), (1.0,), (0,), 8, 6, 0, 0),
 }
 
 
@@ -160,6 +168,7 @@ def run_sweep(p: Preset, tok, out: Path, progress: bool) -> dict:
     results = {"reference": {
         "base_val_loss": train.evaluate(base, ev, p.batch), "side_val_loss": train.evaluate(side, ev, p.batch),
         "bigram_val_loss": float(-bigram_logp[ev[:, :-1], ev[:, 1:]].mean()),
+        "toy": {k: getattr(base.config, k) for k in ("vocab_size", "n_layers", "d_model", "max_seq_len")},
         "val_rows": int(n_eval), "positions_per_row": int(ev.shape[1] - 1),
         "held_out_rows": {"code": int(len(code_cap)), "prose_test": int(len(prose_cap))},
         "side_recursion_rule": dict(side_vs_bigram, cheaper="bigram", tau=p.tau,
@@ -304,7 +313,8 @@ def markdown(report: dict, figs: list[str]) -> str:
         lines += [f"Validation loss ({ref['val_rows']} prose rows x {ref['positions_per_row']} positions): the "
                   f"pretrained base {ref['base_val_loss']:.3f}, the bigram table itself {ref['bigram_val_loss']:.3f}, "
                   f"the side model {ref['side_val_loss']:.3f} nats.  Sweep runs: {s['finetune_steps']} fine-tuning "
-                  f"steps from the base ({s['steps']} steps), vocabulary {s['vocab']}.", ""]
+                  f"steps from the base ({s['steps']} steps), vocabulary {s['vocab']}, {s['layers']} layers, "
+                  f"d {s['d_model']}.", ""]
     rule = report["reference_losses"].get("side_recursion_rule")
     if rule:
         lines += [f"Recursion rule: the side model against the bigram table, mean test error over prompts "

@@ -74,13 +74,15 @@ PRESETS = {
     "smoke": Preset(seq=24, collect_tokens=48, eval_tokens=48, prune_steps=2, random_draws=5, expert_size=8,
                   fractions="0.25,1", fit_tokens=240, moe_eval_tokens=48, router_epochs=3, predictor_epochs=3, rank=8,
                   kmeans_iters=3, gen_tokens=6, steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
-    # what fits ~20 min of an idle 2-core CPU on SmolLM2-135M (measured: docs/findings/modularity.md)
+    # sized for ~20 min of an idle 2-core CPU on SmolLM2-135M; its times, measured by section:
+    # docs/findings/modularity.md#runtime-measured-2026-11-29-and-2026-12-07
     "default": Preset(seq=128, collect_tokens=4096, eval_tokens=2048, prune_steps=2, random_draws=5,
                     expert_size=32, fractions="0.25,0.5", fit_tokens=16384, moe_eval_tokens=384, router_epochs=30,
                     predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5,
                     reply_tokens=8, steer_seeds=3),
     # the references' sizes (taker: 1e5 tokens per set for the statistics and the metrics;
-    # DejaVu: 20 epochs over 400k tokens; MoEfication: 30 epochs): an accelerator's job
+    # DejaVu: 20 epochs over 400k tokens; MoEfication: 30 epochs): an accelerator's job (the pruning
+    # alone ~2e7 token-forwards, ~14 CPU-hours here; the plan: docs/modularity.md)
     "paper": Preset(seq=128, collect_tokens=100_000, eval_tokens=100_000, prune_steps=5, random_draws=5,
                   expert_size=32, fractions="0.125,0.25,0.5", fit_tokens=102_400, moe_eval_tokens=16_384,
                   router_epochs=30, predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4,
@@ -362,13 +364,15 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     if want_moe:
         mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
         splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
+        print(f"   splits {list(splits)} in {time.perf_counter() - t0:.0f} s", flush=True)
     t_split = time.perf_counter() - t0
     n_fit = max(2, -(-args.fit_tokens // args.seq))
     fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
     fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
     fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
                            FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
-                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data")
+                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
+                           progress=True)  # one line per layer fitted: a long run shows where it is
     print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
     ev = np.concatenate([r[:n_eval] for r in eval_rows.values()])

@@ -39,3 +39,23 @@ def test_smoke_preset_writes_the_contracted_report(tmp_path):
         assert isinstance(g["found"], bool) and "lam = 0" in g["definition"]
     rule = report["reference_losses"]["side_recursion_rule"]
     assert rule["verdict"] in ("passes", "fails") and rule["cheaper"] == "bigram"
+
+
+def test_large_smoke_runs_the_large_toys_vocabulary_and_depth(tmp_path):
+    """`large_smoke`: the `large` preset's toy shape (BPE-4,096, 4 layers; the issue's "closer
+    to a real model") through the whole sweep, frontier and gaming verdict at smoke sizes."""
+    ns = script_namespace("goodhart")
+    large, small = ns["PRESETS"]["large"], ns["PRESETS"]["large_smoke"]
+    assert large.vocab >= 4096 and large.layers >= 4
+    assert (small.vocab, small.layers) == (large.vocab, large.layers)
+    ns["main"](["--out", str(tmp_path), "--preset", "large_smoke", "--no-progress", "--parts", "sweep,toy"])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["vocab"] == 4096 and report["settings"]["layers"] == 4
+    toy = report["reference_losses"]["toy"]  # the trained toy's own config
+    assert (toy["vocab_size"], toy["n_layers"]) == (4096, 4)
+    for target in ("bigram", "side"):
+        assert [r["lam"] for r in report["frontier"][target]] == [0.0, 1.0]
+        assert isinstance(report["gaming_found"][target]["found"], bool)
+    # the toy's own n-gram predictors are scored at the large vocabulary
+    (per_corpus,) = report["predictors"].values()
+    assert all(0 <= s["kl"] for s in per_corpus["python-code"].values() if "kl" in s)

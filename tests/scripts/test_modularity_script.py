@@ -77,3 +77,24 @@ def test_layers_fit_a_subset_on_nested_token_counts(tmp_path):
     assert script_namespace("modularity_report")["render"](tmp_path) == md  # report.md again from report.json
     with pytest.raises(SystemExit, match="--layers: layers must lie in"):
         main(args + ["--layers", "2"])  # the smoke model has 2 layers
+
+
+def test_compute_dtype_reaches_the_pruning_statistics(tmp_path):
+    """--compute-dtype bfloat16 goes from the command line into every statistics-collecting
+    pruning run (ratio, forget-only; random collects none) and its saved key, and the report
+    says so; a float32 rerun into the same folder is refused rather than silently reused."""
+    main = script_namespace("modularity")["main"]
+    from lens.modularity import pruning as M
+
+    args = ["--out", str(tmp_path), "--preset", "smoke", "--sections", "selective_pruning", "--prune-steps", "1",
+            "--random-draws", "1"]
+    saved = main(args + ["--compute-dtype", "bfloat16"])["selective_pruning"]
+    (pr,) = saved.values()
+    assert pr["compute_dtype"] == "bfloat16"
+    runs = tmp_path / "pruning_runs_m0"
+    dtypes = {name: M.load_masks(runs / f"{name}.safetensors")[2]["key"]["config"]["compute_dtype"]
+              for name in ("ratio", "forget_0", "random_0")}
+    assert dtypes == {"ratio": "bfloat16", "forget_0": "bfloat16", "random_0": "float32"}
+    assert "statistics in bfloat16" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="compute_dtype|other settings"):
+        main(args + ["--compute-dtype", "float32"])
