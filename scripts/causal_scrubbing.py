@@ -180,6 +180,7 @@ def parens_example(args, n):
     info["metric"] = ("negative logit margin -(logit(right answer) - logit(wrong answer)) at the last position: "
                       "the model's cross-entropy saturates at ~0 (every hypothesis that keeps the label scores 100%), "
                       "the margin does not")
+    info["unit"] = "logit units"  # the loss is a logit difference: `nats_recovered_*` are in logit units here
     return model, tokens, labels, X.paren_example_margin, hyps, info, "empty", None
 
 
@@ -314,9 +315,11 @@ def markdown(report: dict) -> str:
              f"{report['model_loss']:.4f}. Loss recovered = (L_base - L_scrubbed) / (L_base - L_model), "
              f"L_base = the `{report['baseline']}` hypothesis; 95% t-interval over seeds. "
              f"`vs empty`: the same with L_base = everything resampled.", "",
-             f"Nats at stake (L_base - L_model): {report['nats_at_stake']['mean']:.4f} "
-             f"[{report['nats_at_stake']['interval'][0]:.4f}, {report['nats_at_stake']['interval'][1]:.4f}].", "",
-             "| hypothesis | nodes | mean loss | loss recovered | 95% interval | nats recovered [95%] | vs empty | "
+             f"At stake (L_base - L_model): {report['nats_at_stake']['mean']:.4f} "
+             f"[{report['nats_at_stake']['interval'][0]:.4f}, {report['nats_at_stake']['interval'][1]:.4f}] "
+             f"{report.get('unit', 'nats')}.", "",
+             f"| hypothesis | nodes | mean loss | loss recovered | 95% interval | {report.get('unit', 'nats')} "
+             "recovered [95%] | vs empty | "
              "per-example loss p10 / p50 / p90 |",
              "|---|---|---|---|---|---|---|---|"]
     for k, h in hs.items():
@@ -352,8 +355,10 @@ def main(argv=None) -> dict:
         m, lo, hi = S.mean_interval(base - np.asarray(h["loss_per_seed"]))
         h["nats_recovered_mean"], h["nats_recovered_interval"] = m, [lo, hi]
     m, lo, hi = S.mean_interval(base - report["model_loss"])
+    unit = info.get("unit", "nats")  # what the loss (and so every `nats_*` value) is measured in
+    report["unit"] = unit
     report["nats_at_stake"] = {"mean": m, "interval": [lo, hi],
-                               "meaning": f"L_{baseline} - L_model: 1 point of loss recovered = {m / 100:.4f} nats"}
+                               "meaning": f"L_{baseline} - L_model: 1 point of loss recovered = {m / 100:.4f} {unit}"}
     reference = REFERENCE.get(args.example)
     if args.example == "induction" and reference:
         reference = {**reference, "comparable": False,
@@ -370,7 +375,7 @@ def main(argv=None) -> dict:
     for k, h in report["hypotheses"].items():
         lo, hi = h["loss_recovered_interval"]
         print(f"{k:>32}: loss {h['loss_mean']:.4f}  recovered {h['loss_recovered_mean']:.1%} [{lo:.1%}, {hi:.1%}]"
-              f" = {h['nats_recovered_mean']:.3f} nats")
+              f" = {h['nats_recovered_mean']:.3f} {unit}")
     if check:
         print("model_check:", json.dumps(check))
     return report

@@ -27,6 +27,7 @@ def test_parens_smoke_writes_the_contract(tmp_path):
         lo, hi = h["nats_recovered_interval"]
         assert lo <= h["nats_recovered_mean"] <= hi
     assert "margin" in report["info"]["metric"]
+    assert report["unit"] == "logit units" and "logit units" in report["nats_at_stake"]["meaning"]
 
 
 def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
@@ -43,7 +44,7 @@ def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
     assert {"naive", "refined", "induction-random"} <= set(hs)
     # nats recovered = L_base - L_hypothesis per seed: the identity recovers exactly the nats at stake
     assert abs(hs["identity"]["nats_recovered_mean"] - report["nats_at_stake"]["mean"]) < 1e-6
-    assert report["reference"]["comparable"] is False
+    assert report["reference"]["comparable"] is False and report["unit"] == "nats"
     assert "pipeline checks only" in (tmp_path / "report.md").read_text().split("\n", 4)[2]
 
 
