@@ -43,16 +43,21 @@ whole forward per token, its backward as much again):
            reaches 0; its step and the LR there are in the report.  Every layer at once
            (--layers all) is ~5x the decode work per token: hours here.  Our LayerNorm model
            was run with --layers all --steps 160 --batch 8 --seq 128 --eval-rows 790 (11 min).
-  paper    the reference's recipe: 250 steps of 2^18 tokens (128 rows x 2,048), scored on
-           100 x 2,048 tokens.  Sized for one 80 GB GPU on paper, never run: the 2^18-token step
-           does not fit at once (its logits, one layer at a time as here, are 2^18 x 49,152 x 4 B
-           = 51 GB, plus the residual stack 2^18 x 31 x 576 x 4 B = 19 GB), and
-           lens.training.train has no gradient accumulation, so on an 80 GB card run it as
-           --batch 32 (2^16 tokens: 13 GB of logits per layer) with --steps 1000, the same tokens
-           in 4x the steps (the reference's LR schedule stretched).  Compute: the decodes are
-           2 x 576 x 49,152 FLOP per token and layer, x 31 layers x 3 (forward + backward) =
-           5.3 GFLOP per token, 1.4 PFLOP per 2^18 tokens: ~250 x 3.5 s = ~15 min at 400 TFLOP/s
-           (TF32 near its peak), several times that at a realistic utilisation.
+  paper    the reference's recipe: 250 optimiser steps of 2^18 tokens, each the mean gradient
+           of 4 batches of 32 x 2,048 tokens (--accumulate 4: optax.MultiSteps; 128 rows at once
+           would need ~180 GiB), every layer, scored on 100 x 2,048 tokens.  Sized for one 80 GB
+           GPU, never run (no GPU was lent to this work).  `--preset paper --plan` prints it
+           without training: 45.5 GiB per batch (lens.core.plan, from jax.eval_shape of the
+           forward: the residual stack of 31 layers, one layer's vocab-sized logits and their
+           gradient, the lens state), 3.8 GFLOP per token for the tuned lens (the frozen forward,
+           then per layer a 49k-vocab decode and its gradient into the residual) and 2.0 for the
+           temperature control, so 249 + 134 PFLOP for 65.5M tokens each: ~0.54 h at 198 TFLOP/s
+           (40% of an H100's dense TF32 peak), before scoring.  What it cannot copy: the Pile (the
+           three corpora here hold 5.0M train tokens at this row length, so 13 passes over them).
+
+--accumulate K (any preset): --steps, --eval-every and --checkpoint-every count optimiser
+steps of K batches; the training logs in report.json are in optimiser steps (`batches` keeps
+the loop's count); the plan (`plan` in report.json, its line in report.md) is printed first.
 """
 
 from __future__ import annotations
