@@ -39,6 +39,7 @@ BAD = [
     ("train_tuned_lens", ["--out", "x", "--lr-scale", "0"], "argument --lr-scale: must be > 0"),
     ("train_tuned_lens", ["--out", "x", "--corpora", "wiki"], "argument --corpora: invalid choice"),
     ("train_tuned_lens", ["--out", "x", "--eval-every", "0"], "argument --eval-every"),
+    ("train_tuned_lens", ["--out", "x", "--accumulate", "0"], "argument --accumulate: must be an integer >= 1"),
     ("train_tuned_lens", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
     ("train_tuned_lens", ["--out", "x", "--preset", "big"], "argument --preset: invalid choice"),
     ("train_tuned_lens", ["--out", "x", "--layers", "5,x"], "argument --layers: must be 'all' or comma-separated"),
