@@ -245,6 +245,25 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
     for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    # accumulating (6 optimiser steps of 2 batches), killed at a checkpoint in the MIDDLE of an
+    # accumulation (batch 3): the half-summed gradient is in the checkpoint, so the resumed lens
+    # is the uninterrupted one, bit for bit
+    opt2, lr2 = tt.reference_optimizer(6, lr_scale=4.0, accumulate=2)
+    cfg2 = dataclasses.replace(cfg, checkpoint_every=3)
+    options2 = dataclasses.replace(options, opt=opt2, lr_fn=lr2)
+    whole = train.train(zero, rows, val, cfg2, tmp_path / "c", options2)
+
+    def kill3(step):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train.train(zero, rows, val, cfg2, tmp_path / "d", dataclasses.replace(options2, on_checkpoint=kill3))
+    again = train.train(zero, rows, val, cfg2, tmp_path / "d", options2)
+    for a, b in zip(jax.tree.leaves(whole.model), jax.tree.leaves(again.model)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not eqx.tree_equal(whole.model, full.model)  # 6 steps on pairs of batches, not 12 on one
+
     # save / load round trip, refused for another model
     path = logit_lens.save_tuned_lens(full.model, tmp_path / "lens.safetensors", model, {"steps": 12})
     back, meta = logit_lens.load_tuned_lens(path, model)
