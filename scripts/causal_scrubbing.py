@@ -84,6 +84,9 @@ def parse_args(argv=None):
     ap.add_argument("--train-seed", type=int_at_least(0), default=0,
                     help="the induction example's training seed (its own cached model; which circuit forms "
                          "depends on it: the check says whether it is the textbook one)")
+    ap.add_argument("--vocab", type=int_at_least(16), default=None,
+                    help="the induction example's vocabulary of random ids (override SyntheticInduction's 256; "
+                         "its own cached model)")
     ap.add_argument("--memory-gb", type=positive_float, default=2.0, help="memory budget of one scrubbed chunk")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -132,7 +135,7 @@ def model_check(first, second, stake, best) -> dict:
 def induction_example(args, n):
     smoke = args.preset == "smoke"
     setup = dataclasses.replace(X.SyntheticInduction.smoke() if smoke else X.SyntheticInduction(),
-                                seed=args.train_seed)
+                                seed=args.train_seed, **({"vocab": args.vocab} if args.vocab else {}))
     cache = args.out / "induction_model" if smoke else args.cache / f"induction_synth_{setup.tag()}"
     model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
     from lens.circuits.induction import measure_induction

@@ -34,8 +34,9 @@ def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
     """The smoke model (20 steps) cannot copy: model_check is written, fails, and the
     report's first lines say the numbers are pipeline checks only."""
     script_namespace("causal_scrubbing")["main"](["--example", "induction", "--out", str(tmp_path), "--preset", "smoke",
-                                                  "--no-progress"])
+                                                  "--no-progress", "--vocab", "40"])
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["info"]["setup"]["vocab"] == 40 and "vocab 40" in report["info"]["data"]  # --vocab reaches the model
     check = report["model_check"]
     assert set(check) >= {"first_copy_loss", "second_copy_loss", "at_stake_nats", "best_induction_score", "passed"}
     assert check["passed"] is False and report["finding"] is False

@@ -145,6 +145,7 @@ BAD = [
     ("causal_scrubbing", ["--example", "parens", "--out", "x", "--memory-gb", "0"], "argument --memory-gb: must be > 0"),
     ("causal_scrubbing", ["--example", "parens"], "the following arguments are required: --out"),
     ("causal_scrubbing", ["--example", "induction", "--out", "x", "--train-seed", "-1"], "argument --train-seed"),
+    ("causal_scrubbing", ["--example", "induction", "--out", "x", "--vocab", "8"], "argument --vocab: must be an integer >= 16"),
     ("scrubbing", ["--examples", "1"], "argument --examples"),
     ("scrubbing", ["--repeats", "0"], "argument --repeats"),
     ("scrubbing", ["--torch-threads", "0"], "argument --torch-threads"),
