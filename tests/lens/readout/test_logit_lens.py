@@ -235,16 +235,19 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
     assert after["kl"][-1] == pytest.approx(0.0, abs=1e-6) and after["top1"][-1] == 1.0
     assert full.log[-1]["lr"] == pytest.approx(float(lr_fn(11)))
 
-    def kill(step):
-        if step == 8:
-            raise Killed
+    def assert_resumes_to(whole, cfg, options, out, at):
+        """Killed right after the checkpoint at batch `at`, then the same call: the lens of `whole`."""
+        def kill(step):
+            if step == at:
+                raise Killed
 
-    with pytest.raises(Killed):
-        train.train(zero, rows, val, cfg, tmp_path / "b", dataclasses.replace(options, on_checkpoint=kill))
-    resumed = train.train(zero, rows, val, cfg, tmp_path / "b", options)
-    for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        with pytest.raises(Killed):
+            train.train(zero, rows, val, cfg, out, dataclasses.replace(options, on_checkpoint=kill))
+        resumed = train.train(zero, rows, val, cfg, out, options)
+        for a, b in zip(jax.tree.leaves(whole.model), jax.tree.leaves(resumed.model)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+    assert_resumes_to(full, cfg, options, tmp_path / "b", at=8)
     # accumulating (6 optimiser steps of 2 batches), killed at a checkpoint in the MIDDLE of an
     # accumulation (batch 3): the half-summed gradient is in the checkpoint, so the resumed lens
     # is the uninterrupted one, bit for bit
@@ -252,16 +255,7 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
     cfg2 = dataclasses.replace(cfg, checkpoint_every=3)
     options2 = dataclasses.replace(options, opt=opt2, lr_fn=lr2)
     whole = train.train(zero, rows, val, cfg2, tmp_path / "c", options2)
-
-    def kill3(step):
-        if step == 3:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train.train(zero, rows, val, cfg2, tmp_path / "d", dataclasses.replace(options2, on_checkpoint=kill3))
-    again = train.train(zero, rows, val, cfg2, tmp_path / "d", options2)
-    for a, b in zip(jax.tree.leaves(whole.model), jax.tree.leaves(again.model)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_resumes_to(whole, cfg2, options2, tmp_path / "d", at=3)
     assert not eqx.tree_equal(whole.model, full.model)  # 6 steps on pairs of batches, not 12 on one
 
     # save / load round trip, refused for another model
