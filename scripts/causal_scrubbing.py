@@ -84,6 +84,9 @@ def parse_args(argv=None):
     ap.add_argument("--train-seed", type=int_at_least(0), default=0,
                     help="the induction example's training seed (its own cached model; which circuit forms "
                          "depends on it: the check says whether it is the textbook one)")
+    ap.add_argument("--vocab", type=int_at_least(16), default=None,
+                    help="the induction example's vocabulary of random ids (override SyntheticInduction's 256; "
+                         "its own cached model)")
     ap.add_argument("--memory-gb", type=positive_float, default=2.0, help="memory budget of one scrubbed chunk")
     ap.add_argument("--no-progress", action="store_true")
     return ap.parse_args(argv)
@@ -132,7 +135,7 @@ def model_check(first, second, stake, best) -> dict:
 def induction_example(args, n):
     smoke = args.preset == "smoke"
     setup = dataclasses.replace(X.SyntheticInduction.smoke() if smoke else X.SyntheticInduction(),
-                                seed=args.train_seed)
+                                seed=args.train_seed, **({"vocab": args.vocab} if args.vocab else {}))
     cache = args.out / "induction_model" if smoke else args.cache / f"induction_synth_{setup.tag()}"
     model = X.synthetic_induction_model(cache, setup, progress=not args.no_progress)
     from lens.circuits.induction import measure_induction
@@ -180,6 +183,7 @@ def parens_example(args, n):
     info["metric"] = ("negative logit margin -(logit(right answer) - logit(wrong answer)) at the last position: "
                       "the model's cross-entropy saturates at ~0 (every hypothesis that keeps the label scores 100%), "
                       "the margin does not")
+    info["unit"] = "logit units"  # the loss is a logit difference: `nats_recovered_*` are in logit units here
     return model, tokens, labels, X.paren_example_margin, hyps, info, "empty", None
 
 
@@ -314,9 +318,11 @@ def markdown(report: dict) -> str:
              f"{report['model_loss']:.4f}. Loss recovered = (L_base - L_scrubbed) / (L_base - L_model), "
              f"L_base = the `{report['baseline']}` hypothesis; 95% t-interval over seeds. "
              f"`vs empty`: the same with L_base = everything resampled.", "",
-             f"Nats at stake (L_base - L_model): {report['nats_at_stake']['mean']:.4f} "
-             f"[{report['nats_at_stake']['interval'][0]:.4f}, {report['nats_at_stake']['interval'][1]:.4f}].", "",
-             "| hypothesis | nodes | mean loss | loss recovered | 95% interval | nats recovered [95%] | vs empty | "
+             f"At stake (L_base - L_model): {report['nats_at_stake']['mean']:.4f} "
+             f"[{report['nats_at_stake']['interval'][0]:.4f}, {report['nats_at_stake']['interval'][1]:.4f}] "
+             f"{report.get('unit', 'nats')}.", "",
+             f"| hypothesis | nodes | mean loss | loss recovered | 95% interval | {report.get('unit', 'nats')} "
+             "recovered [95%] | vs empty | "
              "per-example loss p10 / p50 / p90 |",
              "|---|---|---|---|---|---|---|---|"]
     for k, h in hs.items():
@@ -352,8 +358,10 @@ def main(argv=None) -> dict:
         m, lo, hi = S.mean_interval(base - np.asarray(h["loss_per_seed"]))
         h["nats_recovered_mean"], h["nats_recovered_interval"] = m, [lo, hi]
     m, lo, hi = S.mean_interval(base - report["model_loss"])
+    unit = info.get("unit", "nats")  # what the loss (and so every `nats_*` value) is measured in
+    report["unit"] = unit
     report["nats_at_stake"] = {"mean": m, "interval": [lo, hi],
-                               "meaning": f"L_{baseline} - L_model: 1 point of loss recovered = {m / 100:.4f} nats"}
+                               "meaning": f"L_{baseline} - L_model: 1 point of loss recovered = {m / 100:.4f} {unit}"}
     reference = REFERENCE.get(args.example)
     if args.example == "induction" and reference:
         reference = {**reference, "comparable": False,
@@ -370,7 +378,7 @@ def main(argv=None) -> dict:
     for k, h in report["hypotheses"].items():
         lo, hi = h["loss_recovered_interval"]
         print(f"{k:>32}: loss {h['loss_mean']:.4f}  recovered {h['loss_recovered_mean']:.1%} [{lo:.1%}, {hi:.1%}]"
-              f" = {h['nats_recovered_mean']:.3f} nats")
+              f" = {h['nats_recovered_mean']:.3f} {unit}")
     if check:
         print("model_check:", json.dumps(check))
     return report

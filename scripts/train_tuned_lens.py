@@ -43,16 +43,21 @@ whole forward per token, its backward as much again):
            reaches 0; its step and the LR there are in the report.  Every layer at once
            (--layers all) is ~5x the decode work per token: hours here.  Our LayerNorm model
            was run with --layers all --steps 160 --batch 8 --seq 128 --eval-rows 790 (11 min).
-  paper    the reference's recipe: 250 steps of 2^18 tokens (128 rows x 2,048), scored on
-           100 x 2,048 tokens.  Sized for one 80 GB GPU on paper, never run: the 2^18-token step
-           does not fit at once (its logits, one layer at a time as here, are 2^18 x 49,152 x 4 B
-           = 51 GB, plus the residual stack 2^18 x 31 x 576 x 4 B = 19 GB), and
-           lens.training.train has no gradient accumulation, so on an 80 GB card run it as
-           --batch 32 (2^16 tokens: 13 GB of logits per layer) with --steps 1000, the same tokens
-           in 4x the steps (the reference's LR schedule stretched).  Compute: the decodes are
-           2 x 576 x 49,152 FLOP per token and layer, x 31 layers x 3 (forward + backward) =
-           5.3 GFLOP per token, 1.4 PFLOP per 2^18 tokens: ~250 x 3.5 s = ~15 min at 400 TFLOP/s
-           (TF32 near its peak), several times that at a realistic utilisation.
+  paper    the reference's recipe: 250 optimiser steps of 2^18 tokens, each the mean gradient
+           of 4 batches of 32 x 2,048 tokens (--accumulate 4: optax.MultiSteps; 128 rows at once
+           would need ~180 GiB), every layer, scored on 100 x 2,048 tokens.  Sized for one 80 GB
+           GPU, never run (no GPU was lent to this work).  `--preset paper --plan` prints it
+           without training: 45.5 GiB per batch (lens.core.plan, from jax.eval_shape of the
+           forward: the residual stack of 31 layers, one layer's vocab-sized logits and their
+           gradient, the lens state), 3.8 GFLOP per token for the tuned lens (the frozen forward,
+           then per layer a 49k-vocab decode and its gradient into the residual) and 2.0 for the
+           temperature control, so 249 + 134 PFLOP for 65.5M tokens each: ~0.54 h at 198 TFLOP/s
+           (40% of an H100's dense TF32 peak), before scoring.  What it cannot copy: the Pile (the
+           three corpora here hold 5.0M train tokens at this row length, so 13 passes over them).
+
+--accumulate K (any preset): --steps, --eval-every and --checkpoint-every count optimiser
+steps of K batches; the training logs in report.json are in optimiser steps (`batches` keeps
+the loop's count); the plan (`plan` in report.json, its line in report.md) is printed first.
 """
 
 from __future__ import annotations
@@ -62,10 +67,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 import lens.models.runtime.xla_guard  # noqa: F401  first: no miscompiling XLA:CPU fusions (see the module)
-
 
 import numpy as np  # noqa: E402
 
@@ -76,7 +78,7 @@ from lens.readout.logit_lens import TunedLens, load_tuned_lens, save_tuned_lens 
 from lens.readout.logit_lens import check_layers  # noqa: E402
 from lens.readout.tuned_lens_fit import (FROZEN_SCALE, MOMENTUM, WEIGHT_DECAY, TemperatureLens,  # noqa: E402
                                          TemperatureLensLoss, TunedLensLoss, plateau, reference_optimizer,
-                                         row_bytes, score_lenses)
+                                         row_bytes, score_lenses, training_plan)
 from lens.models.runtime import compile_cache  # noqa: E402
 from figures import answer_lines  # noqa: E402  (scripts/)
 
@@ -85,12 +87,15 @@ compile_cache.enable()  # JAX's persistent compilation cache (models.runtime.com
 CORPORA = ("shakespeare", "python-docs", "python-code")
 
 
-# eval_rows: test rows scored (split evenly over the corpora)
-PRESETS = {"default": Preset(steps=100, batch=4, seq=64, eval_rows=1600, checkpoint_every=20, eval_every=10,
-                              layers="5,15,25"),
-           "smoke": Preset(steps=2, batch=2, seq=8, eval_rows=4, checkpoint_every=1, eval_every=1, layers="all"),
-           "paper": Preset(steps=250, batch=128, seq=2048, eval_rows=100, checkpoint_every=25, eval_every=10,
-                           layers="all")}
+# eval_rows: test rows scored (split evenly over the corpora); steps, checkpoint_every and
+# eval_every count OPTIMISER steps, each the mean gradient of `accumulate` batches of `batch` rows
+PRESETS = {"default": Preset(steps=100, batch=4, accumulate=1, seq=64, eval_rows=1600, checkpoint_every=20,
+                              eval_every=10, layers="5,15,25"),
+           "smoke": Preset(steps=2, batch=2, accumulate=1, seq=8, eval_rows=4, checkpoint_every=1, eval_every=1,
+                           layers="all"),
+           # the reference's 250 steps of 2^18 tokens = 4 batches of 32 x 2,048 (45 GiB each, planned)
+           "paper": Preset(steps=250, batch=32, accumulate=4, seq=2048, eval_rows=100, checkpoint_every=25,
+                           eval_every=10, layers="all")}
 
 
 def parse_args(argv=None):
@@ -100,7 +105,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--steps", type=int_at_least(1), default=None, help="override the preset")
-    ap.add_argument("--batch", type=int_at_least(1), default=None, help="rows per step (override)")
+    ap.add_argument("--batch", type=int_at_least(1), default=None, help="rows per batch (override)")
+    ap.add_argument("--accumulate", type=int_at_least(1), default=None,
+                    help="batches whose mean gradient makes one optimiser step (override)")
     ap.add_argument("--seq", type=int_at_least(2), default=None, help="tokens per row (override)")
     ap.add_argument("--eval-rows", type=int_at_least(1), default=None, help="test rows scored (override)")
     ap.add_argument("--checkpoint-every", type=int_at_least(1), default=None)
@@ -114,6 +121,8 @@ def parse_args(argv=None):
     ap.add_argument("--init-lens", type=Path, default=None,
                     help="start the tuned lens from this saved lens (tuned_lens.safetensors of an earlier run: "
                          "a warm start with a fresh schedule of --steps; its layers must be --layers)")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the run's size (memory per batch, FLOPs, hours on one 80 GB GPU) and exit")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     return fill_from_preset(args, PRESETS[args.preset], {"layers": layer_list})
@@ -253,8 +262,9 @@ def report_lines(report: dict) -> list[str]:
              f"{'met at step ' + str(met['tuned_lens']) if met['tuned_lens'] is not None else 'NOT met'}, "
              f"temperature control {'met at step ' + str(met['temperature_control']) if met['temperature_control'] is not None else 'NOT met'}"
              f" (of {s['steps']}).", "",
-             f"Trained {s['steps']} steps x {s['batch']} rows x {s['seq']} tokens "
-             f"({s['steps'] * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} (train split)"
+             f"Trained {s['steps']} steps x {s.get('accumulate', 1)} x {s['batch']} rows x {s['seq']} tokens "
+             f"({s['steps'] * s.get('accumulate', 1) * s['batch'] * s['seq']:,} tokens) on {', '.join(s['corpora'])} "
+             "(train split)"
              f"{'; the tuned lens warm-started from ' + s['init_lens'] if s.get('init_lens') else ''}; "
              f"SGD Nesterov momentum {MOMENTUM}, lr {s['lr']:.3g}, weight decay {WEIGHT_DECAY}, clip 1.0, "
              f"linear decay; {seconds(report['train_seconds'])} (tuned) + {seconds(report['temperature_train_seconds'])} "
@@ -272,6 +282,8 @@ def report_lines(report: dict) -> list[str]:
                      f"{lg['top1'][i]:.3f} {iv(lg, 'top1', i)} | {te['top1'][i]:.3f} {iv(te, 'top1', i)} | "
                      f"{tu['top1'][i]:.3f} {iv(tu, 'top1', i)} | {fr['top1'][i]:.3f} | {lg['ce_bits_per_byte'][i]:.3f} | "
                      f"{te['ce_bits_per_byte'][i]:.3f} | {tu['ce_bits_per_byte'][i]:.3f} |")
+    if report.get("plan"):
+        lines += ["", *plan_lines(report["plan"])]
     lines += ["", "Validation loss (summed over layers) by step, tuned / temperature: " +
               ", ".join(f"{a[0]}: {a[1]:.3f} / {b[1]:.3f}" for a, b in zip(pl["tuned_lens"]["curve"],
                                                                           pl["temperature_control"]["curve"]))]
@@ -288,6 +300,12 @@ def by_layer(scores: dict) -> dict:
                                   "top1_interval_95": [s["top1_interval_95"][0][i], s["top1_interval_95"][1][i]]}
                            for name, s in scores.items()}
     return out
+
+
+def optimiser_steps(log: list[dict], accumulate: int) -> list[dict]:
+    """The training loop's log (one record per evaluation, `step` counting batches) with
+    `step` in optimiser steps (`accumulate` batches each) and the batch count kept as `batches`."""
+    return [{**r, "step": r["step"] // accumulate, "batches": r["step"]} for r in log]
 
 
 def plot(report: dict, path: Path) -> None:
@@ -331,6 +349,21 @@ def initial_lens(path: Path | None, model, layers: tuple[int, ...] | None) -> Tu
     return lens
 
 
+def plan_lines(plan: dict) -> list[str]:
+    """The run's size on one device (`tuned_lens_fit.training_plan`), for stdout and report.md."""
+    gib = plan["bytes_per_batch"]["total"] / 2**30
+    return [f"Plan: {plan['steps']} optimiser steps x {plan['accumulate']} batch(es) of {plan['batch']} x {plan['seq']} "
+            f"tokens = {plan['tokens']:,} tokens per lens ({plan['tokens_per_optimiser_step']:,} per step), "
+            f"{plan['layers_fitted']} layers; {gib:.1f} GiB per batch on one device (weights, lens state, "
+            f"activations: lens.core.plan); {plan['flops']['tuned_lens'] / 1e15:.3g} PFLOP (tuned) + "
+            f"{plan['flops']['temperature_control'] / 1e15:.3g} PFLOP (temperature control) = "
+            f"{plan['hours']['tuned_lens'] + plan['hours']['temperature_control']:.3g} h at "
+            f"{plan['assumed_flops_per_s'] / 1e12:.0f} TFLOP/s ({plan['utilisation']:.0%} of one H100's dense TF32 "
+            f"peak), before scoring"
+            + (f"; the train splits hold {plan['train_tokens_available']:,} tokens in rows of {plan['seq']}: "
+               f"{plan['epochs']:.2g} passes over them" if "epochs" in plan else "") + "."]
+
+
 def main(argv=None, on_checkpoint=None) -> dict:
     args = parse_args(argv)
     model, tok = models.load(args.model)
@@ -339,8 +372,15 @@ def main(argv=None, on_checkpoint=None) -> dict:
     layers = resolve_layers(args.layers, model.config.n_layers)
     if args.seq > model.config.max_seq_len:
         raise SystemExit(f"--seq {args.seq} exceeds the model's context {model.config.max_seq_len}")
+    K = args.accumulate
     corpora = tuple(args.corpora)
     train_rows = data.mixed_rows(corpora, tok, args.seq + 1, "train", seed=args.seed)
+    plan = training_plan(model.config, args.batch, args.seq, args.steps, K, layers)
+    plan["train_tokens_available"] = int(len(train_rows) * args.seq)  # predicted tokens in the train rows
+    plan["epochs"] = plan["tokens"] / max(1, plan["train_tokens_available"])
+    print("\n".join(plan_lines(plan)))
+    if args.plan:
+        return {"plan": plan}
     # the test rows: as even a share of each corpus as eval_rows and the corpora's test splits
     # allow (the first rows of each; a small split gives all it has, the others make up the rest)
     test_parts = [data.load_tokens(name, tok, args.seq + 1, "test") for name in corpora]
@@ -353,21 +393,23 @@ def main(argv=None, on_checkpoint=None) -> dict:
             "optimizer": "clip 1.0 -> add_decayed_weights 1e-3 -> sgd nesterov 0.9, linear decay to 0"}
 
     def fit(init, loss_fn, out_dir):
-        # the same rows, optimiser, steps and validation for the tuned lens and its control
-        opt, lr_fn = reference_optimizer(args.steps, args.lr_scale)
-        cfg = train.TrainConfig(steps=args.steps, batch_size=args.batch, lr=float(lr_fn(0)), warmup_steps=0,
-                                weight_decay=WEIGHT_DECAY, eval_every=args.eval_every, eval_batches=1,
-                                checkpoint_every=args.checkpoint_every, seed=args.seed)
+        # the same rows, optimiser, steps and validation for the tuned lens and its control;
+        # the training loop counts batches: K of them per optimiser step
+        opt, lr_fn = reference_optimizer(args.steps, args.lr_scale, accumulate=K)
+        cfg = train.TrainConfig(steps=args.steps * K, batch_size=args.batch, lr=float(lr_fn(0)), warmup_steps=0,
+                                weight_decay=WEIGHT_DECAY, eval_every=args.eval_every * K, eval_batches=1,
+                                checkpoint_every=args.checkpoint_every * K, seed=args.seed)
         clock = TrainClock(out_dir)
         result = train.train(init, train_rows, val_rows, cfg, out_dir,
                              train.TrainOptions(progress=not args.no_progress, on_checkpoint=clock.hook(on_checkpoint),
                                                 run_info=info, loss_fn=loss_fn, opt=opt,
                                                 rows_config=model.config, lr_fn=lr_fn))
-        return result, clock.seconds(), float(lr_fn(0))
+        return result, optimiser_steps(result.log, K), clock.seconds(), float(lr_fn(0))
 
-    result, train_s, lr0 = fit(initial_lens(args.init_lens, model, layers), TunedLensLoss(model), args.out)
-    temp, temp_s, _ = fit(TemperatureLens.init(model.config, layers), TemperatureLensLoss(model),
-                          args.out / "temperature")
+    result, train_log, train_s, lr0 = fit(initial_lens(args.init_lens, model, layers), TunedLensLoss(model),
+                                          args.out)
+    temp, temp_log, temp_s, _ = fit(TemperatureLens.init(model.config, layers), TemperatureLensLoss(model),
+                                    args.out / "temperature")
     n_bytes = row_bytes(tok, test_rows)
     t0 = time.perf_counter()
     # all four from one forward per test row (score_lenses)
@@ -376,7 +418,7 @@ def main(argv=None, on_checkpoint=None) -> dict:
                           test_rows, n_bytes, progress=not args.no_progress, cache=args.out / "score_cache.npz")
     scores["temperature_control"]["temperature"] = [float(t) for t in np.exp(np.asarray(temp.model.log_temperature))]
     lens_layers = list(result.model.layer_indices)
-    settings = {"steps": args.steps, "batch": args.batch, "seq": args.seq, "corpora": list(corpora),
+    settings = {"steps": args.steps, "batch": args.batch, "accumulate": K, "seq": args.seq, "corpora": list(corpora),
                 "layers": lens_layers, "n_layers": int(model.config.n_layers),
                 "lr": lr0, "eval_rows": int(len(test_rows)), "seed": args.seed, "eval_every": args.eval_every,
                 "eval_rows_per_corpus": dict(zip(corpora, (int(k) for k in shares))),
@@ -394,8 +436,8 @@ def main(argv=None, on_checkpoint=None) -> dict:
               "oracle_note": "frozen_scale_oracle decodes layer l with the FINAL layer's per-position norm divisor: "
                              "an oracle bound (information no lens has at layer l), not a baseline",
               "tuned_beats_temperature_kl": beats,
-              "plateau": {"tuned_lens": plateau(result.log), "temperature_control": plateau(temp.log)},
-              "train_log": result.log, "temperature_train_log": temp.log, "train_seconds": train_s,
+              "plateau": {"tuned_lens": plateau(train_log), "temperature_control": plateau(temp_log)},
+              "train_log": train_log, "temperature_train_log": temp_log, "plan": plan, "train_seconds": train_s,
               "temperature_train_seconds": temp_s, "score_seconds": time.perf_counter() - t0}
     args.out.mkdir(parents=True, exist_ok=True)
     save_tuned_lens(result.model, args.out / "tuned_lens.safetensors", model, {**info, **settings})

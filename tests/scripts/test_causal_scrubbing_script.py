@@ -27,14 +27,16 @@ def test_parens_smoke_writes_the_contract(tmp_path):
         lo, hi = h["nats_recovered_interval"]
         assert lo <= h["nats_recovered_mean"] <= hi
     assert "margin" in report["info"]["metric"]
+    assert report["unit"] == "logit units" and "logit units" in report["nats_at_stake"]["meaning"]
 
 
 def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
     """The smoke model (20 steps) cannot copy: model_check is written, fails, and the
     report's first lines say the numbers are pipeline checks only."""
     script_namespace("causal_scrubbing")["main"](["--example", "induction", "--out", str(tmp_path), "--preset", "smoke",
-                                                  "--no-progress"])
+                                                  "--no-progress", "--vocab", "40"])
     report = json.loads((tmp_path / "report.json").read_text())
+    assert report["info"]["setup"]["vocab"] == 40 and "vocab 40" in report["info"]["data"]  # --vocab reaches the model
     check = report["model_check"]
     assert set(check) >= {"first_copy_loss", "second_copy_loss", "at_stake_nats", "best_induction_score", "passed"}
     assert check["passed"] is False and report["finding"] is False
@@ -43,7 +45,7 @@ def test_induction_smoke_checks_the_model_before_any_finding(tmp_path):
     assert {"naive", "refined", "induction-random"} <= set(hs)
     # nats recovered = L_base - L_hypothesis per seed: the identity recovers exactly the nats at stake
     assert abs(hs["identity"]["nats_recovered_mean"] - report["nats_at_stake"]["mean"]) < 1e-6
-    assert report["reference"]["comparable"] is False
+    assert report["reference"]["comparable"] is False and report["unit"] == "nats"
     assert "pipeline checks only" in (tmp_path / "report.md").read_text().split("\n", 4)[2]
 
 

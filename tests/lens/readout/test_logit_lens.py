@@ -161,6 +161,60 @@ def test_reference_optimizer_is_torch_sgd_nesterov():
     assert float(lr_fn(0)) == pytest.approx(0.1) and float(lr_fn(steps)) == 0.0
 
 
+def test_reference_optimizer_accumulates_the_mean_gradient():
+    """accumulate=K: K batches make one optimiser step on their MEAN gradient (clipped, then
+    torch's SGD step), the parameters stand still between, and the schedule read per batch
+    is the lr of the step the batch is in; jitted update, against torch on the mean gradients."""
+    steps, K = 3, 4
+    opt, lr_fn = tt.reference_optimizer(steps, accumulate=K)
+    rng = np.random.default_rng(1)
+    p0 = rng.normal(size=(5, 2)).astype(np.float32)
+    grads = [rng.normal(size=(5, 2)).astype(np.float32) * 2 for _ in range(steps * K)]
+    params, state = jnp.asarray(p0), opt.init(jnp.asarray(p0))
+    update = jax.jit(opt.update)
+    for i, g in enumerate(grads):
+        before = params
+        upd, state = update(jnp.asarray(g), state, params)
+        params = params + upd
+        if (i + 1) % K:  # inside an accumulation: no step yet
+            np.testing.assert_array_equal(np.asarray(params), np.asarray(before))
+    w = torch.nn.Parameter(torch.tensor(p0))
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: max(0.0, (steps - i) / steps))
+    for s in range(steps):
+        w.grad = torch.tensor(np.mean(grads[s * K:(s + 1) * K], axis=0))
+        torch.nn.utils.clip_grad_norm_([w], 1.0)
+        sgd.step()
+        sched.step()
+    np.testing.assert_allclose(np.asarray(params), w.detach().numpy(), atol=1e-6)
+    assert [round(float(lr_fn(i)), 6) for i in (0, K - 1, K, 2 * K + 1)] == [0.1, 0.1, round(0.1 * 2 / 3, 6),
+                                                                           round(0.1 / 3, 6)]
+    with pytest.raises(ValueError, match="accumulate must be >= 1"):
+        tt.reference_optimizer(3, accumulate=0)
+
+
+def test_training_plan_counts_tokens_flops_and_bytes():
+    """training_plan against a count by hand of every weight matmul of the tiny llama model
+    (q, k, v, o, the MLP's matrices, the unembedding; causal attention at half the context),
+    and its bytes: lens.core.plan's plus the accumulator when accumulating."""
+    from lens.core import plan as PL
+
+    _, model, _ = tiny("llama")
+    c = model.config
+    seq, batch, steps, K = 6, 3, 5, 2
+    p = tt.training_plan(c, batch, seq, steps, K, layers=(1,), peak_flops=1e12, utilisation=0.5)
+    d, V, q, kv = c.d_model, c.vocab_size, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    matmuls = [(d, q), (d, kv), (d, kv), (q, d)] + [(d, c.d_mlp)] * (3 if c.gated_mlp else 2)
+    forward = 2 * sum(a * b for a, b in matmuls) * c.n_layers + 2 * d * V + 2 * c.n_layers * seq * q
+    assert p["flops_per_token"]["tuned_lens"] == forward + 6 * d * d + 4 * d * V  # one fitted layer
+    assert p["flops_per_token"]["temperature_control"] == forward + 2 * d * V
+    assert p["tokens"] == steps * K * batch * seq and p["tokens_per_optimiser_step"] == K * batch * seq
+    assert p["hours"]["tuned_lens"] == pytest.approx(p["flops"]["tuned_lens"] / 0.5e12 / 3600)
+    mem = PL.plan(c, {"data": 1, "model": 1}, "tuned_lens", batch=batch, seq=seq)
+    assert p["bytes_per_batch"]["total"] == mem.total + c.n_layers * (d * d + d) * 4
+    assert tt.training_plan(c, batch, seq, steps)["bytes_per_batch"]["total"] == mem.total  # no accumulator
+
+
 class Killed(Exception):
     pass
 
@@ -181,15 +235,28 @@ def test_training_lowers_held_out_kl_and_resumes_exactly(tmp_path):
     assert after["kl"][-1] == pytest.approx(0.0, abs=1e-6) and after["top1"][-1] == 1.0
     assert full.log[-1]["lr"] == pytest.approx(float(lr_fn(11)))
 
-    def kill(step):
-        if step == 8:
-            raise Killed
+    def assert_resumes_to(whole, cfg, options, out, at):
+        """Killed right after the checkpoint at batch `at`, then the same call: the lens of `whole`."""
+        def kill(step):
+            if step == at:
+                raise Killed
 
-    with pytest.raises(Killed):
-        train.train(zero, rows, val, cfg, tmp_path / "b", dataclasses.replace(options, on_checkpoint=kill))
-    resumed = train.train(zero, rows, val, cfg, tmp_path / "b", options)
-    for a, b in zip(jax.tree.leaves(full.model), jax.tree.leaves(resumed.model)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        with pytest.raises(Killed):
+            train.train(zero, rows, val, cfg, out, dataclasses.replace(options, on_checkpoint=kill))
+        resumed = train.train(zero, rows, val, cfg, out, options)
+        for a, b in zip(jax.tree.leaves(whole.model), jax.tree.leaves(resumed.model)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    assert_resumes_to(full, cfg, options, tmp_path / "b", at=8)
+    # accumulating (6 optimiser steps of 2 batches), killed at a checkpoint in the MIDDLE of an
+    # accumulation (batch 3): the half-summed gradient is in the checkpoint, so the resumed lens
+    # is the uninterrupted one, bit for bit
+    opt2, lr2 = tt.reference_optimizer(6, lr_scale=4.0, accumulate=2)
+    cfg2 = dataclasses.replace(cfg, checkpoint_every=3)
+    options2 = dataclasses.replace(options, opt=opt2, lr_fn=lr2)
+    whole = train.train(zero, rows, val, cfg2, tmp_path / "c", options2)
+    assert_resumes_to(whole, cfg2, options2, tmp_path / "d", at=3)
+    assert not eqx.tree_equal(whole.model, full.model)  # 6 steps on pairs of batches, not 12 on one
 
     # save / load round trip, refused for another model
     path = logit_lens.save_tuned_lens(full.model, tmp_path / "lens.safetensors", model, {"steps": 12})
@@ -300,9 +367,19 @@ def test_train_tuned_lens_and_lens_report_smoke_presets(tmp_path):
     assert np.array(r["lenses"]["tuned lens"]["prob"]).shape == (3, 3)  # 2 layers + output, 3 positions
     assert (tmp_path / "r" / "lens_report.png").stat().st_size > 1000
     # --layers: a lens on layer 1 alone, its report keyed by model layer, its file says so
+    # (and --accumulate 2: 2 optimiser steps of 2 batches each, the log in optimiser steps)
     sub = script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "smoke", "--out", str(tmp_path / "s"),
-                                 "--no-progress", "--corpora", "shakespeare", "--layers", "1"])
+                                 "--no-progress", "--corpora", "shakespeare", "--layers", "1", "--accumulate", "2"])
     assert sub["layers"] == [1, 2] and sub["settings"]["layers"] == [1] and len(sub["tuned_lens"]["kl"]) == 2
+    assert sub["settings"]["accumulate"] == 2 and sub["plan"]["tokens"] == 2 * 2 * 2 * 8
+    assert [(r["step"], r["batches"]) for r in sub["train_log"]] == [(1, 2), (2, 4)]
+    assert [r["step"] for r in sub["temperature_train_log"]] == [1, 2]
+    assert "Plan: 2 optimiser steps x 2 batch(es) of 2 x 8 tokens" in (tmp_path / "s" / "report.md").read_text()
+    planned = script_namespace("train_tuned_lens")["main"](["--model", folder, "--preset", "paper", "--out",
+                                                             str(tmp_path / "p"), "--seq", "16", "--plan",
+                                                             "--corpora", "shakespeare"])
+    assert set(planned) == {"plan"} and not (tmp_path / "p").exists()  # --plan: nothing trained or written
+    assert planned["plan"]["tokens"] == 250 * 4 * 32 * 16 and planned["plan"]["epochs"] > 0
     assert set(sub["by_layer"]) == {"1", "2"} and len(sub["temperature_control"]["temperature"]) == 1
     assert sub["by_layer"]["1"]["tuned_lens"]["kl"] == sub["tuned_lens"]["kl"][0]
     assert "layers=(1,)" in sub["preset"]
