@@ -76,9 +76,10 @@ from lens.training import data, train  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float  # noqa: E402
 from lens.readout.logit_lens import TunedLens, load_tuned_lens, save_tuned_lens  # noqa: E402
 from lens.readout.logit_lens import check_layers  # noqa: E402
+from lens.readout.tuned_lens_plan import plan_lines, training_plan  # noqa: E402
 from lens.readout.tuned_lens_fit import (FROZEN_SCALE, MOMENTUM, WEIGHT_DECAY, TemperatureLens,  # noqa: E402
                                          TemperatureLensLoss, TunedLensLoss, plateau, reference_optimizer,
-                                         row_bytes, score_lenses, training_plan)
+                                         row_bytes, score_lenses)
 from lens.models.runtime import compile_cache  # noqa: E402
 from figures import answer_lines  # noqa: E402  (scripts/)
 
@@ -347,21 +348,6 @@ def initial_lens(path: Path | None, model, layers: tuple[int, ...] | None) -> Tu
         raise SystemExit(f"--init-lens: {path} holds layers {list(lens.layer_indices)}, this run fits {list(want)} "
                          "(set --layers to match)")
     return lens
-
-
-def plan_lines(plan: dict) -> list[str]:
-    """The run's size on one device (`tuned_lens_fit.training_plan`), for stdout and report.md."""
-    gib = plan["bytes_per_batch"]["total"] / 2**30
-    return [f"Plan: {plan['steps']} optimiser steps x {plan['accumulate']} batch(es) of {plan['batch']} x {plan['seq']} "
-            f"tokens = {plan['tokens']:,} tokens per lens ({plan['tokens_per_optimiser_step']:,} per step), "
-            f"{plan['layers_fitted']} layers; {gib:.1f} GiB per batch on one device (weights, lens state, "
-            f"activations: lens.core.plan); {plan['flops']['tuned_lens'] / 1e15:.3g} PFLOP (tuned) + "
-            f"{plan['flops']['temperature_control'] / 1e15:.3g} PFLOP (temperature control) = "
-            f"{plan['hours']['tuned_lens'] + plan['hours']['temperature_control']:.3g} h at "
-            f"{plan['assumed_flops_per_s'] / 1e12:.0f} TFLOP/s ({plan['utilisation']:.0%} of one H100's dense TF32 "
-            f"peak), before scoring"
-            + (f"; the train splits hold {plan['train_tokens_available']:,} tokens in rows of {plan['seq']}: "
-               f"{plan['epochs']:.2g} passes over them" if "epochs" in plan else "") + "."]
 
 
 def main(argv=None, on_checkpoint=None) -> dict:

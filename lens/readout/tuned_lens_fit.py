@@ -70,46 +70,6 @@ def reference_optimizer(steps: int, lr_scale: float = 1.0, momentum: float = MOM
             lambda batch: lr_fn(batch // accumulate))
 
 
-def training_plan(config, batch: int, seq: int, steps: int, accumulate: int = 1, layers=None,
-                  peak_flops: float = 495e12, utilisation: float = 0.4) -> dict:
-    """The size of a tuned-lens fit on one device, before running it: bytes of one batch's
-    step from `lens.core.plan` (shapes by `jax.eval_shape`, nothing allocated: the frozen
-    model's forward with every layer's residual kept and one layer's vocab-sized work live),
-    matmul FLOPs per trained token, and the hours at `peak_flops` x `utilisation`.
-
-    FLOPs per token (multiply-adds x 2): the frozen model's forward (every weight matrix and
-    the unembedding, causal attention at half the context), then per fitted layer the tuned
-    lens's translator (forward + backward, 3 x 2 d^2) and its decode (2 d V) plus the
-    gradient into the residual (2 d V: `decoded_kl`); the temperature control decodes each
-    layer once (2 d V, no vocab-sized backward).  Defaults: one H100 SXM's dense TF32 peak
-    (495 TFLOP/s; float32 matmuls run as TF32 on it) at 40% utilisation."""
-    from lens.core import plan as PL  # lens.core's planner (jax.eval_shape of the forward)
-
-    c = config
-    n_fit = c.n_layers if layers is None else len(layers)
-    q, kv = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
-    per_layer = c.d_model * (2 * q + 2 * kv) + (3 if c.gated_mlp else 2) * c.d_model * c.d_mlp
-    model_fwd = 2 * (c.n_layers * per_layer + c.d_model * c.vocab_size) + 2 * c.n_layers * seq * q
-    decode = 2 * c.d_model * c.vocab_size
-    tuned = model_fwd + n_fit * (6 * c.d_model ** 2 + 2 * decode)
-    temperature = model_fwd + n_fit * decode
-    tokens = steps * accumulate * batch * seq
-    mem = PL.plan(c, {"data": 1, "model": 1}, "tuned_lens", batch=batch, seq=seq)
-    # the planner counts every layer's translator and its momentum; accumulating adds the
-    # running mean gradient (one more translator-sized copy, float32)
-    accum = (c.n_layers * (c.d_model ** 2 + c.d_model) * 4) if accumulate > 1 else 0
-    rate = peak_flops * utilisation
-    return {"batch": batch, "seq": seq, "steps": steps, "accumulate": accumulate,
-            "tokens_per_optimiser_step": accumulate * batch * seq, "tokens": tokens, "layers_fitted": n_fit,
-            "bytes_per_batch": {"weights": mem.weights, "optimiser": mem.optimiser + accum,
-                                "activations": mem.activations, "total": mem.total + accum},
-            "flops_per_token": {"tuned_lens": tuned, "temperature_control": temperature},
-            "flops": {"tuned_lens": tuned * tokens, "temperature_control": temperature * tokens},
-            "hours": {"tuned_lens": tuned * tokens / rate / 3600,
-                      "temperature_control": temperature * tokens / rate / 3600},
-            "assumed_flops_per_s": rate, "peak_flops_per_s": peak_flops, "utilisation": utilisation}
-
-
 def _kl(target_logp: Float[Array, "... vocab"], logits: Float[Array, "... vocab"]) -> Float[Array, "..."]:
     """KL(p || q) per position, p given as log-probs, q as logits (float32)."""
     logq = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)

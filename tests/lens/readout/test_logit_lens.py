@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lens
-from lens.readout import logit_lens, tuned_lens_fit as tt
+from lens.readout import logit_lens, tuned_lens_fit as tt, tuned_lens_plan as tp
 from lens.training import train
 from lens_tiny import tiny
 
@@ -202,7 +202,7 @@ def test_training_plan_counts_tokens_flops_and_bytes():
     _, model, _ = tiny("llama")
     c = model.config
     seq, batch, steps, K = 6, 3, 5, 2
-    p = tt.training_plan(c, batch, seq, steps, K, layers=(1,), peak_flops=1e12, utilisation=0.5)
+    p = tp.training_plan(c, batch, seq, steps, K, layers=(1,), peak_flops=1e12, utilisation=0.5)
     d, V, q, kv = c.d_model, c.vocab_size, c.n_heads * c.d_head, c.n_kv_heads * c.d_head
     matmuls = [(d, q), (d, kv), (d, kv), (q, d)] + [(d, c.d_mlp)] * (3 if c.gated_mlp else 2)
     forward = 2 * sum(a * b for a, b in matmuls) * c.n_layers + 2 * d * V + 2 * c.n_layers * seq * q
@@ -212,7 +212,20 @@ def test_training_plan_counts_tokens_flops_and_bytes():
     assert p["hours"]["tuned_lens"] == pytest.approx(p["flops"]["tuned_lens"] / 0.5e12 / 3600)
     mem = PL.plan(c, {"data": 1, "model": 1}, "tuned_lens", batch=batch, seq=seq)
     assert p["bytes_per_batch"]["total"] == mem.total + c.n_layers * (d * d + d) * 4
-    assert tt.training_plan(c, batch, seq, steps)["bytes_per_batch"]["total"] == mem.total  # no accumulator
+    assert tp.training_plan(c, batch, seq, steps)["bytes_per_batch"]["total"] == mem.total  # no accumulator
+
+
+@pytest.mark.parametrize("kwargs, match", [({"batch": 0}, "batch must be a positive integer"),
+                                           ({"seq": 2.5}, "seq must be a positive integer"),
+                                           ({"accumulate": -1}, "accumulate must be a positive integer"),
+                                           ({"utilisation": 1.5}, "utilisation"),
+                                           ({"layers": (0, 99)}, r"layers must lie in \[0, ")])
+def test_training_plan_refuses_bad_sizes(kwargs, match):
+    """A plan of nonsense sizes is an error, not a negative or fractional count of tokens."""
+    c = tiny("llama")[1].config
+    args = {"batch": 2, "seq": 4, "steps": 3, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tp.training_plan(c, **args)
 
 
 class Killed(Exception):
