@@ -73,21 +73,24 @@ PRESETS = {
     # one tiny random gated (Llama) model on SmolLM2's tokenizer (the GELU kind: --smoke-gelu)
     "smoke": Preset(seq=24, collect_tokens=48, eval_tokens=48, prune_steps=2, random_draws=5, expert_size=8,
                   fractions="0.25,1", fit_tokens=240, moe_eval_tokens=48, router_epochs=3, predictor_epochs=3, rank=8,
-                  kmeans_iters=3, gen_tokens=6, steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1),
+                  kmeans_iters=3, gen_tokens=6, steer_prompts=1, span_draws=2, reply_tokens=2, steer_seeds=1,
+                  eval_split="validation"),
     # sized for ~20 min of an idle 2-core CPU on SmolLM2-135M; its times, measured by section:
     # docs/findings/modularity.md#runtime-measured-2026-11-29-and-2026-12-07
     "default": Preset(seq=128, collect_tokens=4096, eval_tokens=2048, prune_steps=2, random_draws=5,
                     expert_size=32, fractions="0.25,0.5", fit_tokens=16384, moe_eval_tokens=384, router_epochs=30,
                     predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4, span_draws=5,
-                    reply_tokens=8, steer_seeds=3),
+                    reply_tokens=8, steer_seeds=3, eval_split="validation"),
     # the references' sizes (taker: 1e5 tokens per set for the statistics and the metrics;
     # DejaVu: 20 epochs over 400k tokens; MoEfication: 30 epochs): an accelerator's job (the pruning
     # alone ~2e7 token-forwards, ~14 CPU-hours here; the plan: docs/modularity.md)
     "paper": Preset(seq=128, collect_tokens=100_000, eval_tokens=100_000, prune_steps=5, random_draws=5,
                   expert_size=32, fractions="0.125,0.25,0.5", fit_tokens=102_400, moe_eval_tokens=16_384,
                   router_epochs=30, predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4,
-                  span_draws=5, reply_tokens=8, steer_seeds=3),
+                  span_draws=5, reply_tokens=8, steer_seeds=3, eval_split="validation+test"),
 }
+# shakespeare's validation split holds ~82k tokens: 1e5 per corpus needs its test split too
+EVAL_SPLITS = {"validation": ("validation",), "validation+test": ("validation", "test")}
 
 
 def layer_list(text: str) -> list[int]:
@@ -123,6 +126,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int_at_least(8), help="tokens per row")
     ap.add_argument("--collect-tokens", type=int_at_least(8), help="tokens per set for statistics / clustering")
     ap.add_argument("--eval-tokens", type=int_at_least(8), help="validation tokens per corpus for every metric")
+    ap.add_argument("--eval-split", choices=sorted(EVAL_SPLITS),
+                    help="held-out split(s) the metrics draw from (validation+test: both, disjoint by document)")
     ap.add_argument("--collect-rows", type=int_at_least(1), help="override: rows per set (else from --collect-tokens)")
     ap.add_argument("--eval-rows", type=int_at_least(1), help="override: rows per corpus (else from --eval-tokens)")
     ap.add_argument("--compute-dtype", choices=M.COMPUTE_DTYPES, default="float32",
@@ -205,11 +210,12 @@ def smoke_models(gelu: bool):
 
 
 def rows_for(tok, args, split, n, seed):
-    """n rows of each corpus (forget first) from `split`, drawn with `seed`."""
+    """n rows of each corpus (forget first) from `split` ("train", or a key of EVAL_SPLITS:
+    those splits' rows concatenated), drawn with `seed`; a corpus with fewer rows gives all."""
     rng = np.random.default_rng(seed)
     out = {}
     for name in (FORGET,) + RETAIN + (EXTRA if split != "train" else ()):
-        r = data.load_tokens(name, tok, args.seq, split)
+        r = np.concatenate([data.load_tokens(name, tok, args.seq, s) for s in EVAL_SPLITS.get(split, (split,))])
         out[name] = r[np.sort(rng.choice(len(r), size=min(n, len(r)), replace=False))]
     return out
 
@@ -441,7 +447,7 @@ def main(argv=None) -> dict:
         print(f"== {name}: {model.config.n_layers} layers, d {model.config.d_model}, d_mlp {model.config.d_mlp}, "
               f"{'gated ' if model.config.gated_mlp else ''}{model.config.activation}")
         train = rows_for(tok, args, "train", args.collect_rows, args.seed)
-        evals = rows_for(tok, args, "validation", args.eval_rows, args.seed + 1)
+        evals = rows_for(tok, args, args.eval_split, args.eval_rows, args.seed + 1)
         skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN + EXTRA]), 50)
         t = {}
         if "selective_pruning" in args.sections:

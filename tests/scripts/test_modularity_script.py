@@ -98,3 +98,29 @@ def test_compute_dtype_reaches_the_pruning_statistics(tmp_path):
     assert "statistics in bfloat16" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="compute_dtype|other settings"):
         main(args + ["--compute-dtype", "float32"])
+
+
+def test_eval_split_validation_plus_test_draws_from_both_held_out_splits():
+    """--eval-split validation+test (the paper preset's: shakespeare's validation split holds
+    fewer than 1e5 tokens) draws each corpus's metric rows from its validation and test rows
+    together; asking for more rows than there are gives every row of both, once."""
+    import argparse
+
+    import numpy as np
+
+    ns = script_namespace("modularity")
+    assert ns["PRESETS"]["paper"].eval_split == "validation+test" and ns["PRESETS"]["default"].eval_split == "validation"
+    from lens.models.io import embedded
+    from lens.models.io.tokenizer import Tokenizer
+    from lens.training import data
+
+    tok = Tokenizer.from_gguf(embedded.fetch("smollm2-135m-instruct"))
+    args = argparse.Namespace(seq=24)
+    both = ns["rows_for"](tok, args, "validation+test", 10**9, 0)
+    val = ns["rows_for"](tok, args, "validation", 10**9, 0)
+    assert set(both) == set(val) == {"python-code", "shakespeare", "python-docs"}
+    for name in both:
+        v, t = (data.load_tokens(name, tok, 24, s) for s in ("validation", "test"))
+        assert len(both[name]) == len(v) + len(t) and len(val[name]) == len(v)
+        as_set = lambda a: {r.tobytes() for r in np.asarray(a)}  # noqa: E731
+        assert as_set(both[name]) == as_set(v) | as_set(t) and as_set(t) - as_set(v)

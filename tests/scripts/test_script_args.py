@@ -57,6 +57,7 @@ BAD = [
     ("modularity", ["--out", "x", "--sections", "pruning"], "--sections: choose from"),
     ("modularity", ["--out", "x", "--sections", "steering"], "steering needs selective_pruning"),
     ("modularity", ["--out", "x", "--preset", "huge"], "argument --preset: invalid choice"),
+    ("modularity", ["--out", "x", "--eval-split", "train"], "argument --eval-split: invalid choice"),
     ("modularity", ["--out", "x", "--fractions", "0.5,2"], "--fractions must be in (0, 1]"),
     ("modularity", ["--out", "x", "--prune-frac", "0"], "argument --prune-frac: must be > 0"),
     ("modularity", ["--out", "x", "--steer-rho", "0"], "argument --steer-rho: must be > 0"),
