@@ -37,7 +37,6 @@ from __future__ import annotations
 import lens.models.runtime.xla_guard  # noqa: F401  (isort: skip)
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -55,7 +54,7 @@ from lens.modularity.sparsity_data import LABELS, check_layers  # noqa: E402
 from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
 from lens.modularity import pruning as M  # noqa: E402
-from lens.modularity import pruning_resume as saved_runs  # noqa: E402
+from lens.modularity import pruning_study  # noqa: E402
 from lens.cli import Preset, fill_from_preset, int_at_least, positive_float, positive_floats  # noqa: E402
 from lens.modularity import steering as PS  # noqa: E402
 from lens.steering.prompts import CODE, NEUTRAL, PROSE, prompt_maker  # noqa: E402
@@ -221,84 +220,18 @@ def rows_for(tok, args, split, n, seed):
 
 
 # ------------------------------------------------------------------ the sections
-def _draw_summary(draws, corpora, metric="top1"):
-    """Per step and corpus: the mean, min and max of `metric` over the draws."""
-    out = []
-    for step in range(len(draws[0])):
-        vals = {c: [d[step][c][metric] for d in draws] for c in corpora}
-        out.append({"step": step, "neurons_pruned": draws[0][step]["neurons_pruned"],
-                    **{c: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
-                       for c, v in vals.items()}})
-    return out
-
-
-def first_step_selective(records, forget: str, retain: str) -> dict:
-    """The first step is selective when the forget set's top-1 after it lies below the
-    unpruned model's 95% interval AND the retain set's top-1 stays inside its interval."""
-    f0, f1, r0, r1 = records[0][forget], records[1][forget], records[0][retain], records[1][retain]
-    forget_hit = f1["top1"] < f0["top1_ci95"][0]
-    retain_kept = r0["top1_ci95"][0] <= r1["top1"] <= r0["top1_ci95"][1]
-    return {"selective": bool(forget_hit and retain_kept), "forget_below_interval": bool(forget_hit),
-            "retain_inside_interval": bool(retain_kept),
-            "definition": "after step 1, forget top-1 < the unpruned 95% interval's lower end and retain top-1 "
-                          "inside the unpruned 95% interval (intervals over rows)"}
-
-
 def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str):
+    """`lens.modularity.pruning_study`: the ratio method and both baselines, every run saved
+    to out/pruning_runs_<label>/ as it finishes (a stopped study resumes); then the pruned
+    model is saved and reloaded."""
     forget = train[FORGET]
-    retain = np.concatenate([train[n] for n in RETAIN])
-    corpora = list(evals)
-    result = {"eps": 1e-3, "neuron_frac_per_step": args.prune_frac, "head_frac_per_step": 0.0,
-              "n_neurons": int(model.config.n_layers * model.config.d_mlp), "methods": {},
-              "forget": FORGET, "retain": list(RETAIN), "also_evaluated": list(EXTRA),
-              "compute_dtype": args.compute_dtype,
-              "tokens_collected": {"forget": int(forget.size), "retain": int(retain.size)},
-              "tokens_evaluated": {c: int(r.size) for c, r in evals.items()},
-              "intervals": "95% normal intervals over rows (rows as clusters): *_ci95 in every record"}
-    masks = {}
-    t0 = time.perf_counter()
-    # every run is saved as it finishes (out/pruning_runs_<label>/): a stopped study resumes
-    saved = out / f"pruning_runs_{label}"
-    data_digest = saved_runs.rows_digest(retain, skip, *evals.values())
-
-    def pruning_run(name, config, sample, **kw):
-        key = {"config": dataclasses.asdict(config), "rows": saved_runs.rows_digest(sample) + data_digest,
-               "model": label}
-        return saved_runs.saved_pruning_run(saved / f"{name}.safetensors", key, lambda: M.selective_pruning(
-            model, sample, retain, evals, skip, config, **kw))
-
-    config = M.PruningConfig(args.prune_steps, "ratio", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
-    recs, masks["ratio"], _ = pruning_run(
-        "ratio", config, forget,
-        on_step=lambda r: print(f"  ratio step {r['step']}: " + ", ".join(f"{k} top1 {r[k]['top1']:.3f}" for k in evals)))
-    result["methods"]["ratio"] = {"records": recs, "seconds": time.perf_counter() - t0}
-    baselines = {"random": [], "forget": []}
-    for d in range(args.random_draws):
-        config = M.PruningConfig(args.prune_steps, "random", args.prune_frac, seed=args.seed + d, chunk=8)
-        rec, nm, _ = pruning_run(f"random_{d}", config, forget, unpruned_record=recs[0])
-        baselines["random"].append(rec)
-        masks.setdefault("random", nm)
-        # forget-activation-only: draw d collects its statistics on another sample of the forget text
-        sample = forget if d == 0 else rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET]
-        config = M.PruningConfig(args.prune_steps, "forget", args.prune_frac, chunk=8, compute_dtype=args.compute_dtype)
-        rec, nm, _ = pruning_run(f"forget_{d}", config, sample, unpruned_record=recs[0])
-        baselines["forget"].append(rec)
-        masks.setdefault("forget", nm)
-    result["methods"]["forget"] = {"records": baselines["forget"][0]}
-    result["methods"]["random"] = {"draws": baselines["random"]}
-    result["baselines"] = {
-        "random": {"draws": baselines["random"], "summary": _draw_summary(baselines["random"], corpora),
-                   "what": "the same counts drawn uniformly among live neurons, one seed per draw"},
-        "forget": {"draws": baselines["forget"], "summary": _draw_summary(baselines["forget"], corpora),
-                   "what": "top forget-set mean |a| (no retain term), one forget sample per draw"},
-        "n_draws": args.random_draws}
-    result["differential_drop"] = {
-        "ratio": M.differential_drop(recs, FORGET, RETAIN[0]),
-        "random": [M.differential_drop(r, FORGET, RETAIN[0]) for r in baselines["random"]],
-        "forget": [M.differential_drop(r, FORGET, RETAIN[0]) for r in baselines["forget"]],
-        "definition": "per step: forget top-1 drop % minus retain (shakespeare) top-1 drop %, each relative "
-                      "to the unpruned model; max over pruned steps"}
-    result["first_step"] = first_step_selective(recs, FORGET, RETAIN[0])
+    study = pruning_study.PruningStudy(FORGET, RETAIN[0], args.prune_frac, args.prune_steps, args.random_draws,
+                                       args.seed, args.compute_dtype)
+    result, masks = pruning_study.run_pruning_study(
+        model, forget, np.concatenate([train[n] for n in RETAIN]), evals, skip, study, out / f"pruning_runs_{label}",
+        forget_sample=lambda d: rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET],
+        label=label)
+    result["also_evaluated"] = list(EXTRA)
     # The pruned model saves and reloads: the weights file, and the mask as its own file.
     from lens import models
 
@@ -309,7 +242,6 @@ def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str)
     result["reload_max_abs_logit_diff"] = float(jnp.abs(reloaded(probe) - pruned(probe)).max())
     M.save_masks(out / f"pruned_{label}_masks.safetensors", masks["ratio"], None,
                  {"method": "ratio", "steps": args.prune_steps, "frac": args.prune_frac})
-    result["layer_counts"] = masks["ratio"].sum(1).tolist()
     return result, masks
 
 

@@ -158,64 +158,6 @@ def ranked(grid: np.ndarray, lo: np.ndarray, hi: np.ndarray, names, n: int = 8) 
             for j in order]
 
 
-def head_roles(model, groups, heads: list[tuple[int, int]]) -> list[dict]:
-    """Per head, over the clean prompts: attention from the last token (END) to the IO
-    token and to the S tokens (S1 + S2), the head's direct logit attribution to
-    logit(IO) - logit(S) at END (its output through the final norm's actual divisor),
-    and its induction / duplicate-token / previous-token scores on repeated random tokens."""
-    import jax
-    import jax.numpy as jnp
-
-    from lens.circuits.induction import _patterns_and_losses, repeated_tokens, scores_from_patterns
-    from lens.core.capture import head_outputs, run_with_cache
-    from lens.models import Capture
-    from lens.readout.dla import logit_direction
-
-    c = model.config
-    to_io, to_s, dla = [], [], []
-    gamma = np.asarray(model.final_norm_w, np.float32)
-    for clean, correct, wrong in groups:
-        _, cache = run_with_cache(model, jnp.asarray(clean), Capture(attn_pattern=True, head_z=True, norms=True))
-        pat = np.asarray(cache.attn_pattern, np.float32)[:, :, :, -1, :]  # [P, L, H, seq] from END
-        out = np.asarray(head_outputs(model, cache), np.float32)[:, :, -1]  # [P, L, H, d]
-        scale = np.asarray(cache.final_scale, np.float32)[:, -1]  # [P]
-        for i in range(len(clean)):
-            io_pos = clean[i] == correct[i]
-            s_pos = clean[i] == wrong[i]
-            to_io.append(pat[i][..., io_pos].sum(-1))
-            to_s.append(pat[i][..., s_pos].sum(-1))
-            u, _ = logit_direction(model, int(correct[i]), int(wrong[i]))
-            x = out[i] - out[i].mean(-1, keepdims=True) if c.norm_kind == "layer" else out[i]
-            dla.append(x @ (np.asarray(u) * gamma) / scale[i])
-    to_io, to_s, dla = np.stack(to_io), np.stack(to_s), np.stack(dla)
-    T = 20
-    probe = repeated_tokens(jax.random.key(3), 16, T, c.vocab_size, 0, low=min(1000, c.vocab_size // 2))
-    patterns, _ = _patterns_and_losses(model, jnp.asarray(probe))
-    patterns = np.asarray(patterns)
-    induction, previous = scores_from_patterns(patterns, T)
-    second = np.arange(T + 1, 2 * T + 1)
-    duplicate = patterns[..., second, second - T].mean(axis=(0, -1))
-    rows = []
-    for l, h in heads:
-        rows.append({"head": [l, h], "attn_end_to_io": float(to_io[:, l, h].mean()),
-                     "attn_end_to_s": float(to_s[:, l, h].mean()),
-                     "dla_io_minus_s": float(dla[:, l, h].mean()), "dla_sign": "+" if dla[:, l, h].mean() > 0 else "-",
-                     "induction_score": float(induction[l, h]), "duplicate_token_score": float(duplicate[l, h]),
-                     "previous_token_score": float(previous[l, h])})
-    for r in rows:  # a name by the usual signatures (Wang et al.), a guide, not a proof
-        if r["attn_end_to_io"] > 0.3 and r["attn_end_to_io"] > 2 * r["attn_end_to_s"]:
-            r["role"] = "name mover" if r["dla_io_minus_s"] > 0 else "negative name mover"
-        elif r["attn_end_to_s"] > 0.3 and r["attn_end_to_s"] > 2 * r["attn_end_to_io"]:
-            r["role"] = "S-attending (S-inhibition?)"
-        elif r["induction_score"] > 0.3:
-            r["role"] = "induction"
-        elif r["duplicate_token_score"] > 0.3:
-            r["role"] = "duplicate token"
-        else:
-            r["role"] = "unclear"
-    return rows
-
-
 def run_corruption(model, tok, task, corruption, p: Preset, args, log):
     """Every grid of one task under one corruption, pooled over the task's templates."""
     from lens.circuits import tasks
@@ -317,6 +259,8 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
         heads = np.asarray(out["grid"]["heads"]["patching"])
         top = [tuple(int(i) for i in np.unravel_index(j, heads.shape))
                for j in np.argsort(-np.abs(heads).ravel(), kind="stable")[:max(8, args.receivers)]]
+        from lens.circuits.head_roles import head_roles
+
         roles = head_roles(model, [(g["clean"], g["correct"], g["wrong"]) for g in groups], top)
         for r in roles:
             r["denoising_effect"] = float(heads[tuple(r["head"])])
@@ -326,59 +270,12 @@ def run_corruption(model, tok, task, corruption, p: Preset, args, log):
     return out
 
 
-def completeness_meaning(fraction: float, receiver_effect: float, ends_match: bool) -> str:
-    """What a receiver's all-senders completeness fraction says (path patching into QUERIES,
-    noising, `path_completeness`: every earlier head from the corrupted run at once, MLPs and
-    norms recomputed).  When END's token is the same in both prompts, the residual at every
-    position whose token did not change (END included) then IS the corrupted run's (only
-    attention moves information between positions, and every head is patched), so the
-    receiver's query at END is fully patched and a fraction near 1 is what the construction
-    gives: it rules out only an effect through the receiver's query at the changed (name)
-    positions, and cannot tell heads from MLPs (both are on the path).  The informative
-    numbers are then the single-sender cells and how they add up."""
-    if abs(receiver_effect) < 0.05:
-        return "the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
-    if ends_match and fraction > 0.9:
-        return ("~1, as the construction gives when END's token is unchanged: with every earlier head patched "
-                "and MLPs recomputed, the residual at END is the corrupted run's, so this says only that the "
-                "effect does not come through the receiver's query at the changed name positions; it does not "
-                "separate heads from MLPs (see the single-sender cells and the additivity line)")
-    if abs(fraction) < 0.2:
-        return ("~0: the receiver's query-input effect does not come through earlier heads (embeddings / MLPs at "
-                "the changed positions carry it, or the heads' effects cancel); its per-sender cells explain nothing")
-    if fraction > 0.7:
-        return "the earlier heads carry most of the receiver's query-input effect"
-    return "the earlier heads carry part of it; the rest comes through embeddings / MLPs at the changed positions"
-
-
-def additivity_sums(grid: np.ndarray, receivers) -> dict:
-    """The single-sender cells (noising, base = 0) summed over the SAME senders as the joint
-    all-senders run (every head before the first receiver's layer), and over every cell (which
-    adds the senders between the receivers' layers, absent from the joint run)."""
-    first = min(layer for layer, _ in receivers)
-    return {"sum_of_single_sender_effects": float(np.asarray(grid)[:first].sum()),
-            "sum_of_single_sender_effects_all_cells": float(np.asarray(grid).sum()),
-            "senders_before_layer": int(first)}
-
-
-def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
-    """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
-    the groups' sizes allow (round-robin), so a small budget still spans every template."""
-    shares = [0] * len(sizes)
-    left = min(n_pairs, sum(sizes))
-    while left > 0:
-        for i, size in enumerate(sizes):
-            if left > 0 and shares[i] < size:
-                shares[i] += 1
-                left -= 1
-    return shares
-
-
 def path_section(model, groups, roles, p, args, budget, log, task, corruption) -> dict:
     """Path patching, senders -> receivers' queries (noising), receivers chosen by ROLE:
     the top heads by |denoising effect| that attend from END to IO (name-mover signature),
     else the top heads by |effect|; then the all-senders completeness check per receiver."""
-    from lens.circuits.path_patching import path_completeness, path_patching
+    from lens.circuits.path_patching import (additivity_sums, completeness_meaning, path_completeness,
+                                             path_patching, path_shares)
 
     movers = [tuple(r["head"]) for r in roles if r["attn_end_to_io"] > r["attn_end_to_s"]
               and r["attn_end_to_io"] > 0.1 and r["head"][0] > 0]

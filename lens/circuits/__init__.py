@@ -10,7 +10,10 @@ Modules:
   attribution         attribution_patching -> the same grid to first order; atp_star -> |effect| grid;
                       attention_pattern -> [heads, seq, seq]; compare_estimate(effect, estimate) -> dict;
                       effect_stats(effect, atp, qk, star, topk) -> dict of compare_estimate per estimate
-  path_patching       path_patching(model, clean, corrupted, metric, receivers) -> [*P, layers, heads]
+  path_patching       path_patching(model, clean, corrupted, metric, receivers) -> [*P, layers, heads];
+                      path_completeness; reading: completeness_meaning, additivity_sums, path_shares
+  head_roles          head_roles(model, groups, heads) -> per head: END->IO / END->S attention, DLA to
+                      IO - S, induction / duplicate / previous-token scores, role_name (a guide, not a proof)
   scrubbing           scrub(model, tokens [N, seq], hypothesis, loss_fn, targets) -> ScrubResult (losses [seeds, N]);
                       compare(hypotheses) -> report dict; loss_recovered, mean_interval, compare_to;
                       re-exports the hypothesis nodes of scrubbing_nodes

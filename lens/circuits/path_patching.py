@@ -4,6 +4,9 @@ query / key / value inputs, on token-aligned clean / corrupted pairs.
     grid = path_patching.path_patching(model, clean, corrupted, metric, receivers=[(9, 6)], receiver_input="q")   # [layers, heads]
 
 Inputs are checked as in `lens.circuits.patching` (`check_pair`, `check_metric`).
+Reading the results: `completeness_meaning` (what an all-senders fraction says),
+`additivity_sums` (the single-sender cells beside the joint run), `path_shares` (pairs
+per length group).
 """
 
 from __future__ import annotations
@@ -173,3 +176,52 @@ def _input_patch(model, base, src_resid, metric, recv, receiver_input, batched):
         return eqx.combine(a, rest)(model(tokens, edits=e))
 
     return jax.vmap(one, in_axes=(0, 0, axes))(base, src_resid, arrays)
+
+
+# ------------------------------------------------------------------ reading the results
+def completeness_meaning(fraction: float, receiver_effect: float, ends_match: bool) -> str:
+    """What a receiver's all-senders completeness fraction says (path patching into QUERIES,
+    noising, `path_completeness`: every earlier head from the corrupted run at once, MLPs and
+    norms recomputed).  When END's token is the same in both prompts, the residual at every
+    position whose token did not change (END included) then IS the corrupted run's (only
+    attention moves information between positions, and every head is patched), so the
+    receiver's query at END is fully patched and a fraction near 1 is what the construction
+    gives: it rules out only an effect through the receiver's query at the changed (name)
+    positions, and cannot tell heads from MLPs (both are on the path).  The informative
+    numbers are then the single-sender cells and how they add up."""
+    if abs(receiver_effect) < 0.05:
+        return "the receiver's query barely depends on the corruption (|effect| < 0.05): nothing to explain"
+    if ends_match and fraction > 0.9:
+        return ("~1, as the construction gives when END's token is unchanged: with every earlier head patched "
+                "and MLPs recomputed, the residual at END is the corrupted run's, so this says only that the "
+                "effect does not come through the receiver's query at the changed name positions; it does not "
+                "separate heads from MLPs (see the single-sender cells and the additivity line)")
+    if abs(fraction) < 0.2:
+        return ("~0: the receiver's query-input effect does not come through earlier heads (embeddings / MLPs at "
+                "the changed positions carry it, or the heads' effects cancel); its per-sender cells explain nothing")
+    if fraction > 0.7:
+        return "the earlier heads carry most of the receiver's query-input effect"
+    return "the earlier heads carry part of it; the rest comes through embeddings / MLPs at the changed positions"
+
+
+def additivity_sums(grid: np.ndarray, receivers) -> dict:
+    """The single-sender cells (noising, base = 0) summed over the SAME senders as the joint
+    all-senders run (every head before the first receiver's layer), and over every cell (which
+    adds the senders between the receivers' layers, absent from the joint run)."""
+    first = min(layer for layer, _ in receivers)
+    return {"sum_of_single_sender_effects": float(np.asarray(grid)[:first].sum()),
+            "sum_of_single_sender_effects_all_cells": float(np.asarray(grid).sum()),
+            "senders_before_layer": int(first)}
+
+
+def path_shares(n_pairs: int, sizes: list[int]) -> list[int]:
+    """How many of `n_pairs` path-patching pairs each length group gives: as even a split as
+    the groups' sizes allow (round-robin), so a small budget still spans every template."""
+    shares = [0] * len(sizes)
+    left = min(n_pairs, sum(sizes))
+    while left > 0:
+        for i, size in enumerate(sizes):
+            if left > 0 and shares[i] < size:
+                shares[i] += 1
+                left -= 1
+    return shares

@@ -24,5 +24,9 @@ Modules:
                        layer's mini-batch loop with held-out evals), fit_summary
   router_predictor_fit fit_routers / fit_predictors (per layer, to a PlateauRule); recall_counts;
                        reference_recall (the DejaVu reference's label and recall)
+  pruning_study        PruningStudy (what decides a study), run_pruning_study (the ratio method + random
+                       and forget-only baselines, saved run by run) -> (report section, masks);
+                       first_step_selective; draw_summary
+  pruning_resume       rows_digest; saved_pruning_run (one run saved as it finishes, reused under its key)
   sparsity_study       moe_splits, fit_sparsity, moe_study, dejavu_study (scripts/modularity.py's sections)
 """

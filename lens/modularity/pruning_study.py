@@ -1,0 +1,156 @@
+"""A selective-pruning study with its controls: the ratio method, random pruning and
+forget-activation-only pruning (>= 1 draws each), the paper's differential drop and the
+verdict on the first step; every run saved as it finishes (`pruning_resume`).
+
+    study = PruningStudy(forget="python-code", retain="shakespeare", frac=0.02, steps=1, draws=5)
+    result, masks = run_pruning_study(model, forget_rows, retain_rows, evals, skip, study,
+                                      folder=out / "pruning_runs_m0", forget_sample=lambda d: rows_d)
+
+`evals` maps corpus name -> int rows [N, seq] (the forget and retain corpora among them);
+`forget_sample(d)` gives the forget rows draw d >= 1 of the forget-only baseline collects
+its statistics on (draw 0 uses `forget_rows`).  The result dict is scripts/modularity.py's
+`selective_pruning` report section (less the save-and-reload check, which is I/O).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from lens.modularity import pruning as M
+from lens.modularity import pruning_resume as saved_runs
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningStudy:
+    """What decides a study: the corpora's names (forget / retain: keys of `evals`), the share
+    of all MLP neurons pruned per step, the steps, the draws of each baseline, the first
+    random seed (draw d uses seed + d), the statistics' matmul dtype, and the ratio's eps."""
+
+    forget: str
+    retain: str
+    frac: float = 0.02
+    steps: int = 1
+    draws: int = 5
+    seed: int = 0
+    compute_dtype: str = "float32"
+    eps: float = 1e-3
+
+    def __post_init__(self):
+        if not isinstance(self.draws, int) or self.draws < 1:
+            raise ValueError(f"draws must be an int >= 1; got {self.draws!r}")
+        if self.forget == self.retain:
+            raise ValueError(f"forget and retain must differ; both are {self.forget!r}")
+        M.PruningConfig(self.steps, "ratio", self.frac, eps=self.eps, compute_dtype=self.compute_dtype)  # validates
+
+
+def draw_summary(draws: list[list[dict]], corpora, metric: str = "top1") -> list[dict]:
+    """Per step and corpus: the mean, min and max of `metric` over the draws (each draw a
+    list of `selective_pruning` records, all with the same steps)."""
+    if not draws or len({len(d) for d in draws}) != 1:
+        raise ValueError(f"draws must be a non-empty list of equally long record lists; got lengths "
+                         f"{[len(d) for d in draws]}")
+    out = []
+    for step in range(len(draws[0])):
+        vals = {c: [d[step][c][metric] for d in draws] for c in corpora}
+        out.append({"step": step, "neurons_pruned": draws[0][step]["neurons_pruned"],
+                    **{c: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v))}
+                       for c, v in vals.items()}})
+    return out
+
+
+def first_step_selective(records: list[dict], forget: str, retain: str) -> dict:
+    """The first step is selective when the forget set's top-1 after it lies below the
+    unpruned model's 95% interval AND the retain set's top-1 stays inside its interval."""
+    if len(records) < 2:
+        raise ValueError("first_step_selective needs the unpruned record and at least one step")
+    f0, f1, r0, r1 = records[0][forget], records[1][forget], records[0][retain], records[1][retain]
+    forget_hit = f1["top1"] < f0["top1_ci95"][0]
+    retain_kept = r0["top1_ci95"][0] <= r1["top1"] <= r0["top1_ci95"][1]
+    return {"selective": bool(forget_hit and retain_kept), "forget_below_interval": bool(forget_hit),
+            "retain_inside_interval": bool(retain_kept),
+            "definition": "after step 1, forget top-1 < the unpruned 95% interval's lower end and retain top-1 "
+                          "inside the unpruned 95% interval (intervals over rows)"}
+
+
+def _records_line(name: str, records: list[dict], corpora, seconds: float) -> str:
+    last = records[-1]
+    return (f"  {name}: {seconds:.0f} s, step {last['step']}: "
+            + ", ".join(f"{c} top1 {last[c]['top1']:.3f}" for c in corpora))
+
+
+def run_pruning_study(model, forget_rows, retain_rows, evals: dict, skip, study: PruningStudy, folder,
+                      forget_sample: Callable[[int], np.ndarray], label: str = "m0", progress: bool = True
+                      ) -> tuple[dict, dict]:
+    """The ratio run, then `study.draws` draws of each baseline, each saved to
+    `folder/<run>.safetensors` as it finishes and loaded instead of rerun when the same
+    study is started again (a file saved under other settings or data is refused).
+    Returns (the report section, {method: the first run's neuron mask})."""
+    for name in (study.forget, study.retain):
+        if name not in evals:
+            raise ValueError(f"evals must include {name!r} (the forget and retain corpora); it has {sorted(evals)}")
+    corpora = list(evals)
+    folder = Path(folder)
+    n_neurons = int(model.config.n_layers * model.config.d_mlp)
+    data_digest = saved_runs.rows_digest(retain_rows, skip, *evals.values())
+
+    def run(name, config, sample, **kw):
+        key = {"config": dataclasses.asdict(config), "rows": saved_runs.rows_digest(sample) + data_digest,
+               "model": label}
+        t0 = time.perf_counter()
+        out = saved_runs.saved_pruning_run(folder / f"{name}.safetensors", key, lambda: M.selective_pruning(
+            model, sample, retain_rows, evals, skip, config, **kw))
+        if progress:
+            print(_records_line(name, out[0], corpora, time.perf_counter() - t0), flush=True)
+        return out
+
+    if progress:
+        print(f"  pruning study: {study.frac:.0%} of {n_neurons} neurons x {study.steps} step(s); statistics on "
+              f"{np.asarray(forget_rows).size} forget / {np.asarray(retain_rows).size} retain tokens; metrics on "
+              + ", ".join(f"{c} {np.asarray(r).size}" for c, r in evals.items())
+              + f" tokens; {1 + 2 * study.draws} runs, each saved to {folder} as it finishes", flush=True)
+    t0 = time.perf_counter()
+    masks = {}
+    config = M.PruningConfig(study.steps, "ratio", study.frac, eps=study.eps, chunk=8, compute_dtype=study.compute_dtype)
+    recs, masks["ratio"], _ = run("ratio", config, forget_rows)
+    seconds = time.perf_counter() - t0
+    baselines = {"random": [], "forget": []}
+    for d in range(study.draws):
+        config = M.PruningConfig(study.steps, "random", study.frac, seed=study.seed + d, chunk=8)
+        rec, nm, _ = run(f"random_{d}", config, forget_rows, unpruned_record=recs[0])
+        baselines["random"].append(rec)
+        masks.setdefault("random", nm)
+        # forget-activation-only: draw d collects its statistics on another sample of the forget text
+        sample = forget_rows if d == 0 else forget_sample(d)
+        config = M.PruningConfig(study.steps, "forget", study.frac, eps=study.eps, chunk=8,
+                                 compute_dtype=study.compute_dtype)
+        rec, nm, _ = run(f"forget_{d}", config, sample, unpruned_record=recs[0])
+        baselines["forget"].append(rec)
+        masks.setdefault("forget", nm)
+    result = {"eps": study.eps, "neuron_frac_per_step": study.frac, "head_frac_per_step": 0.0, "n_neurons": n_neurons,
+              "forget": study.forget, "retain": [study.retain], "compute_dtype": study.compute_dtype,
+              "tokens_collected": {"forget": int(np.asarray(forget_rows).size), "retain": int(np.asarray(retain_rows).size)},
+              "tokens_evaluated": {c: int(np.asarray(r).size) for c, r in evals.items()},
+              "intervals": "95% normal intervals over rows (rows as clusters): *_ci95 in every record",
+              "methods": {"ratio": {"records": recs, "seconds": seconds},
+                          "forget": {"records": baselines["forget"][0]},
+                          "random": {"draws": baselines["random"]}}}
+    result["baselines"] = {
+        "random": {"draws": baselines["random"], "summary": draw_summary(baselines["random"], corpora),
+                   "what": "the same counts drawn uniformly among live neurons, one seed per draw"},
+        "forget": {"draws": baselines["forget"], "summary": draw_summary(baselines["forget"], corpora),
+                   "what": "top forget-set mean |a| (no retain term), one forget sample per draw"},
+        "n_draws": study.draws}
+    result["differential_drop"] = {
+        "ratio": M.differential_drop(recs, study.forget, study.retain),
+        "random": [M.differential_drop(r, study.forget, study.retain) for r in baselines["random"]],
+        "forget": [M.differential_drop(r, study.forget, study.retain) for r in baselines["forget"]],
+        "definition": f"per step: forget top-1 drop % minus retain ({study.retain}) top-1 drop %, each relative "
+                      "to the unpruned model; max over pruned steps"}
+    result["first_step"] = first_step_selective(recs, study.forget, study.retain)
+    result["layer_counts"] = masks["ratio"].sum(1).tolist()
+    return result, masks

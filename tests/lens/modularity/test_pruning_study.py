@@ -1,0 +1,104 @@
+"""lens.modularity.pruning_study: the verdict and the draw summary by hand, the study's
+runs equal independent `selective_pruning` calls with the same settings, and a second
+start of the same study loads every run instead of running it."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lens.modularity import pruning as M
+from lens.modularity import pruning_study as S
+from lens_tiny import VOCAB, tiny
+
+RNG = np.random.RandomState(7)
+FORGET = RNG.randint(0, VOCAB, size=(3, 7))  # odd sizes: chunk=8 covers them in one partial chunk
+RETAIN = RNG.randint(0, VOCAB, size=(2, 7))
+OTHER = RNG.randint(0, VOCAB, size=(3, 7))
+
+
+def js(x):
+    """What a saved run reloads to (JSON: tuples become lists); the same computation on the
+    same CPU is deterministic, so equality is exact."""
+    return json.loads(json.dumps(x))
+
+
+def _record(step, forget, retain):
+    """A record with top-1 values and 95% intervals (value, (lo, hi)) per corpus."""
+    return {"step": step, "neurons_pruned": 10 * step,
+            "f": {"top1": forget[0], "top1_ci95": list(forget[1])}, "r": {"top1": retain[0], "top1_ci95": list(retain[1])}}
+
+
+@pytest.mark.parametrize("after, expected", [
+    (((0.25, (0.23, 0.27)), (0.20, (0.17, 0.23))), (True, True, True)),    # forget below, retain inside
+    (((0.30, (0.28, 0.32)), (0.20, (0.17, 0.23))), (False, False, True)),  # forget at its lower end: not below
+    (((0.10, (0.08, 0.12)), (0.16, (0.14, 0.18))), (False, True, False)),  # retain fell out
+    (((0.10, (0.08, 0.12)), (0.24, (0.22, 0.26))), (False, True, False)),  # retain rose out: not "kept"
+    (((0.25, (0.23, 0.27)), (0.17, (0.15, 0.19))), (True, True, True)),    # retain at its lower end: inside
+])
+def test_first_step_selective_by_hand(after, expected):
+    records = [_record(0, (0.40, (0.30, 0.50)), (0.20, (0.17, 0.23))), _record(1, *after)]
+    v = S.first_step_selective(records, "f", "r")
+    assert (v["selective"], v["forget_below_interval"], v["retain_inside_interval"]) == expected
+    with pytest.raises(ValueError, match="at least one step"):
+        S.first_step_selective(records[:1], "f", "r")
+
+
+def test_draw_summary_by_hand():
+    draws = [[_record(0, (0.4, (0, 1)), (0.2, (0, 1))), _record(1, (0.1, (0, 1)), (0.3, (0, 1)))],
+             [_record(0, (0.4, (0, 1)), (0.2, (0, 1))), _record(1, (0.3, (0, 1)), (0.1, (0, 1)))],
+             [_record(0, (0.4, (0, 1)), (0.2, (0, 1))), _record(1, (0.2, (0, 1)), (0.2, (0, 1)))]]
+    (s0, s1) = S.draw_summary(draws, ["f", "r"])
+    assert s0["f"] == {"mean": pytest.approx(0.4), "min": 0.4, "max": 0.4} and s1["neurons_pruned"] == 10
+    assert s1["f"] == {"mean": pytest.approx(0.2), "min": 0.1, "max": 0.3}
+    assert s1["r"] == {"mean": pytest.approx(0.2), "min": 0.1, "max": 0.3}
+    with pytest.raises(ValueError, match="equally long"):
+        S.draw_summary([draws[0], draws[1][:1]], ["f"])
+    with pytest.raises(ValueError, match="equally long"):
+        S.draw_summary([], ["f"])
+
+
+@pytest.mark.parametrize("bad, match", [(dict(draws=0), "draws"), (dict(retain="code"), "differ"),
+                                        (dict(frac=1.5), "neuron_frac"), (dict(steps=0), "steps"),
+                                        (dict(compute_dtype="float16"), "compute_dtype")])
+def test_study_settings_are_checked(bad, match):
+    with pytest.raises(ValueError, match=match):
+        S.PruningStudy(**{"forget": "code", "retain": "prose", **bad})
+
+
+def test_study_equals_independent_runs_and_resumes_without_rerunning(tmp_path, monkeypatch):
+    _, model, _ = tiny("llama")
+    evals = {"code": FORGET, "prose": RETAIN, "docs": OTHER}
+    study = S.PruningStudy("code", "prose", frac=0.1, steps=2, draws=2, seed=3)
+    samples = []
+
+    def sample(d):
+        samples.append(d)
+        return OTHER
+
+    result, masks = S.run_pruning_study(model, FORGET, RETAIN, evals, [], study, tmp_path / "runs",
+                                        forget_sample=sample, progress=False)
+    assert samples == [1]  # draw 0 collects on the forget rows themselves
+    # independent runs with the same settings
+    ratio, nm, _ = M.selective_pruning(model, FORGET, RETAIN, evals, [], M.PruningConfig(2, "ratio", 0.1, chunk=8))
+    assert result["methods"]["ratio"]["records"] == js(ratio) and np.array_equal(masks["ratio"], nm)
+    rnd1, _, _ = M.selective_pruning(model, FORGET, RETAIN, evals, [], M.PruningConfig(2, "random", 0.1, seed=4, chunk=8))
+    assert result["baselines"]["random"]["draws"][1] == js(rnd1)
+    fgt1, _, _ = M.selective_pruning(model, OTHER, RETAIN, evals, [], M.PruningConfig(2, "forget", 0.1, chunk=8))
+    assert result["baselines"]["forget"]["draws"][1] == js(fgt1)
+    assert result["differential_drop"]["ratio"] == M.differential_drop(js(ratio), "code", "prose")
+    assert result["first_step"] == S.first_step_selective(ratio, "code", "prose")
+    assert result["tokens_collected"] == {"forget": 21, "retain": 14}
+    assert result["tokens_evaluated"] == {"code": 21, "prose": 14, "docs": 21}
+    assert result["layer_counts"] == nm.sum(1).tolist() and result["baselines"]["n_draws"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
+        "forget_0.safetensors", "forget_1.safetensors", "random_0.safetensors", "random_1.safetensors",
+        "ratio.safetensors"]
+    # started again: every run is loaded, none is run
+    monkeypatch.setattr(M, "selective_pruning", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rerun")))
+    again, masks2 = S.run_pruning_study(model, FORGET, RETAIN, evals, [], study, tmp_path / "runs",
+                                        forget_sample=sample, progress=False)
+    assert again["baselines"] == result["baselines"] and np.array_equal(masks2["ratio"], masks["ratio"])
+    with pytest.raises(ValueError, match="evals must include 'prose'"):
+        S.run_pruning_study(model, FORGET, RETAIN, {"code": FORGET}, [], study, tmp_path / "x",
+                            forget_sample=sample, progress=False)
