@@ -165,6 +165,9 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int_at_least(0), default=0)
     ap.add_argument("--masks", default=None, help="steering without re-pruning: a masks file of an earlier run "
                     "(pruned_m0_masks.safetensors); the random control is drawn afresh with the same count")
+    ap.add_argument("--plan", action="store_true",
+                    help="print the selective-pruning study's size (token-forwards, FLOPs, memory, hours: "
+                         "lens.modularity.pruning_study.study_plan) for these settings and stop")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help=f"comma-separated subset of {','.join(SECTIONS)} (steering needs pruning)")
     args = ap.parse_args(argv)
@@ -220,18 +223,32 @@ def rows_for(tok, args, split, n, seed):
 
 
 # ------------------------------------------------------------------ the sections
+def the_study(args) -> pruning_study.PruningStudy:
+    return pruning_study.PruningStudy(FORGET, RETAIN[0], args.prune_frac, args.prune_steps, args.random_draws,
+                                      args.seed, args.compute_dtype)
+
+
+def pruning_plan(args, model, train, evals) -> dict:
+    """The study's size before it runs (`pruning_study.study_plan`), printed."""
+    plan = pruning_study.study_plan(model.config, the_study(args), args.seq, int(train[FORGET].size),
+                                    int(sum(train[n].size for n in RETAIN)), {c: int(r.size) for c, r in evals.items()})
+    print(pruning_study.plan_lines(plan)[0], flush=True)
+    return plan
+
+
 def pruning_section(args, model, tok, train, evals, skip, out: Path, label: str):
     """`lens.modularity.pruning_study`: the ratio method and both baselines, every run saved
     to out/pruning_runs_<label>/ as it finishes (a stopped study resumes); then the pruned
     model is saved and reloaded."""
     forget = train[FORGET]
-    study = pruning_study.PruningStudy(FORGET, RETAIN[0], args.prune_frac, args.prune_steps, args.random_draws,
-                                       args.seed, args.compute_dtype)
+    plan = pruning_plan(args, model, train, evals)
     result, masks = pruning_study.run_pruning_study(
-        model, forget, np.concatenate([train[n] for n in RETAIN]), evals, skip, study, out / f"pruning_runs_{label}",
+        model, forget, np.concatenate([train[n] for n in RETAIN]), evals, skip, the_study(args),
+        out / f"pruning_runs_{label}",
         forget_sample=lambda d: rows_for(tok, args, "train", args.collect_rows, args.seed + 1000 + d)[FORGET],
         label=label)
     result["also_evaluated"] = list(EXTRA)
+    result["plan"] = plan
     # The pruned model saves and reloads: the weights file, and the mask as its own file.
     from lens import models
 
@@ -380,6 +397,9 @@ def main(argv=None) -> dict:
               f"{'gated ' if model.config.gated_mlp else ''}{model.config.activation}")
         train = rows_for(tok, args, "train", args.collect_rows, args.seed)
         evals = rows_for(tok, args, args.eval_split, args.eval_rows, args.seed + 1)
+        if args.plan:
+            report["selective_pruning"][name] = {"plan": pruning_plan(args, model, train, evals)}
+            continue
         skip = M.common_tokens(np.concatenate([data.load_tokens(n, tok, args.seq, "train")[:256] for n in (FORGET,) + RETAIN + EXTRA]), 50)
         t = {}
         if "selective_pruning" in args.sections:
@@ -416,6 +436,9 @@ def main(argv=None) -> dict:
             t["moefication_and_contextual_sparsity"] = time.perf_counter() - t0
         report["seconds"][name] = t
         print(f"   seconds: {json.dumps({k: round(v) for k, v in t.items()})}")
+    if args.plan:  # sizes only: nothing ran
+        (out / "plan.json").write_text(json.dumps(report["selective_pruning"], indent=1))
+        return report
     report["seconds"]["total"] = time.perf_counter() - t_start
     # CPU seconds of this process (all threads): on a machine shared with other jobs the
     # wall time says more about the neighbours than about this script.

@@ -216,6 +216,10 @@ def markdown(report, figures) -> str:
         fs, dd = res.get("first_step", {}), res.get("differential_drop", {})
         lines += [f"### {name}", "", f"Tokens collected: {res.get('tokens_collected')}; evaluated: "
                   f"{res.get('tokens_evaluated')}; statistics in {res.get('compute_dtype', 'float32')}.", ""]
+        if res.get("plan"):
+            from lens.modularity.pruning_study import plan_lines
+
+            lines += [*plan_lines(res["plan"]), ""]
         if fs:
             lines += [f"**First step selective: {'yes' if fs['selective'] else 'no'}** ({fs['definition']}).", ""]
         if dd:

@@ -141,6 +141,17 @@ def _per_device(n: int, mesh: dict[str, int]) -> int:
     return math.ceil(n / mesh.get(S.DATA, 1))
 
 
+def forward_flops_per_token(config: ModelConfig, seq: int) -> int:
+    """Matmul FLOPs (multiply-adds x 2) of one token's forward in a sequence of `seq`: every
+    block's weight matrices (q, k, v, o; the MLP's two or three), the unembedding, and causal
+    attention's QK^T and AV at half the context on average.  Norms, softmax and activations
+    are left out (a few percent at these widths)."""
+    c = config
+    q, kv = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    per_layer = c.d_model * (2 * q + 2 * kv) + (3 if c.gated_mlp else 2) * c.d_model * c.d_mlp
+    return 2 * (c.n_layers * per_layer + c.d_model * c.vocab_size) + 2 * c.n_layers * seq * q
+
+
 def plan(config: ModelConfig, mesh, workload: str, dtype=jnp.float32, **params) -> Plan:
     """Per-device bytes of `workload` for `config` on `mesh` (a Mesh or {axis: size}).
 

@@ -48,6 +48,64 @@ class PruningStudy:
         M.PruningConfig(self.steps, "ratio", self.frac, eps=self.eps, compute_dtype=self.compute_dtype)  # validates
 
 
+# This project's CPU, for the plan's second time: SmolLM2-135M (2.73e8 FLOPs per token-forward
+# at rows of 128) ran ~400 token-forwards per CPU-second in the 2026-12-07 1e5-token pruning
+# runs (docs/findings/modularity.md); other models are scaled by their FLOPs.
+CPU_FLOPS_PER_CPU_S = 400 * 2.73e8
+
+
+def study_plan(config, study: PruningStudy, seq: int, forget_tokens: int, retain_tokens: int,
+               eval_tokens: dict[str, int], chunk: int = 8, peak_flops: float = 989e12,
+               utilisation: float = 0.4) -> dict:
+    """The size of `run_pruning_study` before running it, counted from what it runs:
+
+      ratio run      the unpruned evaluation (E = the sum of `eval_tokens`), then per step the
+                     statistics on the forget and the retain tokens (F + R) and an evaluation (E)
+      random draw    per step an evaluation (the unpruned record is the ratio run's)
+      forget draw    per step the statistics on a forget sample (F) and an evaluation
+
+    token-forwards = E + S (F + R + E) + D S E + D S (F + E) for S steps and D draws; FLOPs
+    = token-forwards x `lens.core.plan.forward_flops_per_token` (every pass is one forward:
+    the statistics' |a| sums and the metrics are a few percent more); bytes of one chunk's
+    forward from `lens.core.plan` (shapes by `jax.eval_shape`).  Hours at `peak_flops` x
+    `utilisation` (default: one H100 SXM's dense bf16 peak, 40%; the model runs in float32
+    unless asked, so read this as a lower bound on a GPU) and, for scale, CPU-hours at
+    CPU_FLOPS_PER_CPU_S (this project's machine, measured on SmolLM2-135M)."""
+    from lens.core import plan as PL
+
+    sizes = {"seq": seq, "forget_tokens": forget_tokens, "retain_tokens": retain_tokens, "chunk": chunk,
+             **{f"eval_tokens[{k}]": v for k, v in eval_tokens.items()}}
+    for name, v in sizes.items():
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    if not (peak_flops > 0 and 0 < utilisation <= 1):
+        raise ValueError(f"need peak_flops > 0 and 0 < utilisation <= 1; got {peak_flops}, {utilisation}")
+    E, F, R, S, D = sum(eval_tokens.values()), forget_tokens, retain_tokens, study.steps, study.draws
+    runs = {"ratio": E + S * (F + R + E), "random": D * S * E, "forget": D * S * (F + E)}
+    total = sum(runs.values())
+    per_token = PL.forward_flops_per_token(config, seq)
+    mem = PL.plan(config, {"data": 1, "model": 1}, "forward", batch=chunk, seq=seq)
+    cpu_rate = CPU_FLOPS_PER_CPU_S / per_token  # token-forwards per CPU-second
+    return {"token_forwards": {**runs, "total": total}, "flops_per_token": per_token, "flops": per_token * total,
+            "bytes_per_chunk": {"weights": mem.weights, "activations": mem.activations, "total": mem.total},
+            "hours": {"gpu": per_token * total / (peak_flops * utilisation) / 3600,
+                      "cpu": total / cpu_rate / 3600},
+            "assumed_flops_per_s": peak_flops * utilisation, "cpu_token_forwards_per_cpu_s": cpu_rate,
+            "steps": S, "draws": D, **sizes}
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """`study_plan`'s dict as one line of text (stdout and report.md of scripts/modularity.py)."""
+    t = plan["token_forwards"]
+    return [f"Plan (selective pruning): {t['total']:,} token-forwards (ratio {t['ratio']:,}, random draws "
+            f"{t['random']:,}, forget-only draws {t['forget']:,}; {plan['steps']} step(s), {plan['draws']} draws of "
+            f"each baseline), {plan['flops'] / 1e15:.3g} PFLOP; {plan['bytes_per_chunk']['total'] / 2**30:.2f} GiB "
+            f"per chunk of {plan['chunk']} x {plan['seq']} tokens (lens.core.plan); a FLOP floor of "
+            f"{plan['hours']['gpu'] * 60:.2g} GPU-minutes at {plan['assumed_flops_per_s'] / 1e12:.0f} TFLOP/s (a small "
+            f"model in small chunks is bound by dispatch there, not FLOPs); ~{plan['hours']['cpu']:.3g} CPU-hours at "
+            f"{plan['cpu_token_forwards_per_cpu_s']:.0f} token-forwards per CPU-second (this project's machine)."]
+
+
 def draw_summary(draws: list[list[dict]], corpora, metric: str = "top1") -> list[dict]:
     """Per step and corpus: the mean, min and max of `metric` over the draws (each draw a
     list of `selective_pruning` records, all with the same steps)."""

@@ -33,9 +33,7 @@ def training_plan(config, batch: int, seq: int, steps: int, accumulate: int = 1,
 
     c = config
     n_fit = c.n_layers if layers is None else len(layers)
-    q, kv = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
-    per_layer = c.d_model * (2 * q + 2 * kv) + (3 if c.gated_mlp else 2) * c.d_model * c.d_mlp
-    model_fwd = 2 * (c.n_layers * per_layer + c.d_model * c.vocab_size) + 2 * c.n_layers * seq * q
+    model_fwd = PL.forward_flops_per_token(c, seq)
     decode = 2 * c.d_model * c.vocab_size
     tuned = model_fwd + n_fit * (6 * c.d_model ** 2 + 2 * decode)
     temperature = model_fwd + n_fit * decode

@@ -124,3 +124,16 @@ def test_eval_split_validation_plus_test_draws_from_both_held_out_splits():
         assert len(both[name]) == len(v) + len(t) and len(val[name]) == len(v)
         as_set = lambda a: {r.tobytes() for r in np.asarray(a)}  # noqa: E731
         assert as_set(both[name]) == as_set(v) | as_set(t) and as_set(t) - as_set(v)
+
+
+def test_plan_prints_the_study_size_and_runs_nothing(tmp_path, capsys):
+    """--plan: the selective-pruning study's size for the preset's sizes (smoke: 2 rows of 24
+    tokens per set, 2 steps, 5 draws), counted by hand here, and nothing run or saved."""
+    report = script_namespace("modularity")["main"](["--out", str(tmp_path), "--preset", "smoke", "--plan"])
+    (plan,) = (v["plan"] for v in report["selective_pruning"].values())
+    F = R = 48  # collect_tokens 48 = 2 rows of 24
+    E = 3 * 48  # three corpora, 2 rows of 24 each
+    assert plan["token_forwards"]["total"] == E + 2 * (F + R + E) + 5 * 2 * E + 5 * 2 * (F + E)
+    assert "Plan (selective pruning)" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+    assert json.loads((tmp_path / "plan.json").read_text()) == report["selective_pruning"]

@@ -102,3 +102,34 @@ def test_study_equals_independent_runs_and_resumes_without_rerunning(tmp_path, m
     with pytest.raises(ValueError, match="evals must include 'prose'"):
         S.run_pruning_study(model, FORGET, RETAIN, {"code": FORGET}, [], study, tmp_path / "x",
                             forget_sample=sample, progress=False)
+
+
+def test_study_plan_counts_what_the_study_runs():
+    """token-forwards by hand from the study's runs (ratio: unpruned eval + per step both
+    statistics and an eval; random: per step an eval; forget-only: per step a forget
+    collection and an eval), FLOPs = that x forward_flops_per_token counted here by hand,
+    bytes = lens.core.plan's forward workload for one chunk."""
+    from lens.core import plan as PL
+
+    _, model, _ = tiny("llama")
+    c = model.config
+    study = S.PruningStudy("code", "prose", frac=0.1, steps=3, draws=4)
+    p = S.study_plan(c, study, 7, forget_tokens=21, retain_tokens=14, eval_tokens={"code": 21, "prose": 14, "docs": 9},
+                     chunk=2, peak_flops=1e12, utilisation=0.5)
+    E = 21 + 14 + 9
+    assert p["token_forwards"] == {"ratio": E + 3 * (21 + 14 + E), "random": 4 * 3 * E, "forget": 4 * 3 * (21 + E),
+                                   "total": E + 3 * (35 + E) + 12 * E + 12 * (21 + E)}
+    q, kv = c.n_heads * c.d_head, c.n_kv_heads * c.d_head
+    by_hand = 2 * (c.n_layers * (c.d_model * q * 2 + c.d_model * kv * 2 + 3 * c.d_model * c.d_mlp)
+                   + c.d_model * c.vocab_size) + 2 * c.n_layers * 7 * q
+    assert c.gated_mlp and p["flops_per_token"] == by_hand == PL.forward_flops_per_token(c, 7)
+    assert p["flops"] == by_hand * p["token_forwards"]["total"]
+    assert p["hours"]["gpu"] == pytest.approx(p["flops"] / 5e11 / 3600, rel=1e-12)
+    assert p["hours"]["cpu"] == pytest.approx(p["flops"] / S.CPU_FLOPS_PER_CPU_S / 3600, rel=1e-12)
+    assert p["bytes_per_chunk"]["total"] == PL.plan(c, {"data": 1, "model": 1}, "forward", batch=2, seq=7).total
+    assert S.plan_lines(p)[0].startswith(f"Plan (selective pruning): {p['token_forwards']['total']:,} token-forwards")
+    for kw, match in ((dict(seq=0), "seq"), (dict(eval_tokens={"code": 2.5}), r"eval_tokens\[code\]"),
+                      (dict(utilisation=1.5), "utilisation")):
+        args = {**dict(seq=7, forget_tokens=21, retain_tokens=14, eval_tokens={"code": 21}), **kw}
+        with pytest.raises(ValueError, match=match):
+            S.study_plan(c, study, **args)
