@@ -82,7 +82,7 @@ PRESETS = {
                     reply_tokens=8, steer_seeds=3, eval_split="validation"),
     # the references' sizes (taker: 1e5 tokens per set for the statistics and the metrics;
     # DejaVu: 20 epochs over 400k tokens; MoEfication: 30 epochs): an accelerator's job (the pruning
-    # alone ~2e7 token-forwards, ~14 CPU-hours here; the plan: docs/modularity.md)
+    # alone ~1.7e7 token-forwards, ~17.5 CPU-hours here: `--preset paper --plan`)
     "paper": Preset(seq=128, collect_tokens=100_000, eval_tokens=100_000, prune_steps=5, random_draws=5,
                   expert_size=32, fractions="0.125,0.25,0.5", fit_tokens=102_400, moe_eval_tokens=16_384,
                   router_epochs=30, predictor_epochs=20, rank=64, kmeans_iters=6, gen_tokens=64, steer_prompts=4,

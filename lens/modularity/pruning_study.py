@@ -49,9 +49,11 @@ class PruningStudy:
 
 
 # This project's CPU, for the plan's second time: SmolLM2-135M (2.73e8 FLOPs per token-forward
-# at rows of 128) ran ~400 token-forwards per CPU-second in the 2026-12-07 1e5-token pruning
-# runs (docs/findings/modularity.md); other models are scaled by their FLOPs.
-CPU_FLOPS_PER_CPU_S = 400 * 2.73e8
+# at rows of 128) ran ~275 token-forwards per user CPU-second in the 2026-12-07 study with
+# statistics and metrics on 1e5 tokens per corpus (2.52e6 token-forwards, mostly metrics:
+# the logits over the 49k vocabulary cost more than the statistics' ~400 per CPU-second;
+# docs/findings/modularity.md); other models are scaled by their FLOPs.
+CPU_FLOPS_PER_CPU_S = 275 * 2.73e8
 
 
 def study_plan(config, study: PruningStudy, seq: int, forget_tokens: int, retain_tokens: int,
