@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from jaxtyping import Int
 
 from lens.modularity import pruning as M
 from lens.modularity import pruning_resume as saved_runs
@@ -143,9 +144,10 @@ def _records_line(name: str, records: list[dict], corpora, seconds: float) -> st
             + ", ".join(f"{c} top1 {last[c]['top1']:.3f}" for c in corpora))
 
 
-def run_pruning_study(model, forget_rows, retain_rows, evals: dict, skip, study: PruningStudy, folder,
-                      forget_sample: Callable[[int], np.ndarray], label: str = "m0", progress: bool = True
-                      ) -> tuple[dict, dict]:
+def run_pruning_study(model, forget_rows: Int[np.ndarray, "F seq"], retain_rows: Int[np.ndarray, "R seq"],
+                      evals: dict[str, Int[np.ndarray, "N seq"]], skip, study: PruningStudy, folder,
+                      forget_sample: Callable[[int], Int[np.ndarray, "F seq"]], label: str = "m0",
+                      progress: bool = True) -> tuple[dict, dict]:
     """The ratio run, then `study.draws` draws of each baseline, each saved to
     `folder/<run>.safetensors` as it finishes and loaded instead of rerun when the same
     study is started again (a file saved under other settings or data is refused).
@@ -162,6 +164,9 @@ def run_pruning_study(model, forget_rows, retain_rows, evals: dict, skip, study:
         key = {"config": dataclasses.asdict(config), "rows": saved_runs.rows_digest(sample) + data_digest,
                "model": label}
         t0 = time.perf_counter()
+        if progress and study.steps > 1:  # a long run shows every step, not only its end
+            kw["on_step"] = lambda r: print(_records_line(f"{name} (running)", [r], corpora,
+                                                          time.perf_counter() - t0), flush=True)
         out = saved_runs.saved_pruning_run(folder / f"{name}.safetensors", key, lambda: M.selective_pruning(
             model, sample, retain_rows, evals, skip, config, **kw))
         if progress:

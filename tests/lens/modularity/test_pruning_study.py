@@ -133,3 +133,14 @@ def test_study_plan_counts_what_the_study_runs():
         args = {**dict(seq=7, forget_tokens=21, retain_tokens=14, eval_tokens={"code": 21}), **kw}
         with pytest.raises(ValueError, match=match):
             S.study_plan(c, study, **args)
+
+
+def test_progress_prints_every_step_of_a_multi_step_run(tmp_path, capsys):
+    _, model, _ = tiny("llama")
+    study = S.PruningStudy("code", "prose", frac=0.1, steps=2, draws=1)
+    S.run_pruning_study(model, FORGET, RETAIN, {"code": FORGET, "prose": RETAIN}, [], study, tmp_path,
+                        forget_sample=lambda d: OTHER, progress=True)
+    out = capsys.readouterr().out
+    for name in ("ratio", "random_0", "forget_0"):
+        assert f"{name} (running):" in out and f"  {name}: " in out
+    assert "ratio (running)" in out and "step 1:" in out and "step 2:" in out
