@@ -135,6 +135,9 @@ def parse_args(argv=None):
     ap.add_argument("--prune-frac", type=positive_float, default=0.02, help="share of all MLP neurons per step")
     ap.add_argument("--random-draws", type=int_at_least(1),
                     help="draws of each baseline: random pruning (seeds), forget-only pruning (collection samples)")
+    ap.add_argument("--first-draw", type=int_at_least(0), default=0,
+                    help="index of the first baseline draw (a study in parts: --first-draw 3 --random-draws 2 "
+                         "runs draws 3-4; scripts/modularity_report.py OUT --merge A --merge B joins the parts)")
     ap.add_argument("--expert-size", type=int_at_least(1))
     ap.add_argument("--fractions", type=positive_floats, help="fractions of experts / neurons kept")
     ap.add_argument("--fit-tokens", type=int_at_least(8),
@@ -225,7 +228,7 @@ def rows_for(tok, args, split, n, seed):
 # ------------------------------------------------------------------ the sections
 def the_study(args) -> pruning_study.PruningStudy:
     return pruning_study.PruningStudy(FORGET, RETAIN[0], args.prune_frac, args.prune_steps, args.random_draws,
-                                      args.seed, args.compute_dtype)
+                                      args.seed, args.compute_dtype, first_draw=args.first_draw)
 
 
 def pruning_plan(args, model, train, evals) -> dict:

@@ -216,6 +216,10 @@ def markdown(report, figures) -> str:
         fs, dd = res.get("first_step", {}), res.get("differential_drop", {})
         lines += [f"### {name}", "", f"Tokens collected: {res.get('tokens_collected')}; evaluated: "
                   f"{res.get('tokens_evaluated')}; statistics in {res.get('compute_dtype', 'float32')}.", ""]
+        if res.get("parts"):
+            lines += [f"Joined from {len(res['parts'])} parts (draws "
+                      + ", ".join(str(p["draw_ids"]) for p in res["parts"]) + "): one study run in parts "
+                      "(`--first-draw`), the same ratio run in each.", ""]
         if res.get("plan"):
             from lens.modularity.pruning_study import plan_lines
 
@@ -375,10 +379,49 @@ def render(out: Path) -> str:
     return text
 
 
+def merge_reports(parts: list[dict]) -> dict:
+    """One report from the reports of a selective-pruning study run in parts (`--first-draw`):
+    the same models, only the selective_pruning section, each model's sections joined by
+    `lens.modularity.pruning_study.merge_studies` (which refuses parts of different studies
+    or with overlapping draws).  args are the first part's with the joined draw count;
+    `seconds` sums the parts' and keeps each."""
+    from lens.modularity.pruning_study import merge_studies
+
+    first = parts[0]
+    for i, p in enumerate(parts):
+        if p["models"] != first["models"]:
+            raise ValueError(f"part {i} ran {p['models']}, part 0 {first['models']}")
+        other = [k for k in ("steering", "moefication", "contextual_sparsity", "fit_sweep") if p.get(k)]
+        if other or not p.get("selective_pruning"):
+            raise ValueError(f"part {i}: only selective-pruning reports merge; it holds {other or 'no pruning'}")
+    sp = {name: merge_studies([p["selective_pruning"][name] for p in parts]) for name in first["models"]}
+    n = {s["baselines"]["n_draws"] for s in sp.values()}.pop()
+    return {**first, "args": {**first["args"], "random_draws": n, "first_draw": 0},
+            "selective_pruning": sp, "seconds": {"total": sum(p["seconds"]["total"] for p in parts),
+                                                 "cpu_total": sum(p["seconds"].get("cpu_total", 0) for p in parts),
+                                                 "parts": [p["seconds"] for p in parts]},
+            "merged_from": [p["args"].get("out") for p in parts]}
+
+
 if __name__ == "__main__":
     import argparse
 
-    ap = argparse.ArgumentParser(description="report.md of a scripts/modularity.py run again, from its report.json")
-    ap.add_argument("out", type=Path, help="the run's --out folder (holds report.json)")
-    folder = ap.parse_args().out
-    print(f"wrote {folder / 'report.md'} ({len(render(folder).splitlines())} lines)")
+    ap = argparse.ArgumentParser(description="report.md of a scripts/modularity.py run again, from its report.json; "
+                                 "with --merge, one report from the parts of a study run with --first-draw")
+    ap.add_argument("out", type=Path, help="the run's --out folder (holds report.json); with --merge, the new folder")
+    ap.add_argument("--merge", type=Path, action="append", default=None, metavar="FOLDER",
+                    help="a part's --out folder (repeat for every part; at least two)")
+    a = ap.parse_args()
+    if a.merge is not None:
+        if len(a.merge) < 2:
+            ap.error("--merge: give every part's folder, at least two")
+        missing = [str(f) for f in a.merge if not (f / "report.json").is_file()]
+        if missing:
+            ap.error(f"--merge: no report.json in {', '.join(missing)}")
+        try:
+            merged = merge_reports([json.loads((f / "report.json").read_text()) for f in a.merge])
+        except ValueError as e:
+            ap.error(f"--merge: {e}")
+        a.out.mkdir(parents=True, exist_ok=True)
+        write_report(merged, a.out)
+    print(f"wrote {a.out / 'report.md'} ({len(render(a.out).splitlines())} lines)")

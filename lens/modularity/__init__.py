@@ -26,7 +26,7 @@ Modules:
                        reference_recall (the DejaVu reference's label and recall)
   pruning_study        PruningStudy (what decides a study), run_pruning_study (the ratio method + random
                        and forget-only baselines, saved run by run) -> (report section, masks);
-                       first_step_selective; draw_summary
+                       first_step_selective; draw_summary; merge_studies (a study run in parts, joined)
   pruning_resume       rows_digest; saved_pruning_run (one run saved as it finishes, reused under its key)
   sparsity_study       moe_splits, fit_sparsity, moe_study, dejavu_study (scripts/modularity.py's sections)
 """

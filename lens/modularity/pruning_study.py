@@ -30,7 +30,10 @@ from lens.modularity import pruning_resume as saved_runs
 class PruningStudy:
     """What decides a study: the corpora's names (forget / retain: keys of `evals`), the share
     of all MLP neurons pruned per step, the steps, the draws of each baseline, the first
-    random seed (draw d uses seed + d), the statistics' matmul dtype, and the ratio's eps."""
+    random seed (draw d uses seed + d), the statistics' matmul dtype, the ratio's eps, and
+    the first draw's index: a study run as parts (draws 0-2 on one machine, `first_draw=3,
+    draws=2` on another) gives the same draws as one run of 5, and `merge_studies` joins
+    the parts' report sections."""
 
     forget: str
     retain: str
@@ -40,10 +43,13 @@ class PruningStudy:
     seed: int = 0
     compute_dtype: str = "float32"
     eps: float = 1e-3
+    first_draw: int = 0
 
     def __post_init__(self):
         if not isinstance(self.draws, int) or self.draws < 1:
             raise ValueError(f"draws must be an int >= 1; got {self.draws!r}")
+        if not isinstance(self.first_draw, int) or self.first_draw < 0:
+            raise ValueError(f"first_draw must be an int >= 0; got {self.first_draw!r}")
         if self.forget == self.retain:
             raise ValueError(f"forget and retain must differ; both are {self.forget!r}")
         M.PruningConfig(self.steps, "ratio", self.frac, eps=self.eps, compute_dtype=self.compute_dtype)  # validates
@@ -184,7 +190,8 @@ def run_pruning_study(model, forget_rows: Int[np.ndarray, "F seq"], retain_rows:
     recs, masks["ratio"], _ = run("ratio", config, forget_rows)
     seconds = time.perf_counter() - t0
     baselines = {"random": [], "forget": []}
-    for d in range(study.draws):
+    draw_ids = list(range(study.first_draw, study.first_draw + study.draws))
+    for d in draw_ids:
         config = M.PruningConfig(study.steps, "random", study.frac, seed=study.seed + d, chunk=8)
         rec, nm, _ = run(f"random_{d}", config, forget_rows, unpruned_record=recs[0])
         baselines["random"].append(rec)
@@ -202,14 +209,14 @@ def run_pruning_study(model, forget_rows: Int[np.ndarray, "F seq"], retain_rows:
               "tokens_evaluated": {c: int(np.asarray(r).size) for c, r in evals.items()},
               "intervals": "95% normal intervals over rows (rows as clusters): *_ci95 in every record",
               "methods": {"ratio": {"records": recs, "seconds": seconds},
-                          "forget": {"records": baselines["forget"][0]},
+                          "forget": {"records": baselines["forget"][0]},  # the first draw's
                           "random": {"draws": baselines["random"]}}}
     result["baselines"] = {
         "random": {"draws": baselines["random"], "summary": draw_summary(baselines["random"], corpora),
                    "what": "the same counts drawn uniformly among live neurons, one seed per draw"},
         "forget": {"draws": baselines["forget"], "summary": draw_summary(baselines["forget"], corpora),
                    "what": "top forget-set mean |a| (no retain term), one forget sample per draw"},
-        "n_draws": study.draws}
+        "n_draws": study.draws, "draw_ids": draw_ids}
     result["differential_drop"] = {
         "ratio": M.differential_drop(recs, study.forget, study.retain),
         "random": [M.differential_drop(r, study.forget, study.retain) for r in baselines["random"]],
@@ -219,3 +226,62 @@ def run_pruning_study(model, forget_rows: Int[np.ndarray, "F seq"], retain_rows:
     result["first_step"] = first_step_selective(recs, study.forget, study.retain)
     result["layer_counts"] = masks["ratio"].sum(1).tolist()
     return result, masks
+
+
+def _same(a, b, rel: float) -> bool:
+    """a == b for JSON-like trees, floats to `rel` relative (0: exact)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= rel * max(abs(a), abs(b))
+    return a == b
+
+
+# What must agree for two parts to be one study (the ratio run's records included).
+STUDY_KEYS = ("eps", "neuron_frac_per_step", "n_neurons", "forget", "retain", "compute_dtype", "tokens_collected",
+              "tokens_evaluated", "layer_counts")
+
+
+def merge_studies(parts: list[dict], rel: float = 1e-9) -> dict:
+    """One report section from the sections of a study run in parts (`PruningStudy.first_draw`):
+    the parts must be the same study (the settings, the tokens and the ratio run's records,
+    floats to `rel`: the same code on another machine may sum in another order) with
+    disjoint draws; the baselines' draws are joined in draw order and their summaries and
+    differential drops computed again.  A section without `draw_ids` (saved before parts
+    existed) holds draws 0 .. n_draws - 1.  The rest is the first part's."""
+    if len(parts) < 2:
+        raise ValueError(f"merge_studies needs at least two parts; got {len(parts)}")
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        for k in STUDY_KEYS:
+            if not _same(first.get(k), p.get(k), 0.0):
+                raise ValueError(f"part {i} is another study: {k} {p.get(k)!r} != {first.get(k)!r}")
+        if not _same(first["methods"]["ratio"]["records"], p["methods"]["ratio"]["records"], rel):
+            raise ValueError(f"part {i} is another study: its ratio run's records differ from part 0's "
+                             f"(relative tolerance {rel})")
+    draws = {}
+    for i, p in enumerate(parts):
+        b = p["baselines"]
+        ids = b.get("draw_ids", list(range(b["n_draws"])))
+        for j, d in enumerate(ids):
+            if d in draws:
+                raise ValueError(f"draw {d} is in part {draws[d][0]} and in part {i}; the parts' draws must be disjoint")
+            draws[d] = (i, b["random"]["draws"][j], b["forget"]["draws"][j])
+    ids = sorted(draws)
+    rnd, fgt = [draws[d][1] for d in ids], [draws[d][2] for d in ids]
+    corpora = list(first["tokens_evaluated"])
+    forget, retain = first["forget"], first["retain"][0]
+    out = dict(first)
+    out["methods"] = {**first["methods"], "random": {"draws": rnd}, "forget": {"records": fgt[0]}}
+    out["baselines"] = {
+        "random": {**first["baselines"]["random"], "draws": rnd, "summary": draw_summary(rnd, corpora)},
+        "forget": {**first["baselines"]["forget"], "draws": fgt, "summary": draw_summary(fgt, corpora)},
+        "n_draws": len(ids), "draw_ids": ids}
+    out["differential_drop"] = {**first["differential_drop"],
+                                "random": [M.differential_drop(r, forget, retain) for r in rnd],
+                                "forget": [M.differential_drop(r, forget, retain) for r in fgt]}
+    out["parts"] = [{"draw_ids": p["baselines"].get("draw_ids", list(range(p["baselines"]["n_draws"]))),
+                     "ratio_seconds": p["methods"]["ratio"].get("seconds")} for p in parts]
+    return out

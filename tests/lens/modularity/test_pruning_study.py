@@ -60,7 +60,8 @@ def test_draw_summary_by_hand():
 
 @pytest.mark.parametrize("bad, match", [(dict(draws=0), "draws"), (dict(retain="code"), "differ"),
                                         (dict(frac=1.5), "neuron_frac"), (dict(steps=0), "steps"),
-                                        (dict(compute_dtype="float16"), "compute_dtype")])
+                                        (dict(compute_dtype="float16"), "compute_dtype"),
+                                        (dict(first_draw=-1), "first_draw"), (dict(first_draw=1.0), "first_draw")])
 def test_study_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         S.PruningStudy(**{"forget": "code", "retain": "prose", **bad})
@@ -102,6 +103,55 @@ def test_study_equals_independent_runs_and_resumes_without_rerunning(tmp_path, m
     with pytest.raises(ValueError, match="evals must include 'prose'"):
         S.run_pruning_study(model, FORGET, RETAIN, {"code": FORGET}, [], study, tmp_path / "x",
                             forget_sample=sample, progress=False)
+
+
+SAMPLES = {1: OTHER, 2: FORGET[::-1], 3: OTHER[::-1]}  # the forget-only draws' samples, by draw
+
+
+def _study(model, folder, **kw):
+    evals = {"code": FORGET, "prose": RETAIN, "docs": OTHER}
+    study = S.PruningStudy("code", "prose", frac=0.1, steps=1, seed=3, **kw)
+    return S.run_pruning_study(model, FORGET, RETAIN, evals, [], study, folder, forget_sample=SAMPLES.__getitem__,
+                               progress=False)[0]
+
+
+def test_a_study_in_parts_merges_into_the_one_study(tmp_path):
+    """Draws 0-1 and draw 2 run as two parts (first_draw 0 and 2, their own folders) and
+    joined by merge_studies equal the same study run once with 3 draws: every draw, the
+    summaries, the differential drops and the verdict, exactly (same code, same CPU)."""
+    _, model, _ = tiny("llama")
+    whole = js(_study(model, tmp_path / "whole", draws=3))
+    a, b = js(_study(model, tmp_path / "a", draws=2)), js(_study(model, tmp_path / "b", draws=1, first_draw=2))
+    assert b["baselines"]["draw_ids"] == [2] and sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "forget_2.safetensors", "random_2.safetensors", "ratio.safetensors"]
+    assert b["baselines"]["random"]["draws"][0] == whole["baselines"]["random"]["draws"][2]
+    merged = js(S.merge_studies([b, a], rel=0.0))  # any order of parts: draws are joined by index
+    for k in ("baselines", "differential_drop", "first_step", "layer_counts", "tokens_evaluated"):
+        assert merged[k] == whole[k], k
+    assert merged["methods"]["random"] == whole["methods"]["random"]
+    assert merged["methods"]["forget"] == whole["methods"]["forget"]  # the lowest draw's records
+    assert [p["draw_ids"] for p in merged["parts"]] == [[2], [0, 1]]
+    # a section saved before draw_ids existed holds draws 0 .. n_draws - 1
+    old = {**a, "baselines": {k: v for k, v in a["baselines"].items() if k != "draw_ids"}}
+    assert js(S.merge_studies([old, b], rel=0.0))["baselines"] == whole["baselines"]
+
+
+def test_merge_studies_refuses_parts_of_other_studies(tmp_path):
+    _, model, _ = tiny("llama")
+    a, b = js(_study(model, tmp_path / "a", draws=2)), js(_study(model, tmp_path / "b", draws=1, first_draw=2))
+    with pytest.raises(ValueError, match="draw 0 is in part 0 and in part 1"):
+        S.merge_studies([a, a])
+    with pytest.raises(ValueError, match="at least two parts"):
+        S.merge_studies([a])
+    with pytest.raises(ValueError, match="tokens_collected"):
+        S.merge_studies([a, {**b, "tokens_collected": {"forget": 7, "retain": 14}}])
+    moved = js(b)
+    moved["methods"]["ratio"]["records"][1]["code"]["loss"] *= 1 + 1e-6  # beyond the 1e-9 tolerance
+    with pytest.raises(ValueError, match="ratio run's records differ"):
+        S.merge_studies([a, moved])
+    near = js(b)
+    near["methods"]["ratio"]["records"][1]["code"]["loss"] *= 1 + 1e-12  # a summation-order difference
+    assert S.merge_studies([a, near])["baselines"]["n_draws"] == 3
 
 
 def test_study_plan_counts_what_the_study_runs():
