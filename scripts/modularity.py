@@ -330,7 +330,8 @@ def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[di
     fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
                            FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
                            jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
-                           progress=True)  # one line per layer fitted: a long run shows where it is
+                           progress=True,  # one line per layer fitted: a long run shows where it is
+                           saved_fits=out / "sparsity_fits")  # each layer saved: a stopped run resumes
     print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
     ev = np.concatenate([r[:n_eval] for r in eval_rows.values()])

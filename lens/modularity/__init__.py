@@ -22,11 +22,13 @@ Modules:
                        labels); split_rows (held-out rows); active_label (the DejaVu reference's label)
   plateau_fit          PlateauRule (the stop rule), FitConfig (routers() / predictors()), fit_layer (one
                        layer's mini-batch loop with held-out evals), fit_summary
-  router_predictor_fit fit_routers / fit_predictors (per layer, to a PlateauRule); recall_counts;
+  router_predictor_fit fit_routers / fit_predictors (per layer, to a PlateauRule; SavedFits: each
+                       layer saved as it finishes, a stopped run resumes); recall_counts;
                        reference_recall (the DejaVu reference's label and recall)
   pruning_study        PruningStudy (what decides a study), run_pruning_study (the ratio method + random
                        and forget-only baselines, saved run by run) -> (report section, masks);
                        first_step_selective; draw_summary; merge_studies (a study run in parts, joined)
-  pruning_resume       rows_digest; saved_pruning_run (one run saved as it finishes, reused under its key)
+  resume               saved_result (a finished piece saved under its key, reused or refused);
+                       saved_pruning_run; rows_digest, tree_digest (what goes into a key)
   sparsity_study       moe_splits, fit_sparsity, moe_study, dejavu_study (scripts/modularity.py's sections)
 """

@@ -1,6 +1,6 @@
 """A selective-pruning study with its controls: the ratio method, random pruning and
 forget-activation-only pruning (>= 1 draws each), the paper's differential drop and the
-verdict on the first step; every run saved as it finishes (`pruning_resume`).
+verdict on the first step; every run saved as it finishes (`resume`).
 
     study = PruningStudy(forget="python-code", retain="shakespeare", frac=0.02, steps=1, draws=5)
     result, masks = run_pruning_study(model, forget_rows, retain_rows, evals, skip, study,
@@ -23,7 +23,7 @@ import numpy as np
 from jaxtyping import Int
 
 from lens.modularity import pruning as M
-from lens.modularity import pruning_resume as saved_runs
+from lens.modularity import resume as saved_runs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,9 @@ loop and its stop rules: `lens.modularity.plateau_fit` (`PlateauRule`, `FitConfi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -32,9 +34,31 @@ from lens.modularity import contextual_sparsity as CS
 from lens.modularity import moefication as MOE
 from lens.modularity.neurons import check_neuron_rows, top_k_mask
 from lens.modularity.plateau_fit import FitConfig, fit_layer, fit_summary
+from lens.modularity.resume import rows_digest, saved_result
 from lens.modularity.sparsity_data import LABELS, SparsityData, mlp_labels, split_rows
 from lens.models.core.interventions import Capture
 from lens.models.core.transformer import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedFits:
+    """Each layer's fit saved to `folder` as it finishes (`lens.modularity.resume.saved_result`)
+    and loaded instead of refitted when a stopped run starts again.  `key`: what decides the
+    fits besides what the fit adds itself (the kind, the layer, the FitConfig, the held-out
+    split, the split labels / rank / label / PRNG key): the model's and the collected rows'
+    digests (`resume.tree_digest`, `resume.rows_digest`)."""
+
+    folder: Path
+    key: dict
+
+
+def _layer_fit(saved: SavedFits | None, name: str, key: dict, fit):
+    """fit() -> (arrays, log), or the saved layer's (arrays, log) under `key`."""
+    if saved is None:
+        return fit()
+    arrays, info = saved_result(Path(saved.folder) / f"{name}.safetensors", {**saved.key, **key},
+                                lambda: (lambda a, log: (a, {"log": log}))(*fit()))
+    return arrays, info["log"]
 
 
 # ------------------------------------------------------------------ routers
@@ -84,13 +108,15 @@ def _layers_and_split(data: SparsityData, cfg: FitConfig, split):
 
 
 def fit_routers(model: Transformer, labels_list, data: SparsityData, cfg: FitConfig | None = None,
-                progress: bool = False, split=None, fractions=(0.25, 0.5)) -> tuple[list[MOE.Routers], dict]:
+                progress: bool = False, split=None, fractions=(0.25, 0.5),
+                saved: SavedFits | None = None) -> tuple[list[MOE.Routers], dict]:
     """The reference MLP routers (`moefication.mlp_routers` init), one per split in
     `labels_list` (in the order of `data.mass`'s split axis), trained per layer to
     `cfg.rule` on `data` (held-out: BCE in batches of `cfg.batch`).  Only `data.layers`
     are fitted (the others keep the init).  `split`: (train, held-out) token indices
     (None: `split_rows` with cfg.val_frac, cfg.seed).  Each layer's log also has, at the
-    kept epoch, `held_out_topk_agreement` {fraction of experts: [per split]} (`topk_agreement`)."""
+    kept epoch, `held_out_topk_agreement` {fraction of experts: [per split]} (`topk_agreement`).
+    `saved`: each layer's fit saved as it finishes, reused when the run starts again."""
     cfg = cfg or FitConfig.routers()
     if data.mlp_in is None:
         raise ValueError("data has no router arrays: collect_sparsity_data(..., onehots=...)")
@@ -108,17 +134,25 @@ def fit_routers(model: Transformer, labels_list, data: SparsityData, cfg: FitCon
     out_w1 = [list(r.w1) for r in init]
     out_w2 = [list(r.w2) for r in init]
     logs = []
+    n_split = len(init)
+    fixed = {"fit": "router", "config": dataclasses.asdict(cfg), "split": rows_digest(tr, va),
+             "labels": rows_digest(*labels_list), "fractions": list(fractions)}
     for pos, layer in enumerate(layers):
-        p = (tuple(r.w1[layer] for r in init), tuple(r.w2[layer] for r in init))
-        h, mass = np.asarray(data.mlp_in[pos]), np.asarray(data.mass[pos])
-        hv, mv = jnp.asarray(h[va]), jnp.asarray(mass[va])
-        best, log = fit_layer(p, _router_loss, eval_fn, (jnp.asarray(h[tr]), jnp.asarray(mass[tr])), (hv, mv),
-                              cfg, opt, jax.random.key(cfg.seed + layer))
-        for s in range(len(init)):
-            out_w1[s][layer], out_w2[s][layer] = best[0][s], best[1][s]
-        log = {"layer": layer, **log, "held_out_loss": log["held_out"][log["best_epoch"]],
-               "held_out_topk_agreement": {str(f): np.asarray(_router_agreement(best, hv, mv, max(1, round(f * n_exp))),
-                                                              np.float64).tolist() for f in fractions}}
+        def fit():
+            p = (tuple(r.w1[layer] for r in init), tuple(r.w2[layer] for r in init))
+            h, mass = np.asarray(data.mlp_in[pos]), np.asarray(data.mass[pos])
+            hv, mv = jnp.asarray(h[va]), jnp.asarray(mass[va])
+            best, log = fit_layer(p, _router_loss, eval_fn, (jnp.asarray(h[tr]), jnp.asarray(mass[tr])), (hv, mv),
+                                  cfg, opt, jax.random.key(cfg.seed + layer))
+            log = {"layer": layer, **log, "held_out_loss": log["held_out"][log["best_epoch"]],
+                   "held_out_topk_agreement": {
+                       str(f): np.asarray(_router_agreement(best, hv, mv, max(1, round(f * n_exp))), np.float64).tolist()
+                       for f in fractions}}
+            return {**{f"w1_{s}": best[0][s] for s in range(n_split)}, **{f"w2_{s}": best[1][s] for s in range(n_split)}}, log
+
+        arrays, log = _layer_fit(saved, f"router_layer{layer:03d}", {**fixed, "layer": layer}, fit)
+        for s in range(n_split):
+            out_w1[s][layer], out_w2[s][layer] = jnp.asarray(arrays[f"w1_{s}"]), jnp.asarray(arrays[f"w2_{s}"])
         logs.append(log)
         if progress:
             print(f"    router layer {layer}: {log['epochs']} epochs, {log['stop_reason']}, held-out {log['held_out'][-1]:.4f}")
@@ -154,7 +188,7 @@ def _pred_loss(p, x, yn, yh, d_mlp):
 
 def fit_predictors(model: Transformer, data: SparsityData, cfg: FitConfig | None = None, rank: int = 64,
                    key=None, label: str = "active", progress: bool = False, split=None,
-                   top_frac: float = 0.1) -> tuple[CS.Predictors, dict]:
+                   top_frac: float = 0.1, saved: SavedFits | None = None) -> tuple[CS.Predictors, dict]:
     """Deja Vu predictors (`contextual_sparsity.init_predictors` at `rank`) trained per
     layer to `cfg.rule` on `data`: neurons on `label` ("active": the reference's label;
     "top": |a| in the token's top label_frac), heads on the top head_frac; the rule reads
@@ -162,7 +196,8 @@ def fit_predictors(model: Transformer, data: SparsityData, cfg: FitConfig | None
     `data.layers` are fitted (the others keep the init); `split` as in `fit_routers`.  Each
     layer's log also has `held_out_final` at the kept epoch: the reference's recall of the
     "active" label with the share predicted on and the share truly on, and the recall of
-    the "top" label within each token's `top_frac` highest logits (`top_recall_counts`)."""
+    the "top" label within each token's `top_frac` highest logits (`top_recall_counts`).
+    `saved`: each layer's fit saved as it finishes, reused when the run starts again."""
     cfg = cfg or FitConfig.predictors()
     if label not in LABELS:
         raise ValueError(f"label must be one of {LABELS}; got {label!r}")
@@ -199,21 +234,27 @@ def fit_predictors(model: Transformer, data: SparsityData, cfg: FitConfig | None
 
     fields = ("mlp_a", "mlp_b", "head_a", "head_b")
     out, logs = {f: list(getattr(init, f)) for f in fields}, []
+    fixed = {"fit": "predictor", "config": dataclasses.asdict(cfg), "split": rows_digest(tr, va), "rank": rank,
+             "label": label, "top_frac": top_frac, "prng_key": rows_digest(jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key)}
     for pos, layer in enumerate(layers):
-        p = tuple(getattr(init, f)[layer] for f in fields)
-        x = np.asarray(data.resid[pos])  # layer_logits divides by its RMS
-        yn, yh = np.asarray(labels[pos]), np.asarray(data.heads[pos])
-        xv = jnp.asarray(x[va])
-        best, log = fit_layer(p, loss_fn, eval_fn, (jnp.asarray(x[tr]), jnp.asarray(yn[tr]), jnp.asarray(yh[tr])),
-                              (xv, jnp.asarray(yn[va]), jnp.asarray(yh[va])), cfg, opt, jax.random.fold_in(key, layer))
-        for f, v in zip(fields, best):
-            out[f][layer] = v
-        ref, top = (np.asarray(c, np.float64) for c in
-                    _final(best, xv, jnp.asarray(np.asarray(data.active[pos])[va]), jnp.asarray(np.asarray(data.top[pos])[va])))
-        size = len(va) * m
-        log = {"layer": layer, **log, "held_out_final": {
-            "recall_reference": ref[0] / max(ref[1], 1.0), "predicted_on": ref[2] / size, "truly_on": ref[1] / size,
-            f"recall_top{top_frac:g}_at_top{top_frac:g}": top[0] / max(top[1], 1.0)}}
+        def fit():
+            p = tuple(getattr(init, f)[layer] for f in fields)
+            x = np.asarray(data.resid[pos])  # layer_logits divides by its RMS
+            yn, yh = np.asarray(labels[pos]), np.asarray(data.heads[pos])
+            xv = jnp.asarray(x[va])
+            best, log = fit_layer(p, loss_fn, eval_fn, (jnp.asarray(x[tr]), jnp.asarray(yn[tr]), jnp.asarray(yh[tr])),
+                                  (xv, jnp.asarray(yn[va]), jnp.asarray(yh[va])), cfg, opt, jax.random.fold_in(key, layer))
+            ref, top = (np.asarray(c, np.float64) for c in _final(
+                best, xv, jnp.asarray(np.asarray(data.active[pos])[va]), jnp.asarray(np.asarray(data.top[pos])[va])))
+            size = len(va) * m
+            log = {"layer": layer, **log, "held_out_final": {
+                "recall_reference": ref[0] / max(ref[1], 1.0), "predicted_on": ref[2] / size, "truly_on": ref[1] / size,
+                f"recall_top{top_frac:g}_at_top{top_frac:g}": top[0] / max(top[1], 1.0)}}
+            return dict(zip(fields, best)), log
+
+        arrays, log = _layer_fit(saved, f"predictor_layer{layer:03d}", {**fixed, "layer": layer}, fit)
+        for f in fields:
+            out[f][layer] = jnp.asarray(arrays[f])
         logs.append(log)
         if progress:
             print(f"    predictor layer {layer}: {log['epochs']} epochs, {log['stop_reason']}, recall {log['held_out'][-1]:.3f}")

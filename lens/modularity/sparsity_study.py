@@ -29,6 +29,7 @@ from lens.modularity import contextual_sparsity as CS
 from lens.modularity import router_predictor_fit as RPF
 from lens.modularity import moefication as MOE
 from lens.modularity.plateau_fit import FitConfig
+from lens.modularity.resume import rows_digest, tree_digest
 from lens.modularity.sparsity_data import collect_sparsity_data, split_rows
 from lens.modularity.steering import loss_and_agreement
 from lens.models.core.transformer import Transformer
@@ -48,26 +49,32 @@ def moe_splits(model: Transformer, cluster_rows, expert_size: int, kmeans_iters:
 
 def fit_sparsity(model: Transformer, fit_rows, splits: dict | None, predictors: bool, router_cfg: FitConfig,
                  predictor_cfg: FitConfig, rank: int, key, label: str = "active", folder=None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, saved_fits=None) -> dict:
     """Collect once, fit the routers (`splits` not None) and the predictors (`predictors`);
     returns {"routers": [Routers per split] | None, "router_fit": log, "predictors",
-    "untrained", "predictor_fit", "tokens_collected", "seconds"}."""
+    "untrained", "predictor_fit", "tokens_collected", "seconds"}.  `saved_fits`: a folder
+    where every layer's fit is saved as it finishes (`router_predictor_fit.SavedFits`, keyed
+    by the model's weights and the rows): a stopped run started again collects again (the
+    memmaps are not kept) and refits only the layers not yet saved."""
     t0 = time.perf_counter()
     onehots = None if splits is None else [MOE.expert_onehot(lab) for lab in splits.values()]
+    saved = None if saved_fits is None else RPF.SavedFits(saved_fits, {
+        "model": tree_digest(model), "rows": rows_digest(fit_rows), "collect": "collect_sparsity_data defaults"})
     data = collect_sparsity_data(model, fit_rows, onehots, predictors=predictors, folder=folder)
     out = {"tokens_collected": data.n_tokens, "seconds": {"collect": time.perf_counter() - t0},
            "routers": None, "predictors": None}
     try:
         if splits is not None:
             t0 = time.perf_counter()
-            out["routers"], out["router_fit"] = RPF.fit_routers(model, list(splits.values()), data, router_cfg, progress)
+            out["routers"], out["router_fit"] = RPF.fit_routers(model, list(splits.values()), data, router_cfg, progress,
+                                                                     saved=saved)
             out["seconds"]["routers"] = time.perf_counter() - t0
         if predictors:
             t0 = time.perf_counter()
             r = min(rank, model.config.d_model)
             out["untrained"] = CS.init_predictors(model, r, key)
             out["predictors"], out["predictor_fit"] = RPF.fit_predictors(model, data, predictor_cfg, r, key, label,
-                                                                          progress)
+                                                                          progress, saved=saved)
             out["seconds"]["predictors"] = time.perf_counter() - t0
     finally:
         data.remove()

@@ -92,3 +92,58 @@ def test_fitting_some_layers_on_a_given_split(tmp_path):
     assert 0 <= fin["recall_top0.1_at_top0.1"] <= 1 and 0 < fin["truly_on"] < 1
     with pytest.raises(ValueError, match="disjoint"):
         F.fit_routers(model, [split], data, FitConfig.routers(max_epochs=1), split=(tr, tr[:5]))
+
+
+def _json(x):
+    import json
+    return json.loads(json.dumps(x, default=lambda o: o.tolist()))
+
+
+def test_saved_fits_resume_a_stopped_run_and_refuse_other_settings(tmp_path, monkeypatch):
+    """Fits saved layer by layer equal the unsaved fits exactly (weights and logs); with one
+    layer's file gone (a run killed during that layer) a second start fits that layer only;
+    a file saved under other settings is refused.  fit_sparsity's saved_fits: a second call
+    fits nothing."""
+    from lens.modularity import plateau_fit, sparsity_study as SS
+
+    _, model, _ = tiny("llama")
+    rows = np.random.RandomState(2).randint(0, VOCAB, size=(12, 9))
+    splits = [MOE.split_by_weights(model, 8), MOE.split_random(model, 8)]
+    data = collect_sparsity_data(model, rows, [MOE.expert_onehot(s) for s in splits], folder=tmp_path / "d")
+    rcfg, pcfg = FitConfig.routers(max_epochs=3, batch=16), FitConfig.predictors(max_epochs=3, batch=16)
+    saved = F.SavedFits(tmp_path / "fits", {"model": "tiny", "rows": "r"})
+    plain_r, plain_rlog = F.fit_routers(model, splits, data, rcfg)
+    plain_p, plain_plog = F.fit_predictors(model, data, pcfg, rank=4, key=jax.random.key(0))
+    r, rlog = F.fit_routers(model, splits, data, rcfg, saved=saved)
+    p, plog = F.fit_predictors(model, data, pcfg, rank=4, key=jax.random.key(0), saved=saved)
+    n = model.config.n_layers
+    assert sorted(f.name for f in (tmp_path / "fits").iterdir()) == sorted(
+        [f"router_layer{i:03d}.safetensors" for i in range(n)] + [f"predictor_layer{i:03d}.safetensors" for i in range(n)])
+    for a, b in zip(jax.tree.leaves((plain_r, plain_p)), jax.tree.leaves((r, p))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # same code, same CPU: exact
+    assert _json(plain_rlog) == rlog and _json(plain_plog) == plog
+    # killed during layer 1: its files are missing; a second start refits layer 1 only
+    for kind in ("router", "predictor"):
+        (tmp_path / "fits" / f"{kind}_layer001.safetensors").unlink()
+    calls = []
+    real = plateau_fit.fit_layer
+    monkeypatch.setattr(F, "fit_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    r2, rlog2 = F.fit_routers(model, splits, data, rcfg, saved=saved)
+    p2, plog2 = F.fit_predictors(model, data, pcfg, rank=4, key=jax.random.key(0), saved=saved)
+    assert len(calls) == 2 and rlog2 == rlog and plog2 == plog
+    for a, b in zip(jax.tree.leaves((r, p)), jax.tree.leaves((r2, p2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"other settings \(differs in \['config'\]\)"):
+        F.fit_routers(model, splits, data, FitConfig.routers(max_epochs=4, batch=16), saved=saved)
+    with pytest.raises(ValueError, match=r"differs in \['prng_key'\]"):
+        F.fit_predictors(model, data, pcfg, rank=4, key=jax.random.key(1), saved=saved)
+    # through fit_sparsity: the second call loads every layer
+    split_d = {"weights": splits[0], "random": splits[1]}
+    kw = dict(predictors=True, router_cfg=rcfg, predictor_cfg=pcfg, rank=4, key=jax.random.key(0),
+              folder=tmp_path / "d2", saved_fits=tmp_path / "fits2")
+    first = SS.fit_sparsity(model, rows, split_d, **kw)
+    monkeypatch.setattr(F, "fit_layer", lambda *a, **k: (_ for _ in ()).throw(AssertionError("refitted")))
+    again = SS.fit_sparsity(model, rows, split_d, **kw)
+    assert again["router_fit"] == first["router_fit"] and again["predictor_fit"] == first["predictor_fit"]
+    with pytest.raises(ValueError, match=r"differs in \['rows'\]"):
+        SS.fit_sparsity(model, rows[::-1], split_d, **kw)

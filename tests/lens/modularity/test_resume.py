@@ -1,4 +1,4 @@
-"""lens.modularity.pruning_resume: a saved selective-pruning run is reused only under the
+"""lens.modularity.resume: a saved selective-pruning run is reused only under the
 same key, reloads to exactly what the run returned, and a changed setting is refused."""
 
 import dataclasses
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lens.modularity import pruning as M
-from lens.modularity import pruning_resume as R
+from lens.modularity import resume as R
 from lens_tiny import VOCAB, tiny
 
 RNG = np.random.RandomState(5)
