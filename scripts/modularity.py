@@ -49,7 +49,6 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lens.modularity.plateau_fit import FitConfig  # noqa: E402
 from lens.modularity.sparsity_data import LABELS, check_layers  # noqa: E402
 from lens.modularity import sparsity_study as SS  # noqa: E402
 from lens.training import data  # noqa: E402
@@ -308,71 +307,37 @@ def steering_section(args, model, tok, masks, train, out_scores):
             "gen_tokens": args.gen_tokens, "steer_seeds": args.steer_seeds}
 
 
-def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[dict, dict]:
-    """MoEfication and Deja Vu (`lens.modularity.sparsity_study`): splits clustered on the
-    statistics rows, routers and predictors fitted on --fit-tokens fresh train rows (one
-    collection), tables on --moe-eval-tokens validation rows."""
-    c = model.config
-    want_moe, want_dv = "moefication" in args.sections, "contextual_sparsity" in args.sections
-    if want_moe and c.d_mlp % args.expert_size:
-        want_moe = False
-        moe = {"skipped": f"d_mlp {c.d_mlp} is not a multiple of expert_size {args.expert_size}"}
-    t0 = time.perf_counter()
-    splits = None
-    if want_moe:
-        mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
-        splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
-        print(f"   splits {list(splits)} in {time.perf_counter() - t0:.0f} s", flush=True)
-    t_split = time.perf_counter() - t0
+def sparsity_rows(args, tok, train):
+    """The MoEfication / Deja Vu rows: the clustering rows (the statistics rows, half of
+    --collect-rows per corpus) and --fit-tokens fresh train rows (half code, half prose)."""
+    cluster = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
     n_fit = max(2, -(-args.fit_tokens // args.seq))
-    fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # fresh draws, half code, half prose
-    fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
-    fits = SS.fit_sparsity(model, fit_rows, splits, want_dv, FitConfig.routers(max_epochs=args.router_epochs),
-                           FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
-                           jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
-                           progress=True,  # one line per layer fitted: a long run shows where it is
-                           saved_fits=out / "sparsity_fits")  # each layer saved: a stopped run resumes
-    print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}))
+    fit = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)
+    return cluster, np.concatenate([fit[n] for n in (FORGET,) + RETAIN])
+
+
+def sparsity_study(args) -> SS.SparsityStudy:
+    return SS.SparsityStudy(args.expert_size, args.kmeans_iters, tuple(args.fractions), args.router_epochs,
+                            args.predictor_epochs, args.rank, args.predictor_label, args.seed,
+                            "moefication" in args.sections, "contextual_sparsity" in args.sections)
+
+
+def sparsity_sections(args, model, tok, train, eval_rows, out: Path) -> tuple[dict, dict]:
+    """`lens.modularity.sparsity_study.run_sparsity_study`: the tables on --moe-eval-tokens
+    of the held-out rows (all three corpora)."""
     n_eval = max(1, -(-args.moe_eval_tokens // (args.seq * len(eval_rows))))
     ev = np.concatenate([r[:n_eval] for r in eval_rows.values()])
-    sizes = {"fit_tokens": fits["tokens_collected"], "evaluated": int(ev.size)}
-    if want_moe:
-        t0 = time.perf_counter()
-        moe = SS.moe_study(model, splits, fits["routers"], ev, args.fractions)
-        moe |= {"expert_size": args.expert_size, "tokens": sizes, "router_training": fits["router_fit"],
-                "split_seconds": t_split, "fit_seconds": fits["seconds"], "eval_seconds": time.perf_counter() - t0,
-                "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0"}
-    dv = {}
-    if want_dv:
-        dv = SS.dejavu_study(model, fits["predictors"], fits["untrained"], ev, args.fractions)
-        dv |= {"label": args.predictor_label, "head_label_frac": 0.3, "input": "resid_pre / rms", "tokens": sizes,
-               "training": fits["predictor_fit"], "fit_seconds": fits["seconds"]}
-    return (moe if "moefication" in args.sections else {}), dv
+    return SS.run_sparsity_study(model, *sparsity_rows(args, tok, train), ev, sparsity_study(args), out)
 
 
 def fit_sweep_section(args, model, tok, train, out: Path) -> dict:
-    """--layers: the routers and predictors of those layers fitted on --fit-tokens fresh train
-    rows and on the --fit-sweep shares of them (`lens.modularity.sparsity_study.fit_token_sweep`:
-    one collection, one held-out split), each to its plateau rule; per layer the held-out
-    loss / top-k expert agreement (routers) and recall at both definitions (predictors)."""
-    c = model.config
-    if c.d_mlp % args.expert_size:
-        raise SystemExit(f"--layers: d_mlp {c.d_mlp} is not a multiple of --expert-size {args.expert_size}")
-    t0 = time.perf_counter()
-    mixed = np.concatenate([train[n][: max(1, args.collect_rows // 2)] for n in (FORGET,) + RETAIN])
-    splits = SS.moe_splits(model, mixed, args.expert_size, args.kmeans_iters, args.seed)
-    t_split = time.perf_counter() - t0
-    n_fit = max(2, -(-args.fit_tokens // args.seq))
-    fit_rows = rows_for(tok, args, "train", -(-n_fit // 2), args.seed + 7)  # as sparsity_sections draws them
-    fit_rows = np.concatenate([fit_rows[n] for n in (FORGET,) + RETAIN])
-    sweep = SS.fit_token_sweep(model, fit_rows, splits, args.layers, args.fit_sweep,
-                               FitConfig.routers(max_epochs=args.router_epochs),
-                               FitConfig.predictors(max_epochs=args.predictor_epochs), args.rank,
-                               jax.random.key(args.seed), args.predictor_label, folder=out / "sparsity_data",
-                               progress=True, seed=args.seed)
-    return {**sweep, "splits": list(splits), "expert_size": args.expert_size, "rank": args.rank,
-            "label": args.predictor_label, "split_seconds": t_split,
-            "not_run": "the MoEfication / Deja Vu loss tables (they need every layer's router / predictor)"}
+    """--layers: `lens.modularity.sparsity_study.run_fit_sweep` on --fit-tokens and the
+    --fit-sweep shares of them."""
+    try:
+        return SS.run_fit_sweep(model, *sparsity_rows(args, tok, train), sparsity_study(args), args.layers,
+                                args.fit_sweep, out)
+    except ValueError as e:
+        raise SystemExit(f"--layers: {e}") from None
 
 
 def main(argv=None) -> dict:

@@ -1,5 +1,11 @@
 """The MoEfication and Deja Vu studies of `scripts/modularity.py`, as library calls.
 
+    study = SparsityStudy(expert_size=32, fractions=(0.25, 0.5), router_epochs=30, predictor_epochs=20)
+    moe, dejavu = run_sparsity_study(model, cluster_rows, fit_rows, eval_rows, study, folder=out)
+    sweep = run_fit_sweep(model, cluster_rows, fit_rows, study, layers=[22, 29], token_counts=[4096], folder=out)
+
+or piece by piece:
+
     splits = moe_splits(model, cluster_rows, expert_size=32, kmeans_iters=6, seed=0)
     fits = fit_sparsity(model, fit_rows, splits, predictors=True, router_cfg, predictor_cfg, rank=64, key=key)
     moe = moe_study(model, splits, fits["routers"], eval_rows, fractions)
@@ -18,8 +24,10 @@ nested shares of one collection scored on the same held-out rows (`--layers`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +38,7 @@ from lens.modularity import router_predictor_fit as RPF
 from lens.modularity import moefication as MOE
 from lens.modularity.plateau_fit import FitConfig
 from lens.modularity.resume import rows_digest, tree_digest
-from lens.modularity.sparsity_data import collect_sparsity_data, split_rows
+from lens.modularity.sparsity_data import LABELS, collect_sparsity_data, split_rows
 from lens.modularity.steering import loss_and_agreement
 from lens.models.core.transformer import Transformer
 
@@ -187,3 +195,97 @@ def dejavu_study(model: Transformer, pred: CS.Predictors, untrained: CS.Predicto
             "recall_reference": reference, "sparse_forward": sparse,
             "recall_definition": "recall: share of the top-10% |a| neurons inside the predicted top fraction; "
                                  "recall_reference: the reference's (router_predictor_fit.reference_recall)"}
+
+
+# ------------------------------------------------------------------ the whole study
+@dataclasses.dataclass(frozen=True)
+class SparsityStudy:
+    """What decides the MoEfication / Deja Vu study: experts of `expert_size` neurons (split
+    by weights, sign-free weights, co-activation with `kmeans_iters` balanced k-means, and
+    at random with `seed`), the fractions of experts / neurons kept in the tables, the
+    routers' and predictors' epoch caps (each stops earlier by its plateau rule:
+    `plateau_fit.FitConfig`), the predictors' rank and label, and which parts run."""
+
+    expert_size: int = 32
+    kmeans_iters: int = 6
+    fractions: tuple[float, ...] = (0.25, 0.5)
+    router_epochs: int = 30
+    predictor_epochs: int = 20
+    rank: int = 64
+    label: str = "active"
+    seed: int = 0
+    moefication: bool = True
+    dejavu: bool = True
+
+    def __post_init__(self):
+        ints = {k: getattr(self, k) for k in ("expert_size", "kmeans_iters", "router_epochs", "predictor_epochs", "rank")}
+        bad = {k: v for k, v in ints.items() if not isinstance(v, int) or v < 1}
+        if bad:
+            raise ValueError(f"SparsityStudy: {bad} must be ints >= 1")
+        if not self.fractions or not all(0 < f <= 1 for f in self.fractions):
+            raise ValueError(f"SparsityStudy.fractions must be non-empty, each in (0, 1]; got {self.fractions}")
+        if self.label not in LABELS:
+            raise ValueError(f"SparsityStudy.label must be one of {LABELS}; got {self.label!r}")
+        if not (self.moefication or self.dejavu):
+            raise ValueError("SparsityStudy: nothing to run (moefication and dejavu both off)")
+
+    def configs(self) -> tuple[FitConfig, FitConfig]:
+        return FitConfig.routers(max_epochs=self.router_epochs), FitConfig.predictors(max_epochs=self.predictor_epochs)
+
+
+def run_sparsity_study(model: Transformer, cluster_rows, fit_rows, eval_rows, study: SparsityStudy, folder,
+                       progress: bool = True) -> tuple[dict, dict]:
+    """The splits clustered on `cluster_rows`, the routers and predictors fitted on `fit_rows`
+    (one collection, memmapped under folder/sparsity_data; every layer's fit saved to
+    folder/sparsity_fits as it finishes: a stopped run resumes), the tables on `eval_rows`.
+    Returns (the `moefication` report section or {} or {"skipped": why}, the
+    `contextual_sparsity` section or {})."""
+    c, folder = model.config, Path(folder)
+    want_moe = study.moefication
+    moe = {}
+    if want_moe and c.d_mlp % study.expert_size:
+        want_moe = False
+        moe = {"skipped": f"d_mlp {c.d_mlp} is not a multiple of expert_size {study.expert_size}"}
+    t0 = time.perf_counter()
+    splits = moe_splits(model, cluster_rows, study.expert_size, study.kmeans_iters, study.seed) if want_moe else None
+    t_split = time.perf_counter() - t0
+    if progress and splits:
+        print(f"   splits {list(splits)} in {t_split:.0f} s", flush=True)
+    rcfg, pcfg = study.configs()
+    fits = fit_sparsity(model, fit_rows, splits, study.dejavu, rcfg, pcfg, study.rank, jax.random.key(study.seed),
+                        study.label, folder=folder / "sparsity_data", progress=progress,
+                        saved_fits=folder / "sparsity_fits")
+    if progress:
+        print(f"   fitted on {fits['tokens_collected']} tokens: " + json.dumps({k: round(v) for k, v in fits["seconds"].items()}),
+              flush=True)
+    sizes = {"fit_tokens": fits["tokens_collected"], "evaluated": int(np.asarray(eval_rows).size)}
+    if want_moe:
+        t0 = time.perf_counter()
+        moe = moe_study(model, splits, fits["routers"], eval_rows, study.fractions)
+        moe |= {"expert_size": study.expert_size, "tokens": sizes, "router_training": fits["router_fit"],
+                "split_seconds": t_split, "fit_seconds": fits["seconds"], "eval_seconds": time.perf_counter() - t0,
+                "coact_rule": "gated: |a| in the token's top 10%; ungated: a > 0"}
+    dv = {}
+    if study.dejavu:
+        dv = dejavu_study(model, fits["predictors"], fits["untrained"], eval_rows, study.fractions)
+        dv |= {"label": study.label, "head_label_frac": 0.3, "input": "resid_pre / rms", "tokens": sizes,
+               "training": fits["predictor_fit"], "fit_seconds": fits["seconds"]}
+    return moe, dv
+
+
+def run_fit_sweep(model: Transformer, cluster_rows, fit_rows, study: SparsityStudy, layers, token_counts, folder,
+                  progress: bool = True) -> dict:
+    """`fit_token_sweep` of `layers` on the splits clustered on `cluster_rows`: the report's
+    `fit_sweep` section (the loss tables need every layer and are not run)."""
+    if model.config.d_mlp % study.expert_size:
+        raise ValueError(f"d_mlp {model.config.d_mlp} is not a multiple of expert_size {study.expert_size}")
+    t0 = time.perf_counter()
+    splits = moe_splits(model, cluster_rows, study.expert_size, study.kmeans_iters, study.seed)
+    t_split = time.perf_counter() - t0
+    rcfg, pcfg = study.configs()
+    sweep = fit_token_sweep(model, fit_rows, splits, layers, token_counts, rcfg, pcfg, study.rank,
+                            jax.random.key(study.seed), study.label, folder=Path(folder) / "sparsity_data",
+                            progress=progress, seed=study.seed)
+    return {**sweep, "splits": list(splits), "expert_size": study.expert_size, "rank": study.rank,
+            "label": study.label, "split_seconds": t_split,
+            "not_run": "the MoEfication / Deja Vu loss tables (they need every layer's router / predictor)"}
