@@ -142,7 +142,7 @@ def answer(report) -> list[str]:
                      f"corpora's by {np.mean([drop(c) for c in retain]):.3f} on average")
         if first[FORGET]["top1"] < 0.05:
             weak.append(f"{name} (top-1 {first[FORGET]['top1']:.3f})")
-    parts += sweep_answer(report)
+    parts += sweep_answer(report) + sparsity_answer(report)
     if not parts:
         return answer_lines("nothing was run in this report (no section among --sections).")
     why = (f"the unpruned model cannot predict {FORGET} ({', '.join(weak)}), so there is no skill to remove "
@@ -184,6 +184,34 @@ def sweep_answer(report) -> list[str]:
     return parts
 
 
+def sparsity_answer(report) -> list[str]:
+    """MoEfication / Deja Vu tables: per model, at the largest fraction kept, the per-neuron
+    oracle's loss increase against the best split with oracle routing and with its trained
+    MLP router; the predictors' reference recall and the loss of running every layer on
+    their predicted neurons."""
+    parts = []
+    for name, moe in report.get("moefication", {}).items():
+        if "table" not in moe:
+            continue
+        f = max(r["fraction"] for r in moe["per_neuron_oracle"])
+        neuron = next(r for r in moe["per_neuron_oracle"] if r["fraction"] == f)
+        top = max(r["fraction"] for r in moe["table"])
+        rows = [r for r in moe["table"] if r["fraction"] == top]
+        best = min((r for r in rows if r["router"] == "oracle"), key=lambda r: r["loss_increase"])
+        mlp = next(r for r in rows if r["router"] == "mlp" and r["split"] == best["split"])
+        parts.append(f"{name}: keeping {100 * f:.0f}% of the MLP neurons per token costs {neuron['loss_increase']:+.3f} "
+                     f"nats (per-neuron oracle), {100 * top:.0f}% of the experts {best['loss_increase']:+.2f} with oracle "
+                     f"routing (best split: {best['split']}) and {mlp['loss_increase']:+.2f} with its trained router")
+    for name, dv in report.get("contextual_sparsity", {}).items():
+        ref = dv["recall_reference"]["trained"]
+        sparse = [r for r in dv["sparse_forward"] if r["predictor"] == "trained" and r["head_frac"] == 1.0]
+        top = max(sparse, key=lambda r: r["neuron_frac"])
+        parts.append(f"{name}: the Deja Vu predictors recall {ref['recall']:.3f} of the active neurons (the reference's "
+                     f"definition, {100 * ref['classifier_sparsity']:.0f}% predicted on) and running every layer on its "
+                     f"predicted {100 * top['neuron_frac']:.0f}% costs {top['loss_increase']:+.2f} nats")
+    return parts
+
+
 SECTIONS = (("selective_pruning", "selective pruning"), ("steering", "steering vs pruned neurons"),
             ("moefication", "MoEfication tables"), ("contextual_sparsity", "Deja Vu tables"))
 
@@ -194,9 +222,12 @@ def markdown(report, figures) -> str:
              f"Preset `{report['preset']}`; rows of {a['seq']} tokens; "
              + (f"{a['collect_rows']} rows per corpus for statistics / clustering / training, {a['eval_rows']} "
                 "validation rows per corpus for every metric; " if any(report.get(k) for k, _ in SECTIONS) else "")
-             + f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
-             f"({os.cpu_count()} CPU cores; 1-min load average at the end "
-             f"{report.get('load_avg_1min_at_end', float('nan')):.1f}).", ""]
+             + (f"total {report['seconds']['total']:.0f} s wall, {report['seconds'].get('cpu_total', 0):.0f} s CPU "
+                f"({os.cpu_count()} CPU cores; 1-min load average at the end "
+                f"{report.get('load_avg_1min_at_end', float('nan')):.1f})." if "parts" not in report["seconds"] else
+                "joined from parts run apart, each part's own time: "
+                + ", ".join(f"{p['total']:.0f} s wall / {p.get('cpu_total', 0):.0f} s CPU" for p in report["seconds"]["parts"])
+                + " (a part whose runs were loaded from saved files counts only the loading)."), ""]
     not_run = [what for key, what in SECTIONS if not report.get(key)]
     if not_run:
         lines += [f"Not run in this report (`--sections {','.join(a.get('sections') or [])}`"
@@ -384,7 +415,7 @@ def merge_reports(parts: list[dict]) -> dict:
     the same models, only the selective_pruning section, each model's sections joined by
     `lens.modularity.pruning_study.merge_studies` (which refuses parts of different studies
     or with overlapping draws).  args are the first part's with the joined draw count;
-    `seconds` sums the parts' and keeps each."""
+    `seconds` keeps each part's (a part that loaded its saved runs counts only that)."""
     from lens.modularity.pruning_study import merge_studies
 
     first = parts[0]
@@ -397,9 +428,7 @@ def merge_reports(parts: list[dict]) -> dict:
     sp = {name: merge_studies([p["selective_pruning"][name] for p in parts]) for name in first["models"]}
     n = {s["baselines"]["n_draws"] for s in sp.values()}.pop()
     return {**first, "args": {**first["args"], "random_draws": n, "first_draw": 0},
-            "selective_pruning": sp, "seconds": {"total": sum(p["seconds"]["total"] for p in parts),
-                                                 "cpu_total": sum(p["seconds"].get("cpu_total", 0) for p in parts),
-                                                 "parts": [p["seconds"] for p in parts]},
+            "selective_pruning": sp, "seconds": {"parts": [p["seconds"] for p in parts]},
             "merged_from": [p["args"].get("out") for p in parts]}
 
 

@@ -250,7 +250,8 @@ def merge_studies(parts: list[dict], rel: float = 1e-9) -> dict:
     floats to `rel`: the same code on another machine may sum in another order) with
     disjoint draws; the baselines' draws are joined in draw order and their summaries and
     differential drops computed again.  A section without `draw_ids` (saved before parts
-    existed) holds draws 0 .. n_draws - 1.  The rest is the first part's."""
+    existed) holds draws 0 .. n_draws - 1.  Each part's draws and plan go under "parts";
+    the rest is the first part's."""
     if len(parts) < 2:
         raise ValueError(f"merge_studies needs at least two parts; got {len(parts)}")
     first = parts[0]
@@ -283,5 +284,6 @@ def merge_studies(parts: list[dict], rel: float = 1e-9) -> dict:
                                 "random": [M.differential_drop(r, forget, retain) for r in rnd],
                                 "forget": [M.differential_drop(r, forget, retain) for r in fgt]}
     out["parts"] = [{"draw_ids": p["baselines"].get("draw_ids", list(range(p["baselines"]["n_draws"]))),
-                     "ratio_seconds": p["methods"]["ratio"].get("seconds")} for p in parts]
+                     "ratio_seconds": p["methods"]["ratio"].get("seconds"), "plan": p.get("plan")} for p in parts]
+    out.pop("plan", None)  # each part's plan counts that part's draws: kept under "parts"
     return out

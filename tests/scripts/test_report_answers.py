@@ -79,6 +79,28 @@ def test_modularity_answer_and_verdict():
     assert "**Verdict: pipeline check only.**" in answer(report)[2]
 
 
+def test_modularity_answer_of_the_sparsity_tables():
+    answer = script_namespace("modularity_report")["answer"]
+    table = [{"split": "coact", "router": "oracle", "fraction": 0.5, "loss_increase": 1.11},
+             {"split": "coact", "router": "mlp", "fraction": 0.5, "loss_increase": 1.38},
+             {"split": "random", "router": "oracle", "fraction": 0.5, "loss_increase": 1.99},
+             {"split": "random", "router": "mlp", "fraction": 0.5, "loss_increase": 2.4},
+             {"split": "random", "router": "oracle", "fraction": 0.25, "loss_increase": 0.5}]  # not the largest fraction
+    oracle = [{"fraction": 0.25, "loss_increase": 0.385}, {"fraction": 0.5, "loss_increase": 0.057}]
+    sparse = [{"predictor": "trained", "neuron_frac": 0.5, "head_frac": 1.0, "loss_increase": 6.43},
+              {"predictor": "trained", "neuron_frac": 0.5, "head_frac": 0.3, "loss_increase": 6.2},
+              {"predictor": "untrained", "neuron_frac": 0.5, "head_frac": 1.0, "loss_increase": 8.3}]
+    report = {"moefication": {"m": {"table": table, "per_neuron_oracle": oracle}},
+              "contextual_sparsity": {"m": {"recall_reference": {"trained": {"recall": 0.892, "classifier_sparsity": 0.47}},
+                                            "sparse_forward": sparse}}}
+    assert answer(report)[0] == (
+        "**Answer.** m: keeping 50% of the MLP neurons per token costs +0.057 nats (per-neuron oracle), 50% of the "
+        "experts +1.11 with oracle routing (best split: coact) and +1.38 with its trained router; m: the Deja Vu "
+        "predictors recall 0.892 of the active neurons (the reference's definition, 47% predicted on) and running "
+        "every layer on its predicted 50% costs +6.43 nats.")
+    assert "nothing was run" in answer({"moefication": {"m": {"skipped": "d_mlp 7"}}})[0]
+
+
 def test_tuned_lens_answer_and_verdict():
     answer = script_namespace("train_tuned_lens")["answer"]
     # the last row is the model itself: top-1 agreement with itself is always 1, so the verdict
