@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Bool, Float, Int
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 from lens.modularity.neurons import check_neuron_rows, chunks
 from lens.models.runtime import per_model_cache as per_model
@@ -237,12 +236,9 @@ def save_masks(path: str | Path, neuron_mask, head_mask=None, info: dict | None 
     arrays = {"neurons": np.asarray(neuron_mask, np.uint8)}
     if head_mask is not None:
         arrays["heads"] = np.asarray(head_mask, np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata={"info": json.dumps(info or {})})
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves no half file
-    return path
+    from lens.modularity.resume import write_atomic
+
+    return write_atomic(path, arrays, info or {})
 
 
 def load_masks(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:

@@ -53,8 +53,8 @@ def _json(x):
             return o.tolist()
         raise TypeError(f"{type(o).__name__} is not JSON-serialisable")
     try:
-        return json.loads(json.dumps(x, sort_keys=True, default=default))
-    except TypeError as e:
+        return json.loads(json.dumps(x, sort_keys=True, default=default, allow_nan=False))
+    except (TypeError, ValueError) as e:  # ValueError: NaN / inf, which would never equal itself on reload
         raise TypeError(f"key and info must be JSON-serialisable (they are saved with the run): {e}") from None
 
 
@@ -64,12 +64,15 @@ def saved_result(path: str | Path, key: dict, run: Callable[[], tuple[dict, dict
     the same key is there.  Returns (numpy arrays, info as a JSON round trip gives it: the
     same value either way).  Raises ValueError when `path` holds a run with another key."""
     from safetensors import safe_open
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     path, key = Path(path), _json(key)
     if path.is_file():
-        with safe_open(str(path), "numpy") as f:
-            saved = json.loads((f.metadata() or {}).get("info", "{}"))
+        try:
+            with safe_open(str(path), "numpy") as f:
+                saved = json.loads((f.metadata() or {}).get("info", "{}"))
+        except Exception as e:  # a truncated or foreign file: say which, never overwrite it silently
+            raise ValueError(f"{path} is not a readable saved run ({e}); delete it to compute it again") from None
         if saved.get("key") != key:
             old = saved.get("key", {})
             diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
@@ -78,11 +81,21 @@ def saved_result(path: str | Path, key: dict, run: Callable[[], tuple[dict, dict
         return load_file(str(path)), {k: v for k, v in saved.items() if k != "key"}
     arrays, info = run()
     arrays, info = {k: np.ascontiguousarray(np.asarray(v)) for k, v in arrays.items()}, _json(info)
+    write_atomic(path, arrays, {"key": key, **info})
+    return arrays, info
+
+
+def write_atomic(path: str | Path, arrays: dict, info: dict) -> Path:
+    """`arrays` as safetensors with `info` as JSON metadata ("info"), written to a temporary
+    file and renamed: a kill mid-write leaves no half file."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(arrays, str(tmp), metadata={"info": json.dumps({"key": key, **info})})
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves no half file
-    return arrays, info
+    save_file(arrays, str(tmp), metadata={"info": json.dumps(info)})
+    os.replace(tmp, path)
+    return path
 
 
 def saved_pruning_run(path: str | Path, key: dict, run: Callable[[], Run]) -> Run:

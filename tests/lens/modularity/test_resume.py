@@ -58,3 +58,19 @@ def test_rows_digest_sees_values_shapes_and_dtypes():
     b[2, 3] += 1
     assert R.rows_digest(a) != R.rows_digest(b)
     assert R.rows_digest(a, b) != R.rows_digest(b, a)
+
+
+def test_saved_result_refuses_a_truncated_file_and_a_nan_key(tmp_path):
+    """A half-written or foreign file is named and left alone (never overwritten); a key
+    with NaN is refused before anything runs (it could never match itself on reload)."""
+    path = tmp_path / "x.safetensors"
+    arrays, info = R.saved_result(path, {"a": 1}, lambda: ({"w": np.arange(7.0)}, {"log": [1, 2]}))
+    assert info == {"log": [1, 2]} and np.array_equal(arrays["w"], np.arange(7.0))
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"x.safetensors is not a readable saved run .*delete it"):
+        R.saved_result(path, {"a": 1}, _fail)
+    assert path.read_bytes() == whole[: len(whole) // 2]
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        R.saved_result(tmp_path / "y.safetensors", {"lr": float("nan")}, _fail)
+    assert not (tmp_path / "y.safetensors").exists()
