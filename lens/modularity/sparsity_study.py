@@ -32,6 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Int
 
 from lens.modularity import contextual_sparsity as CS
 from lens.modularity import router_predictor_fit as RPF
@@ -233,7 +234,8 @@ class SparsityStudy:
         return FitConfig.routers(max_epochs=self.router_epochs), FitConfig.predictors(max_epochs=self.predictor_epochs)
 
 
-def run_sparsity_study(model: Transformer, cluster_rows, fit_rows, eval_rows, study: SparsityStudy, folder,
+def run_sparsity_study(model: Transformer, cluster_rows: Int[np.ndarray, "C seq"], fit_rows: Int[np.ndarray, "F seq"],
+                       eval_rows: Int[np.ndarray, "E seq"], study: SparsityStudy, folder,
                        progress: bool = True) -> tuple[dict, dict]:
     """The splits clustered on `cluster_rows`, the routers and predictors fitted on `fit_rows`
     (one collection, memmapped under folder/sparsity_data; every layer's fit saved to
@@ -273,8 +275,8 @@ def run_sparsity_study(model: Transformer, cluster_rows, fit_rows, eval_rows, st
     return moe, dv
 
 
-def run_fit_sweep(model: Transformer, cluster_rows, fit_rows, study: SparsityStudy, layers, token_counts, folder,
-                  progress: bool = True) -> dict:
+def run_fit_sweep(model: Transformer, cluster_rows: Int[np.ndarray, "C seq"], fit_rows: Int[np.ndarray, "F seq"],
+                  study: SparsityStudy, layers, token_counts, folder, progress: bool = True) -> dict:
     """`fit_token_sweep` of `layers` on the splits clustered on `cluster_rows`: the report's
     `fit_sweep` section (the loss tables need every layer and are not run)."""
     if model.config.d_mlp % study.expert_size:
